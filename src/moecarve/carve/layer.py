@@ -1,0 +1,113 @@
+"""Carving one FFN: partition its neurons, build the router, and run the result as glm4_moe does.
+
+Legend: T tokens, H hidden, I intermediate (padded to N * m), R routed experts, m neurons per expert.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from moecarve.carve import router as routing
+from moecarve.carve.config import CarveConfig
+from moecarve.carve.partition import activations, partition_neurons
+from moecarve.carve.target import LOGIT_SCALE
+
+HELD_OUT = 8  # the last 1/HELD_OUT of the tokens measures the routers before the final fit
+
+
+@dataclass
+class CarvedFFN:
+    w_gate: torch.Tensor  # [I, H]
+    w_up: torch.Tensor  # [I, H]
+    w_down: torch.Tensor  # [H, I]
+    shared: torch.Tensor  # [S*m]
+    experts: torch.Tensor  # [R, m]
+    router_weight: torch.Tensor  # [R, H], scaled as written
+    router_bias: torch.Tensor  # [R] fp32 e_score_correction_bias as written
+    active: int
+    stats: dict
+
+    def routing(self, x: torch.Tensor) -> torch.Tensor:
+        """glm4_moe's router: [T, R] gate of each routed expert for each token (0 where not selected)."""
+        scores = torch.sigmoid(x.float() @ self.router_weight.float().T)  # [T, R]
+        top = (scores + self.router_bias).topk(self.active, dim=1).indices  # [T, A]
+        gates = scores.gather(1, top)
+        gates = gates / (gates.sum(1, keepdim=True) + 1e-20) * self.active
+        return torch.zeros_like(scores).scatter_(1, top, gates)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """glm4_moe's MoE forward for x [T, H]: shared + gated sum of the top-A routed experts."""
+        weight = self.routing(x)  # [T, R]
+        h = activations(x, self.w_gate, self.w_up)  # [T, I]
+        out = h[:, self.shared] @ self.w_down[:, self.shared].T
+        routed = h[:, self.experts] * weight[:, :, None]  # [T, R, m]
+        return out + routed.flatten(1) @ self.w_down[:, self.experts.flatten()].T
+
+
+def carve_ffn(
+    x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, config: CarveConfig, m: int
+) -> CarvedFFN:
+    """Carve the FFN (weights padded to N * m neurons) using its inputs x [T, H] on calibration text."""
+    h = activations(x, w_gate, w_up)
+    part = partition_neurons(h, w_down.norm(dim=0), config, m)
+    stats: dict = {"cluster_iterations": part.iterations}
+    R, A = config.routed, config.active
+    if A == R:  # every routed expert is selected: zero router, gates exactly 1, the dense FFN exactly
+        weight, bias = torch.zeros(R, x.shape[1]), torch.zeros(R)
+    else:
+        useful = routing.usefulness(h, w_down, part.experts)  # [T, R]
+        split = x.shape[0] - x.shape[0] // HELD_OUT
+        fitted = routing.fit_linear(x[:split], useful[:split])
+        held_x, held_useful = x[split:], useful[split:]
+        cmoe = routing.representative_scores(held_x, w_gate, w_up, part.representatives)
+        stats["router_agreement"] = {
+            "fitted_linear": routing.agreement(held_x @ fitted.weight.T + fitted.bias, held_useful, A),
+            "cmoe_representative": routing.agreement(cmoe, held_useful, A),
+            "chance": A / R,
+        }
+        fitted = routing.fit_linear(x, useful)
+        scores = x @ fitted.weight.T  # [T, R]
+        balance = routing.balancing_bias(scores + fitted.bias, A, config.balance)
+        scale = LOGIT_SCALE / scores.abs().max().clamp_min(1e-12)
+        # sigmoid(s z) = 0.5 + s z / 4 + O((s z)^3): a score offset b becomes s b / 4 after the sigmoid.
+        weight, bias = fitted.weight * scale, (fitted.bias + balance) * scale / 4
+    carved = CarvedFFN(w_gate, w_up, w_down, part.shared, part.experts, weight, bias.float(), A, stats)
+    dense = h @ w_down.T
+    if A < R:
+        mask = carved.routing(x)
+        stats["load_imbalance"] = (mask.sum(0).max() / mask.sum(0).mean()).item()
+        stats["relative_error_before_refit"] = _relative_error(carved.forward(x), dense)
+        if config.refit_ridge is not None:
+            carved.w_down = refit_down(h, mask, carved, dense, config.refit_ridge)
+    stats["relative_error"] = _relative_error(carved.forward(x), dense)
+    return carved
+
+
+def _relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
+    return ((approx - exact).norm() / exact.norm()).item()
+
+
+def refit_down(h: torch.Tensor, gates: torch.Tensor, carved: CarvedFFN, dense: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Least-squares down projections [H, I] that best give the dense output from the neurons each token keeps.
+
+    The carved output is linear in W_down once the routing is fixed, so the dropped neurons' share
+    is partly recovered from the kept ones they correlate with (ridge-regularised normal equations).
+    """
+    kept = torch.zeros_like(h)
+    kept[:, carved.shared] = h[:, carved.shared]
+    kept[:, carved.experts] = h[:, carved.experts] * gates[:, :, None]  # [T, R, m]
+    k64 = kept.double()
+    gram = k64.T @ k64  # [I, I]
+    gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+    return torch.linalg.solve(gram, k64.T @ dense.double()).T.to(carved.w_down.dtype)
+
+
+def pad_neurons(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, total: int):
+    """Pad the FFN with zero neurons to `total` (they contribute exactly nothing)."""
+    extra = total - w_gate.shape[0]
+    if extra == 0:
+        return w_gate, w_up, w_down
+    return F.pad(w_gate, (0, 0, 0, extra)), F.pad(w_up, (0, 0, 0, extra)), F.pad(w_down, (0, extra))

@@ -1,0 +1,219 @@
+"""carve(): dense checkpoint -> glm4_moe checkpoint, one decoder layer at a time.
+
+Sequential calibration: the calibration tokens are embedded once, then pushed through one
+layer at a time; layer l is profiled on the outputs of the already-carved layers 0..l-1.
+Only the current layer's weights are in memory; output shards are written as layers finish.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+from moecarve.carve.calib import calibration
+from moecarve.carve.config import CarveConfig
+from moecarve.carve.families import family_for
+from moecarve.carve.layer import carve_ffn, pad_neurons
+from moecarve.carve.source import TensorSource, resolve_source
+from moecarve.carve.target import glm4_moe_config, moe_tensors
+from moecarve.carve.writer import ShardWriter, atomic_directory, check_output
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SEQUENCES_PER_PASS = 2  # calibration sequences pushed through a layer at once
+
+
+@dataclass
+class CarveResult:
+    out: Path
+    record: dict = field(default_factory=dict)
+
+
+class _CaptureInput(torch.nn.Module):
+    """Stands in for the MLP: records its input and adds nothing, so the layer returns the residual."""
+
+    def __init__(self):
+        super().__init__()
+        self.inputs: list[torch.Tensor] = []
+
+    def forward(self, x):
+        self.inputs.append(x.detach())
+        return torch.zeros_like(x)
+
+
+def neurons_per_expert(intermediate: int, experts: int) -> int:
+    """d_h / N, rounded up to a multiple of 8 when N does not divide d_h: zero neurons pad the
+    rest, exactly, and rows stay 16-byte aligned for grouped-GEMM kernels."""
+    if intermediate % experts == 0:
+        return intermediate // experts
+    return math.ceil(intermediate / experts / 8) * 8
+
+
+def plan(model, config: CarveConfig, out: Path | None, overwrite: bool):
+    """Everything checkable without reading weights or text: raises before any expensive work."""
+    src = resolve_source(model)
+    source_config = AutoConfig.from_pretrained(src)
+    family = family_for(source_config)
+    intermediate = source_config.intermediate_size
+    if config.experts > intermediate:
+        raise ValueError(f"--experts {config.experts} would hold < 1 neuron each (the FFN has {intermediate})")
+    if config.dense_layers > source_config.num_hidden_layers:
+        raise ValueError(
+            f"--dense-layers {config.dense_layers} exceeds the model's {source_config.num_hidden_layers} layers"
+        )
+    out = Path(out) if out is not None else Path(f"{Path(str(model)).stem}-{config.name}")
+    check_output(out, src, overwrite)
+    return src, source_config, family, out
+
+
+def carve(
+    model: str | Path,
+    config: CarveConfig | None = None,
+    calib: str | Path | None = None,
+    out: str | Path | None = None,
+    *,
+    overwrite: bool = False,
+    evaluate: bool = False,
+    progress: bool = True,
+) -> CarveResult:
+    """Carve `model` into a glm4_moe checkpoint at `out`; see CarveConfig for the options."""
+    config = config or CarveConfig()
+    started = time.perf_counter()
+    src, source_config, family, out = plan(model, config, out, overwrite)
+    tensors = TensorSource(src)
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    calib_data = calibration(tokenizer, calib, config.calib_tokens, config.calib_length)
+    source_dtype = source_config.dtype if isinstance(source_config.dtype, torch.dtype) else None
+    dtype = DTYPES.get(config.dtype) or source_dtype or tensors.get("model.embed_tokens.weight").dtype
+    intermediate = source_config.intermediate_size
+    m = neurons_per_expert(intermediate, config.experts)
+    target_config = glm4_moe_config(source_config, family, config, m, dtype)
+    torch.manual_seed(config.seed)
+
+    source_config._attn_implementation = "sdpa"
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(source_config, dtype=torch.float32)
+    rotary = type(skeleton.model.rotary_emb)(config=source_config)
+    embed = tensors.get("model.embed_tokens.weight")
+    hidden = embed[calib_data.input_ids].float()  # [B, L, H]
+    positions = torch.arange(hidden.shape[1])[None]
+    position_embeddings = rotary(hidden[:1], positions)
+
+    layers = []
+    with atomic_directory(out) as tmp:
+        writer = ShardWriter(tmp, config.max_shard_size)
+        writer.add({"model.embed_tokens.weight": embed.to(dtype)})
+        del embed
+        bar = tqdm(range(source_config.num_hidden_layers), desc=f"carve {config.name}", disable=not progress)
+        for index in bar:
+            prefix = f"model.layers.{index}."
+            layer = skeleton.model.layers[index]
+            tensors.load_into(layer, prefix, torch.float32)
+            capture = _CaptureInput()
+            w_gate, w_up, w_down = layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight, layer.mlp.down_proj.weight
+            layer.mlp = capture
+            with torch.no_grad():
+                residual = torch.cat(
+                    [
+                        layer(chunk, position_embeddings=position_embeddings, position_ids=positions)
+                        for chunk in hidden.split(SEQUENCES_PER_PASS)
+                    ]
+                )
+            x = torch.cat(capture.inputs).flatten(0, 1)  # [T, H] FFN inputs
+            out_tensors = {prefix + name: tensors.get(prefix + name).to(dtype) for name in family.attention_tensors(source_config)}
+            if index < config.dense_layers:
+                ffn = x @ w_gate.T
+                ffn = (torch.nn.functional.silu(ffn) * (x @ w_up.T)) @ w_down.T
+                for name, w in (("gate_proj", w_gate), ("up_proj", w_up), ("down_proj", w_down)):
+                    out_tensors[f"{prefix}mlp.{name}.weight"] = w.detach().to(dtype)
+                layers.append({"layer": index, "dense": True})
+            else:
+                padded = pad_neurons(w_gate.detach(), w_up.detach(), w_down.detach(), m * config.experts)
+                carved = carve_ffn(x, *padded, config, m)
+                ffn = carved.forward(x)
+                out_tensors.update(
+                    {
+                        name: (t if name.endswith("e_score_correction_bias") else t.to(dtype))
+                        for name, t in moe_tensors(
+                            f"{prefix}mlp.", *padded, carved.shared, carved.experts, carved.router_weight, carved.router_bias
+                        ).items()
+                    }
+                )
+                layers.append({"layer": index, **carved.stats})
+                bar.set_postfix(err=f"{carved.stats['relative_error']:.3f}")
+            hidden = residual + ffn.view_as(residual)
+            writer.add(out_tensors)
+            skeleton.model.layers[index] = torch.nn.Identity()  # drop the layer's weights
+        lm_head = "lm_head.weight" if "lm_head.weight" in tensors else "model.embed_tokens.weight"
+        writer.add({"model.norm.weight": tensors.get("model.norm.weight").to(dtype), "lm_head.weight": tensors.get(lm_head).to(dtype)})
+        writer.close()
+        _save_target_config(target_config, tmp)
+        _generation_config(src).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        record = _record(model, src, config, calib_data, layers, m, intermediate, time.perf_counter() - started)
+        if evaluate:
+            from moecarve.eval.ppl import protocol_ppl
+
+            record["quality"] = {"protocol_ppl": {"dense": protocol_ppl(src), "carved": protocol_ppl(tmp)}}
+        (tmp / "carve.json").write_text(json.dumps(record, indent=2) + "\n")
+    return CarveResult(out=out.resolve(), record=record)
+
+
+def _save_target_config(config, directory: Path) -> None:
+    """Save the config with `partial_rotary_factor` also at top level, where vLLM's glm4_moe reads it
+    (transformers keeps it only inside rope_parameters, and both default to 0.5)."""
+    config.save_pretrained(directory)
+    path = directory / "config.json"
+    data = json.loads(path.read_text())
+    data["partial_rotary_factor"] = 1.0
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _generation_config(src: Path) -> GenerationConfig:
+    try:
+        return GenerationConfig.from_pretrained(src)
+    except OSError:
+        return GenerationConfig()
+
+
+def _record(model, src, config, calib_data, layers, m, intermediate, seconds) -> dict:
+    import transformers
+
+    return {
+        "source": str(model),
+        "source_path": str(src),
+        "config": config.model_dump(),
+        "resolved": {
+            "name": config.name,
+            "neurons_per_expert": m,
+            "intermediate_size": intermediate,
+            "padding_neurons": m * config.experts - intermediate,
+            "active_fraction": config.active_fraction,
+        },
+        "calibration": {"source": calib_data.source, "tokens": calib_data.tokens, "sequences": list(calib_data.input_ids.shape)},
+        "seed": config.seed,
+        "carve_seconds": round(seconds, 2),
+        "versions": {
+            "moecarve": _version(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": platform.python_version(),
+        },
+        "layers": layers,
+    }
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("moecarve")
+    except PackageNotFoundError:
+        return "unknown"

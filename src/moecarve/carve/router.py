@@ -1,0 +1,83 @@
+"""A linear router for the carved experts, fitted on the calibration tokens.
+
+The target (glm4_moe) routes by top-k of sigmoid(W x) + bias, a linear score. CMoE's training-free
+router scores |u.x * SiLU(g.x)| of one representative neuron per expert, which no linear layer
+expresses. We instead fit W by ridge regression to each expert's usefulness for the token: the
+drop in output error when the expert is added, 2 o_j.r - ||o_j||^2 (o_j the expert's output, r
+the routed part of the dense output). Both are measured against the oracle choice per token.
+
+Legend: T tokens, H hidden, R routed experts, m neurons per expert, A active routed experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class Router:
+    weight: torch.Tensor  # [R, H] linear scores (before the logit scale)
+    bias: torch.Tensor  # [R] additive score bias (intercept + balancing), same units as weight @ x
+
+
+def usefulness(h: torch.Tensor, w_down: torch.Tensor, experts: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+    """[T, R] error reduction of adding each expert alone: 2 o_j.r - ||o_j||^2.
+
+    o_j is expert j's output for the token and r = sum_j o_j the routed part of the dense output.
+    Computed in token chunks so the [t, R, H] outputs never exceed a chunk.
+    """
+    w = w_down[:, experts]  # [H, R, m]
+    parts = []
+    for start in range(0, h.shape[0], chunk):
+        outputs = torch.einsum("trm,hrm->trh", h[start : start + chunk, experts], w)  # [t, R, H]
+        routed = outputs.sum(1, keepdim=True)
+        parts.append(2 * (outputs * routed).sum(-1) - outputs.pow(2).sum(-1))
+    return torch.cat(parts)
+
+
+def fit_linear(x: torch.Tensor, target: torch.Tensor, ridge: float = 1e-3) -> Router:
+    """Ridge regression of per-token-centred targets [T, R] on x [T, H] with an intercept."""
+    target = target - target.mean(1, keepdim=True)  # only the ranking within a token matters
+    x64, t64 = x.double(), target.double()
+    mean_x, mean_t = x64.mean(0), t64.mean(0)
+    xc, tc = x64 - mean_x, t64 - mean_t
+    gram = xc.T @ xc
+    gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+    weight = torch.linalg.solve(gram, xc.T @ tc).T  # [R, H]
+    bias = mean_t - weight @ mean_x
+    return Router(weight=weight.float(), bias=bias.float())
+
+
+def representative_scores(
+    x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, representatives: torch.Tensor
+) -> torch.Tensor:
+    """CMoE's nonlinear router scores [T, R]: |(u.x) * SiLU(g.x)| with L2-normalised x and rows."""
+    xn = F.normalize(x, dim=1)
+    g = F.normalize(w_gate[representatives], dim=1)
+    u = F.normalize(w_up[representatives], dim=1)
+    return ((xn @ u.T) * F.silu(xn @ g.T)).abs()
+
+
+def agreement(scores: torch.Tensor, oracle: torch.Tensor, active: int) -> float:
+    """Mean fraction of the oracle's top-A experts that `scores` also puts in its top-A."""
+    chosen = F.one_hot(scores.topk(active, 1).indices, scores.shape[1]).sum(1)
+    best = F.one_hot(oracle.topk(active, 1).indices, scores.shape[1]).sum(1)
+    return ((chosen * best).sum(1).float() / active).mean().item()
+
+
+def balancing_bias(scores: torch.Tensor, active: int, strength: float, steps: int = 200) -> torch.Tensor:
+    """DeepSeek-V3's auxiliary-loss-free rule run on the calibration tokens: b_j -= g*sign(load_j - mean).
+
+    Returns `strength` times the bias that balances the load, in the units of `scores` [T, R].
+    """
+    bias = torch.zeros(scores.shape[1], dtype=scores.dtype)
+    if strength == 0:
+        return bias
+    gamma = scores.std() * 0.05
+    for step in range(steps):
+        load = F.one_hot((scores + bias).topk(active, 1).indices, scores.shape[1]).sum((0, 1)).float()
+        bias -= gamma * (1 - step / steps) * torch.sign(load - load.mean())
+    return strength * bias

@@ -1,0 +1,162 @@
+"""Opening a dense source model without loading it: config, tokenizer and a lazy tensor reader.
+
+A source is a local Hugging Face directory, a hub id (downloaded when the hub is reachable)
+or a `.gguf` file (dequantized once through transformers' GGUF loader into a cached directory).
+Tensors are read one at a time from the safetensors shards, so peak memory stays at one layer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+
+class SourceError(ValueError):
+    """The source model cannot be read."""
+
+
+def resolve_source(model: str | Path) -> Path:
+    """Local Hugging Face directory for `model` (a directory, a .gguf file, `bundled` or a hub id)."""
+    from moecarve import resources
+
+    text = str(model)
+    if text == resources.BUNDLED_MODEL:
+        return resources.bundled_model_dir()
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise SourceError(f"{path} has no config.json: not a Hugging Face model directory")
+        return path
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise SourceError(f"model file not found: {path}")
+        return cached_gguf_dir(path)
+    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
+        raise SourceError(f"model not found: {text} (expected a model directory, a .gguf file or a hub id)")
+    return download_hub_model(text)
+
+
+def download_hub_model(repo_id: str) -> Path:
+    """Fetch the config, tokenizer and safetensors of a hub model (needs the hub to be reachable)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(
+                repo_id,
+                allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"],
+            )
+        )
+    except Exception as err:  # the hub raises many types; one clear line for all of them
+        raise SourceError(f"cannot fetch {repo_id!r} from the Hugging Face hub: {err}") from err
+
+
+def cached_gguf_dir(path: Path) -> Path:
+    """Dequantize a GGUF file once into a cached fp32 Hugging Face directory."""
+    from moecarve.resources import cache_dir
+
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    out = cache_dir() / "gguf" / f"{path.stem}-{key}"
+    if (out / "config.json").exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
+    try:
+        gguf_to_hf_dir(path, tmp)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def gguf_to_hf_dir(gguf_path: Path, out: Path) -> None:
+    """Write a GGUF model as a plain fp32 safetensors directory (save_pretrained refuses GGUF models)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory, name = str(gguf_path.parent), gguf_path.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+        model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+    except Exception as err:
+        raise SourceError(f"cannot read GGUF file {gguf_path}: {err}") from err
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.dtype = torch.float32
+    config.save_pretrained(out)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+
+
+class TensorSource:
+    """Lazy reader of a safetensors checkpoint (single file or sharded with an index)."""
+
+    def __init__(self, directory: Path):
+        self.directory = Path(directory)
+        index = self.directory / "model.safetensors.index.json"
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        elif (self.directory / "model.safetensors").exists():
+            weight_map = None
+        else:
+            raise SourceError(
+                f"{self.directory} has no model.safetensors or model.safetensors.index.json "
+                "(only safetensors checkpoints are read; convert .bin files first)"
+            )
+        files = sorted(set(weight_map.values())) if weight_map else ["model.safetensors"]
+        self.file_of: dict[str, str] = {}
+        for name in files:
+            path = self.directory / name
+            if not path.exists():
+                raise SourceError(f"missing shard {path}")
+            keys = self._check_shard(path)
+            self.file_of.update(dict.fromkeys(keys, name))
+        if weight_map:
+            absent = sorted(set(weight_map) - set(self.file_of))
+            if absent:
+                raise SourceError(f"index names tensors no shard holds, e.g. {absent[0]}")
+
+    @staticmethod
+    def _check_shard(path: Path) -> list[str]:
+        """Open the shard's header and check every tensor lies inside the file (catches truncation)."""
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                keys = list(handle.keys())
+            header_len = int.from_bytes(path.open("rb").read(8), "little")
+            header = json.loads((path.open("rb").read(8 + header_len))[8:])
+        except Exception as err:
+            raise SourceError(f"corrupt safetensors file {path}: {err}") from err
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if 8 + header_len + end > path.stat().st_size:
+            raise SourceError(f"truncated safetensors file {path}: tensors end past the end of the file")
+        return keys
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.file_of
+
+    def get(self, name: str) -> torch.Tensor:
+        if name not in self.file_of:
+            raise SourceError(f"tensor {name} not found in {self.directory}")
+        with safe_open(str(self.directory / self.file_of[name]), framework="pt") as handle:
+            return handle.get_tensor(name)
+
+    def load_into(self, module: torch.nn.Module, prefix: str, dtype: torch.dtype) -> None:
+        """Materialise a (meta) module's parameters from the checkpoint, in `dtype`."""
+        state = {}
+        for key, value in list(module.state_dict(keep_vars=True).items()):
+            if isinstance(value, torch.nn.Parameter) or f"{prefix}{key}" in self:
+                state[key] = self.get(f"{prefix}{key}").to(dtype)
+        module.load_state_dict(state, strict=False, assign=True)

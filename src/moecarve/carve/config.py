@@ -29,7 +29,7 @@ class CarveConfig(BaseModel):
     features: Literal["binary", "magnitude"] = Field(
         "magnitude", description="neuron features for clustering: CMoE's top-K markers or output magnitudes"
     )
-    cluster_iters: int = Field(20, ge=1, description="balanced k-means iterations (stops early on convergence)")
+    cluster_iters: int = Field(8, ge=1, description="balanced k-means iterations (stops early on convergence)")
     router: Literal["fit", "representative"] = Field(
         "fit", description="linear router fitted to the best experts per token, or CMoE's representative rows"
     )
@@ -37,7 +37,7 @@ class CarveConfig(BaseModel):
         0.0, ge=0, le=1, description="strength of the load-balancing bias (0: none, 1: fully balanced)"
     )
     refit_ridge: float | None = Field(
-        1e-3, ge=0, description="least-squares refit of the down projections to the routing (None: keep them)"
+        None, ge=0, description="ridge of a least-squares refit of the down projections to the routing (None: keep them)"
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="dtype of the written checkpoint (auto: the source's)"

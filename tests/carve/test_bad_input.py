@@ -1,0 +1,146 @@
+"""Bad input: one clear error before any expensive work, nothing written, the input untouched."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from pydantic import ValidationError
+
+from moecarve import CarveConfig, carve
+from moecarve.carve.calib import CalibrationError
+from moecarve.carve.families import UnsupportedModel
+from moecarve.carve.source import SourceError
+from moecarve.carve.writer import OutputError
+
+TINY = {"calib_tokens": 512, "calib_length": 64}
+
+
+@pytest.mark.parametrize(
+    ("counts", "message"),
+    [
+        ({"experts": 8, "active": 7, "shared": 2}, "exceeds --experts"),
+        ({"experts": 8, "active": 0}, "--active must be >= 1"),
+        ({"experts": 8, "active": 2, "shared": -1}, "--shared must be >= 0"),
+        ({"experts": 1, "active": 1, "shared": 0}, "--experts must be at least 2"),
+        ({"experts": 8, "active": 1, "shared": 7}, "not a mixture"),
+    ],
+)
+def test_impossible_counts(counts, message):
+    with pytest.raises(ValidationError, match=message):
+        CarveConfig(**counts)
+
+
+def test_more_experts_than_neurons(tiny_models, tmp_path):
+    with pytest.raises(ValueError, match="< 1 neuron"):
+        carve(tiny_models["llama"], CarveConfig(experts=200, active=2, **TINY), None, tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_model(tmp_path):
+    with pytest.raises(SourceError, match="not found"):
+        carve(tmp_path / "nope", CarveConfig(), None, tmp_path / "o")
+    with pytest.raises(SourceError, match="not found"):
+        carve(tmp_path / "nope.gguf", CarveConfig(), None, tmp_path / "o")
+
+
+def test_unsupported_architecture_is_refused(tmp_path):
+    from transformers import AutoConfig
+
+    src = tmp_path / "gemma"
+    src.mkdir()
+    AutoConfig.for_model("gemma", hidden_size=32, intermediate_size=64, num_hidden_layers=1).save_pretrained(src)
+    with pytest.raises(UnsupportedModel, match="unsupported architecture 'gemma'"):
+        carve(src, CarveConfig(), None, tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_ungated_or_sliding_window_models_are_refused(tmp_path):
+    from transformers import AutoConfig
+
+    for name, kwargs, message in [
+        ("gelu", {"hidden_act": "gelu"}, "only SiLU-gated"),
+        ("window", {"sliding_window": 64, "max_position_embeddings": 256}, "sliding-window"),
+    ]:
+        src = tmp_path / name
+        src.mkdir()
+        AutoConfig.for_model("mistral", hidden_size=32, intermediate_size=64, **kwargs).save_pretrained(src)
+        with pytest.raises(UnsupportedModel, match=message):
+            carve(src, CarveConfig(), None, tmp_path / "o")
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "missing_shard"])
+def test_corrupt_checkpoint(damage, tmp_path, calib_file):
+    from tests.conftest import make_model
+
+    src = make_model(tmp_path / "src", "llama")
+    weights = src / "model.safetensors"
+    if damage == "truncate":
+        data = weights.read_bytes()
+        weights.write_bytes(data[: len(data) - 1000])
+    elif damage == "garbage":
+        weights.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00not a header at all")
+    else:
+        weights.rename(src / "model-00001-of-00002.safetensors")
+        (src / "model.safetensors.index.json").write_text(
+            json.dumps({"weight_map": {"x": "model-00001-of-00002.safetensors", "y": "model-00002-of-00002.safetensors"}})
+        )
+    with pytest.raises(SourceError, match="truncated|corrupt|missing shard"):
+        carve(src, CarveConfig(**TINY), calib_file, tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_calibration_too_short(tiny_models, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("the expert router " * 5)
+    with pytest.raises(CalibrationError, match="512 requested"):
+        carve(tiny_models["llama"], CarveConfig(**TINY), short, tmp_path / "o")
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.tmp-*"))
+
+
+def test_bad_jsonl_names_the_line(tiny_models, tmp_path):
+    bad = tmp_path / "c.jsonl"
+    bad.write_text('{"text": "fine"}\n{"body": "no text"}\n')
+    with pytest.raises(CalibrationError, match=r"c.jsonl:2"):
+        carve(tiny_models["llama"], CarveConfig(**TINY), bad, tmp_path / "o")
+
+
+def test_output_not_empty_or_inside_source(tiny_models, calib_file, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(OutputError, match="not empty"):
+        carve(tiny_models["llama"], CarveConfig(**TINY), calib_file, out)
+    assert (out / "keep.txt").read_text() == "mine"
+    with pytest.raises(OutputError, match="inside the source"):
+        carve(tiny_models["llama"], CarveConfig(**TINY), calib_file, tiny_models["llama"] / "moe")
+    carve(tiny_models["llama"], CarveConfig(**TINY), calib_file, out, overwrite=True, progress=False)
+    assert not (out / "keep.txt").exists() and (out / "carve.json").exists()
+
+
+def test_failure_mid_carve_leaves_nothing_and_source_untouched(tiny_models, calib_file, tmp_path, monkeypatch):
+    from moecarve.carve import pipeline
+
+    before = {p.name: p.read_bytes() for p in tiny_models["llama"].iterdir()}
+
+    def explode(*args, **kwargs):
+        raise RuntimeError("interrupted")
+
+    monkeypatch.setattr(pipeline, "carve_ffn", explode)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        carve(tiny_models["llama"], CarveConfig(**TINY), calib_file, tmp_path / "o", progress=False)
+    assert list(tmp_path.iterdir()) == []
+    assert {p.name: p.read_bytes() for p in tiny_models["llama"].iterdir()} == before
+
+
+def test_cli_prints_one_line_and_exits_nonzero(tiny_models, tmp_path):
+    cmd = [sys.executable, "-m", "moecarve.cli", str(tiny_models["llama"]), "--experts", "8", "--active", "8"]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: config: --shared 1 + --active 8 exceeds --experts 8: at most 7 routed experts can be active"
+    ]
+    result = subprocess.run([*cmd[:3], str(tmp_path / "missing"), "-e", "8", "-a", "2"], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.startswith("error: model not found")

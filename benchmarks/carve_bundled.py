@@ -4,7 +4,8 @@ Each carve runs in a fresh process so its peak RSS is its own. Writes one JSON f
 dense and carved protocol PPL, carve seconds, peak RSS, machine and versions.
 
     python benchmarks/carve_bundled.py                         # the five reference configurations
-    python benchmarks/carve_bundled.py --configs S1A2E8 --set refit_ridge=null --windows 4
+    python benchmarks/carve_bundled.py --configs S1A2E8 --set features='"binary"' --windows 4
+    python benchmarks/carve_bundled.py --table results/carve/bundled.json   # the docs' table
 """
 
 from __future__ import annotations
@@ -70,15 +71,43 @@ def _carve_child(name, overrides, calib, out, queue):
     )
 
 
+def table(path: Path) -> str:
+    """The markdown table docs/carve.md quotes, from a results file."""
+    report = json.loads(path.read_text())
+    lines = [
+        "| config | FFN active | PPL | reference PPL | router agreement (fitted / CMoE / chance) "
+        "| carve s | reference s | peak RSS GiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in report["rows"]:
+        agree = [layer["router_agreement"] for layer in row.get("layers", []) if "router_agreement" in layer]
+        mean = {k: sum(a[k] for a in agree) / len(agree) for k in agree[0]} if agree else None
+        agreement = (
+            f"{mean['fitted_linear']:.3f} / {mean['cmoe_representative']:.3f} / {mean['chance']:.3f}"
+            if mean
+            else "-"
+        )
+        lines.append(
+            f"| {row['config']} | {row['active_fraction']:.1%} | {row['ppl']:.3f} | {row.get('reference_ppl') or '-'} | "
+            f"{agreement} | {row.get('carve_seconds', '-')} | {row.get('reference_carve_seconds') or '-'} | "
+            f"{row.get('peak_rss_gib', '-')} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument("--table", type=Path, help="print the markdown table of a results file and exit")
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON", help="CarveConfig override")
     parser.add_argument("--out", default="results/carve/bundled.json")
     args = parser.parse_args()
+    if args.table:
+        print(table(args.table))
+        return
     overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
     torch.set_num_threads(2)
 

@@ -10,7 +10,26 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-WORDS = "the a expert router token neuron layer shared dense sparse model carve text of and to in is".split()
+WORDS = [
+    "the",
+    "a",
+    "expert",
+    "router",
+    "token",
+    "neuron",
+    "layer",
+    "shared",
+    "dense",
+    "sparse",
+    "model",
+    "carve",
+    "text",
+    "of",
+    "and",
+    "to",
+    "in",
+    "is",
+]
 
 # Contract-test table: every supported family, its config overrides. Adding a family = one row.
 FAMILIES = {
@@ -30,14 +49,18 @@ def make_tokenizer(directory: Path) -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<eos>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator([sample_text(2000, seed=1)], trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
     fast.save_pretrained(directory)
     return fast
 
 
-def make_model(directory: Path, family: str, intermediate: int = 96, layers: int = 2, tied: bool = False) -> Path:
+def make_model(
+    directory: Path, family: str, intermediate: int = 96, layers: int = 2, tied: bool = False
+) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = make_tokenizer(directory)
     config = AutoConfig.for_model(

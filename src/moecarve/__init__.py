@@ -1,5 +1,25 @@
-"""moecarve: carve dense Hugging Face decoders into native Mixture-of-Experts checkpoints."""
+"""moecarve: carve dense Hugging Face decoders into native Mixture-of-Experts checkpoints.
 
-from moecarve.carve import CarveConfig, carve
+Imports are lazy, so `import moecarve.kernels` does not pull in transformers and pydantic.
+"""
+
+from __future__ import annotations
+
+import moecarve.carve  # noqa: F401  (registers the subpackage before `carve` below takes its name)
 
 __all__ = ["CarveConfig", "carve"]
+
+
+def carve(model, config=None, calib=None, out=None, **options):
+    """Carve `model` into a glm4_moe checkpoint: see moecarve.carve.pipeline.carve."""
+    from moecarve.carve.pipeline import carve as run
+
+    return run(model, config, calib, out, **options)
+
+
+def __getattr__(name: str):
+    if name == "CarveConfig":
+        from moecarve.carve.config import CarveConfig
+
+        return CarveConfig
+    raise AttributeError(f"module 'moecarve' has no attribute {name!r}")

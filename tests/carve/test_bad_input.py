@@ -51,7 +51,9 @@ def test_unsupported_architecture_is_refused(tmp_path):
 
     src = tmp_path / "gemma"
     src.mkdir()
-    AutoConfig.for_model("gemma", hidden_size=32, intermediate_size=64, num_hidden_layers=1).save_pretrained(src)
+    AutoConfig.for_model("gemma", hidden_size=32, intermediate_size=64, num_hidden_layers=1).save_pretrained(
+        src
+    )
     with pytest.raises(UnsupportedModel, match="unsupported architecture 'gemma'"):
         carve(src, CarveConfig(), None, tmp_path / "o")
     assert not (tmp_path / "o").exists()
@@ -85,7 +87,14 @@ def test_corrupt_checkpoint(damage, tmp_path, calib_file):
     else:
         weights.rename(src / "model-00001-of-00002.safetensors")
         (src / "model.safetensors.index.json").write_text(
-            json.dumps({"weight_map": {"x": "model-00001-of-00002.safetensors", "y": "model-00002-of-00002.safetensors"}})
+            json.dumps(
+                {
+                    "weight_map": {
+                        "x": "model-00001-of-00002.safetensors",
+                        "y": "model-00002-of-00002.safetensors",
+                    }
+                }
+            )
         )
     with pytest.raises(SourceError, match="truncated|corrupt|missing shard"):
         carve(src, CarveConfig(**TINY), calib_file, tmp_path / "o")
@@ -120,7 +129,9 @@ def test_output_not_empty_or_inside_source(tiny_models, calib_file, tmp_path):
     assert not (out / "keep.txt").exists() and (out / "carve.json").exists()
 
 
-def test_failure_mid_carve_leaves_nothing_and_source_untouched(tiny_models, calib_file, tmp_path, monkeypatch):
+def test_failure_mid_carve_leaves_nothing_and_source_untouched(
+    tiny_models, calib_file, tmp_path, monkeypatch
+):
     from moecarve.carve import pipeline
 
     before = {p.name: p.read_bytes() for p in tiny_models["llama"].iterdir()}
@@ -142,5 +153,7 @@ def test_cli_prints_one_line_and_exits_nonzero(tiny_models, tmp_path):
     assert result.stderr.strip().splitlines() == [
         "error: config: --shared 1 + --active 8 exceeds --experts 8: at most 7 routed experts can be active"
     ]
-    result = subprocess.run([*cmd[:3], str(tmp_path / "missing"), "-e", "8", "-a", "2"], capture_output=True, text=True)
+    result = subprocess.run(
+        [*cmd[:3], str(tmp_path / "missing"), "-e", "8", "-a", "2"], capture_output=True, text=True
+    )
     assert result.returncode == 2 and result.stderr.startswith("error: model not found")

@@ -25,7 +25,13 @@ def logits(model, ids):
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_all_experts_active_reproduces_dense(family, tiny_models, calib_file, tmp_path):
-    out = carve(tiny_models[family], CarveConfig(experts=8, active=7, shared=1, **TINY), calib_file, tmp_path / "out", progress=False).out
+    out = carve(
+        tiny_models[family],
+        CarveConfig(experts=8, active=7, shared=1, **TINY),
+        calib_file,
+        tmp_path / "out",
+        progress=False,
+    ).out
     dense, moe = load(tiny_models[family]), load(out)
     assert moe.config.model_type == "glm4_moe"
     ids = torch.randint(0, dense.config.vocab_size, (2, 40))
@@ -52,7 +58,13 @@ def test_sparse_carve_loads_and_generates(family, tiny_models, calib_file, tmp_p
 
 def test_checkpoint_matches_carve_internal_model(tiny_models, calib_file, tmp_path):
     """The gates of a training-free carve are ~1: the checkpoint is shared + the unweighted sum."""
-    out = carve(tiny_models["llama"], CarveConfig(experts=8, active=3, **TINY), calib_file, tmp_path / "o", progress=False).out
+    out = carve(
+        tiny_models["llama"],
+        CarveConfig(experts=8, active=3, **TINY),
+        calib_file,
+        tmp_path / "o",
+        progress=False,
+    ).out
     moe = load(out)
     x = torch.randn(50, moe.config.hidden_size)
     _, weights, _ = moe.model.layers[0].mlp.gate(x)
@@ -63,10 +75,14 @@ def test_tied_source_writes_explicit_lm_head_and_pads_uneven_split(tmp_path, cal
     from tests.conftest import make_model
 
     src = make_model(tmp_path / "tied", "llama", intermediate=100, tied=True)
-    out = carve(src, CarveConfig(experts=8, active=7, **TINY), calib_file, tmp_path / "out", progress=False).out
+    out = carve(
+        src, CarveConfig(experts=8, active=7, **TINY), calib_file, tmp_path / "out", progress=False
+    ).out
     config = json.loads((out / "config.json").read_text())
     assert config["tie_word_embeddings"] is False
-    assert config["moe_intermediate_size"] == 16  # 100 / 8 rounded up to a multiple of 8: 28 zero neurons pad the split
+    assert (
+        config["moe_intermediate_size"] == 16
+    )  # 100 / 8 rounded up to a multiple of 8: 28 zero neurons pad the split
     assert config["partial_rotary_factor"] == config["rope_parameters"]["partial_rotary_factor"] == 1.0
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert "lm_head.weight" in index["weight_map"]

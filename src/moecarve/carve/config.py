@@ -21,7 +21,8 @@ class CarveConfig(BaseModel):
     seed: int = 0
     # Statistics and partition: measured choices, see docs/carve.md.
     shared_score: Literal["rate", "energy"] = Field(
-        "energy", description="rank shared neurons by top-K activation rate (CMoE) or mean squared contribution"
+        "energy",
+        description="rank shared neurons by top-K activation rate (CMoE) or mean squared contribution",
     )
     top_k_activation: float = Field(
         0.1, gt=0, description="K_a of the activation rate: a count (>= 1) or a fraction of d_h (< 1)"
@@ -29,7 +30,9 @@ class CarveConfig(BaseModel):
     features: Literal["binary", "magnitude"] = Field(
         "magnitude", description="neuron features for clustering: CMoE's top-K markers or output magnitudes"
     )
-    cluster_iters: int = Field(8, ge=1, description="balanced k-means iterations (stops early on convergence)")
+    cluster_iters: int = Field(
+        8, ge=1, description="balanced k-means iterations (stops early on convergence)"
+    )
     router: Literal["fit", "representative"] = Field(
         "fit", description="linear router fitted to the best experts per token, or CMoE's representative rows"
     )
@@ -37,7 +40,9 @@ class CarveConfig(BaseModel):
         0.0, ge=0, le=1, description="strength of the load-balancing bias (0: none, 1: fully balanced)"
     )
     refit_ridge: float | None = Field(
-        None, ge=0, description="ridge of a least-squares refit of the down projections to the routing (None: keep them)"
+        None,
+        ge=0,
+        description="ridge of a least-squares refit of the down projections to the routing (None: keep them)",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="dtype of the written checkpoint (auto: the source's)"
@@ -64,7 +69,9 @@ class CarveConfig(BaseModel):
                 "(glm4_moe routing needs at least 2 routed experts)"
             )
         if self.calib_tokens < self.calib_length:
-            raise ValueError(f"calib_tokens {self.calib_tokens} is less than one sequence of {self.calib_length}")
+            raise ValueError(
+                f"calib_tokens {self.calib_tokens} is less than one sequence of {self.calib_length}"
+            )
         return self
 
     @property

@@ -63,7 +63,14 @@ def _no_sliding_window(config: PretrainedConfig) -> str | None:
 register(Family("llama", extra_checks=(_no_mlp_or_o_bias,)))
 register(Family("mistral", extra_checks=(_no_mlp_or_o_bias, _no_sliding_window)))
 register(Family("qwen2", attention_bias=lambda c: True, extra_checks=(_no_sliding_window,)))
-register(Family("qwen3", qk_norm=True, attention_bias=lambda c: bool(c.attention_bias), extra_checks=(_no_sliding_window,)))
+register(
+    Family(
+        "qwen3",
+        qk_norm=True,
+        attention_bias=lambda c: bool(c.attention_bias),
+        extra_checks=(_no_sliding_window,),
+    )
+)
 
 
 def family_for(config: PretrainedConfig) -> Family:

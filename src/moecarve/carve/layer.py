@@ -51,7 +51,12 @@ class CarvedFFN:
 
 
 def carve_ffn(
-    x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, config: CarveConfig, m: int
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    config: CarveConfig,
+    m: int,
 ) -> tuple[CarvedFFN, torch.Tensor]:
     """Carve the FFN (weights padded to N * m neurons) using its inputs x [T, H] on calibration text.
 
@@ -98,7 +103,9 @@ def _relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
     return ((approx - exact).norm() / exact.norm()).item()
 
 
-def refit_down(h: torch.Tensor, gates: torch.Tensor, carved: CarvedFFN, dense: torch.Tensor, ridge: float) -> torch.Tensor:
+def refit_down(
+    h: torch.Tensor, gates: torch.Tensor, carved: CarvedFFN, dense: torch.Tensor, ridge: float
+) -> torch.Tensor:
     """Least-squares down projections [H, I] that best give the dense output from the neurons each token keeps.
 
     The carved output is linear in W_down once the routing is fixed, so the dropped neurons' share

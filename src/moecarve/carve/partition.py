@@ -40,9 +40,7 @@ def resolve_k(top_k_activation: float, intermediate: int) -> int:
     return max(1, min(k, intermediate))
 
 
-def partition_neurons(
-    h: torch.Tensor, down_norms: torch.Tensor, config: CarveConfig, m: int
-) -> Partition:
+def partition_neurons(h: torch.Tensor, down_norms: torch.Tensor, config: CarveConfig, m: int) -> Partition:
     """Shared neurons by score, routed neurons by balanced k-means into R experts of exactly m."""
     contribution = h.abs() * down_norms  # [T, I] size of each neuron's share of the output
     markers = None

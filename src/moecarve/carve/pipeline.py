@@ -63,7 +63,9 @@ def plan(model, config: CarveConfig, out: Path | None, overwrite: bool):
     family = family_for(source_config)
     intermediate = source_config.intermediate_size
     if config.experts > intermediate:
-        raise ValueError(f"--experts {config.experts} would hold < 1 neuron each (the FFN has {intermediate})")
+        raise ValueError(
+            f"--experts {config.experts} would hold < 1 neuron each (the FFN has {intermediate})"
+        )
     if config.dense_layers > source_config.num_hidden_layers:
         raise ValueError(
             f"--dense-layers {config.dense_layers} exceeds the model's {source_config.num_hidden_layers} layers"
@@ -117,7 +119,11 @@ def carve(
             layer = skeleton.model.layers[index]
             tensors.load_into(layer, prefix, torch.float32)
             capture = _CaptureInput()
-            w_gate, w_up, w_down = layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight, layer.mlp.down_proj.weight
+            w_gate, w_up, w_down = (
+                layer.mlp.gate_proj.weight,
+                layer.mlp.up_proj.weight,
+                layer.mlp.down_proj.weight,
+            )
             layer.mlp = capture
             with torch.no_grad():
                 residual = torch.cat(
@@ -127,7 +133,10 @@ def carve(
                     ]
                 )
             x = torch.cat(capture.inputs).flatten(0, 1)  # [T, H] FFN inputs
-            out_tensors = {prefix + name: tensors.get(prefix + name).to(dtype) for name in family.attention_tensors(source_config)}
+            out_tensors = {
+                prefix + name: tensors.get(prefix + name).to(dtype)
+                for name in family.attention_tensors(source_config)
+            }
             if index < config.dense_layers:
                 ffn = x @ w_gate.T
                 ffn = (torch.nn.functional.silu(ffn) * (x @ w_up.T)) @ w_down.T
@@ -141,7 +150,12 @@ def carve(
                     {
                         name: (t if name.endswith("e_score_correction_bias") else t.to(dtype))
                         for name, t in moe_tensors(
-                            f"{prefix}mlp.", *padded, carved.shared, carved.experts, carved.router_weight, carved.router_bias
+                            f"{prefix}mlp.",
+                            *padded,
+                            carved.shared,
+                            carved.experts,
+                            carved.router_weight,
+                            carved.router_bias,
                         ).items()
                     }
                 )
@@ -151,12 +165,19 @@ def carve(
             writer.add(out_tensors)
             skeleton.model.layers[index] = torch.nn.Identity()  # drop the layer's weights
         lm_head = "lm_head.weight" if "lm_head.weight" in tensors else "model.embed_tokens.weight"
-        writer.add({"model.norm.weight": tensors.get("model.norm.weight").to(dtype), "lm_head.weight": tensors.get(lm_head).to(dtype)})
+        writer.add(
+            {
+                "model.norm.weight": tensors.get("model.norm.weight").to(dtype),
+                "lm_head.weight": tensors.get(lm_head).to(dtype),
+            }
+        )
         writer.close()
         _save_target_config(target_config, tmp)
         _generation_config(src).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        record = _record(model, src, config, calib_data, layers, m, intermediate, time.perf_counter() - started)
+        record = _record(
+            model, src, config, calib_data, layers, m, intermediate, time.perf_counter() - started
+        )
         if evaluate:
             from moecarve.eval.ppl import protocol_ppl
 
@@ -196,7 +217,11 @@ def _record(model, src, config, calib_data, layers, m, intermediate, seconds) ->
             "padding_neurons": m * config.experts - intermediate,
             "active_fraction": config.active_fraction,
         },
-        "calibration": {"source": calib_data.source, "tokens": calib_data.tokens, "sequences": list(calib_data.input_ids.shape)},
+        "calibration": {
+            "source": calib_data.source,
+            "tokens": calib_data.tokens,
+            "sequences": list(calib_data.input_ids.shape),
+        },
         "seed": config.seed,
         "carve_seconds": round(seconds, 2),
         "versions": {

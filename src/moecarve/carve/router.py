@@ -23,7 +23,9 @@ class Router:
     bias: torch.Tensor  # [R] additive score bias (intercept + balancing), same units as weight @ x
 
 
-def usefulness(h: torch.Tensor, w_down: torch.Tensor, experts: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
+def usefulness(
+    h: torch.Tensor, w_down: torch.Tensor, experts: torch.Tensor, chunk: int = 1024
+) -> torch.Tensor:
     """[T, R] error reduction of adding each expert alone: 2 o_j.r - ||o_j||^2.
 
     o_j is expert j's output for the token and r = sum_j o_j the routed part of the dense output.

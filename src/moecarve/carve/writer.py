@@ -84,5 +84,8 @@ class ShardWriter:
             final = f"model-{index + 1:05d}-of-{count:05d}.safetensors"
             (self.directory / f"shard-{index}.tmp").rename(self.directory / final)
             weight_map.update(dict.fromkeys(names, final))
-        index_data = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        index_data = {
+            "metadata": {"total_size": self.total_bytes},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
         (self.directory / "model.safetensors.index.json").write_text(json.dumps(index_data, indent=2) + "\n")

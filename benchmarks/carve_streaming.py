@@ -1,0 +1,139 @@
+"""Carving streams: a synthetic random Llama of ~1.2B parameters (bf16 shards on disk) is carved
+with peak RSS well under the checkpoint's size. Writes both figures to a JSON file.
+
+    python benchmarks/carve_streaming.py    # about 10 minutes on 2 cores, 2.4 GB of disk
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import platform
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+SHAPE = {
+    "hidden_size": 2048,
+    "intermediate_size": 5632,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "vocab_size": 49152,
+}
+
+
+def write_random_llama(directory: Path) -> int:
+    """A random bf16 Llama written tensor by tensor (never whole in memory); returns its parameter count."""
+    from transformers import AutoTokenizer, LlamaConfig
+
+    from moecarve.carve.writer import ShardWriter
+    from moecarve.resources import bundled_model_dir
+
+    config = LlamaConfig(
+        **SHAPE, max_position_embeddings=4096, tie_word_embeddings=False, dtype=torch.bfloat16
+    )
+    config.save_pretrained(directory)
+    AutoTokenizer.from_pretrained(bundled_model_dir()).save_pretrained(directory)
+    h, i = config.hidden_size, config.intermediate_size
+    kv = config.num_key_value_heads * (h // config.num_attention_heads)  # k/v projection rows
+    writer = ShardWriter(directory, 500 * 1024**2)
+    generator = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return (torch.randn(*shape, generator=generator) * 0.02).to(torch.bfloat16)
+
+    count = 0
+    tensors = {
+        "model.embed_tokens.weight": rand(config.vocab_size, h),
+        "lm_head.weight": rand(config.vocab_size, h),
+        "model.norm.weight": torch.ones(h, dtype=torch.bfloat16),
+    }
+    writer.add(tensors)
+    count += sum(t.numel() for t in tensors.values())
+    for layer in range(config.num_hidden_layers):
+        p = f"model.layers.{layer}."
+        tensors = {
+            p + "self_attn.q_proj.weight": rand(h, h),
+            p + "self_attn.k_proj.weight": rand(kv, h),
+            p + "self_attn.v_proj.weight": rand(kv, h),
+            p + "self_attn.o_proj.weight": rand(h, h),
+            p + "mlp.gate_proj.weight": rand(i, h),
+            p + "mlp.up_proj.weight": rand(i, h),
+            p + "mlp.down_proj.weight": rand(h, i),
+            p + "input_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+            p + "post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+        }
+        writer.add(tensors)
+        count += sum(t.numel() for t in tensors.values())
+    writer.close()
+    return count
+
+
+def _carve(src, out, queue):
+    torch.set_num_threads(2)
+    from moecarve import CarveConfig, carve
+
+    config = CarveConfig(
+        experts=8,
+        active=2,
+        calib_tokens=2 * 512,
+        calib_length=512,
+        cluster_iters=2,
+        max_shard_size=256 * 1024**2,
+    )
+    started = time.perf_counter()
+    carve(src, config, None, out, progress=True)
+    queue.put(
+        {
+            "carve_seconds": round(time.perf_counter() - started, 1),
+            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
+        }
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--out", default="results/carve/streaming.json")
+    parser.add_argument(
+        "--workdir", default=None, help="where the 2.4 GB synthetic model goes (default: a temp dir)"
+    )
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(dir=args.workdir))
+    try:
+        params = write_random_llama(work / "dense")
+        size = sum(f.stat().st_size for f in (work / "dense").glob("*.safetensors"))
+        ctx = mp.get_context("spawn")
+        queue = ctx.Queue()
+        child = ctx.Process(target=_carve, args=(work / "dense", work / "moe", queue))
+        child.start()
+        stats = queue.get()
+        child.join()
+        out_size = sum(f.stat().st_size for f in (work / "moe").glob("*.safetensors"))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report = {
+        "benchmark": "carve_streaming",
+        "shape": SHAPE,
+        "parameters": params,
+        "dtype": "bfloat16",
+        "checkpoint_gib": round(size / 1024**3, 3),
+        "carved_checkpoint_gib": round(out_size / 1024**3, 3),
+        "config": "S1A2E8, 2 x 512 calibration tokens, 2 clustering iterations, 256 MiB output shards",
+        **stats,
+        "peak_rss_over_checkpoint": round(stats["peak_rss_gib"] / (size / 1024**3), 3),
+        "machine": platform.platform(),
+        "torch": torch.__version__,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""End-to-end greedy decode tokens/s: a 7B-shaped carved glm4_moe model vs its dense Llama source.
+
+One command (GPU):  PYTHONPATH=src python benchmarks/decode_e2e.py
+Writes results/kernels/decode_e2e.{jsonl,csv}: one row per (config, batch, model) with tokens/s.
+Both models get random weights (speed only), the same static KV cache and harness, and one CUDA
+graph per decode step where the forward can be captured (all but transformers' eager experts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from moecarve.kernels import disable, enable
+from moecarve.kernels.benchutil import env_info, write_rows
+
+
+def build(kind: str, args, s: int, a: int, n: int):
+    from transformers import AutoModelForCausalLM, Glm4MoeConfig, LlamaConfig
+
+    common = dict(
+        hidden_size=args.hidden, num_hidden_layers=args.layers, num_attention_heads=args.hidden // 128,
+        num_key_value_heads=args.hidden // 128, vocab_size=args.vocab, max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    )  # fmt: skip
+    if kind == "dense":
+        cfg = LlamaConfig(intermediate_size=args.intermediate, **common)
+    else:
+        cfg = Glm4MoeConfig(
+            moe_intermediate_size=args.intermediate // n, n_routed_experts=n - s, n_shared_experts=s,
+            num_experts_per_tok=a, n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=float(a),
+            first_k_dense_replace=0, num_mtp_layers=0, partial_rotary_factor=1.0, head_dim=128, **common,
+        )  # fmt: skip
+    with torch.device(args.device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.02)
+    return model.eval()
+
+
+class Decoder:
+    """Greedy decode with a static cache; one decode step replayed as a CUDA graph when capturable."""
+
+    def __init__(self, model, batch: int, max_len: int, graph: bool):
+        from transformers import StaticCache
+
+        self.model, self.batch = model, batch
+        dev = next(model.parameters()).device
+        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        self.ids = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        self.graph = None
+        self.want_graph = graph and dev.type == "cuda"
+
+    def _step(self):
+        out = self.model(
+            input_ids=self.ids, past_key_values=self.cache, cache_position=self.pos,
+            position_ids=self.pos.expand(self.batch, 1), use_cache=True,
+        )  # fmt: skip
+        return out.logits[:, -1].argmax(-1, keepdim=True)
+
+    @torch.no_grad()
+    def prefill(self, prompt: torch.Tensor) -> None:
+        n = prompt.shape[1]
+        cp = torch.arange(n, device=prompt.device)
+        out = self.model(input_ids=prompt, past_key_values=self.cache, cache_position=cp,
+                         position_ids=cp.expand(self.batch, n), use_cache=True)  # fmt: skip
+        self.ids.copy_(out.logits[:, -1].argmax(-1, keepdim=True))
+        self.pos.fill_(n)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        if self.want_graph and self.graph is None:
+            self._capture()
+        if self.graph is not None:
+            self.graph.replay()
+            self.ids.copy_(self.next_ids)
+        else:
+            self.ids.copy_(self._step())
+        self.pos += 1
+
+    def _capture(self) -> None:
+        pos0 = self.pos.clone()
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(2):  # warm-up writes the cache at pos0, rewritten identically below
+                self._step()
+        torch.cuda.current_stream().wait_stream(s)
+        try:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                self.next_ids = self._step()
+            self.graph = g
+        except Exception as exc:
+            print(f"  no CUDA graph ({type(exc).__name__}: {str(exc)[:120]}); eager steps", flush=True)
+            self.want_graph = False
+            torch.cuda.synchronize()
+        self.pos.copy_(pos0)
+
+
+def tokens_per_s(model, args, batch: int, graph: bool) -> tuple[float, bool]:
+    dev = next(model.parameters()).device
+    prompt = torch.randint(0, args.vocab, (batch, args.prompt), device=dev)
+    dec = Decoder(model, batch, args.prompt + args.warmup + args.tokens + 4, graph)
+    dec.prefill(prompt)
+    for _ in range(args.warmup):
+        dec.step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(args.tokens):
+        dec.step()
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return batch * args.tokens / (time.perf_counter() - t0), dec.graph is not None
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--intermediate", type=int, default=11008)
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--configs", nargs="+", default=["S2A2E16"])
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    p.add_argument("--prompt", type=int, default=32)
+    p.add_argument("--warmup", type=int, default=4)
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument(
+        "--eager-batches", type=int, nargs="*", default=[1], help="batches that also time HF eager experts"
+    )
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--decode-table", type=Path, help="tune.jsonl whose fastest decode tiles per batch to use")
+    p.add_argument("--out", type=Path, default=Path("results/kernels"))
+    args = p.parse_args(argv)
+    if args.decode_table:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from ffn_kernels import load_decode_table
+
+        load_decode_table(args.decode_table)
+    env = env_info()
+    print(env, flush=True)
+    rows = []
+    torch.manual_seed(0)
+    dense = build("dense", args, 0, 0, 1)
+    base = {b: tokens_per_s(dense, args, b, graph=True) for b in args.batches}
+    del dense
+    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    for name in args.configs:
+        s, a, n = map(int, re.fullmatch(r"S(\d+)A(\d+)E(\d+)", name).groups())
+        moe = build("moe", args, s, a, n)
+        for b in args.batches:
+            runs = {"dense": base[b]}
+            moe.set_experts_implementation("grouped_mm")
+            runs["hf_grouped_mm"] = tokens_per_s(moe, args, b, graph=True)
+            if b in args.eager_batches:
+                moe.set_experts_implementation("eager")
+                runs["hf_eager"] = tokens_per_s(moe, args, b, graph=False)
+            enable(moe)
+            runs["moecarve"] = tokens_per_s(moe, args, b, graph=True)
+            disable(moe)
+            for model, (tps, graphed) in runs.items():
+                rows.append({**env, "bench": "decode_e2e", "config": name, "hidden": args.hidden,
+                             "intermediate": args.intermediate, "layers": args.layers, "batch": b, "model": model,
+                             "graph": graphed, "tokens_per_s": tps, "speedup_vs_dense": tps / base[b][0],
+                             "prompt": args.prompt, "tokens": args.tokens})  # fmt: skip
+                print(f"{name} B={b:<3} {model:<14} {tps:9.1f} tok/s x{tps / base[b][0]:.2f} graph={graphed}",
+                      flush=True)  # fmt: skip
+            write_rows(rows, args.out / "decode_e2e")
+            rows = []
+        del moe
+
+
+if __name__ == "__main__":
+    main()

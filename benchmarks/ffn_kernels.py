@@ -1,0 +1,301 @@
+"""FFN latency: moecarve kernels vs the dense FFN (cuBLAS) vs transformers' eager and grouped_mm experts.
+
+One command (GPU):  PYTHONPATH=src python benchmarks/ffn_kernels.py
+Writes results/kernels/ffn_kernels.{jsonl,csv}: one row per (intermediate, config, batch, impl) with
+gpu, versions, median/p10/p90 latency, achieved GB/s, fraction of the bytes ideal and of peak HBM.
+`--tune` sweeps the kernels' tile sizes instead (results/kernels/tune.{jsonl,csv}).
+
+Config SxAyEz: z experts of I = intermediate / z neurons, x shared (always on) and y routed
+active per token out of z - x routed. Weights and routing are random (speed only); L weight sets
+are rotated so that repeated calls do not run from L2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import re
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from moecarve.kernels import enable, moe_ffn, moe_ffn_reference, moe_ffn_torch
+from moecarve.kernels.benchutil import copy_bandwidth_gbps, env_info, time_fn, write_rows
+
+CONFIGS = ["S2A2E16", "S1A2E8", "S3A3E8", "S2A4E32"]
+BATCHES = [1, 2, 4, 8, 16, 32, 64, 256]
+
+
+def parse_config(name: str) -> tuple[int, int, int]:
+    s, a, n = map(int, re.fullmatch(r"S(\d+)A(\d+)E(\d+)", name).groups())
+    return s, a, n
+
+
+def build_moe_block(hidden: int, inter: int, s: int, a: int, n: int, dtype: torch.dtype, device: str):
+    """A transformers Glm4MoeMoE block with random weights (the carved layer's exact module)."""
+    from transformers import Glm4MoeConfig
+    from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeMoE
+
+    cfg = Glm4MoeConfig(
+        hidden_size=hidden, moe_intermediate_size=inter // n, n_routed_experts=n - s, n_shared_experts=s,
+        num_experts_per_tok=a, n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=float(a),
+        first_k_dense_replace=0, num_mtp_layers=0, partial_rotary_factor=1.0, experts_implementation="eager",
+    )  # fmt: skip
+    with torch.device(device):
+        block = Glm4MoeMoE(cfg).to(dtype)
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0.0, 0.02)
+    return block
+
+
+def dense_ffn(x, g, u, d):
+    return F.linear(F.silu(F.linear(x, g)) * F.linear(x, u), d)
+
+
+class Rotor:
+    """Cycles through weight sets and inputs so that back-to-back calls do not hit in L2."""
+
+    def __init__(self, n: int):
+        self.i, self.n = 0, n
+
+    def __call__(self) -> int:
+        self.i = (self.i + 1) % self.n
+        return self.i
+
+
+def make_sets(args, inter, s, a, n, dtype):
+    """L weight sets (moe block + dense weights) so that one pass over them exceeds the L2 several times."""
+    layer_bytes = 3 * args.hidden * inter * dtype.itemsize
+    n_sets = max(2, math.ceil(args.flush_bytes / layer_bytes))
+    sets = []
+    for _ in range(n_sets):
+        block = build_moe_block(args.hidden, inter, s, a, n, dtype, "cuda")
+        dense = [torch.empty(r, c, device="cuda", dtype=dtype).normal_(0, 0.02) for r, c in
+                 ((inter, args.hidden), (inter, args.hidden), (args.hidden, inter))]  # fmt: skip
+        sets.append((block, dense))
+    return sets
+
+
+def shared_of(block):
+    se = block.shared_experts
+    return se.gate_proj.weight, se.up_proj.weight, se.down_proj.weight
+
+
+def run_grid(args, env, peak) -> None:
+    """Every (intermediate, config, batch, impl); rows are written after each config."""
+    dtype = getattr(torch, args.dtype)
+    for inter, name in itertools.product(args.intermediate, args.configs):
+        rows = []
+        s, a, n = parse_config(name)
+        e, i_e = n - s, inter // n
+        torch.manual_seed(0)
+        sets = make_sets(args, inter, s, a, n, dtype)
+        expert_bytes = 3 * args.hidden * i_e * dtype.itemsize
+        for batch in args.batches:
+            rot = Rotor(len(sets) * 2)
+            xs = [torch.randn(batch, args.hidden, device="cuda", dtype=dtype) for _ in range(rot.n)]
+            routes = []
+            for _ in range(rot.n):  # uniform random distinct experts, gates summing to A
+                idx = torch.rand(batch, e, device="cuda").topk(a, dim=-1).indices
+                w = torch.rand(batch, a, device="cuda")
+                routes.append((idx, w / w.sum(-1, keepdim=True) * a))
+            hits = sum(torch.unique(r[0]).numel() for r in routes) / len(routes)
+            moe_bytes = (hits + s) * expert_bytes + 2 * batch * args.hidden * dtype.itemsize
+            dense_bytes = 3 * args.hidden * inter * dtype.itemsize + 2 * batch * args.hidden * dtype.itemsize
+
+            def kernel_call(path, shared_fused=True, rot=rot, xs=xs, routes=routes, sets=sets):
+                def call():
+                    j = rot()
+                    block = sets[j % len(sets)][0]
+                    w13, w2 = block.experts.gate_up_proj, block.experts.down_proj
+                    if path == "torch":
+                        return moe_ffn_torch(xs[j], *routes[j], w13, w2, shared_of(block))
+                    if shared_fused:
+                        return moe_ffn(xs[j], *routes[j], w13, w2, *shared_of(block), path=path)
+                    return moe_ffn(xs[j], *routes[j], w13, w2, path=path) + dense_ffn(
+                        xs[j], *shared_of(block)
+                    )
+
+                return call
+
+            def block_call(impl, rot=rot, xs=xs, sets=sets):
+                def call():
+                    j = rot()
+                    return sets[j % len(sets)][0](xs[j][None])
+
+                return call
+
+            impls = {
+                "dense": lambda rot=rot, xs=xs, sets=sets: dense_ffn(xs[rot()], *sets[rot.i % len(sets)][1])
+            }
+            impls["moecarve"] = kernel_call("auto")
+            impls["moecarve_decode"] = kernel_call("decode")
+            if batch <= 32:
+                impls["moecarve_decode_shared_after"] = kernel_call("decode", shared_fused=False)
+            if batch >= 8:
+                impls["moecarve_grouped"] = kernel_call("grouped")
+                impls["torch_grouped_mm"] = kernel_call("torch")
+            impls["hf_eager_block"] = block_call("eager")
+            impls["hf_grouped_mm_block"] = block_call("grouped_mm")
+            impls["moecarve_block"] = block_call("moecarve")
+            dense_median = None
+            for impl, fn in impls.items():
+                if impl.endswith("_block"):
+                    kind = impl.removeprefix("hf_").removesuffix("_block")
+                    for blk, _ in sets:
+                        blk.config._experts_implementation = "grouped_mm" if kind == "grouped_mm" else "eager"
+                        if kind == "moecarve":
+                            enable(blk)
+                    if not torch.cuda.is_available() and kind == "grouped_mm":
+                        continue
+                rel_err = None
+                if not impl.endswith("_block") and impl != "dense":
+                    rot.i = -1
+                    with torch.no_grad():
+                        out = fn()
+                    ref = moe_ffn_reference(xs[0], *routes[0], sets[0][0].experts.gate_up_proj,
+                                            sets[0][0].experts.down_proj, *shared_of(sets[0][0]))  # fmt: skip
+                    rel_err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+                with torch.no_grad():
+                    t = time_fn(fn, graph=not args.no_graph and impl != "hf_eager_block", reps=args.reps)
+                if impl.endswith("_block"):
+                    from moecarve.kernels import disable
+
+                    for blk, _ in sets:
+                        disable(blk)
+                if impl == "dense":
+                    dense_median = t["median_us"]
+                nbytes = dense_bytes if impl == "dense" else moe_bytes
+                gbps = nbytes / (t["median_us"] * 1e-6) / 1e9
+                speedup = dense_median / t["median_us"]
+                ideal = dense_bytes / nbytes
+                rows.append({
+                    **env, "bench": "ffn", "hidden": args.hidden, "intermediate": inter, "config": name,
+                    "shared": s, "active": a, "experts": n, "routed": e, "expert_inter": i_e, "batch": batch,
+                    "dtype": args.dtype, "impl": impl, **t, "bytes": nbytes, "hit_experts": hits,
+                    "gbps": gbps, "frac_peak_hbm": gbps / peak if peak else None,
+                    "speedup_vs_dense": speedup, "ideal_speedup": ideal, "frac_bytes_ideal": speedup / ideal,
+                    "rel_err": rel_err,
+                })  # fmt: skip
+                r = rows[-1]
+                print(f"I={inter} {name} B={batch:<3} {impl:<28} {r['median_us']:9.1f} us "
+                      f"{gbps:7.0f} GB/s x{speedup:5.2f} ideal x{ideal:4.2f} graph={t['graph']} err={rel_err}",
+                      flush=True)  # fmt: skip
+        sets.clear()
+        torch.cuda.empty_cache()
+        write_rows(rows, args.out / "ffn_kernels")
+
+
+def run_tune(args, env):
+    """Sweep decode and grouped tile sizes at the first intermediate/config; rows per (kernel, T, tiles)."""
+    from moecarve.kernels.ops.moe_ffn import DecodeConfig, GroupedConfig
+
+    dtype = getattr(torch, args.dtype)
+    inter = args.intermediate[0]
+    s, a, n = parse_config(args.configs[0])
+    sets = make_sets(args, inter, s, a, n, dtype)
+    rows = []
+
+    def measure(batch, path, cfg):
+        rot = Rotor(len(sets) * 2)
+        xs = [torch.randn(batch, args.hidden, device="cuda", dtype=dtype) for _ in range(rot.n)]
+        routes = []
+        for _ in range(rot.n):
+            idx = torch.rand(batch, n - s, device="cuda").topk(a, dim=-1).indices
+            routes.append((idx, torch.rand(batch, a, device="cuda")))
+        kw = {"decode_config": cfg} if path == "decode" else {"grouped_config": cfg}
+
+        def call():
+            j = rot()
+            blk = sets[j % len(sets)][0]
+            return moe_ffn(xs[j], *routes[j], blk.experts.gate_up_proj, blk.experts.down_proj, *shared_of(blk),
+                           path=path, **kw)  # fmt: skip
+
+        try:
+            with torch.no_grad():
+                t = time_fn(call, reps=args.reps)
+        except Exception as exc:  # a tile that does not compile (shared memory) is skipped, not fatal
+            print(f"skip {path} B={batch} {cfg}: {type(exc).__name__}", flush=True)
+            return None
+        rows.append({**env, "bench": "tune", "intermediate": inter, "config": args.configs[0], "batch": batch,
+                     "path": path, **vars(cfg), **t})  # fmt: skip
+        print(f"B={batch:<3} {path} {cfg} {t['median_us']:.1f} us", flush=True)
+        return t["median_us"]
+
+    for batch in [b for b in args.batches if b <= 32]:
+        best = (math.inf, None)
+        for bi, bh, w in itertools.product([32, 64], [128, 256], [4, 8]):
+            cfg = DecodeConfig(block_i=bi, block_h=bh, warps_up=w)
+            t = measure(batch, "decode", cfg)
+            if t is not None and t < best[0]:
+                best = (t, cfg)
+        for bn, bk, w in itertools.product([16, 32], [128, 256], [4, 8]):
+            cfg = DecodeConfig(**{**vars(best[1]), "block_n": bn, "block_k": bk, "warps_down": w})
+            t = measure(batch, "decode", cfg)
+            if t is not None and t < best[0]:
+                best = (t, cfg)
+        print(f"BEST decode B={batch}: {best[1]} {best[0]:.1f} us", flush=True)
+    for batch in [b for b in args.batches if b >= 64]:
+        best = (math.inf, None)
+        for bm, bn, w in itertools.product([32, 64], [64, 128], [4, 8]):
+            cfg = GroupedConfig(block_m=bm, block_n=bn, block_k=64, warps=w)
+            t = measure(batch, "grouped", cfg)
+            if t is not None and t < best[0]:
+                best = (t, cfg)
+        print(f"BEST grouped B={batch}: {best[1]} {best[0]:.1f} us", flush=True)
+    return rows
+
+
+def load_decode_table(path: Path) -> dict:
+    """Set the library's decode tiles to the fastest per batch in a tune.jsonl (largest batch covers above)."""
+    import json
+
+    from moecarve.kernels.ops import moe_ffn as ops
+
+    best: dict[int, tuple[float, dict]] = {}
+    for line in path.read_text().splitlines():
+        r = json.loads(line)
+        if r.get("path") == "decode" and r["median_us"] < best.get(r["batch"], (math.inf, None))[0]:
+            best[r["batch"]] = (r["median_us"], r)
+    fields = ops.DecodeConfig.__dataclass_fields__
+    table = {b: ops.DecodeConfig(**{k: v for k, v in r.items() if k in fields}) for b, (_, r) in best.items()}
+    table[1 << 30] = table.pop(max(table))
+    ops.DECODE_TABLE.clear()
+    ops.DECODE_TABLE.update(table)
+    print("decode table:", table, flush=True)
+    return table
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--hidden", type=int, default=4096)
+    p.add_argument("--intermediate", type=int, nargs="+", default=[11008, 14336])
+    p.add_argument("--configs", nargs="+", default=CONFIGS)
+    p.add_argument("--batches", type=int, nargs="+", default=BATCHES)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    p.add_argument("--reps", type=int, default=30)
+    p.add_argument("--flush-bytes", type=float, default=200e6, help="weight bytes rotated through per pass")
+    p.add_argument("--no-graph", action="store_true")
+    p.add_argument("--tune", action="store_true")
+    p.add_argument("--decode-table", type=Path, help="tune.jsonl whose fastest decode tiles per batch to use")
+    p.add_argument("--out", type=Path, default=Path("results/kernels"))
+    args = p.parse_args(argv)
+    if args.decode_table:
+        load_decode_table(args.decode_table)
+    if not torch.cuda.is_available():
+        raise SystemExit("ffn_kernels.py needs a CUDA GPU")
+    env = env_info()
+    env["copy_gbps"] = copy_bandwidth_gbps()
+    peak = env["spec_hbm_gbps"]
+    print(env, flush=True)
+    if args.tune:
+        write_rows(run_tune(args, env), args.out / "tune")
+    else:
+        run_grid(args, env, peak)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""`moe_ffn`: the MoE FFN forward with input checks, path dispatch and fallbacks.
+
+Paths (`path=`):
+- "decode": Triton kernels that read only the hit experts' rows (ops/moe_ffn.py), for few tokens;
+- "grouped": Triton grouped GEMM over expert-sorted, block-padded tokens, for more tokens;
+- "torch": PyTorch's grouped_mm over expert-sorted tokens (cuBLAS/CUTLASS), shared via cuBLAS;
+- "reference": the float32 PyTorch reference (ops/reference.py);
+- "auto": by token count (the thresholds below come from results/kernels/, see docs/kernels.md);
+  falls back to "reference" with a one-time warning where Triton cannot run.
+
+Shapes that do not fit raise ValueError; nothing is silently computed on mismatched weights.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from ._env import triton_available, triton_interpreting, warn_once
+from .ops.reference import moe_ffn_reference
+
+Path = Literal["auto", "decode", "grouped", "torch", "reference"]
+
+# Token counts at or below which "auto" takes the decode kernels, then the grouped Triton GEMM up to
+# GROUPED_MAX_TOKENS, then PyTorch's grouped_mm. From the H100 runs in results/kernels/ (see
+# docs/kernels.md): decode won at 64 tokens in 3 of 4 configs, grouped won at 256 in all 4.
+DECODE_MAX_TOKENS = 64
+GROUPED_MAX_TOKENS = 1 << 30
+_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _check_shapes(x, idx, wts, w13, w2, shared) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"hidden_states must be [T, H], got shape {tuple(x.shape)}")
+    if w13.dim() != 3 or w2.dim() != 3:
+        raise ValueError(
+            f"gate_up_proj must be [E, 2I, H] and down_proj [E, H, I], got {tuple(w13.shape)}, {tuple(w2.shape)}"
+        )
+    E, two_i, H = w13.shape
+    if two_i % 2 or tuple(w2.shape) != (E, H, two_i // 2) or x.shape[1] != H:
+        raise ValueError(
+            f"shape mismatch: hidden_states {tuple(x.shape)}, gate_up_proj {tuple(w13.shape)} "
+            f"(expected [E, 2I, H]), down_proj {tuple(w2.shape)} (expected [E, H, I])"
+        )
+    if idx.dim() != 2 or idx.shape != wts.shape or idx.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"topk_indices {tuple(idx.shape)} and topk_weights {tuple(wts.shape)} must both be [T, K] "
+            f"with T = {x.shape[0]}"
+        )
+    if idx.dtype.is_floating_point or idx.dtype == torch.bool or not wts.dtype.is_floating_point:
+        raise ValueError(
+            f"topk_indices must be integer and topk_weights floating, got {idx.dtype}, {wts.dtype}"
+        )
+    if shared is None:
+        return
+    sg, su, sd = shared
+    si = sg.shape[0]
+    if sg.shape != (si, H) or su.shape != (si, H) or sd.shape != (H, si):
+        raise ValueError(
+            f"shared expert weights must be gate [SI, H], up [SI, H], down [H, SI] with H = {H}, got "
+            f"{tuple(sg.shape)}, {tuple(su.shape)}, {tuple(sd.shape)}"
+        )
+
+
+def triton_unsupported_reason(x: torch.Tensor, weights: list[torch.Tensor]) -> str | None:
+    """Why the Triton kernels cannot run on these tensors, or None when they can."""
+    if not triton_available():
+        return "triton is not installed"
+    dev = x.device
+    if dev.type != "cuda" and not (dev.type == "cpu" and triton_interpreting()):
+        return f"the Triton kernels need a CUDA device (or TRITON_INTERPRET=1 on CPU), got {dev.type}"
+    if any(w.device != dev for w in weights):
+        return "hidden_states and the expert weights are on different devices"
+    if weights[0].dtype not in _DTYPES or any(w.dtype != weights[0].dtype for w in weights):
+        return f"unsupported weight dtype(s) {sorted({str(w.dtype) for w in weights})}; kernels take one of bf16/fp16/fp32"
+    if x.dtype != weights[0].dtype:
+        return f"hidden_states dtype {x.dtype} differs from the weights' {weights[0].dtype}"
+    if not all(w.is_contiguous() for w in weights):
+        return "expert weights are not contiguous"
+    if dev.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(dev) < (8, 0):
+        return "bf16 kernels need compute capability 8.0 or newer"
+    if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
+        return "the kernels are forward-only (autograd is enabled and a tensor requires grad)"
+    return None
+
+
+def moe_ffn(
+    hidden_states: torch.Tensor,  # [T, H]
+    topk_indices: torch.Tensor,  # [T, K]
+    topk_weights: torch.Tensor,  # [T, K]
+    gate_up_proj: torch.Tensor,  # [E, 2I, H]
+    down_proj: torch.Tensor,  # [E, H, I]
+    shared_gate_proj: torch.Tensor | None = None,  # [SI, H]
+    shared_up_proj: torch.Tensor | None = None,  # [SI, H]
+    shared_down_proj: torch.Tensor | None = None,  # [H, SI]
+    *,
+    path: Path = "auto",
+    decode_config=None,
+    grouped_config=None,
+) -> torch.Tensor:
+    """Routed experts weighted by their gates, plus the shared expert, for T tokens; returns [T, H].
+
+    Same result as transformers' Glm4MoeExperts + shared_experts within the dtype's rounding.
+    Explicit Triton paths raise RuntimeError where they cannot run; "auto" then warns once and
+    uses the reference.
+    """
+    shared_parts = (shared_gate_proj, shared_up_proj, shared_down_proj)
+    if any(p is None for p in shared_parts) and any(p is not None for p in shared_parts):
+        raise ValueError("pass all three shared expert weights (gate, up, down) or none")
+    shared = None if shared_gate_proj is None else shared_parts
+    _check_shapes(hidden_states, topk_indices, topk_weights, gate_up_proj, down_proj, shared)
+    args = (hidden_states, topk_indices, topk_weights, gate_up_proj, down_proj)
+    if path == "reference" or hidden_states.shape[0] == 0:
+        return moe_ffn_reference(*args, *shared_parts)
+    weights = [gate_up_proj, down_proj, *(shared or ())]
+    reason = triton_unsupported_reason(hidden_states, weights)
+    if path == "torch":
+        return moe_ffn_torch(*args, shared)
+    if reason is not None:
+        if path != "auto":
+            raise RuntimeError(
+                f"moecarve.kernels path {path!r} cannot run: {reason}; use path='auto' or 'reference'"
+            )
+        warn_once(reason, f"moecarve.kernels: {reason}; falling back to the PyTorch reference path (slower)")
+        return moe_ffn_reference(*args, *shared_parts)
+    from .ops import moe_ffn as ops  # imports triton: only here, on first use
+
+    x = hidden_states.contiguous()
+    T = x.shape[0]
+    if path == "decode" or (path == "auto" and T <= DECODE_MAX_TOKENS):
+        return ops.moe_ffn_decode(
+            x, topk_indices, topk_weights, gate_up_proj, down_proj, shared, decode_config
+        )
+    if path == "grouped" or T <= GROUPED_MAX_TOKENS or x.device.type != "cuda":
+        return ops.moe_ffn_grouped(
+            x, topk_indices, topk_weights, gate_up_proj, down_proj, shared, grouped_config
+        )
+    return moe_ffn_torch(x, topk_indices, topk_weights, gate_up_proj, down_proj, shared)
+
+
+def moe_ffn_torch(
+    x: torch.Tensor,
+    topk_indices: torch.Tensor,
+    topk_weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+) -> torch.Tensor:
+    """PyTorch grouped_mm over expert-sorted tokens (no Triton); the reference where grouped_mm is missing."""
+    grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+    if grouped_mm is None or x.device.type != "cuda" or x.dtype != torch.bfloat16:
+        warn_once(
+            "torch-path", "moecarve.kernels: torch grouped_mm needs bf16 on CUDA; using the reference path"
+        )
+        return moe_ffn_reference(
+            x, topk_indices, topk_weights, gate_up_proj, down_proj, *(shared or (None,) * 3)
+        )
+    T, K = topk_indices.shape
+    E, two_i, _ = gate_up_proj.shape
+    flat = topk_indices.reshape(-1).long()
+    valid = (flat >= 0) & (flat < E)
+    key, perm = torch.sort(torch.where(valid, flat, E))
+    counts = torch.zeros(E + 1, dtype=torch.int32, device=x.device).scatter_add_(
+        0, key, torch.ones_like(key, dtype=torch.int32)
+    )
+    offs = torch.cumsum(counts[:E], 0, dtype=torch.int32)
+    tok = perm // K
+    gu = grouped_mm(x[tok], gate_up_proj.transpose(1, 2), offs=offs)  # [P, 2I]
+    h = F.silu(gu[:, : two_i // 2]) * gu[:, two_i // 2 :]
+    y = grouped_mm(h, down_proj.transpose(1, 2), offs=offs).float()  # [P, H]; sentinel rows unwritten
+    gate = topk_weights.reshape(-1)[perm].float()[:, None]
+    y = torch.where(key[:, None] < E, y * gate, 0.0)
+    out = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device).index_add_(0, tok, y)
+    if shared is not None:
+        sg, su, sd = shared
+        out += F.linear(F.silu(F.linear(x, sg)) * F.linear(x, su), sd).float()
+    return out.to(x.dtype)

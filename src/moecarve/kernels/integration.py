@@ -1,0 +1,173 @@
+"""Hooking the kernels into transformers models.
+
+Two ways, same numbers:
+- `enable(model)`: swaps the forward of every Glm4MoeMoE-like block (router `gate`, fused
+  `experts`, `shared_experts`) for one `moe_ffn` call that runs the routed and the shared experts
+  together. Works on any transformers version that has the fused experts layout (5.x).
+- `register_experts_implementation()`: adds "moecarve" to transformers' experts interface, so
+  `from_pretrained(..., experts_implementation="moecarve")` or
+  `model.set_experts_implementation("moecarve")` routes the experts (not the shared MLP) here.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+from torch import nn
+
+from ._env import warn_once
+from .functional import moe_ffn, triton_unsupported_reason
+
+IMPLEMENTATION_NAME = "moecarve"
+
+
+def _routing(gate_out) -> tuple[torch.Tensor, torch.Tensor]:
+    """(topk_indices, topk_weights) from a router's output tuple, whatever its order."""
+    tensors = [t for t in gate_out if isinstance(t, torch.Tensor)] if isinstance(gate_out, tuple) else []
+    idx = [t for t in tensors if not t.dtype.is_floating_point]
+    if len(idx) != 1:
+        raise TypeError(f"cannot find the top-k indices in the router output ({len(tensors)} tensors)")
+    wts = [t for t in tensors if t.dtype.is_floating_point and t.shape == idx[0].shape]
+    if len(wts) != 1:
+        raise TypeError("cannot find the top-k weights (same shape as the indices) in the router output")
+    return idx[0], wts[0]
+
+
+def _is_silu(module: nn.Module) -> bool:
+    act = getattr(getattr(module, "config", None), "hidden_act", "silu")
+    return act in ("silu", "swish")
+
+
+def _is_moe_block(module: nn.Module) -> bool:
+    experts = getattr(module, "experts", None)
+    return (
+        isinstance(getattr(module, "gate", None), nn.Module)
+        and isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor)
+        and isinstance(getattr(experts, "down_proj", None), torch.Tensor)
+        and experts.gate_up_proj.dim() == 3
+        and not getattr(experts, "is_transposed", False)
+        and not getattr(experts, "has_bias", False)
+        and getattr(experts, "has_gate", True)
+    )
+
+
+def _is_sigmoid_router(gate: nn.Module) -> bool:
+    """A Glm4MoeTopkRouter-like gate whose group-limited choice is a no-op (one group, or all groups kept)."""
+    n_group = getattr(gate, "n_group", getattr(gate, "num_group", 1))
+    return (
+        isinstance(getattr(gate, "weight", None), torch.Tensor)
+        and gate.weight.dim() == 2
+        and isinstance(getattr(gate, "e_score_correction_bias", None), torch.Tensor)
+        and isinstance(getattr(gate, "top_k", None), int)
+        and (n_group == 1 or getattr(gate, "topk_group", 1) >= n_group)
+    )
+
+
+def _route(gate: nn.Module, x: torch.Tensor, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k routing: one fused Triton launch where it can run, else the module itself."""
+    if (
+        fused
+        and triton_unsupported_reason(x, [x]) is None
+        and not (torch.is_grad_enabled() and gate.weight.requires_grad)
+    ):
+        from .ops.router import sigmoid_topk
+
+        return sigmoid_topk(
+            x, gate.weight, gate.e_score_correction_bias, gate.top_k, bool(getattr(gate, "norm_topk_prob", True)),
+            float(getattr(gate, "routed_scaling_factor", 1.0)),
+        )  # fmt: skip
+    return _routing(gate(x))
+
+
+def _fused_block_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Glm4MoeMoE.forward with the router in one launch and routed + shared experts in one `moe_ffn` call."""
+    shape = hidden_states.shape
+    x = hidden_states.reshape(-1, shape[-1]).contiguous()
+    topk_indices, topk_weights = _route(self.gate, x, self._moecarve_fused_router)
+    se = getattr(self, "shared_experts", None)
+    shared = () if se is None else (se.gate_proj.weight, se.up_proj.weight, se.down_proj.weight)
+    out = moe_ffn(x, topk_indices, topk_weights, self.experts.gate_up_proj, self.experts.down_proj, *shared)
+    return out.view(shape)
+
+
+def enable(model: nn.Module, *, fused_router: bool = True) -> int:
+    """Route every Glm4MoeMoE-like block of `model` through the kernels; returns how many were swapped.
+
+    fused_router: compute the sigmoid top-k routing in one Triton launch (where the router has one
+    expert group), instead of the router module's ~15 small kernels.
+    The swap is per instance (state dict and class untouched); `disable(model)` undoes it.
+    Raises ValueError when the model has no such block.
+    """
+    register_experts_implementation()
+    swapped = 0
+    for name, module in model.named_modules():
+        if not _is_moe_block(module):
+            continue
+        se = getattr(module, "shared_experts", None)
+        if se is not None and not all(hasattr(se, p) for p in ("gate_proj", "up_proj", "down_proj")):
+            warn_once(
+                f"enable-{name}", f"moecarve.kernels: {name}: unknown shared expert layout, block left as is"
+            )
+            continue
+        if not (_is_silu(module.experts) and (se is None or _is_silu(se))):
+            warn_once(f"act-{name}", f"moecarve.kernels: {name}: activation is not SiLU, block left as is")
+            continue
+        module._moecarve_fused_router = fused_router and _is_sigmoid_router(module.gate)
+        module.forward = types.MethodType(_fused_block_forward, module)
+        swapped += 1
+    if swapped == 0:
+        raise ValueError(
+            "moecarve.kernels.enable: no MoE block with a router `gate`, fused `experts` (gate_up_proj "
+            "[E, 2I, H], down_proj [E, H, I]) and SiLU was found; the model is unchanged"
+        )
+    return swapped
+
+
+def disable(model: nn.Module) -> int:
+    """Undo `enable(model)`; returns how many blocks were restored."""
+    restored = 0
+    for module in model.modules():
+        fwd = module.__dict__.get("forward")
+        if isinstance(fwd, types.MethodType) and fwd.__func__ is _fused_block_forward:
+            del module.forward
+            del module._moecarve_fused_router
+            restored += 1
+    return restored
+
+
+def experts_forward(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """The routed experts through the kernels, in transformers' experts-interface signature."""
+    ok = (
+        getattr(self, "has_gate", True)
+        and not getattr(self, "has_bias", False)
+        and not getattr(self, "is_transposed", False)
+        and getattr(self, "is_concatenated", True)
+        and not getattr(self, "has_post_expert_norm", False)
+        and not getattr(self, "_is_expert_parallel", False)
+        and _is_silu(self)
+    )
+    if not ok:
+        original = getattr(type(self).forward, "__wrapped__", None)
+        if original is None:
+            raise NotImplementedError(
+                f"moecarve.kernels cannot run {type(self).__name__} and found no eager forward"
+            )
+        warn_once(
+            f"experts-{type(self).__name__}",
+            f"moecarve.kernels: {type(self).__name__} layout unsupported, eager",
+        )
+        return original(self, hidden_states, top_k_index, top_k_weights)
+    return moe_ffn(hidden_states, top_k_index, top_k_weights, self.gate_up_proj, self.down_proj)
+
+
+def register_experts_implementation(name: str = IMPLEMENTATION_NAME) -> bool:
+    """Register `experts_forward` as transformers experts implementation `name`; False if it has none."""
+    try:
+        from transformers.integrations.moe import ExpertsInterface
+    except ImportError:
+        return False
+    ExpertsInterface.register(name, experts_forward)
+    return True

@@ -1,0 +1,491 @@
+"""Triton kernels for the MoE FFN forward (routed gated-SiLU experts + shared expert).
+
+Two paths, both two launches (gate+up with SiLU(gate)*up, then down):
+
+- decode (few tokens): one program per (expert, block of I rows). A program whose expert no
+  token picked exits at once, so only the selected experts' rows are read; a program that runs
+  computes its rows for all T tokens at once, so tokens that share an expert share its reads.
+  The down kernel owns a block of H outputs for all tokens and accumulates every hit expert,
+  weighted by the gate, plus the shared expert, in float32 registers: one write, no atomics.
+- grouped (more tokens): (token, expert) pairs sorted and padded per expert to BLOCK_M rows,
+  one grouped GEMM per projection over the blocks (as vLLM's fused_moe); the shared expert goes
+  through cuBLAS, which is best at those sizes.
+
+Neither path syncs with the host, so both can be captured in a CUDA graph.
+
+Letters: T tokens, H hidden, E routed experts, K active per token, I intermediate size of an
+expert, SI of the shared expert(s), P = T*K (token, expert) pairs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from .._env import triton_interpreting
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Tile sizes of the decode path (the benchmark's sweep picked the defaults)."""
+
+    block_i: int = 16  # up kernel: rows of gate (and of up) per program
+    block_h: int = 256  # up kernel: reduction chunk over H
+    block_n: int = 16  # down kernel: outputs (rows of H) per program
+    block_k: int = 128  # down kernel: reduction chunk over I
+    warps_up: int = 4
+    warps_down: int = 4
+    stages: int = 4
+    max_block_t: int = 64  # tokens per tile: more tokens run as several tiles (grid axis 1)
+    use_dot: bool | None = True  # tensor-core dot (False: FMA reductions; None: dot when T > 4)
+
+
+# Decode tiles by token count: the entry with the smallest key >= T (H100 sweep, results/kernels/tune.jsonl).
+DECODE_TABLE: dict[int, DecodeConfig] = {
+    1: DecodeConfig(block_i=32, block_h=256, block_n=16, block_k=128, warps_up=8, warps_down=4),
+    8: DecodeConfig(block_i=64, block_h=128, block_n=16, block_k=128, warps_up=8, warps_down=4),
+    1 << 30: DecodeConfig(block_i=64, block_h=128, block_n=32, block_k=128, warps_up=8, warps_down=4),
+}
+
+
+def decode_config(T: int) -> DecodeConfig:
+    """The decode tiles for T tokens."""
+    return DECODE_TABLE[min(k for k in DECODE_TABLE if k >= T)]
+
+
+@dataclass(frozen=True)
+class GroupedConfig:
+    """Tile sizes of the grouped (sorted, padded per expert) path."""
+
+    block_m: int = 64
+    block_n: int = 64
+    block_k: int = 64
+    warps: int = 4
+    stages: int = 3
+
+
+# ----------------------------------------------------------------------------- jit helpers
+
+
+@triton.jit
+def _mma(acc, a, b, USE_DOT: tl.constexpr, PREC: tl.constexpr):
+    """acc[M, N] += a[M, K] @ b; b is [K, N] for the dot path and [N, K] for the FMA path."""
+    if USE_DOT:
+        if PREC == "upcast":  # Triton's CPU interpreter multiplies bf16 dot operands as raw bits
+            acc = tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(a.to(b.dtype), b, acc, input_precision=PREC)
+    else:
+        acc += tl.sum(a.to(tl.float32)[:, None, :] * b.to(tl.float32)[None, :, :], axis=2)
+    return acc
+
+
+@triton.jit
+def _w_offsets(offs_n, offs_k, stride_n, USE_DOT: tl.constexpr):
+    """Offsets of a weight tile whose rows (N) have stride stride_n and columns (K) stride 1."""
+    if USE_DOT:
+        return offs_n[None, :].to(tl.int64) * stride_n + offs_k[:, None]  # [K, N]
+    else:
+        return offs_n[:, None].to(tl.int64) * stride_n + offs_k[None, :]  # [N, K]
+
+
+@triton.jit
+def _w_mask(n_mask, k_mask, MASKED: tl.constexpr, USE_DOT: tl.constexpr):
+    """Mask of a weight tile; unmasked along the contiguous K axis unless MASKED, to keep wide loads."""
+    if USE_DOT:
+        if MASKED:
+            return k_mask[:, None] & n_mask[None, :]
+        else:
+            return n_mask[None, :]
+    else:
+        if MASKED:
+            return n_mask[:, None] & k_mask[None, :]
+        else:
+            return n_mask[:, None]
+
+
+@triton.jit
+def _gate_up_loop(
+    acc_g, acc_u, a_ptrs, a_mask, g_ptr, u_ptr, w_off, n_mask, k_start, k_end,
+    BLOCK_K: tl.constexpr, MASKED: tl.constexpr, USE_DOT: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """Accumulate x @ gate^T and x @ up^T over the K range [k_start, k_end) in BLOCK_K chunks."""
+    offs_k = tl.arange(0, BLOCK_K)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        if MASKED:  # only the last, partial chunk pays for a mask along the contiguous axis
+            k_mask = offs_k < k_end - k0
+            a = tl.load(a_ptrs + k0, mask=a_mask[:, None] & k_mask[None, :], other=0.0)
+            wm = _w_mask(n_mask, k_mask, True, USE_DOT)
+        else:
+            a = tl.load(a_ptrs + k0, mask=a_mask[:, None], other=0.0)
+            wm = _w_mask(n_mask, offs_k, False, USE_DOT)
+        wg = tl.load(g_ptr + w_off + k0, mask=wm, other=0.0)
+        wu = tl.load(u_ptr + w_off + k0, mask=wm, other=0.0)
+        acc_g = _mma(acc_g, a, wg, USE_DOT, PREC)
+        acc_u = _mma(acc_u, a, wu, USE_DOT, PREC)
+    return acc_g, acc_u
+
+
+@triton.jit
+def _gate_up(
+    x_ptr, rows, row_mask, stride_xt, k_lo, k_hi, g_ptr, u_ptr, stride_w, n_rows, n0,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_DOT: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """(x[rows, k] @ gate[n0:n0+BN, k]^T, same with up) over k in [k_lo, k_hi), float32 [BLOCK_M, BLOCK_N]."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < n_rows
+    a_ptrs = x_ptr + rows[:, None].to(tl.int64) * stride_xt + tl.arange(0, BLOCK_K)[None, :]
+    w_off = _w_offsets(offs_n, tl.arange(0, BLOCK_K), stride_w, USE_DOT)
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_main = k_hi - (k_hi - k_lo) % BLOCK_K
+    acc_g, acc_u = _gate_up_loop(
+        acc_g, acc_u, a_ptrs, row_mask, g_ptr, u_ptr, w_off, n_mask, k_lo, k_main, BLOCK_K, False, USE_DOT, PREC
+    )  # fmt: skip
+    acc_g, acc_u = _gate_up_loop(
+        acc_g, acc_u, a_ptrs, row_mask, g_ptr, u_ptr, w_off, n_mask, k_main, k_hi, BLOCK_K, True, USE_DOT, PREC
+    )  # fmt: skip
+    return acc_g, acc_u
+
+
+@triton.jit
+def _store_silu_mul(h_ptr, rows, row_mask, stride_ht, col0, offs_i, i_mask, acc_g, acc_u):
+    """SiLU(gate) * up, rounded to h's dtype (as eager rounds its intermediate)."""
+    ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_ht + col0 + offs_i[None, :]
+    act = acc_g * tl.sigmoid(acc_g) * acc_u
+    tl.store(ptrs, act.to(h_ptr.dtype.element_ty), mask=row_mask[:, None] & i_mask[None, :])
+
+
+@triton.jit
+def _down_loop(
+    acc, a_ptrs, a_mask, w_ptr, w_off, n_mask, k_start, k_end,
+    BLOCK_K: tl.constexpr, MASKED: tl.constexpr, USE_DOT: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    offs_k = tl.arange(0, BLOCK_K)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        if MASKED:
+            k_mask = offs_k < k_end - k0
+            a = tl.load(a_ptrs + k0, mask=a_mask[:, None] & k_mask[None, :], other=0.0)
+            wm = _w_mask(n_mask, k_mask, True, USE_DOT)
+        else:
+            a = tl.load(a_ptrs + k0, mask=a_mask[:, None], other=0.0)
+            wm = _w_mask(n_mask, offs_k, False, USE_DOT)
+        w = tl.load(w_ptr + w_off + k0, mask=wm, other=0.0)
+        acc = _mma(acc, a, w, USE_DOT, PREC)
+    return acc
+
+
+@triton.jit
+def _down(
+    a_ptr, rows, row_mask, stride_at, K_DIM, w_ptr, stride_w, offs_n, n_mask,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    USE_DOT: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """act[rows, :K_DIM] @ w[offs_n, :K_DIM]^T as float32 [BLOCK_M, BLOCK_N].
+
+    The reduction runs in BLOCK_K chunks, then unmasked 16-wide chunks, then one masked chunk,
+    so that an I such as 688 (= 5*128 + 48) keeps wide vector loads on all but <16 columns.
+    """
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    a_row = a_ptr + rows[:, None].to(tl.int64) * stride_at
+    k_main = K_DIM - K_DIM % BLOCK_K
+    a_ptrs = a_row + tl.arange(0, BLOCK_K)[None, :]
+    w_off = _w_offsets(offs_n, tl.arange(0, BLOCK_K), stride_w, USE_DOT)
+    acc = _down_loop(
+        acc, a_ptrs, row_mask, w_ptr, w_off, n_mask, 0, k_main, BLOCK_K, False, USE_DOT, PREC
+    )  # fmt: skip
+    k_16 = K_DIM - K_DIM % 16
+    a_ptrs = a_row + tl.arange(0, 16)[None, :]
+    w_off = _w_offsets(offs_n, tl.arange(0, 16), stride_w, USE_DOT)
+    acc = _down_loop(
+        acc, a_ptrs, row_mask, w_ptr, w_off, n_mask, k_main, k_16, 16, False, USE_DOT, PREC
+    )  # fmt: skip
+    acc = _down_loop(
+        acc, a_ptrs, row_mask, w_ptr, w_off, n_mask, k_16, K_DIM, 16, True, USE_DOT, PREC
+    )  # fmt: skip
+    return acc
+
+
+# ----------------------------------------------------------------------------- decode kernels
+
+
+@triton.jit
+def _decode_up_kernel(
+    x_ptr, idx_ptr, w13_ptr, sg_ptr, su_ptr, h_ptr,
+    T, H, I, SI, E, K,  # noqa: E741
+    stride_xt, stride_we, stride_wr, stride_sg, stride_su, stride_ht,
+    HAS_SHARED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr, USE_DOT: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """h[t, e*I + i] = SiLU(x[t] @ gate_e[i]) * (x[t] @ up_e[i]) for experts hit in this token tile.
+
+    program_id(0): (expert, block of I rows), then the shared expert's row blocks; program_id(1):
+    tile of BLOCK_T tokens. The shared expert's activations go to columns E*I onwards.
+    """
+    pid = tl.program_id(0)
+    rows = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_mask = rows < T
+    n_iblk = tl.cdiv(I, BLOCK_I)
+    if pid < E * n_iblk:
+        e = pid // n_iblk
+        i0 = (pid - e * n_iblk) * BLOCK_I
+        offs_r = tl.arange(0, BLOCK_R)
+        idx = tl.load(
+            idx_ptr + rows[:, None] * K + offs_r[None, :],
+            mask=row_mask[:, None] & (offs_r[None, :] < K),
+            other=-1,
+        )
+        hit = tl.sum(tl.sum((idx == e).to(tl.int32), axis=1), axis=0)
+        if hit > 0:  # experts no token of the tile picked are never read
+            g_ptr = w13_ptr + e.to(tl.int64) * stride_we
+            acc_g, acc_u = _gate_up(
+                x_ptr, rows, row_mask, stride_xt, 0, H, g_ptr, g_ptr + I * stride_wr, stride_wr, I, i0,
+                BLOCK_T, BLOCK_I, BLOCK_H, USE_DOT, PREC,
+            )  # fmt: skip
+            offs_i = i0 + tl.arange(0, BLOCK_I)
+            _store_silu_mul(h_ptr, rows, row_mask, stride_ht, e * I, offs_i, offs_i < I, acc_g, acc_u)
+    elif HAS_SHARED:
+        i0 = (pid - E * n_iblk) * BLOCK_I
+        acc_g, acc_u = _gate_up(
+            x_ptr, rows, row_mask, stride_xt, 0, H, sg_ptr, su_ptr, stride_sg, SI, i0,
+            BLOCK_T, BLOCK_I, BLOCK_H, USE_DOT, PREC,
+        )  # fmt: skip
+        offs_i = i0 + tl.arange(0, BLOCK_I)
+        _store_silu_mul(h_ptr, rows, row_mask, stride_ht, E * I, offs_i, offs_i < SI, acc_g, acc_u)
+
+
+@triton.jit
+def _decode_down_kernel(
+    h_ptr, idx_ptr, wts_ptr, w2_ptr, sd_ptr, out_ptr,
+    T, H, I, SI, E, K,  # noqa: E741
+    stride_ht, stride_we, stride_wr, stride_sd, stride_ot,
+    HAS_SHARED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """out[t, n] = sum_e gate[t, e] * (h_e[t] @ down_e[n]) + h_shared[t] @ shared_down[n], in float32.
+
+    program_id(0): block of BLOCK_N outputs; program_id(1): tile of BLOCK_T tokens.
+    """
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < H
+    rows = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    row_mask = rows < T
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = row_mask[:, None] & (offs_r[None, :] < K)
+    idx = tl.load(idx_ptr + rows[:, None] * K + offs_r[None, :], mask=r_mask, other=-1)
+    wts = tl.load(wts_ptr + rows[:, None] * K + offs_r[None, :], mask=r_mask, other=0.0).to(tl.float32)
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    w_e = w2_ptr  # advanced by one expert per iteration: 64-bit pointer math, no int32 overflow
+    for e in range(0, E):
+        sel = idx == e  # [BT, BR]
+        routed = tl.sum(sel.to(tl.int32), axis=1) > 0  # [BT]
+        if tl.sum(routed.to(tl.int32), axis=0) > 0:
+            gate = tl.sum(tl.where(sel, wts, 0.0), axis=1)  # [BT]
+            part = _down(
+                h_ptr + e * I, rows, row_mask, stride_ht, I, w_e, stride_wr, offs_n, n_mask,
+                BLOCK_T, BLOCK_N, BLOCK_K, USE_DOT, PREC,
+            )  # fmt: skip
+            # rows of tokens that did not pick e hold finite but unused values: select, never multiply by 0
+            acc += tl.where(routed[:, None], part * gate[:, None], 0.0)
+        w_e += stride_we
+    if HAS_SHARED:
+        acc += _down(
+            h_ptr + E * I, rows, row_mask, stride_ht, SI, sd_ptr, stride_sd, offs_n, n_mask,
+            BLOCK_T, BLOCK_N, BLOCK_K, USE_DOT, PREC,
+        )  # fmt: skip
+    out = out_ptr + rows[:, None].to(tl.int64) * stride_ot + offs_n[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+
+
+# ----------------------------------------------------------------------------- grouped kernels
+
+
+@triton.jit
+def _grouped_up_kernel(
+    x_ptr, pair_ptr, block_expert_ptr, w13_ptr, h_ptr,
+    P, K, H, I, stride_xt, stride_we, stride_wr, stride_hp,  # noqa: E741
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """h[row] = SiLU(x[tok] @ gate_e^T) * (x[tok] @ up_e^T) for the padded, expert-sorted pair rows."""
+    pid_m = tl.program_id(0)
+    e = tl.load(block_expert_ptr + pid_m)
+    if e >= 0:  # blocks past the last expert's are padding
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pair = tl.load(pair_ptr + offs_m)
+        row_mask = pair < P
+        n0 = tl.program_id(1) * BLOCK_N
+        g_ptr = w13_ptr + e.to(tl.int64) * stride_we
+        acc_g, acc_u = _gate_up(
+            x_ptr, pair // K, row_mask, stride_xt, 0, H, g_ptr, g_ptr + I * stride_wr, stride_wr, I, n0,
+            BLOCK_M, BLOCK_N, BLOCK_K, True, PREC,
+        )  # fmt: skip
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        _store_silu_mul(h_ptr, offs_m, row_mask, stride_hp, 0, offs_n, offs_n < I, acc_g, acc_u)
+
+
+@triton.jit
+def _grouped_down_kernel(
+    h_ptr, pair_ptr, block_expert_ptr, wts_ptr, w2_ptr, out_ptr,
+    P, H, I, stride_hp, stride_we, stride_wr, stride_op,  # noqa: E741
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
+):  # fmt: skip
+    """out[pair] = gate[pair] * (h[row] @ down_e^T): one float32 row per (token, expert) pair."""
+    pid_m = tl.program_id(0)
+    e = tl.load(block_expert_ptr + pid_m)
+    if e >= 0:
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        pair = tl.load(pair_ptr + offs_m)
+        row_mask = pair < P
+        offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = offs_n < H
+        acc = _down(
+            h_ptr, offs_m, row_mask, stride_hp, I, w2_ptr + e.to(tl.int64) * stride_we, stride_wr,
+            offs_n, n_mask, BLOCK_M, BLOCK_N, BLOCK_K, True, PREC,
+        )  # fmt: skip
+        gate = tl.load(wts_ptr + pair, mask=row_mask, other=0.0).to(tl.float32)
+        out = out_ptr + pair[:, None].to(tl.int64) * stride_op + offs_n[None, :]
+        tl.store(out, acc * gate[:, None], mask=row_mask[:, None] & n_mask[None, :])
+
+
+# ----------------------------------------------------------------------------- host functions
+
+
+def _prec(dtype: torch.dtype) -> str:
+    if triton_interpreting():
+        return "upcast"
+    # float32 weights get exact float32 products, not TF32's 10-bit mantissa
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _fit_stages(cfg: DecodeConfig, block_t: int, itemsize: int, budget: int = 160 * 1024) -> int:
+    """Pipeline depth whose shared-memory tiles (x + gate + up per stage) fit the budget (H100: 227 KB).
+
+    Without it, 64-token tiles or float32 weights at the default depth ask for more shared memory
+    than the chip has and fail to launch (seen on the H100).
+    """
+    per_stage = (block_t * cfg.block_h + 2 * cfg.block_h * cfg.block_i) * itemsize
+    return max(1, min(cfg.stages, budget // per_stage))
+
+
+def moe_ffn_decode(
+    x: torch.Tensor,  # [T, H], contiguous
+    topk_indices: torch.Tensor,  # [T, K]
+    topk_weights: torch.Tensor,  # [T, K]
+    gate_up_proj: torch.Tensor,  # [E, 2I, H]
+    down_proj: torch.Tensor,  # [E, H, I]
+    shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,  # gate [SI, H], up [SI, H], down [H, SI]
+    config: DecodeConfig | None = None,
+) -> torch.Tensor:
+    """Reads only the rows of experts hit in each token tile; two launches, no host sync.
+
+    Tokens go in tiles of at most cfg.max_block_t, so that many tokens are the dense-equivalent
+    computation restricted to the hit experts (what nearly-all-hit batches fall back to).
+    """
+    T, H = x.shape
+    cfg = config or decode_config(T)
+    E, two_i, _ = gate_up_proj.shape
+    I = two_i // 2  # noqa: E741
+    K = topk_indices.shape[1]
+    SI = shared[0].shape[0] if shared is not None else 0
+    use_dot = cfg.use_dot if cfg.use_dot is not None else T > 4
+    block_t = min(triton.next_power_of_2(T), cfg.max_block_t)
+    block_t = max(16, block_t) if use_dot else block_t
+    n_tiles = triton.cdiv(T, block_t)
+    block_r = triton.next_power_of_2(K)
+    sg, su, sd = shared if shared is not None else (gate_up_proj, gate_up_proj, down_proj)
+    idx = topk_indices.contiguous()
+    wts = topk_weights.contiguous()
+    h = torch.empty(T, E * I + SI, device=x.device, dtype=gate_up_proj.dtype)  # [T, E*I + SI]
+    out = torch.empty(T, H, device=x.device, dtype=x.dtype)
+    prec = _prec(gate_up_proj.dtype)
+    stages = _fit_stages(cfg, block_t, gate_up_proj.element_size())
+    _decode_up_kernel[(E * triton.cdiv(I, cfg.block_i) + triton.cdiv(SI, cfg.block_i), n_tiles)](
+        x, idx, gate_up_proj, sg, su, h,
+        T, H, I, SI, E, K,
+        x.stride(0), gate_up_proj.stride(0), gate_up_proj.stride(1), sg.stride(0), su.stride(0), h.stride(0),
+        HAS_SHARED=shared is not None, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_I=cfg.block_i,
+        BLOCK_H=cfg.block_h, USE_DOT=use_dot, PREC=prec, num_warps=cfg.warps_up, num_stages=stages,
+    )  # fmt: skip
+    _decode_down_kernel[(triton.cdiv(H, cfg.block_n), n_tiles)](
+        h, idx, wts, down_proj, sd, out,
+        T, H, I, SI, E, K,
+        h.stride(0), down_proj.stride(0), down_proj.stride(1), sd.stride(0), out.stride(0),
+        HAS_SHARED=shared is not None, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k, USE_DOT=use_dot, PREC=prec, num_warps=cfg.warps_down, num_stages=min(stages, 4),
+    )  # fmt: skip
+    return out
+
+
+def align_pairs(
+    topk_indices: torch.Tensor, num_experts: int, block_m: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort the P = T*K (token, expert) pairs by expert, each expert padded to a multiple of block_m.
+
+    Returns sorted_pairs [B*block_m] (pair id, or P for padding) and block_expert [B] (expert of
+    each block, -1 past the last), with B = cdiv(P, block_m) + E an upper bound that needs no
+    host sync. Indices outside [0, E) (expert-parallel sentinels) are dropped.
+    """
+    device = topk_indices.device
+    flat = topk_indices.reshape(-1).long()
+    P, E = flat.numel(), num_experts
+    n_blocks = triton.cdiv(P, block_m) + E
+    key = torch.where((flat >= 0) & (flat < E), flat, E)  # sentinel bucket E sorts last
+    counts = torch.zeros(E + 1, dtype=torch.long, device=device).scatter_add_(0, key, torch.ones_like(key))
+    sorted_key, order = torch.sort(key, stable=True)
+    blocks = (counts[:E] + block_m - 1) // block_m
+    block_end = torch.cumsum(blocks, 0)
+    block_start = torch.cat(
+        [block_end - blocks, block_end.new_full((1,), n_blocks)]
+    )  # bucket E -> past the end
+    rank = torch.arange(P, device=device) - (torch.cumsum(counts, 0) - counts)[sorted_key]
+    pos = block_start[sorted_key] * block_m + rank
+    sorted_pairs = torch.full((n_blocks * block_m + P,), P, dtype=torch.int32, device=device)
+    sorted_pairs.scatter_(0, pos, order.to(torch.int32))
+    block_expert = torch.searchsorted(block_end, torch.arange(n_blocks, device=device), right=True)
+    block_expert = torch.where(block_expert < E, block_expert, -1).to(torch.int32)
+    return sorted_pairs[: n_blocks * block_m], block_expert
+
+
+def moe_ffn_grouped(
+    x: torch.Tensor,
+    topk_indices: torch.Tensor,
+    topk_weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    config: GroupedConfig | None = None,
+) -> torch.Tensor:
+    """Batched/prefill path: grouped GEMMs over expert-sorted, block-padded pairs; shared via cuBLAS."""
+    cfg = config or GroupedConfig()
+    T, H = x.shape
+    E, two_i, _ = gate_up_proj.shape
+    I = two_i // 2  # noqa: E741
+    K = topk_indices.shape[1]
+    P = T * K
+    sorted_pairs, block_expert = align_pairs(topk_indices, E, cfg.block_m)
+    n_blocks = block_expert.numel()
+    prec = _prec(gate_up_proj.dtype)
+    h = torch.empty(n_blocks * cfg.block_m, I, device=x.device, dtype=gate_up_proj.dtype)
+    _grouped_up_kernel[(n_blocks, triton.cdiv(I, cfg.block_n))](
+        x, sorted_pairs, block_expert, gate_up_proj, h,
+        P, K, H, I, x.stride(0), gate_up_proj.stride(0), gate_up_proj.stride(1), h.stride(0),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PREC=prec,
+        num_warps=cfg.warps, num_stages=cfg.stages,
+    )  # fmt: skip
+    pair_out = torch.zeros(P, H, device=x.device, dtype=torch.float32)  # pairs with a sentinel expert stay 0
+    _grouped_down_kernel[(n_blocks, triton.cdiv(H, cfg.block_n))](
+        h, sorted_pairs, block_expert, topk_weights.contiguous().view(-1), down_proj, pair_out,
+        P, H, I, h.stride(0), down_proj.stride(0), down_proj.stride(1), pair_out.stride(0),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PREC=prec,
+        num_warps=cfg.warps, num_stages=cfg.stages,
+    )  # fmt: skip
+    out = pair_out.view(T, K, H).sum(1)
+    if shared is not None:
+        sg, su, sd = shared
+        out += F.linear(F.silu(F.linear(x, sg)) * F.linear(x, su), sd).float()
+    return out.to(x.dtype)

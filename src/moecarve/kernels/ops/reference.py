@@ -1,0 +1,50 @@
+"""Pure-PyTorch reference of the MoE FFN that the Triton kernels in `moe_ffn.py` compute.
+
+Same contract as `transformers`' Glm4MoeMoE without its router: routed experts weighted by
+the router's gates, summed over the token's K choices, plus the shared expert(s).
+Computed in float32, returned in the input dtype. Also the fallback where Triton cannot run.
+
+Letters: T tokens, H hidden, E routed experts, K active (routed) per token,
+I intermediate size of one expert, SI intermediate size of the shared expert(s).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def routing_matrix(topk_indices: torch.Tensor, topk_weights: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Dense [T, E] float32 gate matrix; indices outside [0, E) (expert-parallel sentinels) are dropped."""
+    valid = (topk_indices >= 0) & (topk_indices < num_experts)
+    idx = torch.where(valid, topk_indices, 0).long()
+    w = torch.where(valid, topk_weights.float(), 0.0)
+    dense = torch.zeros(topk_indices.shape[0], num_experts, dtype=torch.float32, device=topk_indices.device)
+    return dense.scatter_add_(1, idx, w)
+
+
+def moe_ffn_reference(
+    hidden_states: torch.Tensor,  # [T, H]
+    topk_indices: torch.Tensor,  # [T, K] int
+    topk_weights: torch.Tensor,  # [T, K] float
+    gate_up_proj: torch.Tensor,  # [E, 2I, H]: gate rows then up rows
+    down_proj: torch.Tensor,  # [E, H, I]
+    shared_gate_proj: torch.Tensor | None = None,  # [SI, H]
+    shared_up_proj: torch.Tensor | None = None,  # [SI, H]
+    shared_down_proj: torch.Tensor | None = None,  # [H, SI]
+) -> torch.Tensor:
+    """Routed experts (gated SiLU MLPs) weighted by the gates, plus the shared expert; float32 math."""
+    x = hidden_states.float()
+    num_experts, two_i, _ = gate_up_proj.shape
+    inter = two_i // 2
+    gates = routing_matrix(topk_indices, topk_weights, num_experts)  # [T, E]
+    out = torch.zeros_like(x)
+    for e in torch.nonzero(gates.abs().sum(0) > 0).flatten().tolist():
+        tok = torch.nonzero(gates[:, e] != 0).flatten()
+        gu = x[tok] @ gate_up_proj[e].float().T  # [t, 2I]
+        h = F.silu(gu[:, :inter]) * gu[:, inter:]
+        out.index_add_(0, tok, (h @ down_proj[e].float().T) * gates[tok, e, None])
+    if shared_gate_proj is not None:
+        h = F.silu(x @ shared_gate_proj.float().T) * (x @ shared_up_proj.float().T)
+        out += h @ shared_down_proj.float().T
+    return out.to(hidden_states.dtype)

@@ -1,0 +1,88 @@
+"""The CLI end to end, the source kinds (directory, hub id, GGUF) and the bundled real model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from transformers import AutoModelForCausalLM
+
+from moecarve.carve.source import SourceError, resolve_source
+from moecarve.cli import carve_command, cli
+
+
+@pytest.mark.parametrize("command", [["carve"], []])
+def test_cli_carves_and_reports(command, tiny_models, calib_file, tmp_path):
+    group = cli if command else carve_command
+    args = [
+        *command,
+        str(tiny_models["qwen2"]),
+        "-e",
+        "4",
+        "-a",
+        "2",
+        "-s",
+        "1",
+        "--calib",
+        str(calib_file),
+        "--calib-tokens",
+        "256",
+        "--calib-length",
+        "64",
+        "--out",
+        str(tmp_path / "o"),
+        "--set",
+        "cluster_iters=3",
+    ]
+    result = CliRunner().invoke(group, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert (
+        "S1A2E4: 1 shared + 2 of 3 routed experts active, 75.0% of the FFN neurons per token" in result.output
+    )
+    assert "neurons per expert: 24" in result.output
+    record = json.loads((tmp_path / "o" / "carve.json").read_text())
+    assert record["config"]["cluster_iters"] == 3 and record["calibration"]["tokens"] == 256
+
+
+def test_unknown_set_key_is_refused(tiny_models, tmp_path):
+    result = CliRunner().invoke(carve_command, [str(tiny_models["llama"]), "--set", "colour=blue"])
+    assert result.exit_code != 0 and "colour" in str(result.exception)
+
+
+def test_hub_id_without_hub_gives_clear_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SourceError, match="cannot fetch 'someone/no-such-model'"):
+        resolve_source("someone/no-such-model")
+
+
+def test_jsonl_and_directory_calibration(tiny_models, tmp_path):
+    from moecarve.carve.calib import read_text
+
+    (tmp_path / "a.jsonl").write_text('{"text": "one"}\n\n{"text": "two"}\n')
+    assert read_text(tmp_path / "a.jsonl")[0] == "one\n\ntwo"
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "2.txt").write_text("second")
+    (tmp_path / "d" / "1.txt").write_text("first")
+    assert read_text(tmp_path / "d")[0] == "first\n\nsecond"
+
+
+@pytest.mark.slow
+def test_bundled_gguf_all_experts_active_is_exact(tmp_path):
+    """The real model, read from its GGUF file: every routed expert active reproduces it."""
+    from moecarve import CarveConfig, carve
+    from moecarve.resources import bundled_gguf
+
+    out = carve(
+        bundled_gguf(),
+        CarveConfig(experts=8, active=7, calib_tokens=512, calib_length=256),
+        None,
+        tmp_path / "o",
+    ).out
+    src = resolve_source(bundled_gguf())
+    dense = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    moe = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    ids = torch.randint(0, 49152, (1, 64))
+    with torch.no_grad():
+        torch.testing.assert_close(moe(ids).logits, dense(ids).logits, atol=1e-4, rtol=1e-4)

@@ -1,0 +1,34 @@
+"""Kernel tests run the Triton kernels on CPU through the interpreter, or on CUDA with `-m gpu`.
+
+TRITON_INTERPRET must be set before triton is imported (kernels are bound to the interpreter when
+defined), so it is set here, at collection, whenever no CUDA device is present.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from moecarve.kernels._env import triton_available, triton_interpreting  # noqa: E402
+
+
+@pytest.fixture
+def interp_device() -> str:
+    """The CPU device with the Triton interpreter on; skips where that is not the case."""
+    if not triton_available():
+        pytest.skip("triton is not installed (pip install 'moecarve[kernels]')")
+    if not triton_interpreting():
+        pytest.skip("TRITON_INTERPRET is off because CUDA is present; the same cases run with -m gpu")
+    return "cpu"
+
+
+@pytest.fixture
+def cuda_device() -> str:
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    if not triton_available():
+        pytest.skip("triton is not installed")
+    return "cuda"

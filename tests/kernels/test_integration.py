@@ -1,0 +1,130 @@
+"""enable()/experts_implementation on a tiny random Glm4Moe model, fallbacks and bad inputs."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import moecarve.kernels as K
+from moecarve.kernels import functional
+
+
+def tiny_glm4_moe(dtype=torch.float32, device="cpu"):
+    from transformers import Glm4MoeConfig, Glm4MoeForCausalLM
+
+    cfg = Glm4MoeConfig(
+        vocab_size=96, hidden_size=48, intermediate_size=64, moe_intermediate_size=24, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=12, n_routed_experts=5, n_shared_experts=1,
+        num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=0, num_mtp_layers=0,
+        partial_rotary_factor=1.0, norm_topk_prob=True, routed_scaling_factor=2.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = Glm4MoeForCausalLM(cfg).to(dtype=dtype, device=device).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.1)
+    model.set_experts_implementation("eager")
+    return model
+
+
+@torch.no_grad()
+def logits(model, ids):
+    return model(input_ids=ids).logits.float()
+
+
+def assert_same_logits(model, device, tol):
+    ids = torch.randint(0, 96, (2, 7), device=device)
+    eager = logits(model, ids)
+    assert K.enable(model) == 2  # both decoder layers are MoE (first_k_dense_replace=0)
+    fused = logits(model, ids)
+    assert K.disable(model) == 2
+    assert torch.equal(logits(model, ids), eager)  # disable restores the eager forward
+    assert ((fused - eager).norm() / eager.norm()).item() < tol
+    K.register_experts_implementation()
+    model.set_experts_implementation("moecarve")  # routed experts only, through the interface
+    via_interface = logits(model, ids)
+    assert ((via_interface - eager).norm() / eager.norm()).item() < tol
+
+
+def test_tiny_model_same_logits_interpreted(interp_device):
+    assert_same_logits(tiny_glm4_moe(), interp_device, 1e-4)
+
+
+def test_from_pretrained_experts_implementation(interp_device, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_glm4_moe()
+    model.save_pretrained(tmp_path)
+    K.register_experts_implementation()
+    loaded = AutoModelForCausalLM.from_pretrained(
+        tmp_path, experts_implementation="moecarve", dtype=torch.float32
+    )
+    assert loaded.config._experts_implementation == "moecarve"
+    ids = torch.randint(0, 96, (1, 5))
+    ref = logits(model, ids)
+    assert ((logits(loaded, ids) - ref).norm() / ref.norm()).item() < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-3), (torch.bfloat16, 3e-2)], ids=["fp32", "bf16"])
+def test_tiny_model_same_logits_cuda(cuda_device, dtype, tol):
+    assert_same_logits(tiny_glm4_moe(dtype, cuda_device), cuda_device, tol)
+
+
+def test_enable_without_moe_block_raises():
+    with pytest.raises(ValueError, match="no MoE block"):
+        K.enable(torch.nn.Sequential(torch.nn.Linear(4, 4)))
+
+
+def _inputs():
+    x = torch.randn(3, 16)
+    idx = torch.tensor([[0, 1], [1, 2], [2, 0]])
+    return x, idx, torch.rand(3, 2), torch.randn(3, 16, 16), torch.randn(3, 16, 8)
+
+
+def test_fallback_warns_once_and_matches_reference(monkeypatch):
+    monkeypatch.setattr(functional, "triton_interpreting", lambda: False)
+    x, idx, wts, w13, w2 = _inputs()
+    from moecarve.kernels import _env
+
+    _env._WARNED.clear()
+    with pytest.warns(RuntimeWarning, match="falling back to the PyTorch reference"):
+        out = K.moe_ffn(x, idx, wts, w13, w2)
+    torch.testing.assert_close(out, K.moe_ffn_reference(x, idx, wts, w13, w2))
+    with pytest.raises(RuntimeError, match="cannot run"):
+        K.moe_ffn(x, idx, wts, w13, w2, path="decode")
+
+
+def test_unsupported_dtype_falls_back():
+    x, idx, wts, w13, w2 = _inputs()
+    reason = K.triton_unsupported_reason(x.double(), [w13.double(), w2.double()])
+    assert reason is not None
+
+
+@pytest.mark.parametrize(
+    "mutate,match",
+    [
+        (lambda a: {**a, "hidden_states": a["hidden_states"][:, :8]}, "shape mismatch"),
+        (lambda a: {**a, "down_proj": a["down_proj"][:, :, :4]}, "shape mismatch"),
+        (lambda a: {**a, "topk_weights": a["topk_weights"][:, :1]}, r"\[T, K\]"),
+        (lambda a: {**a, "topk_indices": a["topk_indices"].float()}, "integer"),
+        (lambda a: {**a, "shared_gate_proj": torch.randn(8, 16)}, "all three"),
+    ],
+    ids=["hidden", "inter", "topk_shape", "idx_dtype", "partial_shared"],
+)
+def test_bad_inputs_raise(mutate, match):
+    x, idx, wts, w13, w2 = _inputs()
+    a = {"hidden_states": x, "topk_indices": idx, "topk_weights": wts, "gate_up_proj": w13, "down_proj": w2}
+    with pytest.raises(ValueError, match=match):
+        K.moe_ffn(**mutate(a))
+
+
+def test_import_is_cheap_and_needs_no_triton():
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import moecarve.kernels as K, torch, warnings\n"
+        "assert K.triton_unsupported_reason(torch.zeros(1, 2), [torch.zeros(1, 2)]) == 'triton is not installed'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

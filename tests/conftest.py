@@ -59,7 +59,12 @@ def make_tokenizer(directory: Path) -> PreTrainedTokenizerFast:
 
 
 def make_model(
-    directory: Path, family: str, intermediate: int = 96, layers: int = 2, tied: bool = False
+    directory: Path,
+    family: str,
+    intermediate: int = 96,
+    layers: int = 2,
+    tied: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = make_tokenizer(directory)
@@ -81,7 +86,7 @@ def make_model(
     with torch.no_grad():  # no parameter left at its init constant (norms at 1, biases at 0)
         for param in model.parameters():
             param.add_(torch.randn_like(param) * 0.05)
-    model.save_pretrained(directory)
+    model.to(dtype).save_pretrained(directory)
     return directory
 
 

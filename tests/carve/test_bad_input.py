@@ -59,18 +59,25 @@ def test_unsupported_architecture_is_refused(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_ungated_or_sliding_window_models_are_refused(tmp_path):
+@pytest.mark.parametrize(
+    ("model_type", "kwargs", "message"),
+    [
+        ("gpt2", {}, "unsupported architecture 'gpt2'"),  # an ungated GELU MLP
+        ("mistral", {"hidden_act": "gelu"}, "only SiLU-gated"),
+        ("mistral", {"sliding_window": 64, "max_position_embeddings": 256}, "sliding-window"),
+        ("qwen3", {"attention_bias": True}, "o_proj has a bias"),
+        ("llama", {"mlp_bias": True}, "MLP has biases"),
+    ],
+)
+def test_models_the_target_cannot_express_are_refused(model_type, kwargs, message, tmp_path):
     from transformers import AutoConfig
 
-    for name, kwargs, message in [
-        ("gelu", {"hidden_act": "gelu"}, "only SiLU-gated"),
-        ("window", {"sliding_window": 64, "max_position_embeddings": 256}, "sliding-window"),
-    ]:
-        src = tmp_path / name
-        src.mkdir()
-        AutoConfig.for_model("mistral", hidden_size=32, intermediate_size=64, **kwargs).save_pretrained(src)
-        with pytest.raises(UnsupportedModel, match=message):
-            carve(src, CarveConfig(), None, tmp_path / "o")
+    src = tmp_path / "src"
+    src.mkdir()
+    AutoConfig.for_model(model_type, **kwargs).save_pretrained(src)
+    with pytest.raises(UnsupportedModel, match=message):
+        carve(src, CarveConfig(), None, tmp_path / "o")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "missing_shard"])
@@ -123,10 +130,20 @@ def test_output_not_empty_or_inside_source(tiny_models, calib_file, tmp_path):
     with pytest.raises(OutputError, match="not empty"):
         carve(tiny_models["llama"], CarveConfig(**TINY), calib_file, out)
     assert (out / "keep.txt").read_text() == "mine"
+    with pytest.raises(OutputError, match="has no carve.json"):  # --overwrite never deletes foreign data
+        carve(tiny_models["llama"], CarveConfig(**TINY), calib_file, out, overwrite=True)
+    assert (out / "keep.txt").read_text() == "mine"
     with pytest.raises(OutputError, match="inside the source"):
         carve(tiny_models["llama"], CarveConfig(**TINY), calib_file, tiny_models["llama"] / "moe")
+    with pytest.raises(OutputError, match="contains the source"):
+        carve(
+            tiny_models["llama"], CarveConfig(**TINY), calib_file, tiny_models["llama"].parent, overwrite=True
+        )
+    (out / "keep.txt").unlink()
+    carve(tiny_models["llama"], CarveConfig(**TINY), calib_file, out, progress=False)
+    (out / "stale.txt").write_text("from the earlier carve")
     carve(tiny_models["llama"], CarveConfig(**TINY), calib_file, out, overwrite=True, progress=False)
-    assert not (out / "keep.txt").exists() and (out / "carve.json").exists()
+    assert not (out / "stale.txt").exists() and (out / "carve.json").exists()
 
 
 def test_failure_mid_carve_leaves_nothing_and_source_untouched(
@@ -146,6 +163,19 @@ def test_failure_mid_carve_leaves_nothing_and_source_untouched(
     assert {p.name: p.read_bytes() for p in tiny_models["llama"].iterdir()} == before
 
 
+def test_missing_tensor_is_found_before_work(tmp_path, calib_file):
+    from safetensors.torch import load_file, save_file
+
+    from tests.conftest import make_model
+
+    src = make_model(tmp_path / "src", "qwen2")
+    state = load_file(src / "model.safetensors")
+    del state["model.layers.1.self_attn.k_proj.bias"]
+    save_file(state, str(src / "model.safetensors"))
+    with pytest.raises(SourceError, match="model.layers.1.self_attn.k_proj.bias"):
+        carve(src, CarveConfig(**TINY), calib_file, tmp_path / "o")
+
+
 def test_cli_prints_one_line_and_exits_nonzero(tiny_models, tmp_path):
     cmd = [sys.executable, "-m", "moecarve.cli", str(tiny_models["llama"]), "--experts", "8", "--active", "8"]
     result = subprocess.run(cmd, capture_output=True, text=True)
@@ -157,3 +187,6 @@ def test_cli_prints_one_line_and_exits_nonzero(tiny_models, tmp_path):
         [*cmd[:3], str(tmp_path / "missing"), "-e", "8", "-a", "2"], capture_output=True, text=True
     )
     assert result.returncode == 2 and result.stderr.startswith("error: model not found")
+    result = subprocess.run([*cmd[:4], "--set", "colour=blue"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["error: colour: Extra inputs are not permitted"]

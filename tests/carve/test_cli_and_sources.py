@@ -46,13 +46,10 @@ def test_cli_carves_and_reports(command, tiny_models, calib_file, tmp_path):
     assert record["config"]["cluster_iters"] == 3 and record["calibration"]["tokens"] == 256
 
 
-def test_unknown_set_key_is_refused(tiny_models, tmp_path):
-    result = CliRunner().invoke(carve_command, [str(tiny_models["llama"]), "--set", "colour=blue"])
-    assert result.exit_code != 0 and "colour" in str(result.exception)
-
-
 def test_hub_id_without_hub_gives_clear_error(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(SourceError, match="cannot fetch 'someone/no-such-model'"):
         resolve_source("someone/no-such-model")
 

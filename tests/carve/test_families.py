@@ -25,9 +25,10 @@ def logits(model, ids):
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_all_experts_active_reproduces_dense(family, tiny_models, calib_file, tmp_path):
+    dense_layers = 1 if family == "llama" else 0  # first_k_dense_replace is exact too
     out = carve(
         tiny_models[family],
-        CarveConfig(experts=8, active=7, shared=1, **TINY),
+        CarveConfig(experts=8, active=7, shared=1, dense_layers=dense_layers, **TINY),
         calib_file,
         tmp_path / "out",
         progress=False,
@@ -56,19 +57,37 @@ def test_sparse_carve_loads_and_generates(family, tiny_models, calib_file, tmp_p
     assert (out / "model.safetensors.index.json").exists() and (out / "tokenizer.json").exists()
 
 
-def test_checkpoint_matches_carve_internal_model(tiny_models, calib_file, tmp_path):
-    """The gates of a training-free carve are ~1: the checkpoint is shared + the unweighted sum."""
-    out = carve(
-        tiny_models["llama"],
-        CarveConfig(experts=8, active=3, **TINY),
-        calib_file,
-        tmp_path / "o",
-        progress=False,
-    ).out
-    moe = load(out)
-    x = torch.randn(50, moe.config.hidden_size)
-    _, weights, _ = moe.model.layers[0].mlp.gate(x)
-    torch.testing.assert_close(weights, torch.ones_like(weights), atol=1e-3, rtol=0)
+@pytest.mark.parametrize(
+    ("dtype", "refit"), [(torch.float32, None), (torch.float32, 0.1), (torch.bfloat16, None)]
+)
+def test_checkpoint_computes_what_the_carve_computed(dtype, refit, tmp_path, calib_file, monkeypatch):
+    """Each written MoE layer, reloaded by transformers, gives the carve's own output on its inputs."""
+    from moecarve.carve import pipeline
+    from tests.conftest import make_model
+
+    src = make_model(tmp_path / "src", "llama", dtype=dtype)
+    seen = []
+
+    def recording(x, *args, **kwargs):
+        carved, out = carve_ffn(x, *args, **kwargs)
+        seen.append((x, out))
+        return carved, out
+
+    carve_ffn = pipeline.carve_ffn
+    monkeypatch.setattr(pipeline, "carve_ffn", recording)
+    config = CarveConfig(experts=8, active=3, refit_ridge=refit, **TINY)
+    out = carve(src, config, calib_file, tmp_path / "o", progress=False).out
+    moe = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert json.loads((out / "config.json").read_text())["dtype"] == str(dtype).removeprefix("torch.")
+    for layer, (x, expected) in zip(moe.model.layers, seen, strict=True):
+        _, gates, _ = layer.mlp.gate(x)
+        torch.testing.assert_close(gates, torch.ones_like(gates), atol=6e-3, rtol=0)  # training-free: ~1
+        with torch.no_grad():
+            got = layer.mlp(x)
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+        else:  # bf16 weights: the carve computed with the fp32 ones, routing is the same
+            assert (got - expected).norm() / expected.norm() < 2e-2
 
 
 def test_tied_source_writes_explicit_lm_head_and_pads_uneven_split(tmp_path, calib_file):

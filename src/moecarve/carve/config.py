@@ -33,9 +33,6 @@ class CarveConfig(BaseModel):
     cluster_iters: int = Field(
         8, ge=1, description="balanced k-means iterations (stops early on convergence)"
     )
-    router: Literal["fit", "representative"] = Field(
-        "fit", description="linear router fitted to the best experts per token, or CMoE's representative rows"
-    )
     balance: float = Field(
         0.0, ge=0, le=1, description="strength of the load-balancing bias (0: none, 1: fully balanced)"
     )
@@ -47,7 +44,7 @@ class CarveConfig(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="dtype of the written checkpoint (auto: the source's)"
     )
-    max_shard_size: int = Field(2 * 1024**3, ge=1024, description="bytes per output safetensors shard")
+    max_shard_size: int = Field(512 * 1024**2, ge=1024, description="bytes per output safetensors shard")
 
     @model_validator(mode="after")
     def _check_counts(self) -> CarveConfig:

@@ -19,7 +19,8 @@ class UnsupportedModel(ValueError):
 @dataclass(frozen=True)
 class Family:
     model_type: str
-    attention_bias: Callable[[PretrainedConfig], bool] = lambda c: False
+    attention_bias: Callable[[PretrainedConfig], bool] = lambda c: False  # q/k/v biases (copied)
+    o_proj_bias: Callable[[PretrainedConfig], bool] = lambda c: False  # glm4_moe has none: refused
     qk_norm: bool = False
     extra_checks: tuple[Callable[[PretrainedConfig], str | None], ...] = field(default_factory=tuple)
 
@@ -41,12 +42,14 @@ def register(family: Family) -> Family:
     return family
 
 
-def _no_mlp_or_o_bias(config: PretrainedConfig) -> str | None:
+def _no_mlp_bias(config: PretrainedConfig) -> str | None:
     if getattr(config, "mlp_bias", False):
         return "its MLP has biases (mlp_bias=true); glm4_moe experts have none"
-    if config.model_type == "llama" and getattr(config, "attention_bias", False):
-        return "its o_proj has a bias (attention_bias=true); glm4_moe's o_proj has none"
     return None
+
+
+def _attention_bias(config: PretrainedConfig) -> bool:
+    return bool(getattr(config, "attention_bias", False))
 
 
 def _no_sliding_window(config: PretrainedConfig) -> str | None:
@@ -60,14 +63,16 @@ def _no_sliding_window(config: PretrainedConfig) -> str | None:
     return None
 
 
-register(Family("llama", extra_checks=(_no_mlp_or_o_bias,)))
-register(Family("mistral", extra_checks=(_no_mlp_or_o_bias, _no_sliding_window)))
+# Llama and Qwen3 put `attention_bias` on all four projections, Qwen2 on q/k/v only.
+register(Family("llama", o_proj_bias=_attention_bias, extra_checks=(_no_mlp_bias,)))
+register(Family("mistral", extra_checks=(_no_mlp_bias, _no_sliding_window)))
 register(Family("qwen2", attention_bias=lambda c: True, extra_checks=(_no_sliding_window,)))
 register(
     Family(
         "qwen3",
         qk_norm=True,
-        attention_bias=lambda c: bool(c.attention_bias),
+        attention_bias=_attention_bias,
+        o_proj_bias=_attention_bias,
         extra_checks=(_no_sliding_window,),
     )
 )
@@ -84,6 +89,11 @@ def family_for(config: PretrainedConfig) -> Family:
     act = getattr(config, "hidden_act", None)
     if act != "silu":
         raise UnsupportedModel(f"cannot carve {model_type} with activation {act!r}: only SiLU-gated MLPs")
+    if family.o_proj_bias(config):
+        raise UnsupportedModel(
+            f"cannot carve this {model_type} model exactly: its o_proj has a bias (attention_bias=true); "
+            "glm4_moe's o_proj has none"
+        )
     for check in family.extra_checks:
         reason = check(config)
         if reason:

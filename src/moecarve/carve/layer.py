@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from moecarve.carve import router as routing
 from moecarve.carve.config import CarveConfig
 from moecarve.carve.partition import activations, partition_neurons
-from moecarve.carve.target import LOGIT_SCALE
+from moecarve.carve.target import LOGIT_SCALE, moe_tensors
 
 HELD_OUT = 8  # the last 1/HELD_OUT of the tokens measures the routers before the final fit
 
@@ -29,6 +29,15 @@ class CarvedFFN:
     router_bias: torch.Tensor  # [R] fp32 e_score_correction_bias as written
     active: int
     stats: dict
+
+    def tensors(self, prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The layer's glm4_moe tensors in `dtype`; the balancing bias stays fp32 as the target keeps it."""
+        tensors = moe_tensors(
+            prefix, self.w_gate, self.w_up, self.w_down, self.shared, self.experts, self.router_weight
+        )
+        tensors = {name: t.to(dtype) for name, t in tensors.items()}
+        tensors[f"{prefix}gate.e_score_correction_bias"] = self.router_bias.float()
+        return tensors
 
     def routing(self, x: torch.Tensor) -> torch.Tensor:
         """glm4_moe's router: [T, R] gate of each routed expert for each token (0 where not selected)."""
@@ -57,10 +66,13 @@ def carve_ffn(
     w_down: torch.Tensor,
     config: CarveConfig,
     m: int,
+    dtype: torch.dtype = torch.float32,
 ) -> tuple[CarvedFFN, torch.Tensor]:
     """Carve the FFN (weights padded to N * m neurons) using its inputs x [T, H] on calibration text.
 
-    Returns the carved FFN and its output on x, which the next layer is calibrated on.
+    Returns the carved FFN and its output on x, which the next layer is calibrated on. The router
+    weight is rounded to the checkpoint's `dtype` first, so the routing computed here is the one
+    the written model makes.
     """
     h = activations(x, w_gate, w_up)
     part = partition_neurons(h, w_down.norm(dim=0), config, m)
@@ -84,7 +96,7 @@ def carve_ffn(
         balance = routing.balancing_bias(scores + fitted.bias, A, config.balance)
         scale = LOGIT_SCALE / scores.abs().max().clamp_min(1e-12)
         # sigmoid(s z) = 0.5 + s z / 4 + O((s z)^3): a score offset b becomes s b / 4 after the sigmoid.
-        weight, bias = fitted.weight * scale, (fitted.bias + balance) * scale / 4
+        weight, bias = (fitted.weight * scale).to(dtype).float(), (fitted.bias + balance) * scale / 4
     carved = CarvedFFN(w_gate, w_up, w_down, part.shared, part.experts, weight, bias.float(), A, stats)
     dense = h @ w_down.T
     if A < R:

@@ -22,8 +22,8 @@ from moecarve.carve.calib import calibration
 from moecarve.carve.config import CarveConfig
 from moecarve.carve.families import family_for
 from moecarve.carve.layer import carve_ffn, pad_neurons
-from moecarve.carve.source import TensorSource, resolve_source
-from moecarve.carve.target import glm4_moe_config, moe_tensors
+from moecarve.carve.source import SourceError, TensorSource, resolve_source
+from moecarve.carve.target import glm4_moe_config
 from moecarve.carve.writer import ShardWriter, atomic_directory, check_output
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -58,7 +58,11 @@ def neurons_per_expert(intermediate: int, experts: int) -> int:
 
 def plan(model, config: CarveConfig, out: Path | None, overwrite: bool):
     """Everything checkable without reading weights or text: raises before any expensive work."""
+    out = Path(out) if out is not None else Path(f"{Path(str(model)).stem}-{config.name}")
+    local = Path(str(model)).expanduser()
+    check_output(out, local if local.exists() else None, overwrite)  # before any download or conversion
     src = resolve_source(model)
+    check_output(out, src, overwrite)
     source_config = AutoConfig.from_pretrained(src)
     family = family_for(source_config)
     intermediate = source_config.intermediate_size
@@ -66,13 +70,29 @@ def plan(model, config: CarveConfig, out: Path | None, overwrite: bool):
         raise ValueError(
             f"--experts {config.experts} would hold < 1 neuron each (the FFN has {intermediate})"
         )
-    if config.dense_layers > source_config.num_hidden_layers:
+    layers = source_config.num_hidden_layers
+    if config.dense_layers > layers:
+        raise ValueError(f"--dense-layers {config.dense_layers} exceeds the model's {layers} layers")
+    if config.calib_length > source_config.max_position_embeddings:
         raise ValueError(
-            f"--dense-layers {config.dense_layers} exceeds the model's {source_config.num_hidden_layers} layers"
+            f"--calib-length {config.calib_length} exceeds the model's "
+            f"{source_config.max_position_embeddings} positions"
         )
-    out = Path(out) if out is not None else Path(f"{Path(str(model)).stem}-{config.name}")
-    check_output(out, src, overwrite)
     return src, source_config, family, out
+
+
+def expected_tensors(source_config, family, tensors: TensorSource) -> None:
+    """Every tensor the carve will read is in the checkpoint: a missing one fails now, not at layer 20."""
+    names = ["model.embed_tokens.weight", "model.norm.weight"]
+    if not source_config.tie_word_embeddings:
+        names.append("lm_head.weight")
+    per_layer = family.attention_tensors(source_config) + [
+        f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")
+    ]
+    names += [f"model.layers.{i}.{n}" for i in range(source_config.num_hidden_layers) for n in per_layer]
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise SourceError(f"checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. {missing[0]}")
 
 
 def carve(
@@ -90,10 +110,11 @@ def carve(
     started = time.perf_counter()
     src, source_config, family, out = plan(model, config, out, overwrite)
     tensors = TensorSource(src)
+    expected_tensors(source_config, family, tensors)
     tokenizer = AutoTokenizer.from_pretrained(src)
     calib_data = calibration(tokenizer, calib, config.calib_tokens, config.calib_length)
     source_dtype = source_config.dtype if isinstance(source_config.dtype, torch.dtype) else None
-    dtype = DTYPES.get(config.dtype) or source_dtype or tensors.get("model.embed_tokens.weight").dtype
+    dtype = DTYPES.get(config.dtype) or source_dtype or tensors.dtype("model.embed_tokens.weight")
     intermediate = source_config.intermediate_size
     m = neurons_per_expert(intermediate, config.experts)
     target_config = glm4_moe_config(source_config, family, config, m, dtype)
@@ -118,12 +139,7 @@ def carve(
             prefix = f"model.layers.{index}."
             layer = skeleton.model.layers[index]
             tensors.load_into(layer, prefix, torch.float32)
-            capture = _CaptureInput()
-            w_gate, w_up, w_down = (
-                layer.mlp.gate_proj.weight,
-                layer.mlp.up_proj.weight,
-                layer.mlp.down_proj.weight,
-            )
+            mlp, capture = layer.mlp, _CaptureInput()
             layer.mlp = capture
             with torch.no_grad():
                 residual = torch.cat(
@@ -133,42 +149,32 @@ def carve(
                     ]
                 )
             x = torch.cat(capture.inputs).flatten(0, 1)  # [T, H] FFN inputs
-            out_tensors = {
-                prefix + name: tensors.get(prefix + name).to(dtype)
-                for name in family.attention_tensors(source_config)
-            }
+            state = layer.state_dict()
+            out_tensors = {prefix + n: state[n].to(dtype) for n in family.attention_tensors(source_config)}
+            weights = (
+                mlp.gate_proj.weight.detach(),
+                mlp.up_proj.weight.detach(),
+                mlp.down_proj.weight.detach(),
+            )
             if index < config.dense_layers:
-                ffn = x @ w_gate.T
-                ffn = (torch.nn.functional.silu(ffn) * (x @ w_up.T)) @ w_down.T
-                for name, w in (("gate_proj", w_gate), ("up_proj", w_up), ("down_proj", w_down)):
-                    out_tensors[f"{prefix}mlp.{name}.weight"] = w.detach().to(dtype)
+                ffn = mlp(x)
+                for name, w in zip(("gate_proj", "up_proj", "down_proj"), weights, strict=True):
+                    out_tensors[f"{prefix}mlp.{name}.weight"] = w.to(dtype)
                 layers.append({"layer": index, "dense": True})
             else:
-                padded = pad_neurons(w_gate.detach(), w_up.detach(), w_down.detach(), m * config.experts)
-                carved, ffn = carve_ffn(x, *padded, config, m)
-                out_tensors.update(
-                    {
-                        name: (t if name.endswith("e_score_correction_bias") else t.to(dtype))
-                        for name, t in moe_tensors(
-                            f"{prefix}mlp.",
-                            *padded,
-                            carved.shared,
-                            carved.experts,
-                            carved.router_weight,
-                            carved.router_bias,
-                        ).items()
-                    }
-                )
+                padded = pad_neurons(*weights, m * config.experts)
+                carved, ffn = carve_ffn(x, *padded, config, m, dtype)
+                out_tensors.update(carved.tensors(f"{prefix}mlp.", dtype))
                 layers.append({"layer": index, **carved.stats})
                 bar.set_postfix(err=f"{carved.stats['relative_error']:.3f}")
             hidden = residual + ffn.view_as(residual)
             writer.add(out_tensors)
             skeleton.model.layers[index] = torch.nn.Identity()  # drop the layer's weights
-        lm_head = "lm_head.weight" if "lm_head.weight" in tensors else "model.embed_tokens.weight"
+        lm_head = "model.embed_tokens.weight" if source_config.tie_word_embeddings else "lm_head.weight"
         writer.add(
             {
                 "model.norm.weight": tensors.get("model.norm.weight").to(dtype),
-                "lm_head.weight": tensors.get(lm_head).to(dtype),
+                "lm_head.weight": tensors.get(lm_head).to(dtype),  # explicit: vLLM's glm4_moe does not tie
             }
         )
         writer.close()

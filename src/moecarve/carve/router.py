@@ -24,19 +24,24 @@ class Router:
 
 
 def usefulness(
-    h: torch.Tensor, w_down: torch.Tensor, experts: torch.Tensor, chunk: int = 1024
+    h: torch.Tensor, w_down: torch.Tensor, experts: torch.Tensor, chunk: int = 2048
 ) -> torch.Tensor:
     """[T, R] error reduction of adding each expert alone: 2 o_j.r - ||o_j||^2.
 
-    o_j is expert j's output for the token and r = sum_j o_j the routed part of the dense output.
-    Computed in token chunks so the [t, R, H] outputs never exceed a chunk.
+    o_j = W_j h_j is expert j's output for the token and r = sum_j o_j the routed part of the dense
+    output. Computed as o_j.r = h_j.(W_j^T r) and ||o_j||^2 = h_j^T (W_j^T W_j) h_j, so no [T, R, H]
+    tensor is formed.
     """
     w = w_down[:, experts]  # [H, R, m]
+    gram = torch.einsum("hrm,hrn->rmn", w, w)  # [R, m, m]
     parts = []
     for start in range(0, h.shape[0], chunk):
-        outputs = torch.einsum("trm,hrm->trh", h[start : start + chunk, experts], w)  # [t, R, H]
-        routed = outputs.sum(1, keepdim=True)
-        parts.append(2 * (outputs * routed).sum(-1) - outputs.pow(2).sum(-1))
+        he = h[start : start + chunk, experts]  # [t, R, m]
+        routed = he.flatten(1) @ w.flatten(1).T  # [t, H]
+        projected = (routed @ w.flatten(1)).view_as(he)  # [t, R, m]: W_j^T r
+        dot = (he * projected).sum(-1)
+        norm = torch.einsum("trm,rmn,trn->tr", he, gram, he)
+        parts.append(2 * dot - norm)
     return torch.cat(parts)
 
 

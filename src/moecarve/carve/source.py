@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -44,22 +42,40 @@ def resolve_source(model: str | Path) -> Path:
 
 
 def download_hub_model(repo_id: str) -> Path:
-    """Fetch the config, tokenizer and safetensors of a hub model (needs the hub to be reachable)."""
-    from huggingface_hub import snapshot_download
+    """Fetch a hub model's config, checks it can be carved, then its tokenizer and safetensors."""
+    from huggingface_hub import hf_hub_download, snapshot_download
+    from transformers import AutoConfig
 
+    from moecarve.carve.families import family_for
+
+    try:
+        config_dir = Path(hf_hub_download(repo_id, "config.json")).parent
+    except Exception as err:  # the hub raises many types; one clear line for all of them
+        raise SourceError(
+            f"cannot fetch {repo_id!r} from the Hugging Face hub (and it is no local path): {err}"
+        ) from err
+    family_for(AutoConfig.from_pretrained(config_dir))  # refuse before downloading the weights
     try:
         return Path(
             snapshot_download(
                 repo_id,
                 allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"],
+                ignore_patterns=["consolidated*"],  # Mistral's duplicate single-file weights
             )
         )
-    except Exception as err:  # the hub raises many types; one clear line for all of them
+    except Exception as err:
         raise SourceError(f"cannot fetch {repo_id!r} from the Hugging Face hub: {err}") from err
 
 
 def cached_gguf_dir(path: Path) -> Path:
-    """Dequantize a GGUF file once into a cached fp32 Hugging Face directory."""
+    """Dequantize a GGUF file once into a cached fp32 Hugging Face directory.
+
+    transformers' GGUF loader dequantizes the whole model in memory: GGUF sources are not streamed.
+    """
+    from transformers import AutoConfig
+
+    from moecarve.carve.families import family_for
+    from moecarve.carve.writer import atomic_directory
     from moecarve.resources import cache_dir
 
     stat = path.stat()
@@ -67,13 +83,13 @@ def cached_gguf_dir(path: Path) -> Path:
     out = cache_dir() / "gguf" / f"{path.stem}-{key}"
     if (out / "config.json").exists():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
     try:
+        config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as err:
+        raise SourceError(f"cannot read GGUF file {path}: {err}") from err
+    family_for(config)  # refuse before dequantizing
+    with atomic_directory(out) as tmp:
         gguf_to_hf_dir(path, tmp)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -152,6 +168,12 @@ class TensorSource:
             raise SourceError(f"tensor {name} not found in {self.directory}")
         with safe_open(str(self.directory / self.file_of[name]), framework="pt") as handle:
             return handle.get_tensor(name)
+
+    def dtype(self, name: str) -> torch.dtype:
+        """A tensor's dtype, read from the shard header without loading the tensor."""
+        with safe_open(str(self.directory / self.file_of[name]), framework="pt") as handle:
+            code = handle.get_slice(name).get_dtype()
+        return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(code, torch.float32)
 
     def load_into(self, module: torch.nn.Module, prefix: str, dtype: torch.dtype) -> None:
         """Materialise a (meta) module's parameters from the checkpoint, in `dtype`."""

@@ -13,9 +13,10 @@ from moecarve.carve.config import CarveConfig
 from moecarve.carve.families import Family
 
 # Router logits are scaled so |logit| <= this on the calibration tokens: sigmoid stays within
-# 0.5 +- 2.5e-4, so with norm_topk_prob and routed_scaling_factor = A each gate is 1 +- 5e-4,
-# CMoE's training-free unweighted sum, while top-k still ranks by the fitted scores.
-LOGIT_SCALE = 1e-3
+# 0.5 +- 2.5e-3, so with norm_topk_prob and routed_scaling_factor = A each gate is 1 +- 5e-3,
+# CMoE's training-free unweighted sum, while top-k still ranks by the fitted scores (1e-3 left
+# too few fp32 levels of the sigmoid near 0.5: ties at the top-k boundary).
+LOGIT_SCALE = 1e-2
 
 
 def glm4_moe_config(
@@ -65,9 +66,8 @@ def moe_tensors(
     shared: torch.Tensor,
     experts: torch.Tensor,
     router_weight: torch.Tensor,
-    router_bias: torch.Tensor,
 ) -> dict[str, torch.Tensor]:
-    """The glm4_moe MoE tensors of one layer; weights padded to N * m neurons, router already scaled."""
+    """The glm4_moe MoE weights of one layer (FFN padded to N * m neurons, router already scaled)."""
     out = {}
     if shared.numel():
         out[f"{prefix}shared_experts.gate_proj.weight"] = w_gate[shared]
@@ -78,5 +78,4 @@ def moe_tensors(
         out[f"{prefix}experts.{j}.up_proj.weight"] = w_up[members]
         out[f"{prefix}experts.{j}.down_proj.weight"] = w_down[:, members]
     out[f"{prefix}gate.weight"] = router_weight
-    out[f"{prefix}gate.e_score_correction_bias"] = router_bias.float()
     return out

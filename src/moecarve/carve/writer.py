@@ -19,16 +19,24 @@ class OutputError(ValueError):
 
 
 def check_output(out: Path, source: Path | None, overwrite: bool) -> None:
-    """Refuse a non-empty output (unless overwrite) or one inside the source, before any work."""
+    """Refuse, before any work: an output inside the source or holding it, a non-empty output
+    without `overwrite`, and overwriting anything but an earlier moecarve output."""
     out = out.expanduser().resolve()
     if source is not None:
         src = source.expanduser().resolve()
         if out == src or src in out.parents:
-            raise OutputError(f"output {out} is inside the source model directory {src}")
+            raise OutputError(f"output {out} is inside the source model {src}")
+        if out in src.parents:
+            raise OutputError(f"output {out} contains the source model {src}")
     if out.exists() and not out.is_dir():
         raise OutputError(f"output {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise OutputError(f"output directory {out} is not empty (pass --overwrite to replace it)")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise OutputError(f"output directory {out} is not empty (pass --overwrite to replace it)")
+        if not (out / "carve.json").exists():
+            raise OutputError(
+                f"--overwrite replaces only an earlier moecarve output; {out} has no carve.json"
+            )
 
 
 @contextmanager
@@ -65,7 +73,9 @@ class ShardWriter:
             size = tensor.numel() * tensor.element_size()
             if self.pending and self.pending_bytes + size > self.max_bytes:
                 self._flush()
-            self.pending[name] = tensor.detach().contiguous().clone()
+            tensor = tensor.detach().contiguous()
+            # A view would keep its whole base tensor (say, a full weight matrix) alive until the flush.
+            self.pending[name] = tensor.clone() if tensor._base is not None else tensor
             self.pending_bytes += size
             self.total_bytes += size
 

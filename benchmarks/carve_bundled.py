@@ -4,7 +4,7 @@ Each carve runs in a fresh process so its peak RSS is its own. Writes one JSON f
 dense and carved protocol PPL, carve seconds, peak RSS, machine and versions.
 
     python benchmarks/carve_bundled.py                         # the five reference configurations
-    python benchmarks/carve_bundled.py --configs S1A2E8 --set features='"binary"' --windows 4
+    python benchmarks/carve_bundled.py --configs S1A2E8 --set features=binary --windows 4
     python benchmarks/carve_bundled.py --table results/carve/bundled.json   # the docs' table
 """
 
@@ -39,6 +39,14 @@ def parse(name: str) -> dict:
     return {"shared": s, "active": a, "experts": e}
 
 
+def _override(item: str) -> tuple[str, object]:
+    key, _, value = item.partition("=")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value  # a bare word: a string
+
+
 def calibration_file(directory: Path, tokens: int) -> Path:
     """The protocol stream's first `tokens` tokens as text, as the reference was given them."""
     from transformers import AutoTokenizer
@@ -66,6 +74,7 @@ def _carve_child(name, overrides, calib, out, queue):
         {
             "carve_seconds": round(seconds, 1),
             "peak_rss_gib": round(peak, 2),
+            "carve_config": result.record["config"],
             "layers": result.record["layers"],
         }
     )
@@ -108,7 +117,7 @@ def main() -> None:
     if args.table:
         print(table(args.table))
         return
-    overrides = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.set)}
+    overrides = dict(_override(item) for item in args.set)
     torch.set_num_threads(2)
 
     import transformers

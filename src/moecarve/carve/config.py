@@ -30,6 +30,9 @@ class CarveConfig(BaseModel):
     features: Literal["binary", "magnitude"] = Field(
         "magnitude", description="neuron features for clustering: CMoE's top-K markers or output magnitudes"
     )
+    cluster_tokens: int = Field(
+        4096, ge=1, description="calibration tokens (evenly spaced) in the clustering features"
+    )
     cluster_iters: int = Field(
         8, ge=1, description="balanced k-means iterations (stops early on convergence)"
     )

@@ -50,7 +50,10 @@ def partition_neurons(h: torch.Tensor, down_norms: torch.Tensor, config: CarveCo
     order = torch.argsort(score, descending=True, stable=True)
     n_shared = config.shared * m
     shared, routed = order[:n_shared], order[n_shared:]  # routed: in decreasing score
-    feats = (markers if config.features == "binary" else contribution)[:, routed].T  # [n, T]
+    # Features over an evenly spaced subset of the tokens: as good a partition, measured, and
+    # the k-means products shrink with it (docs/carve.md).
+    stride = max(1, h.shape[0] // config.cluster_tokens)
+    feats = (markers if config.features == "binary" else contribution)[::stride, routed].T  # [n, T']
     if config.features == "magnitude":
         feats = F.normalize(feats, dim=1)
     feats = feats.contiguous()

@@ -44,6 +44,11 @@ class CarveConfig(BaseModel):
         ge=0,
         description="ridge of a least-squares refit of the down projections to the routing (None: keep them)",
     )
+    refit_target: Literal["layer", "stream"] = Field(
+        "layer",
+        description="what the refit aims at: the dense FFN output on the carved inputs (layer), or "
+        "what takes the carved residual stream back to the dense model's (stream)",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="dtype of the written checkpoint (auto: the source's)"
     )

@@ -67,12 +67,14 @@ def carve_ffn(
     config: CarveConfig,
     m: int,
     dtype: torch.dtype = torch.float32,
+    target: torch.Tensor | None = None,
 ) -> tuple[CarvedFFN, torch.Tensor]:
     """Carve the FFN (weights padded to N * m neurons) using its inputs x [T, H] on calibration text.
 
     Returns the carved FFN and its output on x, which the next layer is calibrated on. The router
     weight is rounded to the checkpoint's `dtype` first, so the routing computed here is the one
-    the written model makes.
+    the written model makes. `target` [T, H], what the refit aims the output at, defaults to the
+    dense FFN's output.
     """
     h = activations(x, w_gate, w_up)
     part = partition_neurons(h, w_down.norm(dim=0), config, m)
@@ -83,7 +85,8 @@ def carve_ffn(
     else:
         useful = routing.usefulness(h, w_down, part.experts)  # [T, R]
         split = x.shape[0] - x.shape[0] // HELD_OUT
-        fitted = routing.fit_linear(x[:split], useful[:split])
+        train, held = routing.moments(x[:split], useful[:split]), routing.moments(x[split:], useful[split:])
+        fitted = routing.fit_linear(train)
         held_x, held_useful = x[split:], useful[split:]
         cmoe = routing.representative_scores(held_x, w_gate, w_up, part.representatives)
         stats["router_agreement"] = {
@@ -91,7 +94,7 @@ def carve_ffn(
             "cmoe_representative": routing.agreement(cmoe, held_useful, A),
             "chance": A / R,
         }
-        fitted = routing.fit_linear(x, useful)
+        fitted = routing.fit_linear(routing.add_moments(train, held))
         scores = x @ fitted.weight.T  # [T, R]
         balance = routing.balancing_bias(scores + fitted.bias, A, config.balance)
         scale = LOGIT_SCALE / scores.abs().max().clamp_min(1e-12)
@@ -104,8 +107,8 @@ def carve_ffn(
         load = (gates > 0).sum(0).float()
         stats["load_imbalance"] = (load.max() / load.mean()).item()
         if config.refit_ridge is not None:
-            stats["relative_error_before_refit"] = _relative_error(carved.forward(x, h), dense)
-            carved.w_down = refit_down(h, gates, carved, dense, config.refit_ridge)
+            target = dense if target is None else target
+            carved.w_down = refit_down(h, gates, carved, target, config.refit_ridge)
     out = carved.forward(x, h)
     stats["relative_error"] = _relative_error(out, dense)
     return carved, out
@@ -116,9 +119,9 @@ def _relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
 
 
 def refit_down(
-    h: torch.Tensor, gates: torch.Tensor, carved: CarvedFFN, dense: torch.Tensor, ridge: float
+    h: torch.Tensor, gates: torch.Tensor, carved: CarvedFFN, target: torch.Tensor, ridge: float
 ) -> torch.Tensor:
-    """Least-squares down projections [H, I] that best give the dense output from the neurons each token keeps.
+    """Least-squares down projections [H, I] that best give `target` [T, H] from the neurons each token keeps.
 
     The carved output is linear in W_down once the routing is fixed, so the dropped neurons' share
     is partly recovered from the kept ones they correlate with (ridge-regularised normal equations).
@@ -126,10 +129,9 @@ def refit_down(
     kept = torch.zeros_like(h)
     kept[:, carved.shared] = h[:, carved.shared]
     kept[:, carved.experts] = h[:, carved.experts] * gates[:, :, None]  # [T, R, m]
-    k64 = kept.double()
-    gram = k64.T @ k64  # [I, I]
+    gram = (kept.T @ kept).double()  # [I, I]
     gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
-    return torch.linalg.solve(gram, k64.T @ dense.double()).T.to(carved.w_down.dtype)
+    return torch.linalg.solve(gram, (kept.T @ target).double()).T.to(carved.w_down.dtype)
 
 
 def pad_neurons(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, total: int):

@@ -129,6 +129,11 @@ def carve(
     positions = torch.arange(hidden.shape[1])[None]
     position_embeddings = rotary(hidden[:1], positions)
 
+    def run(layer, chunk):
+        return layer(chunk, position_embeddings=position_embeddings, position_ids=positions)
+
+    stream = config.refit_ridge is not None and config.refit_target == "stream"
+    dense_hidden = hidden if stream else None
     layers = []
     with atomic_directory(out) as tmp:
         writer = ShardWriter(tmp, config.max_shard_size)
@@ -140,14 +145,14 @@ def carve(
             layer = skeleton.model.layers[index]
             tensors.load_into(layer, prefix, torch.float32)
             mlp, capture = layer.mlp, _CaptureInput()
+            if stream:  # the dense model's own residual stream after this layer
+                with torch.no_grad():
+                    dense_hidden = torch.cat(
+                        [run(layer, chunk) for chunk in dense_hidden.split(SEQUENCES_PER_PASS)]
+                    )
             layer.mlp = capture
             with torch.no_grad():
-                residual = torch.cat(
-                    [
-                        layer(chunk, position_embeddings=position_embeddings, position_ids=positions)
-                        for chunk in hidden.split(SEQUENCES_PER_PASS)
-                    ]
-                )
+                residual = torch.cat([run(layer, chunk) for chunk in hidden.split(SEQUENCES_PER_PASS)])
             x = torch.cat(capture.inputs).flatten(0, 1)  # [T, H] FFN inputs
             state = layer.state_dict()
             out_tensors = {prefix + n: state[n].to(dtype) for n in family.attention_tensors(source_config)}
@@ -163,7 +168,8 @@ def carve(
                 layers.append({"layer": index, "dense": True})
             else:
                 padded = pad_neurons(*weights, m * config.experts)
-                carved, ffn = carve_ffn(x, *padded, config, m, dtype)
+                target = (dense_hidden - residual).flatten(0, 1) if stream else None
+                carved, ffn = carve_ffn(x, *padded, config, m, dtype, target)
                 out_tensors.update(carved.tensors(f"{prefix}mlp.", dtype))
                 layers.append({"layer": index, **carved.stats})
                 bar.set_postfix(err=f"{carved.stats['relative_error']:.3f}")

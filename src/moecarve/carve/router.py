@@ -45,15 +45,28 @@ def usefulness(
     return torch.cat(parts)
 
 
-def fit_linear(x: torch.Tensor, target: torch.Tensor, ridge: float = 1e-3) -> Router:
-    """Ridge regression of per-token-centred targets [T, R] on x [T, H] with an intercept."""
+def moments(x: torch.Tensor, target: torch.Tensor) -> dict:
+    """Sufficient statistics of a ridge fit of per-token-centred targets [T, R] on x [T, H].
+
+    Moments of disjoint token sets add up, so a held-out check and the final fit share the work.
+    """
     target = target - target.mean(1, keepdim=True)  # only the ranking within a token matters
     x64, t64 = x.double(), target.double()
-    mean_x, mean_t = x64.mean(0), t64.mean(0)
-    xc, tc = x64 - mean_x, t64 - mean_t
-    gram = xc.T @ xc
-    gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
-    weight = torch.linalg.solve(gram, xc.T @ tc).T  # [R, H]
+    return {"n": x.shape[0], "sx": x64.sum(0), "st": t64.sum(0), "xx": x64.T @ x64, "xt": x64.T @ t64}
+
+
+def add_moments(a: dict, b: dict) -> dict:
+    return {key: a[key] + b[key] for key in a}
+
+
+def fit_linear(stats: dict, ridge: float = 1e-3) -> Router:
+    """Ridge regression with an intercept from `moments`: weight [R, H] and bias [R]."""
+    n = stats["n"]
+    mean_x, mean_t = stats["sx"] / n, stats["st"] / n
+    gram = stats["xx"] - n * torch.outer(mean_x, mean_x)
+    cross = stats["xt"] - n * torch.outer(mean_x, mean_t)
+    gram = gram + ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
+    weight = torch.linalg.solve(gram, cross).T  # [R, H]
     bias = mean_t - weight @ mean_x
     return Router(weight=weight.float(), bias=bias.float())
 

@@ -80,27 +80,32 @@ def _carve_child(name, overrides, calib, out, queue):
     )
 
 
-def table(path: Path) -> str:
-    """The markdown table docs/carve.md quotes, from a results file."""
-    report = json.loads(path.read_text())
+def table(paths: list[Path]) -> str:
+    """The markdown table docs/carve.md quotes, from one or more results files."""
     lines = [
-        "| config | FFN active | PPL | reference PPL | router agreement (fitted / CMoE / chance) "
-        "| carve s | reference s | peak RSS GiB |",
-        "|---|---|---|---|---|---|---|---|",
+        "| config | overrides | FFN active | PPL | reference PPL | router agreement (fitted / CMoE / chance) "
+        "| carve s | reference s | peak RSS GiB | file |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for row in report["rows"]:
-        agree = [layer["router_agreement"] for layer in row.get("layers", []) if "router_agreement" in layer]
-        mean = {k: sum(a[k] for a in agree) / len(agree) for k in agree[0]} if agree else None
-        agreement = (
-            f"{mean['fitted_linear']:.3f} / {mean['cmoe_representative']:.3f} / {mean['chance']:.3f}"
-            if mean
-            else "-"
-        )
-        lines.append(
-            f"| {row['config']} | {row['active_fraction']:.1%} | {row['ppl']:.3f} | {row.get('reference_ppl') or '-'} | "
-            f"{agreement} | {row.get('carve_seconds', '-')} | {row.get('reference_carve_seconds') or '-'} | "
-            f"{row.get('peak_rss_gib', '-')} |"
-        )
+    for path in paths:
+        report = json.loads(path.read_text())
+        overrides = ", ".join(f"{k}={v}" for k, v in report["overrides"].items()) or "defaults"
+        for row in report["rows"]:
+            agree = [
+                layer["router_agreement"] for layer in row.get("layers", []) if "router_agreement" in layer
+            ]
+            mean = {k: sum(a[k] for a in agree) / len(agree) for k in agree[0]} if agree else None
+            agreement = (
+                f"{mean['fitted_linear']:.3f} / {mean['cmoe_representative']:.3f} / {mean['chance']:.3f}"
+                if mean
+                else "-"
+            )
+            lines.append(
+                f"| {row['config']} | {overrides if row['config'] != 'dense' else '-'} | {row['active_fraction']:.1%} "
+                f"| {row['ppl']:.3f} | {row.get('reference_ppl') or '-'} | {agreement} "
+                f"| {row.get('carve_seconds', '-')} | {row.get('reference_carve_seconds') or '-'} "
+                f"| {row.get('peak_rss_gib', '-')} | `{path}` |"
+            )
     return "\n".join(lines)
 
 
@@ -108,7 +113,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--table", type=Path, help="print the markdown table of a results file and exit")
+    parser.add_argument(
+        "--table", type=Path, nargs="+", help="print the markdown table of results files and exit"
+    )
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON", help="CarveConfig override")

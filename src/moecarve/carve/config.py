@@ -40,7 +40,7 @@ class CarveConfig(BaseModel):
         0.0, ge=0, le=1, description="strength of the load-balancing bias (0: none, 1: fully balanced)"
     )
     refit_ridge: float | None = Field(
-        None,
+        1e-3,
         ge=0,
         description="ridge of a least-squares refit of the down projections to the routing (None: keep them)",
     )

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing as mp
 import platform
 import re
@@ -31,6 +32,8 @@ REFERENCE_PPL = {
     "S3A3E8": 41.175,
     "S2A2E16": 1427.743,
 }
+# BASELINES.md: shared + neuron oracle at the same active fraction, on the same tokens.
+ORACLE_PPL = {"S1A1E8": 31.4, "S1A2E8": 21.3, "S2A2E8": 19.7, "S3A3E8": 18.3, "S2A2E16": 31.4}
 REFERENCE_SECONDS = {"S1A1E8": 82.2, "S1A2E8": 97.4, "S2A2E8": 83.1, "S3A3E8": 60.7, "S2A2E16": 115.4}
 
 
@@ -84,8 +87,8 @@ def table(paths: list[Path]) -> str:
     """The markdown table docs/carve.md quotes, from one or more results files."""
     lines = [
         "| config | overrides | FFN active | PPL | reference PPL | router agreement (fitted / CMoE / chance) "
-        "| carve s | reference s | peak RSS GiB | file |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| log-PPL gap to the oracle closed | carve s | reference s | peak RSS GiB | file |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for path in paths:
         report = json.loads(path.read_text())
@@ -100,9 +103,15 @@ def table(paths: list[Path]) -> str:
                 if mean
                 else "-"
             )
+            reference, oracle = row.get("reference_ppl"), ORACLE_PPL.get(row["config"])
+            closed = (
+                f"{math.log(reference / row['ppl']) / math.log(reference / oracle):.0%}"
+                if reference and oracle
+                else "-"
+            )
             lines.append(
                 f"| {row['config']} | {overrides if row['config'] != 'dense' else '-'} | {row['active_fraction']:.1%} "
-                f"| {row['ppl']:.3f} | {row.get('reference_ppl') or '-'} | {agreement} "
+                f"| {row['ppl']:.3f} | {row.get('reference_ppl') or '-'} | {agreement} | {closed} "
                 f"| {row.get('carve_seconds', '-')} | {row.get('reference_carve_seconds') or '-'} "
                 f"| {row.get('peak_rss_gib', '-')} | `{path}` |"
             )

@@ -121,3 +121,25 @@ def test_same_inputs_give_bit_identical_tensors(tiny_models, calib_file, tmp_pat
         ta, tb = load_file(a / name), load_file(b / name)
         assert ta.keys() == tb.keys()
         assert all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_refit_needs_enough_tokens_per_neuron(tiny_models, calib_file, tmp_path):
+    """Too few calibration tokens for the refit's unknowns: it is skipped and the record says why."""
+    few = carve(
+        tiny_models["llama"],
+        CarveConfig(experts=8, active=2, calib_tokens=256, calib_length=64),
+        calib_file,
+        tmp_path / "few",
+        progress=False,
+    )
+    assert all(
+        "256 calibration tokens < 4 x 96 neurons" in layer["refit_skipped"] for layer in few.record["layers"]
+    )
+    enough = carve(
+        tiny_models["llama"],
+        CarveConfig(experts=8, active=2, **TINY),
+        calib_file,
+        tmp_path / "ok",
+        progress=False,
+    )
+    assert not any("refit_skipped" in layer for layer in enough.record["layers"])

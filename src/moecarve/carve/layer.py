@@ -16,6 +16,9 @@ from moecarve.carve.partition import activations, partition_neurons
 from moecarve.carve.target import LOGIT_SCALE, moe_tensors
 
 HELD_OUT = 8  # the last 1/HELD_OUT of the tokens measures the routers before the final fit
+# The down-projection refit has I unknowns per output: with too few tokens it interpolates them
+# (a random 1.2B model, 1,024 tokens for 5,632 neurons, fitted its calibration text exactly).
+REFIT_MIN_TOKENS_PER_NEURON = 4
 
 
 @dataclass
@@ -106,7 +109,12 @@ def carve_ffn(
         gates = carved.routing(x)
         load = (gates > 0).sum(0).float()
         stats["load_imbalance"] = (load.max() / load.mean()).item()
-        if config.refit_ridge is not None:
+        if config.refit_ridge is not None and x.shape[0] < REFIT_MIN_TOKENS_PER_NEURON * h.shape[1]:
+            stats["refit_skipped"] = (
+                f"{x.shape[0]} calibration tokens < {REFIT_MIN_TOKENS_PER_NEURON} x {h.shape[1]} neurons: "
+                "a least-squares refit would fit the calibration text, not the model"
+            )
+        elif config.refit_ridge is not None:
             target = dense if target is None else target
             carved.w_down = refit_down(h, gates, carved, target, config.refit_ridge)
     out = carved.forward(x, h)

@@ -50,13 +50,10 @@ class CarvedFFN:
         gates = gates / (gates.sum(1, keepdim=True) + 1e-20) * self.active
         return torch.zeros_like(scores).scatter_(1, top, gates)
 
-    def forward(self, x: torch.Tensor, h: torch.Tensor | None = None) -> torch.Tensor:
-        """glm4_moe's MoE forward for x [T, H]: shared + gated sum of the top-A routed experts.
-
-        h, the dense activations of x, may be passed in when already computed.
-        """
+    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """glm4_moe's MoE forward for x [T, H] given its dense activations h [T, I]:
+        shared + gated sum of the top-A routed experts."""
         weight = self.routing(x)  # [T, R]
-        h = activations(x, self.w_gate, self.w_up) if h is None else h  # [T, I]
         out = h[:, self.shared] @ self.w_down[:, self.shared].T
         routed = h[:, self.experts] * weight[:, :, None]  # [T, R, m]
         return out + routed.flatten(1) @ self.w_down[:, self.experts.flatten()].T

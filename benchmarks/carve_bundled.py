@@ -42,14 +42,6 @@ def parse(name: str) -> dict:
     return {"shared": s, "active": a, "experts": e}
 
 
-def _override(item: str) -> tuple[str, object]:
-    key, _, value = item.partition("=")
-    try:
-        return key, json.loads(value)
-    except ValueError:
-        return key, value  # a bare word: a string
-
-
 def calibration_file(directory: Path, tokens: int) -> Path:
     """The protocol stream's first `tokens` tokens as text, as the reference was given them."""
     from transformers import AutoTokenizer
@@ -133,7 +125,9 @@ def main() -> None:
     if args.table:
         print(table(args.table))
         return
-    overrides = dict(_override(item) for item in args.set)
+    from moecarve.cli import parse_setting
+
+    overrides = dict(parse_setting(item) for item in args.set)
     torch.set_num_threads(2)
 
     import transformers

@@ -80,16 +80,20 @@ def carve_command(model, calib, out, overwrite, eval_ppl, extra, **options):
     click.echo(f"wrote {result.out}")
 
 
+def parse_setting(item: str) -> tuple[str, object]:
+    """`KEY=VALUE` of `--set` as (field name, value): JSON where it parses, else the bare string."""
+    key, sep, value = item.partition("=")
+    if not sep:
+        raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--set")
+    try:
+        parsed = json.loads(value)  # numbers, null, true/false, quoted strings
+    except ValueError:
+        parsed = value  # a bare word: a string
+    return key.replace("-", "_"), parsed
+
+
 def _build_config(options: dict, extra: tuple[str, ...]) -> CarveConfig:
-    for item in extra:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--set")
-        try:
-            parsed = json.loads(value)  # numbers, null, true/false, quoted strings
-        except ValueError:
-            parsed = value  # a bare word: a string
-        options[key.replace("-", "_")] = parsed
+    options.update(parse_setting(item) for item in extra)
     return CarveConfig(**options)
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 @dataclass
 class Router:
     weight: torch.Tensor  # [R, H] linear scores (before the logit scale)
-    bias: torch.Tensor  # [R] additive score bias (intercept + balancing), same units as weight @ x
+    bias: torch.Tensor  # [R] the fit's intercept, same units as weight @ x
 
 
 def usefulness(

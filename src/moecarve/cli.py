@@ -5,6 +5,7 @@ Commands parse, call the library and print; the library raises, and errors are s
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 
@@ -97,13 +98,40 @@ def _build_config(options: dict, extra: tuple[str, ...]) -> CarveConfig:
     return CarveConfig(**options)
 
 
-@click.group(context_settings=CONTEXT)
+# The other stages live beside their library code and are imported only when used, so that
+# `carve --help` does not pay for peft or lm-eval.
+STAGES = {
+    "tune": "moecarve.tune.cli:group",
+    "eval": "moecarve.eval.cli:group",
+    "batch": "moecarve.batch.cli:batch_command",
+    "esft": "moecarve.esft.cli:group",
+}
+
+
+class StageGroup(click.Group):
+    """The `moecarve` group: `carve` plus the lazily imported stage commands."""
+
+    def list_commands(self, ctx):
+        return ["carve", *STAGES]
+
+    def get_command(self, ctx, name):
+        if name in STAGES:
+            module, attribute = STAGES[name].split(":")
+            return getattr(importlib.import_module(module), attribute)
+        return super().get_command(ctx, name)
+
+
+@click.group(cls=StageGroup, context_settings=CONTEXT)
 def cli():
     """moecarve: dense LLMs into native Mixture-of-Experts checkpoints.
 
     \b
-    Stages:
+    Stages, in the order a user runs them:
       carve   dense checkpoint -> glm4_moe MoE checkpoint (the CMoE method)
+      tune    recovery fine-tune of a carved model (LoRA + router)
+      esft    expert-specialised fine-tuning on a task
+      eval    perplexity, zero-shot tasks, speed, expert load, reports
+      batch   many models x configurations x stages from one resumable recipe
     """
 
 

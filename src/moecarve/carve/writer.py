@@ -18,9 +18,9 @@ class OutputError(ValueError):
     """The output location cannot be used."""
 
 
-def check_output(out: Path, source: Path | None, overwrite: bool) -> None:
+def check_output(out: Path, source: Path | None, overwrite: bool, marker: str = "carve.json") -> None:
     """Refuse, before any work: an output inside the source or holding it, a non-empty output
-    without `overwrite`, and overwriting anything but an earlier moecarve output."""
+    without `overwrite`, and overwriting anything but an earlier moecarve output (it holds `marker`)."""
     out = out.expanduser().resolve()
     if source is not None:
         src = source.expanduser().resolve()
@@ -33,10 +33,8 @@ def check_output(out: Path, source: Path | None, overwrite: bool) -> None:
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise OutputError(f"output directory {out} is not empty (pass --overwrite to replace it)")
-        if not (out / "carve.json").exists():
-            raise OutputError(
-                f"--overwrite replaces only an earlier moecarve output; {out} has no carve.json"
-            )
+        if not (out / marker).exists():
+            raise OutputError(f"--overwrite replaces only an earlier moecarve output; {out} has no {marker}")
 
 
 @contextmanager

@@ -1,22 +1,33 @@
 """Perplexity on the project's protocol (docs/eval.md, EVAL_PROTOCOL): the last 16 x 2048 tokens
-of the BoolQ passage stream, non-overlapping windows, PPL = exp(mean next-token NLL), fp32."""
+of the BoolQ passage stream, non-overlapping windows, PPL = exp(mean next-token NLL), fp32.
+
+Several models in one call read the text once and tokenize it once per distinct tokenizer (a
+carve keeps its source's tokenizer), so dense and carved models are scored on the same tokens.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import math
+import time
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from moecarve.carve.calib import read_text, tokenize_stream
+from moecarve.eval import common
 
 
 def evaluation_windows(tokenizer, windows: int = 16, length: int = 2048, source=None) -> torch.Tensor:
     """The last `windows` x `length` tokens of the text stream as [windows, length]."""
     text, description = read_text(source)
-    stream = tokenize_stream(tokenizer, text)
+    return _tail_windows(tokenize_stream(tokenizer, text), windows, length, description)
+
+
+def _tail_windows(stream: torch.Tensor, windows: int, length: int, description: str) -> torch.Tensor:
+    if windows < 1 or length < 2:
+        raise ValueError(f"need at least 1 window of 2 tokens, got {windows} x {length}")
     if stream.numel() < windows * length:
         raise ValueError(f"text has {stream.numel()} tokens, {windows} x {length} needed ({description})")
     return stream[-windows * length :].view(windows, length)
@@ -26,7 +37,9 @@ def evaluation_windows(tokenizer, windows: int = 16, length: int = 2048, source=
 def perplexity(model, windows: torch.Tensor, progress: bool = True) -> dict:
     """exp(mean NLL) over every next-token prediction inside each window."""
     total, count = 0.0, 0
+    device = next(model.parameters()).device
     for ids in tqdm(windows, desc="ppl", disable=not progress, leave=False):
+        ids = ids.to(device)
         logits = model(ids[None]).logits[0, :-1].float()
         nll = torch.nn.functional.cross_entropy(logits, ids[1:], reduction="sum")
         total += nll.item()
@@ -34,9 +47,82 @@ def perplexity(model, windows: torch.Tensor, progress: bool = True) -> dict:
     return {"ppl": math.exp(total / count), "tokens_scored": count}
 
 
-def protocol_ppl(model_dir: str | Path, windows: int = 16, length: int = 2048) -> dict:
+def protocol_ppl(model_dir: str | Path, windows: int = 16, length: int = 2048, data=None) -> dict:
     """Protocol PPL of a saved model directory, loaded in fp32 with stock transformers."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    result = perplexity(model, evaluation_windows(tokenizer, windows, length))
+    result = perplexity(model, evaluation_windows(tokenizer, windows, length, data))
     return {**result, "windows": windows, "length": length}
+
+
+def _fingerprint(tokenizer) -> str:
+    """Identical for tokenizers that split text identically (the carve copies its source's files)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    content = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(content.encode()).hexdigest()
+
+
+def evaluate_ppl(
+    models: list[str | Path],
+    data: str | Path | None = None,
+    windows: int = 16,
+    length: int = 2048,
+    dtype: str = "float32",
+    device: str | None = None,
+    out: str | Path | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Perplexity of each model on the same windows; checks every input before loading a model.
+
+    Returns (and writes to `out` as JSON) the protocol, the seed, versions, machine and one
+    result per model: its name, active fraction, PPL and the number of tokens scored.
+    """
+    from transformers import AutoTokenizer
+
+    if not models:
+        raise ValueError("no model given")
+    paths = [common.resolve_model(m) for m in models]
+    out = common.check_output(out, paths)
+    torch_dtype = common.parse_dtype(dtype)
+    device = device or common.default_device()
+    text, description = read_text(data)
+
+    shared: dict[str, torch.Tensor] = {}  # tokenizer fingerprint -> windows
+    per_model = []
+    for path in paths:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        key = _fingerprint(tokenizer)
+        if key not in shared:
+            stream = tokenize_stream(tokenizer, text)
+            shared[key] = _tail_windows(stream, windows, length, description)
+        per_model.append(key)
+
+    results = []
+    for path, key in zip(paths, per_model, strict=True):
+        torch.manual_seed(seed)
+        start = time.perf_counter()
+        model, _ = common.load_model(path, torch_dtype, device)
+        scored = perplexity(model, shared[key], progress=progress)
+        results.append(
+            {**common.describe_model(path), **scored, "seconds": round(time.perf_counter() - start, 2)}
+        )
+        del model
+    record = {
+        "kind": "ppl",
+        "protocol": {
+            "data": description,
+            "windows": windows,
+            "length": length,
+            "tokens": "the last windows x length tokens of the stream, no special tokens",
+            "dtype": dtype,
+        },
+        "seed": seed,
+        "versions": common.versions(),
+        "machine": common.machine(device),
+        "results": results,
+    }
+    common.write_json(record, out)
+    return record

@@ -1,0 +1,169 @@
+"""Recovery fine-tune of bundled-model carves: protocol PPL before/after and the curve in between.
+
+Training text is the BoolQ passage stream without its last 16 x 2048 tokens (the protocol's
+evaluation windows). Curve points use the last `--curve-windows` protocol windows (cheap); the
+start and end use all 16. Training seconds exclude the time spent on curve evaluations.
+
+    python benchmarks/tune_recover.py --carved S1A2E8=DIR --modes router,lora --steps 120
+    python benchmarks/tune_recover.py --table results/tune/recover.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, TrainerCallback
+
+from moecarve.eval.ppl import evaluation_windows, perplexity, protocol_ppl
+from moecarve.tune.recover import RecoverConfig, recover
+
+DENSE_PPL = 18.206  # results/carve/bundled.json: the bundled model on the protocol
+
+
+class CurveCallback(TrainerCallback):
+    """Protocol-window PPL of the model being trained, every `every` steps, timed apart."""
+
+    def __init__(self, windows: torch.Tensor, every: int):
+        self.windows, self.every = windows, every
+        self.points: list[dict] = []
+        self.eval_seconds = 0.0
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step % self.every == 0 and state.global_step < state.max_steps:
+            started = time.perf_counter()
+            model.eval()
+            ppl = perplexity(model, self.windows, progress=False)["ppl"]
+            model.train()
+            self.eval_seconds += time.perf_counter() - started
+            self.points.append({"step": state.global_step, "ppl": ppl})
+
+
+def run(name: str, carved: Path, mode: str, args, windows: torch.Tensor) -> dict:
+    config = RecoverConfig(
+        steps=args.steps,
+        train=mode,
+        lr=args.lr,
+        router_lr=args.router_lr,
+        bias_rate=args.bias_rate,
+        batch_size=args.batch_size,
+        length=args.length,
+        warmup=args.warmup,
+        save_every=args.steps,
+        distill=args.distill,
+    )
+    curve = CurveCallback(windows, args.eval_every)
+    before = json.loads((carved / "carve.json").read_text()).get("quality", {}).get("protocol_ppl", {})
+    before = before.get("carved") or protocol_ppl(carved)
+    with tempfile.TemporaryDirectory(dir=args.work) as work:
+        started = time.perf_counter()
+        result = recover(carved, config, None, Path(work) / "out", callbacks=(curve,))
+        seconds = time.perf_counter() - started - curve.eval_seconds
+        start = perplexity(_load(carved), windows, progress=False)["ppl"]
+        end = perplexity(result.model.float().eval(), windows, progress=False)["ppl"]
+        after = protocol_ppl(result.out)
+    tokens = result.record["data"]["tokens"]
+    gap_closed = (math.log(before["ppl"]) - math.log(after["ppl"])) / (
+        math.log(before["ppl"]) - math.log(DENSE_PPL)
+    )
+    return {
+        "config": name,
+        "mode": mode,
+        "distill": args.distill,
+        "steps": args.steps,
+        "train_tokens": tokens,
+        "trainable_parameters": result.record["trainable_parameters"],
+        "protocol_ppl_before": before["ppl"],
+        "protocol_ppl_after": after["ppl"],
+        "dense_ppl": DENSE_PPL,
+        "gap_closed": gap_closed,  # of log PPL, carved -> dense
+        "train_seconds": round(seconds, 1),
+        "curve_windows": windows.shape[0],
+        "curve": [{"step": 0, "ppl": start}, *curve.points, {"step": args.steps, "ppl": end}],
+        "train_loss": result.record["train_loss"],
+        "recover_config": result.record["config"],
+    }
+
+
+def _load(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def table(paths: list[str]) -> str:
+    lines = [
+        "| carve | trained | distill | steps | tokens | PPL before | PPL after | dense | gap closed | train s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for path in paths:
+        for r in json.loads(Path(path).read_text())["runs"]:
+            lines.append(
+                f"| {r['config']} | {r['mode']} | {r.get('distill', 0.0):g} | {r['steps']} | {r['train_tokens']:,} | "
+                f"{r['protocol_ppl_before']:.2f} | {r['protocol_ppl_after']:.2f} | {r['dense_ppl']:.2f} | "
+                f"{r['gap_closed']:.0%} | {r['train_seconds']:.0f} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--carved", action="append", default=[], help="NAME=DIR of a bundled-model carve")
+    parser.add_argument("--modes", default="router,lora", help="';'-separated --train values")
+    parser.add_argument("--steps", type=int, default=120)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--router-lr", type=float, default=1e-2)
+    parser.add_argument("--bias-rate", type=float, default=1e-5)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--length", type=int, default=512)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--distill", type=float, default=0.0, help="weight of KL to the dense source")
+    parser.add_argument("--eval-every", type=int, default=30)
+    parser.add_argument("--curve-windows", type=int, default=4)
+    parser.add_argument("--work", default=None, help="scratch directory for the recovered models")
+    parser.add_argument("--out", default="results/tune/recover.json")
+    parser.add_argument("--table", nargs="*", help="print the docs table of these results files")
+    args = parser.parse_args()
+    if args.table:
+        print(table(args.table))
+        return
+    torch.manual_seed(0)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    runs = json.loads(out.read_text())["runs"] if out.exists() else []
+    for item in args.carved:
+        name, directory = item.split("=", 1)
+        carved = Path(directory)
+        tokenizer = AutoTokenizer.from_pretrained(carved)
+        windows = evaluation_windows(tokenizer)[-args.curve_windows :]
+        for mode in args.modes.split(";"):
+            result = run(name, carved, mode, args, windows)
+            key = (name, mode, args.steps, args.distill)
+            runs = [r for r in runs if (r["config"], r["mode"], r["steps"], r.get("distill", 0.0)) != key]
+            runs.append(result)
+            out.write_text(json.dumps({"machine": _machine(), "runs": runs}, indent=2) + "\n")
+            print(json.dumps({k: v for k, v in result.items() if k not in ("train_loss", "curve")}))
+
+
+def _machine() -> dict:
+    import transformers
+
+    return {
+        "device": "cpu",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Batch compression: `moecarve batch RECIPE.yaml` runs models x configurations x stages, resumably."""

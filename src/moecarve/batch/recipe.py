@@ -1,0 +1,269 @@
+"""Batch recipes: models x configurations x stages, validated in full before any work starts.
+
+A recipe is YAML. Errors name the recipe file, the line and the bad key, so that a typo in the
+tenth configuration fails in a second, not after nine carves.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from moecarve.carve.config import CarveConfig
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # a plain file name: job directories are named after it
+STAGE_ORDER = ("carve", "eval_ppl", "eval_tasks")
+TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+class RecipeError(ValueError):
+    """The recipe is malformed; the message names the file, line and key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    """A source model: `path` (directory, .gguf, hub id or `bundled`) or `tiny` (a random test model)."""
+
+    name: str = Field(pattern=NAME_PATTERN)
+    path: str | None = None
+    tiny: Literal[TINY_FAMILIES] | None = None  # type: ignore[valid-type]
+    carve: dict[str, Any] = Field(default_factory=dict, description="carve settings for this model only")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelSpec:
+        if (self.path is None) == (self.tiny is None):
+            raise ValueError("give exactly one of `path` or `tiny`")
+        return self
+
+
+class PplOptions(_Strict):
+    """Perplexity stage: the protocol (last windows x length tokens of `data`, BoolQ passages by default)."""
+
+    windows: int = Field(16, ge=1)
+    length: int = Field(2048, ge=2)
+    data: str | None = None
+
+
+class TasksOptions(_Strict):
+    """Zero-shot tasks stage (moecarve.eval.tasks): accuracy per task, `limit` questions each."""
+
+    tasks: list[str] = Field(min_length=1)
+    limit: int | None = Field(None, ge=1)
+    batch_size: int = Field(8, ge=1)
+
+    @field_validator("tasks")
+    @classmethod
+    def _known(cls, tasks: list[str]) -> list[str]:
+        from moecarve.eval.tasks import parse_tasks  # its table of tasks with local data
+
+        return parse_tasks(tasks)
+
+
+class Recipe(_Strict):
+    name: str = Field(pattern=NAME_PATTERN)
+    output: str = Field(description="output directory, relative to the recipe file")
+    models: list[ModelSpec] = Field(min_length=1)
+    configs: list[dict[str, Any]] = Field(default_factory=list, description="CarveConfig fields + name")
+    dense: bool = Field(False, description="also run the eval stages on each source model")
+    stages: list[Literal[STAGE_ORDER]] = Field(min_length=1)  # type: ignore[valid-type]
+    carve: dict[str, Any] = Field(default_factory=dict, description="carve settings shared by all")
+    eval_ppl: PplOptions | None = None
+    eval_tasks: TasksOptions | None = None
+    keep_models: bool = Field(True, description="keep each carved checkpoint in its job directory")
+
+    @model_validator(mode="after")
+    def _check_stages(self) -> Recipe:
+        if len(set(self.stages)) != len(self.stages):
+            raise ValueError(f"stages repeat: {self.stages}")
+        if list(self.stages) != sorted(self.stages, key=STAGE_ORDER.index):
+            raise ValueError(f"stages run in the order {list(STAGE_ORDER)}; got {self.stages}")
+        for section in ("eval_ppl", "eval_tasks"):
+            if getattr(self, section) is not None and section not in self.stages:
+                raise ValueError(f"`{section}` settings are given but {section} is not in stages")
+        if "eval_tasks" in self.stages and self.eval_tasks is None:
+            raise ValueError("stage eval_tasks needs an `eval_tasks:` section with its `tasks`")
+        if self.configs and "carve" not in self.stages:
+            raise ValueError("configs are carve configurations: add carve to stages (or drop configs)")
+        if not self.configs and not self.dense:
+            raise ValueError("nothing to run: give configs, or dense: true")
+        if self.dense and not any(stage.startswith("eval") for stage in self.stages):
+            raise ValueError("dense: true evaluates the source models: add an eval stage")
+        return self
+
+
+@dataclass(frozen=True)
+class Job:
+    """One model x configuration: its stages run in order inside one directory."""
+
+    name: str
+    model: ModelSpec
+    config_name: str
+    carve: CarveConfig | None  # None: the dense source model itself
+    calib: str | None
+    stages: tuple[str, ...]
+    options: dict = field(default_factory=dict)  # stage name -> its options (plain data)
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of everything that decides the job's results: a finished job with another is stale."""
+        spec = {
+            "model": self.model.model_dump(exclude={"name", "carve"}),
+            "carve": self.carve.model_dump() if self.carve else None,
+            "calib": self.calib,
+            "stages": self.stages,
+            "options": self.options,
+        }
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class LoadedRecipe:
+    recipe: Recipe
+    path: Path
+    jobs: tuple[Job, ...]
+
+    @property
+    def root(self) -> Path:
+        return self.path.parent
+
+    def output(self, override: str | Path | None = None) -> Path:
+        return Path(override).expanduser() if override is not None else self.root / self.recipe.output
+
+
+def load_recipe(path: str | Path) -> LoadedRecipe:
+    """Parse and validate a recipe file and expand it into its jobs; raises RecipeError."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe not found: {path}")
+    text = path.read_text(encoding="utf-8")
+    try:
+        node = yaml.compose(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise RecipeError(f"{where}: not valid YAML ({getattr(err, 'problem', None) or err})") from err
+    if node is None or not isinstance(node, yaml.MappingNode):
+        raise RecipeError(f"{path}: a recipe is a YAML mapping (name, output, models, configs, stages)")
+    _check_duplicate_keys(node, path)
+    data = yaml.safe_load(text)
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as err:
+        raise _located(err, node, path, ()) from err
+    return LoadedRecipe(recipe, path.resolve(), tuple(_expand(recipe, node, path)))
+
+
+def _expand(recipe: Recipe, node, path: Path) -> list[Job]:
+    """models x (configs [+ dense]) as jobs, each with its merged carve settings validated."""
+    _check_carve_keys(recipe.carve, ("carve",), node, path)
+    for m, model in enumerate(recipe.models):
+        _check_carve_keys(model.carve, ("models", m, "carve"), node, path)
+    for c, entry in enumerate(recipe.configs):
+        _check_carve_keys(entry, ("configs", c), node, path, allow_name=True)
+    stages = tuple(recipe.stages)
+    options = {s: getattr(recipe, s).model_dump() for s in ("eval_ppl", "eval_tasks") if getattr(recipe, s)}
+    jobs, model_names = [], set()
+    for m, model in enumerate(recipe.models):
+        if model.name in model_names:
+            loc = ("models", m, "name")
+            raise RecipeError(f"{path}:{_line(node, loc)}: models[{m}].name: {model.name!r} is used twice")
+        model_names.add(model.name)
+        if recipe.dense:
+            eval_stages = tuple(s for s in stages if s != "carve")
+            jobs.append(Job(f"{model.name}-dense", model, "dense", None, None, eval_stages, options))
+        config_names = set()
+        for c, entry in enumerate(recipe.configs):
+            settings = {**recipe.carve, **model.carve, **entry}
+            name, calib = settings.pop("name", None), settings.pop("calib", None)
+            try:
+                config = CarveConfig(**settings)
+            except ValidationError as err:
+                raise _located(err, node, path, ("configs", c)) from err
+            name = str(name or config.name)
+            where = f"{path}:{_line(node, ('configs', c))}: configs[{c}]"
+            if name in config_names:
+                raise RecipeError(
+                    f"{where}: the name {name!r} is used twice "
+                    "(give `name:` to configurations that share S/A/E)"
+                )
+            if name == "dense" or re.fullmatch(NAME_PATTERN, name) is None:
+                raise RecipeError(
+                    f"{where}.name: {name!r} is reserved or not a plain name (letters, digits, _ . -)"
+                )
+            config_names.add(name)
+            job_options = {**options, "carve": {"keep_model": recipe.keep_models}}
+            jobs.append(Job(f"{model.name}-{name}", model, name, config, calib, stages, job_options))
+    seen = set()
+    for job in jobs:
+        if job.name in seen:
+            raise RecipeError(f"{path}: two jobs are named {job.name!r} (model-configuration); rename one")
+        seen.add(job.name)
+    return jobs
+
+
+def _check_carve_keys(section: dict, loc: tuple, node, path: Path, allow_name: bool = False) -> None:
+    """Carve settings are CarveConfig fields plus `calib` (and `name` in a configuration)."""
+    allowed = set(CarveConfig.model_fields) | {"calib"} | ({"name"} if allow_name else set())
+    for key in section:
+        if key not in allowed:
+            dotted = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in (*loc, key)).lstrip(".")
+            raise RecipeError(
+                f"{path}:{_line(node, (*loc, key))}: {dotted}: unknown carve setting "
+                "(see CarveConfig in docs/carve.md)"
+            )
+
+
+def _located(err: ValidationError, node, path: Path, prefix: tuple) -> RecipeError:
+    """The first validation error as `file:line: key.path: message`."""
+    first = err.errors()[0]
+    loc = (*prefix, *(part for part in first["loc"] if not str(part).startswith("function-")))
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown key"
+    elif first["type"] == "missing":
+        message = "missing (required)"
+    dotted = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "recipe"
+    return RecipeError(f"{path}:{_line(node, loc)}: {dotted}: {message}")
+
+
+def _line(node, loc) -> int:
+    """1-based line of the deepest YAML node on `loc` (the key itself for mapping entries)."""
+    line = node.start_mark.line
+    for part in loc:
+        child = None
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if key.value == str(part):
+                    line, child = key.start_mark.line, value
+                    break
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            child = node.value[part]
+            line = child.start_mark.line
+        if child is None:
+            break
+        node = child
+    return line + 1
+
+
+def _check_duplicate_keys(node, path: Path) -> None:
+    """PyYAML keeps the last of two equal keys silently; a recipe refuses them."""
+    if isinstance(node, yaml.MappingNode):
+        seen = set()
+        for key, value in node.value:
+            if key.value in seen:
+                raise RecipeError(f"{path}:{key.start_mark.line + 1}: {key.value}: duplicate key")
+            seen.add(key.value)
+            _check_duplicate_keys(value, path)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _check_duplicate_keys(item, path)

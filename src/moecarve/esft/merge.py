@@ -1,0 +1,85 @@
+"""ESFT step 5: put an adapter's trained tensors back into a full native checkpoint.
+
+The base model is loaded with stock transformers (fused experts), the trained expert slices are
+copied in, and `save_pretrained` writes the per-expert names back; only selected slices (and any
+whole tensors trained with --train-shared / --train-non-expert) differ from the base.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from moecarve.carve.writer import atomic_directory, check_output
+from moecarve.esft.select import validate_experts
+from moecarve.esft.shape import model_shape
+
+ADAPTER_FORMAT = "moecarve-esft-adapter/1"
+COPIED = ("carve.json", "generation_config.json")
+
+
+def read_adapter(adapter: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    from moecarve.esft.train import CONFIG_FILE, TENSORS_FILE
+
+    adapter = Path(adapter).expanduser()
+    if not (adapter / CONFIG_FILE).is_file() or not (adapter / TENSORS_FILE).is_file():
+        raise FileNotFoundError(f"no ESFT adapter at {adapter} ({CONFIG_FILE} and {TENSORS_FILE} expected)")
+    record = json.loads((adapter / CONFIG_FILE).read_text())
+    if record.get("format") != ADAPTER_FORMAT:
+        raise ValueError(f"{adapter} is not an `esft train` output ({ADAPTER_FORMAT})")
+    return record, load_file(str(adapter / TENSORS_FILE))
+
+
+def apply_adapter(model, record: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy trained tensors into a loaded model; shapes and slices are checked before any copy."""
+    params = dict(model.named_parameters())
+    plan = []
+    for name, rows in record["tensors"].items():
+        if name not in params or name not in tensors:
+            raise ValueError(f"adapter tensor {name} is missing from the model or the adapter file")
+        param, value = params[name], tensors[name]
+        expected = param.shape if rows is None else (len(rows), *param.shape[1:])
+        if tuple(value.shape) != tuple(expected):
+            raise ValueError(
+                f"adapter tensor {name} has shape {tuple(value.shape)}, {tuple(expected)} expected"
+            )
+        plan.append((param, rows, value))
+    with torch.no_grad():
+        for param, rows, value in plan:
+            value = value.to(device=param.device, dtype=param.dtype)
+            if rows is None:
+                param.copy_(value)
+            else:
+                param.index_copy_(0, torch.tensor(rows, device=param.device), value)
+
+
+def merge(model_dir: str | Path, adapter: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+    """Write base + adapter as a full checkpoint that stock transformers loads."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = Path(out).expanduser()
+    base = Path(model_dir).expanduser()
+    if out.resolve() == base.resolve():
+        raise ValueError(f"output {out} is the base model itself")
+    check_output(out, base, overwrite, marker="esft.json")
+    shape = model_shape(base)
+    record, tensors = read_adapter(adapter)
+    shape.check(record, f"adapter {adapter}")
+    validate_experts(record, shape.num_experts, shape.moe_layers, f"adapter {adapter}")
+    model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
+    apply_adapter(model, record, tensors)
+    with atomic_directory(out) as tmp:
+        model.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(base).save_pretrained(tmp)
+        for name in COPIED:
+            if (base / name).is_file():
+                shutil.copy2(base / name, tmp / name)
+        merged = {key: record[key] for key in ("base_model", "experts", "trainable_parameters", "config")}
+        (tmp / "esft.json").write_text(
+            json.dumps({**merged, "adapter": str(Path(adapter).resolve())}, indent=1) + "\n"
+        )
+    return out

@@ -1,0 +1,119 @@
+"""ESFT step 1-2: how relevant each routed expert is to a task (ALGORITHMS.md section 3).
+
+Per MoE layer and routed expert i, over the task's tokens:
+- gate:  g_i = mean over tokens of the gate value of i (0 where i is not selected);
+- token: r_i = mean over tokens of 1[i selected] / K.
+Averaged per sequence, then over sequences, then normalised to sum 1 within each layer, so a
+threshold p means the same with and without top-k renormalisation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from moecarve import moe
+from moecarve.esft.data import load_examples
+from moecarve.esft.shape import model_shape
+
+FORMAT = "moecarve-esft-scores/1"
+SCORES = ("token", "gate")
+
+
+def sequence_scores(routing: moe.Routing, num_experts: int) -> dict[str, torch.Tensor]:
+    """Both scores of one sequence's routing in one layer: [E] each (T tokens, K active)."""
+    tokens, k = routing.indices.shape
+    flat = routing.indices.reshape(-1)
+    selected = torch.bincount(flat, minlength=num_experts).double()  # [E]
+    gates = torch.zeros(num_experts, dtype=torch.float64).index_add_(
+        0, flat, routing.weights.reshape(-1).double()
+    )
+    return {"token": selected / (tokens * k), "gate": gates / tokens}
+
+
+def normalise(values: torch.Tensor) -> list[float]:
+    total = values.sum()
+    if total <= 0:
+        raise ValueError("a layer received no routing mass: no tokens were scored")
+    return (values / total).tolist()
+
+
+@torch.no_grad()
+def score(
+    model_dir: str | Path, data: str | Path, out: str | Path, tokens: int = 131072, max_length: int = 512
+) -> dict:
+    """Score every routed expert on the task data; writes `out` (JSON) and a heatmap beside it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if tokens < 1:
+        raise ValueError(f"--tokens must be positive, got {tokens}")
+    shape = model_shape(model_dir)  # dense / unsupported / missing model: refused before loading
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    examples = load_examples(data, tokenizer, max_length)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").eval()
+    sums = {
+        kind: {index: torch.zeros(shape.num_experts, dtype=torch.float64) for index in shape.moe_layers}
+        for kind in SCORES
+    }
+    used_tokens, sequences = 0, 0
+    with moe.record_routing(model) as log, tqdm(total=tokens, desc="esft score", leave=False) as bar:
+        for example in examples:
+            if used_tokens >= tokens:
+                break
+            ids = torch.tensor([example.input_ids[: tokens - used_tokens]], device=model.device)
+            log.clear()
+            model(ids)
+            for index, calls in log.layers.items():
+                for kind, value in sequence_scores(calls[0], shape.num_experts).items():
+                    sums[kind][index] += value
+            used_tokens += ids.shape[1]
+            sequences += 1
+            bar.update(ids.shape[1])
+    record = {
+        "format": FORMAT,
+        "model": str(Path(model_dir).expanduser().resolve()),
+        "data": str(Path(data).expanduser().resolve()),
+        **shape.record(),
+        "sequences": sequences,
+        "tokens": used_tokens,
+        "scores": {kind: {str(i): normalise(v) for i, v in layers.items()} for kind, layers in sums.items()},
+    }
+    write_json(Path(out), record)
+    heatmap(record, Path(out).with_suffix(".png"))
+    return record
+
+
+def write_json(path: Path, record: dict) -> None:
+    """Write-then-rename: a failed run leaves no half file."""
+    path = path.expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def heatmap(record: dict, path: Path) -> None:
+    """Layers x experts, one panel per score."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(
+        1, len(SCORES), figsize=(12, 0.25 * len(record["moe_layers"]) + 2), squeeze=False
+    )
+    for ax, kind in zip(axes[0], SCORES, strict=True):
+        grid = [record["scores"][kind][str(i)] for i in record["moe_layers"]]
+        image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
+        ax.set(title=f"{kind} score (normalised per layer)", xlabel="routed expert", ylabel="layer")
+        ax.set_yticks(range(len(grid)), [str(i) for i in record["moe_layers"]], fontsize=6)
+        fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)

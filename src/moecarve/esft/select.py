@@ -1,0 +1,114 @@
+"""ESFT step 3: per layer, the fewest experts whose cumulative score reaches p (at least one).
+
+The experts file it writes is what `train` reads: the layer -> experts map, the model layout it
+was made for (checked against the model at train time) and the trainable-parameter count.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from moecarve.esft.score import FORMAT as SCORES_FORMAT
+from moecarve.esft.score import SCORES, write_json
+
+FORMAT = "moecarve-esft-experts/1"
+TOLERANCE = 1e-9  # normalised scores summing to p up to rounding still reach p
+
+
+def read_scores(path: str | Path) -> dict:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"scores file not found: {path}")
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not JSON ({err.msg})") from err
+    if not isinstance(record, dict) or record.get("format") != SCORES_FORMAT:
+        raise ValueError(f"{path} is not an `esft score` output ({SCORES_FORMAT})")
+    return record
+
+
+def choose(scores: list[float], p: float) -> list[int]:
+    """Experts by descending score (ties: lower id first) until the cumulative score reaches p."""
+    order = sorted(range(len(scores)), key=lambda e: (-scores[e], e))
+    chosen, total = [], 0.0
+    for expert in order:
+        chosen.append(expert)
+        total += scores[expert]
+        if total >= p - TOLERANCE:
+            break
+    return sorted(chosen)
+
+
+def select(
+    scores: dict | str | Path, score: str = "token", p: float = 0.2, out: str | Path | None = None
+) -> dict:
+    """The experts record for a scores record (or file); written to `out` when given."""
+    if score not in SCORES:
+        raise ValueError(f"--score must be one of {', '.join(SCORES)}, got {score!r}")
+    if not (isinstance(p, (int, float)) and 0 < p <= 1):
+        raise ValueError(f"--p must be in (0, 1], got {p}")
+    record = scores if isinstance(scores, dict) else read_scores(scores)
+    layers = record["scores"][score]
+    expected = [str(i) for i in record["moe_layers"]]
+    if sorted(layers, key=int) != expected:
+        raise ValueError(
+            f"scores cover layers {sorted(layers, key=int)}, the model has MoE layers {expected}"
+        )
+    for index, values in layers.items():
+        if len(values) != record["num_experts"] or not all(math.isfinite(v) and v >= 0 for v in values):
+            raise ValueError(f"layer {index}: expected {record['num_experts']} finite non-negative scores")
+    experts = {index: choose(layers[index], p) for index in expected}
+    selected = sum(len(v) for v in experts.values())
+    trainable = selected * record["expert_parameters"]
+    result = {
+        "format": FORMAT,
+        **{key: record[key] for key in ("model_type", "num_layers", "moe_layers", "num_experts", "top_k")},
+        **{key: record[key] for key in ("expert_parameters", "total_parameters")},
+        "score": score,
+        "p": p,
+        "scores_file": None if isinstance(scores, dict) else str(Path(scores).expanduser().resolve()),
+        "experts": experts,
+        "selected": selected,
+        "routed_total": len(expected) * record["num_experts"],
+        "trainable_parameters": trainable,
+        "fraction_of_model": trainable / record["total_parameters"],
+    }
+    if out is not None:
+        write_json(Path(out), result)
+    return result
+
+
+def read_experts(path: str | Path) -> dict:
+    """An experts file, checked for shape (the model check is `ModelShape.check`)."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"experts file not found: {path}")
+    try:
+        record = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not JSON ({err.msg})") from err
+    if not isinstance(record, dict) or not isinstance(record.get("experts"), dict):
+        raise ValueError(f'{path} is not an `esft select` output (no "experts" map)')
+    return record
+
+
+def validate_experts(
+    record: dict, num_experts: int, moe_layers: tuple[int, ...], what: str
+) -> dict[int, list[int]]:
+    """layer -> sorted expert ids, refusing layers that are not MoE layers and experts that do not exist."""
+    experts = {}
+    for key, ids in record["experts"].items():
+        if not str(key).isdigit() or int(key) not in moe_layers:
+            raise ValueError(
+                f"{what} names layer {key}, which is not a MoE layer of the model {list(moe_layers)}"
+            )
+        if not isinstance(ids, list) or not ids:
+            raise ValueError(f"{what}: layer {key} selects no experts")
+        bad = [e for e in ids if not isinstance(e, int) or not 0 <= e < num_experts]
+        if bad:
+            raise ValueError(f"{what}: layer {key} names experts {bad}, the model has 0..{num_experts - 1}")
+        experts[int(key)] = sorted(set(ids))
+    return experts

@@ -1,0 +1,204 @@
+"""ESFT step 4-5: train only the selected experts, save only what was trained.
+
+Everything else (attention, norms, embeddings, routers, unselected experts, and by default the
+shared experts) has requires_grad off; fused expert tensors are frozen per slice (esft/optim.py).
+Training runs in the transformers Trainer, so `accelerate launch` scales it (DDP; sharded
+FSDP/DeepSpeed are not supported: the slice optimiser indexes whole tensors).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import save_file
+
+from moecarve import moe
+from moecarve.esft.data import Collator, as_dataset, load_examples, pad_id, text_examples
+from moecarve.esft.optim import SliceAdamW, mask_gradient
+from moecarve.esft.select import read_experts, validate_experts
+from moecarve.esft.shape import model_shape
+
+FORMAT = "moecarve-esft-adapter/1"
+CONFIG_FILE, TENSORS_FILE = "esft_config.json", "esft.safetensors"
+
+
+class EsftConfig(BaseModel):
+    """Training settings (paper: lr 1e-5, AdamW (0.9, 0.95), weight decay 0.1)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = Field(100, ge=1, description="optimiser steps")
+    lr: float = Field(1e-5, gt=0, description="peak learning rate")
+    batch_size: int = Field(4, ge=1, description="sequences per device per micro-batch")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimiser step")
+    max_length: int = Field(512, ge=2, description="tokens per sequence (longer prompts lose their start)")
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    warmup_steps: int = Field(0, ge=0)
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    max_grad_norm: float = 1.0
+    train_shared: bool = Field(False, description="also train the shared experts")
+    train_non_expert: bool = Field(False, description="also train attention, norms, embeddings, routers")
+    mix_general: str | None = Field(None, description="general text mixed into training (file or 'protocol')")
+    mix_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of training sequences from mix_general")
+    seed: int = 0
+
+
+def trainable_parameters(model, experts: dict[int, list[int]], config: EsftConfig) -> list[dict]:
+    """Optimiser groups: each trained tensor with `rows` (selected expert slices) or None (whole).
+
+    Sets requires_grad accordingly and masks gradients of unselected slices.
+    """
+    layers = {layer.index: layer for layer in moe.moe_layers(model)}
+    for param in model.parameters():
+        param.requires_grad_(config.train_non_expert)
+    groups = []
+    for layer in layers.values():
+        expert_params = layer.expert_parameters()
+        for param in expert_params.values():
+            param.requires_grad_(False)
+        for param in layer.shared_parameters().values():
+            param.requires_grad_(config.train_shared)
+        if layer.index not in experts:
+            continue
+        rows = torch.tensor(experts[layer.index], dtype=torch.long)
+        for name, param in expert_params.items():
+            param.requires_grad_(True)
+            mask_gradient(param, rows)
+            groups.append({"params": [param], "rows": rows, "name": name})
+    names = {id(p): n for n, p in model.named_parameters()}
+    sliced = {id(g["params"][0]) for g in groups}
+    groups += [
+        {"params": [p], "rows": None, "name": names[id(p)]}
+        for p in model.parameters()
+        if p.requires_grad and id(p) not in sliced
+    ]
+    return groups
+
+
+def count_trainable(groups: list[dict]) -> int:
+    return sum(
+        p.numel() if g["rows"] is None else p[0].numel() * len(g["rows"]) for g in groups for p in g["params"]
+    )
+
+
+def fit(model, dataset: list[dict], collator, config: EsftConfig, optimizer=None) -> dict:
+    """Run the transformers Trainer for config.steps; returns time, losses and steps.
+
+    `optimizer` None lets the Trainer build its AdamW (used by the full and LoRA baselines).
+    """
+    from transformers import Trainer, TrainingArguments
+
+    with tempfile.TemporaryDirectory(prefix="esft-trainer-") as work:
+        args = TrainingArguments(
+            output_dir=work,
+            max_steps=config.steps,
+            per_device_train_batch_size=config.batch_size,
+            gradient_accumulation_steps=config.grad_accum,
+            learning_rate=config.lr,
+            weight_decay=config.weight_decay,
+            adam_beta1=config.beta1,
+            adam_beta2=config.beta2,
+            warmup_steps=config.warmup_steps,
+            lr_scheduler_type=config.schedule,
+            max_grad_norm=config.max_grad_norm,
+            logging_steps=max(1, config.steps // 20),
+            save_strategy="no",
+            report_to="none",
+            remove_unused_columns=False,
+            dataloader_num_workers=0,
+            seed=config.seed,
+            data_seed=config.seed,
+        )
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=dataset,
+            data_collator=collator,
+            optimizers=(optimizer, None),
+        )
+        start = time.perf_counter()
+        output = trainer.train()
+        seconds = time.perf_counter() - start
+        losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+    return {"seconds": seconds, "train_loss": output.training_loss, "losses": losses, "steps": config.steps}
+
+
+def training_set(model_dir, data, tokenizer, config: EsftConfig) -> list[dict]:
+    """Task examples plus, with mix_general, general-text pieces making up mix_ratio of the set."""
+    examples = load_examples(data, tokenizer, config.max_length)
+    if config.mix_ratio > 0:
+        if not config.mix_general:
+            raise ValueError("--mix-general needs a text source with its ratio (TEXT:RATIO)")
+        from moecarve.carve.calib import read_text
+
+        text, _ = read_text(None if config.mix_general == "protocol" else config.mix_general)
+        wanted = math.ceil(len(examples) * config.mix_ratio / (1 - config.mix_ratio))
+        general = text_examples(text[: 8 * wanted * config.max_length], tokenizer, config.max_length)
+        if len(general) < wanted:
+            raise ValueError(
+                f"general text gives {len(general)} sequences, {wanted} needed for the mix ratio"
+            )
+        examples += general[:wanted]
+    return as_dataset(examples)
+
+
+def train(
+    model_dir, experts_file, data, out, config: EsftConfig | None = None, overwrite: bool = False
+) -> dict:
+    """ESFT: train the selected experts of MODEL on the task data, save the adapter to `out`."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from moecarve.carve.writer import atomic_directory, check_output
+
+    config = config or EsftConfig()
+    out = Path(out).expanduser()
+    check_output(out, Path(model_dir), overwrite, marker="esft_config.json")
+    shape = model_shape(model_dir)
+    record = read_experts(experts_file)
+    shape.check(record, f"experts file {experts_file}")
+    experts = validate_experts(record, shape.num_experts, shape.moe_layers, f"experts file {experts_file}")
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    dataset = training_set(model_dir, data, tokenizer, config)
+
+    torch.manual_seed(config.seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    model.config.use_cache = False
+    groups = trainable_parameters(model, experts, config)
+    optimizer = SliceAdamW(
+        [{"params": g["params"], "rows": g["rows"]} for g in groups],
+        lr=config.lr,
+        betas=(config.beta1, config.beta2),
+        weight_decay=config.weight_decay,
+    )
+    stats = fit(model, dataset, Collator(pad_id(tokenizer)), config, optimizer)
+    tensors = {
+        g["name"]: (p.detach() if g["rows"] is None else p.detach().index_select(0, g["rows"]))
+        .contiguous()
+        .cpu()
+        for g in groups
+        for p in g["params"]
+    }
+    result = {
+        "format": FORMAT,
+        "base_model": str(Path(model_dir).expanduser().resolve()),
+        **shape.record(),
+        "experts": {str(k): v for k, v in experts.items()},
+        "tensors": {g["name"]: None if g["rows"] is None else g["rows"].tolist() for g in groups},
+        "trainable_parameters": count_trainable(groups),
+        "examples": len(dataset),
+        "config": config.model_dump(),
+        "training": stats,
+    }
+    with atomic_directory(out) as tmp:
+        save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(result, indent=1) + "\n")
+    return result

@@ -1,0 +1,133 @@
+"""What every eval command shares: resolving and checking a model before any work, loading it,
+describing it (dense or carved, active fraction), and recording versions and the machine.
+
+Eval only reads models; its outputs go elsewhere (`check_output` refuses a path inside a model).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+from moecarve import resources
+
+
+def resolve_model(model: str | Path) -> Path:
+    """A local Hugging Face model directory (or `bundled`), checked readable before any work."""
+    if str(model) == resources.BUNDLED_MODEL:
+        return resources.bundled_model_dir()
+    path = Path(model).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"model not found: {model}")
+    if not path.is_dir() or not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{model} is not a Hugging Face model directory (no config.json)")
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path / 'config.json'} is unreadable: {err}") from err
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise ValueError(f"{path / 'config.json'} has no model_type")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise FileNotFoundError(f"{model} holds no weights (*.safetensors or *.bin)")
+    return path
+
+
+def describe_model(path: Path) -> dict:
+    """Name and active FFN fraction: from carve.json for a carve, 1.0 (dense) otherwise."""
+    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    record = {"model": str(path), "model_type": config["model_type"], "name": "dense", "active_fraction": 1.0}
+    carve_record = path / "carve.json"
+    if carve_record.is_file():
+        carve = json.loads(carve_record.read_text(encoding="utf-8"))
+        resolved = carve.get("resolved", {})
+        record.update(
+            name=resolved.get("name", "carved"),
+            active_fraction=resolved.get("active_fraction"),
+            carve={
+                "source": carve.get("source"),
+                "source_path": carve.get("source_path"),
+                "config": carve.get("config"),
+                "resolved": resolved,
+            },
+        )
+    return record
+
+
+def load_model(path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """(model, tokenizer) with stock transformers, in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    return model, tokenizer
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import transformers
+
+    found = {
+        "moecarve": version("moecarve"),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+    with contextlib.suppress(PackageNotFoundError):  # only `eval tasks` needs it
+        found["lm_eval"] = version("lm_eval")
+    found["python"] = sys.version.split()[0]
+    return found
+
+
+def machine(device: str = "cpu") -> dict:
+    """Where a figure was measured: CPU figures are marked as such."""
+    record = {
+        "device": device,
+        "platform": platform.platform(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+    }
+    if device.startswith("cuda"):
+        record["gpu"] = torch.cuda.get_device_name(device)
+    return record
+
+
+def check_output(out: str | Path | None, models: list[Path]) -> Path | None:
+    """Refuse an output path inside a model directory: eval never writes into a model."""
+    if out is None:
+        return None
+    out = Path(out).expanduser().resolve()
+    for model in models:
+        root = model.resolve()
+        if out == root or root in out.parents:
+            raise ValueError(f"output {out} is inside the model directory {root}; eval never writes there")
+    return out
+
+
+def write_json(record: dict, out: Path | None) -> None:
+    """Write atomically (temporary file, then rename) so a killed run leaves no half file."""
+    if out is None:
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    tmp.replace(out)

@@ -1,0 +1,88 @@
+"""The report's three plots. Each takes the rows it draws (already written as CSV by the caller, or
+written here for the heatmap) and returns the PNG path. Agg backend: no display needed."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+
+
+def ppl_vs_active(rows: list[dict], png: Path) -> Path:
+    """Perplexity (log scale) against the active FFN fraction, one line per source model."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for source in dict.fromkeys(r["source"] for r in rows):
+        points = sorted((r for r in rows if r["source"] == source), key=lambda r: r["active_fraction"])
+        ax.plot(
+            [r["active_fraction"] for r in points], [r["ppl"] for r in points], "o-", label=Path(source).name
+        )
+        for r in points:
+            ax.annotate(
+                r["config"],
+                (r["active_fraction"], r["ppl"]),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+    ax.set_yscale("log")
+    ax.set_xlabel("active fraction of FFN neurons per token")
+    ax.set_ylabel("perplexity")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    return _save(fig, png)
+
+
+def speed_vs_batch(rows: list[dict], png: Path) -> Path:
+    """Prefill and decode tokens/s against batch size, one line per model and device."""
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
+    for key in dict.fromkeys((r["config"], r["device"], r["dtype"]) for r in rows):
+        points = sorted(
+            (r for r in rows if (r["config"], r["device"], r["dtype"]) == key), key=lambda r: r["batch"]
+        )
+        label = f"{key[0]} ({key[1]}, {key[2]})"
+        for ax, column in zip(axes, ("prefill_tokens_per_s", "decode_tokens_per_s"), strict=True):
+            ax.plot([r["batch"] for r in points], [r[column] for r in points], "o-", label=label)
+    batches = sorted({r["batch"] for r in rows})
+    for ax, title in zip(axes, ("prefill", "decode"), strict=True):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.minorticks_off()
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("tokens/s")
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+    axes[1].legend(fontsize=7)
+    return _save(fig, png)
+
+
+def load_heatmap(record: dict, png: Path, data: Path) -> list[Path]:
+    """Tokens per expert / mean tokens per expert, layers x routed experts (1.0 = balanced)."""
+    import numpy as np
+
+    counts = np.array([row["tokens_per_expert"] for row in record["layers"]], dtype=float)
+    relative = counts / counts.mean(axis=1, keepdims=True)
+    layers = [row["layer"] for row in record["layers"]]
+    with data.open("w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["layer", *[f"expert_{e}" for e in range(counts.shape[1])]])
+        writer.writerows([layer, *map(int, row)] for layer, row in zip(layers, counts, strict=True))
+    fig, ax = plt.subplots(figsize=(max(4, 0.35 * counts.shape[1] + 2), max(3, 0.18 * len(layers) + 1)))
+    image = ax.imshow(relative, aspect="auto", cmap="viridis", interpolation="nearest")
+    ax.set_xlabel("routed expert")
+    ax.set_ylabel("layer")
+    ax.set_yticks(range(len(layers)), layers, fontsize=6)
+    ax.set_title(f"{record['name']}: tokens per expert / mean ({record['tokens']} tokens)", fontsize=9)
+    fig.colorbar(image, ax=ax, label="load / mean")
+    return [_save(fig, png), data]
+
+
+def _save(fig, png: Path) -> Path:
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    return png

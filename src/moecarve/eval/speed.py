@@ -1,0 +1,145 @@
+"""Prefill and decode tokens/s of a model and its dense baseline, measured side by side.
+
+For each batch size both models run in alternation on the same prompts (real text, so the MoE
+routes as it would in use) and the median of the repeats is kept: slow drift of a shared machine
+hits both alike, and the ratio MoE/dense is what is reported. Decode is greedy with transformers'
+KV cache, one token per step for every sequence of the batch. CPU figures are marked as such.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from moecarve.carve.calib import read_text, tokenize_stream
+from moecarve.eval import common
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def time_generation(model, prompt: torch.Tensor, decode_tokens: int) -> dict:
+    """Seconds for the prefill of `prompt` [B, P] and for `decode_tokens` greedy steps after it."""
+    device = next(model.parameters()).device
+    prompt = prompt.to(device)
+    _sync(device)
+    start = time.perf_counter()
+    out = model(prompt, use_cache=True)
+    token = out.logits[:, -1:].argmax(-1)
+    _sync(device)
+    prefill = time.perf_counter() - start
+    past = out.past_key_values
+    start = time.perf_counter()
+    for _ in range(decode_tokens):
+        out = model(token, past_key_values=past, use_cache=True)
+        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+    _sync(device)
+    return {"prefill_s": prefill, "decode_s": time.perf_counter() - start}
+
+
+def evaluate_speed(
+    model: str | Path,
+    baseline: str | Path | None = None,
+    batch_sizes: tuple[int, ...] = (1, 2, 4, 8),
+    prompt_length: int = 128,
+    decode_tokens: int = 32,
+    repeats: int = 3,
+    dtype: str = "float32",
+    device: str | None = None,
+    kernels: bool = False,
+    data: str | Path | None = None,
+    out: str | Path | None = None,
+    progress: bool = True,
+) -> dict:
+    """Tokens/s of `model` (and `baseline`, alternating) per batch size, and MoE/dense ratios.
+
+    kernels: route the MoE blocks through moecarve.kernels (Triton on CUDA; elsewhere the kernels
+    fall back to their float32 reference, which is slower than transformers' own path).
+    """
+    if not batch_sizes or min(batch_sizes) < 1 or prompt_length < 1 or decode_tokens < 1 or repeats < 1:
+        raise ValueError("batch sizes, --prompt-length, --decode-tokens and --repeats must be >= 1")
+    named = {"model": common.resolve_model(model)}
+    if baseline is not None:
+        named["baseline"] = common.resolve_model(baseline)
+    out = common.check_output(out, list(named.values()))
+    torch_dtype = common.parse_dtype(dtype)
+    device = device or common.default_device()
+    from transformers import AutoTokenizer
+
+    text, description = read_text(data)
+    stream = tokenize_stream(AutoTokenizer.from_pretrained(named["model"]), text)
+    need = max(batch_sizes) * prompt_length
+    if stream.numel() < need:
+        raise ValueError(
+            f"text has {stream.numel()} tokens, {need} needed for the largest batch ({description})"
+        )
+
+    loaded = {role: common.load_model(path, torch_dtype, device)[0] for role, path in named.items()}
+    if kernels:
+        import moecarve.kernels
+
+        moecarve.kernels.enable(loaded["model"])
+    time_generation(loaded["model"], stream[:prompt_length][None], 2)  # warm-up: allocations, kernels
+    if "baseline" in loaded:
+        time_generation(loaded["baseline"], stream[:prompt_length][None], 2)
+
+    rows = []
+    for batch in tqdm(batch_sizes, desc="speed", disable=not progress, leave=False):
+        prompt = stream[: batch * prompt_length].view(batch, prompt_length)
+        timings = {role: [] for role in loaded}
+        for _ in range(repeats):
+            for role, net in loaded.items():
+                timings[role].append(time_generation(net, prompt, decode_tokens))
+        for role, runs in timings.items():
+            prefill = statistics.median(r["prefill_s"] for r in runs)
+            decode = statistics.median(r["decode_s"] for r in runs)
+            rows.append(
+                {
+                    "role": role,
+                    "batch": batch,
+                    "prefill_tokens_per_s": batch * prompt_length / prefill,
+                    "decode_tokens_per_s": batch * decode_tokens / decode,
+                }
+            )
+    record = {
+        "kind": "speed",
+        "cpu_figures": not device.startswith("cuda"),
+        "models": {role: common.describe_model(path) for role, path in named.items()},
+        "rows": rows,
+        "ratios": _ratios(rows),
+        "prompt_length": prompt_length,
+        "decode_tokens": decode_tokens,
+        "repeats": repeats,
+        "statistic": "median over repeats",
+        "dtype": dtype,
+        "kernels": kernels,
+        "prompts": f"first batch x prompt_length tokens of {description}",
+        "versions": common.versions(),
+        "machine": common.machine(device),
+    }
+    common.write_json(record, out)
+    return record
+
+
+def _ratios(rows: list[dict]) -> list[dict]:
+    """model / baseline tokens/s per batch size (> 1: the model is faster)."""
+    by_key = {(r["role"], r["batch"]): r for r in rows}
+    ratios = []
+    for (role, batch), row in by_key.items():
+        base = by_key.get(("baseline", batch))
+        if role == "model" and base is not None:
+            ratios.append(
+                {
+                    "batch": batch,
+                    "prefill": row["prefill_tokens_per_s"] / base["prefill_tokens_per_s"],
+                    "decode": row["decode_tokens_per_s"] / base["decode_tokens_per_s"],
+                }
+            )
+    return ratios

@@ -1,0 +1,84 @@
+"""`moecarve tune ...`: recovery fine-tune of a carved checkpoint."""
+
+from __future__ import annotations
+
+import click
+
+from moecarve.tune.recover import DEFAULT_LORA_TARGETS, RecoverConfig
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+
+
+def _help(name: str) -> str:
+    return RecoverConfig.model_fields[name].description or ""
+
+
+@click.group("tune", context_settings=CONTEXT)
+def group():
+    """Fine-tune carved checkpoints (see docs/tune.md)."""
+
+
+@group.command("recover", context_settings=CONTEXT)
+@click.argument("carved")
+@click.option(
+    "--data",
+    default=None,
+    help="training text, as --calib of carve [default: BoolQ passages minus the protocol's evaluation tokens]",
+)
+@click.option("--steps", type=int, required=True, help=_help("steps"))
+@click.option("--train", default="router,lora", show_default=True, help=_help("train"))
+@click.option("--lora-rank", type=int, default=8, show_default=True)
+@click.option("--lora-alpha", type=float, default=32.0, show_default=True)
+@click.option(
+    "--lora-targets",
+    default=",".join(DEFAULT_LORA_TARGETS),
+    show_default=True,
+    help=_help("lora_targets"),
+)
+@click.option("--lr", type=float, default=2e-4, show_default=True, help=_help("lr"))
+@click.option("--router-lr", type=float, default=1e-2, show_default=True, help=_help("router_lr"))
+@click.option("--bias-rate", type=float, default=1e-5, show_default=True, help=_help("bias_rate"))
+@click.option("--batch-size", type=int, default=4, show_default=True, help=_help("batch_size"))
+@click.option("--grad-accum", type=int, default=1, show_default=True)
+@click.option("--length", type=int, default=512, show_default=True, help=_help("length"))
+@click.option("--warmup", type=int, default=0, show_default=True, help=_help("warmup"))
+@click.option("--save-every", type=int, default=50, show_default=True, help=_help("save_every"))
+@click.option("--distill", type=float, default=0.0, show_default=True, help=_help("distill"))
+@click.option("--teacher", default=None, help="dense model to distil from [default: the carve's source]")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", "-o", required=True, help="output directory (a native glm4_moe checkpoint)")
+@click.option("--checkpoints", default=None, help="checkpoint directory [default: OUT.checkpoints]")
+@click.option("--resume", is_flag=True, help="continue an interrupted run from its last checkpoint")
+@click.option("--overwrite", is_flag=True, help="replace an earlier moecarve output at OUT")
+@click.option("--adapter-out", default=None, help="also save the LoRA adapter alone here")
+@click.option("--eval-ppl", is_flag=True, help="measure protocol perplexity before and after")
+def recover_command(
+    carved, data, out, checkpoints, resume, overwrite, adapter_out, eval_ppl, teacher, **options
+):
+    """Recover the quality of a CARVED checkpoint with a light fine-tune; writes a merged glm4_moe model."""
+    from moecarve.tune.recover import recover
+
+    options["lora_targets"] = tuple(t.strip() for t in options["lora_targets"].split(",") if t.strip())
+    config = RecoverConfig(**options)
+    click.echo(f"training {'+'.join(config.train)} for {config.steps} steps")
+    result = recover(
+        carved,
+        config,
+        data,
+        out,
+        checkpoints=checkpoints,
+        resume=resume,
+        overwrite=overwrite,
+        evaluate=eval_ppl,
+        adapter_out=adapter_out,
+        teacher=teacher,
+    )
+    record = result.record
+    click.echo(
+        f"trained {record['trainable_parameters']:,} parameters on {record['data']['tokens']:,} tokens "
+        f"in {record['seconds']} s; final train loss {record['final_train_loss']:.4f}"
+    )
+    if "protocol_ppl" in record:
+        ppl = record["protocol_ppl"]
+        click.echo(f"protocol PPL: before {ppl['before']['ppl']:.3f}, after {ppl['after']['ppl']:.3f}")
+    click.echo(f"wrote {result.out}")

@@ -1,0 +1,262 @@
+"""Recovery fine-tune of a carved checkpoint (CMoE's lightweight fine-tune, with its defects fixed).
+
+LoRA (peft) on attention and every expert, the router trained with its own step size, and the
+balancing bias updated by the auxiliary-loss-free rule; the loop is the transformers Trainer,
+so `accelerate launch` runs the same code on many GPUs. The result is a native glm4_moe
+checkpoint with the LoRA merged, written atomically; checkpoints live beside it until the end.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from accelerate import PartialState
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, set_seed
+
+from moecarve.carve.writer import atomic_directory, check_output
+from moecarve.tune.adapters import DEFAULT_LORA_TARGETS, trainable_model
+from moecarve.tune.balance import LoadTracker
+from moecarve.tune.data import training_blocks
+from moecarve.tune.trainer import BalanceCallback, Blocks, RecoverTrainer, training_arguments
+
+
+class RecoverConfig(BaseModel):
+    """What `moecarve tune recover` trains, and how."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    steps: int = Field(ge=1, description="optimiser steps")
+    train: tuple[Literal["router", "lora", "full"], ...] = Field(
+        ("router", "lora"), description="router, lora (both by default), or full"
+    )
+    lora_rank: int = Field(8, ge=1)
+    lora_alpha: float = Field(32.0, gt=0)
+    lora_targets: tuple[str, ...] = Field(DEFAULT_LORA_TARGETS, description="module or fused-parameter names")
+    lr: float = Field(2e-4, gt=0, description="learning rate of LoRA (or of all weights with full)")
+    router_lr: float = Field(
+        1e-2,
+        ge=0,
+        description="router step as a fraction of its weights' RMS (Adam steps are ~lr per weight)",
+    )
+    bias_rate: float = Field(
+        1e-5, ge=0, description="balancing-bias change per step (router scores are ~0.5)"
+    )
+    batch_size: int = Field(4, ge=1, description="sequences per step and device")
+    grad_accum: int = Field(1, ge=1)
+    length: int = Field(512, ge=8, description="tokens per training sequence")
+    warmup: int = Field(0, ge=0, description="linear warm-up steps")
+    save_every: int = Field(50, ge=1, description="checkpoint every this many steps")
+    distill: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="weight of distillation (KL to the dense source's next-token distribution) in the loss",
+    )
+    seed: int = 0
+
+    @field_validator("train", mode="before")
+    @classmethod
+    def _split(cls, value):
+        names = tuple(sorted(set(value.split(",") if isinstance(value, str) else value)))
+        if "full" in names and len(names) > 1:
+            raise ValueError("full trains every weight: it combines with nothing")
+        return names
+
+    @property
+    def uses_lora(self) -> bool:
+        return "lora" in self.train
+
+
+@dataclass
+class RecoverResult:
+    out: Path
+    record: dict
+    model: torch.nn.Module  # the merged model as saved
+
+
+def check_carved(model_dir: Path) -> dict:
+    """The model's config.json, refusing anything that is not a carved (glm4_moe) checkpoint."""
+    config_path = model_dir / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"no model at {model_dir} (config.json missing)")
+    config = json.loads(config_path.read_text())
+    if config.get("model_type") != "glm4_moe":
+        raise ValueError(
+            f"{model_dir} is a {config.get('model_type', 'unknown')} model, not a carved MoE checkpoint: "
+            f"run `carve {model_dir} --experts 8 --active 2 --out DIR` first and recover DIR"
+        )
+    return config
+
+
+def recover(
+    model: str | Path,
+    config: RecoverConfig,
+    data: str | Path | None = None,
+    out: str | Path | None = None,
+    *,
+    checkpoints: str | Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    evaluate: bool = False,
+    adapter_out: str | Path | None = None,
+    teacher: str | Path | None = None,
+    callbacks: tuple[TrainerCallback, ...] = (),
+) -> RecoverResult:
+    """Fine-tune the carved checkpoint `model` on `data` and write the merged model to `out`."""
+    started = time.perf_counter()
+    src = Path(model).expanduser()
+    carved_config = check_carved(src)
+    if out is None:
+        raise ValueError("an output directory is needed (--out)")
+    out = Path(out).expanduser()
+    check_output(out, src, overwrite)
+    checkpoints = Path(checkpoints or f"{out}.checkpoints").expanduser()
+    _check_checkpoints(checkpoints, src, config, resume)
+
+    teacher_dir = _teacher_dir(src, teacher, carved_config) if config.distill else None
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    per_step = config.batch_size * config.grad_accum
+    text = training_blocks(tokenizer, data, config.length, config.steps * per_step)
+    if text.blocks.shape[0] < per_step:
+        raise ValueError(
+            f"training text gives {text.blocks.shape[0]} sequences of {config.length} tokens, one step needs "
+            f"{per_step}: give more text or lower --batch-size/--length"
+        )
+
+    base = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    set_seed(config.seed)  # LoRA's initialisation: a resumed run rebuilds the same adapter
+    save_dtype = getattr(torch, carved_config.get("dtype") or carved_config.get("torch_dtype") or "float32")
+    model_ = trainable_model(base, config)
+    tracker = LoadTracker(model_, config.bias_rate)
+    trainable = sum(p.numel() for p in model_.parameters() if p.requires_grad)
+
+    main_process = PartialState().is_main_process  # under `accelerate launch`, one process writes
+    if main_process:
+        checkpoints.mkdir(parents=True, exist_ok=True)
+        (checkpoints / "recover.json").write_text(json.dumps(_identity(src, config), indent=2) + "\n")
+    trainer = RecoverTrainer(
+        model=model_,
+        args=training_arguments(config, checkpoints),
+        train_dataset=Blocks(text.blocks),
+        callbacks=[BalanceCallback(tracker), *callbacks],
+        router_lr=config.router_lr,
+        teacher=_load_teacher(teacher_dir) if teacher_dir else None,
+        distill=config.distill,
+    )
+    last = _last_checkpoint(checkpoints) if resume else None
+    output = trainer.train(resume_from_checkpoint=str(last) if last else None)
+    tracker.remove()
+
+    trained = model_.merge_and_unload() if config.uses_lora else model_
+    if not main_process:
+        return RecoverResult(out=out.resolve(), record={}, model=trained)
+    _cast_parameters(trained, save_dtype)
+    record = _record(src, config, text, trainable, trainer, output, started)
+    with atomic_directory(out) as tmp:
+        if adapter_out and config.uses_lora:
+            model_.save_pretrained(Path(adapter_out).expanduser())
+        trained.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if evaluate:
+            from moecarve.eval.ppl import protocol_ppl
+
+            before = record["source_quality"] or protocol_ppl(src)
+            record["protocol_ppl"] = {"before": before, "after": protocol_ppl(tmp)}
+        (tmp / "carve.json").write_text(json.dumps(_carve_json(src, record), indent=2) + "\n")
+    shutil.rmtree(checkpoints)
+    return RecoverResult(out=out.resolve(), record=record, model=trained)
+
+
+def _teacher_dir(src: Path, teacher, carved_config: dict) -> Path:
+    """The dense model to distil from: `teacher`, else the carve's recorded source."""
+    from moecarve.carve.source import resolve_source
+
+    recorded = _source_record(src)
+    if teacher is None:
+        teacher = recorded.get("source")
+        if teacher is None:
+            raise ValueError(f"{src} has no carve.json naming its dense source: pass --teacher")
+    try:
+        path = resolve_source(teacher)
+    except (ValueError, OSError) as err:
+        raise ValueError(f"distillation teacher {teacher}: {err} (pass --teacher DIR)") from err
+    vocab = json.loads((path / "config.json").read_text()).get("vocab_size")
+    if vocab != carved_config.get("vocab_size"):
+        raise ValueError(
+            f"teacher {path} has vocabulary {vocab}, the carved model {carved_config.get('vocab_size')}"
+        )
+    return path
+
+
+def _load_teacher(path: Path):
+    teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
+def _check_checkpoints(checkpoints: Path, src: Path, config: RecoverConfig, resume: bool) -> None:
+    """A run resumes only its own checkpoints, and never silently restarts over them."""
+    found = checkpoints.is_dir() and any(checkpoints.iterdir())
+    if not resume:
+        if found:
+            raise ValueError(
+                f"{checkpoints} holds checkpoints of an interrupted run: pass --resume, or remove it"
+            )
+        return
+    if not found or _last_checkpoint(checkpoints) is None:
+        raise ValueError(f"--resume: no complete checkpoint in {checkpoints}")
+    saved = json.loads((checkpoints / "recover.json").read_text())
+    if saved != _identity(src, config):
+        raise ValueError(f"--resume: the checkpoints in {checkpoints} are of another model or configuration")
+
+
+def _identity(src: Path, config: RecoverConfig) -> dict:
+    return {"model": str(src.resolve()), "config": config.model_dump(mode="json")}
+
+
+def _last_checkpoint(checkpoints: Path) -> Path | None:
+    """The newest checkpoint the Trainer finished writing (trainer_state.json is written last)."""
+    complete = [p for p in checkpoints.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return max(complete, key=lambda p: int(p.name.split("-")[1]), default=None)
+
+
+def _cast_parameters(model, dtype: torch.dtype) -> None:
+    """Weights back to the carve's dtype; buffers (the fp32 balancing bias) stay as they are."""
+    for param in model.parameters():
+        param.data = param.data.to(dtype)
+
+
+def _record(src, config, text, trainable, trainer, output, started) -> dict:
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    source_record = _source_record(src)
+    quality = source_record.get("quality", {}).get("protocol_ppl", {}).get("carved")
+    return {
+        "config": config.model_dump(mode="json"),
+        "data": {"source": text.source, "tokens": text.tokens, "held_out_tail_tokens": text.held_out_tokens},
+        "trainable_parameters": trainable,
+        "train_loss": [
+            {"step": h["step"], "loss": h["loss"], "load_imbalance": h.get("load_imbalance")} for h in history
+        ],
+        "final_train_loss": output.training_loss,
+        "seconds": round(time.perf_counter() - started, 2),
+        "source_quality": quality,
+    }
+
+
+def _source_record(src: Path) -> dict:
+    path = src / "carve.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _carve_json(src: Path, record: dict) -> dict:
+    """The source's carve.json with this recovery appended to its `tune` list."""
+    carved = _source_record(src)
+    carved.setdefault("tune", []).append({"stage": "recover", "model": str(src), **record})
+    return carved

@@ -1,0 +1,108 @@
+"""The transformers Trainer as recovery runs it: a router step scaled to each router's weights,
+distillation from the dense source, and the balancing rule after every optimiser step."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from moecarve.tune.adapters import is_router_weight
+from moecarve.tune.balance import LoadTracker
+
+
+class Blocks(torch.utils.data.Dataset):
+    def __init__(self, blocks: torch.Tensor):
+        self.blocks = blocks
+
+    def __len__(self):
+        return self.blocks.shape[0]
+
+    def __getitem__(self, index):
+        ids = self.blocks[index]
+        return {"input_ids": ids, "labels": ids}
+
+
+def training_arguments(config, checkpoints: Path) -> TrainingArguments:
+    return TrainingArguments(
+        output_dir=str(checkpoints),
+        max_steps=config.steps,
+        per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.lr,
+        warmup_steps=config.warmup,
+        lr_scheduler_type="cosine",
+        adam_beta1=0.9,
+        adam_beta2=0.95,
+        weight_decay=0.0,
+        logging_steps=max(1, min(10, config.steps // 10)),
+        save_steps=config.save_every,
+        save_total_limit=2,
+        seed=config.seed,
+        data_seed=config.seed,
+        report_to=[],
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(),
+    )
+
+
+class RecoverTrainer(Trainer):
+    """The Trainer with one optimiser group per router (its step scaled to that router's weights)."""
+
+    def __init__(self, *args, router_lr: float, teacher=None, distill: float = 0.0, **kwargs):
+        self.router_lr, self.teacher, self.distill = router_lr, teacher, distill
+        super().__init__(*args, **kwargs)
+        if teacher is not None:
+            teacher.to(self.args.device)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Language-modelling loss, mixed with KL(dense || carved) per token when distilling."""
+        if self.teacher is None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        outputs = model(**inputs)
+        with torch.no_grad():
+            target = self.teacher(input_ids=inputs["input_ids"]).logits[:, :-1].float().log_softmax(-1)
+        student = outputs.logits[:, :-1].float().log_softmax(-1)
+        kl = torch.nn.functional.kl_div(
+            student.flatten(0, 1), target.flatten(0, 1), log_target=True, reduction="batchmean"
+        )
+        loss = (1 - self.distill) * outputs.loss + self.distill * kl
+        return (loss, outputs) if return_outputs else loss
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            model = model or self.model
+            others, groups = [], []
+            for name, param in model.named_parameters():
+                if not param.requires_grad:
+                    continue
+                if is_router_weight(name):
+                    scale = param.detach().float().pow(2).mean().sqrt().item()
+                    groups.append({"params": [param], "lr": self.router_lr * max(scale, 1e-12)})
+                else:
+                    others.append(param)
+            groups.insert(0, {"params": others, "lr": self.args.learning_rate})  # the logged lr
+            self.optimizer = torch.optim.AdamW(
+                [g for g in groups if g["params"]],
+                betas=(self.args.adam_beta1, self.args.adam_beta2),
+                weight_decay=self.args.weight_decay,
+            )
+        return self.optimizer
+
+    def log(self, logs, *args, **kwargs):
+        tracker = next(
+            cb.tracker for cb in self.callback_handler.callbacks if isinstance(cb, BalanceCallback)
+        )
+        if "loss" in logs:
+            logs["load_imbalance"] = round(tracker.last_imbalance, 3)
+        super().log(logs, *args, **kwargs)
+
+
+class BalanceCallback(TrainerCallback):
+    def __init__(self, tracker: LoadTracker):
+        self.tracker = tracker
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.tracker.step()

@@ -1,0 +1,117 @@
+"""Recipe validation: every malformed recipe fails before any work, naming the file, line and key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from moecarve.batch.recipe import RecipeError, load_recipe
+
+GOOD = """\
+name: sweep
+output: out
+models:
+  - {name: m, path: some/model}
+stages: [carve, eval_ppl]
+configs:
+  - {experts: 8, active: 2}
+  - {experts: 16, active: 4, shared: 2}
+eval_ppl: {windows: 4, length: 128}
+"""
+
+# (what to change in GOOD, expected line, expected text in the message)
+BAD = {
+    "unknown top-level key": (("output: out", "output: out\noutptu: x"), 3, "outptu: unknown key"),
+    "unknown carve setting in a configuration": (
+        ("{experts: 16, active: 4, shared: 2}", "{experts: 16, activ: 4, shared: 2}"),
+        8,
+        "configs[1].activ: unknown carve setting",
+    ),
+    "wrong type": (("{experts: 8, active: 2}", "{experts: eight, active: 2}"), 7, "configs[0].experts"),
+    "impossible configuration": (
+        ("{experts: 8, active: 2}", "{experts: 8, active: 8}"),
+        7,
+        "exceeds --experts 8",
+    ),
+    "unknown stage": (("[carve, eval_ppl]", "[carve, eval_pl]"), 5, "stages[1]"),
+    "stages out of order": (("[carve, eval_ppl]", "[eval_ppl, carve]"), 1, "in the order"),
+    "missing models": (("models:\n  - {name: m, path: some/model}\n", ""), 1, "models: missing"),
+    "model with two sources": (("path: some/model}", "path: some/model, tiny: llama}"), 4, "exactly one"),
+    "unknown tiny family": (("path: some/model}", "tiny: gemma}"), 4, "models[0].tiny"),
+    "model name with a slash": (("{name: m,", "{name: a/b,"), 4, "models[0].name"),
+    "bad ppl option": (("{windows: 4, length: 128}", "{windows: 0, length: 128}"), 9, "eval_ppl.windows"),
+    "duplicate key": (("name: sweep", "name: sweep\nname: other"), 2, "name: duplicate key"),
+    "duplicate configuration": (
+        ("{experts: 16, active: 4, shared: 2}", "{experts: 8, active: 2}"),
+        8,
+        "is used twice",
+    ),
+    "settings for a stage not run": (
+        ("eval_ppl: {windows", "eval_tasks: {tasks: [piqa]}\neval_ppl: {windows"),
+        1,
+        "eval_tasks is not in stages",
+    ),
+    "unknown task": (
+        ("[carve, eval_ppl]", "[carve, eval_ppl, eval_tasks]\neval_tasks: {tasks: [piqa, pika]}"),
+        6,
+        "unknown task 'pika'",
+    ),
+    "not YAML": (("  - {experts: 8, active: 2}", "  - {experts: 8, active: 2"), 8, "not valid YAML"),
+}
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_good_recipe_expands_models_x_configs(tmp_path):
+    loaded = load_recipe(write(tmp_path, GOOD + "dense: true\n"))
+    assert [job.name for job in loaded.jobs] == ["m-dense", "m-S1A2E8", "m-S2A4E16"]
+    assert loaded.jobs[0].stages == ("eval_ppl",) and loaded.jobs[0].carve is None
+    assert loaded.jobs[2].carve.active_fraction == 6 / 16
+    assert loaded.output() == tmp_path / "out"  # relative to the recipe file, not the working directory
+
+
+def test_shared_defaults_then_model_then_configuration(tmp_path):
+    text = GOOD.replace("{name: m, path: some/model}", "{name: m, path: some/model, carve: {seed: 2}}")
+    text = text.replace("{experts: 8, active: 2}", "{experts: 8, active: 2, seed: 3}")
+    text += "carve: {seed: 1, calib_length: 64, calib_tokens: 640}\n"
+    jobs = load_recipe(write(tmp_path, text)).jobs
+    assert [job.carve.seed for job in jobs] == [3, 2]
+    assert {job.carve.calib_length for job in jobs} == {64}
+
+
+def test_fingerprint_follows_the_settings(tmp_path):
+    first = load_recipe(write(tmp_path, GOOD)).jobs
+    again = load_recipe(write(tmp_path, GOOD)).jobs
+    changed = load_recipe(write(tmp_path, GOOD.replace("length: 128", "length: 64"))).jobs
+    assert [j.fingerprint for j in first] == [j.fingerprint for j in again]
+    assert all(a.fingerprint != b.fingerprint for a, b in zip(first, changed, strict=True))
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_recipe_names_line_and_key(tmp_path, case):
+    (old, new), line, text = BAD[case]
+    assert old in GOOD
+    path = write(tmp_path, GOOD.replace(old, new, 1))
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}:{line}: "), message
+    assert text in message
+    assert "\n" not in message
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="recipe not found"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize("name, jobs", [("bundled-sweep", 10), ("families", 12)])
+def test_shipped_recipes_validate(name, jobs):
+    loaded = load_recipe(Path(__file__).parents[2] / "recipes" / f"{name}.yaml")
+    assert len(loaded.jobs) == jobs
+    assert all(job.stages[-2:] == ("eval_ppl", "eval_tasks") for job in loaded.jobs)

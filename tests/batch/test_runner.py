@@ -1,0 +1,169 @@
+"""Running recipes: the table, failures, dry runs, --only, refusals, and resuming after a SIGKILL."""
+
+from __future__ import annotations
+
+import csv
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from moecarve.batch import runner
+from moecarve.batch.cli import batch_command
+from tests.batch.conftest import JOBS
+
+TIMINGS = "seconds"  # columns ending so are timings: the only cells two identical runs may differ in
+
+
+def rows(output: Path) -> list[dict]:
+    table = json.loads((output / "results.json").read_text())
+    return [{k: v for k, v in row.items() if not k.endswith(TIMINGS)} for row in table["rows"]]
+
+
+def csv_rows(output: Path) -> list[dict]:
+    with (output / "results.csv").open() as handle:
+        return [{k: v for k, v in row.items() if not k.endswith(TIMINGS)} for row in csv.DictReader(handle)]
+
+
+def test_table_records_results_and_the_failure(reference):
+    table = {row["job"]: row for row in rows(reference)}
+    assert list(table) == JOBS
+    assert [table[j]["status"] for j in JOBS] == ["ok", "ok", "ok", "failed"]
+    dense, sparse, full, failed = (table[j] for j in JOBS)
+    assert dense["ppl"] > 1 and sparse["ppl"] > 1 and dense["ppl_tokens"] == sparse["ppl_tokens"] == 254
+    assert full["ppl"] == pytest.approx(dense["ppl"], rel=1e-4)  # every routed expert: the dense model
+    assert sparse["ppl"] != pytest.approx(dense["ppl"], rel=1e-4)
+    assert sparse["active_fraction"] == 0.375 and sparse["neurons_per_expert"] == 12
+    assert "neuron" in failed["error"] and failed["ppl"] is None  # recorded, and the batch went on
+    assert (reference / "jobs" / "llama-S1A2E128" / "error.txt").read_text().startswith("Traceback")
+    assert (reference / "jobs" / "llama-S1A2E8" / "model" / "config.json").is_file()
+    ppl_record = json.loads((reference / "jobs" / "llama-S1A2E8" / "ppl.json").read_text())
+    assert ppl_record["results"][0]["model"] == str(reference / "jobs" / "llama-S1A2E8" / "model")
+    markdown = (reference / "results.md").read_text()
+    assert "3 of 4 jobs done" in markdown and markdown.count("\n| llama-") == 4
+
+
+def test_cli_exit_status_and_dry_run(make_recipe, reference, tmp_path):
+    recipe = make_recipe(tmp_path)
+    result = CliRunner().invoke(batch_command, [str(recipe), "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert all(job in result.output for job in JOBS) and "4 of 4 job(s) to run" in result.output
+    assert not (tmp_path / "out").exists()  # a dry run writes nothing
+
+    # Against a finished output: the plan says what a run would skip and what it would retry.
+    result = CliRunner().invoke(batch_command, [str(recipe), "--dry-run", "--out", str(reference)])
+    assert "done, skipped" in result.output and "failed, runs again" in result.output
+    assert "1 of 4 job(s) to run" in result.output
+
+
+def test_only_runs_one_job_by_name_or_index(make_recipe, reference, tmp_path):
+    recipe = make_recipe(tmp_path)
+    result = CliRunner().invoke(batch_command, [str(recipe), "--only", "1", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "out"
+    assert sorted(p.name for p in (out / "jobs").iterdir() if not p.name.startswith(".")) == ["llama-S1A2E8"]
+    got = {row["job"]: row for row in rows(out)}
+    want = {row["job"]: row for row in rows(reference)}
+    assert got["llama-S1A2E8"] == want["llama-S1A2E8"]
+    assert [got[j]["status"] for j in JOBS] == ["pending", "ok", "pending", "pending"]
+    result = CliRunner().invoke(batch_command, [str(recipe), "--only", "llama-S1A2E128", "--no-progress"])
+    assert result.exit_code == 1  # the job failed: recorded, and said by the exit status
+    batch = runner.open_batch(recipe)
+    assert batch.status(batch.jobs[3]) == "failed"
+    with pytest.raises(ValueError, match="no such job"):
+        runner.select(runner.open_batch(recipe), "llama-S9A9E9")
+
+
+def test_output_of_another_recipe_is_refused(make_recipe, tmp_path):
+    first = runner.open_batch(make_recipe(tmp_path / "a", name="first"), tmp_path / "shared")
+    runner.prepare(first, [])  # claims the output
+    with pytest.raises(ValueError, match="belongs to recipe 'first'"):
+        runner.open_batch(make_recipe(tmp_path / "b", name="second"), tmp_path / "shared")
+    stranger = tmp_path / "stranger"
+    (stranger / "notes.txt").parent.mkdir()
+    (stranger / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not a batch output"):
+        runner.open_batch(make_recipe(tmp_path / "c"), stranger)
+
+
+def test_changed_settings_of_a_finished_job_are_refused(make_recipe, reference, tmp_path):
+    recipe = make_recipe(tmp_path)
+    runner.open_batch(recipe, reference)  # same settings: accepted
+    recipe.write_text(recipe.read_text().replace("calib_tokens: 1024", "calib_tokens: 512"))
+    with pytest.raises(ValueError, match="llama-S1A2E8 .* other settings"):
+        runner.open_batch(recipe, reference)
+
+
+def test_missing_model_fails_before_work(make_recipe, tmp_path):
+    recipe = make_recipe(tmp_path)
+    recipe.write_text(recipe.read_text().replace("path: /", "path: /nonexistent/"))
+    with pytest.raises(FileNotFoundError, match="model llama: not found"):
+        runner.open_batch(recipe)
+    assert not (tmp_path / "out").exists()
+
+
+def _locks_free(jobs_dir: Path, timeout: float = 20) -> bool:
+    """True once no process holds a job lock (the killed run's job processes have died)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        busy = False
+        for lock in jobs_dir.glob(".*.lock"):
+            with lock.open("a") as handle:
+                try:
+                    fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(handle, fcntl.LOCK_UN)
+                except BlockingIOError:
+                    busy = True
+        if not busy:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_killed_run_resumes_to_the_uninterrupted_table(make_recipe, reference, tmp_path):
+    """SIGKILL `moecarve batch --jobs 2` once its first job is done, run it again: same table."""
+    recipe = make_recipe(tmp_path)
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "moecarve.batch.cli", str(recipe), "--jobs", "2", "--no-progress"]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not any((out / "jobs").glob("*/result.json")):
+        assert process.poll() is None, process.stderr.read().decode()
+        assert time.time() < deadline, "no job finished in 120 s"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    process.stderr.close()
+    assert _locks_free(out / "jobs"), "a job process outlived the killed batch"
+    interrupted = [row["status"] for row in rows(out)]
+    assert "pending" in interrupted, "the kill came after the last job: nothing was interrupted"
+    done = [p for p in (out / "jobs").glob("*/result.json") if json.loads(p.read_text())["status"] == "ok"]
+    finished = {path: path.stat().st_mtime_ns for path in done}
+    assert finished
+
+    result = CliRunner().invoke(batch_command, [str(recipe), "--no-progress"])
+    assert result.exit_code == 1, result.output  # the recipe's failing job fails again, recorded
+    assert rows(out) == rows(reference)
+    assert csv_rows(out) == csv_rows(reference)
+    leftovers = sorted(p.name for p in (out / "jobs").iterdir() if not p.name.endswith(".lock"))
+    assert leftovers == sorted(JOBS)  # nothing half-written, nothing doubled
+    assert {path: path.stat().st_mtime_ns for path in finished} == finished  # done jobs were skipped
+
+
+def test_interrupted_job_starts_clean(make_recipe, tmp_path):
+    """What a kill leaves of a job (its temporary directory) is removed before the job runs again."""
+    recipe = make_recipe(tmp_path)
+    batch = runner.open_batch(recipe)
+    stale = batch.output / "jobs" / ".llama-dense.tmp-killed"
+    stale.mkdir(parents=True)
+    (stale / "ppl.json").write_text("{half")
+    record = runner.run_job(batch, batch.jobs[0], progress=False)
+    assert record["status"] == "ok" and not stale.exists()
+    assert sorted(os.listdir(batch.job_dir(batch.jobs[0]))) == ["ppl.json", "result.json"]

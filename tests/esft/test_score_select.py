@@ -1,0 +1,105 @@
+"""Scores sum to 1 per layer; selection respects p and the one-expert minimum; bad input refused."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from moecarve.esft import score, select
+
+TOKENS = 256
+
+
+@pytest.fixture(scope="module")
+def carved_scores(tiny_carved, task_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("scores") / "scores.json"
+    return score.score(tiny_carved, task_file, out, tokens=TOKENS), out
+
+
+def check_sums(record):
+    for kind in score.SCORES:
+        layers = record["scores"][kind]
+        assert sorted(layers, key=int) == [str(i) for i in record["moe_layers"]]
+        for values in layers.values():
+            assert len(values) == record["num_experts"]
+            assert sum(values) == pytest.approx(1.0, abs=1e-9)
+            assert min(values) >= 0
+
+
+def test_carved_scores(carved_scores):
+    record, out = carved_scores
+    check_sums(record)
+    assert TOKENS - 40 < record["tokens"] <= TOKENS
+    assert out.with_suffix(".png").stat().st_size > 1000
+    assert json.loads(out.read_text()) == record
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral", "deepseek_v2"])
+def test_native_scores(native_models, task_file, tmp_path, family):
+    check_sums(score.score(native_models[family], task_file, tmp_path / "s.json", tokens=64))
+
+
+def test_sequence_scores_by_hand():
+    import torch
+
+    from moecarve.moe import Routing
+
+    routing = Routing(torch.tensor([[0, 2], [2, 3]]), torch.tensor([[0.5, 0.25], [1.0, 0.5]]))
+    got = score.sequence_scores(routing, 4)
+    assert got["token"].tolist() == [0.25, 0.0, 0.5, 0.25]
+    assert got["gate"].tolist() == [0.25, 0.0, 0.625, 0.25]
+
+
+@pytest.mark.parametrize("p", [0.05, 0.2, 0.5, 1.0])
+@pytest.mark.parametrize("kind", ["token", "gate"])
+def test_select_respects_p(carved_scores, p, kind):
+    record, _ = carved_scores
+    result = select.select(record, kind, p)
+    for index, chosen in result["experts"].items():
+        values = record["scores"][kind][index]
+        assert chosen  # at least one per layer
+        assert sum(values[e] for e in chosen) >= p - 1e-9
+        # fewest: dropping the weakest chosen expert falls short of p
+        rest = sum(values[e] for e in chosen) - min(values[e] for e in chosen)
+        assert len(chosen) == 1 or rest < p - 1e-9
+        # the chosen ones are the top scorers
+        assert min(values[e] for e in chosen) >= max(
+            (values[e] for e in range(len(values)) if e not in chosen), default=0
+        )
+    assert result["selected"] == sum(len(v) for v in result["experts"].values())
+    assert result["trainable_parameters"] == result["selected"] * record["expert_parameters"]
+
+
+def test_select_minimum_one():
+    assert select.choose([0.0, 0.0, 1.0], 1e-12) == [2]
+    assert select.choose([0.4, 0.3, 0.3], 0.5) == [0, 1]
+
+
+@pytest.mark.parametrize("p", [0, -0.1, 1.5])
+def test_select_refuses_p(carved_scores, p):
+    with pytest.raises(ValueError, match=r"--p must be in \(0, 1\]"):
+        select.select(carved_scores[0], "token", p)
+
+
+def test_select_refuses_other_files(tmp_path):
+    bad = tmp_path / "x.json"
+    bad.write_text('{"a": 1}')
+    with pytest.raises(ValueError, match="not an `esft score` output"):
+        select.select(bad, "token", 0.2)
+    with pytest.raises(FileNotFoundError):
+        select.select(tmp_path / "missing.json", "token", 0.2)
+
+
+def test_score_refuses_dense_model_before_reading_data(tiny_models, tmp_path):
+    with pytest.raises(ValueError, match="carve it first"):
+        score.score(tiny_models["llama"], tmp_path / "no-such-task.jsonl", tmp_path / "s.json")
+    assert not (tmp_path / "s.json").exists()
+
+
+def test_score_refuses_data_without_examples(tiny_carved, tmp_path):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    with pytest.raises(ValueError, match="no usable examples"):
+        score.score(tiny_carved, empty, tmp_path / "s.json")
+    assert not (tmp_path / "s.json").exists()

@@ -1,0 +1,146 @@
+"""Train changes only the selected expert slices (every tensor compared); merge reloads natively."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from moecarve import moe
+from moecarve.esft import merge, select, train
+from moecarve.esft.optim import SliceAdamW, mask_gradient
+from moecarve.esft.shape import model_shape
+
+# lr large enough that every trained slice moves in fp32 after a few steps; weight decay on, so a
+# frozen slice that were decayed would differ too.
+CONFIG = train.EsftConfig(steps=3, lr=1e-2, batch_size=4, weight_decay=0.1, max_length=64)
+
+
+def experts_file(model_dir, path, experts):
+    shape = model_shape(model_dir)
+    record = {**shape.record(), "experts": {str(k): v for k, v in experts.items()}}
+    path.write_text(json.dumps(record))
+    return path
+
+
+def state(model_dir):
+    return {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(model_dir).state_dict().items()}
+
+
+def expected_changes(model_dir, experts, shared=False):
+    """name -> expert rows that must change (None: whole tensor); everything else must not."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    out = {}
+    for layer in moe.moe_layers(model):
+        if layer.index in experts:
+            out.update(dict.fromkeys(layer.expert_parameters(), experts[layer.index]))
+        if shared:
+            out.update(dict.fromkeys(layer.shared_parameters()))
+    return out
+
+
+def compare_every_tensor(before, after, changes):
+    assert before.keys() == after.keys()
+    for name, old in before.items():
+        new = after[name]
+        rows = changes.get(name, "frozen")
+        if rows == "frozen":
+            assert torch.equal(old, new), f"{name} changed"
+        elif rows is None:
+            assert not torch.equal(old, new), f"{name} did not train"
+        else:
+            for e in range(old.shape[0]):
+                same = torch.equal(old[e], new[e])
+                assert same != (e in rows), f"{name}[{e}] {'changed' if same is False else 'did not train'}"
+
+
+def test_train_and_merge_carved(tiny_carved, task_file, tmp_path):
+    experts = {0: [1, 4], 1: [6]}
+    efile = experts_file(tiny_carved, tmp_path / "experts.json", experts)
+    result = train.train(tiny_carved, efile, task_file, tmp_path / "adapter", CONFIG)
+    saved = load_file(str(tmp_path / "adapter" / train.TENSORS_FILE))
+    changes = expected_changes(tiny_carved, experts)
+    assert set(saved) == set(changes)  # only trained tensors saved, as selected slices
+    assert all(saved[n].shape[0] == len(rows) for n, rows in changes.items())
+    assert result["trainable_parameters"] == sum(t.numel() for t in saved.values())
+    merged = merge.merge(tiny_carved, tmp_path / "adapter", tmp_path / "merged")
+    compare_every_tensor(state(tiny_carved), state(merged), changes)
+    assert (merged / "carve.json").is_file() and (merged / "tokenizer.json").is_file()
+    reloaded = AutoModelForCausalLM.from_pretrained(merged)  # stock transformers, no remote code
+    assert reloaded.config.model_type == "glm4_moe"
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v2"])
+def test_train_native_with_shared(native_models, task_file, tmp_path, family):
+    model_dir = native_models[family]
+    layers = model_shape(model_dir).moe_layers
+    experts = {layers[0]: [0, 7], layers[-1]: [3]}
+    config = CONFIG.model_copy(update={"steps": 2, "train_shared": True})
+    train.train(
+        model_dir, experts_file(model_dir, tmp_path / "e.json", experts), task_file, tmp_path / "a", config
+    )
+    merged = merge.merge(model_dir, tmp_path / "a", tmp_path / "m")
+    compare_every_tensor(state(model_dir), state(merged), expected_changes(model_dir, experts, shared=True))
+
+
+def test_slice_adamw_matches_adamw_and_keeps_frozen_slices():
+    torch.manual_seed(0)
+    weight = torch.randn(5, 3, 4)
+    grads = [torch.randn(5, 3, 4) for _ in range(3)]
+    rows = torch.tensor([1, 3])
+    ours = torch.nn.Parameter(weight.clone())
+    reference = torch.nn.Parameter(weight.clone())
+    plain = torch.nn.Parameter(weight.clone())
+    mask_gradient(ours, rows)
+    mask_gradient(plain, rows)
+    opt = SliceAdamW([{"params": [ours], "rows": rows}], lr=0.1, weight_decay=0.1)
+    ref = torch.optim.AdamW([reference], lr=0.1, betas=(0.9, 0.95), weight_decay=0.1)
+    naive = torch.optim.AdamW([plain], lr=0.1, betas=(0.9, 0.95), weight_decay=0.1)
+    for g in grads:
+        for p, o in ((ours, opt), (reference, ref), (plain, naive)):
+            o.zero_grad()
+            (p * g).sum().backward()
+            o.step()
+    frozen = [0, 2, 4]
+    assert torch.equal(ours.data[frozen], weight[frozen])  # bit-identical
+    torch.testing.assert_close(ours.data[rows], reference.data[rows])  # AdamW on the trained rows
+    assert opt.state[ours]["exp_avg"].shape == (2, 3, 4)  # moments only for selected slices
+    assert not torch.equal(plain.data[frozen], weight[frozen])  # why: masked grads alone still decay
+
+
+def test_wrong_experts_file_refused(tiny_carved, task_file, tmp_path):
+    shape = model_shape(tiny_carved)
+    cases = {
+        "names experts \\[9\\]": {**shape.record(), "experts": {"0": [9]}},
+        "not a MoE layer": {**shape.record(), "experts": {"7": [1]}},
+        "selects no experts": {**shape.record(), "experts": {"0": []}},
+        "for another model: num_experts": {**shape.record(), "num_experts": 15, "experts": {"0": [1]}},
+        "for another model: moe_layers": {**shape.record(), "moe_layers": [0, 1, 2], "experts": {"0": [1]}},
+    }
+    for message, record in cases.items():
+        path = tmp_path / "e.json"
+        path.write_text(json.dumps(record))
+        with pytest.raises(ValueError, match=message):
+            train.train(tiny_carved, path, task_file, tmp_path / "out", CONFIG)
+        assert not (tmp_path / "out").exists()
+
+
+def test_scores_of_another_model_refused(native_models, tiny_carved, task_file, tmp_path):
+    from moecarve.esft import score
+
+    score.score(native_models["mixtral"], task_file, tmp_path / "s.json", tokens=32)
+    select.select(tmp_path / "s.json", "token", 0.2, tmp_path / "e.json")
+    with pytest.raises(ValueError, match="is for another model: model_type"):
+        train.train(tiny_carved, tmp_path / "e.json", task_file, tmp_path / "out", CONFIG)
+
+
+def test_merge_refuses_adapter_of_another_model(native_models, tiny_carved, task_file, tmp_path):
+    model_dir = native_models["qwen3_moe"]
+    efile = experts_file(model_dir, tmp_path / "e.json", {0: [1]})
+    train.train(model_dir, efile, task_file, tmp_path / "a", CONFIG.model_copy(update={"steps": 1}))
+    with pytest.raises(ValueError, match="for another model"):
+        merge.merge(tiny_carved, tmp_path / "a", tmp_path / "m")
+    assert not (tmp_path / "m").exists()

@@ -1,0 +1,95 @@
+"""eval load (hooks on the routers) and eval speed (side-by-side timing harness) on tiny models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from moecarve.eval.load import count_tokens, evaluate_load, imbalance, routers
+from moecarve.eval.speed import evaluate_speed, time_generation
+
+
+def test_imbalance_definition():
+    assert imbalance(torch.tensor([2, 2, 2, 2])) == {
+        "max_over_mean": 1.0,
+        "min_over_mean": 1.0,
+        "idle_experts": 0,
+    }
+    assert imbalance(torch.tensor([8, 0, 0, 0])) == {
+        "max_over_mean": 4.0,
+        "min_over_mean": 0.0,
+        "idle_experts": 3,
+    }
+
+
+def test_counts_follow_the_router(tiny_carved):
+    model = AutoModelForCausalLM.from_pretrained(tiny_carved, dtype=torch.float32).eval()
+    windows = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    gate = routers(model)[0]
+    with torch.no_grad():  # a huge correction bias makes expert 3 of layer 0 everyone's pick
+        gate.e_score_correction_bias[3] = 100.0
+    counts = count_tokens(model, windows, progress=False)
+    assert set(counts) == set(range(model.config.num_hidden_layers))
+    assert counts[0][3] == 32
+    for layer_counts in counts.values():
+        assert layer_counts.sum() == 32 * gate.top_k  # every token goes to exactly top_k routed experts
+    assert not any(hook for g in routers(model).values() for hook in g._forward_hooks.values())
+
+
+def test_evaluate_load_record(tiny_carved, calib_file, tmp_path, unchanged):
+    unchanged(tiny_carved)
+    out = tmp_path / "load.json"
+    record = evaluate_load(tiny_carved, calib_file, windows=2, length=32, out=out, progress=False)
+    assert json.loads(out.read_text()) == record
+    assert record["tokens"] == 64 and record["top_k"] == 2 and record["routed_experts"] == 7
+    for row in record["layers"]:
+        assert sum(row["tokens_per_expert"]) == 64 * 2
+        assert row["max_over_mean"] == pytest.approx(max(row["tokens_per_expert"]) / (128 / 7))
+    assert record["summary"]["worst_max_over_mean"] == max(r["max_over_mean"] for r in record["layers"])
+
+
+def test_load_refuses_dense(tiny_models, calib_file):
+    with pytest.raises(ValueError, match="has no routed experts"):
+        evaluate_load(tiny_models["llama"], calib_file, windows=1, length=16, progress=False)
+
+
+def test_decode_is_incremental(tiny_models):
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32).eval()
+    lengths = []
+    model.register_forward_pre_hook(
+        lambda _m, args, kwargs: lengths.append(kwargs.get("input_ids", args and args[0]).shape),
+        with_kwargs=True,
+    )
+    timing = time_generation(model, torch.ones(3, 10, dtype=torch.long), decode_tokens=4)
+    assert lengths == [(3, 10)] + [(3, 1)] * 4  # one prefill, then one token per sequence per step
+    assert timing["prefill_s"] > 0 and timing["decode_s"] > 0
+
+
+def test_speed_side_by_side(tiny_models, tiny_carved, calib_file, tmp_path, unchanged):
+    unchanged(tiny_models["llama"], tiny_carved)
+    out = tmp_path / "speed.json"
+    record = evaluate_speed(
+        tiny_carved, tiny_models["llama"], (1, 2), prompt_length=8, decode_tokens=2, repeats=1,
+        device="cpu", data=calib_file, out=out, progress=False,
+    )  # fmt: skip
+    assert json.loads(out.read_text()) == record
+    assert record["cpu_figures"] is True and record["machine"]["device"] == "cpu"
+    assert [(r["role"], r["batch"]) for r in record["rows"]] == [
+        ("model", 1), ("baseline", 1), ("model", 2), ("baseline", 2),
+    ]  # fmt: skip
+    assert record["models"]["model"]["name"] == "S1A2E8" and record["models"]["baseline"]["name"] == "dense"
+    rows = {(r["role"], r["batch"]): r for r in record["rows"]}
+    for ratio in record["ratios"]:
+        model, base = rows[("model", ratio["batch"])], rows[("baseline", ratio["batch"])]
+        assert ratio["decode"] == pytest.approx(model["decode_tokens_per_s"] / base["decode_tokens_per_s"])
+        assert ratio["prefill"] == pytest.approx(model["prefill_tokens_per_s"] / base["prefill_tokens_per_s"])
+
+
+def test_speed_text_too_short(tiny_models, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("the router and the expert")
+    with pytest.raises(ValueError, match="needed for the largest batch"):
+        evaluate_speed(tiny_models["llama"], batch_sizes=(8,), prompt_length=64, device="cpu", data=short)

@@ -1,0 +1,104 @@
+"""eval ppl: shared windows across models, the PPL checked against transformers' own loss, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from moecarve.carve.calib import tokenize_stream
+from moecarve.eval.ppl import evaluate_ppl, protocol_ppl
+
+
+def _reference_ppl(model_dir, text: str, windows: int, length: int) -> float:
+    """exp of transformers' mean causal-LM loss over the last windows x length tokens."""
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = tokenize_stream(tokenizer, text)[-windows * length :].view(windows, length)
+    with torch.no_grad():
+        losses = [model(row[None], labels=row[None]).loss.item() for row in ids]
+    return math.exp(sum(losses) / len(losses))  # equal-length windows: mean of means = overall mean
+
+
+def test_models_share_windows_and_match_transformers_loss(
+    tiny_models, tiny_carved, calib_file, tmp_path, unchanged
+):
+    unchanged(tiny_models["llama"], tiny_carved)
+    out = tmp_path / "ppl.json"
+    record = evaluate_ppl(
+        [tiny_models["llama"], tiny_carved], calib_file, windows=3, length=64, out=out, progress=False
+    )
+    dense, carved = record["results"]
+    assert json.loads(out.read_text()) == record
+    assert dense["tokens_scored"] == carved["tokens_scored"] == 3 * 63
+    assert dense["name"] == "dense" and dense["active_fraction"] == 1.0
+    assert carved["name"] == "S1A2E8" and carved["active_fraction"] == pytest.approx(3 / 8)
+    text = calib_file.read_text()
+    for row, model_dir in ((dense, tiny_models["llama"]), (carved, tiny_carved)):
+        assert row["ppl"] == pytest.approx(_reference_ppl(model_dir, text, 3, 64), rel=1e-5)
+    assert dense["ppl"] != carved["ppl"]
+    assert record["protocol"]["windows"] == 3 and record["protocol"]["length"] == 64
+    assert {"torch", "transformers", "moecarve"} <= set(record["versions"]) and record["seed"] == 0
+
+
+def test_protocol_ppl_signature_kept(tiny_models, calib_file):
+    result = protocol_ppl(tiny_models["qwen2"], windows=2, length=32, data=calib_file)
+    assert result["tokens_scored"] == 2 * 31 and result["windows"] == 2 and result["length"] == 32
+    assert result["ppl"] == pytest.approx(
+        _reference_ppl(tiny_models["qwen2"], calib_file.read_text(), 2, 32), rel=1e-5
+    )
+
+
+def test_text_too_short(tiny_models, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("the expert and the router")
+    with pytest.raises(ValueError, match=r"text has \d+ tokens, 16 x 2048 needed"):
+        evaluate_ppl([tiny_models["llama"]], short)
+
+
+def test_bad_models_fail_before_work(tiny_models, tmp_path):
+    with pytest.raises(FileNotFoundError, match="model not found"):
+        evaluate_ppl([tiny_models["llama"], tmp_path / "nope"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        evaluate_ppl([tmp_path / "empty"])
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="unreadable"):
+        evaluate_ppl([broken])
+
+
+def test_refuses_to_write_into_the_model(tiny_models, calib_file, unchanged):
+    unchanged(tiny_models["llama"])
+    with pytest.raises(ValueError, match="never writes there"):
+        evaluate_ppl([tiny_models["llama"]], calib_file, 2, 32, out=tiny_models["llama"] / "ppl.json")
+
+
+def test_cli_prints_one_line_error(tmp_path, monkeypatch, capsys):
+    """Through moecarve.cli's error handler, as `moecarve eval ppl` runs it."""
+    from moecarve.cli import _run
+    from moecarve.eval.cli import group
+
+    monkeypatch.setattr(sys, "argv", ["moecarve-eval", "ppl", str(tmp_path / "nope")])
+    with pytest.raises(SystemExit) as exit_info:
+        _run(group)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip() == f"error: model not found: {tmp_path / 'nope'}"
+
+
+def test_cli_table(tiny_models, calib_file, tmp_path):
+    from click.testing import CliRunner
+
+    from moecarve.eval.cli import group
+
+    out = tmp_path / "r" / "ppl.json"
+    args = ["ppl", str(tiny_models["llama"]), "--data", str(calib_file), "--windows", "2", "--length", "32"]
+    result = CliRunner().invoke(group, [*args, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    ppl = json.loads(out.read_text())["results"][0]["ppl"]
+    assert f"{ppl:.3f}" in result.output

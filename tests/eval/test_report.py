@@ -1,0 +1,72 @@
+"""eval report: tables and plots rendered from the JSON records the other commands wrote."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+
+import pytest
+
+from moecarve.eval.load import evaluate_load
+from moecarve.eval.ppl import evaluate_ppl
+from moecarve.eval.report import render_report
+from moecarve.eval.speed import evaluate_speed
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_from_real_records(tiny_models, tiny_carved, calib_file, tiny_tasks_record, tmp_path):
+    results = tmp_path / "results"
+    dense, carved = tiny_models["llama"], tiny_carved
+    ppl = evaluate_ppl([dense, carved], calib_file, 2, 32, out=results / "ppl.json", progress=False)
+    load = evaluate_load(carved, calib_file, 1, 32, out=results / "load.json", progress=False)
+    evaluate_speed(
+        carved,
+        dense,
+        (1, 2),
+        8,
+        2,
+        1,
+        device="cpu",
+        data=calib_file,
+        out=results / "speed.json",
+        progress=False,
+    )
+    shutil.copy(tiny_tasks_record[0], results / "tasks.json")
+    (results / "other.json").write_text(json.dumps({"not": "an eval record"}))
+
+    written = render_report(results, tmp_path / "report")
+    names = {p.name for p in written}
+    assert {
+        "report.md",
+        "ppl.csv",
+        "ppl_vs_active.png",
+        "tasks.csv",
+        "speed.csv",
+        "speed_vs_batch.png",
+    } <= names
+    for png in (p for p in written if p.suffix == ".png"):
+        assert png.read_bytes()[:8] == PNG
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    for result in ppl["results"]:
+        assert f"| {result['name']} | {result['active_fraction']:.3f} | {result['ppl']:.3f} |" in markdown
+    arc = tiny_tasks_record[1]["tasks"]["arc_easy"]
+    assert f"{arc['acc']:.3f} / {arc['acc_norm']:.3f} (4)" in markdown
+    with (tmp_path / "report" / "ppl.csv").open() as handle:
+        assert sorted(float(r["ppl"]) for r in csv.DictReader(handle)) == sorted(
+            r["ppl"] for r in ppl["results"]
+        )
+    heatmap = next(p for p in written if p.name.startswith("load_") and p.suffix == ".csv")
+    with heatmap.open() as handle:
+        rows = list(csv.reader(handle))[1:]
+    assert [[int(v) for v in row[1:]] for row in rows] == [
+        layer["tokens_per_expert"] for layer in load["layers"]
+    ]
+
+
+def test_report_bad_input(tmp_path):
+    with pytest.raises(FileNotFoundError, match="results directory not found"):
+        render_report(tmp_path / "nope")
+    with pytest.raises(ValueError, match="no eval results"):
+        render_report(tmp_path)

@@ -1,0 +1,203 @@
+"""Recovery fine-tune on the tiny carved Llama: it learns, saves natively, trains the router, resumes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from pydantic import ValidationError
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from moecarve.tune import trainer as trainer_module
+from moecarve.tune.data import training_blocks
+from moecarve.tune.recover import RecoverConfig, recover
+
+FAST = {"batch_size": 2, "length": 64, "save_every": 3, "lr": 3e-3}
+
+
+def load(path):
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def tensors(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@torch.no_grad()
+def nll(model, ids) -> float:
+    return model(ids, labels=ids).loss.item()
+
+
+@pytest.fixture
+def fixed_batch(tiny_carved, calib_file):
+    tokenizer = AutoTokenizer.from_pretrained(tiny_carved)
+    return training_blocks(tokenizer, calib_file, 64, 8).blocks
+
+
+def test_recovery_learns_saves_natively_and_trains_the_router(tiny_carved, calib_file, fixed_batch, tmp_path):
+    config = RecoverConfig(steps=8, **FAST)
+    result = recover(tiny_carved, config, calib_file, tmp_path / "out")
+    before, after = load(tiny_carved), load(result.out)
+    assert nll(after, fixed_batch) < nll(before, fixed_batch) - 0.05
+
+    # Reloaded by stock transformers, it computes what the in-memory merged model computed.
+    assert type(after).__name__ == "Glm4MoeForCausalLM"
+    torch.testing.assert_close(after(fixed_batch).logits, result.model.eval()(fixed_batch).logits)
+
+    old, new = tensors(before), tensors(after)
+    for layer in range(before.config.num_hidden_layers):
+        gate = f"model.layers.{layer}.mlp.gate"
+        assert not torch.equal(old[f"{gate}.weight"], new[f"{gate}.weight"]), "router weights did not train"
+        bias = new[f"{gate}.e_score_correction_bias"]
+        assert bias.dtype == torch.float32
+        assert not torch.equal(old[f"{gate}.e_score_correction_bias"], bias), "balancing bias not saved"
+        torch.testing.assert_close(
+            bias, result.model.model.layers[layer].mlp.gate.e_score_correction_bias, rtol=0, atol=0
+        )
+    record = json.loads((result.out / "carve.json").read_text())
+    assert record["resolved"]["name"] == "S1A2E8"  # the carve's record is kept
+    (tune,) = record["tune"]
+    assert tune["stage"] == "recover" and tune["data"]["tokens"] == 8 * 2 * 64
+    assert [h["step"] for h in tune["train_loss"]] == list(range(1, 9))
+    assert not (tmp_path / "out.checkpoints").exists()  # removed once the model is written
+
+
+@pytest.mark.parametrize("train", ["router", "lora"])
+def test_only_what_is_trained_changes(train, tiny_carved, calib_file, tmp_path):
+    out = recover(tiny_carved, RecoverConfig(steps=3, train=train, **FAST), calib_file, tmp_path / "o").out
+    old, new = tensors(load(tiny_carved)), tensors(load(out))
+    changed = {name for name in old if not torch.equal(old[name], new[name])}
+    routers = {name for name in old if name.endswith("mlp.gate.weight")}
+    biases = {name for name in old if name.endswith("e_score_correction_bias")}
+    assert biases <= changed  # the balancing rule runs in every mode
+    if train == "router":
+        assert changed == routers | biases
+    else:
+        assert not routers & changed
+        for part in (
+            "mlp.experts.",
+            "shared_experts.gate_proj",
+            "shared_experts.down_proj",
+            "self_attn.o_proj",
+        ):
+            assert any(part in name for name in changed), part
+
+
+def test_interrupted_run_resumes_to_the_same_model(tiny_carved, calib_file, tmp_path, monkeypatch):
+    config = RecoverConfig(steps=6, **FAST)
+    straight = recover(tiny_carved, config, calib_file, tmp_path / "straight").out
+
+    class Interrupt(Exception):
+        pass
+
+    original = trainer_module.BalanceCallback.on_step_end
+
+    def interrupt_at_step_5(self, args, state, control, **kwargs):
+        original(self, args, state, control, **kwargs)
+        if state.global_step == 5:
+            raise Interrupt
+
+    monkeypatch.setattr(trainer_module.BalanceCallback, "on_step_end", interrupt_at_step_5)
+    with pytest.raises(Interrupt):
+        recover(tiny_carved, config, calib_file, tmp_path / "resumed")
+    assert not (tmp_path / "resumed").exists()  # no half-written final model
+    assert (tmp_path / "resumed.checkpoints" / "checkpoint-3" / "trainer_state.json").is_file()
+    with pytest.raises(ValueError, match="--resume"):  # never silently restarts over checkpoints
+        recover(tiny_carved, config, calib_file, tmp_path / "resumed")
+    monkeypatch.undo()
+
+    steps_run = []
+
+    def count(self, args, state, control, **kwargs):
+        steps_run.append(state.global_step)
+        original(self, args, state, control, **kwargs)
+
+    monkeypatch.setattr(trainer_module.BalanceCallback, "on_step_end", count)
+    resumed = recover(tiny_carved, config, calib_file, tmp_path / "resumed", resume=True).out
+    assert steps_run == [4, 5, 6]  # continued from checkpoint-3, did not start over
+    a, b = tensors(load(straight)), tensors(load(resumed))
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], msg=name)
+
+
+def test_resume_refuses_other_configuration(tiny_carved, calib_file, tmp_path):
+    checkpoints = tmp_path / "c"
+    checkpoints.mkdir()
+    with pytest.raises(ValueError, match="no complete checkpoint"):
+        recover(
+            tiny_carved,
+            RecoverConfig(steps=2, **FAST),
+            calib_file,
+            tmp_path / "o",
+            checkpoints=checkpoints,
+            resume=True,
+        )
+
+
+def test_bad_input_fails_before_training(tiny_models, tiny_carved, calib_file, tmp_path, monkeypatch):
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(trainer_module.RecoverTrainer, "train", no_training)
+    config = RecoverConfig(steps=2, **FAST)
+    with pytest.raises(ValueError, match="carve .* first"):
+        recover(tiny_models["llama"], config, calib_file, tmp_path / "a")
+    short = tmp_path / "short.txt"
+    short.write_text("the router")
+    with pytest.raises(ValueError, match="fewer than one block"):
+        recover(tiny_carved, config, short, tmp_path / "b")
+    not_empty = tmp_path / "c"
+    not_empty.mkdir()
+    (not_empty / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not empty"):
+        recover(tiny_carved, config, calib_file, not_empty)
+    assert (not_empty / "keep.txt").read_text() == "mine"
+    with pytest.raises(ValueError, match="matches no module"):
+        recover(
+            tiny_carved, RecoverConfig(steps=2, lora_targets=("qkv",), **FAST), calib_file, tmp_path / "d"
+        )
+    with pytest.raises(ValidationError):
+        RecoverConfig(steps=0)
+    with pytest.raises(ValidationError, match="combines with nothing"):
+        RecoverConfig(steps=1, train="full,router")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "short.txt"]  # nothing else written
+
+
+def test_cli_reports_a_dense_model_in_one_line(tiny_models, tmp_path):
+    code = "from moecarve.cli import main; main()"
+    args = ["tune", "recover", str(tiny_models["llama"]), "--steps", "1", "--out", str(tmp_path / "o")]
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+    assert result.returncode == 2
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("error: ") and "not a carved MoE checkpoint" in line and "carve" in line
+
+
+@torch.no_grad()
+def kl_to(teacher, student, ids) -> float:
+    target = teacher(ids).logits.log_softmax(-1).flatten(0, 1)
+    return torch.nn.functional.kl_div(
+        student(ids).logits.log_softmax(-1).flatten(0, 1), target, log_target=True, reduction="batchmean"
+    ).item()
+
+
+@pytest.mark.parametrize("distill", [1.0, 0.25])
+def test_distillation_loss_is_kl_to_the_dense_source(
+    distill, tiny_models, tiny_carved, calib_file, fixed_batch, tmp_path
+):
+    # One step over all eight blocks: the logged loss is the loss of the untrained model on them.
+    config = RecoverConfig(steps=1, distill=distill, batch_size=8, length=64)
+    result = recover(tiny_carved, config, calib_file, tmp_path / "out")  # teacher: carve.json's source
+    dense, carved = load(tiny_models["llama"]), load(tiny_carved)
+    expected = distill * kl_to(dense, carved, fixed_batch) + (1 - distill) * nll(carved, fixed_batch)
+    assert result.record["train_loss"][0]["loss"] == pytest.approx(expected, abs=1e-4)
+    assert json.loads((result.out / "carve.json").read_text())["tune"][0]["config"]["distill"] == distill
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "llama", "vocab_size": 7}))
+    with pytest.raises(ValueError, match="vocabulary"):
+        recover(tiny_carved, config, calib_file, tmp_path / "o2", teacher=other)
+    assert not (tmp_path / "o2").exists()

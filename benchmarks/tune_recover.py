@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import platform
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -146,6 +147,7 @@ def main() -> None:
         windows = evaluation_windows(tokenizer)[-args.curve_windows :]
         for mode in args.modes.split(";"):
             result = run(name, carved, mode, args, windows)
+            result["commit"] = _machine()["commit"]
             key = (name, mode, args.steps, args.distill)
             runs = [r for r in runs if (r["config"], r["mode"], r["steps"], r.get("distill", 0.0)) != key]
             runs.append(result)
@@ -162,6 +164,9 @@ def _machine() -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip(),
     }
 
 

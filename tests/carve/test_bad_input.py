@@ -23,7 +23,8 @@ TINY = {"calib_tokens": 512, "calib_length": 64}
     [
         ({"experts": 8, "active": 7, "shared": 2}, "exceeds --experts"),
         ({"experts": 8, "active": 0}, "--active must be >= 1"),
-        ({"experts": 8, "active": 2, "shared": -1}, "--shared must be >= 0"),
+        ({"experts": 8, "active": 2, "shared": -1}, "--shared must be >= 1"),
+        ({"experts": 8, "active": 2, "shared": 0}, "--shared must be >= 1"),
         ({"experts": 1, "active": 1, "shared": 0}, "--experts must be at least 2"),
         ({"experts": 8, "active": 1, "shared": 7}, "not a mixture"),
     ],

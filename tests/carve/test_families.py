@@ -143,3 +143,9 @@ def test_refit_needs_enough_tokens_per_neuron(tiny_models, calib_file, tmp_path)
         progress=False,
     )
     assert not any("refit_skipped" in layer for layer in enough.record["layers"])
+
+
+def test_config_names_the_causal_lm_class(tiny_carved):
+    """vLLM picks its model class from `architectures`; without it, it serves an embedding model."""
+    config = json.loads((tiny_carved / "config.json").read_text())
+    assert config["architectures"] == ["Glm4MoeForCausalLM"]

@@ -58,8 +58,11 @@ class CarveConfig(BaseModel):
     def _check_counts(self) -> CarveConfig:
         if self.experts < 2:
             raise ValueError(f"--experts must be at least 2, got {self.experts}")
-        if self.shared < 0:
-            raise ValueError(f"--shared must be >= 0, got {self.shared}")
+        if self.shared < 1:
+            raise ValueError(
+                f"--shared must be >= 1, got {self.shared}: glm4_moe has no shared-expert-free form that both "
+                "vLLM (fails on n_shared_experts 0) and transformers (refuses null) load"
+            )
         if self.active < 1:
             raise ValueError(f"--active must be >= 1, got {self.active}")
         routed = self.experts - self.shared

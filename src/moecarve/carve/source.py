@@ -107,6 +107,7 @@ def gguf_to_hf_dir(gguf_path: Path, out: Path) -> None:
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     config.dtype = torch.float32
+    config.architectures = [type(model).__name__]  # servers (vLLM) pick the model class from it
     config.save_pretrained(out)
     if model.generation_config is not None:
         model.generation_config.save_pretrained(out)

@@ -26,6 +26,7 @@ def glm4_moe_config(
     rope["partial_rotary_factor"] = 1.0
     head_dim = getattr(source, "head_dim", None) or source.hidden_size // source.num_attention_heads
     return Glm4MoeConfig(
+        architectures=["Glm4MoeForCausalLM"],  # vLLM picks its model class from this, not model_type
         vocab_size=source.vocab_size,
         hidden_size=source.hidden_size,
         intermediate_size=source.intermediate_size,

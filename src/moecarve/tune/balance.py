@@ -12,10 +12,11 @@ from torch import nn
 
 
 def routers(model: nn.Module) -> list[nn.Module]:
-    """Modules that route with a correction bias (glm4_moe's router; also DeepSeek-V3 style)."""
-    return [
-        m for m in model.modules() if isinstance(getattr(m, "e_score_correction_bias", None), torch.Tensor)
-    ]
+    """Modules that own a routing correction bias (glm4_moe's router; also DeepSeek-V3 style).
+
+    Owned, not reached through attribute forwarding: peft's modules_to_save wrapper forwards
+    `e_score_correction_bias` to its active copy, whose tokens would otherwise count twice."""
+    return [m for m in model.modules() if "e_score_correction_bias" in m._buffers]
 
 
 class LoadTracker:
@@ -35,6 +36,8 @@ class LoadTracker:
             raise ValueError("the model has no router with a balancing bias (is it a carved checkpoint?)")
 
     def _record(self, module, args, output) -> None:
+        if not module.training:  # evaluations during training must not steer the bias
+            return
         selected = output[-1].detach().reshape(-1)
         experts = module.e_score_correction_bias.numel()
         count = torch.bincount(selected, minlength=experts).float()

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from moecarve import resources
 from moecarve.carve.calib import read_text, tokenize_stream
 
 # The protocol's evaluation windows (EVAL_PROTOCOL.md; moecarve.eval.ppl defaults): the tail of
@@ -33,7 +34,7 @@ def training_blocks(tokenizer, source, length: int, count: int) -> TrainingText:
     error when not even one block fits."""
     text, description = read_text(source)
     stream = tokenize_stream(tokenizer, text)
-    held_out = PROTOCOL_TOKENS if source is None else 0
+    held_out = PROTOCOL_TOKENS if source is None or str(source) == resources.PROTOCOL_TEXT else 0
     usable = stream[: stream.numel() - held_out] if held_out else stream
     available = usable.numel() // length
     if available < 1:

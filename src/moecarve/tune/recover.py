@@ -117,12 +117,19 @@ def recover(
         raise ValueError("an output directory is needed (--out)")
     out = Path(out).expanduser()
     check_output(out, src, overwrite)
-    checkpoints = Path(checkpoints or f"{out}.checkpoints").expanduser()
-    _check_checkpoints(checkpoints, src, config, resume)
-
+    if adapter_out is not None:
+        adapter_out = Path(adapter_out).expanduser()
+        if not config.uses_lora:
+            raise ValueError("--adapter-out needs LoRA in --train")
+        check_output(adapter_out, src, overwrite, marker="adapter_config.json")
     teacher_dir = _teacher_dir(src, teacher, carved_config) if config.distill else None
+    checkpoints = Path(checkpoints or f"{out}.checkpoints").expanduser()
+    identity = {**_identity(src, config), "data": str(data), "teacher": str(teacher_dir)}
+    _check_checkpoints(checkpoints, identity, resume)
+
     tokenizer = AutoTokenizer.from_pretrained(src)
-    per_step = config.batch_size * config.grad_accum
+    state = PartialState()  # under `accelerate launch`: every process reads its share, one writes
+    per_step = config.batch_size * config.grad_accum * state.num_processes
     text = training_blocks(tokenizer, data, config.length, config.steps * per_step)
     if text.blocks.shape[0] < per_step:
         raise ValueError(
@@ -137,10 +144,10 @@ def recover(
     tracker = LoadTracker(model_, config.bias_rate)
     trainable = sum(p.numel() for p in model_.parameters() if p.requires_grad)
 
-    main_process = PartialState().is_main_process  # under `accelerate launch`, one process writes
-    if main_process:
+    state.wait_for_everyone()  # every process has checked the checkpoints before one writes
+    if state.is_main_process:
         checkpoints.mkdir(parents=True, exist_ok=True)
-        (checkpoints / "recover.json").write_text(json.dumps(_identity(src, config), indent=2) + "\n")
+        (checkpoints / IDENTITY).write_text(json.dumps(identity, indent=2) + "\n")
     trainer = RecoverTrainer(
         model=model_,
         args=training_arguments(config, checkpoints),
@@ -154,14 +161,15 @@ def recover(
     output = trainer.train(resume_from_checkpoint=str(last) if last else None)
     tracker.remove()
 
+    if adapter_out is not None and state.is_main_process:
+        with atomic_directory(adapter_out) as tmp:  # before merging, which removes the adapters
+            model_.save_pretrained(tmp)
     trained = model_.merge_and_unload() if config.uses_lora else model_
-    if not main_process:
+    if not state.is_main_process:
         return RecoverResult(out=out.resolve(), record={}, model=trained)
     _cast_parameters(trained, save_dtype)
     record = _record(src, config, text, trainable, trainer, output, started)
     with atomic_directory(out) as tmp:
-        if adapter_out and config.uses_lora:
-            model_.save_pretrained(Path(adapter_out).expanduser())
         trained.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if evaluate:
@@ -201,20 +209,25 @@ def _load_teacher(path: Path):
     return teacher
 
 
-def _check_checkpoints(checkpoints: Path, src: Path, config: RecoverConfig, resume: bool) -> None:
+IDENTITY = "recover.json"  # in the checkpoint directory: what the checkpoints are of
+
+
+def _check_checkpoints(checkpoints: Path, identity: dict, resume: bool) -> None:
     """A run resumes only its own checkpoints, and never silently restarts over them."""
-    found = checkpoints.is_dir() and any(checkpoints.iterdir())
+    last = _last_checkpoint(checkpoints) if checkpoints.is_dir() else None
     if not resume:
-        if found:
+        if last is not None:
             raise ValueError(
                 f"{checkpoints} holds checkpoints of an interrupted run: pass --resume, or remove it"
             )
         return
-    if not found or _last_checkpoint(checkpoints) is None:
+    if last is None:
         raise ValueError(f"--resume: no complete checkpoint in {checkpoints}")
-    saved = json.loads((checkpoints / "recover.json").read_text())
-    if saved != _identity(src, config):
-        raise ValueError(f"--resume: the checkpoints in {checkpoints} are of another model or configuration")
+    saved = json.loads((checkpoints / IDENTITY).read_text())
+    if saved != identity:
+        raise ValueError(
+            f"--resume: the checkpoints in {checkpoints} are of another model, data or configuration"
+        )
 
 
 def _identity(src: Path, config: RecoverConfig) -> dict:

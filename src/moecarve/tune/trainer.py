@@ -56,6 +56,8 @@ class RecoverTrainer(Trainer):
         super().__init__(*args, **kwargs)
         if teacher is not None:
             teacher.to(self.args.device)
+            # compute_loss returns a per-micro-batch mean: let the Trainer divide by grad_accum.
+            self.loss_is_scaled_for_ga = False
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Language-modelling loss, mixed with KL(dense || carved) per token when distilling."""

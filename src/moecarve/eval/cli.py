@@ -149,7 +149,7 @@ def load_command(model, data, windows, length, dtype, device, out):
     "--out",
     "-o",
     default=None,
-    help="directory for report.md and plots, or a .md file (plots beside it) [default: RESULTS_DIR]",
+    help="directory for report.md and plots, or a .md file (plots and CSVs in the directory of its name) [default: RESULTS_DIR]",
 )
 def report_command(results_dir, out):
     """Markdown tables and plots (PNG + their data as CSV) from the JSON results in RESULTS_DIR."""

@@ -105,6 +105,7 @@ def machine(device: str = "cpu") -> dict:
         "cpu": platform.processor() or platform.machine(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "loadavg_1min": round(os.getloadavg()[0], 2),  # a shared CPU's figures need it beside them
     }
     if device.startswith("cuda"):
         record["gpu"] = torch.cuda.get_device_name(device)

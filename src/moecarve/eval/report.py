@@ -22,6 +22,8 @@ def collect(results_dir: str | Path) -> dict[str, list[tuple[Path, dict]]]:
         raise FileNotFoundError(f"results directory not found: {results_dir}")
     found: dict[str, list] = {kind: [] for kind in KINDS}
     for path in sorted(root.rglob("*.json")):
+        if any(part.startswith(".") for part in path.relative_to(root).parts):
+            continue  # a batch job's temporary directory, left by a killed run
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError):
@@ -40,7 +42,7 @@ def ppl_rows(records) -> list[dict]:
         protocol = record["protocol"]
         for result in record["results"]:
             source = (result.get("carve") or {}).get("source_path") or result["model"]
-            carve = _carve_beside(path) if result.get("carve") else {}
+            carve = _carve_beside(path, result.get("carve"))
             row = {
                 "source": str(Path(source).resolve()),
                 "model": result["model"],
@@ -57,12 +59,17 @@ def ppl_rows(records) -> list[dict]:
     return sorted(rows.values(), key=lambda r: (r["source"], -(r["active_fraction"] or 0), r["config"]))
 
 
-def _carve_beside(path: Path) -> dict:
-    """The carve record next to a result file (a batch job writes both), or {}."""
+def _carve_beside(path: Path, carve: dict | None) -> dict:
+    """The carve record next to a result file (a batch job writes both) if it is this result's
+    carve (same configuration, same source), else {}."""
+    if not carve:
+        return {}
     try:
-        return json.loads((path.parent / "carve.json").read_text(encoding="utf-8"))
+        beside = json.loads((path.parent / "carve.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return {}
+    same = all(beside.get(key) == carve.get(key) for key in ("config", "resolved", "source_path"))
+    return beside if same else {}
 
 
 def task_rows(records) -> list[dict]:
@@ -128,7 +135,7 @@ def render_report(results_dir: str | Path, out: str | Path | None = None) -> lis
     found = collect(results_dir)
     command = f"moecarve eval report {results_dir}" + (f" --out {out}" if out is not None else "")
     out = Path(out) if out is not None else Path(results_dir)
-    if out.suffix == ".md":
+    if out.suffix.lower() == ".md":
         report, assets, link = out, out.with_suffix(""), out.stem + "/"
     else:
         report, assets, link = out / "report.md", out, ""

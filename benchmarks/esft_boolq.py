@@ -108,11 +108,11 @@ def train_method(method: str, args) -> dict:
         torch.manual_seed(args.seed)
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
         model.config.use_cache = False
-        if method == "lora":
-            from peft import LoraConfig, get_peft_model
+        if method == "lora":  # recover's LoRA: attention, shared and every routed expert, r 8
+            from moecarve.tune.adapters import trainable_model
+            from moecarve.tune.recover import RecoverConfig
 
-            targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-            model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets))
+            model = trainable_model(model, RecoverConfig(steps=args.steps, train="lora"))
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         stats = train.fit(model, dataset, Collator(pad_id(tokenizer)), config)
         seconds, losses = stats["seconds"], stats["losses"]

@@ -138,7 +138,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         carved = args.carved or carve(dense, CarveConfig(experts=8, active=2), None, tmp / "carved").out
-        name = json.loads((Path(carved) / "carve.json").read_text())["resolved"]["name"]
+        carve_record = json.loads((Path(carved) / "carve.json").read_text())
+        name = carve_record["resolved"]["name"]
         request = {"models": {"dense": str(dense), name: str(carved)}, "prompts": prompts(dense)}
         (tmp / "request.json").write_text(json.dumps(request))
         load_before = os.getloadavg()[0]
@@ -151,7 +152,6 @@ def main() -> None:
         if proc.returncode:
             sys.exit(f"vLLM worker exited {proc.returncode}:\n{(tmp / 'vllm.log').read_text()[-4000:]}")
         result = json.loads((tmp / "result.json").read_text())
-        carve_record = json.loads((Path(carved) / "carve.json").read_text())
 
     by = {(r["model"], r["batch"]): r for r in result["rows"]}
     data = {

@@ -1,5 +1,7 @@
-"""Balanced assignment (n neurons -> R experts of n/R each): scipy's Jonker-Volgenant on the
-column-repeated n x n matrix vs the transportation LP (HiGHS) on the n x R matrix. Both exact.
+"""Balanced assignment (n neurons -> R experts of n/R each), three exact solvers: scipy's
+Jonker-Volgenant on the column-repeated n x n matrix, the transportation LP (HiGHS) on the n x R
+matrix, and moecarve's cycle cancelling on the R-expert graph (`balanced_assignment`), from
+scratch and warm-started from the optimum of a slightly different matrix, as in a k-means step.
 
     python benchmarks/assignment_solvers.py    # writes results/carve/assignment_solvers.json
 """
@@ -14,6 +16,8 @@ import numpy as np
 import scipy
 from scipy.optimize import linear_sum_assignment, linprog
 from scipy.sparse import coo_matrix, vstack
+
+from moecarve.carve.partition import balanced_assignment
 
 # (routed neurons, routed experts): SmolLM2-135M S1A2E8, a 1B-class S1A2E8, Llama-2-7B S1A2E8 and S2A2E16.
 LP_MAX_NEURONS = 5000
@@ -42,9 +46,13 @@ def main() -> None:
         # k-means-like costs: distances of neurons to centroids, correlated across experts.
         cost = rng.standard_normal((n, 1)) + 0.3 * rng.standard_normal((n, r))
         row = {"neurons": n, "experts": r}
+        # a k-means step moves the centroids a little: the previous optimum is the warm start
+        previous = balanced_assignment(cost + 0.05 * rng.standard_normal((n, r)), n // r)
         for name, solver in (
             ("jonker_volgenant", jonker_volgenant),
             ("transportation_lp", transportation_lp),
+            ("cycle_cancelling", balanced_assignment),
+            ("cycle_cancelling_warm", lambda c, size, start=previous: balanced_assignment(c, size, start)),
         ):
             if name == "transportation_lp" and n > LP_MAX_NEURONS:
                 row[f"{name}_seconds"] = None  # 88 s already at 4,928 neurons: not worth the wait

@@ -34,7 +34,12 @@ class CarveConfig(BaseModel):
         4096, ge=1, description="calibration tokens (evenly spaced) in the clustering features"
     )
     cluster_iters: int = Field(
-        8, ge=1, description="balanced k-means iterations (stops early on convergence)"
+        8, ge=1, description="balanced k-means iterations at most (stops early on convergence)"
+    )
+    cluster_tol: float = Field(
+        1e-3,
+        ge=0,
+        description="stop k-means once an iteration lowers its objective by less than this fraction",
     )
     balance: float = Field(
         0.0, ge=0, le=1, description="strength of the load-balancing bias (0: none, 1: fully balanced)"

@@ -102,6 +102,7 @@ def carve_ffn(
         weight, bias = (fitted.weight * scale).to(dtype).float(), (fitted.bias + balance) * scale / 4
     carved = CarvedFFN(w_gate, w_up, w_down, part.shared, part.experts, weight, bias.float(), A, stats)
     dense = h @ w_down.T
+    out = None
     if A < R:
         gates = carved.routing(x)
         load = (gates > 0).sum(0).float()
@@ -112,9 +113,12 @@ def carve_ffn(
                 "a least-squares refit would fit the calibration text, not the model"
             )
         elif config.refit_ridge is not None:
+            kept = kept_activations(h, gates, carved)
             target = dense if target is None else target
-            carved.w_down = refit_down(h, gates, carved, target, config.refit_ridge)
-    out = carved.forward(x, h)
+            carved.w_down = refit_down(kept, gates, carved, target, config.refit_ridge).to(w_down.dtype)
+            out = kept @ carved.w_down.T  # the carved forward, reusing what the refit built
+    if out is None:
+        out = carved.forward(x, h)
     stats["relative_error"] = _relative_error(out, dense)
     return carved, out
 
@@ -123,20 +127,34 @@ def _relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
     return ((approx - exact).norm() / exact.norm()).item()
 
 
+def kept_activations(h: torch.Tensor, gates: torch.Tensor, carved: CarvedFFN) -> torch.Tensor:
+    """[T, I] what each neuron feeds the down projection in the carved layer: h for shared neurons,
+    h times its expert's gate for routed ones (0 where the expert is not selected)."""
+    neuron_gates = torch.ones(h.shape[0], h.shape[1], dtype=h.dtype)
+    neuron_gates[:, carved.experts] = gates[:, :, None].to(h.dtype)  # [T, R, m]
+    return h * neuron_gates
+
+
 def refit_down(
-    h: torch.Tensor, gates: torch.Tensor, carved: CarvedFFN, target: torch.Tensor, ridge: float
+    kept: torch.Tensor, gates: torch.Tensor, carved: CarvedFFN, target: torch.Tensor, ridge: float
 ) -> torch.Tensor:
-    """Least-squares down projections [H, I] that best give `target` [T, H] from the neurons each token keeps.
+    """Least-squares down projections [H, I] that best give `target` [T, H] from `kept` [T, I].
 
     The carved output is linear in W_down once the routing is fixed, so the dropped neurons' share
     is partly recovered from the kept ones they correlate with (ridge-regularised normal equations).
+    A routed expert's rows of the normal equations need only the tokens that select it: with
+    (S + A) of N experts active per token that is (S + A) / N of the dense products' work.
     """
-    kept = torch.zeros_like(h)
-    kept[:, carved.shared] = h[:, carved.shared]
-    kept[:, carved.experts] = h[:, carved.experts] * gates[:, :, None]  # [T, R, m]
-    gram = (kept.T @ kept).double()  # [I, I]
+    gram = torch.empty(kept.shape[1], kept.shape[1], dtype=torch.float64)  # [I, I]
+    cross = torch.empty(kept.shape[1], target.shape[1], dtype=torch.float64)  # [I, H]
+    blocks = [(carved.shared, slice(None))]
+    blocks += [(neurons, gates[:, j].nonzero().squeeze(1)) for j, neurons in enumerate(carved.experts)]
+    for neurons, tokens in blocks:
+        rows = kept[tokens]
+        gram[neurons] = (rows[:, neurons].T @ rows).double()
+        cross[neurons] = (rows[:, neurons].T @ target[tokens]).double()
     gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
-    return torch.linalg.solve(gram, (kept.T @ target).double()).T.to(carved.w_down.dtype)
+    return torch.linalg.solve(gram, cross).T.float()
 
 
 def pad_neurons(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, total: int):

@@ -1,0 +1,71 @@
+"""The exact pieces of the carve: balanced assignment, k-means stopping, the down-projection refit."""
+
+import importlib
+
+import numpy as np
+import pytest
+import torch
+from scipy.optimize import linear_sum_assignment
+
+partition = importlib.import_module("moecarve.carve.partition")
+layer = importlib.import_module("moecarve.carve.layer")
+
+
+def jonker_volgenant_cost(cost: np.ndarray, size: int) -> float:
+    _, cols = linear_sum_assignment(np.repeat(cost, size, axis=1))
+    return cost[np.arange(len(cost)), cols // size].sum()
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_balanced_assignment_is_optimal_and_balanced(seed):
+    rng = np.random.default_rng(seed)
+    columns, size = int(rng.integers(2, 17)), int(rng.integers(1, 13))
+    cost = rng.standard_normal((columns * size, 1)) + 0.3 * rng.standard_normal((columns * size, columns))
+    if seed % 2:
+        cost = np.round(cost, 1)  # many ties
+    cold = partition.balanced_assignment(cost, size)
+    warm = partition.balanced_assignment(cost, size, rng.permutation(np.arange(len(cost)) // size))
+    best = jonker_volgenant_cost(cost, size)
+    for labels in (cold, warm):
+        assert np.all(np.bincount(labels, minlength=columns) == size)
+        assert cost[np.arange(len(cost)), labels].sum() == pytest.approx(best, abs=1e-9)
+
+
+def test_balanced_assignment_keeps_an_optimal_start_and_its_input():
+    rng = np.random.default_rng(0)
+    cost = rng.standard_normal((60, 5))
+    optimum = partition.balanced_assignment(cost, 12)
+    start = optimum.copy()
+    assert np.array_equal(partition.balanced_assignment(cost, 12, start), optimum)
+    assert np.array_equal(start, optimum)  # the caller's labels are not modified
+
+
+def test_kmeans_stops_when_an_iteration_gains_less_than_tol():
+    torch.manual_seed(0)
+    feats = torch.randn(8 * 24, 64)
+    exact, ran_exact = partition.balanced_kmeans(feats, 8, 24, iters=30, tol=0.0)
+    loose, ran_loose = partition.balanced_kmeans(feats, 8, 24, iters=30, tol=0.5)
+    # single-neuron starting centroids: step 2 roughly halves step 1's objective, step 3 cannot
+    assert ran_loose == 3 < ran_exact
+    for labels in (exact, loose):
+        assert torch.equal(torch.bincount(labels, minlength=8), torch.full((8,), 24))
+
+
+def test_refit_uses_only_selecting_tokens_and_matches_the_dense_normal_equations():
+    torch.manual_seed(0)
+    tokens, hidden, routed, m, active = 600, 12, 5, 4, 2
+    neurons = (routed + 1) * m
+    order = torch.randperm(neurons)
+    shared, experts = order[:m].sort().values, order[m:].view(routed, m)
+    top = torch.randn(tokens, routed).topk(active, 1).indices
+    gates = torch.zeros(tokens, routed).scatter_(1, top, 1 + 0.01 * torch.rand(tokens, active))
+    carved = layer.CarvedFFN(
+        None, None, torch.zeros(hidden, neurons), shared, experts, None, None, active, {}
+    )
+    kept = layer.kept_activations(torch.randn(tokens, neurons), gates, carved)
+    assert torch.all(kept[:, experts[0]][gates[:, 0] == 0] == 0)  # unselected experts feed nothing
+    target = torch.randn(tokens, hidden)
+    gram = (kept.T @ kept).double()
+    gram += 1e-3 * gram.diagonal().mean() * torch.eye(neurons, dtype=gram.dtype)
+    dense = torch.linalg.solve(gram, (kept.T @ target).double()).T.float()
+    torch.testing.assert_close(layer.refit_down(kept, gates, carved, target, 1e-3), dense)

@@ -5,6 +5,8 @@ Legend: T tokens, H hidden, I intermediate (padded to N * m), R routed experts, 
 
 from __future__ import annotations
 
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -59,6 +61,15 @@ class CarvedFFN:
         return out + routed.flatten(1) @ self.w_down[:, self.experts.flatten()].T
 
 
+@contextmanager
+def timed(stats: dict, stage: str):
+    """Add the block's wall seconds to stats["seconds"][stage]: carve.json says where the time went."""
+    started = time.perf_counter()
+    yield
+    seconds = stats.setdefault("seconds", {})
+    seconds[stage] = round(seconds.get(stage, 0.0) + time.perf_counter() - started, 3)
+
+
 def carve_ffn(
     x: torch.Tensor,
     w_gate: torch.Tensor,
@@ -76,32 +87,20 @@ def carve_ffn(
     the written model makes. `target` [T, H], what the refit aims the output at, defaults to the
     dense FFN's output.
     """
-    h = activations(x, w_gate, w_up)
-    part = partition_neurons(h, w_down.norm(dim=0), config, m)
-    stats: dict = {"cluster_iterations": part.iterations}
+    stats: dict = {}
+    with timed(stats, "activations"):
+        h = activations(x, w_gate, w_up)
+        dense = h @ w_down.T
+    with timed(stats, "partition"):
+        part = partition_neurons(h, w_down.norm(dim=0), config, m)
+    stats["cluster_iterations"] = part.iterations
     R, A = config.routed, config.active
     if A == R:  # every routed expert is selected: zero router, gates exactly 1, the dense FFN exactly
         weight, bias = torch.zeros(R, x.shape[1]), torch.zeros(R)
     else:
-        useful = routing.usefulness(h, w_down, part.experts)  # [T, R]
-        split = x.shape[0] - x.shape[0] // HELD_OUT
-        train, held = routing.moments(x[:split], useful[:split]), routing.moments(x[split:], useful[split:])
-        fitted = routing.fit_linear(train)
-        held_x, held_useful = x[split:], useful[split:]
-        cmoe = routing.representative_scores(held_x, w_gate, w_up, part.representatives)
-        stats["router_agreement"] = {
-            "fitted_linear": routing.agreement(held_x @ fitted.weight.T + fitted.bias, held_useful, A),
-            "cmoe_representative": routing.agreement(cmoe, held_useful, A),
-            "chance": A / R,
-        }
-        fitted = routing.fit_linear(routing.add_moments(train, held))
-        scores = x @ fitted.weight.T  # [T, R]
-        balance = routing.balancing_bias(scores + fitted.bias, A, config.balance)
-        scale = LOGIT_SCALE / scores.abs().max().clamp_min(1e-12)
-        # sigmoid(s z) = 0.5 + s z / 4 + O((s z)^3): a score offset b becomes s b / 4 after the sigmoid.
-        weight, bias = (fitted.weight * scale).to(dtype).float(), (fitted.bias + balance) * scale / 4
+        with timed(stats, "router"):
+            weight, bias = _fit_router(x, h, w_gate, w_up, w_down, part, config, dtype, stats)
     carved = CarvedFFN(w_gate, w_up, w_down, part.shared, part.experts, weight, bias.float(), A, stats)
-    dense = h @ w_down.T
     out = None
     if A < R:
         gates = carved.routing(x)
@@ -113,14 +112,39 @@ def carve_ffn(
                 "a least-squares refit would fit the calibration text, not the model"
             )
         elif config.refit_ridge is not None:
-            kept = kept_activations(h, gates, carved)
-            target = dense if target is None else target
-            carved.w_down = refit_down(kept, gates, carved, target, config.refit_ridge).to(w_down.dtype)
-            out = kept @ carved.w_down.T  # the carved forward, reusing what the refit built
+            with timed(stats, "refit"):
+                kept = kept_activations(h, gates, carved)
+                target = dense if target is None else target
+                carved.w_down = refit_down(kept, gates, carved, target, config.refit_ridge).to(w_down.dtype)
+                out = kept @ carved.w_down.T  # the carved forward, reusing what the refit built
     if out is None:
-        out = carved.forward(x, h)
+        with timed(stats, "forward"):
+            out = carved.forward(x, h)
     stats["relative_error"] = _relative_error(out, dense)
     return carved, out
+
+
+def _fit_router(x, h, w_gate, w_up, w_down, part, config: CarveConfig, dtype, stats: dict):
+    """The linear router (weight [R, H], bias [R], as written) fitted to each expert's usefulness;
+    records its agreement with the best experts, and CMoE's, on held-out tokens in `stats`."""
+    R, A = config.routed, config.active
+    useful = routing.usefulness(h, w_down, part.experts)  # [T, R]
+    split = x.shape[0] - x.shape[0] // HELD_OUT
+    train, held = routing.moments(x[:split], useful[:split]), routing.moments(x[split:], useful[split:])
+    fitted = routing.fit_linear(train)
+    held_x, held_useful = x[split:], useful[split:]
+    cmoe = routing.representative_scores(held_x, w_gate, w_up, part.representatives)
+    stats["router_agreement"] = {
+        "fitted_linear": routing.agreement(held_x @ fitted.weight.T + fitted.bias, held_useful, A),
+        "cmoe_representative": routing.agreement(cmoe, held_useful, A),
+        "chance": A / R,
+    }
+    fitted = routing.fit_linear(routing.add_moments(train, held))
+    scores = x @ fitted.weight.T  # [T, R]
+    balance = routing.balancing_bias(scores + fitted.bias, A, config.balance)
+    scale = LOGIT_SCALE / scores.abs().max().clamp_min(1e-12)
+    # sigmoid(s z) = 0.5 + s z / 4 + O((s z)^3): a score offset b becomes s b / 4 after the sigmoid.
+    return (fitted.weight * scale).to(dtype).float(), (fitted.bias + balance) * scale / 4
 
 
 def _relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:

@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Genera
 from moecarve.carve.calib import calibration
 from moecarve.carve.config import CarveConfig
 from moecarve.carve.families import family_for
-from moecarve.carve.layer import carve_ffn, pad_neurons
+from moecarve.carve.layer import carve_ffn, pad_neurons, timed
 from moecarve.carve.source import SourceError, TensorSource, resolve_source
 from moecarve.carve.target import glm4_moe_config
 from moecarve.carve.writer import ShardWriter, atomic_directory, check_output
@@ -144,14 +144,14 @@ def carve(
             prefix = f"model.layers.{index}."
             layer = skeleton.model.layers[index]
             tensors.load_into(layer, prefix, torch.float32)
-            mlp, capture = layer.mlp, _CaptureInput()
+            mlp, capture, timing = layer.mlp, _CaptureInput(), {}
             if stream:  # the dense model's own residual stream after this layer
-                with torch.no_grad():
+                with torch.no_grad(), timed(timing, "dense_stream"):
                     dense_hidden = torch.cat(
                         [run(layer, chunk) for chunk in dense_hidden.split(SEQUENCES_PER_PASS)]
                     )
             layer.mlp = capture
-            with torch.no_grad():
+            with torch.no_grad(), timed(timing, "attention"):
                 residual = torch.cat([run(layer, chunk) for chunk in hidden.split(SEQUENCES_PER_PASS)])
             x = torch.cat(capture.inputs).flatten(0, 1)  # [T, H] FFN inputs
             state = layer.state_dict()
@@ -171,6 +171,7 @@ def carve(
                 target = (dense_hidden - residual).flatten(0, 1) if stream else None
                 carved, ffn = carve_ffn(x, *padded, config, m, dtype, target)
                 out_tensors.update(carved.tensors(f"{prefix}mlp.", dtype))
+                carved.stats["seconds"] = {**timing["seconds"], **carved.stats["seconds"]}
                 layers.append({"layer": index, **carved.stats})
                 bar.set_postfix(err=f"{carved.stats['relative_error']:.3f}")
             hidden = residual + ffn.view_as(residual)

@@ -1,0 +1,60 @@
+"""The least work any sequential carve of the bundled model does: one fp32 pass of the calibration
+tokens through every dense decoder layer (attention + FFN, no LM head), as the carve runs them
+(2 sequences at a time, 2 threads). A carve that calibrates layer by layer cannot take less.
+
+    python benchmarks/carve_floor.py     # writes results/carve/floor.json
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+REPEATS = 3
+
+
+def main() -> None:
+    torch.set_num_threads(2)
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from moecarve.carve.calib import calibration
+    from moecarve.carve.config import CarveConfig
+    from moecarve.eval.common import machine
+    from moecarve.resources import bundled_model_dir
+
+    config = CarveConfig()
+    source = bundled_model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    ids = calibration(tokenizer, None, config.calib_tokens, config.calib_length).input_ids
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    seconds = []
+    with torch.no_grad():
+        for _ in range(REPEATS):
+            started = time.perf_counter()
+            for chunk in ids.split(2):
+                model.model(chunk)
+            seconds.append(round(time.perf_counter() - started, 2))
+    record = {
+        "benchmark": "carve_floor",
+        "what": "fp32 forward of the calibration tokens through the dense decoder layers (no LM head)",
+        "tokens": ids.numel(),
+        "sequences": list(ids.shape),
+        "seconds": seconds,
+        "median_seconds": statistics.median(seconds),
+        "reference_carve_seconds_S1A2E8": 97.4,  # BASELINES.md
+        "machine": machine(),
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+    }
+    out = Path("results/carve/floor.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()

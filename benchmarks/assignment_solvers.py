@@ -62,6 +62,7 @@ def main() -> None:
             row[f"{name}_seconds"] = round(time.perf_counter() - started, 3)
             row[f"{name}_cost"] = float(cost[np.arange(n), labels].sum())
             assert np.all(np.bincount(labels, minlength=r) == n // r)
+            assert np.isclose(row[f"{name}_cost"], row["jonker_volgenant_cost"], rtol=1e-12), row
         rows.append(row)
         print(row, flush=True)
     out = Path("results/carve/assignment_solvers.json")

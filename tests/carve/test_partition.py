@@ -69,3 +69,20 @@ def test_refit_uses_only_selecting_tokens_and_matches_the_dense_normal_equations
     gram += 1e-3 * gram.diagonal().mean() * torch.eye(neurons, dtype=gram.dtype)
     dense = torch.linalg.solve(gram, (kept.T @ target).double()).T.float()
     torch.testing.assert_close(layer.refit_down(kept, gates, carved, target, 1e-3), dense)
+
+
+def test_balanced_assignment_refuses_bad_costs_and_starts():
+    cost = np.random.default_rng(0).standard_normal((6, 3))
+    with pytest.raises(ValueError, match="finite"):
+        partition.balanced_assignment(np.where(np.eye(6, 3) > 0, np.inf, cost), 2)
+    with pytest.raises(ValueError, match="cannot fill"):
+        partition.balanced_assignment(cost[:5], 2)
+    with pytest.raises(ValueError, match="exactly 2 rows"):
+        partition.balanced_assignment(cost, 2, np.array([0, 0, 0, 1, 1, 2]))
+
+
+def test_balanced_assignment_ignores_a_constant_offset():
+    cost = np.random.default_rng(3).standard_normal((400, 8))
+    labels = partition.balanced_assignment(cost + 1e8, 50)  # the tolerance follows the cost range
+    rows = np.arange(400)
+    assert cost[rows, labels].sum() == pytest.approx(jonker_volgenant_cost(cost, 50), abs=1e-9)

@@ -166,8 +166,9 @@ def refit_down(
 
     The carved output is linear in W_down once the routing is fixed, so the dropped neurons' share
     is partly recovered from the kept ones they correlate with (ridge-regularised normal equations).
-    A routed expert's rows of the normal equations need only the tokens that select it: with
-    (S + A) of N experts active per token that is (S + A) / N of the dense products' work.
+    `kept` must be zero wherever an expert is not selected (`kept_activations`): then a routed
+    expert's rows of the normal equations need only the tokens that select it (nonzero `gates`),
+    with (S + A) of N experts active per token (S + A) / N of the dense products' work.
     """
     gram = torch.empty(kept.shape[1], kept.shape[1], dtype=torch.float64)  # [I, I]
     cross = torch.empty(kept.shape[1], target.shape[1], dtype=torch.float64)  # [I, H]

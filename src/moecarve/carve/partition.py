@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 
 from moecarve.carve.config import CarveConfig
 
@@ -97,19 +96,27 @@ def balanced_kmeans(
 
 
 def balanced_assignment(cost: np.ndarray, size: int, start: np.ndarray | None = None) -> np.ndarray:
-    """Exact min-cost assignment of n rows to R columns, each column taking exactly `size` rows.
+    """Optimal assignment of n rows to R columns of finite `cost` [n, R], each column taking exactly
+    `size` rows (n = R * size).
 
     Min-cost flow by cycle cancelling on the R-column graph whose edge k -> l is the cheapest move
     of one row from column k to column l: from a feasible assignment (`start`, e.g. the previous
     k-means step's; else rows in order), rows move around negative cycles until none is left,
-    which is the optimality condition of the flow. The same optimum as Jonker-Volgenant on the
-    column-repeated n x n matrix at a fraction of the time (benchmarks/assignment_solvers.py);
-    that solver is the fallback should a cycle ever not be found.
+    which is the optimality condition of the flow (up to a tolerance of 1e-12 x n x the cost
+    range). The same optimum as Jonker-Volgenant on the column-repeated n x n matrix at a
+    fraction of the time (tested; benchmarks/assignment_solvers.py).
     """
+    cost = np.asarray(cost, dtype=np.float64)
     n, columns = cost.shape
-    labels = np.arange(n) // size if start is None else start.astype(np.int64)  # a fresh copy
+    if n != columns * size:
+        raise ValueError(f"{n} rows cannot fill {columns} columns of {size} exactly")
+    if not np.isfinite(cost).all():
+        raise ValueError("assignment costs must be finite (NaN or inf in the clustering features?)")
+    labels = np.arange(n) // size if start is None else np.array(start, dtype=np.int64)  # a copy
+    if labels.shape != (n,) or not np.array_equal(np.bincount(labels, minlength=columns), [size] * columns):
+        raise ValueError(f"start must give each of the {columns} columns exactly {size} rows")
     every = np.arange(n)
-    tol = 1e-12 * n * np.abs(cost).max()
+    tol = 1e-12 * n * (cost.max() - cost.min())
     while True:
         moves = cost - cost[every, labels][:, None]  # [n, R] cost change of moving each row
         members = np.argsort(labels, kind="stable").reshape(columns, size)  # rows of each column
@@ -119,33 +126,32 @@ def balanced_assignment(cost: np.ndarray, size: int, start: np.ndarray | None = 
         cycle = _negative_cycle(edges, tol)
         if cycle is None:
             return labels
-        if not len(cycle):  # Bellman-Ford relaxed without a cycle to follow: solve from scratch
-            _, cols = linear_sum_assignment(np.repeat(cost, size, axis=1))
-            return cols // size
         for source, dest in zip(cycle, np.roll(cycle, -1), strict=True):
             labels[members[source, best[source, dest]]] = dest
 
 
 def _negative_cycle(edges: np.ndarray, tol: float) -> np.ndarray | None:
-    """Columns of a negative cycle of the complete graph `edges` [R, R]: None when there is none,
-    empty when Bellman-Ford says there is one but the predecessors do not close it."""
-    size = len(edges)
-    dist, pred = np.zeros(size), np.arange(size)  # a virtual source reaches every column at 0
-    for _ in range(size):
+    """The columns of a cycle of weight < -tol in the complete graph `edges` [R, R], or None.
+
+    Bellman-Ford from a virtual source. A column still relaxing after R rounds was relaxed from one
+    that relaxed the round before, so R steps back along the predecessors land on a cycle of them,
+    and such a cycle is negative.
+    """
+    columns = len(edges)
+    dist, pred = np.zeros(columns), np.arange(columns)  # the virtual source reaches every column at 0
+    for _ in range(columns):
         through = dist[:, None] + edges  # [k, l]: reach l through k
         via = through.argmin(0)
-        new = through[via, np.arange(size)]
+        new = through[via, np.arange(columns)]
         better = new < dist - tol
         if not better.any():
             return None
         dist, pred = np.where(better, new, dist), np.where(better, via, pred)
-    for node in np.flatnonzero(better):  # still relaxing after R rounds: follow predecessors back
-        for _ in range(size):
-            node = pred[node]
-        cycle = [node]
-        while (node := pred[node]) != cycle[0]:
-            cycle.append(node)
-        cycle = np.array(cycle[::-1])  # predecessor order reversed: edges run cycle[i] -> cycle[i+1]
-        if len(cycle) > 1 and edges[cycle, np.roll(cycle, -1)].sum() < -tol:
-            return cycle
-    return np.array([], dtype=np.int64)
+    node = np.flatnonzero(better)[0]
+    for _ in range(columns):
+        node = pred[node]
+    cycle = [node]
+    while (node := pred[node]) != cycle[0]:
+        cycle.append(node)
+    cycle = np.array(cycle[::-1])  # predecessor order reversed: edges run cycle[i] -> cycle[i+1]
+    return cycle if edges[cycle, np.roll(cycle, -1)].sum() < -tol else None

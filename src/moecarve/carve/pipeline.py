@@ -165,7 +165,7 @@ def carve(
                 ffn = mlp(x)
                 for name, w in zip(("gate_proj", "up_proj", "down_proj"), weights, strict=True):
                     out_tensors[f"{prefix}mlp.{name}.weight"] = w.to(dtype)
-                layers.append({"layer": index, "dense": True})
+                layers.append({"layer": index, "dense": True, **timing})
             else:
                 padded = pad_neurons(*weights, m * config.experts)
                 target = (dense_hidden - residual).flatten(0, 1) if stream else None

@@ -52,14 +52,6 @@ class CarvedFFN:
         gates = gates / (gates.sum(1, keepdim=True) + 1e-20) * self.active
         return torch.zeros_like(scores).scatter_(1, top, gates)
 
-    def forward(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        """glm4_moe's MoE forward for x [T, H] given its dense activations h [T, I]:
-        shared + gated sum of the top-A routed experts."""
-        weight = self.routing(x)  # [T, R]
-        out = h[:, self.shared] @ self.w_down[:, self.shared].T
-        routed = h[:, self.experts] * weight[:, :, None]  # [T, R, m]
-        return out + routed.flatten(1) @ self.w_down[:, self.experts.flatten()].T
-
 
 @contextmanager
 def timed(stats: dict, stage: str):
@@ -101,9 +93,10 @@ def carve_ffn(
         with timed(stats, "router"):
             weight, bias = _fit_router(x, h, w_gate, w_up, w_down, part, config, dtype, stats)
     carved = CarvedFFN(w_gate, w_up, w_down, part.shared, part.experts, weight, bias.float(), A, stats)
-    out = None
-    if A < R:
+    with timed(stats, "forward"):  # glm4_moe's forward: shared + gated sum of the top-A routed experts
         gates = carved.routing(x)
+        kept = kept_activations(h, gates, carved)
+    if A < R:
         load = (gates > 0).sum(0).float()
         stats["load_imbalance"] = (load.max() / load.mean()).item()
         if config.refit_ridge is not None and x.shape[0] < REFIT_MIN_TOKENS_PER_NEURON * h.shape[1]:
@@ -113,13 +106,10 @@ def carve_ffn(
             )
         elif config.refit_ridge is not None:
             with timed(stats, "refit"):
-                kept = kept_activations(h, gates, carved)
                 target = dense if target is None else target
                 carved.w_down = refit_down(kept, gates, carved, target, config.refit_ridge).to(w_down.dtype)
-                out = kept @ carved.w_down.T  # the carved forward, reusing what the refit built
-    if out is None:
-        with timed(stats, "forward"):
-            out = carved.forward(x, h)
+    with timed(stats, "forward"):
+        out = kept @ carved.w_down.T
     stats["relative_error"] = _relative_error(out, dense)
     return carved, out
 

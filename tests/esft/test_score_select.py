@@ -7,6 +7,7 @@ import json
 import pytest
 
 from moecarve.esft import score, select
+from tests.esft.conftest import NATIVE
 
 TOKENS = 256
 
@@ -35,7 +36,7 @@ def test_carved_scores(carved_scores):
     assert json.loads(out.read_text()) == record
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral", "deepseek_v2"])
+@pytest.mark.parametrize("family", sorted(NATIVE))
 def test_native_scores(native_models, task_file, tmp_path, family):
     check_sums(score.score(native_models[family], task_file, tmp_path / "s.json", tokens=64))
 
@@ -103,3 +104,13 @@ def test_score_refuses_data_without_examples(tiny_carved, tmp_path):
     with pytest.raises(ValueError, match="no usable examples"):
         score.score(tiny_carved, empty, tmp_path / "s.json")
     assert not (tmp_path / "s.json").exists()
+
+
+@pytest.mark.parametrize(
+    "out, options, message",
+    [("s.png", {}, "the scores are JSON"), ("s.json", {"max_length": 0}, "--max-length must be at least 2")],
+)
+def test_score_refuses_bad_options_before_work(tiny_carved, tmp_path, out, options, message):
+    with pytest.raises(ValueError, match=message):
+        score.score(tiny_carved, tmp_path / "no-such-task.jsonl", tmp_path / out, **options)
+    assert list(tmp_path.iterdir()) == []

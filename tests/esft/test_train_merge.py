@@ -11,8 +11,10 @@ from transformers import AutoModelForCausalLM
 
 from moecarve import moe
 from moecarve.esft import merge, select, train
+from moecarve.esft.data import Collator, pad_id
 from moecarve.esft.optim import SliceAdamW, mask_gradient
 from moecarve.esft.shape import model_shape
+from tests.esft.test_data_cli import run_cli
 
 # lr large enough that every trained slice moves in fp32 after a few steps; weight decay on, so a
 # frozen slice that were decayed would differ too.
@@ -74,16 +76,79 @@ def test_train_and_merge_carved(tiny_carved, task_file, tmp_path):
 
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v2"])
-def test_train_native_with_shared(native_models, task_file, tmp_path, family):
+def test_train_and_merge_native(native_models, task_file, tmp_path, family):
     model_dir = native_models[family]
     layers = model_shape(model_dir).moe_layers
     experts = {layers[0]: [0, 7], layers[-1]: [3]}
-    config = CONFIG.model_copy(update={"steps": 2, "train_shared": True})
+    shared = bool(moe.FAMILIES[family].shared)  # --train-shared is refused where there are none
+    config = CONFIG.model_copy(update={"steps": 2, "train_shared": shared})
     train.train(
         model_dir, experts_file(model_dir, tmp_path / "e.json", experts), task_file, tmp_path / "a", config
     )
     merged = merge.merge(model_dir, tmp_path / "a", tmp_path / "m")
-    compare_every_tensor(state(model_dir), state(merged), expected_changes(model_dir, experts, shared=True))
+    compare_every_tensor(state(model_dir), state(merged), expected_changes(model_dir, experts, shared=shared))
+
+
+@pytest.mark.parametrize(
+    "family, options",
+    [("carved", {}), ("glm4_moe", {"train_shared": True}), ("qwen3_moe", {"train_non_expert": True})],
+)
+def test_training_changes_only_what_it_trains(tiny_carved, native_models, task_file, family, options):
+    """The trained model itself, every tensor before vs after (merge copies only the adapter)."""
+    from transformers import AutoTokenizer
+
+    model_dir = tiny_carved if family == "carved" else native_models[family]
+    layers = model_shape(model_dir).moe_layers
+    experts = {layers[0]: [0, 5], layers[-1]: [2]}
+    config = CONFIG.model_copy(update=options)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    dataset = train.training_set(model_dir, task_file, tokenizer, config)
+    train.train_experts(model, experts, dataset, Collator(pad_id(tokenizer)), config)
+    changes = expected_changes(model_dir, experts, shared=config.train_shared)
+    if config.train_non_expert:  # every other parameter trains whole; unselected experts stay frozen
+        fused = {n for layer in moe.moe_layers(model) for n in layer.expert_parameters()}
+        shared = {n for layer in moe.moe_layers(model) for n in layer.shared_parameters()}
+        changes.update({n: None for n, _ in model.named_parameters() if n not in fused | shared})
+    compare_every_tensor(before, model.state_dict(), changes)
+
+
+def test_cli_train_and_merge(tiny_carved, task_file, tmp_path, monkeypatch, capsys):
+    efile = experts_file(tiny_carved, tmp_path / "e.json", {0: [3]})
+    args = ["train", tiny_carved, "--experts", efile, "--data", task_file, "--steps", 1, "--max-length", 32]
+    code, out = run_cli(monkeypatch, capsys, *args, "--out", tmp_path / "a")
+    assert code == 0 and "trained" in out.out, out.err[-300:]
+    code, out = run_cli(monkeypatch, capsys, "merge", tiny_carved, tmp_path / "a", "--out", tmp_path / "m")
+    assert code == 0 and AutoModelForCausalLM.from_pretrained(tmp_path / "m").config.model_type == "glm4_moe"
+    code, out = run_cli(monkeypatch, capsys, *args, "--out", tmp_path / "b", "--mix-general", "t.txt:0")
+    assert code != 0 and "--mix-general needs a text source and a ratio" in out.err
+    assert not (tmp_path / "b").exists()
+
+
+def test_mix_general(tiny_carved, task_file, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_carved)
+    general = tmp_path / "general.txt"
+    general.write_text("the expert router " * 400)
+    task_only = train.training_set(tiny_carved, task_file, tokenizer, CONFIG)
+    mixed = train.training_set(
+        tiny_carved,
+        task_file,
+        tokenizer,
+        CONFIG.model_copy(update={"mix_general": str(general), "mix_ratio": 0.25}),
+    )
+    assert len(mixed) == len(task_only) + len(task_only) // 3  # a quarter of the set is general text
+    with pytest.raises(ValueError, match="TEXT:RATIO"):
+        train.EsftConfig(mix_general=str(general))  # no ratio
+    with pytest.raises(FileNotFoundError, match="--mix-general"):
+        train.training_set(
+            tiny_carved,
+            task_file,
+            tokenizer,
+            train.EsftConfig(mix_general=str(tmp_path / "no"), mix_ratio=0.2),
+        )
 
 
 def test_slice_adamw_matches_adamw_and_keeps_frozen_slices():
@@ -119,6 +184,7 @@ def test_wrong_experts_file_refused(tiny_carved, task_file, tmp_path):
         "selects no experts": {**shape.record(), "experts": {"0": []}},
         "for another model: num_experts": {**shape.record(), "num_experts": 15, "experts": {"0": [1]}},
         "for another model: moe_layers": {**shape.record(), "moe_layers": [0, 1, 2], "experts": {"0": [1]}},
+        "names experts \\[True\\]": {**shape.record(), "experts": {"0": [True]}},
     }
     for message, record in cases.items():
         path = tmp_path / "e.json"
@@ -144,3 +210,13 @@ def test_merge_refuses_adapter_of_another_model(native_models, tiny_carved, task
     with pytest.raises(ValueError, match="for another model"):
         merge.merge(tiny_carved, tmp_path / "a", tmp_path / "m")
     assert not (tmp_path / "m").exists()
+
+
+def test_train_shared_refused_without_shared_experts(native_models, task_file, tmp_path):
+    model_dir = native_models["mixtral"]
+    efile = experts_file(model_dir, tmp_path / "e.json", {0: [1]})
+    with pytest.raises(ValueError, match="mixtral models have no shared experts"):
+        train.train(
+            model_dir, efile, task_file, tmp_path / "a", CONFIG.model_copy(update={"train_shared": True})
+        )
+    assert not (tmp_path / "a").exists()

@@ -51,6 +51,10 @@ def score(
 
     if tokens < 1:
         raise ValueError(f"--tokens must be positive, got {tokens}")
+    if max_length < 2:
+        raise ValueError(f"--max-length must be at least 2, got {max_length}")
+    if Path(out).suffix.lower() == ".png":
+        raise ValueError(f"--out {out}: the scores are JSON; the heatmap is written beside them as .png")
     shape = model_shape(model_dir)  # dense / unsupported / missing model: refused before loading
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     examples = load_examples(data, tokenizer, max_length)
@@ -82,8 +86,8 @@ def score(
         "tokens": used_tokens,
         "scores": {kind: {str(i): normalise(v) for i, v in layers.items()} for kind, layers in sums.items()},
     }
+    heatmap(record, Path(out).expanduser().with_suffix(".png"))  # first: a failure leaves no scores
     write_json(Path(out), record)
-    heatmap(record, Path(out).with_suffix(".png"))
     return record
 
 
@@ -113,6 +117,7 @@ def heatmap(record: dict, path: Path) -> None:
         ax.set_yticks(range(len(grid)), [str(i) for i in record["moe_layers"]], fontsize=6)
         fig.colorbar(image, ax=ax)
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
     fig.savefig(tmp, dpi=100)
     plt.close(fig)

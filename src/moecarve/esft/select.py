@@ -107,7 +107,7 @@ def validate_experts(
             )
         if not isinstance(ids, list) or not ids:
             raise ValueError(f"{what}: layer {key} selects no experts")
-        bad = [e for e in ids if not isinstance(e, int) or not 0 <= e < num_experts]
+        bad = [e for e in ids if isinstance(e, bool) or not isinstance(e, int) or not 0 <= e < num_experts]
         if bad:
             raise ValueError(f"{what}: layer {key} names experts {bad}, the model has 0..{num_experts - 1}")
         experts[int(key)] = sorted(set(ids))

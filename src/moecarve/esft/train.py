@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import save_file
 
 from moecarve import moe
@@ -50,6 +50,12 @@ class EsftConfig(BaseModel):
     mix_general: str | None = Field(None, description="general text mixed into training (file or 'protocol')")
     mix_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of training sequences from mix_general")
     seed: int = 0
+
+    @model_validator(mode="after")
+    def _mix_needs_both(self):
+        if bool(self.mix_general) != (self.mix_ratio > 0):
+            raise ValueError("--mix-general needs a text source and a ratio in (0, 1): TEXT:RATIO")
+        return self
 
 
 def trainable_parameters(model, experts: dict[int, list[int]], config: EsftConfig) -> list[dict]:
@@ -135,12 +141,16 @@ def fit(model, dataset: list[dict], collator, config: EsftConfig, optimizer=None
 def training_set(model_dir, data, tokenizer, config: EsftConfig) -> list[dict]:
     """Task examples plus, with mix_general, general-text pieces making up mix_ratio of the set."""
     examples = load_examples(data, tokenizer, config.max_length)
-    if config.mix_ratio > 0:
-        if not config.mix_general:
-            raise ValueError("--mix-general needs a text source with its ratio (TEXT:RATIO)")
+    if config.mix_general:
         from moecarve.carve.calib import read_text
 
-        text, _ = read_text(None if config.mix_general == "protocol" else config.mix_general)
+        source = None if config.mix_general == "protocol" else Path(config.mix_general).expanduser()
+        if source is not None and not source.exists():
+            raise FileNotFoundError(
+                f"--mix-general {config.mix_general}: no such file or directory "
+                "(a text or JSONL file, a directory of .txt files, or 'protocol')"
+            )
+        text, _ = read_text(source)
         wanted = math.ceil(len(examples) * config.mix_ratio / (1 - config.mix_ratio))
         general = text_examples(text[: 8 * wanted * config.max_length], tokenizer, config.max_length)
         if len(general) < wanted:
@@ -149,6 +159,19 @@ def training_set(model_dir, data, tokenizer, config: EsftConfig) -> list[dict]:
             )
         examples += general[:wanted]
     return as_dataset(examples)
+
+
+def train_experts(model, experts: dict[int, list[int]], dataset, collator, config: EsftConfig):
+    """Train a loaded model in place, only its selected slices (plus what config adds);
+    returns the optimiser groups and the training stats."""
+    groups = trainable_parameters(model, experts, config)
+    optimizer = SliceAdamW(
+        [{"params": g["params"], "rows": g["rows"]} for g in groups],
+        lr=config.lr,
+        betas=(config.beta1, config.beta2),
+        weight_decay=config.weight_decay,
+    )
+    return groups, fit(model, dataset, collator, config, optimizer)
 
 
 def train(
@@ -166,20 +189,15 @@ def train(
     record = read_experts(experts_file)
     shape.check(record, f"experts file {experts_file}")
     experts = validate_experts(record, shape.num_experts, shape.moe_layers, f"experts file {experts_file}")
+    if config.train_shared and not moe.FAMILIES[shape.model_type].shared:
+        raise ValueError(f"--train-shared: {shape.model_type} models have no shared experts")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     dataset = training_set(model_dir, data, tokenizer, config)
 
     torch.manual_seed(config.seed)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.config.use_cache = False
-    groups = trainable_parameters(model, experts, config)
-    optimizer = SliceAdamW(
-        [{"params": g["params"], "rows": g["rows"]} for g in groups],
-        lr=config.lr,
-        betas=(config.beta1, config.beta2),
-        weight_decay=config.weight_decay,
-    )
-    stats = fit(model, dataset, Collator(pad_id(tokenizer)), config, optimizer)
+    groups, stats = train_experts(model, experts, dataset, Collator(pad_id(tokenizer)), config)
     tensors = {
         g["name"]: (p.detach() if g["rows"] is None else p.detach().index_select(0, g["rows"]))
         .contiguous()

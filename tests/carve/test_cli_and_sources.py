@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -85,3 +86,21 @@ def test_bundled_gguf_all_experts_active_is_exact(tmp_path):
     ids = torch.randint(0, 49152, (1, 64))
     with torch.no_grad():
         torch.testing.assert_close(moe(ids).logits, dense(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_gguf_cache_is_keyed_by_content(tmp_path, monkeypatch):
+    """A reinstalled copy of the same GGUF (new path, new mtime) reuses the dequantized cache."""
+    import os
+
+    from moecarve.carve.source import cached_gguf_dir
+
+    monkeypatch.setenv("MOECARVE_CACHE", str(tmp_path / "cache"))
+    first, second = tmp_path / "a" / "m.gguf", tmp_path / "b" / "m.gguf"
+    for path in (first, second):
+        path.parent.mkdir()
+        path.write_bytes(b"GGUF same bytes")
+    os.utime(second, ns=(1, 1))
+    cached = tmp_path / "cache" / "gguf" / f"m-{hashlib.sha256(b'GGUF same bytes').hexdigest()[:16]}"
+    cached.mkdir(parents=True)
+    (cached / "config.json").write_text("{}")
+    assert cached_gguf_dir(first) == cached_gguf_dir(second) == cached

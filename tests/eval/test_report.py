@@ -110,3 +110,13 @@ def test_report_to_markdown_file_with_batch_carve_times(tiny_models, tiny_carved
     assert next(line for line in lines if line.startswith("| dense |")).endswith("| - |")
     assert "999.000" not in markdown
     assert not (tmp_path / "docs" / "report.md").exists()
+
+
+def test_gguf_sources_group_by_file_name(tmp_path):
+    """A dequantized GGUF is cached as gguf/FILE-KEY; the key must not split one model in two."""
+    from moecarve.eval.report import _source_id
+
+    cache = tmp_path / "gguf"
+    assert _source_id(str(cache / "Model.Q4_1-b9b8f18827a5d525")) == "Model.Q4_1.gguf"
+    assert _source_id(str(cache / "Model.Q4_1-4b1a0fbae7e6850c")) == "Model.Q4_1.gguf"
+    assert _source_id(str(tmp_path / "my-model")) == str((tmp_path / "my-model").resolve())

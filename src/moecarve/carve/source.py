@@ -78,8 +78,8 @@ def cached_gguf_dir(path: Path) -> Path:
     from moecarve.carve.writer import atomic_directory
     from moecarve.resources import cache_dir
 
-    stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    with path.open("rb") as file:  # keyed by content: a reinstalled copy of the same file hits
+        key = hashlib.file_digest(file, "sha256").hexdigest()[:16]
     out = cache_dir() / "gguf" / f"{path.stem}-{key}"
     if (out / "config.json").exists():
         return out

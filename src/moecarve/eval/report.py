@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 KINDS = ("ppl", "tasks", "speed", "load")
@@ -44,7 +45,7 @@ def ppl_rows(records) -> list[dict]:
             source = (result.get("carve") or {}).get("source_path") or result["model"]
             carve = _carve_beside(path, result.get("carve"))
             row = {
-                "source": str(Path(source).resolve()),
+                "source": _source_id(source),
                 "model": result["model"],
                 "config": result["name"],
                 "active_fraction": result["active_fraction"],
@@ -57,6 +58,15 @@ def ppl_rows(records) -> list[dict]:
             }
             rows[(row["model"], row["text"], row["windows_x_length"])] = row
     return sorted(rows.values(), key=lambda r: (r["source"], -(r["active_fraction"] or 0), r["config"]))
+
+
+def _source_id(source: str) -> str:
+    """The source model's identity for grouping. A GGUF source's dequantized copy is cached as
+    gguf/FILE-KEY (carve/source.py), KEY changing with the cache: the GGUF file's name identifies it."""
+    path = Path(source).resolve()
+    if path.parent.name == "gguf" and re.fullmatch(r".+-[0-9a-f]{16}", path.name):
+        return f"{path.name[:-17]}.gguf"
+    return str(path)
 
 
 def _carve_beside(path: Path, carve: dict | None) -> dict:

@@ -308,10 +308,10 @@ def main() -> None:
 
     evaluations = {}
     for name, model_dirs in {"base": [Path(args.model)], **kept}.items():
-        scores = [accuracy(model_dir, sides["test"], args.max_length) for model_dir in model_dirs]
-        evaluations[name] = {"task": scores[0], **general(model_dirs[0], args)}
-        if len(scores) > 1:
-            values = [s["accuracy"] for s in scores]
+        tested = [accuracy(model_dir, sides["test"], args.max_length) for model_dir in model_dirs]
+        evaluations[name] = {"task": tested[0], **general(model_dirs[0], args)}
+        if len(tested) > 1:
+            values = [t["accuracy"] for t in tested]
             evaluations[name]["task_seeds"] = {
                 "seeds": seeds,
                 "accuracy": values,

@@ -67,6 +67,22 @@ def download_hub_model(repo_id: str) -> Path:
         raise SourceError(f"cannot fetch {repo_id!r} from the Hugging Face hub: {err}") from err
 
 
+GGUF_KEY = 16  # hex digits of the content hash in a cached GGUF copy's name, FILE-KEY
+
+
+def gguf_file_of(cached: Path) -> str | None:
+    """The GGUF file name a cached dequantized copy (gguf/FILE-KEY) was made from, else None."""
+    stem, _, key = cached.name.rpartition("-")
+    if (
+        cached.parent.name == "gguf"
+        and stem
+        and len(key) == GGUF_KEY
+        and all(c in "0123456789abcdef" for c in key)
+    ):
+        return f"{stem}.gguf"
+    return None
+
+
 def cached_gguf_dir(path: Path) -> Path:
     """Dequantize a GGUF file once into a cached fp32 Hugging Face directory.
 
@@ -79,7 +95,7 @@ def cached_gguf_dir(path: Path) -> Path:
     from moecarve.resources import cache_dir
 
     with path.open("rb") as file:  # keyed by content: a reinstalled copy of the same file hits
-        key = hashlib.file_digest(file, "sha256").hexdigest()[:16]
+        key = hashlib.file_digest(file, "sha256").hexdigest()[:GGUF_KEY]
     out = cache_dir() / "gguf" / f"{path.stem}-{key}"
     if (out / "config.json").exists():
         return out

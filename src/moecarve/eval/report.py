@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import json
-import re
 from pathlib import Path
 
 KINDS = ("ppl", "tasks", "speed", "load")
@@ -61,12 +60,12 @@ def ppl_rows(records) -> list[dict]:
 
 
 def _source_id(source: str) -> str:
-    """The source model's identity for grouping. A GGUF source's dequantized copy is cached as
-    gguf/FILE-KEY (carve/source.py), KEY changing with the cache: the GGUF file's name identifies it."""
+    """The source model's identity for grouping: a GGUF source's cached copies (one per cache key)
+    are one model, named by the GGUF file."""
+    from moecarve.carve.source import gguf_file_of
+
     path = Path(source).resolve()
-    if path.parent.name == "gguf" and re.fullmatch(r".+-[0-9a-f]{16}", path.name):
-        return f"{path.name[:-17]}.gguf"
-    return str(path)
+    return gguf_file_of(path) or str(path)
 
 
 def _carve_beside(path: Path, carve: dict | None) -> dict:

@@ -70,6 +70,7 @@ def _carve_child(name, overrides, calib, out, queue):
             "carve_seconds": round(seconds, 1),
             "peak_rss_gib": round(peak, 2),
             "carve_config": result.record["config"],
+            "calib_dtype": result.record["resolved"]["calib_dtype"],
             "layers": result.record["layers"],
         }
     )

@@ -1,6 +1,7 @@
-"""The least work any sequential carve of the bundled model does: one fp32 pass of the calibration
+"""The least work any sequential carve of the bundled model does: one pass of the calibration
 tokens through every dense decoder layer (attention + FFN, no LM head), as the carve runs them
-(2 sequences at a time, 2 threads). A carve that calibrates layer by layer cannot take less.
+(2 sequences at a time, 2 threads), in float32 and in bfloat16 (the carve's `calib_dtype`). A carve
+that calibrates layer by layer in that dtype cannot take less.
 
     python benchmarks/carve_floor.py     # writes results/carve/floor.json
 """
@@ -32,20 +33,23 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(source)
     ids = calibration(tokenizer, None, config.calib_tokens, config.calib_length).input_ids
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
-    seconds = []
-    with torch.no_grad():
-        for _ in range(REPEATS):
-            started = time.perf_counter()
-            for chunk in ids.split(2):
-                model.model(chunk)
-            seconds.append(round(time.perf_counter() - started, 2))
+    seconds = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        model.to(dtype)
+        runs = seconds[str(dtype).removeprefix("torch.")] = []
+        with torch.no_grad():
+            for _ in range(REPEATS):
+                started = time.perf_counter()
+                for chunk in ids.split(2):
+                    model.model(chunk)
+                runs.append(round(time.perf_counter() - started, 2))
     record = {
         "benchmark": "carve_floor",
-        "what": "fp32 forward of the calibration tokens through the dense decoder layers (no LM head)",
+        "what": "forward of the calibration tokens through the dense decoder layers (no LM head)",
         "tokens": ids.numel(),
         "sequences": list(ids.shape),
         "seconds": seconds,
-        "median_seconds": statistics.median(seconds),
+        "median_seconds": {dtype: statistics.median(runs) for dtype, runs in seconds.items()},
         "reference_carve_seconds_S1A2E8": 97.4,  # BASELINES.md
         "machine": machine(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},

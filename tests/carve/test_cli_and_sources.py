@@ -104,3 +104,20 @@ def test_gguf_cache_is_keyed_by_content(tmp_path, monkeypatch):
     cached.mkdir(parents=True)
     (cached / "config.json").write_text("{}")
     assert cached_gguf_dir(first) == cached_gguf_dir(second) == cached
+
+
+def test_calibration_dtype_is_bfloat16_only_where_the_cpu_multiplies_it_natively(monkeypatch):
+    from moecarve.carve.pipeline import calibration_dtype
+
+    assert calibration_dtype("float32") is torch.float32
+    assert calibration_dtype("bfloat16") is torch.bfloat16
+    for avx512_bf16, amx, expected in [
+        (True, False, torch.bfloat16),
+        (False, True, torch.bfloat16),
+        (False, False, torch.float32),
+    ]:
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert calibration_dtype("auto") is expected
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")  # a torch without the probe
+    assert calibration_dtype("auto") is torch.float32

@@ -1,10 +1,13 @@
 """The exact pieces of the carve: balanced assignment, k-means stopping, the down-projection refit."""
 
 import importlib
+from functools import partial
+from itertools import pairwise
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
 partition = importlib.import_module("moecarve.carve.partition")
@@ -86,3 +89,32 @@ def test_balanced_assignment_ignores_a_constant_offset():
     labels = partition.balanced_assignment(cost + 1e8, 50)  # the tolerance follows the cost range
     rows = np.arange(400)
     assert cost[rows, labels].sum() == pytest.approx(jonker_volgenant_cost(cost, 50), abs=1e-9)
+
+
+def test_refining_for_the_best_experts_never_lowers_what_they_capture():
+    torch.manual_seed(0)
+    tokens, routed, m, active = 400, 5, 6, 2
+    planted = torch.randperm(routed * m) // m  # neurons that fire together
+    groups = torch.rand(tokens, routed).topk(active, 1).indices  # each token uses `active` groups
+    fires = F.one_hot(groups, routed).sum(1)[:, planted].float()  # [T, n]
+    score = fires + 0.3 * torch.rand(tokens, routed * m)
+    labels = torch.arange(routed * m) // m  # a start that mixes the groups
+    neurons = torch.arange(routed * m)
+    select = partial(partition.top_experts, active=active)
+    captured = []
+    for _ in range(6):
+        per_expert = score @ F.one_hot(labels, routed).float()
+        captured.append(per_expert.topk(active, 1).values.sum().item())
+        labels, _ = partition.refine_for_routing(score, neurons, labels, routed, m, select, iters=1)
+        assert torch.equal(torch.bincount(labels, minlength=routed), torch.full((routed,), m))
+    assert all(later >= earlier - 1e-3 for earlier, later in pairwise(captured))
+    assert captured[-1] > captured[0]
+
+
+def test_linear_selector_chooses_what_a_linear_router_predicts():
+    torch.manual_seed(0)
+    x = torch.randn(500, 8)
+    per_expert = x[:, :4] @ torch.randn(4, 4) + torch.tensor([3.0, 0.0, 1.0, -2.0])  # linear in x
+    chosen = partition.linear_selector(x, 2, ridge=1e-9)(per_expert)
+    assert torch.equal(chosen, partition.top_experts(per_expert, 2))
+    assert torch.equal(chosen.sum(1), torch.full((500,), 2.0))

@@ -34,12 +34,18 @@ class CarveConfig(BaseModel):
         4096, ge=1, description="calibration tokens (evenly spaced) in the clustering features"
     )
     cluster_iters: int = Field(
-        8, ge=1, description="balanced k-means iterations at most (stops early on convergence)"
+        2, ge=1, description="balanced k-means iterations at most (stops early on convergence)"
     )
     cluster_tol: float = Field(
         1e-3,
         ge=0,
         description="stop k-means once an iteration lowers its objective by less than this fraction",
+    )
+    refine_iters: int = Field(
+        6,
+        ge=0,
+        description="after k-means, steps moving neurons to the experts a linear router picks for "
+        "the tokens they serve (0: k-means only)",
     )
     balance: float = Field(
         0.0, ge=0, le=1, description="strength of the load-balancing bias (0: none, 1: fully balanced)"
@@ -53,6 +59,11 @@ class CarveConfig(BaseModel):
         "layer",
         description="what the refit aims at: the dense FFN output on the carved inputs (layer), or "
         "what takes the carved residual stream back to the dense model's (stream)",
+    )
+    calib_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto",
+        description="dtype of the calibration forward passes and neuron activations (auto: bfloat16 "
+        "where the CPU multiplies it natively, else float32); the router fit and refit stay float32",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="dtype of the written checkpoint (auto: the source's)"

@@ -71,27 +71,28 @@ def carve_ffn(
     m: int,
     dtype: torch.dtype = torch.float32,
     target: torch.Tensor | None = None,
+    calib_dtype: torch.dtype = torch.float32,
 ) -> tuple[CarvedFFN, torch.Tensor]:
     """Carve the FFN (weights padded to N * m neurons) using its inputs x [T, H] on calibration text.
 
     Returns the carved FFN and its output on x, which the next layer is calibrated on. The router
     weight is rounded to the checkpoint's `dtype` first, so the routing computed here is the one
     the written model makes. `target` [T, H], what the refit aims the output at, defaults to the
-    dense FFN's output.
+    dense FFN's output. The activations and the outputs are multiplied in `calib_dtype`.
     """
     stats: dict = {}
     with timed(stats, "activations"):
-        h = activations(x, w_gate, w_up)
-        dense = h @ w_down.T
+        h = activations(x.to(calib_dtype), w_gate.to(calib_dtype), w_up.to(calib_dtype)).float()
+        dense = linear(h, w_down, calib_dtype)
     with timed(stats, "partition"):
-        part = partition_neurons(h, w_down.norm(dim=0), config, m)
+        part = partition_neurons(h, w_down.norm(dim=0), config, m, x)
     stats["cluster_iterations"] = part.iterations
     R, A = config.routed, config.active
     if A == R:  # every routed expert is selected: zero router, gates exactly 1, the dense FFN exactly
         weight, bias = torch.zeros(R, x.shape[1]), torch.zeros(R)
     else:
         with timed(stats, "router"):
-            weight, bias = _fit_router(x, h, w_gate, w_up, w_down, part, config, dtype, stats)
+            weight, bias = _fit_router(x, h, w_gate, w_up, w_down, part, config, dtype, stats, calib_dtype)
     carved = CarvedFFN(w_gate, w_up, w_down, part.shared, part.experts, weight, bias.float(), A, stats)
     with timed(stats, "forward"):  # glm4_moe's forward: shared + gated sum of the top-A routed experts
         gates = carved.routing(x)
@@ -109,16 +110,16 @@ def carve_ffn(
                 target = dense if target is None else target
                 carved.w_down = refit_down(kept, gates, carved, target, config.refit_ridge).to(w_down.dtype)
     with timed(stats, "forward"):
-        out = kept @ carved.w_down.T
+        out = linear(kept, carved.w_down, calib_dtype)
     stats["relative_error"] = _relative_error(out, dense)
     return carved, out
 
 
-def _fit_router(x, h, w_gate, w_up, w_down, part, config: CarveConfig, dtype, stats: dict):
+def _fit_router(x, h, w_gate, w_up, w_down, part, config: CarveConfig, dtype, stats: dict, calib_dtype):
     """The linear router (weight [R, H], bias [R], as written) fitted to each expert's usefulness;
     records its agreement with the best experts, and CMoE's, on held-out tokens in `stats`."""
     R, A = config.routed, config.active
-    useful = routing.usefulness(h, w_down, part.experts)  # [T, R]
+    useful = routing.usefulness(h, w_down, part.experts, calib_dtype)  # [T, R]
     split = x.shape[0] - x.shape[0] // HELD_OUT
     train, held = routing.moments(x[:split], useful[:split]), routing.moments(x[split:], useful[split:])
     fitted = routing.fit_linear(train)
@@ -135,6 +136,11 @@ def _fit_router(x, h, w_gate, w_up, w_down, part, config: CarveConfig, dtype, st
     scale = LOGIT_SCALE / scores.abs().max().clamp_min(1e-12)
     # sigmoid(s z) = 0.5 + s z / 4 + O((s z)^3): a score offset b becomes s b / 4 after the sigmoid.
     return (fitted.weight * scale).to(dtype).float(), (fitted.bias + balance) * scale / 4
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x @ weight.T multiplied in `dtype`, returned float32."""
+    return (x.to(dtype) @ weight.to(dtype).T).float()
 
 
 def _relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:

@@ -39,24 +39,33 @@ def resolve_k(top_k_activation: float, intermediate: int) -> int:
     return max(1, min(k, intermediate))
 
 
-def partition_neurons(h: torch.Tensor, down_norms: torch.Tensor, config: CarveConfig, m: int) -> Partition:
-    """Shared neurons by score, routed neurons by balanced k-means into R experts of exactly m."""
-    contribution = h.abs() * down_norms  # [T, I] size of each neuron's share of the output
+def partition_neurons(
+    h: torch.Tensor, down_norms: torch.Tensor, config: CarveConfig, m: int, x: torch.Tensor
+) -> Partition:
+    """Shared neurons by score; routed neurons by balanced k-means into R experts of exactly m, then
+    refined towards what a linear router on the FFN inputs x [T, H] can pick (`refine_for_routing`)."""
+    # [T, I] squared size of each neuron's share of the output. Passes over [T, I] tensors are most
+    # of the partition's time, so this is the only one made.
+    energy = (h * down_norms).square_()
     markers = None
     if config.shared_score == "rate" or config.features == "binary":
         markers = top_k_markers(h, resolve_k(config.top_k_activation, h.shape[1]))
-    score = markers.mean(0) if config.shared_score == "rate" else contribution.pow(2).mean(0)
+    score = markers.mean(0) if config.shared_score == "rate" else energy.mean(0)
     order = torch.argsort(score, descending=True, stable=True)
     n_shared = config.shared * m
     shared, routed = order[:n_shared], order[n_shared:]  # routed: in decreasing score
     # Features over an evenly spaced subset of the tokens: as good a partition, measured, and
     # the k-means products shrink with it (docs/carve.md).
     stride = max(1, h.shape[0] // config.cluster_tokens)
-    feats = (markers if config.features == "binary" else contribution)[::stride, routed].T  # [n, T']
-    if config.features == "magnitude":
-        feats = F.normalize(feats, dim=1)
+    if config.features == "magnitude":  # |h_i| ||W_down[:, i]||, normalised per neuron
+        feats = F.normalize(energy[::stride, routed].T.sqrt(), dim=1)  # [n, T']
+    else:
+        feats = markers[::stride, routed].T
     feats = feats.contiguous()
     labels, iterations = balanced_kmeans(feats, config.routed, m, config.cluster_iters, config.cluster_tol)
+    if config.refine_iters:
+        select = linear_selector(x, config.active)
+        labels, _ = refine_for_routing(energy, routed, labels, config.routed, m, select, config.refine_iters)
     members = torch.stack([torch.nonzero(labels == j).squeeze(1) for j in range(config.routed)])  # [R, m]
     centroids = feats[members].mean(1)  # [R, T]
     nearest = (feats[members] - centroids[:, None]).pow(2).sum(-1).argmin(1)  # [R]
@@ -92,6 +101,56 @@ def balanced_kmeans(
         labels, objective = new, new_objective
         onehot = F.one_hot(labels, clusters).to(feats.dtype)  # [n, R]
         centroids = onehot.T @ feats / size
+    return labels, iters
+
+
+def top_experts(per_expert: torch.Tensor, active: int) -> torch.Tensor:
+    """[T, R] 0/1: each token's `active` highest-scoring experts."""
+    return F.one_hot(per_expert.topk(active, 1).indices, per_expert.shape[1]).sum(1).to(per_expert.dtype)
+
+
+def linear_selector(x: torch.Tensor, active: int, ridge: float = 1e-3):
+    """A selection rule, per-expert score [T, R] -> chosen [T, R] 0/1: the top `active` experts of
+    the ridge regression of the (per-token centred) scores on x [T, H], as the fitted router picks."""
+    mean = x.mean(0)
+    xc = x - mean
+    gram = xc.T @ xc
+    gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0])
+    factor = torch.linalg.cholesky(gram.double())
+
+    def select(per_expert: torch.Tensor) -> torch.Tensor:
+        target = per_expert - per_expert.mean(1, keepdim=True)
+        weight = torch.cholesky_solve((xc.T @ target).double(), factor).float()  # [H, R]
+        return top_experts(xc @ weight + target.mean(0), active)
+
+    return select
+
+
+def refine_for_routing(
+    score: torch.Tensor,
+    neurons: torch.Tensor,
+    labels: torch.Tensor,
+    clusters: int,
+    size: int,
+    select,
+    iters: int,
+) -> tuple[torch.Tensor, int]:
+    """Reassign `neurons` [n] (columns of `score` [T, I], each neuron's value at each token; the
+    other columns are ignored) to what each token's chosen experts capture, from `labels` [n].
+
+    Alternates the experts `select` chooses per token ([T, R] per-expert score -> [T, R] 0/1) and
+    the balanced assignment of neurons that captures the most score under those choices. With the
+    oracle choice (`top_experts`) neither step lowers the objective. Returns labels and iterations.
+    """
+    membership = torch.zeros(score.shape[1], clusters, dtype=score.dtype)  # [I, R]
+    for step in range(1, iters + 1):
+        membership.zero_()[neurons, labels] = 1
+        chosen = select(score @ membership)  # [T, R] from the per-expert scores
+        gain = (chosen.T @ score)[:, neurons].T  # [n, R] score neuron i adds if it joins expert j
+        new = torch.from_numpy(balanced_assignment((-gain).double().numpy(), size, labels.numpy()))
+        if torch.equal(new, labels):
+            return labels, step
+        labels = new
     return labels, iters
 
 

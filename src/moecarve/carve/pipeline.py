@@ -56,6 +56,19 @@ def neurons_per_expert(intermediate: int, experts: int) -> int:
     return math.ceil(intermediate / experts / 8) * 8
 
 
+def calibration_dtype(setting: str) -> torch.dtype:
+    """`calib_dtype`: bfloat16 on "auto" where the CPU has native bfloat16 dot products
+    (AVX512-BF16 or AMX: its matmuls ran 3.7x float32's on the 2-core benchmark machine);
+    elsewhere float32, since emulated bfloat16 is slower than float32."""
+    if setting != "auto":
+        return DTYPES[setting]
+    try:
+        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    except AttributeError:  # a torch without the probes
+        native = False
+    return torch.bfloat16 if native else torch.float32
+
+
 def plan(model, config: CarveConfig, out: Path | None, overwrite: bool):
     """Everything checkable without reading weights or text: raises before any expensive work."""
     out = Path(out) if out is not None else Path(f"{Path(str(model)).stem}-{config.name}")
@@ -127,10 +140,12 @@ def carve(
     embed = tensors.get("model.embed_tokens.weight")
     hidden = embed[calib_data.input_ids].float()  # [B, L, H]
     positions = torch.arange(hidden.shape[1])[None]
-    position_embeddings = rotary(hidden[:1], positions)
+    calib_dtype = calibration_dtype(config.calib_dtype)
+    position_embeddings = rotary(hidden[:1].to(calib_dtype), positions)
 
-    def run(layer, chunk):
-        return layer(chunk, position_embeddings=position_embeddings, position_ids=positions)
+    def run(layer, chunk):  # the residual stream stays float32 between layers
+        out = layer(chunk.to(calib_dtype), position_embeddings=position_embeddings, position_ids=positions)
+        return out.float()
 
     stream = config.refit_ridge is not None and config.refit_target == "stream"
     dense_hidden = hidden if stream else None
@@ -144,17 +159,18 @@ def carve(
             prefix = f"model.layers.{index}."
             layer = skeleton.model.layers[index]
             tensors.load_into(layer, prefix, torch.float32)
+            state = layer.state_dict()  # float32, as read: what is written
             mlp, capture, timing = layer.mlp, _CaptureInput(), {}
+            layer.mlp = capture
+            layer.to(calib_dtype)  # the attention's calibration forward; `state` and `mlp` stay float32
             if stream:  # the dense model's own residual stream after this layer
                 with torch.no_grad(), timed(timing, "dense_stream"):
                     dense_hidden = torch.cat(
                         [run(layer, chunk) for chunk in dense_hidden.split(SEQUENCES_PER_PASS)]
                     )
-            layer.mlp = capture
             with torch.no_grad(), timed(timing, "attention"):
                 residual = torch.cat([run(layer, chunk) for chunk in hidden.split(SEQUENCES_PER_PASS)])
-            x = torch.cat(capture.inputs).flatten(0, 1)  # [T, H] FFN inputs
-            state = layer.state_dict()
+            x = torch.cat(capture.inputs).flatten(0, 1).float()  # [T, H] FFN inputs
             out_tensors = {prefix + n: state[n].to(dtype) for n in family.attention_tensors(source_config)}
             weights = (
                 mlp.gate_proj.weight.detach(),
@@ -169,7 +185,7 @@ def carve(
             else:
                 padded = pad_neurons(*weights, m * config.experts)
                 target = (dense_hidden - residual).flatten(0, 1) if stream else None
-                carved, ffn = carve_ffn(x, *padded, config, m, dtype, target)
+                carved, ffn = carve_ffn(x, *padded, config, m, dtype, target, calib_dtype)
                 out_tensors.update(carved.tensors(f"{prefix}mlp.", dtype))
                 carved.stats["seconds"] = {**timing["seconds"], **carved.stats["seconds"]}
                 layers.append({"layer": index, **carved.stats})
@@ -189,7 +205,7 @@ def carve(
         _generation_config(src).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         record = _record(
-            model, src, config, calib_data, layers, m, intermediate, time.perf_counter() - started
+            model, src, config, calib_data, layers, m, intermediate, calib_dtype, time.perf_counter() - started
         )
         if evaluate:
             from moecarve.eval.ppl import protocol_ppl
@@ -216,7 +232,7 @@ def _generation_config(src: Path) -> GenerationConfig:
         return GenerationConfig()
 
 
-def _record(model, src, config, calib_data, layers, m, intermediate, seconds) -> dict:
+def _record(model, src, config, calib_data, layers, m, intermediate, calib_dtype, seconds) -> dict:
     import transformers
 
     return {
@@ -229,6 +245,7 @@ def _record(model, src, config, calib_data, layers, m, intermediate, seconds) ->
             "intermediate_size": intermediate,
             "padding_neurons": m * config.experts - intermediate,
             "active_fraction": config.active_fraction,
+            "calib_dtype": str(calib_dtype).removeprefix("torch."),
         },
         "calibration": {
             "source": calib_data.source,

@@ -24,23 +24,28 @@ class Router:
 
 
 def usefulness(
-    h: torch.Tensor, w_down: torch.Tensor, experts: torch.Tensor, chunk: int = 2048
+    h: torch.Tensor,
+    w_down: torch.Tensor,
+    experts: torch.Tensor,
+    dtype: torch.dtype = torch.float32,
+    chunk: int = 2048,
 ) -> torch.Tensor:
     """[T, R] error reduction of adding each expert alone: 2 o_j.r - ||o_j||^2.
 
     o_j = W_j h_j is expert j's output for the token and r = sum_j o_j the routed part of the dense
     output. Computed as o_j.r = h_j.(W_j^T r) and ||o_j||^2 = h_j^T (W_j^T W_j) h_j, so no [T, R, H]
-    tensor is formed.
+    tensor is formed. The products are taken in `dtype` (the ranking they feed tolerates bfloat16).
     """
     w = w_down[:, experts]  # [H, R, m]
-    gram = torch.einsum("hrm,hrn->rmn", w, w)  # [R, m, m]
+    gram = torch.einsum("hrm,hrn->rmn", w, w).to(dtype)  # [R, m, m]
+    w = w.flatten(1).to(dtype)  # [H, R*m]
     parts = []
     for start in range(0, h.shape[0], chunk):
-        he = h[start : start + chunk, experts]  # [t, R, m]
-        routed = he.flatten(1) @ w.flatten(1).T  # [t, H]
-        projected = (routed @ w.flatten(1)).view_as(he)  # [t, R, m]: W_j^T r
-        dot = (he * projected).sum(-1)
-        norm = torch.einsum("trm,rmn,trn->tr", he, gram, he)
+        he = h[start : start + chunk, experts].to(dtype)  # [t, R, m]
+        routed = he.flatten(1) @ w.T  # [t, H]
+        projected = (routed @ w).view_as(he)  # [t, R, m]: W_j^T r
+        dot = (he * projected).float().sum(-1)
+        norm = (torch.bmm(he.transpose(0, 1), gram).float() * he.transpose(0, 1)).sum(-1).T  # [t, R]
         parts.append(2 * dot - norm)
     return torch.cat(parts)
 
@@ -49,10 +54,17 @@ def moments(x: torch.Tensor, target: torch.Tensor) -> dict:
     """Sufficient statistics of a ridge fit of per-token-centred targets [T, R] on x [T, H].
 
     Moments of disjoint token sets add up, so a held-out check and the final fit share the work.
+    The products are float32 (a third of float64's time) and held as float64 for the solve.
     """
     target = target - target.mean(1, keepdim=True)  # only the ranking within a token matters
-    x64, t64 = x.double(), target.double()
-    return {"n": x.shape[0], "sx": x64.sum(0), "st": t64.sum(0), "xx": x64.T @ x64, "xt": x64.T @ t64}
+    x, target = x.float(), target.float()
+    return {
+        "n": x.shape[0],
+        "sx": x.double().sum(0),
+        "st": target.double().sum(0),
+        "xx": (x.T @ x).double(),
+        "xt": (x.T @ target).double(),
+    }
 
 
 def add_moments(a: dict, b: dict) -> dict:

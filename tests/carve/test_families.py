@@ -55,6 +55,8 @@ def test_sparse_carve_loads_and_generates(family, tiny_models, calib_file, tmp_p
     assert record["calibration"]["tokens"] == 512
     assert record["resolved"]["name"] == "S1A2E8"
     assert record["resolved"]["calib_dtype"] in ("float32", "bfloat16")  # what "auto" resolved to
+    carved = [layer for layer in record["layers"] if not layer.get("dense")]
+    assert carved and all(1 <= layer["refine_iterations"] <= 6 for layer in carved)
     assert (out / "model.safetensors.index.json").exists() and (out / "tokenizer.json").exists()
 
 

@@ -86,7 +86,7 @@ def carve_ffn(
         dense = linear(h, w_down, calib_dtype)
     with timed(stats, "partition"):
         part = partition_neurons(h, w_down.norm(dim=0), config, m, x)
-    stats["cluster_iterations"] = part.iterations
+    stats["cluster_iterations"], stats["refine_iterations"] = part.iterations, part.refine_iterations
     R, A = config.routed, config.active
     if A == R:  # every routed expert is selected: zero router, gates exactly 1, the dense FFN exactly
         weight, bias = torch.zeros(R, x.shape[1]), torch.zeros(R)

@@ -21,6 +21,7 @@ class Partition:
     experts: torch.Tensor  # [R, m] neuron indices of each routed expert
     representatives: torch.Tensor  # [R] the member nearest each cluster centre (CMoE's router neuron)
     iterations: int  # clustering iterations run
+    refine_iterations: int = 0  # refine steps run (stops early once the assignment repeats)
 
 
 def activations(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
@@ -63,16 +64,19 @@ def partition_neurons(
         feats = markers[::stride, routed].T
     feats = feats.contiguous()
     labels, iterations = balanced_kmeans(feats, config.routed, m, config.cluster_iters, config.cluster_tol)
+    refined = 0
     if config.refine_iters:
         select = linear_selector(x, config.active)
-        labels, _ = refine_for_routing(energy, routed, labels, config.routed, m, select, config.refine_iters)
+        labels, refined = refine_for_routing(
+            energy, routed, labels, config.routed, m, select, config.refine_iters
+        )
     members = torch.stack([torch.nonzero(labels == j).squeeze(1) for j in range(config.routed)])  # [R, m]
     centroids = feats[members].mean(1)  # [R, T]
     nearest = (feats[members] - centroids[:, None]).pow(2).sum(-1).argmin(1)  # [R]
     representatives = routed[members.gather(1, nearest[:, None]).squeeze(1)]
     # Sort members inside each expert so the written layout does not depend on solver order.
     experts = routed[members].sort(dim=1).values
-    return Partition(shared.sort().values, experts, representatives, iterations)
+    return Partition(shared.sort().values, experts, representatives, iterations, refined)
 
 
 def balanced_kmeans(

@@ -205,7 +205,15 @@ def carve(
         _generation_config(src).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         record = _record(
-            model, src, config, calib_data, layers, m, intermediate, calib_dtype, time.perf_counter() - started
+            model,
+            src,
+            config,
+            calib_data,
+            layers,
+            m,
+            intermediate,
+            calib_dtype,
+            time.perf_counter() - started,
         )
         if evaluate:
             from moecarve.eval.ppl import protocol_ppl

@@ -28,7 +28,8 @@ def test_all_experts_active_reproduces_dense(family, tiny_models, calib_file, tm
     dense_layers = 1 if family == "llama" else 0  # first_k_dense_replace is exact too
     out = carve(
         tiny_models[family],
-        CarveConfig(experts=8, active=7, shared=1, dense_layers=dense_layers, **TINY),
+        # bf16 calibration: the written weights must still be the source's, unrounded
+        CarveConfig(experts=8, active=7, shared=1, dense_layers=dense_layers, calib_dtype="bfloat16", **TINY),
         calib_file,
         tmp_path / "out",
         progress=False,
@@ -61,16 +62,17 @@ def test_sparse_carve_loads_and_generates(family, tiny_models, calib_file, tmp_p
 
 
 @pytest.mark.parametrize(
-    ("dtype", "refit", "calib_dtype"),
+    ("dtype", "refit", "calib_dtype", "refit_target"),
     [
-        (torch.float32, None, "float32"),
-        (torch.float32, 0.1, "float32"),
-        (torch.float32, 0.1, "bfloat16"),
-        (torch.bfloat16, None, "float32"),
+        (torch.float32, None, "float32", "layer"),
+        (torch.float32, 0.1, "float32", "layer"),
+        (torch.float32, 0.1, "float32", "stream"),
+        (torch.float32, 0.1, "bfloat16", "stream"),
+        (torch.bfloat16, None, "float32", "layer"),
     ],
 )
 def test_checkpoint_computes_what_the_carve_computed(
-    dtype, refit, calib_dtype, tmp_path, calib_file, monkeypatch
+    dtype, refit, calib_dtype, refit_target, tmp_path, calib_file, monkeypatch
 ):
     """Each written MoE layer, reloaded by transformers, gives the carve's own output on its inputs."""
     from moecarve.carve import pipeline
@@ -86,7 +88,9 @@ def test_checkpoint_computes_what_the_carve_computed(
 
     carve_ffn = pipeline.carve_ffn
     monkeypatch.setattr(pipeline, "carve_ffn", recording)
-    config = CarveConfig(experts=8, active=3, refit_ridge=refit, calib_dtype=calib_dtype, **TINY)
+    config = CarveConfig(
+        experts=8, active=3, refit_ridge=refit, refit_target=refit_target, calib_dtype=calib_dtype, **TINY
+    )
     out = carve(src, config, calib_file, tmp_path / "o", progress=False).out
     moe = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert json.loads((out / "config.json").read_text())["dtype"] == str(dtype).removeprefix("torch.")

@@ -12,6 +12,7 @@ from scipy.optimize import linear_sum_assignment
 
 partition = importlib.import_module("moecarve.carve.partition")
 layer = importlib.import_module("moecarve.carve.layer")
+router = importlib.import_module("moecarve.carve.router")
 
 
 def jonker_volgenant_cost(cost: np.ndarray, size: int) -> float:
@@ -118,3 +119,40 @@ def test_linear_selector_chooses_what_a_linear_router_predicts():
     chosen = partition.linear_selector(x, 2, ridge=1e-9)(per_expert)
     assert torch.equal(chosen, partition.top_experts(per_expert, 2))
     assert torch.equal(chosen.sum(1), torch.full((500,), 2.0))
+
+
+def test_router_fit_is_exact_and_additive_with_a_large_mean_channel():
+    torch.manual_seed(0)
+    x = torch.randn(4000, 16)
+    x[:, 0] += 1000.0  # a channel whose mean dwarfs its spread, as LLM hidden states have
+    target = x @ torch.randn(16, 5) + 0.1 * torch.randn(4000, 5)
+    shift = x[:3000].mean(0)
+    parts = router.add_moments(
+        router.moments(x[:3000], target[:3000], shift), router.moments(x[3000:], target[3000:], shift)
+    )
+    fitted = router.fit_linear(parts)
+    x64 = x.double() - x.double().mean(0)  # the same ridge fit, float64 throughout
+    t64 = target.double() - target.double().mean(1, keepdim=True)
+    gram = x64.T @ x64
+    gram += 1e-3 * gram.diagonal().mean() * torch.eye(16, dtype=torch.float64)
+    weight = torch.linalg.solve(gram, x64.T @ (t64 - t64.mean(0))).T
+    expected = x64 @ weight.T + t64.mean(0)
+    torch.testing.assert_close((x @ fitted.weight.T + fitted.bias).double(), expected, rtol=0, atol=1e-3)
+    with pytest.raises(ValueError, match="different shifts"):
+        router.add_moments(router.moments(x, target, shift), router.moments(x, target, shift + 1))
+
+
+def test_the_router_refine_moves_routed_neurons_only_and_keeps_each_once():
+    from moecarve import CarveConfig
+
+    torch.manual_seed(0)
+    x = torch.randn(512, 12)
+    h = F.silu(x @ torch.randn(12, 48)) * (x @ torch.randn(12, 48))
+    down_norms = torch.rand(48) + 0.5
+    config = CarveConfig(experts=8, active=2, shared=1, refine_iters=3)
+    refined = partition.partition_neurons(h, down_norms, config, 6, x)
+    kmeans = partition.partition_neurons(h, down_norms, config.model_copy(update={"refine_iters": 0}), 6, x)
+    assert torch.equal(refined.shared, kmeans.shared)
+    assert not torch.equal(refined.experts, kmeans.experts)
+    assert torch.equal(torch.cat([refined.shared, refined.experts.flatten()]).sort().values, torch.arange(48))
+    assert 1 <= refined.refine_iterations <= 3 and kmeans.refine_iterations == 0

@@ -121,7 +121,9 @@ def _fit_router(x, h, w_gate, w_up, w_down, part, config: CarveConfig, dtype, st
     R, A = config.routed, config.active
     useful = routing.usefulness(h, w_down, part.experts, calib_dtype)  # [T, R]
     split = x.shape[0] - x.shape[0] // HELD_OUT
-    train, held = routing.moments(x[:split], useful[:split]), routing.moments(x[split:], useful[split:])
+    shift = x[:split].mean(0)
+    train = routing.moments(x[:split], useful[:split], shift)
+    held = routing.moments(x[split:], useful[split:], shift)
     fitted = routing.fit_linear(train)
     held_x, held_useful = x[split:], useful[split:]
     cmoe = routing.representative_scores(held_x, w_gate, w_up, part.representatives)

@@ -143,19 +143,28 @@ def refine_for_routing(
     other columns are ignored) to what each token's chosen experts capture, from `labels` [n].
 
     Alternates the experts `select` chooses per token ([T, R] per-expert score -> [T, R] 0/1) and
-    the balanced assignment of neurons that captures the most score under those choices. With the
-    oracle choice (`top_experts`) neither step lowers the objective. Returns labels and iterations.
+    the balanced assignment of neurons that captures the most score under those choices, for at
+    most `iters` steps or until the assignment repeats. With the oracle choice (`top_experts`)
+    neither step lowers the captured score; a linear router's choice gives no such guarantee, so
+    the labels that captured the most are returned, with the steps run.
     """
     membership = torch.zeros(score.shape[1], clusters, dtype=score.dtype)  # [I, R]
-    for step in range(1, iters + 1):
+    best, best_captured = labels, -float("inf")
+    for step in range(1, iters + 2):
         membership.zero_()[neurons, labels] = 1
-        chosen = select(score @ membership)  # [T, R] from the per-expert scores
+        per_expert = score @ membership  # [T, R]
+        chosen = select(per_expert)  # [T, R]
+        captured = (per_expert * chosen).sum().item()
+        if captured > best_captured:
+            best, best_captured = labels, captured
+        if step > iters:
+            break
         gain = (chosen.T @ score)[:, neurons].T  # [n, R] score neuron i adds if it joins expert j
         new = torch.from_numpy(balanced_assignment((-gain).double().numpy(), size, labels.numpy()))
         if torch.equal(new, labels):
-            return labels, step
+            return best, step
         labels = new
-    return labels, iters
+    return best, iters
 
 
 def balanced_assignment(cost: np.ndarray, size: int, start: np.ndarray | None = None) -> np.ndarray:

@@ -143,7 +143,7 @@ def carve(
     calib_dtype = calibration_dtype(config.calib_dtype)
     position_embeddings = rotary(hidden[:1].to(calib_dtype), positions)
 
-    def run(layer, chunk):  # the residual stream stays float32 between layers
+    def run(layer, chunk):  # the stream is passed between layers in float32, run in calib_dtype
         out = layer(chunk.to(calib_dtype), position_embeddings=position_embeddings, position_ids=positions)
         return out.float()
 
@@ -160,25 +160,23 @@ def carve(
             layer = skeleton.model.layers[index]
             tensors.load_into(layer, prefix, torch.float32)
             state = layer.state_dict()  # float32, as read: what is written
+            if calib_dtype != torch.float32:  # a second copy, for the calibration forward
+                tensors.load_into(layer, prefix, calib_dtype)
             mlp, capture, timing = layer.mlp, _CaptureInput(), {}
-            layer.mlp = capture
-            layer.to(calib_dtype)  # the attention's calibration forward; `state` and `mlp` stay float32
             if stream:  # the dense model's own residual stream after this layer
                 with torch.no_grad(), timed(timing, "dense_stream"):
                     dense_hidden = torch.cat(
                         [run(layer, chunk) for chunk in dense_hidden.split(SEQUENCES_PER_PASS)]
                     )
+            layer.mlp = capture
             with torch.no_grad(), timed(timing, "attention"):
                 residual = torch.cat([run(layer, chunk) for chunk in hidden.split(SEQUENCES_PER_PASS)])
             x = torch.cat(capture.inputs).flatten(0, 1).float()  # [T, H] FFN inputs
             out_tensors = {prefix + n: state[n].to(dtype) for n in family.attention_tensors(source_config)}
-            weights = (
-                mlp.gate_proj.weight.detach(),
-                mlp.up_proj.weight.detach(),
-                mlp.down_proj.weight.detach(),
-            )
+            weights = tuple(state[f"mlp.{name}_proj.weight"] for name in ("gate", "up", "down"))
             if index < config.dense_layers:
-                ffn = mlp(x)
+                with torch.no_grad():
+                    ffn = mlp(x.to(calib_dtype)).float()
                 for name, w in zip(("gate_proj", "up_proj", "down_proj"), weights, strict=True):
                     out_tensors[f"{prefix}mlp.{name}.weight"] = w.to(dtype)
                 layers.append({"layer": index, "dense": True, **timing})

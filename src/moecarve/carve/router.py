@@ -50,16 +50,19 @@ def usefulness(
     return torch.cat(parts)
 
 
-def moments(x: torch.Tensor, target: torch.Tensor) -> dict:
+def moments(x: torch.Tensor, target: torch.Tensor, shift: torch.Tensor) -> dict:
     """Sufficient statistics of a ridge fit of per-token-centred targets [T, R] on x [T, H].
 
     Moments of disjoint token sets add up, so a held-out check and the final fit share the work.
-    The products are float32 (a third of float64's time) and held as float64 for the solve.
+    x is shifted by `shift` [H] (the same for every set added, e.g. the training tokens' mean)
+    before the float32 products, so that channels whose mean dwarfs their spread keep their
+    digits; the sums are held as float64 for the solve.
     """
     target = target - target.mean(1, keepdim=True)  # only the ranking within a token matters
-    x, target = x.float(), target.float()
+    x, target = x.float() - shift, target.float()
     return {
         "n": x.shape[0],
+        "shift": shift,
         "sx": x.double().sum(0),
         "st": target.double().sum(0),
         "xx": (x.T @ x).double(),
@@ -68,7 +71,9 @@ def moments(x: torch.Tensor, target: torch.Tensor) -> dict:
 
 
 def add_moments(a: dict, b: dict) -> dict:
-    return {key: a[key] + b[key] for key in a}
+    if not torch.equal(a["shift"], b["shift"]):
+        raise ValueError("moments taken with different shifts do not add up")
+    return {key: a[key] if key == "shift" else a[key] + b[key] for key in a}
 
 
 def fit_linear(stats: dict, ridge: float = 1e-3) -> Router:
@@ -79,7 +84,7 @@ def fit_linear(stats: dict, ridge: float = 1e-3) -> Router:
     cross = stats["xt"] - n * torch.outer(mean_x, mean_t)
     gram = gram + ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
     weight = torch.linalg.solve(gram, cross).T  # [R, H]
-    bias = mean_t - weight @ mean_x
+    bias = mean_t - weight @ (mean_x + stats["shift"].double())  # for the unshifted x
     return Router(weight=weight.float(), bias=bias.float())
 
 

@@ -88,10 +88,11 @@ def _carve(src, out, queue):
         max_shard_size=256 * 1024**2,
     )
     started = time.perf_counter()
-    carve(src, config, None, out, progress=True)
+    result = carve(src, config, None, out, progress=True)
     queue.put(
         {
             "carve_seconds": round(time.perf_counter() - started, 1),
+            "calib_dtype": result.record["resolved"]["calib_dtype"],
             "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
         }
     )
@@ -124,7 +125,9 @@ def main() -> None:
         "dtype": "bfloat16",
         "checkpoint_gib": round(size / 1024**3, 3),
         "carved_checkpoint_gib": round(out_size / 1024**3, 3),
-        "config": "S1A2E8, 2 x 512 calibration tokens, 2 clustering iterations, 256 MiB output shards",
+        "config": "S1A2E8, 2 x 512 calibration tokens, 2 clustering iterations, refine and calib_dtype "
+        "at their defaults, 256 MiB output shards",
+        "calib_dtype": stats.pop("calib_dtype"),
         **stats,
         "peak_rss_over_checkpoint": round(stats["peak_rss_gib"] / (size / 1024**3), 3),
         "machine": platform.platform(),

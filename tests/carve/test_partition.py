@@ -101,7 +101,7 @@ def test_refining_for_the_best_experts_never_lowers_what_they_capture():
     score = fires + 0.3 * torch.rand(tokens, routed * m)
     labels = torch.arange(routed * m) // m  # a start that mixes the groups
     neurons = torch.arange(routed * m)
-    select = partial(partition.top_experts, active=active)
+    select = partial(router.top_experts, active=active)
     captured = []
     for _ in range(6):
         per_expert = score @ F.one_hot(labels, routed).float()
@@ -117,7 +117,7 @@ def test_linear_selector_chooses_what_a_linear_router_predicts():
     x = torch.randn(500, 8)
     per_expert = x[:, :4] @ torch.randn(4, 4) + torch.tensor([3.0, 0.0, 1.0, -2.0])  # linear in x
     chosen = partition.linear_selector(x, 2, ridge=1e-9)(per_expert)
-    assert torch.equal(chosen, partition.top_experts(per_expert, 2))
+    assert torch.equal(chosen, router.top_experts(per_expert, 2))
     assert torch.equal(chosen.sum(1), torch.full((500,), 2.0))
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from moecarve.carve.config import CarveConfig
+from moecarve.carve.router import top_experts
 
 
 @dataclass
@@ -106,11 +107,6 @@ def balanced_kmeans(
         onehot = F.one_hot(labels, clusters).to(feats.dtype)  # [n, R]
         centroids = onehot.T @ feats / size
     return labels, iters
-
-
-def top_experts(per_expert: torch.Tensor, active: int) -> torch.Tensor:
-    """[T, R] 0/1: each token's `active` highest-scoring experts."""
-    return F.one_hot(per_expert.topk(active, 1).indices, per_expert.shape[1]).sum(1).to(per_expert.dtype)
 
 
 def linear_selector(x: torch.Tensor, active: int, ridge: float = 1e-3):

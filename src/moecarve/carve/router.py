@@ -98,10 +98,14 @@ def representative_scores(
     return ((xn @ u.T) * F.silu(xn @ g.T)).abs()
 
 
+def top_experts(scores: torch.Tensor, active: int) -> torch.Tensor:
+    """[T, R] 0/1 in the scores' dtype: each token's `active` highest-scoring experts."""
+    return F.one_hot(scores.topk(active, 1).indices, scores.shape[1]).sum(1).to(scores.dtype)
+
+
 def agreement(scores: torch.Tensor, oracle: torch.Tensor, active: int) -> float:
     """Mean fraction of the oracle's top-A experts that `scores` also puts in its top-A."""
-    chosen = F.one_hot(scores.topk(active, 1).indices, scores.shape[1]).sum(1)
-    best = F.one_hot(oracle.topk(active, 1).indices, scores.shape[1]).sum(1)
+    chosen, best = top_experts(scores, active), top_experts(oracle, active)
     return ((chosen * best).sum(1).float() / active).mean().item()
 
 
@@ -115,6 +119,6 @@ def balancing_bias(scores: torch.Tensor, active: int, strength: float, steps: in
         return bias
     gamma = scores.std() * 0.05
     for step in range(steps):
-        load = F.one_hot((scores + bias).topk(active, 1).indices, scores.shape[1]).sum((0, 1)).float()
+        load = top_experts(scores + bias, active).sum(0).float()
         bias -= gamma * (1 - step / steps) * torch.sign(load - load.mean())
     return strength * bias

@@ -58,7 +58,7 @@ def neurons_per_expert(intermediate: int, experts: int) -> int:
 
 def calibration_dtype(setting: str) -> torch.dtype:
     """`calib_dtype`: bfloat16 on "auto" where the CPU has native bfloat16 dot products
-    (AVX512-BF16 or AMX: its matmuls ran 3.7x float32's on the 2-core benchmark machine);
+    (AVX512-BF16 or AMX: a calibration pass took half float32's time, results/carve/floor.json);
     elsewhere float32, since emulated bfloat16 is slower than float32."""
     if setting != "auto":
         return DTYPES[setting]

@@ -100,13 +100,12 @@ def test_refining_for_the_best_experts_never_lowers_what_they_capture():
     fires = F.one_hot(groups, routed).sum(1)[:, planted].float()  # [T, n]
     score = fires + 0.3 * torch.rand(tokens, routed * m)
     labels = torch.arange(routed * m) // m  # a start that mixes the groups
-    neurons = torch.arange(routed * m)
     select = partial(router.top_experts, active=active)
     captured = []
     for _ in range(6):
         per_expert = score @ F.one_hot(labels, routed).float()
         captured.append(per_expert.topk(active, 1).values.sum().item())
-        labels, _ = partition.refine_for_routing(score, neurons, labels, routed, m, select, iters=1)
+        labels, _ = partition.refine_for_routing(score, labels, routed, m, select, iters=1)
         assert torch.equal(torch.bincount(labels, minlength=routed), torch.full((routed,), m))
     assert all(later >= earlier - 1e-3 for earlier, later in pairwise(captured))
     assert captured[-1] > captured[0]
@@ -116,30 +115,36 @@ def test_linear_selector_chooses_what_a_linear_router_predicts():
     torch.manual_seed(0)
     x = torch.randn(500, 8)
     per_expert = x[:, :4] @ torch.randn(4, 4) + torch.tensor([3.0, 0.0, 1.0, -2.0])  # linear in x
-    chosen = partition.linear_selector(x, 2, ridge=1e-9)(per_expert)
+    chosen = partition.linear_selector(router.RidgeInputs(x, 400, ridge=1e-9), 2)(per_expert)
     assert torch.equal(chosen, router.top_experts(per_expert, 2))
     assert torch.equal(chosen.sum(1), torch.full((500,), 2.0))
 
 
-def test_router_fit_is_exact_and_additive_with_a_large_mean_channel():
+def ridge_fit_float64(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The router's ridge fit of per-token-centred targets, float64 throughout: [T, R] scores on x."""
+    x64 = x.double() - x.double().mean(0)
+    t64 = target.double() - target.double().mean(1, keepdim=True)
+    gram = x64.T @ x64
+    gram += 1e-3 * gram.diagonal().mean() * torch.eye(x.shape[1], dtype=torch.float64)
+    weight = torch.linalg.solve(gram, x64.T @ (t64 - t64.mean(0))).T
+    return x64 @ weight.T + t64.mean(0)
+
+
+def test_router_fits_on_train_and_all_tokens_are_exact_with_a_large_mean_channel():
     torch.manual_seed(0)
     x = torch.randn(4000, 16)
     x[:, 0] += 1000.0  # a channel whose mean dwarfs its spread, as LLM hidden states have
     target = x @ torch.randn(16, 5) + 0.1 * torch.randn(4000, 5)
-    shift = x[:3000].mean(0)
-    parts = router.add_moments(
-        router.moments(x[:3000], target[:3000], shift), router.moments(x[3000:], target[3000:], shift)
-    )
-    fitted = router.fit_linear(parts)
-    x64 = x.double() - x.double().mean(0)  # the same ridge fit, float64 throughout
-    t64 = target.double() - target.double().mean(1, keepdim=True)
-    gram = x64.T @ x64
-    gram += 1e-3 * gram.diagonal().mean() * torch.eye(16, dtype=torch.float64)
-    weight = torch.linalg.solve(gram, x64.T @ (t64 - t64.mean(0))).T
-    expected = x64 @ weight.T + t64.mean(0)
-    torch.testing.assert_close((x @ fitted.weight.T + fitted.bias).double(), expected, rtol=0, atol=1e-3)
-    with pytest.raises(ValueError, match="different shifts"):
-        router.add_moments(router.moments(x, target, shift), router.moments(x, target, shift + 1))
+    inputs = router.RidgeInputs(x, 3000)
+    for fitted, tokens in (
+        (inputs.fit(target), slice(None)),
+        (inputs.fit(target[:3000], "train"), slice(3000)),
+    ):
+        expected = ridge_fit_float64(x[tokens], target[tokens])
+        torch.testing.assert_close(
+            (x[tokens] @ fitted.weight.T + fitted.bias).double(), expected, rtol=0, atol=1e-3
+        )
+        torch.testing.assert_close(inputs.scores(fitted)[tokens].double(), expected, rtol=0, atol=1e-3)
 
 
 def test_the_router_refine_moves_routed_neurons_only_and_keeps_each_once():
@@ -150,8 +155,11 @@ def test_the_router_refine_moves_routed_neurons_only_and_keeps_each_once():
     h = F.silu(x @ torch.randn(12, 48)) * (x @ torch.randn(12, 48))
     down_norms = torch.rand(48) + 0.5
     config = CarveConfig(experts=8, active=2, shared=1, refine_iters=3)
-    refined = partition.partition_neurons(h, down_norms, config, 6, x)
-    kmeans = partition.partition_neurons(h, down_norms, config.model_copy(update={"refine_iters": 0}), 6, x)
+    inputs = router.RidgeInputs(x, 448)
+    refined = partition.partition_neurons(h, down_norms, config, 6, inputs)
+    kmeans = partition.partition_neurons(
+        h, down_norms, config.model_copy(update={"refine_iters": 0}), 6, inputs
+    )
     assert torch.equal(refined.shared, kmeans.shared)
     assert not torch.equal(refined.experts, kmeans.experts)
     assert torch.equal(torch.cat([refined.shared, refined.experts.flatten()]).sort().values, torch.arange(48))

@@ -85,14 +85,17 @@ def carve_ffn(
         h = activations(x.to(calib_dtype), w_gate.to(calib_dtype), w_up.to(calib_dtype)).float()
         dense = linear(h, w_down, calib_dtype)
     with timed(stats, "partition"):
-        part = partition_neurons(h, w_down.norm(dim=0), config, m, x)
+        inputs = routing.RidgeInputs(x, x.shape[0] - x.shape[0] // HELD_OUT)
+        part = partition_neurons(h, w_down.norm(dim=0), config, m, inputs, calib_dtype)
     stats["cluster_iterations"], stats["refine_iterations"] = part.iterations, part.refine_iterations
     R, A = config.routed, config.active
     if A == R:  # every routed expert is selected: zero router, gates exactly 1, the dense FFN exactly
         weight, bias = torch.zeros(R, x.shape[1]), torch.zeros(R)
     else:
         with timed(stats, "router"):
-            weight, bias = _fit_router(x, h, w_gate, w_up, w_down, part, config, dtype, stats, calib_dtype)
+            weight, bias = _fit_router(
+                x, inputs, h, w_gate, w_up, w_down, part, config, dtype, stats, calib_dtype
+            )
     carved = CarvedFFN(w_gate, w_up, w_down, part.shared, part.experts, weight, bias.float(), A, stats)
     with timed(stats, "forward"):  # glm4_moe's forward: shared + gated sum of the top-A routed experts
         gates = carved.routing(x)
@@ -115,16 +118,15 @@ def carve_ffn(
     return carved, out
 
 
-def _fit_router(x, h, w_gate, w_up, w_down, part, config: CarveConfig, dtype, stats: dict, calib_dtype):
+def _fit_router(
+    x, inputs, h, w_gate, w_up, w_down, part, config: CarveConfig, dtype, stats: dict, calib_dtype
+):
     """The linear router (weight [R, H], bias [R], as written) fitted to each expert's usefulness;
     records its agreement with the best experts, and CMoE's, on held-out tokens in `stats`."""
     R, A = config.routed, config.active
     useful = routing.usefulness(h, w_down, part.experts, calib_dtype)  # [T, R]
-    split = x.shape[0] - x.shape[0] // HELD_OUT
-    shift = x[:split].mean(0)
-    train = routing.moments(x[:split], useful[:split], shift)
-    held = routing.moments(x[split:], useful[split:], shift)
-    fitted = routing.fit_linear(train)
+    split = inputs.split
+    fitted = inputs.fit(useful[:split], "train")
     held_x, held_useful = x[split:], useful[split:]
     cmoe = routing.representative_scores(held_x, w_gate, w_up, part.representatives)
     stats["router_agreement"] = {
@@ -132,7 +134,7 @@ def _fit_router(x, h, w_gate, w_up, w_down, part, config: CarveConfig, dtype, st
         "cmoe_representative": routing.agreement(cmoe, held_useful, A),
         "chance": A / R,
     }
-    fitted = routing.fit_linear(routing.add_moments(train, held))
+    fitted = inputs.fit(useful)
     scores = x @ fitted.weight.T  # [T, R]
     balance = routing.balancing_bias(scores + fitted.bias, A, config.balance)
     scale = LOGIT_SCALE / scores.abs().max().clamp_min(1e-12)
@@ -152,9 +154,10 @@ def _relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
 def kept_activations(h: torch.Tensor, gates: torch.Tensor, carved: CarvedFFN) -> torch.Tensor:
     """[T, I] what each neuron feeds the down projection in the carved layer: h for shared neurons,
     h times its expert's gate for routed ones (0 where the expert is not selected)."""
-    neuron_gates = torch.ones(h.shape[0], h.shape[1], dtype=h.dtype)
-    neuron_gates[:, carved.experts] = gates[:, :, None].to(h.dtype)  # [T, R, m]
-    return h * neuron_gates
+    expert_of = torch.full((h.shape[1],), gates.shape[1])  # [I]: shared neurons read the last column, 1
+    expert_of[carved.experts] = torch.arange(gates.shape[1])[:, None]
+    with_shared = torch.cat([gates.to(h.dtype), torch.ones(h.shape[0], 1, dtype=h.dtype)], 1)  # [T, R + 1]
+    return with_shared.index_select(1, expert_of).mul_(h)  # a single [T, I] allocation
 
 
 def refit_down(

@@ -66,12 +66,16 @@ def test_refit_uses_only_selecting_tokens_and_matches_the_dense_normal_equations
     carved = layer.CarvedFFN(
         None, None, torch.zeros(hidden, neurons), shared, experts, None, None, active, {}
     )
-    kept = layer.kept_activations(torch.randn(tokens, neurons), gates, carved)
-    assert torch.all(kept[:, experts[0]][gates[:, 0] == 0] == 0)  # unselected experts feed nothing
+    h = torch.randn(tokens, neurons)
+    kept = layer.kept_activations(h, gates, carved)  # block order: shared, then each expert's neurons
+    assert torch.equal(kept[:, :m], h[:, shared])
+    torch.testing.assert_close(kept[:, m : 2 * m], h[:, experts[0]] * gates[:, :1])
+    assert torch.all(kept[:, m : 2 * m][gates[:, 0] == 0] == 0)  # unselected experts feed nothing
     target = torch.randn(tokens, hidden)
     gram = (kept.T @ kept).double()
     gram += 1e-3 * gram.diagonal().mean() * torch.eye(neurons, dtype=gram.dtype)
-    dense = torch.linalg.solve(gram, (kept.T @ target).double()).T.float()
+    dense = torch.empty(hidden, neurons)  # the normal equations over every token, in neuron order
+    dense[:, carved.neuron_order] = torch.linalg.solve(gram, (kept.T @ target).double()).T.float()
     torch.testing.assert_close(layer.refit_down(kept, gates, carved, target, 1e-3), dense)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from itertools import pairwise
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,11 @@ class CarvedFFN:
         tensors = {name: t.to(dtype) for name, t in tensors.items()}
         tensors[f"{prefix}gate.e_score_correction_bias"] = self.router_bias.float()
         return tensors
+
+    @property
+    def neuron_order(self) -> torch.Tensor:
+        """[I] the neurons in block order: the shared ones, then each routed expert's."""
+        return torch.cat([self.shared, self.experts.flatten()])
 
     def routing(self, x: torch.Tensor) -> torch.Tensor:
         """glm4_moe's router: [T, R] gate of each routed expert for each token (0 where not selected)."""
@@ -113,7 +119,7 @@ def carve_ffn(
                 target = dense if target is None else target
                 carved.w_down = refit_down(kept, gates, carved, target, config.refit_ridge).to(w_down.dtype)
     with timed(stats, "forward"):
-        out = linear(kept, carved.w_down, calib_dtype)
+        out = linear(kept, carved.w_down[:, carved.neuron_order], calib_dtype)
     stats["relative_error"] = _relative_error(out, dense)
     return carved, out
 
@@ -152,12 +158,13 @@ def _relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
 
 
 def kept_activations(h: torch.Tensor, gates: torch.Tensor, carved: CarvedFFN) -> torch.Tensor:
-    """[T, I] what each neuron feeds the down projection in the carved layer: h for shared neurons,
-    h times its expert's gate for routed ones (0 where the expert is not selected)."""
-    expert_of = torch.full((h.shape[1],), gates.shape[1])  # [I]: shared neurons read the last column, 1
-    expert_of[carved.experts] = torch.arange(gates.shape[1])[:, None]
-    with_shared = torch.cat([gates.to(h.dtype), torch.ones(h.shape[0], 1, dtype=h.dtype)], 1)  # [T, R + 1]
-    return with_shared.index_select(1, expert_of).mul_(h)  # a single [T, I] allocation
+    """[T, I] what each neuron feeds the down projection in the carved layer, in block order (the
+    shared neurons, then each routed expert's, `CarvedFFN.neuron_order`): h for shared neurons, h
+    times its expert's gate for routed ones (0 where the expert is not selected)."""
+    kept = h.index_select(1, carved.neuron_order)
+    routed = kept[:, carved.shared.numel() :].view(h.shape[0], *carved.experts.shape)  # [T, R, m]
+    routed.mul_(gates[:, :, None].to(h.dtype))
+    return kept
 
 
 def refit_down(
@@ -167,20 +174,26 @@ def refit_down(
 
     The carved output is linear in W_down once the routing is fixed, so the dropped neurons' share
     is partly recovered from the kept ones they correlate with (ridge-regularised normal equations).
-    `kept` must be zero wherever an expert is not selected (`kept_activations`): then a routed
-    expert's rows of the normal equations need only the tokens that select it (nonzero `gates`),
-    with (S + A) of N experts active per token (S + A) / N of the dense products' work.
+    `kept` is in block order and zero wherever an expert is not selected (`kept_activations`): then
+    a routed expert's rows of the normal equations need only the tokens that select it (nonzero
+    `gates`), and by symmetry only the columns from its own block on. Returns W_down in the
+    original neuron order.
     """
-    gram = torch.empty(kept.shape[1], kept.shape[1], dtype=torch.float64)  # [I, I]
-    cross = torch.empty(kept.shape[1], target.shape[1], dtype=torch.float64)  # [I, H]
-    blocks = [(carved.shared, slice(None))]
-    blocks += [(neurons, gates[:, j].nonzero().squeeze(1)) for j, neurons in enumerate(carved.experts)]
-    for neurons, tokens in blocks:
-        rows = kept[tokens]
-        gram[neurons] = (rows[:, neurons].T @ rows).double()
-        cross[neurons] = (rows[:, neurons].T @ target[tokens]).double()
-    gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
-    return torch.linalg.solve(gram, cross).T.float()
+    neurons = kept.shape[1]
+    gram = torch.empty(neurons, neurons, dtype=torch.float64)  # [I, I]
+    cross = torch.empty(neurons, target.shape[1], dtype=torch.float64)  # [I, H]
+    bounds = [0, *range(carved.shared.numel(), neurons + 1, carved.experts.shape[1])]  # block starts
+    for block, (start, stop) in enumerate(pairwise(bounds)):
+        tokens = slice(None) if block == 0 else gates[:, block - 1].nonzero().squeeze(1)
+        rows = kept[tokens, start:]  # [t, I - start]
+        upper = (rows[:, : stop - start].T @ rows).double()  # this block's rows, from its own columns on
+        gram[start:stop, start:] = upper
+        gram[stop:, start:stop] = upper[:, stop - start :].T
+        cross[start:stop] = (rows[:, : stop - start].T @ target[tokens]).double()
+    gram += ridge * gram.diagonal().mean() * torch.eye(neurons, dtype=gram.dtype)
+    w_down = torch.empty(target.shape[1], neurons)
+    w_down[:, carved.neuron_order] = torch.linalg.solve(gram, cross).T.float()
+    return w_down
 
 
 def pad_neurons(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, total: int):

@@ -75,7 +75,7 @@ def partition_neurons(
     if config.refine_iters:
         select = linear_selector(inputs, config.active)
         labels, refined = refine_for_routing(
-            energy[:, routed].to(dtype), labels, config.routed, m, select, config.refine_iters
+            energy.index_select(1, routed).to(dtype), labels, config.routed, m, select, config.refine_iters
         )
     members = torch.stack([torch.nonzero(labels == j).squeeze(1) for j in range(config.routed)])  # [R, m]
     representatives = routed[nearest_to_centroid(feats, labels, members)]
@@ -191,8 +191,15 @@ def balanced_assignment(cost: np.ndarray, size: int, start: np.ndarray | None = 
         cycle = _negative_cycle(edges, tol)
         if cycle is None:
             return labels
-        for source, dest in zip(cycle, np.roll(cycle, -1), strict=True):
-            labels[members[source, best[source, dest]]] = dest
+        # Move the i-th cheapest member along every edge at once, for each i whose round still
+        # lowers the cost: the rounds move distinct rows, so each is a negative cycle of its own.
+        dests = np.roll(cycle, -1)
+        costs = moves[members[cycle], dests[:, None]]  # [c, size] each member's move along its edge
+        ranked = np.argsort(costs, axis=1, kind="stable")
+        rounds = np.take_along_axis(costs, ranked, axis=1).sum(0)  # [size] non-decreasing
+        count = max(1, int((rounds < -tol).sum()))
+        for edge, dest in enumerate(dests):
+            labels[members[cycle[edge], ranked[edge, :count]]] = dest
 
 
 def _negative_cycle(edges: np.ndarray, tol: float) -> np.ndarray | None:

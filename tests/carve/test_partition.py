@@ -168,3 +168,16 @@ def test_the_router_refine_moves_routed_neurons_only_and_keeps_each_once():
     assert not torch.equal(refined.experts, kmeans.experts)
     assert torch.equal(torch.cat([refined.shared, refined.experts.flatten()]).sort().values, torch.arange(48))
     assert 1 <= refined.refine_iterations <= 3 and kmeans.refine_iterations == 0
+
+
+def test_usefulness_is_the_error_drop_of_adding_each_expert_alone():
+    torch.manual_seed(0)
+    tokens, hidden, routed, m = 300, 10, 4, 5
+    h, w_down = torch.randn(tokens, routed * m + 3), torch.randn(hidden, routed * m + 3)
+    experts = torch.randperm(routed * m + 3)[: routed * m].view(routed, m)  # 3 neurons left out
+    outputs = torch.einsum("trm,hrm->trh", h[:, experts], w_down[:, experts])  # [T, R, H] o_j
+    r = outputs.sum(1, keepdim=True)  # what the routed experts give together
+    expected = (r.square() - (r - outputs).square()).sum(-1)  # ||r||^2 - ||r - o_j||^2
+    torch.testing.assert_close(
+        router.usefulness(h, w_down, experts, chunk=128), expected, rtol=1e-4, atol=1e-3
+    )

@@ -92,7 +92,7 @@ def carve_ffn(
         dense = linear(h, w_down, calib_dtype)
     with timed(stats, "partition"):
         inputs = routing.RidgeInputs(x, x.shape[0] - x.shape[0] // HELD_OUT)
-        part = partition_neurons(h, w_down.norm(dim=0), config, m, inputs, calib_dtype)
+        part = partition_neurons(h, w_down.norm(dim=0), config, m, inputs)
     stats["cluster_iterations"], stats["refine_iterations"] = part.iterations, part.refine_iterations
     R, A = config.routed, config.active
     if A == R:  # every routed expert is selected: zero router, gates exactly 1, the dense FFN exactly

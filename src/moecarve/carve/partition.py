@@ -47,11 +47,9 @@ def partition_neurons(
     config: CarveConfig,
     m: int,
     inputs: RidgeInputs,
-    dtype: torch.dtype = torch.float32,
 ) -> Partition:
     """Shared neurons by score; routed neurons by balanced k-means into R experts of exactly m, then
-    refined towards what a linear router on the FFN inputs can pick (`refine_for_routing`, its
-    products over the tokens taken in `dtype`)."""
+    refined towards what a linear router on the FFN inputs can pick (`refine_for_routing`)."""
     # [T, I] squared size of each neuron's share of the output. Passes over [T, I] tensors are most
     # of the partition's time, so this is the only one made.
     energy = (h * down_norms).square_()
@@ -75,7 +73,7 @@ def partition_neurons(
     if config.refine_iters:
         select = linear_selector(inputs, config.active)
         labels, refined = refine_for_routing(
-            energy.index_select(1, routed).to(dtype), labels, config.routed, m, select, config.refine_iters
+            energy.index_select(1, routed), labels, config.routed, m, select, config.refine_iters
         )
     members = torch.stack([torch.nonzero(labels == j).squeeze(1) for j in range(config.routed)])  # [R, m]
     representatives = routed[nearest_to_centroid(feats, labels, members)]
@@ -134,8 +132,7 @@ def refine_for_routing(
     score: torch.Tensor, labels: torch.Tensor, clusters: int, size: int, select, iters: int
 ) -> tuple[torch.Tensor, int]:
     """Reassign neurons (the columns of `score` [T, n], each neuron's value at each token) to what
-    each token's chosen experts capture, from `labels` [n]. The products over the tokens are taken
-    in score's dtype (bfloat16 ran them 4x faster than float32; the sums are read back as float32).
+    each token's chosen experts capture, from `labels` [n].
 
     Alternates the experts `select` chooses per token ([T, R] per-expert score -> [T, R] 0/1) and
     the balanced assignment of neurons that captures the most score under those choices, for at
@@ -145,14 +142,14 @@ def refine_for_routing(
     """
     best, best_captured = labels, -float("inf")
     for step in range(1, iters + 2):
-        per_expert = (score @ F.one_hot(labels, clusters).to(score.dtype)).float()  # [T, R]
+        per_expert = score @ F.one_hot(labels, clusters).to(score.dtype)  # [T, R]
         chosen = select(per_expert)  # [T, R]
         captured = (per_expert * chosen).sum().item()
         if captured > best_captured:
             best, best_captured = labels, captured
         if step > iters:
             break
-        gain = (chosen.to(score.dtype).T @ score).float().T  # [n, R] what neuron i adds to expert j
+        gain = (chosen.T @ score).T  # [n, R] what neuron i adds to expert j
         new = torch.from_numpy(balanced_assignment((-gain).double().numpy(), size, labels.numpy()))
         if torch.equal(new, labels):
             return best, step

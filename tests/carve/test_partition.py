@@ -124,27 +124,28 @@ def test_linear_selector_chooses_what_a_linear_router_predicts():
     assert torch.equal(chosen.sum(1), torch.full((500,), 2.0))
 
 
-def ridge_fit_float64(x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def ridge_fit_float64(x: torch.Tensor, target: torch.Tensor, ridge: float) -> torch.Tensor:
     """The router's ridge fit of per-token-centred targets, float64 throughout: [T, R] scores on x."""
     x64 = x.double() - x.double().mean(0)
     t64 = target.double() - target.double().mean(1, keepdim=True)
     gram = x64.T @ x64
-    gram += 1e-3 * gram.diagonal().mean() * torch.eye(x.shape[1], dtype=torch.float64)
+    gram += ridge * gram.diagonal().mean() * torch.eye(x.shape[1], dtype=torch.float64)
     weight = torch.linalg.solve(gram, x64.T @ (t64 - t64.mean(0))).T
     return x64 @ weight.T + t64.mean(0)
 
 
-def test_router_fits_on_train_and_all_tokens_are_exact_with_a_large_mean_channel():
+@pytest.mark.parametrize("ridge", [1e-3, 1.0])
+def test_router_fits_on_train_and_all_tokens_are_exact_with_a_large_mean_channel(ridge):
     torch.manual_seed(0)
     x = torch.randn(4000, 16)
     x[:, 0] += 1000.0  # a channel whose mean dwarfs its spread, as LLM hidden states have
     target = x @ torch.randn(16, 5) + 0.1 * torch.randn(4000, 5)
-    inputs = router.RidgeInputs(x, 3000)
+    inputs = router.RidgeInputs(x, 3000, ridge)
     for fitted, tokens in (
         (inputs.fit(target), slice(None)),
         (inputs.fit(target[:3000], "train"), slice(3000)),
     ):
-        expected = ridge_fit_float64(x[tokens], target[tokens])
+        expected = ridge_fit_float64(x[tokens], target[tokens], ridge)
         torch.testing.assert_close(
             (x[tokens] @ fitted.weight.T + fitted.bias).double(), expected, rtol=0, atol=1e-3
         )
@@ -159,7 +160,7 @@ def test_the_router_refine_moves_routed_neurons_only_and_keeps_each_once():
     h = F.silu(x @ torch.randn(12, 48)) * (x @ torch.randn(12, 48))
     down_norms = torch.rand(48) + 0.5
     config = CarveConfig(experts=8, active=2, shared=1, refine_iters=3)
-    inputs = router.RidgeInputs(x, 448)
+    inputs = router.RidgeInputs(x, 448, ridge=1.0)
     refined = partition.partition_neurons(h, down_norms, config, 6, inputs)
     kmeans = partition.partition_neurons(
         h, down_norms, config.model_copy(update={"refine_iters": 0}), 6, inputs

@@ -47,6 +47,12 @@ class CarveConfig(BaseModel):
         description="after k-means, steps moving neurons to the experts a linear router picks for "
         "the tokens they serve (0: k-means only)",
     )
+    router_ridge: float = Field(
+        1.0,
+        gt=0,
+        description="ridge of the linear router's fit (and of the refine's selector), as a fraction of "
+        "the FFN inputs' mean variance",
+    )
     balance: float = Field(
         0.0, ge=0, le=1, description="strength of the load-balancing bias (0: none, 1: fully balanced)"
     )

@@ -91,7 +91,7 @@ def carve_ffn(
         h = activations(x.to(calib_dtype), w_gate.to(calib_dtype), w_up.to(calib_dtype)).float()
         dense = linear(h, w_down, calib_dtype)
     with timed(stats, "partition"):
-        inputs = routing.RidgeInputs(x, x.shape[0] - x.shape[0] // HELD_OUT)
+        inputs = routing.RidgeInputs(x, x.shape[0] - x.shape[0] // HELD_OUT, config.router_ridge)
         part = partition_neurons(h, w_down.norm(dim=0), config, m, inputs)
     stats["cluster_iterations"], stats["refine_iterations"] = part.iterations, part.refine_iterations
     R, A = config.routed, config.active
@@ -102,6 +102,7 @@ def carve_ffn(
             weight, bias = _fit_router(
                 x, inputs, h, w_gate, w_up, w_down, part, config, dtype, stats, calib_dtype
             )
+    del inputs  # two [T, H] copies of x, not needed by the refit
     carved = CarvedFFN(w_gate, w_up, w_down, part.shared, part.experts, weight, bias.float(), A, stats)
     with timed(stats, "forward"):  # glm4_moe's forward: shared + gated sum of the top-A routed experts
         gates = carved.routing(x)

@@ -60,15 +60,23 @@ class RidgeInputs:
     their digits; sums are float64 for the solve.
     """
 
-    def __init__(self, x: torch.Tensor, split: int, ridge: float = 1e-3):
+    def __init__(self, x: torch.Tensor, split: int, ridge: float):
         self.shift = x[:split].mean(0)
         self.xs = x.float() - self.shift  # [T, H]
         self.xs_t = self.xs.T.contiguous()  # [H, T]: products with the targets run 3x faster on it
         self.split, self.ridge = split, ridge
-        train = (self.xs_t[:, :split] @ self.xs[:split]).double()
-        self._gram = {"train": train, "all": train + (self.xs_t[:, split:] @ self.xs[split:]).double()}
         self._sum = {"train": self.xs[:split].double().sum(0), "all": self.xs.double().sum(0)}
         self._factor = {}
+
+    def _gram(self, part: str) -> torch.Tensor:
+        """[H, H] uncentred gram of the part's shifted inputs, float64; both parts on first use."""
+        if not hasattr(self, "_grams"):
+            train = (self.xs_t[:, : self.split] @ self.xs[: self.split]).double()
+            self._grams = {
+                "train": train,
+                "all": train + (self.xs_t[:, self.split :] @ self.xs[self.split :]).double(),
+            }
+        return self._grams[part]
 
     def fit(self, target: torch.Tensor, part: str = "all") -> Router:
         """Router [R, H] fitted to `target` [T', R] on the "train" tokens or on "all" of them."""
@@ -76,7 +84,7 @@ class RidgeInputs:
         target = (target - target.mean(1, keepdim=True)).float()  # only the ranking within a token matters
         mean_x, mean_t = self._sum[part] / n, target.double().sum(0) / n
         if part not in self._factor:
-            gram = self._gram[part] - n * torch.outer(mean_x, mean_x)
+            gram = self._gram(part) - n * torch.outer(mean_x, mean_x)
             gram += self.ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
             self._factor[part] = torch.linalg.cholesky(gram)
         cross = (self.xs_t[:, :n] @ target).double() - n * torch.outer(mean_x, mean_t)  # [H, R]

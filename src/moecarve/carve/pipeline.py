@@ -73,9 +73,10 @@ def calibration_dtype(setting: str) -> torch.dtype:
 
 @contextmanager
 def reused_heap():
-    """While carving, glibc serves large blocks from its heap and keeps freed ones, instead of mapping
-    fresh pages for each of the many [T, I] temporaries: first-touch page faults were a fifth of a
-    layer's time. The defaults are restored and the kept memory returned afterwards; no-op off glibc."""
+    """While carving, glibc serves large blocks from its heap, reusing freed ones, instead of mapping
+    fresh pages for each of the many [T, I] temporaries (first-touch page faults cost about as much
+    as the arithmetic on them). Process-wide while it lasts; afterwards both settings go back to
+    glibc's defaults and the free memory is returned. A no-op off glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         mallopt, trim = libc.mallopt, libc.malloc_trim

@@ -60,11 +60,12 @@ def partition_neurons(
     order = torch.argsort(score, descending=True, stable=True)
     n_shared = config.shared * m
     shared, routed = order[:n_shared], order[n_shared:]  # routed: in decreasing score
+    energy = energy.index_select(1, routed)  # [T, n]: only the routed neurons' from here on
     # Features over an evenly spaced subset of the tokens: as good a partition, measured, and
     # the k-means products shrink with it (docs/carve.md).
     stride = max(1, h.shape[0] // config.cluster_tokens)
     if config.features == "magnitude":  # |h_i| ||W_down[:, i]||, normalised per neuron
-        feats = F.normalize(energy[::stride, routed].T.sqrt(), dim=1)  # [n, T']
+        feats = F.normalize(energy[::stride].T.sqrt(), dim=1)  # [n, T']
     else:
         feats = markers[::stride, routed].T
     feats = feats.contiguous()
@@ -72,9 +73,7 @@ def partition_neurons(
     refined = 0
     if config.refine_iters:
         select = linear_selector(inputs, config.active)
-        labels, refined = refine_for_routing(
-            energy.index_select(1, routed), labels, config.routed, m, select, config.refine_iters
-        )
+        labels, refined = refine_for_routing(energy, labels, config.routed, m, select, config.refine_iters)
     members = torch.stack([torch.nonzero(labels == j).squeeze(1) for j in range(config.routed)])  # [R, m]
     representatives = routed[nearest_to_centroid(feats, labels, members)]
     # Sort members inside each expert so the written layout does not depend on solver order.

@@ -182,3 +182,14 @@ def test_usefulness_is_the_error_drop_of_adding_each_expert_alone():
     torch.testing.assert_close(
         router.usefulness(h, w_down, experts, chunk=128), expected, rtol=1e-4, atol=1e-3
     )
+
+
+def test_the_representative_is_the_member_nearest_its_cluster_centroid():
+    torch.manual_seed(0)
+    feats = torch.randn(24, 10)
+    labels = torch.randperm(24) % 4
+    members = torch.stack([torch.nonzero(labels == j).squeeze(1) for j in range(4)])  # [4, 6]
+    chosen = partition.nearest_to_centroid(feats, labels, members)
+    for j in range(4):
+        rows = feats[members[j]]
+        assert chosen[j] == members[j][(rows - rows.mean(0)).norm(dim=1).argmin()]

@@ -48,7 +48,7 @@ class CarveConfig(BaseModel):
         "the tokens they serve (0: k-means only)",
     )
     router_ridge: float = Field(
-        3.0,
+        1.0,
         gt=0,
         description="ridge of the linear router's fit (and of the refine's selector), as a fraction of "
         "the FFN inputs' mean variance",

@@ -66,11 +66,12 @@ class RidgeInputs:
         self.xs_t = self.xs.T.contiguous()  # [H, T]: products with the targets run 3x faster on it
         self.split, self.ridge = split, ridge
         self._sum = {"train": self.xs[:split].double().sum(0), "all": self.xs.double().sum(0)}
+        self._grams: dict[str, torch.Tensor] | None = None  # on first use: a selector-free carve needs none
         self._factor = {}
 
     def _gram(self, part: str) -> torch.Tensor:
         """[H, H] uncentred gram of the part's shifted inputs, float64; both parts on first use."""
-        if not hasattr(self, "_grams"):
+        if self._grams is None:
             train = (self.xs_t[:, : self.split] @ self.xs[: self.split]).double()
             self._grams = {
                 "train": train,

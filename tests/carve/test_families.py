@@ -138,26 +138,19 @@ def test_same_inputs_give_bit_identical_tensors(tiny_models, calib_file, tmp_pat
         assert all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
-def test_refit_needs_enough_tokens_per_neuron(tiny_models, calib_file, tmp_path):
-    """Too few calibration tokens for the refit's unknowns: it is skipped and the record says why."""
-    few = carve(
-        tiny_models["llama"],
-        CarveConfig(experts=8, active=2, calib_tokens=256, calib_length=64),
-        calib_file,
-        tmp_path / "few",
-        progress=False,
-    )
-    assert all(
-        "256 calibration tokens < 4 x 96 neurons" in layer["refit_skipped"] for layer in few.record["layers"]
-    )
-    enough = carve(
-        tiny_models["llama"],
-        CarveConfig(experts=8, active=2, **TINY),
-        calib_file,
-        tmp_path / "ok",
-        progress=False,
-    )
-    assert not any("refit_skipped" in layer for layer in enough.record["layers"])
+def test_auto_refit_ridge_grows_as_tokens_per_neuron_fall(tiny_models, calib_file, tmp_path):
+    """With few calibration tokens per neuron the refit still runs, pulled harder towards the source."""
+    ridges = {}
+    for tokens in (128, 512):
+        result = carve(
+            tiny_models["llama"],
+            CarveConfig(experts=8, active=2, calib_tokens=tokens, calib_length=64),
+            calib_file,
+            tmp_path / str(tokens),
+            progress=False,
+        )
+        ridges[tokens] = {layer["refit_ridge"] for layer in result.record["layers"]}
+    assert ridges == {128: {(96 / 128) ** 2}, 512: {(96 / 512) ** 2}}
 
 
 def test_config_names_the_causal_lm_class(tiny_carved):

@@ -71,12 +71,32 @@ def test_refit_uses_only_selecting_tokens_and_matches_the_dense_normal_equations
     assert torch.equal(kept[:, :m], h[:, shared])
     torch.testing.assert_close(kept[:, m : 2 * m], h[:, experts[0]] * gates[:, :1])
     assert torch.all(kept[:, m : 2 * m][gates[:, 0] == 0] == 0)  # unselected experts feed nothing
-    target = torch.randn(tokens, hidden)
+    target, prior = torch.randn(tokens, hidden), torch.randn(hidden, neurons)
     gram = (kept.T @ kept).double()
-    gram += 1e-3 * gram.diagonal().mean() * torch.eye(neurons, dtype=gram.dtype)
+    penalty = 0.1 * gram.diagonal().mean()
+    gram += penalty * torch.eye(neurons, dtype=gram.dtype)
+    cross = (kept.T @ target).double() + penalty * prior[:, carved.neuron_order].T.double()
     dense = torch.empty(hidden, neurons)  # the normal equations over every token, in neuron order
-    dense[:, carved.neuron_order] = torch.linalg.solve(gram, (kept.T @ target).double()).T.float()
-    torch.testing.assert_close(layer.refit_down(kept, gates, carved, target, 1e-3), dense)
+    dense[:, carved.neuron_order] = torch.linalg.solve(gram, cross).T.float()
+    torch.testing.assert_close(layer.refit_down(kept, gates, carved, target, 0.1, prior), dense)
+
+
+def test_refit_ridge_pulls_towards_the_source_not_towards_zero():
+    """A huge ridge (few tokens per neuron under "auto") gives back the source's down projections."""
+    torch.manual_seed(0)
+    tokens, hidden, m = 50, 8, 4
+    shared, experts = torch.arange(m), torch.arange(m, 4 * m).view(3, m)
+    gates = torch.zeros(tokens, 3).scatter_(1, torch.randint(0, 3, (tokens, 1)), 1.0)
+    carved = layer.CarvedFFN(None, None, None, shared, experts, None, None, 1, {})
+    h, source = torch.randn(tokens, 4 * m), torch.randn(hidden, 4 * m)
+    kept = layer.kept_activations(h, gates, carved)
+    target = torch.randn(tokens, hidden)
+    torch.testing.assert_close(
+        layer.refit_down(kept, gates, carved, target, 1e6, source), source, atol=1e-4, rtol=0
+    )
+    assert layer.refit_ridge("auto", neurons=1536, tokens=16384) == (1536 / 16384) ** 2
+    assert layer.refit_ridge("auto", neurons=1536, tokens=2048) > 50 * layer.refit_ridge("auto", 1536, 16384)
+    assert layer.refit_ridge(0.01, neurons=1536, tokens=2048) == 0.01
 
 
 def test_balanced_assignment_refuses_bad_costs_and_starts():

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -56,10 +56,11 @@ class CarveConfig(BaseModel):
     balance: float = Field(
         0.0, ge=0, le=1, description="strength of the load-balancing bias (0: none, 1: fully balanced)"
     )
-    refit_ridge: float | None = Field(
-        1e-3,
-        ge=0,
-        description="ridge of a least-squares refit of the down projections to the routing (None: keep them)",
+    refit_ridge: Annotated[float, Field(ge=0)] | Literal["auto"] | None = Field(
+        "auto",
+        description="ridge of a least-squares refit of the down projections to the routing, pulling "
+        "them towards the source's, as a fraction of the activations' mean square (auto: "
+        "(neurons / tokens)^2; None: keep the source's)",
     )
     refit_target: Literal["layer", "stream"] = Field(
         "layer",

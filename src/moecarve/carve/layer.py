@@ -19,9 +19,6 @@ from moecarve.carve.partition import activations, partition_neurons
 from moecarve.carve.target import LOGIT_SCALE, moe_tensors
 
 HELD_OUT = 8  # the last 1/HELD_OUT of the tokens measures the routers before the final fit
-# The down-projection refit has I unknowns per output: with too few tokens it interpolates them
-# (a random 1.2B model, 1,024 tokens for 5,632 neurons, fitted its calibration text exactly).
-REFIT_MIN_TOKENS_PER_NEURON = 4
 
 
 @dataclass
@@ -110,15 +107,12 @@ def carve_ffn(
     if A < R:
         load = (gates > 0).sum(0).float()
         stats["load_imbalance"] = (load.max() / load.mean()).item()
-        if config.refit_ridge is not None and x.shape[0] < REFIT_MIN_TOKENS_PER_NEURON * h.shape[1]:
-            stats["refit_skipped"] = (
-                f"{x.shape[0]} calibration tokens < {REFIT_MIN_TOKENS_PER_NEURON} x {h.shape[1]} neurons: "
-                "a least-squares refit would fit the calibration text, not the model"
-            )
-        elif config.refit_ridge is not None:
+        if config.refit_ridge is not None:
             with timed(stats, "refit"):
                 target = dense if target is None else target
-                carved.w_down = refit_down(kept, gates, carved, target, config.refit_ridge).to(w_down.dtype)
+                ridge = refit_ridge(config.refit_ridge, neurons=h.shape[1], tokens=x.shape[0])
+                stats["refit_ridge"] = ridge
+                carved.w_down = refit_down(kept, gates, carved, target, ridge, w_down).to(w_down.dtype)
     with timed(stats, "forward"):
         out = linear(kept, carved.w_down[:, carved.neuron_order], calib_dtype)
     stats["relative_error"] = _relative_error(out, dense)
@@ -168,13 +162,27 @@ def kept_activations(h: torch.Tensor, gates: torch.Tensor, carved: CarvedFFN) ->
     return kept
 
 
+def refit_ridge(setting: float | str, neurons: int, tokens: int) -> float:
+    """The refit's ridge: `setting`, or on "auto" (neurons / tokens)^2. Few tokens per neuron need a
+    strong pull towards the source's weights, many need almost none (docs/carve.md: the best ridge
+    fell about 100x as the calibration tokens grew 8x)."""
+    return (neurons / tokens) ** 2 if setting == "auto" else float(setting)
+
+
 def refit_down(
-    kept: torch.Tensor, gates: torch.Tensor, carved: CarvedFFN, target: torch.Tensor, ridge: float
+    kept: torch.Tensor,
+    gates: torch.Tensor,
+    carved: CarvedFFN,
+    target: torch.Tensor,
+    ridge: float,
+    prior: torch.Tensor,
 ) -> torch.Tensor:
     """Least-squares down projections [H, I] that best give `target` [T, H] from `kept` [T, I].
 
     The carved output is linear in W_down once the routing is fixed, so the dropped neurons' share
-    is partly recovered from the kept ones they correlate with (ridge-regularised normal equations).
+    is partly recovered from the kept ones they correlate with. The ridge pulls the solution towards
+    `prior` [H, I], the source's W_down (neuron order), not towards zero: with few tokens per neuron
+    a strong ridge then falls back to the uncorrected carve instead of shrinking the output.
     `kept` is in block order and zero wherever an expert is not selected (`kept_activations`): then
     a routed expert's rows of the normal equations need only the tokens that select it (nonzero
     `gates`), and by symmetry only the columns from its own block on. Returns W_down in the
@@ -191,7 +199,9 @@ def refit_down(
         gram[start:stop, start:] = upper
         gram[stop:, start:stop] = upper[:, stop - start :].T
         cross[start:stop] = (rows[:, : stop - start].T @ target[tokens]).double()
-    gram += ridge * gram.diagonal().mean() * torch.eye(neurons, dtype=gram.dtype)
+    penalty = ridge * gram.diagonal().mean()
+    gram += penalty * torch.eye(neurons, dtype=gram.dtype)
+    cross += penalty * prior[:, carved.neuron_order].T.double()
     w_down = torch.empty(target.shape[1], neurons)
     w_down[:, carved.neuron_order] = torch.linalg.solve(gram, cross).T.float()
     return w_down

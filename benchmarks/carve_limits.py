@@ -7,7 +7,10 @@ of the tokens, and on the held-out last 1/8 it reports the fraction of the route
 - the neuron oracle: each token's best A x m routed neurons, no experts (the per-token limit);
 - the expert oracle: each token's best A of our experts (perfect routing over our partition);
 - the A experts of the linear router fitted as the carve fits it (what the carved model picks);
-- the expert oracle over a random balanced partition (what experts without structure keep).
+- the expert oracle over a random equal-size grouping of the same routed neurons (what experts
+  without structure keep).
+The router here is ridge-fitted as the carve fits it, but not rounded to a checkpoint dtype and
+without a balancing bias (the default balance is 0).
 
     python benchmarks/carve_limits.py            # -> results/carve/limits.json
 """
@@ -24,7 +27,7 @@ from pathlib import Path
 import torch
 from carve_bundled import CONFIGS, calibration_file, parse
 
-HELD_OUT = 8  # the last 1/HELD_OUT of the tokens scores every choice
+from moecarve.carve.layer import HELD_OUT  # the last 1/HELD_OUT of the tokens scores every choice
 
 
 def capture_ffn_inputs(layers: list[int]) -> dict[int, dict[str, torch.Tensor]]:

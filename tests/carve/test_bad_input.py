@@ -34,6 +34,12 @@ def test_impossible_counts(counts, message):
         CarveConfig(**counts)
 
 
+@pytest.mark.parametrize("ridge", [0, -1, float("inf"), float("nan"), True, "AUTO", "none"])
+def test_bad_refit_ridge(ridge):
+    with pytest.raises(ValidationError, match="refit_ridge must be a number > 0, auto or null"):
+        CarveConfig(refit_ridge=ridge)
+
+
 def test_more_experts_than_neurons(tiny_models, tmp_path):
     with pytest.raises(ValueError, match="< 1 neuron"):
         carve(tiny_models["llama"], CarveConfig(experts=200, active=2, **TINY), None, tmp_path / "o")

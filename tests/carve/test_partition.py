@@ -85,7 +85,8 @@ def test_refit_ridge_pulls_towards_the_source_not_towards_zero():
     """A huge ridge (few tokens per neuron under "auto") gives back the source's down projections."""
     torch.manual_seed(0)
     tokens, hidden, m = 50, 8, 4
-    shared, experts = torch.arange(m), torch.arange(m, 4 * m).view(3, m)
+    order = torch.randperm(4 * m)  # the source is in neuron order, the equations in block order
+    shared, experts = order[:m].sort().values, order[m:].view(3, m)
     gates = torch.zeros(tokens, 3).scatter_(1, torch.randint(0, 3, (tokens, 1)), 1.0)
     carved = layer.CarvedFFN(None, None, None, shared, experts, None, None, 1, {})
     h, source = torch.randn(tokens, 4 * m), torch.randn(hidden, 4 * m)
@@ -95,7 +96,6 @@ def test_refit_ridge_pulls_towards_the_source_not_towards_zero():
         layer.refit_down(kept, gates, carved, target, 1e6, source), source, atol=1e-4, rtol=0
     )
     assert layer.refit_ridge("auto", neurons=1536, tokens=16384) == (1536 / 16384) ** 2
-    assert layer.refit_ridge("auto", neurons=1536, tokens=2048) > 50 * layer.refit_ridge("auto", 1536, 16384)
     assert layer.refit_ridge(0.01, neurons=1536, tokens=2048) == 0.01
 
 

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import math
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class CarveConfig(BaseModel):
@@ -56,7 +57,7 @@ class CarveConfig(BaseModel):
     balance: float = Field(
         0.0, ge=0, le=1, description="strength of the load-balancing bias (0: none, 1: fully balanced)"
     )
-    refit_ridge: Annotated[float, Field(ge=0)] | Literal["auto"] | None = Field(
+    refit_ridge: float | Literal["auto"] | None = Field(
         "auto",
         description="ridge of a least-squares refit of the down projections to the routing, pulling "
         "them towards the source's, as a fraction of the activations' mean square (auto: "
@@ -76,6 +77,15 @@ class CarveConfig(BaseModel):
         "auto", description="dtype of the written checkpoint (auto: the source's)"
     )
     max_shard_size: int = Field(512 * 1024**2, ge=1024, description="bytes per output safetensors shard")
+
+    @field_validator("refit_ridge", mode="before")
+    @classmethod
+    def _check_refit_ridge(cls, value):
+        if value is None or value == "auto":
+            return value
+        if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < math.inf:
+            raise ValueError(f"refit_ridge must be a number > 0, auto or null, got {value!r}")
+        return float(value)
 
     @model_validator(mode="after")
     def _check_counts(self) -> CarveConfig:

@@ -10,6 +10,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from itertools import pairwise
 
+import scipy.linalg
 import torch
 import torch.nn.functional as F
 
@@ -164,8 +165,8 @@ def kept_activations(h: torch.Tensor, gates: torch.Tensor, carved: CarvedFFN) ->
 
 def refit_ridge(setting: float | str, neurons: int, tokens: int) -> float:
     """The refit's ridge: `setting`, or on "auto" (neurons / tokens)^2. Few tokens per neuron need a
-    strong pull towards the source's weights, many need almost none (docs/carve.md: the best ridge
-    fell about 100x as the calibration tokens grew 8x)."""
+    strong pull towards the source's weights, many almost none (docs/carve.md: on SmolLM2-135M the
+    best of the ridges tried was 1.0 at 2,048 tokens and 0.01 or less at 16,384)."""
     return (neurons / tokens) ** 2 if setting == "auto" else float(setting)
 
 
@@ -199,11 +200,14 @@ def refit_down(
         gram[start:stop, start:] = upper
         gram[stop:, start:stop] = upper[:, stop - start :].T
         cross[start:stop] = (rows[:, : stop - start].T @ target[tokens]).double()
-    penalty = ridge * gram.diagonal().mean()
-    gram += penalty * torch.eye(neurons, dtype=gram.dtype)
-    cross += penalty * prior[:, carved.neuron_order].T.double()
+    penalty = (ridge * gram.diagonal().mean()).item()
+    gram.diagonal().add_(penalty)
+    cross.add_(prior[:, carved.neuron_order].T, alpha=penalty)
+    # Symmetric positive definite: Cholesky in place, no second [I, I] copy (1 GB at 11,008 neurons).
+    factor = scipy.linalg.cho_factor(gram.numpy().T, overwrite_a=True, check_finite=False)  # F-order view
+    solution = scipy.linalg.cho_solve(factor, cross.numpy(), overwrite_b=True, check_finite=False)
     w_down = torch.empty(target.shape[1], neurons)
-    w_down[:, carved.neuron_order] = torch.linalg.solve(gram, cross).T.float()
+    w_down[:, carved.neuron_order] = torch.from_numpy(solution).T.float()
     return w_down
 
 

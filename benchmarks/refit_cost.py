@@ -1,0 +1,71 @@
+"""What the down-projection refit costs on one large layer: seconds and peak memory.
+
+A random 7B-shaped FFN layer (hidden 4096, 11,008 neurons) at S1A2E8 with the default 16,384
+calibration tokens: the refit is the step whose cost grows fastest with the layer (an [I, I]
+float64 system per layer). Random activations and routing: only the cost is measured here.
+
+    python benchmarks/refit_cost.py            # -> results/carve/refit_cost.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--neurons", type=int, default=11008)
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--active", type=int, default=2)
+    parser.add_argument("--out", default="results/carve/refit_cost.json")
+    args = parser.parse_args()
+    torch.set_num_threads(2)
+    from moecarve.carve.layer import CarvedFFN, kept_activations, refit_down, refit_ridge
+
+    torch.manual_seed(0)
+    m, routed = args.neurons // args.experts, args.experts - 1
+    order = torch.randperm(args.neurons)
+    shared, experts = order[:m].sort().values, order[m : m * args.experts].view(routed, m)
+    top = torch.rand(args.tokens, routed).topk(args.active, 1).indices
+    gates = torch.zeros(args.tokens, routed).scatter_(1, top, 1.0)
+    w_down = torch.randn(args.hidden, args.neurons) / args.neurons**0.5
+    carved = CarvedFFN(None, None, w_down, shared, experts, None, None, args.active, {})
+    h = torch.randn(args.tokens, args.neurons)
+    kept = kept_activations(h, gates, carved)
+    del h
+    target = torch.randn(args.tokens, args.hidden)
+    ridge = refit_ridge("auto", args.neurons, args.tokens)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    started = time.perf_counter()
+    refit_down(kept, gates, carved, target, ridge, w_down)
+    seconds = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    report = {
+        "benchmark": "refit_cost",
+        "shape": {k: getattr(args, k) for k in ("hidden", "neurons", "tokens", "experts", "active")},
+        "ridge": ridge,
+        "refit_seconds": round(seconds, 1),
+        "peak_rss_gib_before_refit": round(before, 2),
+        "peak_rss_gib": round(peak, 2),
+        "machine": {"platform": platform.platform(), "cpu_threads": torch.get_num_threads()},
+        "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
+    }
+    print(json.dumps(report, indent=2))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()

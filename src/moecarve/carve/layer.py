@@ -166,7 +166,7 @@ def kept_activations(h: torch.Tensor, gates: torch.Tensor, carved: CarvedFFN) ->
 def refit_ridge(setting: float | str, neurons: int, tokens: int) -> float:
     """The refit's ridge: `setting`, or on "auto" (neurons / tokens)^2. Few tokens per neuron need a
     strong pull towards the source's weights, many almost none (docs/carve.md: on SmolLM2-135M the
-    best of the ridges tried was 1.0 at 2,048 tokens and 0.01 or less at 16,384)."""
+    best ridges tried were 0.5-1 at 2,048 tokens and 0.01 or less at 16,384)."""
     return (neurons / tokens) ** 2 if setting == "auto" else float(setting)
 
 

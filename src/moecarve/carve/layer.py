@@ -191,7 +191,7 @@ def refit_down(
     """
     neurons = kept.shape[1]
     gram = torch.empty(neurons, neurons, dtype=torch.float64)  # [I, I]
-    cross = torch.empty(neurons, target.shape[1], dtype=torch.float64)  # [I, H]
+    cross = torch.empty(target.shape[1], neurons, dtype=torch.float64).T  # [I, H], column-major for LAPACK
     bounds = [0, *range(carved.shared.numel(), neurons + 1, carved.experts.shape[1])]  # block starts
     for block, (start, stop) in enumerate(pairwise(bounds)):
         tokens = slice(None) if block == 0 else gates[:, block - 1].nonzero().squeeze(1)
@@ -203,7 +203,8 @@ def refit_down(
     penalty = (ridge * gram.diagonal().mean()).item()
     gram.diagonal().add_(penalty)
     cross.add_(prior[:, carved.neuron_order].T, alpha=penalty)
-    # Symmetric positive definite: Cholesky in place, no second [I, I] copy (1 GB at 11,008 neurons).
+    # Symmetric positive definite: Cholesky and solve in place, no second copy of either (LAPACK takes
+    # column-major arrays: the gram's transpose is itself, `cross` is made column-major above).
     factor = scipy.linalg.cho_factor(gram.numpy().T, overwrite_a=True, check_finite=False)  # F-order view
     solution = scipy.linalg.cho_solve(factor, cross.numpy(), overwrite_b=True, check_finite=False)
     w_down = torch.empty(target.shape[1], neurons)

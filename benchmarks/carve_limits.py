@@ -61,6 +61,7 @@ def capture_ffn_inputs(layers: list[int]) -> dict[int, dict[str, torch.Tensor]]:
 
 
 def kept_fractions(layer: dict[str, torch.Tensor], name: str, seed: int = 0) -> dict[str, float]:
+    """For configuration `name` on one layer: the fraction of the held-out routed energy each choice keeps."""
     from moecarve.carve.config import CarveConfig
     from moecarve.carve.partition import activations, partition_neurons
     from moecarve.carve.pipeline import neurons_per_expert

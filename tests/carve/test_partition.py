@@ -55,9 +55,10 @@ def test_kmeans_stops_when_an_iteration_gains_less_than_tol():
         assert torch.equal(torch.bincount(labels, minlength=8), torch.full((8,), 24))
 
 
-def test_refit_uses_only_selecting_tokens_and_matches_the_dense_normal_equations():
+@pytest.mark.parametrize("tokens", [600, 16])  # more tokens than neurons, and fewer (token space)
+def test_refit_uses_only_selecting_tokens_and_matches_the_dense_normal_equations(tokens):
     torch.manual_seed(0)
-    tokens, hidden, routed, m, active = 600, 12, 5, 4, 2
+    hidden, routed, m, active = 12, 5, 4, 2
     neurons = (routed + 1) * m
     order = torch.randperm(neurons)
     shared, experts = order[:m].sort().values, order[m:].view(routed, m)
@@ -81,10 +82,11 @@ def test_refit_uses_only_selecting_tokens_and_matches_the_dense_normal_equations
     torch.testing.assert_close(layer.refit_down(kept, gates, carved, target, 0.1, prior), dense)
 
 
-def test_refit_ridge_pulls_towards_the_source_not_towards_zero():
+@pytest.mark.parametrize("tokens", [50, 10])
+def test_refit_ridge_pulls_towards_the_source_not_towards_zero(tokens):
     """A huge ridge (few tokens per neuron under "auto") gives back the source's down projections."""
     torch.manual_seed(0)
-    tokens, hidden, m = 50, 8, 4
+    hidden, m = 8, 4
     order = torch.randperm(4 * m)  # the source is in neuron order, the equations in block order
     shared, experts = order[:m].sort().values, order[m:].view(3, m)
     gates = torch.zeros(tokens, 3).scatter_(1, torch.randint(0, 3, (tokens, 1)), 1.0)

@@ -184,11 +184,22 @@ def refit_down(
     is partly recovered from the kept ones they correlate with. The ridge pulls the solution towards
     `prior` [H, I], the source's W_down (neuron order), not towards zero: with few tokens per neuron
     a strong ridge then falls back to the uncorrected carve instead of shrinking the output.
-    `kept` is in block order and zero wherever an expert is not selected (`kept_activations`): then
-    a routed expert's rows of the normal equations need only the tokens that select it (nonzero
-    `gates`), and by symmetry only the columns from its own block on. Returns W_down in the
-    original neuron order.
+    `kept` is in block order and zero wherever an expert is not selected (`kept_activations`).
+    With fewer tokens than neurons the same solution is found in token space ([T, T] equations
+    instead of [I, I]). Returns W_down in the original neuron order.
     """
+    prior = prior[:, carved.neuron_order]  # [H, I], block order
+    tokens, neurons = kept.shape
+    solve = _refit_in_token_space if tokens < neurons else _refit_in_neuron_space
+    solution = solve(kept, gates, carved, target, ridge, prior)  # [I, H], block order
+    w_down = torch.empty(target.shape[1], neurons)
+    w_down[:, carved.neuron_order] = solution.T.float()
+    return w_down
+
+
+def _refit_in_neuron_space(kept, gates, carved, target, ridge, prior) -> torch.Tensor:
+    """(K^T K + p I) W^T = K^T Y + p P^T. A routed expert's rows of K^T K need only the tokens that
+    select it (nonzero `gates`), and by symmetry only the columns from its own block on."""
     neurons = kept.shape[1]
     gram = torch.empty(neurons, neurons, dtype=torch.float64)  # [I, I]
     cross = torch.empty(target.shape[1], neurons, dtype=torch.float64).T  # [I, H], column-major for LAPACK
@@ -202,14 +213,26 @@ def refit_down(
         cross[start:stop] = (rows[:, : stop - start].T @ target[tokens]).double()
     penalty = (ridge * gram.diagonal().mean()).item()
     gram.diagonal().add_(penalty)
-    cross.add_(prior[:, carved.neuron_order].T, alpha=penalty)
+    cross.add_(prior.T, alpha=penalty)
     # Symmetric positive definite: Cholesky and solve in place, no second copy of either (LAPACK takes
     # column-major arrays: the gram's transpose is itself, `cross` is made column-major above).
     factor = scipy.linalg.cho_factor(gram.numpy().T, overwrite_a=True, check_finite=False)  # F-order view
-    solution = scipy.linalg.cho_solve(factor, cross.numpy(), overwrite_b=True, check_finite=False)
-    w_down = torch.empty(target.shape[1], neurons)
-    w_down[:, carved.neuron_order] = torch.from_numpy(solution).T.float()
-    return w_down
+    return torch.from_numpy(
+        scipy.linalg.cho_solve(factor, cross.numpy(), overwrite_b=True, check_finite=False)
+    )
+
+
+def _refit_in_token_space(kept, gates, carved, target, ridge, prior) -> torch.Tensor:
+    """The same solution by the push-through identity: W^T = P^T + K^T (K K^T + p I)^-1 (Y - K P^T).
+    Its equations are [T, T], so with few tokens per neuron (a large model at a small calibration
+    budget) this is far cheaper in time and memory than the [I, I] ones."""
+    gram = (kept @ kept.T).double()  # [T, T]
+    penalty = (ridge * gram.diagonal().sum() / kept.shape[1]).item()  # the same p: trace(K^T K) / I
+    gram.diagonal().add_(penalty)
+    residual = (target - kept @ prior.T).double()  # [T, H]
+    factor = scipy.linalg.cho_factor(gram.numpy(), overwrite_a=True, check_finite=False)
+    weights = scipy.linalg.cho_solve(factor, residual.numpy(), overwrite_b=True, check_finite=False)
+    return prior.T.double() + kept.T @ torch.from_numpy(weights).float()  # [I, H]
 
 
 def pad_neurons(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, total: int):

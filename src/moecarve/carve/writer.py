@@ -11,7 +11,6 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 
 class OutputError(ValueError):
@@ -56,37 +55,78 @@ def atomic_directory(out: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# safetensors' names of the dtypes a checkpoint holds (https://github.com/huggingface/safetensors).
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
 class ShardWriter:
-    """Collects tensors and writes a shard whenever `max_bytes` would be exceeded; names shards at close."""
+    """Writes each tensor to disk as it is added, in safetensors shards of at most `max_bytes`
+    (a tensor larger than that gets a shard of its own); names the shards at close.
+
+    safetensors' own writer takes a whole shard at once, so the shard (512 MiB by default: all of a
+    small model) would wait in memory. Here a tensor's bytes go to the shard's data file at once,
+    and the finished shard is its header followed by that file, copied on disk.
+    """
 
     def __init__(self, directory: Path, max_bytes: int):
         self.directory, self.max_bytes = directory, max_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
         self.shards: list[list[str]] = []
         self.total_bytes = 0
+        self._header: dict[str, dict] = {}  # the open shard's entries, in file order
+        self._data = None  # the open shard's data file
+        self._size = 0  # bytes written to it
 
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
         for name, tensor in tensors.items():
+            if tensor.dtype not in SAFETENSORS_DTYPES:
+                raise ValueError(f"cannot write {name}: safetensors has no {tensor.dtype}")
             size = tensor.numel() * tensor.element_size()
-            if self.pending and self.pending_bytes + size > self.max_bytes:
-                self._flush()
-            tensor = tensor.detach().contiguous()
-            # A view would keep its whole base tensor (say, a full weight matrix) alive until the flush.
-            self.pending[name] = tensor.clone() if tensor._base is not None else tensor
-            self.pending_bytes += size
+            if self._header and self._size + size > self.max_bytes:
+                self._finish_shard()
+            if self._data is None:
+                self._data = open(self._path("data"), "wb")  # noqa: SIM115 (closed in _finish_shard)
+            self._data.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+            self._header[name] = {
+                "dtype": SAFETENSORS_DTYPES[tensor.dtype],
+                "shape": list(tensor.shape),
+                "data_offsets": [self._size, self._size + size],
+            }
+            self._size += size
             self.total_bytes += size
 
-    def _flush(self) -> None:
-        index = len(self.shards)
-        save_file(self.pending, str(self.directory / f"shard-{index}.tmp"), metadata={"format": "pt"})
-        self.shards.append(list(self.pending))
-        self.pending, self.pending_bytes = {}, 0
+    def _path(self, kind: str) -> Path:
+        return self.directory / f"shard-{len(self.shards)}.{kind}"
+
+    def _finish_shard(self) -> None:
+        """The shard file: 8-byte little-endian header length, the JSON header (space-padded to a
+        multiple of 8, as safetensors writes it), then the tensors' bytes."""
+        self._data.close()
+        header = json.dumps(
+            {"__metadata__": {"format": "pt"}, **self._header}, separators=(",", ":")
+        ).encode()
+        header += b" " * (-len(header) % 8)
+        with open(self._path("tmp"), "wb") as shard, open(self._path("data"), "rb") as data:
+            shard.write(len(header).to_bytes(8, "little") + header)
+            shutil.copyfileobj(data, shard, 64 * 1024**2)
+        self._path("data").unlink()
+        self.shards.append(list(self._header))
+        self._header, self._data, self._size = {}, None, 0
 
     def close(self) -> None:
         """Write the last shard, give shards their HF names and write model.safetensors.index.json."""
-        if self.pending:
-            self._flush()
+        if self._header:
+            self._finish_shard()
         count, weight_map = len(self.shards), {}
         for index, names in enumerate(self.shards):
             final = f"model-{index + 1:05d}-of-{count:05d}.safetensors"

@@ -232,7 +232,7 @@ def _refit_in_token_space(kept, gates, carved, target, ridge, prior) -> torch.Te
     residual = (target - kept @ prior.T).double()  # [T, H]
     factor = scipy.linalg.cho_factor(gram.numpy(), overwrite_a=True, check_finite=False)
     weights = scipy.linalg.cho_solve(factor, residual.numpy(), overwrite_b=True, check_finite=False)
-    return prior.T.double() + kept.T @ torch.from_numpy(weights).float()  # [I, H]
+    return prior.T + kept.T @ torch.from_numpy(weights).float()  # [I, H]
 
 
 def pad_neurons(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, total: int):

@@ -16,7 +16,6 @@ import math
 import multiprocessing as mp
 import platform
 import re
-import resource
 import sys
 import tempfile
 import time
@@ -59,12 +58,13 @@ def calibration_file(directory: Path, tokens: int) -> Path:
 def _carve_child(name, overrides, calib, out, queue):
     torch.set_num_threads(2)
     from moecarve import CarveConfig, carve
+    from moecarve.eval.common import peak_rss_gib
 
     config = CarveConfig(**parse(name), **overrides)
     started = time.perf_counter()
     result = carve("bundled", config, calib, out, progress=False)
     seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    peak = peak_rss_gib()
     queue.put(
         {
             "carve_seconds": round(seconds, 1),

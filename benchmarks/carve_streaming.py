@@ -10,7 +10,6 @@ import argparse
 import json
 import multiprocessing as mp
 import platform
-import resource
 import shutil
 import tempfile
 import time
@@ -78,6 +77,7 @@ def write_random_llama(directory: Path) -> int:
 def _carve(src, out, queue):
     torch.set_num_threads(2)
     from moecarve import CarveConfig, carve
+    from moecarve.eval.common import peak_rss_gib
 
     config = CarveConfig(
         experts=8,
@@ -93,7 +93,7 @@ def _carve(src, out, queue):
         {
             "carve_seconds": round(time.perf_counter() - started, 1),
             "calib_dtype": result.record["resolved"]["calib_dtype"],
-            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2,
+            "peak_rss_gib": peak_rss_gib(),
         }
     )
 

@@ -28,7 +28,6 @@ import argparse
 import json
 import platform
 import random
-import resource
 import shutil
 import statistics
 import subprocess
@@ -141,6 +140,7 @@ def train_method(method: str, lr: float, seed: int, args) -> dict:
 
     from moecarve.esft import merge, train
     from moecarve.esft.data import Collator, pad_id
+    from moecarve.eval.common import peak_rss_gib
 
     work = Path(args.work)
     config = train.EsftConfig(
@@ -185,7 +185,7 @@ def train_method(method: str, lr: float, seed: int, args) -> dict:
         "trainable_parameters": trainable,
         "train_seconds": seconds,
         "losses": losses,
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": round(peak_rss_gib() * 1024),
         "config": config.model_dump(),
     }
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     from moecarve.carve.layer import CarvedFFN, kept_activations, refit_down, refit_ridge
-    from moecarve.eval.common import machine
+    from moecarve.eval.common import machine, peak_rss_gib
 
     torch.manual_seed(0)
     m, routed = args.neurons // args.experts, args.experts - 1
@@ -47,11 +46,11 @@ def main() -> None:
     del h
     target = torch.randn(args.tokens, args.hidden)
     ridge = refit_ridge("auto", args.neurons, args.tokens)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    before = peak_rss_gib()
     started = time.perf_counter()
     refit_down(kept, gates, carved, target, ridge, w_down)
     seconds = time.perf_counter() - started
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    peak = peak_rss_gib()
     report = {
         "benchmark": "refit_cost",
         "shape": {k: getattr(args, k) for k in ("hidden", "neurons", "tokens", "experts", "active")},

@@ -112,6 +112,23 @@ def machine(device: str = "cpu") -> dict:
     return record
 
 
+def peak_rss_gib() -> float:
+    """This process's peak resident memory in GiB.
+
+    Linux's VmHWM counts only this process's own memory. getrusage's ru_maxrss, the fallback, also
+    keeps the high-water mark of the process it was forked from (it survives exec): a child that a
+    multiprocessing "spawn" starts from a parent holding 2 GiB reports at least 2 GiB.
+    """
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024**2  # kB
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 1024**3 if sys.platform == "darwin" else peak / 1024**2  # bytes on macOS, else KiB
+
+
 def check_output(out: str | Path | None, models: list[Path]) -> Path | None:
     """Refuse an output path inside a model directory: eval never writes into a model."""
     if out is None:

@@ -1,0 +1,24 @@
+"""Benchmarks run each measurement in a spawned child: its peak memory must be its own."""
+
+import multiprocessing as mp
+
+import torch
+
+from moecarve.eval.common import peak_rss_gib
+
+
+def _child_peak(queue) -> None:
+    queue.put(peak_rss_gib())
+
+
+def test_a_spawned_child_does_not_report_its_parents_memory():
+    held = torch.ones(1024**3 // 4)  # 1 GiB, every page written, held while the child runs
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    child = context.Process(target=_child_peak, args=(queue,))
+    child.start()
+    peak = queue.get(timeout=120)
+    child.join()
+    assert peak_rss_gib() > 1.0
+    assert peak < peak_rss_gib() - 0.9  # getrusage's ru_maxrss would include the parent's 1 GiB
+    del held

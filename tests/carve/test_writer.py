@@ -10,7 +10,9 @@ from safetensors import safe_open
 writer = importlib.import_module("moecarve.carve.writer")
 
 
-def test_shards_read_back_exactly_and_respect_the_size_cap(tmp_path):
+@pytest.mark.parametrize("kernel_copy", [True, False])  # os.sendfile (Linux) or chunked copies
+def test_shards_read_back_exactly_and_respect_the_size_cap(tmp_path, monkeypatch, kernel_copy):
+    monkeypatch.setattr(writer, "KERNEL_COPY", kernel_copy and writer.KERNEL_COPY)
     torch.manual_seed(0)
     tensors = {
         "float32": torch.randn(3, 5),
@@ -43,6 +45,10 @@ def test_shards_read_back_exactly_and_respect_the_size_cap(tmp_path):
         assert data <= 1000 or len(names) == 1  # only a tensor over the cap gets a shard past it
 
 
-def test_an_unwritable_dtype_is_refused_by_name(tmp_path):
+def test_an_unwritable_dtype_and_a_repeated_name_are_refused_by_name(tmp_path):
+    shards = writer.ShardWriter(tmp_path, 1000)
     with pytest.raises(ValueError, match="cannot write z: safetensors has no torch.complex64"):
-        writer.ShardWriter(tmp_path, 1000).add({"z": torch.zeros(2, dtype=torch.complex64)})
+        shards.add({"z": torch.zeros(2, dtype=torch.complex64)})
+    shards.add({"a": torch.zeros(2)})
+    with pytest.raises(ValueError, match="cannot write a twice"):
+        shards.add({"a": torch.ones(2)})

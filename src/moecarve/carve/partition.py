@@ -50,21 +50,24 @@ def partition_neurons(
 ) -> Partition:
     """Shared neurons by score; routed neurons by balanced k-means into R experts of exactly m, then
     refined towards what a linear router on the FFN inputs can pick (`refine_for_routing`)."""
-    # [T, I] squared size of each neuron's share of the output. Passes over [T, I] tensors are most
-    # of the partition's time, so this is the only one made.
-    energy = (h * down_norms).square_()
     markers = None
     if config.shared_score == "rate" or config.features == "binary":
         markers = top_k_markers(h, resolve_k(config.top_k_activation, h.shape[1]))
-    score = markers.mean(0) if config.shared_score == "rate" else energy.mean(0)
+    if config.shared_score == "rate":
+        score = markers.mean(0)
+    else:  # mean squared contribution, without forming the [T, I] contributions
+        score = torch.linalg.vector_norm(h, dim=0).square() / h.shape[0] * down_norms.square()
     order = torch.argsort(score, descending=True, stable=True)
     n_shared = config.shared * m
     shared, routed = order[:n_shared], order[n_shared:]  # routed: in decreasing score
+    # [T, n] squared size of each routed neuron's share of the output. Passes over [T, I] tensors
+    # are most of the partition's time, so this is the only one made.
+    energy = h.index_select(1, routed).mul_(down_norms[routed]).square_()
     # Features over an evenly spaced subset of the tokens: as good a partition, measured, and
     # the k-means products shrink with it (docs/carve.md).
     stride = max(1, h.shape[0] // config.cluster_tokens)
     if config.features == "magnitude":  # |h_i| ||W_down[:, i]||, normalised per neuron
-        feats = F.normalize(energy[::stride, routed].T.sqrt(), dim=1)  # [n, T']
+        feats = F.normalize(energy[::stride].T.sqrt(), dim=1)  # [n, T']
     else:
         feats = markers[::stride, routed].T
     feats = feats.contiguous()
@@ -72,9 +75,7 @@ def partition_neurons(
     refined = 0
     if config.refine_iters:
         select = linear_selector(inputs, config.active)
-        labels, refined = refine_for_routing(
-            energy, labels, config.routed, m, select, config.refine_iters, routed
-        )
+        labels, refined = refine_for_routing(energy, labels, config.routed, m, select, config.refine_iters)
     members = torch.stack([torch.nonzero(labels == j).squeeze(1) for j in range(config.routed)])  # [R, m]
     representatives = routed[nearest_to_centroid(feats, labels, members)]
     # Sort members inside each expert so the written layout does not depend on solver order.
@@ -129,37 +130,27 @@ def linear_selector(inputs: RidgeInputs, active: int):
 
 
 def refine_for_routing(
-    score: torch.Tensor,
-    labels: torch.Tensor,
-    clusters: int,
-    size: int,
-    select,
-    iters: int,
-    columns: torch.Tensor | None = None,
+    score: torch.Tensor, labels: torch.Tensor, clusters: int, size: int, select, iters: int
 ) -> tuple[torch.Tensor, int]:
-    """Reassign neurons (the `columns` of `score` [T, I], each neuron's value at each token; all
-    columns if None) to what each token's chosen experts capture, from `labels` [n].
+    """Reassign neurons (the columns of `score` [T, n], each neuron's value at each token) to what
+    each token's chosen experts capture, from `labels` [n].
 
     Alternates the experts `select` chooses per token ([T, R] per-expert score -> [T, R] 0/1) and
     the balanced assignment of neurons that captures the most score under those choices, for at
     most `iters` steps or until the assignment repeats. With the oracle choice (`top_experts`)
     neither step lowers the captured score; a linear router's choice gives no such guarantee, so
-    the labels that captured the most are returned, with the steps run. The columns are picked
-    inside the products, never copied out of `score` (a [T, I] copy costs more than a step here).
+    the labels that captured the most are returned, with the steps run.
     """
-    columns = torch.arange(score.shape[1]) if columns is None else columns
-    members = torch.zeros(score.shape[1], clusters, dtype=score.dtype)  # [I, R] 0 outside `columns`
     best, best_captured = labels, -float("inf")
     for step in range(1, iters + 2):
-        members.zero_()[columns] = F.one_hot(labels, clusters).to(score.dtype)
-        per_expert = score @ members  # [T, R]
+        per_expert = score @ F.one_hot(labels, clusters).to(score.dtype)  # [T, R]
         chosen = select(per_expert)  # [T, R]
         captured = (per_expert * chosen).sum().item()
         if captured > best_captured:
             best, best_captured = labels, captured
         if step > iters:
             break
-        gain = (chosen.T @ score)[:, columns].T  # [n, R] what neuron i adds to expert j
+        gain = (chosen.T @ score).T  # [n, R] what neuron i adds to expert j
         new = torch.from_numpy(balanced_assignment((-gain).double().numpy(), size, labels.numpy()))
         if torch.equal(new, labels):
             return best, step

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -86,17 +87,22 @@ class ShardWriter:
         self._header: dict[str, dict] = {}  # the open shard's entries, in file order
         self._data = None  # the open shard's data file
         self._size = 0  # bytes written to it
+        self._names: set[str] = set()  # every tensor written so far
 
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Write `tensors` in order, each right after the one before (safetensors allows no gaps;
+        a tensor whose offset is not a multiple of its element size still reads back exactly)."""
         for name, tensor in tensors.items():
             if tensor.dtype not in SAFETENSORS_DTYPES:
                 raise ValueError(f"cannot write {name}: safetensors has no {tensor.dtype}")
+            if name in self._names:
+                raise ValueError(f"cannot write {name} twice")
             size = tensor.numel() * tensor.element_size()
             if self._header and self._size + size > self.max_bytes:
                 self._finish_shard()
             if self._data is None:
                 self._data = open(self._path("data"), "wb")  # noqa: SIM115 (closed in _finish_shard)
-            self._data.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+            self._data.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
             self._header[name] = {
                 "dtype": SAFETENSORS_DTYPES[tensor.dtype],
                 "shape": list(tensor.shape),
@@ -104,6 +110,7 @@ class ShardWriter:
             }
             self._size += size
             self.total_bytes += size
+            self._names.add(name)
 
     def _path(self, kind: str) -> Path:
         return self.directory / f"shard-{len(self.shards)}.{kind}"
@@ -140,11 +147,15 @@ class ShardWriter:
         (self.directory / "model.safetensors.index.json").write_text(json.dumps(index_data, indent=2) + "\n")
 
 
+KERNEL_COPY = sys.platform.startswith("linux")  # os.sendfile between two files
+
+
 def _append(source, destination) -> None:
-    """Copy the rest of file `source` to the end of `destination` inside the kernel where it can
-    (os.sendfile on Linux): no shard-sized buffers pass through the process's memory."""
-    try:
+    """Copy file `source` to the end of `destination`, inside the kernel on Linux (os.sendfile): no
+    shard-sized buffers pass through the process's memory. Elsewhere (sendfile there is for
+    sockets) in 16 MiB chunks."""
+    if KERNEL_COPY:
         while os.sendfile(destination.fileno(), source.fileno(), None, 1 << 30):
             pass
-    except (AttributeError, OSError):  # no file-to-file sendfile here (e.g. macOS): copy in chunks
+    else:
         shutil.copyfileobj(source, destination, 16 * 1024**2)

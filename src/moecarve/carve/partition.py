@@ -55,8 +55,8 @@ def partition_neurons(
         markers = top_k_markers(h, resolve_k(config.top_k_activation, h.shape[1]))
     if config.shared_score == "rate":
         score = markers.mean(0)
-    else:  # mean squared contribution, without forming the [T, I] contributions
-        score = torch.linalg.vector_norm(h, dim=0).square() / h.shape[0] * down_norms.square()
+    else:  # mean squared contribution (a column reduction of h itself is twice as slow here)
+        score = h.square().sum(0) / h.shape[0] * down_norms.square()
     order = torch.argsort(score, descending=True, stable=True)
     n_shared = config.shared * m
     shared, routed = order[:n_shared], order[n_shared:]  # routed: in decreasing score

@@ -177,8 +177,17 @@ def carve(
     layers = []
     with atomic_directory(out) as tmp, reused_heap():
         writer = ShardWriter(tmp, config.max_shard_size)
+        # The vocabulary-sized tensors first: each is written and freed before any layer is loaded.
         writer.add({"model.embed_tokens.weight": embed.to(dtype)})
+        lm_head = embed if source_config.tie_word_embeddings else tensors.get("lm_head.weight")
         del embed
+        writer.add(
+            {
+                "lm_head.weight": lm_head.to(dtype),  # explicit: vLLM's glm4_moe does not tie
+                "model.norm.weight": tensors.get("model.norm.weight").to(dtype),
+            }
+        )
+        del lm_head
         bar = tqdm(range(source_config.num_hidden_layers), desc=f"carve {config.name}", disable=not progress)
         for index in bar:
             prefix = f"model.layers.{index}."
@@ -216,13 +225,6 @@ def carve(
             hidden = residual + ffn.view_as(residual)
             writer.add(out_tensors)
             skeleton.model.layers[index] = torch.nn.Identity()  # drop the layer's weights
-        lm_head = "model.embed_tokens.weight" if source_config.tie_word_embeddings else "lm_head.weight"
-        writer.add(
-            {
-                "model.norm.weight": tensors.get("model.norm.weight").to(dtype),
-                "lm_head.weight": tensors.get(lm_head).to(dtype),  # explicit: vLLM's glm4_moe does not tie
-            }
-        )
         writer.close()
         _save_target_config(target_config, tmp)
         _generation_config(src).save_pretrained(tmp)

@@ -190,8 +190,10 @@ def refit_down(
     """
     prior = prior[:, carved.neuron_order]  # [H, I], block order
     tokens, neurons = kept.shape
-    solve = _refit_in_token_space if tokens < neurons else _refit_in_neuron_space
-    solution = solve(kept, gates, carved, target, ridge, prior)  # [I, H], block order
+    if tokens < neurons:
+        solution = _refit_in_token_space(kept, target, ridge, prior)  # [I, H], block order
+    else:
+        solution = _refit_in_neuron_space(kept, gates, carved, target, ridge, prior)
     w_down = torch.empty(target.shape[1], neurons)
     w_down[:, carved.neuron_order] = solution.T.float()
     return w_down
@@ -222,7 +224,7 @@ def _refit_in_neuron_space(kept, gates, carved, target, ridge, prior) -> torch.T
     )
 
 
-def _refit_in_token_space(kept, gates, carved, target, ridge, prior) -> torch.Tensor:
+def _refit_in_token_space(kept, target, ridge, prior) -> torch.Tensor:
     """The same solution by the push-through identity: W^T = P^T + K^T (K K^T + p I)^-1 (Y - K P^T).
     Its equations are [T, T], so with few tokens per neuron (a large model at a small calibration
     budget) this is far cheaper in time and memory than the [I, I] ones."""

@@ -178,12 +178,13 @@ def carve(
     with atomic_directory(out) as tmp, reused_heap():
         writer = ShardWriter(tmp, config.max_shard_size)
         # The vocabulary-sized tensors first: each is written and freed before any layer is loaded.
-        writer.add({"model.embed_tokens.weight": embed.to(dtype)})
-        lm_head = embed if source_config.tie_word_embeddings else tensors.get("lm_head.weight")
+        embed = embed.to(dtype)
+        writer.add({"model.embed_tokens.weight": embed})
+        lm_head = embed if source_config.tie_word_embeddings else tensors.get("lm_head.weight").to(dtype)
         del embed
         writer.add(
             {
-                "lm_head.weight": lm_head.to(dtype),  # explicit: vLLM's glm4_moe does not tie
+                "lm_head.weight": lm_head,  # explicit: vLLM's glm4_moe does not tie
                 "model.norm.weight": tensors.get("model.norm.weight").to(dtype),
             }
         )

@@ -68,6 +68,44 @@ def test_jsonl_and_directory_calibration(tiny_models, tmp_path):
     assert read_text(tmp_path / "d")[0] == "first\n\nsecond"
 
 
+def _tokenizer(split_words: bool):
+    """A small BPE: byte-level words (GPT-2 style), or SentencePiece style with no split at spaces."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from moecarve.batch.tiny import sample_text
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    if split_words:
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder, alphabet = decoders.ByteLevel(), pre_tokenizers.ByteLevel.alphabet()
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
+        tok.decoder, alphabet = decoders.Metaspace(), list("▁abcdefghijklmnopqrstuvwxyz")
+    trainer = trainers.BpeTrainer(vocab_size=400, initial_alphabet=alphabet)
+    tok.train_from_iterator([sample_text(2000, seed=1)], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok)
+
+
+@pytest.mark.parametrize("split_words", [True, False])
+def test_calibration_tokenizes_only_a_prefix_and_gets_the_whole_texts_tokens(split_words):
+    from moecarve.carve.calib import calibration, tokenize_prefix, tokenize_stream
+    from moecarve.resources import boolq_passages
+
+    tokenizer, text = _tokenizer(split_words), boolq_passages()[:300_000]
+    whole = tokenize_stream(tokenizer, text)
+    seen = []
+    spy = lambda piece, **kwargs: seen.append(len(piece)) or tokenizer(piece, **kwargs)  # noqa: E731
+    for budget in (1, 700, 4096):
+        seen.clear()
+        assert torch.equal(tokenize_prefix(spy, text, budget), whole[:budget])
+        assert max(seen) < len(text) / 4  # never the whole corpus for a small budget
+    assert torch.equal(tokenize_prefix(tokenizer, text, whole.numel() + 5), whole)  # short: all of it
+    calib = calibration(tokenizer, None, 2048, 512)
+    assert calib.input_ids.shape == (4, 512)
+    assert torch.equal(calib.input_ids.flatten(), tokenize_stream(tokenizer, boolq_passages())[:2048])
+
+
 @pytest.mark.slow
 def test_bundled_gguf_all_experts_active_is_exact(tmp_path):
     """The real model, read from its GGUF file: every routed expert active reproduces it."""

@@ -99,10 +99,25 @@ def tokenize_stream(tokenizer, text: str) -> torch.Tensor:
     return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
 
 
+def tokenize_prefix(tokenizer, text: str, tokens: int, chars_per_token: int = 8) -> torch.Tensor:
+    """The first `tokens` tokens of `tokenize_stream(text)` (all of them if fewer), tokenizing only
+    a prefix of the text: a large corpus is not tokenized whole for a small budget. A prefix's tokens
+    can differ from the whole text's only near its cut, so they are taken once two prefixes, one
+    twice the other's length, agree on them."""
+    chars = max(1, tokens) * chars_per_token
+    shorter = None
+    while chars < len(text):
+        ids = tokenize_stream(tokenizer, text[:chars])
+        if shorter is not None and shorter.numel() > tokens and torch.equal(shorter[:tokens], ids[:tokens]):
+            return ids[:tokens]
+        shorter, chars = ids, 2 * chars
+    return tokenize_stream(tokenizer, text)[:tokens]
+
+
 def calibration(tokenizer, source, tokens: int, length: int) -> Calibration:
     """The first `tokens` tokens of the source as [tokens // length, length] sequences."""
     text, description = read_text(source)
-    stream = tokenize_stream(tokenizer, text)
+    stream = tokenize_prefix(tokenizer, text, tokens)
     sequences = tokens // length
     if stream.numel() < tokens:
         if stream.numel() < tokens * (1 - SHORTFALL_TOLERANCE):
@@ -111,5 +126,5 @@ def calibration(tokenizer, source, tokens: int, length: int) -> Calibration:
                 f"({description}); give more text or fewer --calib-tokens"
             )
         length = stream.numel() // sequences  # a few tokens short: use the text whole
-    ids = stream[: sequences * length].view(sequences, length)
+    ids = stream[: sequences * length].reshape(sequences, length).clone()  # not a view of the stream
     return Calibration(input_ids=ids, source=description)

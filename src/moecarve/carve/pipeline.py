@@ -174,6 +174,7 @@ def carve(
 
     stream = config.refit_ridge is not None and config.refit_target == "stream"
     dense_hidden = hidden if stream else None
+    layer_setup = _LayerSetup(config, family, source_config, calib_dtype, dtype, m)
     layers = []
     with atomic_directory(out) as tmp, reused_heap():
         writer = ShardWriter(tmp, config.max_shard_size)
@@ -191,41 +192,15 @@ def carve(
         del lm_head
         bar = tqdm(range(source_config.num_hidden_layers), desc=f"carve {config.name}", disable=not progress)
         for index in bar:
-            prefix = f"model.layers.{index}."
-            layer = skeleton.model.layers[index]
-            tensors.load_into(layer, prefix, torch.float32)
-            state = layer.state_dict()  # float32, as read: what is written
-            if calib_dtype != torch.float32:  # a second copy, for the calibration forward
-                tensors.load_into(layer, prefix, calib_dtype)
-            mlp, capture, timing = layer.mlp, _CaptureInput(), {}
-            if stream:  # the dense model's own residual stream after this layer
-                with torch.no_grad(), timed(timing, "dense_stream"):
-                    dense_hidden = torch.cat(
-                        [run(layer, chunk) for chunk in dense_hidden.split(SEQUENCES_PER_PASS)]
-                    )
-            layer.mlp = capture
-            with torch.no_grad(), timed(timing, "attention"):
-                residual = torch.cat([run(layer, chunk) for chunk in hidden.split(SEQUENCES_PER_PASS)])
-            x = torch.cat(capture.inputs).flatten(0, 1).float()  # [T, H] FFN inputs
-            out_tensors = {prefix + n: state[n].to(dtype) for n in family.attention_tensors(source_config)}
-            weights = tuple(state[f"mlp.{name}_proj.weight"] for name in ("gate", "up", "down"))
-            if index < config.dense_layers:
-                with torch.no_grad():
-                    ffn = mlp(x.to(calib_dtype)).float()
-                for name, w in zip(("gate_proj", "up_proj", "down_proj"), weights, strict=True):
-                    out_tensors[f"{prefix}mlp.{name}.weight"] = w.to(dtype)
-                layers.append({"layer": index, "dense": True, **timing})
-            else:
-                padded = pad_neurons(*weights, m * config.experts)
-                target = (dense_hidden - residual).flatten(0, 1) if stream else None
-                carved, ffn = carve_ffn(x, *padded, config, m, dtype, target, calib_dtype)
-                out_tensors.update(carved.tensors(f"{prefix}mlp.", dtype))
-                carved.stats["seconds"] = {**timing["seconds"], **carved.stats["seconds"]}
-                layers.append({"layer": index, **carved.stats})
-                bar.set_postfix(err=f"{carved.stats['relative_error']:.3f}")
-            hidden = residual + ffn.view_as(residual)
+            # In a function so that the layer's tensors are freed before the next layer is loaded.
+            hidden, dense_hidden, out_tensors, stats = _carve_layer(
+                index, skeleton, tensors, hidden, dense_hidden, run, layer_setup
+            )
             writer.add(out_tensors)
-            skeleton.model.layers[index] = torch.nn.Identity()  # drop the layer's weights
+            del out_tensors
+            layers.append(stats)
+            if "relative_error" in stats:
+                bar.set_postfix(err=f"{stats['relative_error']:.3f}")
         writer.close()
         _save_target_config(target_config, tmp)
         _generation_config(src).save_pretrained(tmp)
@@ -247,6 +222,64 @@ def carve(
             record["quality"] = {"protocol_ppl": {"dense": protocol_ppl(src), "carved": protocol_ppl(tmp)}}
         (tmp / "carve.json").write_text(json.dumps(record, indent=2) + "\n")
     return CarveResult(out=out.resolve(), record=record)
+
+
+@dataclass(frozen=True)
+class _LayerSetup:
+    """What every layer's carve shares."""
+
+    config: CarveConfig
+    family: object
+    source_config: object
+    calib_dtype: torch.dtype
+    dtype: torch.dtype
+    m: int
+
+
+def _carve_layer(index, skeleton, tensors, hidden, dense_hidden, run, setup: _LayerSetup):
+    """Load layer `index`, carve its FFN on the stream `hidden`, and drop its weights from the skeleton.
+    Returns the next layer's stream (and the dense model's, with refit_target=stream), the layer's
+    output tensors and its statistics."""
+    config, calib_dtype, dtype = setup.config, setup.calib_dtype, setup.dtype
+    prefix = f"model.layers.{index}."
+    layer = skeleton.model.layers[index]
+    skeleton.model.layers[index] = torch.nn.Identity()  # the skeleton keeps none of its weights
+    tensors.load_into(layer, prefix, torch.float32)
+    state = layer.state_dict()  # float32, as read: what is written
+    if calib_dtype != torch.float32:  # a second copy, for the calibration forward
+        tensors.load_into(layer, prefix, calib_dtype)
+    mlp, capture, timing = layer.mlp, _CaptureInput(), {}
+    if dense_hidden is not None:  # the dense model's own residual stream after this layer
+        with torch.no_grad(), timed(timing, "dense_stream"):
+            dense_hidden = torch.cat([run(layer, chunk) for chunk in dense_hidden.split(SEQUENCES_PER_PASS)])
+    layer.mlp = capture
+    with torch.no_grad(), timed(timing, "attention"):
+        residual = torch.cat([run(layer, chunk) for chunk in hidden.split(SEQUENCES_PER_PASS)])
+    x = torch.cat(capture.inputs).flatten(0, 1).float()  # [T, H] FFN inputs
+    del capture
+    attention = setup.family.attention_tensors(setup.source_config)
+    out_tensors = {prefix + n: state.pop(n).to(dtype) for n in attention}
+    weights = tuple(state.pop(f"mlp.{name}_proj.weight") for name in ("gate", "up", "down"))
+    del state, layer
+    if index < config.dense_layers:
+        with torch.no_grad():
+            ffn = mlp(x.to(calib_dtype)).float()
+        for name, w in zip(("gate_proj", "up_proj", "down_proj"), weights, strict=True):
+            out_tensors[f"{prefix}mlp.{name}.weight"] = w.to(dtype)
+        return (
+            residual + ffn.view_as(residual),
+            dense_hidden,
+            out_tensors,
+            {"layer": index, "dense": True, **timing},
+        )
+    del mlp
+    padded = pad_neurons(*weights, setup.m * config.experts)
+    del weights
+    target = (dense_hidden - residual).flatten(0, 1) if dense_hidden is not None else None
+    carved, ffn = carve_ffn(x, *padded, config, setup.m, dtype, target, calib_dtype)
+    out_tensors.update(carved.tensors(f"{prefix}mlp.", dtype))
+    carved.stats["seconds"] = {**timing["seconds"], **carved.stats["seconds"]}
+    return residual + ffn.view_as(residual), dense_hidden, out_tensors, {"layer": index, **carved.stats}
 
 
 def _save_target_config(config, directory: Path) -> None:

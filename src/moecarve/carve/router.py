@@ -69,27 +69,30 @@ class RidgeInputs:
         self._grams: dict[str, torch.Tensor] | None = None  # on first use: a selector-free carve needs none
         self._factor = {}
 
-    def _gram(self, part: str) -> torch.Tensor:
-        """[H, H] uncentred gram of the part's shifted inputs, float64; both parts on first use."""
-        if self._grams is None:
-            train = (self.xs_t[:, : self.split] @ self.xs[: self.split]).double()
-            self._grams = {
-                "train": train,
-                "all": train + (self.xs_t[:, self.split :] @ self.xs[self.split :]).double(),
-            }
-        return self._grams[part]
+    def _cholesky_factor(self, part: str, n: int, mean_x: torch.Tensor) -> torch.Tensor:
+        """[H, H] Cholesky factor of the part's centred, ridged gram, float64. Both uncentred grams
+        are made on first use; each becomes its factor in place ([H, H] float64 is 128 MiB at H = 4096)."""
+        if part not in self._factor:
+            if self._grams is None:
+                train = (self.xs_t[:, : self.split] @ self.xs[: self.split]).double()
+                self._grams = {
+                    "train": train,
+                    "all": train + (self.xs_t[:, self.split :] @ self.xs[self.split :]).double(),
+                }
+            gram = self._grams.pop(part)
+            gram -= n * torch.outer(mean_x, mean_x)
+            gram.diagonal().add_(self.ridge * gram.diagonal().mean())
+            self._factor[part] = torch.linalg.cholesky(gram, out=gram)
+        return self._factor[part]
 
     def fit(self, target: torch.Tensor, part: str = "all") -> Router:
         """Router [R, H] fitted to `target` [T', R] on the "train" tokens or on "all" of them."""
         n = self.split if part == "train" else self.xs.shape[0]
         target = (target - target.mean(1, keepdim=True)).float()  # only the ranking within a token matters
         mean_x, mean_t = self._sum[part] / n, target.double().sum(0) / n
-        if part not in self._factor:
-            gram = self._gram(part) - n * torch.outer(mean_x, mean_x)
-            gram += self.ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype)
-            self._factor[part] = torch.linalg.cholesky(gram)
+        factor = self._cholesky_factor(part, n, mean_x)
         cross = (self.xs_t[:, :n] @ target).double() - n * torch.outer(mean_x, mean_t)  # [H, R]
-        weight = torch.cholesky_solve(cross, self._factor[part]).T  # [R, H]
+        weight = torch.cholesky_solve(cross, factor).T  # [R, H]
         bias = mean_t - weight @ (mean_x + self.shift.double())  # for the unshifted x
         return Router(weight=weight.float(), bias=bias.float())
 

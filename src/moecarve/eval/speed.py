@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from moecarve.carve.calib import read_text, tokenize_stream
+from moecarve.carve.calib import read_text, tokenize_prefix
 from moecarve.eval import common
 
 
@@ -74,8 +74,8 @@ def evaluate_speed(
     from transformers import AutoTokenizer
 
     text, description = read_text(data)
-    stream = tokenize_stream(AutoTokenizer.from_pretrained(named["model"]), text)
     need = max(batch_sizes) * prompt_length
+    stream = tokenize_prefix(AutoTokenizer.from_pretrained(named["model"]), text, need)
     if stream.numel() < need:
         raise ValueError(
             f"text has {stream.numel()} tokens, {need} needed for the largest batch ({description})"

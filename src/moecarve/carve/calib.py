@@ -103,7 +103,8 @@ def tokenize_prefix(tokenizer, text: str, tokens: int, chars_per_token: int = 8)
     """The first `tokens` tokens of `tokenize_stream(text)` (all of them if fewer), tokenizing only
     a prefix of the text: a large corpus is not tokenized whole for a small budget. A prefix's tokens
     can differ from the whole text's only near its cut, so they are taken once two prefixes, one
-    twice the other's length, agree on them."""
+    twice the other's length, agree on them (a heuristic: a tokenizer whose choices reach further
+    back than half a prefix could still differ)."""
     chars = max(1, tokens) * chars_per_token
     shorter = None
     while chars < len(text):

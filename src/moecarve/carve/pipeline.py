@@ -173,7 +173,10 @@ def carve(
         return out.float()
 
     stream = config.refit_ridge is not None and config.refit_target == "stream"
-    dense_hidden = hidden if stream else None
+    # The residual streams between layers; only this dict holds them, so each layer's carve frees
+    # the old stream as soon as it has the new one.
+    streams = {"carved": hidden, "dense": hidden if stream else None}
+    del hidden
     layer_setup = _LayerSetup(config, family, source_config, calib_dtype, dtype, m)
     layers = []
     with atomic_directory(out) as tmp, reused_heap():
@@ -193,9 +196,7 @@ def carve(
         bar = tqdm(range(source_config.num_hidden_layers), desc=f"carve {config.name}", disable=not progress)
         for index in bar:
             # In a function so that the layer's tensors are freed before the next layer is loaded.
-            hidden, dense_hidden, out_tensors, stats = _carve_layer(
-                index, skeleton, tensors, hidden, dense_hidden, run, layer_setup
-            )
+            out_tensors, stats = _carve_layer(index, skeleton, tensors, streams, run, layer_setup)
             writer.add(out_tensors)
             del out_tensors
             layers.append(stats)
@@ -236,10 +237,10 @@ class _LayerSetup:
     m: int
 
 
-def _carve_layer(index, skeleton, tensors, hidden, dense_hidden, run, setup: _LayerSetup):
-    """Load layer `index`, carve its FFN on the stream `hidden`, and drop its weights from the skeleton.
-    Returns the next layer's stream (and the dense model's, with refit_target=stream), the layer's
-    output tensors and its statistics."""
+def _carve_layer(index, skeleton, tensors, streams: dict, run, setup: _LayerSetup):
+    """Load layer `index`, carve its FFN on `streams["carved"]`, and drop its weights from the skeleton.
+    Replaces the streams with the next layer's (`streams["dense"]`, the dense model's own, is kept
+    only with refit_target=stream). Returns the layer's output tensors and its statistics."""
     config, calib_dtype, dtype = setup.config, setup.calib_dtype, setup.dtype
     prefix = f"model.layers.{index}."
     layer = skeleton.model.layers[index]
@@ -249,12 +250,14 @@ def _carve_layer(index, skeleton, tensors, hidden, dense_hidden, run, setup: _La
     if calib_dtype != torch.float32:  # a second copy, for the calibration forward
         tensors.load_into(layer, prefix, calib_dtype)
     mlp, capture, timing = layer.mlp, _CaptureInput(), {}
+    dense_hidden = streams.pop("dense")
     if dense_hidden is not None:  # the dense model's own residual stream after this layer
         with torch.no_grad(), timed(timing, "dense_stream"):
             dense_hidden = torch.cat([run(layer, chunk) for chunk in dense_hidden.split(SEQUENCES_PER_PASS)])
+    streams["dense"] = dense_hidden
     layer.mlp = capture
     with torch.no_grad(), timed(timing, "attention"):
-        residual = torch.cat([run(layer, chunk) for chunk in hidden.split(SEQUENCES_PER_PASS)])
+        residual = torch.cat([run(layer, chunk) for chunk in streams.pop("carved").split(SEQUENCES_PER_PASS)])
     x = torch.cat(capture.inputs).flatten(0, 1).float()  # [T, H] FFN inputs
     del capture
     attention = setup.family.attention_tensors(setup.source_config)
@@ -266,12 +269,8 @@ def _carve_layer(index, skeleton, tensors, hidden, dense_hidden, run, setup: _La
             ffn = mlp(x.to(calib_dtype)).float()
         for name, w in zip(("gate_proj", "up_proj", "down_proj"), weights, strict=True):
             out_tensors[f"{prefix}mlp.{name}.weight"] = w.to(dtype)
-        return (
-            residual + ffn.view_as(residual),
-            dense_hidden,
-            out_tensors,
-            {"layer": index, "dense": True, **timing},
-        )
+        streams["carved"] = residual + ffn.view_as(residual)
+        return out_tensors, {"layer": index, "dense": True, **timing}
     del mlp
     padded = pad_neurons(*weights, setup.m * config.experts)
     del weights
@@ -279,7 +278,8 @@ def _carve_layer(index, skeleton, tensors, hidden, dense_hidden, run, setup: _La
     carved, ffn = carve_ffn(x, *padded, config, setup.m, dtype, target, calib_dtype)
     out_tensors.update(carved.tensors(f"{prefix}mlp.", dtype))
     carved.stats["seconds"] = {**timing["seconds"], **carved.stats["seconds"]}
-    return residual + ffn.view_as(residual), dense_hidden, out_tensors, {"layer": index, **carved.stats}
+    streams["carved"] = residual + ffn.view_as(residual)
+    return out_tensors, {"layer": index, **carved.stats}
 
 
 def _save_target_config(config, directory: Path) -> None:

@@ -55,10 +55,11 @@ def test_kmeans_stops_when_an_iteration_gains_less_than_tol():
         assert torch.equal(torch.bincount(labels, minlength=8), torch.full((8,), 24))
 
 
+@pytest.mark.parametrize("active", [1, 2, 4])  # no pair of routed experts shares a token at A = 1
 @pytest.mark.parametrize("tokens", [600, 16])  # more tokens than neurons, and fewer (token space)
-def test_refit_uses_only_selecting_tokens_and_matches_the_dense_normal_equations(tokens):
+def test_refit_uses_only_selecting_tokens_and_matches_the_dense_normal_equations(tokens, active):
     torch.manual_seed(0)
-    hidden, routed, m, active = 12, 5, 4, 2
+    hidden, routed, m = 12, 5, 4
     neurons = (routed + 1) * m
     order = torch.randperm(neurons)
     shared, experts = order[:m].sort().values, order[m:].view(routed, m)

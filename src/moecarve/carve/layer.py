@@ -8,7 +8,6 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from itertools import pairwise
 
 import scipy.linalg
 import torch
@@ -86,7 +85,9 @@ def carve_ffn(
     """
     stats: dict = {}
     with timed(stats, "activations"):
-        h = activations(x.to(calib_dtype), w_gate.to(calib_dtype), w_up.to(calib_dtype)).float()
+        # [T, I] kept in calib_dtype: its values are that dtype's, and each later pass over it
+        # converts only the columns it takes
+        h = activations(x.to(calib_dtype), w_gate.to(calib_dtype), w_up.to(calib_dtype))
         dense = linear(h, w_down, calib_dtype)
     with timed(stats, "partition"):
         inputs = routing.RidgeInputs(x, x.shape[0] - x.shape[0] // HELD_OUT, config.router_ridge)
@@ -157,9 +158,9 @@ def kept_activations(h: torch.Tensor, gates: torch.Tensor, carved: CarvedFFN) ->
     """[T, I] what each neuron feeds the down projection in the carved layer, in block order (the
     shared neurons, then each routed expert's, `CarvedFFN.neuron_order`): h for shared neurons, h
     times its expert's gate for routed ones (0 where the expert is not selected)."""
-    kept = h.index_select(1, carved.neuron_order)
+    kept = h.index_select(1, carved.neuron_order).float()
     routed = kept[:, carved.shared.numel() :].view(h.shape[0], *carved.experts.shape)  # [T, R, m]
-    routed.mul_(gates[:, :, None].to(h.dtype))
+    routed.mul_(gates[:, :, None])
     return kept
 
 
@@ -200,19 +201,30 @@ def refit_down(
 
 
 def _refit_in_neuron_space(kept, gates, carved, target, ridge, prior) -> torch.Tensor:
-    """(K^T K + p I) W^T = K^T Y + p P^T. A routed expert's rows of K^T K need only the tokens that
-    select it (nonzero `gates`), and by symmetry only the columns from its own block on."""
-    neurons = kept.shape[1]
-    gram = torch.empty(neurons, neurons, dtype=torch.float64)  # [I, I]
+    """(K^T K + p I) W^T = K^T Y + p P^T. K is zero wherever an expert is not selected, so a routed
+    expert's blocks of K^T K need only the tokens that select it, and its block against another
+    routed expert only the tokens that select both (none at A = 1)."""
+    neurons, shared, m = kept.shape[1], carved.shared.numel(), carved.experts.shape[1]
+    gram = torch.zeros(neurons, neurons, dtype=torch.float64)  # [I, I], block order
     cross = torch.empty(target.shape[1], neurons, dtype=torch.float64).T  # [I, H], column-major for LAPACK
-    bounds = [0, *range(carved.shared.numel(), neurons + 1, carved.experts.shape[1])]  # block starts
-    for block, (start, stop) in enumerate(pairwise(bounds)):
-        tokens = slice(None) if block == 0 else gates[:, block - 1].nonzero().squeeze(1)
-        rows = kept[tokens, start:]  # [t, I - start]
-        upper = (rows[:, : stop - start].T @ rows).double()  # this block's rows, from its own columns on
-        gram[start:stop, start:] = upper
-        gram[stop:, start:stop] = upper[:, stop - start :].T
-        cross[start:stop] = (rows[:, : stop - start].T @ target[tokens]).double()
+    rows = kept[:, :shared]
+    gram[:shared, :shared] = rows.T @ rows
+    cross[:shared] = rows.T @ target
+    selected = gates > 0  # [T, R]
+    blocks = [slice(start, start + m) for start in range(shared, neurons, m)]
+    for j, own in enumerate(blocks):
+        tokens = selected[:, j].nonzero().squeeze(1)
+        rows = kept[tokens]  # [t, I]: the tokens that select expert j
+        block = rows[:, own]
+        gram[:shared, own] = rows[:, :shared].T @ block
+        gram[own, :shared] = gram[:shared, own].T
+        gram[own, own] = block.T @ block
+        cross[own] = block.T @ target[tokens]
+        for k in range(j + 1, len(blocks)):
+            both = selected[tokens, k].nonzero().squeeze(1)
+            if both.numel():
+                gram[own, blocks[k]] = block[both].T @ rows[both, blocks[k]]
+                gram[blocks[k], own] = gram[own, blocks[k]].T
     penalty = (ridge * gram.diagonal().mean()).item()
     gram.diagonal().add_(penalty)
     cross.add_(prior.T, alpha=penalty)

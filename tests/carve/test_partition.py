@@ -102,6 +102,13 @@ def test_refit_ridge_pulls_towards_the_source_not_towards_zero(tokens):
     assert layer.refit_ridge(0.01, neurons=1536, tokens=2048) == 0.01
 
 
+def test_skinny_product_sums_every_chunk():
+    torch.manual_seed(0)
+    a, b = torch.randn(10, 3), torch.randn(10, 5)
+    for chunk in (1, 3, 10, 64):  # chunks that divide T, that do not, and one chunk
+        torch.testing.assert_close(partition._skinny_product(a, b, chunk), a.T @ b)
+
+
 def test_balanced_assignment_refuses_bad_costs_and_starts():
     cost = np.random.default_rng(0).standard_normal((6, 3))
     with pytest.raises(ValueError, match="finite"):

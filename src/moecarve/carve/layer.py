@@ -85,8 +85,8 @@ def carve_ffn(
     """
     stats: dict = {}
     with timed(stats, "activations"):
-        # [T, I] kept in calib_dtype: its values are that dtype's, and each later pass over it
-        # converts only the columns it takes
+        # [T, I] kept in calib_dtype, whose values these are: each later pass converts only the
+        # columns or chunks it takes to float32
         h = activations(x.to(calib_dtype), w_gate.to(calib_dtype), w_up.to(calib_dtype))
         dense = linear(h, w_down, calib_dtype)
     with timed(stats, "partition"):

@@ -55,8 +55,9 @@ def partition_neurons(
         markers = top_k_markers(h, resolve_k(config.top_k_activation, h.shape[1]))
     if config.shared_score == "rate":
         score = markers.mean(0)
-    else:  # mean squared contribution (a column reduction of h itself is twice as slow here)
-        score = h.to(torch.float32, copy=True).square_().sum(0) / h.shape[0] * down_norms.square()
+    else:  # mean squared contribution, summed in float32 over chunks of tokens (no float32 copy of h)
+        squares = sum(chunk.to(torch.float32, copy=True).square_().sum(0) for chunk in h.split(2048))
+        score = squares / h.shape[0] * down_norms.square()
     order = torch.argsort(score, descending=True, stable=True)
     n_shared = config.shared * m
     shared, routed = order[:n_shared], order[n_shared:]  # routed: in decreasing score

@@ -135,6 +135,8 @@ def run_grid(args, env, peak) -> None:
             impls["moecarve_decode"] = kernel_call("decode")
             if batch <= 32:
                 impls["moecarve_decode_shared_after"] = kernel_call("decode", shared_fused=False)
+            if batch >= 4:
+                impls["moecarve_dense"] = kernel_call("dense")
             if batch >= 8:
                 impls["moecarve_grouped"] = kernel_call("grouped")
                 impls["torch_grouped_mm"] = kernel_call("torch")

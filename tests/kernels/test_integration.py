@@ -111,8 +111,9 @@ def test_unsupported_dtype_falls_back():
         (lambda a: {**a, "topk_weights": a["topk_weights"][:, :1]}, r"\[T, K\]"),
         (lambda a: {**a, "topk_indices": a["topk_indices"].float()}, "integer"),
         (lambda a: {**a, "shared_gate_proj": torch.randn(8, 16)}, "all three"),
+        (lambda a: {**a, "path": "fast"}, "unknown path 'fast'"),
     ],
-    ids=["hidden", "inter", "topk_shape", "idx_dtype", "partial_shared"],
+    ids=["hidden", "inter", "topk_shape", "idx_dtype", "partial_shared", "path"],
 )
 def test_bad_inputs_raise(mutate, match):
     x, idx, wts, w13, w2 = _inputs()

@@ -1,4 +1,4 @@
-"""moe_ffn kernels (decode and grouped paths) against the float32 PyTorch reference.
+"""moe_ffn kernels (decode, grouped and dense paths) against the float32 PyTorch reference.
 
 CPU cases run under TRITON_INTERPRET=1 with tiny shapes; the same table runs on CUDA with -m gpu,
 plus 7B-shaped cases. Letters: T tokens, H hidden, I expert intermediate, E routed experts,
@@ -81,7 +81,7 @@ def check(c: Case, dtype, device, path, **cfg):
 
 
 def small_configs(max_block_t: int = 64):
-    from moecarve.kernels.ops.moe_ffn import DecodeConfig, GroupedConfig
+    from moecarve.kernels.ops.moe_ffn import DecodeConfig, DenseConfig, GroupedConfig
 
     # blocks smaller than H and I so that both the unmasked main loops and the masked tails run
     return {
@@ -89,11 +89,18 @@ def small_configs(max_block_t: int = 64):
             block_i=16, block_h=32, block_n=16, block_k=32, max_block_t=max_block_t
         ),
         "grouped_config": GroupedConfig(block_m=16, block_n=16, block_k=32),
+        "dense_config": DenseConfig(block_m=16, block_n=16, block_k=16),
     }
 
 
-# decode: one token tile; decode-tiled: 16-token tiles, so T = 19 and 21 take two; grouped: sorted pairs
-PATHS = {"decode": ("decode", 64), "decode-tiled": ("decode", 16), "grouped": ("grouped", 64)}
+# decode: one token tile; decode-tiled: 16-token tiles, so T = 19 and 21 take two; grouped: sorted
+# pairs; dense: every expert on every token (16-token tiles: T = 19 and 21 take two)
+PATHS = {
+    "decode": ("decode", 64),
+    "decode-tiled": ("decode", 16),
+    "grouped": ("grouped", 64),
+    "dense": ("dense", 64),
+}
 
 
 # 16-token tiles change nothing for T <= 16: tiled runs only where T spans two tiles
@@ -111,9 +118,27 @@ def test_kernels_match_reference_interpreted(interp_device, case, path, dtype):
     check(case, dtype, interp_device, path[0], **small_configs(path[1]))
 
 
-@pytest.mark.parametrize("path", ["auto", "decode", "grouped"])
+@pytest.mark.parametrize("path", ["auto", "decode", "grouped", "dense"])
 def test_default_tiles_interpreted(interp_device, path):
     check(Case(3, 48, 24, 5, 2, 24), torch.float32, interp_device, path)
+
+
+def test_auto_takes_decode_until_nearly_every_expert_is_hit(interp_device, monkeypatch):
+    from moecarve.kernels import functional
+    from moecarve.kernels.ops import moe_ffn as ops
+
+    # S2A2E16 (14 routed, top-2): 8 tokens hit 71% of the experts, 16 tokens 92%
+    assert functional.auto_path(1, 2, 14) == functional.auto_path(8, 2, 14) == "decode"
+    assert functional.auto_path(16, 2, 14) == functional.auto_path(4096, 2, 14) == "dense"
+    assert functional.auto_path(1, 3, 5) == "decode" and functional.auto_path(3, 3, 5) == "dense"
+    assert functional.auto_path(64, 1, 1000) == "decode" and functional.auto_path(65, 1, 1000) == "dense"
+    taken = []
+    for name in ("moe_ffn_decode", "moe_ffn_dense"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, real=real, name=name: taken.append(name) or real(*a))
+    for T in (2, 40):  # E = 4, K = 2: 2 tokens hit 75% of the experts, 40 tokens all of them
+        check(Case(T, 48, 24, 4, 2, 24), torch.float32, interp_device, "auto")
+    assert taken == ["moe_ffn_decode", "moe_ffn_dense"]
 
 
 @pytest.mark.gpu
@@ -136,7 +161,7 @@ def test_kernels_match_reference_cuda(cuda_device, case, path, dtype):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("T", [1, 2, 5, 16, 32, 33, 64, 256])
-@pytest.mark.parametrize("path", ["auto", "decode", "grouped", "torch"])
+@pytest.mark.parametrize("path", ["auto", "decode", "grouped", "dense", "torch"])
 def test_7b_shapes_cuda(cuda_device, T, path):
     """S2A2E16 at hidden 4096 / intermediate 11008: E = 14 routed of I = 688, SI = 1376."""
     check(Case(T, 4096, 688, 14, 2, 1376), torch.bfloat16, cuda_device, path)

@@ -3,17 +3,19 @@
 Paths (`path=`):
 - "decode": Triton kernels that read only the hit experts' rows (ops/moe_ffn.py), for few tokens;
 - "grouped": Triton grouped GEMM over expert-sorted, block-padded tokens, for more tokens;
+- "dense": every expert on every token (a dense FFN's work: cuBLAS for gate+up, one Triton GEMM
+  for down), for batches that hit nearly every expert;
 - "torch": PyTorch's grouped_mm over expert-sorted tokens (cuBLAS/CUTLASS), shared via cuBLAS;
 - "reference": the float32 PyTorch reference (ops/reference.py);
-- "auto": by token count (the thresholds below come from results/kernels/, see docs/kernels.md);
-  falls back to "reference" with a one-time warning where Triton cannot run.
+- "auto": decode while the batch is expected to leave some experts unhit, else dense (see
+  `auto_path`); falls back to "reference" with a one-time warning where Triton cannot run.
 
 Shapes that do not fit raise ValueError; nothing is silently computed on mismatched weights.
 """
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -21,13 +23,16 @@ import torch.nn.functional as F
 from ._env import triton_available, triton_interpreting, warn_once
 from .ops.reference import moe_ffn_reference
 
-Path = Literal["auto", "decode", "grouped", "torch", "reference"]
+Path = Literal["auto", "decode", "grouped", "dense", "torch", "reference"]
 
-# Token counts at or below which "auto" takes the decode kernels, then the grouped Triton GEMM up to
-# GROUPED_MAX_TOKENS, then PyTorch's grouped_mm. From the H100 runs in results/kernels/ (see
-# docs/kernels.md): decode won at 64 tokens in 3 of 4 configs, grouped won at 256 in all 4.
+# "auto" takes the decode kernels for at most DECODE_MAX_TOKENS tokens while the expected fraction of
+# routed experts a batch hits, 1 - (1 - K/E)^T for uniform routing, stays below DENSE_HIT_FRACTION;
+# otherwise the dense-equivalent path. From the H100 runs in results/kernels/ (docs/kernels.md):
+# at S2A2E16 decode beat the dense FFN at 8 tokens (71% of the experts hit) and lost to it at 16
+# (92%), and the grouped path lost to it by 1.8x at 256 tokens in every config. The dense path's own
+# GPU timings are still to be measured.
 DECODE_MAX_TOKENS = 64
-GROUPED_MAX_TOKENS = 1 << 30
+DENSE_HIT_FRACTION = 0.9
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -99,6 +104,7 @@ def moe_ffn(
     path: Path = "auto",
     decode_config=None,
     grouped_config=None,
+    dense_config=None,
 ) -> torch.Tensor:
     """Routed experts weighted by their gates, plus the shared expert, for T tokens; returns [T, H].
 
@@ -106,6 +112,8 @@ def moe_ffn(
     Explicit Triton paths raise RuntimeError where they cannot run; "auto" then warns once and
     uses the reference.
     """
+    if path not in get_args(Path):
+        raise ValueError(f"unknown path {path!r}; one of {', '.join(get_args(Path))}")
     shared_parts = (shared_gate_proj, shared_up_proj, shared_down_proj)
     if any(p is None for p in shared_parts) and any(p is not None for p in shared_parts):
         raise ValueError("pass all three shared expert weights (gate, up, down) or none")
@@ -128,16 +136,24 @@ def moe_ffn(
     from .ops import moe_ffn as ops  # imports triton: only here, on first use
 
     x = hidden_states.contiguous()
-    T = x.shape[0]
-    if path == "decode" or (path == "auto" and T <= DECODE_MAX_TOKENS):
+    if path == "auto":
+        path = auto_path(x.shape[0], topk_indices.shape[1], gate_up_proj.shape[0])
+    if path == "decode":
         return ops.moe_ffn_decode(
             x, topk_indices, topk_weights, gate_up_proj, down_proj, shared, decode_config
         )
-    if path == "grouped" or T <= GROUPED_MAX_TOKENS or x.device.type != "cuda":
+    if path == "grouped":
         return ops.moe_ffn_grouped(
             x, topk_indices, topk_weights, gate_up_proj, down_proj, shared, grouped_config
         )
-    return moe_ffn_torch(x, topk_indices, topk_weights, gate_up_proj, down_proj, shared)
+    return ops.moe_ffn_dense(x, topk_indices, topk_weights, gate_up_proj, down_proj, shared, dense_config)
+
+
+def auto_path(tokens: int, active: int, experts: int) -> str:
+    """ "decode" while a batch of `tokens` is expected to leave experts unhit, else "dense". From the
+    shapes alone (no host sync): the expected fraction of experts hit under uniform routing."""
+    hit = 1.0 - (1.0 - min(active, experts) / experts) ** tokens
+    return "decode" if tokens <= DECODE_MAX_TOKENS and hit < DENSE_HIT_FRACTION else "dense"
 
 
 def moe_ffn_torch(

@@ -10,8 +10,12 @@ Two paths, both two launches (gate+up with SiLU(gate)*up, then down):
 - grouped (more tokens): (token, expert) pairs sorted and padded per expert to BLOCK_M rows,
   one grouped GEMM per projection over the blocks (as vLLM's fused_moe); the shared expert goes
   through cuBLAS, which is best at those sizes.
+- dense (batches that hit nearly every expert): every expert on every token, a dense FFN's work
+  and bytes: gate+up of all experts as one cuBLAS GEMM on the [E*2I, H] view of gate_up_proj,
+  then one Triton GEMM for down whose operand load applies SiLU(gate)*up*gate weight, so no
+  [T, E*I] activation is written; the shared expert's down runs in the same kernel.
 
-Neither path syncs with the host, so both can be captured in a CUDA graph.
+No path syncs with the host, so each can be captured in a CUDA graph.
 
 Letters: T tokens, H hidden, E routed experts, K active per token, I intermediate size of an
 expert, SI of the shared expert(s), P = T*K (token, expert) pairs.
@@ -42,6 +46,17 @@ class DecodeConfig:
     stages: int = 4
     max_block_t: int = 64  # tokens per tile: more tokens run as several tiles (grid axis 1)
     use_dot: bool | None = True  # tensor-core dot (False: FMA reductions; None: dot when T > 4)
+
+
+@dataclass(frozen=True)
+class DenseConfig:
+    """Tile sizes of the dense-equivalent down kernel (not yet swept on a GPU)."""
+
+    block_m: int = 64  # tokens per program (at most; fewer tokens take the next power of two >= 16)
+    block_n: int = 64
+    block_k: int = 64
+    warps: int = 4
+    stages: int = 3
 
 
 # Decode tiles by token count: the entry with the smallest key >= T (H100 sweep, results/kernels/tune.jsonl).
@@ -352,6 +367,58 @@ def _grouped_down_kernel(
         tl.store(out, acc * gate[:, None], mask=row_mask[:, None] & n_mask[None, :])
 
 
+# ----------------------------------------------------------------------------- dense-equivalent kernel
+
+
+@triton.jit
+def _dense_down_kernel(
+    gu_ptr, gates_ptr, w2_ptr, hs_ptr, sd_ptr, out_ptr,
+    T, H, I, SI, E,  # noqa: E741
+    stride_gut, stride_gt, stride_we, stride_wr, stride_hst, stride_sd, stride_ot,
+    HAS_SHARED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    PREC: tl.constexpr,
+):  # fmt: skip
+    """out[t, n] = sum_e gate[t, e] * (SiLU(g_e[t]) * u_e[t]) @ down_e[n] + h_shared[t] @ shared_down[n].
+
+    gu [T, E*2I] holds each expert's gate then up outputs; gates [T, E] float32 (0: not selected).
+    program_id(0): tile of BLOCK_M tokens; program_id(1): block of BLOCK_N outputs (consecutive
+    programs share the weight tiles). An expert no token of the tile selected is skipped.
+    """
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_mask = rows < T
+    offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < H
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    gu_row = gu_ptr + rows[:, None].to(tl.int64) * stride_gut
+    w_e = w2_ptr  # advanced by one expert per iteration: 64-bit pointer math
+    for e in range(0, E):
+        gate = tl.load(gates_ptr + rows * stride_gt + e, mask=row_mask, other=0.0)  # [BM] float32
+        if tl.max(tl.abs(gate), axis=0) > 0:
+            g_ptrs = gu_row + e * 2 * I
+            for k0 in range(0, I, BLOCK_K):
+                k = k0 + offs_k
+                k_mask = k < I
+                a_mask = row_mask[:, None] & k_mask[None, :]
+                g = tl.load(g_ptrs + k[None, :], mask=a_mask, other=0.0).to(tl.float32)
+                u = tl.load(g_ptrs + I + k[None, :], mask=a_mask, other=0.0).to(tl.float32)
+                a = (g * tl.sigmoid(g) * u * gate[:, None]).to(w2_ptr.dtype.element_ty)
+                w = tl.load(
+                    w_e + _w_offsets(offs_n, k, stride_wr, True),
+                    mask=k_mask[:, None] & n_mask[None, :],
+                    other=0.0,
+                )
+                acc = _mma(acc, a, w, True, PREC)
+        w_e += stride_we
+    if HAS_SHARED:
+        acc += _down(
+            hs_ptr, rows, row_mask, stride_hst, SI, sd_ptr, stride_sd, offs_n, n_mask,
+            BLOCK_M, BLOCK_N, BLOCK_K, True, PREC,
+        )  # fmt: skip
+    out = out_ptr + rows[:, None].to(tl.int64) * stride_ot + offs_n[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
+
+
 # ----------------------------------------------------------------------------- host functions
 
 
@@ -489,3 +556,43 @@ def moe_ffn_grouped(
         sg, su, sd = shared
         out += F.linear(F.silu(F.linear(x, sg)) * F.linear(x, su), sd).float()
     return out.to(x.dtype)
+
+
+def moe_ffn_dense(
+    x: torch.Tensor,
+    topk_indices: torch.Tensor,
+    topk_weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    config: DenseConfig | None = None,
+) -> torch.Tensor:
+    """Dense-equivalent path: every expert on every token, the work and weight bytes of the dense
+    FFN the model was carved from, for batches that hit nearly every expert anyway (where reading
+    only the hit experts saves little and costs per-expert overhead). Two launches, no host sync."""
+    cfg = config or DenseConfig()
+    T, H = x.shape
+    E, two_i, _ = gate_up_proj.shape
+    I = two_i // 2  # noqa: E741
+    gu = F.linear(x, gate_up_proj.view(E * two_i, H))  # [T, E*2I]: gate then up of each expert
+    valid = (topk_indices >= 0) & (topk_indices < E)  # expert-parallel sentinels contribute nothing
+    gates = torch.zeros(T, E, device=x.device, dtype=torch.float32).scatter_add_(
+        1, torch.where(valid, topk_indices, 0).long(), torch.where(valid, topk_weights.float(), 0.0)
+    )
+    if shared is not None:
+        sg, su, sd = shared
+        hs = F.silu(F.linear(x, sg)) * F.linear(x, su)  # [T, SI], rounded as eager rounds it
+    else:
+        hs, sd = gu, down_proj  # unused
+    SI = hs.shape[1] if shared is not None else 0
+    out = torch.empty(T, H, device=x.device, dtype=x.dtype)
+    block_m = min(cfg.block_m, max(16, triton.next_power_of_2(T)))
+    _dense_down_kernel[(triton.cdiv(T, block_m), triton.cdiv(H, cfg.block_n))](
+        gu, gates, down_proj, hs, sd, out,
+        T, H, I, SI, E,
+        gu.stride(0), gates.stride(0), down_proj.stride(0), down_proj.stride(1), hs.stride(0), sd.stride(0),
+        out.stride(0),
+        HAS_SHARED=shared is not None, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
+        PREC=_prec(gate_up_proj.dtype), num_warps=cfg.warps, num_stages=cfg.stages,
+    )  # fmt: skip
+    return out

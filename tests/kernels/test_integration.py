@@ -112,8 +112,12 @@ def test_unsupported_dtype_falls_back():
         (lambda a: {**a, "topk_indices": a["topk_indices"].float()}, "integer"),
         (lambda a: {**a, "shared_gate_proj": torch.randn(8, 16)}, "all three"),
         (lambda a: {**a, "path": "fast"}, "unknown path 'fast'"),
+        (
+            lambda a: {**a, "gate_up_proj": a["gate_up_proj"][:0], "down_proj": a["down_proj"][:0]},
+            "no expert",
+        ),
     ],
-    ids=["hidden", "inter", "topk_shape", "idx_dtype", "partial_shared", "path"],
+    ids=["hidden", "inter", "topk_shape", "idx_dtype", "partial_shared", "path", "no_experts"],
 )
 def test_bad_inputs_raise(mutate, match):
     x, idx, wts, w13, w2 = _inputs()

@@ -21,7 +21,7 @@ class Case:
     E: int
     K: int
     SI: int
-    route: str = "random"  # random | one_expert | skip_last | sentinel
+    route: str = "random"  # random | one_expert | skip_last | sentinel | duplicate
 
 
 CASES = {
@@ -32,7 +32,8 @@ CASES = {
     "E_prime": Case(9, 64, 32, 7, 2, 32),  # prime expert count
     "H_odd": Case(3, 48, 24, 5, 2, 40),  # hidden not a power of two; I and SI not multiples of 16
     "one_expert": Case(21, 64, 32, 5, 1, 0, "one_expert"),  # all tokens to expert 0, no shared
-    "empty_expert": Case(7, 64, 32, 6, 2, 32, "skip_last"),  # the last expert gets no token
+    "empty_expert": Case(7, 64, 32, 6, 2, 32, "skip_last"),  # the last expert: no token, inf weights
+    "duplicate": Case(6, 64, 32, 5, 2, 32, "duplicate"),  # a token picks one expert twice: both count
     "sentinel": Case(4, 64, 32, 5, 2, 32, "sentinel"),  # index E (expert-parallel sentinel) is dropped
 }
 TOL = {torch.float32: 2e-5, torch.bfloat16: 1.5e-2}  # relative Frobenius error against float32
@@ -53,6 +54,10 @@ def make_inputs(c: Case, dtype: torch.dtype, device: str, seed: int = 0):
         idx.zero_()
     if c.route == "sentinel":
         idx[0, 0] = c.E
+    if c.route == "duplicate":
+        idx[:, 1] = idx[:, 0]
+    if c.route == "skip_last":  # an expert no token picked must not be computed into the output
+        w13[-1] = float("inf")
     wts = torch.rand(c.T, c.K, generator=g) + 0.1
     if not c.SI:
         return x, idx.to(device), wts.to(device), w13, w2, [None, None, None]
@@ -130,6 +135,8 @@ def test_auto_takes_decode_until_nearly_every_expert_is_hit(interp_device, monke
     # S2A2E16 (14 routed, top-2): 8 tokens hit 71% of the experts, 16 tokens 92%
     assert functional.auto_path(1, 2, 14) == functional.auto_path(8, 2, 14) == "decode"
     assert functional.auto_path(16, 2, 14) == functional.auto_path(4096, 2, 14) == "dense"
+    assert functional.auto_path(8, 4, 30) == "decode" and functional.auto_path(16, 4, 30) == "dense"
+    assert functional.auto_path(1, 8, 8) == "dense"  # K >= E: every expert is hit at once
     assert functional.auto_path(1, 3, 5) == "decode" and functional.auto_path(3, 3, 5) == "dense"
     assert functional.auto_path(64, 1, 1000) == "decode" and functional.auto_path(65, 1, 1000) == "dense"
     taken = []

@@ -213,17 +213,16 @@ def _refit_in_neuron_space(kept, gates, carved, target, ridge, prior) -> torch.T
     selected = gates > 0  # [T, R]
     blocks = [slice(start, start + m) for start in range(shared, neurons, m)]
     for j, own in enumerate(blocks):
-        tokens = selected[:, j].nonzero().squeeze(1)
-        rows = kept[tokens]  # [t, I]: the tokens that select expert j
-        block = rows[:, own]
-        gram[:shared, own] = rows[:, :shared].T @ block
+        tokens = selected[:, j].nonzero().squeeze(1)  # the tokens that select expert j
+        block = kept[tokens, own]  # [t, m]; only the columns each product needs are gathered
+        gram[:shared, own] = kept[tokens, :shared].T @ block
         gram[own, :shared] = gram[:shared, own].T
         gram[own, own] = block.T @ block
         cross[own] = block.T @ target[tokens]
         for k in range(j + 1, len(blocks)):
             both = selected[tokens, k].nonzero().squeeze(1)
             if both.numel():
-                gram[own, blocks[k]] = block[both].T @ rows[both, blocks[k]]
+                gram[own, blocks[k]] = block[both].T @ kept[tokens[both], blocks[k]]
                 gram[blocks[k], own] = gram[own, blocks[k]].T
     penalty = (ridge * gram.diagonal().mean()).item()
     gram.diagonal().add_(penalty)

@@ -31,6 +31,7 @@ import triton
 import triton.language as tl
 
 from .._env import triton_interpreting
+from .reference import routing_matrix
 
 
 @dataclass(frozen=True)
@@ -402,7 +403,9 @@ def _dense_down_kernel(
                 a_mask = row_mask[:, None] & k_mask[None, :]
                 g = tl.load(g_ptrs + k[None, :], mask=a_mask, other=0.0).to(tl.float32)
                 u = tl.load(g_ptrs + I + k[None, :], mask=a_mask, other=0.0).to(tl.float32)
-                a = (g * tl.sigmoid(g) * u * gate[:, None]).to(w2_ptr.dtype.element_ty)
+                # select, never multiply by a 0 gate: an unpicked expert's inf would give NaN
+                a = tl.where(gate[:, None] != 0, g * tl.sigmoid(g) * u * gate[:, None], 0.0)
+                a = a.to(w2_ptr.dtype.element_ty)
                 w = tl.load(
                     w_e + _w_offsets(offs_n, k, stride_wr, True),
                     mask=k_mask[:, None] & n_mask[None, :],
@@ -574,11 +577,9 @@ def moe_ffn_dense(
     T, H = x.shape
     E, two_i, _ = gate_up_proj.shape
     I = two_i // 2  # noqa: E741
-    gu = F.linear(x, gate_up_proj.view(E * two_i, H))  # [T, E*2I]: gate then up of each expert
-    valid = (topk_indices >= 0) & (topk_indices < E)  # expert-parallel sentinels contribute nothing
-    gates = torch.zeros(T, E, device=x.device, dtype=torch.float32).scatter_add_(
-        1, torch.where(valid, topk_indices, 0).long(), torch.where(valid, topk_weights.float(), 0.0)
-    )
+    # [T, E*2I]: gate then up of each expert (cuBLAS; float32 follows torch's TF32 setting)
+    gu = F.linear(x, gate_up_proj.view(E * two_i, H))
+    gates = routing_matrix(topk_indices, topk_weights, E)  # [T, E] float32, sentinels dropped
     if shared is not None:
         sg, su, sd = shared
         hs = F.silu(F.linear(x, sg)) * F.linear(x, su)  # [T, SI], rounded as eager rounds it
@@ -587,12 +588,14 @@ def moe_ffn_dense(
     SI = hs.shape[1] if shared is not None else 0
     out = torch.empty(T, H, device=x.device, dtype=x.dtype)
     block_m = min(cfg.block_m, max(16, triton.next_power_of_2(T)))
+    per_stage = (2 * block_m * cfg.block_k + cfg.block_k * cfg.block_n) * gate_up_proj.element_size()
+    stages = max(1, min(cfg.stages, 160 * 1024 // per_stage))  # shared memory: gate, up and down tiles
     _dense_down_kernel[(triton.cdiv(T, block_m), triton.cdiv(H, cfg.block_n))](
         gu, gates, down_proj, hs, sd, out,
         T, H, I, SI, E,
         gu.stride(0), gates.stride(0), down_proj.stride(0), down_proj.stride(1), hs.stride(0), sd.stride(0),
         out.stride(0),
         HAS_SHARED=shared is not None, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        PREC=_prec(gate_up_proj.dtype), num_warps=cfg.warps, num_stages=cfg.stages,
+        PREC=_prec(gate_up_proj.dtype), num_warps=cfg.warps, num_stages=stages,
     )  # fmt: skip
     return out

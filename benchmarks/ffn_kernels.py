@@ -192,8 +192,8 @@ def run_grid(args, env, peak) -> None:
 
 
 def run_tune(args, env):
-    """Sweep decode and grouped tile sizes at the first intermediate/config; rows per (kernel, T, tiles)."""
-    from moecarve.kernels.ops.moe_ffn import DecodeConfig, GroupedConfig
+    """Sweep decode, grouped and dense tile sizes at the first intermediate/config; rows per (kernel, T, tiles)."""
+    from moecarve.kernels.ops.moe_ffn import DecodeConfig, DenseConfig, GroupedConfig
 
     dtype = getattr(torch, args.dtype)
     inter = args.intermediate[0]
@@ -208,7 +208,7 @@ def run_tune(args, env):
         for _ in range(rot.n):
             idx = torch.rand(batch, n - s, device="cuda").topk(a, dim=-1).indices
             routes.append((idx, torch.rand(batch, a, device="cuda")))
-        kw = {"decode_config": cfg} if path == "decode" else {"grouped_config": cfg}
+        kw = {f"{path}_config": cfg}
 
         def call():
             j = rot()
@@ -248,6 +248,14 @@ def run_tune(args, env):
             if t is not None and t < best[0]:
                 best = (t, cfg)
         print(f"BEST grouped B={batch}: {best[1]} {best[0]:.1f} us", flush=True)
+    for batch in [b for b in args.batches if b >= 16]:
+        best = (math.inf, None)
+        for bm, bn, bk, w in itertools.product([32, 64], [64, 128], [64, 128], [4, 8]):
+            cfg = DenseConfig(block_m=bm, block_n=bn, block_k=bk, warps=w)
+            t = measure(batch, "dense", cfg)
+            if t is not None and t < best[0]:
+                best = (t, cfg)
+        print(f"BEST dense B={batch}: {best[1]} {best[0]:.1f} us", flush=True)
     return rows
 
 

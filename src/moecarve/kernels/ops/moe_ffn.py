@@ -1,6 +1,6 @@
 """Triton kernels for the MoE FFN forward (routed gated-SiLU experts + shared expert).
 
-Two paths, both two launches (gate+up with SiLU(gate)*up, then down):
+Three paths, each a gate+up step (with SiLU(gate)*up) and a down step:
 
 - decode (few tokens): one program per (expert, block of I rows). A program whose expert no
   token picked exits at once, so only the selected experts' rows are read; a program that runs

@@ -142,7 +142,7 @@ def main() -> None:
         "--calib-tokens",
         type=int,
         default=8 * 2048,
-        help="calibration tokens from the stream's start (the reference had 8 x 2048); never the scored ones",
+        help="calibration tokens, from --calib-offset on (the reference had 8 x 2048); never the scored ones",
     )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON", help="CarveConfig override")
     parser.add_argument("--out", default="results/carve/bundled.json")

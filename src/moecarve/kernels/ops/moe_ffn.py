@@ -585,9 +585,9 @@ def moe_ffn_dense(
     if shared is not None:
         sg, su, sd = shared
         hs = F.silu(F.linear(x, sg)) * F.linear(x, su)  # [T, SI], rounded as eager rounds it
+        SI = hs.shape[1]
     else:
-        hs, sd = gu, down_proj  # unused
-    SI = hs.shape[1] if shared is not None else 0
+        hs, sd, SI = gu, down_proj, 0  # placeholders: the kernel reads them only with HAS_SHARED
     out = torch.empty(T, H, device=x.device, dtype=x.dtype)
     block_m = min(cfg.block_m, max(16, triton.next_power_of_2(T)))
     per_stage = (2 * block_m * cfg.block_k + cfg.block_k * cfg.block_n) * gate_up_proj.element_size()

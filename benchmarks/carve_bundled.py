@@ -41,6 +41,22 @@ def parse(name: str) -> dict:
     return {"shared": s, "active": a, "experts": e}
 
 
+def source_commit() -> str:
+    """The repository's commit, marked "+changes" when the working tree differs from it."""
+    import subprocess
+
+    def git(*args):
+        return subprocess.run(
+            ["git", *args], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1]
+        )
+
+    head = git("rev-parse", "--short", "HEAD")
+    if head.returncode:
+        return "unknown"
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "src", "benchmarks").stdout.strip()
+    return head.stdout.strip() + ("+changes" if dirty else "")
+
+
 def calibration_file(directory: Path, tokens: int, scored: int = 16 * 2048, offset: int = 0) -> Path:
     """The protocol stream's first `tokens` tokens as text, as the reference was given them (from
     token `offset` on: the same kind of text, other samples of it)."""
@@ -181,6 +197,7 @@ def main() -> None:
             "transformers": transformers.__version__,
             "python": sys.version.split()[0],
         },
+        "commit": source_commit(),
         "rows": rows,
     }
     with tempfile.TemporaryDirectory() as tmp:

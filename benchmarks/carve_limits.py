@@ -81,7 +81,9 @@ def kept_fractions(layer: dict[str, torch.Tensor], name: str, seed: int = 0) -> 
         routed = energy[:, part.experts.flatten()]  # [t, R*m], expert by expert
         total = routed.sum()
         per_expert = routed.view(-1, R, m).sum(-1)  # [t, R]
-        useful = usefulness(h[:split], w_down, part.experts)  # what the carve fits its router to
+        useful = usefulness(
+            h[:split, part.experts], w_down[:, part.experts]
+        )  # what the carve fits its router to
         router = train.fit(useful)  # on all of the first 7/8, as the carve's final router fit
         fitted = top_experts(x[split:] @ router.weight.T + router.bias, A)
         shuffled = torch.randperm(R * m, generator=torch.Generator().manual_seed(seed))

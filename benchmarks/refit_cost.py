@@ -42,7 +42,7 @@ def main() -> None:
     w_down = torch.randn(args.hidden, args.neurons) / args.neurons**0.5
     carved = CarvedFFN(None, None, w_down, shared, experts, None, None, args.active, {})
     h = torch.randn(args.tokens, args.neurons)
-    kept = kept_activations(h, gates, carved)
+    kept = kept_activations(h[:, carved.neuron_order], gates, carved)
     del h
     target = torch.randn(args.tokens, args.hidden)
     ridge = refit_ridge("auto", args.neurons, args.tokens)

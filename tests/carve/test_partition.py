@@ -69,7 +69,7 @@ def test_refit_uses_only_selecting_tokens_and_matches_the_dense_normal_equations
         None, None, torch.zeros(hidden, neurons), shared, experts, None, None, active, {}
     )
     h = torch.randn(tokens, neurons)
-    kept = layer.kept_activations(h, gates, carved)  # block order: shared, then each expert's neurons
+    kept = layer.kept_activations(h[:, carved.neuron_order], gates, carved)  # shared, then each expert's
     assert torch.equal(kept[:, :m], h[:, shared])
     torch.testing.assert_close(kept[:, m : 2 * m], h[:, experts[0]] * gates[:, :1])
     assert torch.all(kept[:, m : 2 * m][gates[:, 0] == 0] == 0)  # unselected experts feed nothing
@@ -93,7 +93,7 @@ def test_refit_ridge_pulls_towards_the_source_not_towards_zero(tokens):
     gates = torch.zeros(tokens, 3).scatter_(1, torch.randint(0, 3, (tokens, 1)), 1.0)
     carved = layer.CarvedFFN(None, None, None, shared, experts, None, None, 1, {})
     h, source = torch.randn(tokens, 4 * m), torch.randn(hidden, 4 * m)
-    kept = layer.kept_activations(h, gates, carved)
+    kept = layer.kept_activations(h[:, carved.neuron_order], gates, carved)
     target = torch.randn(tokens, hidden)
     torch.testing.assert_close(
         layer.refit_down(kept, gates, carved, target, 1e6, source), source, atol=1e-4, rtol=0
@@ -210,7 +210,7 @@ def test_usefulness_is_the_error_drop_of_adding_each_expert_alone():
     r = outputs.sum(1, keepdim=True)  # what the routed experts give together
     expected = (r.square() - (r - outputs).square()).sum(-1)  # ||r||^2 - ||r - o_j||^2
     torch.testing.assert_close(
-        router.usefulness(h, w_down, experts, chunk=128), expected, rtol=1e-4, atol=1e-3
+        router.usefulness(h[:, experts], w_down[:, experts], chunk=128), expected, rtol=1e-4, atol=1e-3
     )
 
 

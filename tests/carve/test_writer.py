@@ -10,8 +10,15 @@ from safetensors import safe_open
 writer = importlib.import_module("moecarve.carve.writer")
 
 
-@pytest.mark.parametrize("kernel_copy", [True, False])  # os.sendfile (Linux) or chunked copies
-def test_shards_read_back_exactly_and_respect_the_size_cap(tmp_path, monkeypatch, kernel_copy):
+@pytest.mark.parametrize(
+    ("header_room", "kernel_copy"),
+    [
+        (writer.HEADER_ROOM, True),  # every header fits the room left before the data
+        (64, True),  # no header fits: the data is copied behind it, by os.sendfile (Linux)
+        (64, False),  # or in chunks
+    ],
+)
+def test_shards_read_back_exactly_and_respect_the_size_cap(tmp_path, monkeypatch, header_room, kernel_copy):
     monkeypatch.setattr(writer, "KERNEL_COPY", kernel_copy and writer.KERNEL_COPY)
     torch.manual_seed(0)
     tensors = {
@@ -23,7 +30,7 @@ def test_shards_read_back_exactly_and_respect_the_size_cap(tmp_path, monkeypatch
         "bool": torch.rand(7) > 0.5,
         "strided_view": torch.randn(10, 10)[:, 2],
     }
-    shards = writer.ShardWriter(tmp_path, max_bytes=1000)
+    shards = writer.ShardWriter(tmp_path, max_bytes=1000, header_room=header_room)
     shards.add(dict(list(tensors.items())[:3]))
     shards.add(dict(list(tensors.items())[3:]))
     shards.close()

@@ -92,6 +92,10 @@ def carve_ffn(
     with timed(stats, "partition"):
         inputs = routing.RidgeInputs(x, x.shape[0] - x.shape[0] // HELD_OUT, config.router_ridge)
         part = partition_neurons(h, w_down.norm(dim=0), config, m, inputs)
+        # [T, I] the activations in block order (the shared neurons, then each routed expert's):
+        # one gather serves the router's fit, the carved forward and the refit
+        blocks = h.index_select(1, torch.cat([part.shared, part.experts.flatten()]))
+        del h
     stats["cluster_iterations"], stats["refine_iterations"] = part.iterations, part.refine_iterations
     R, A = config.routed, config.active
     if A == R:  # every routed expert is selected: zero router, gates exactly 1, the dense FFN exactly
@@ -99,20 +103,21 @@ def carve_ffn(
     else:
         with timed(stats, "router"):
             weight, bias = _fit_router(
-                x, inputs, h, w_gate, w_up, w_down, part, config, dtype, stats, calib_dtype
+                x, inputs, blocks, w_gate, w_up, w_down, part, config, dtype, stats, calib_dtype
             )
     del inputs  # two [T, H] copies of x, not needed by the refit
     carved = CarvedFFN(w_gate, w_up, w_down, part.shared, part.experts, weight, bias.float(), A, stats)
     with timed(stats, "forward"):  # glm4_moe's forward: shared + gated sum of the top-A routed experts
         gates = carved.routing(x)
-        kept = kept_activations(h, gates, carved)
+        kept = kept_activations(blocks, gates, carved)
+        del blocks
     if A < R:
         load = (gates > 0).sum(0).float()
         stats["load_imbalance"] = (load.max() / load.mean()).item()
         if config.refit_ridge is not None:
             with timed(stats, "refit"):
                 target = dense if target is None else target
-                ridge = refit_ridge(config.refit_ridge, neurons=h.shape[1], tokens=x.shape[0])
+                ridge = refit_ridge(config.refit_ridge, neurons=kept.shape[1], tokens=x.shape[0])
                 stats["refit_ridge"] = ridge
                 carved.w_down = refit_down(kept, gates, carved, target, ridge, w_down).to(w_down.dtype)
     with timed(stats, "forward"):
@@ -122,12 +127,13 @@ def carve_ffn(
 
 
 def _fit_router(
-    x, inputs, h, w_gate, w_up, w_down, part, config: CarveConfig, dtype, stats: dict, calib_dtype
+    x, inputs, blocks, w_gate, w_up, w_down, part, config: CarveConfig, dtype, stats: dict, calib_dtype
 ):
     """The linear router (weight [R, H], bias [R], as written) fitted to each expert's usefulness;
     records its agreement with the best experts, and CMoE's, on held-out tokens in `stats`."""
     R, A = config.routed, config.active
-    useful = routing.usefulness(h, w_down, part.experts, calib_dtype)  # [T, R]
+    routed = blocks[:, part.shared.numel() :].view(blocks.shape[0], *part.experts.shape)  # [T, R, m]
+    useful = routing.usefulness(routed, w_down[:, part.experts], calib_dtype)  # [T, R]
     split = inputs.split
     fitted = inputs.fit(useful[:split], "train")
     held_x, held_useful = x[split:], useful[split:]
@@ -154,12 +160,13 @@ def _relative_error(approx: torch.Tensor, exact: torch.Tensor) -> float:
     return ((approx - exact).norm() / exact.norm()).item()
 
 
-def kept_activations(h: torch.Tensor, gates: torch.Tensor, carved: CarvedFFN) -> torch.Tensor:
-    """[T, I] what each neuron feeds the down projection in the carved layer, in block order (the
-    shared neurons, then each routed expert's, `CarvedFFN.neuron_order`): h for shared neurons, h
-    times its expert's gate for routed ones (0 where the expert is not selected)."""
-    kept = h.index_select(1, carved.neuron_order).float()
-    routed = kept[:, carved.shared.numel() :].view(h.shape[0], *carved.experts.shape)  # [T, R, m]
+def kept_activations(blocks: torch.Tensor, gates: torch.Tensor, carved: CarvedFFN) -> torch.Tensor:
+    """[T, I] float32 what each neuron feeds the down projection in the carved layer, from its
+    activations `blocks` [T, I] in block order (the shared neurons, then each routed expert's,
+    `CarvedFFN.neuron_order`): the activation for shared neurons, times its expert's gate for routed
+    ones (0 where the expert is not selected)."""
+    kept = blocks.to(torch.float32, copy=True)
+    routed = kept[:, carved.shared.numel() :].view(kept.shape[0], *carved.experts.shape)  # [T, R, m]
     routed.mul_(gates[:, :, None])
     return kept
 

@@ -29,7 +29,7 @@ from moecarve.carve.target import glm4_moe_config
 from moecarve.carve.writer import ShardWriter, atomic_directory, check_output
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-SEQUENCES_PER_PASS = 2  # calibration sequences pushed through a layer at once
+TOKENS_PER_PASS = 4096  # calibration tokens pushed through a layer at once (whole sequences, at least one)
 
 
 @dataclass
@@ -168,9 +168,17 @@ def carve(
     calib_dtype = calibration_dtype(config.calib_dtype)
     position_embeddings = rotary(hidden[:1].to(calib_dtype), positions)
 
-    def run(layer, chunk):  # the stream is passed between layers in float32, run in calib_dtype
-        out = layer(chunk.to(calib_dtype), position_embeddings=position_embeddings, position_ids=positions)
-        return out.float()
+    per_pass = max(1, TOKENS_PER_PASS // config.calib_length)
+
+    def run(layer, stream):  # the stream is passed between layers in float32, run in calib_dtype
+        return torch.cat(
+            [
+                layer(
+                    chunk.to(calib_dtype), position_embeddings=position_embeddings, position_ids=positions
+                ).float()
+                for chunk in stream.split(per_pass)
+            ]
+        )
 
     stream = config.refit_ridge is not None and config.refit_target == "stream"
     # The residual streams between layers; only this dict holds them, so each layer's carve frees
@@ -253,11 +261,11 @@ def _carve_layer(index, skeleton, tensors, streams: dict, run, setup: _LayerSetu
     dense_hidden = streams.pop("dense")
     if dense_hidden is not None:  # the dense model's own residual stream after this layer
         with torch.no_grad(), timed(timing, "dense_stream"):
-            dense_hidden = torch.cat([run(layer, chunk) for chunk in dense_hidden.split(SEQUENCES_PER_PASS)])
+            dense_hidden = run(layer, dense_hidden)
     streams["dense"] = dense_hidden
     layer.mlp = capture
     with torch.no_grad(), timed(timing, "attention"):
-        residual = torch.cat([run(layer, chunk) for chunk in streams.pop("carved").split(SEQUENCES_PER_PASS)])
+        residual = run(layer, streams.pop("carved"))
     x = torch.cat(capture.inputs).flatten(0, 1).float()  # [T, H] FFN inputs
     del capture
     attention = setup.family.attention_tensors(setup.source_config)

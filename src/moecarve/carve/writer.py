@@ -71,22 +71,26 @@ SAFETENSORS_DTYPES = {
 }
 
 
+HEADER_ROOM = 256 * 1024  # bytes before a shard's data kept for its header: about 2,000 entries
+
+
 class ShardWriter:
     """Writes each tensor to disk as it is added, in safetensors shards of at most `max_bytes`
     (a tensor larger than that gets a shard of its own); names the shards at close.
 
     safetensors' own writer takes a whole shard at once, so the shard (512 MiB by default: all of a
-    small model) would wait in memory. Here a tensor's bytes go to the shard's data file at once,
-    and the finished shard is its header followed by that file, copied on disk.
+    small model) would wait in memory. Here a tensor's bytes go to the shard file at once, after
+    `header_room` bytes left for the header, which is written there at the end, padded with spaces
+    as the format allows. A header that does not fit gets a new file, the data copied behind it.
     """
 
-    def __init__(self, directory: Path, max_bytes: int):
-        self.directory, self.max_bytes = directory, max_bytes
+    def __init__(self, directory: Path, max_bytes: int, header_room: int = HEADER_ROOM):
+        self.directory, self.max_bytes, self.header_room = directory, max_bytes, header_room
         self.shards: list[list[str]] = []
         self.total_bytes = 0
         self._header: dict[str, dict] = {}  # the open shard's entries, in file order
-        self._data = None  # the open shard's data file
-        self._size = 0  # bytes written to it
+        self._file = None  # the open shard
+        self._size = 0  # data bytes written to it
         self._names: set[str] = set()  # every tensor written so far
 
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -100,9 +104,10 @@ class ShardWriter:
             size = tensor.numel() * tensor.element_size()
             if self._header and self._size + size > self.max_bytes:
                 self._finish_shard()
-            if self._data is None:
-                self._data = open(self._path("data"), "wb")  # noqa: SIM115 (closed in _finish_shard)
-            self._data.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+            if self._file is None:
+                self._file = open(self._path("tmp"), "wb")  # noqa: SIM115 (closed in _finish_shard)
+                self._file.seek(self.header_room)
+            self._file.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
             self._header[name] = {
                 "dtype": SAFETENSORS_DTYPES[tensor.dtype],
                 "shape": list(tensor.shape),
@@ -118,18 +123,25 @@ class ShardWriter:
     def _finish_shard(self) -> None:
         """The shard file: 8-byte little-endian header length, the JSON header (space-padded to a
         multiple of 8, as safetensors writes it), then the tensors' bytes."""
-        self._data.close()
         header = json.dumps(
             {"__metadata__": {"format": "pt"}, **self._header}, separators=(",", ":")
         ).encode()
-        header += b" " * (-len(header) % 8)
-        with open(self._path("tmp"), "wb") as shard, open(self._path("data"), "rb") as data:
-            shard.write(len(header).to_bytes(8, "little") + header)
-            shard.flush()
-            _append(data, shard)
-        self._path("data").unlink()
+        room = self.header_room - 8
+        if len(header) <= room:
+            self._file.seek(0)
+            self._file.write(room.to_bytes(8, "little") + header + b" " * (room - len(header)))
+            self._file.close()
+        else:
+            self._file.close()
+            header += b" " * (-len(header) % 8)
+            with open(self._path("moved"), "wb") as shard, open(self._path("tmp"), "rb") as data:
+                shard.write(len(header).to_bytes(8, "little") + header)
+                shard.flush()
+                data.seek(self.header_room)
+                _append(data, shard)
+            self._path("moved").replace(self._path("tmp"))
         self.shards.append(list(self._header))
-        self._header, self._data, self._size = {}, None, 0
+        self._header, self._file, self._size = {}, None, 0
 
     def close(self) -> None:
         """Write the last shard, give shards their HF names and write model.safetensors.index.json."""
@@ -151,7 +163,7 @@ KERNEL_COPY = sys.platform.startswith("linux")  # os.sendfile between two files
 
 
 def _append(source, destination) -> None:
-    """Copy file `source` to the end of `destination`, inside the kernel on Linux (os.sendfile): no
+    """Copy file `source` from its position on to the end of `destination`, inside the kernel on Linux (os.sendfile): no
     shard-sized buffers pass through the process's memory. Elsewhere (sendfile there is for
     sockets) in 16 MiB chunks."""
     if KERNEL_COPY:

@@ -50,10 +50,13 @@ def source_commit() -> str:
             ["git", *args], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1]
         )
 
-    head = git("rev-parse", "--short", "HEAD")
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--", "src", "benchmarks").stdout.strip()
+    except OSError:  # no git
+        return "unknown"
     if head.returncode:
         return "unknown"
-    dirty = git("status", "--porcelain", "--untracked-files=no", "--", "src", "benchmarks").stdout.strip()
     return head.stdout.strip() + ("+changes" if dirty else "")
 
 

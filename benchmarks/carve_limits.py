@@ -1,7 +1,8 @@
 """Where a carved FFN loses: how much of the routed neurons' output energy each choice keeps.
 
 On the bundled SmolLM2-135M, at sampled layers of the dense model (FFN inputs of the protocol
-stream's first 8 x 2048 tokens), for each configuration: our partition is made on the first 7/8
+stream's first 8 x 2048 tokens, in 2,048-token sequences as limits.json was made; the carve now
+calibrates in 512-token ones), for each configuration: our partition is made on the first 7/8
 of the tokens, and on the held-out last 1/8 it reports the fraction of the routed neurons' energy
 (sum over tokens of (h_i ||W_down[:, i]||)^2) kept by
 - the neuron oracle: each token's best A x m routed neurons, no experts (the per-token limit);

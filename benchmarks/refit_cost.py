@@ -41,9 +41,9 @@ def main() -> None:
     gates = torch.zeros(args.tokens, routed).scatter_(1, top, 1.0)
     w_down = torch.randn(args.hidden, args.neurons) / args.neurons**0.5
     carved = CarvedFFN(None, None, w_down, shared, experts, None, None, args.active, {})
-    h = torch.randn(args.tokens, args.neurons)
-    kept = kept_activations(h[:, carved.neuron_order], gates, carved)
-    del h
+    blocks = torch.randn(args.tokens, args.neurons)  # random activations, already in block order
+    kept = kept_activations(blocks, gates, carved)
+    del blocks
     target = torch.randn(args.tokens, args.hidden)
     ridge = refit_ridge("auto", args.neurons, args.tokens)
     before = peak_rss_gib()

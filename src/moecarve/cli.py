@@ -37,7 +37,13 @@ def _field_help(name: str) -> str:
 @click.option(
     "--calib-tokens", type=int, default=8 * 2048, show_default=True, help=_field_help("calib_tokens")
 )
-@click.option("--calib-length", type=int, default=512, show_default=True, help=_field_help("calib_length"))
+@click.option(
+    "--calib-length",
+    type=int,
+    default=CarveConfig.model_fields["calib_length"].default,
+    show_default=True,
+    help=_field_help("calib_length"),
+)
 @click.option("--out", "-o", default=None, help="output directory [default: ./<model>-S?A?E?]")
 @click.option("--overwrite", is_flag=True, help="replace a non-empty output directory")
 @click.option("--seed", type=int, default=0, show_default=True)

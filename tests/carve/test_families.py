@@ -158,3 +158,25 @@ def test_config_names_the_causal_lm_class(tiny_carved):
     """vLLM picks its model class from `architectures`; without it, it serves an embedding model."""
     config = json.loads((tiny_carved / "config.json").read_text())
     assert config["architectures"] == ["Glm4MoeForCausalLM"]
+
+
+@pytest.mark.parametrize("refit_target", ["layer", "stream"])  # stream: the dense stream passes too
+def test_passes_of_any_size_give_the_same_carve(refit_target, tiny_models, calib_file, tmp_path, monkeypatch):
+    """The calibration streams go through a layer a few sequences at a time; how many at once
+    must not change what is carved (8 sequences: one pass by default, four of two here)."""
+    import importlib
+
+    from safetensors.torch import load_file
+
+    pipeline = importlib.import_module("moecarve.carve.pipeline")
+    config = CarveConfig(experts=8, active=2, refit_target=refit_target, **TINY)
+    whole = carve(tiny_models["llama"], config, calib_file, tmp_path / "whole", progress=False).out
+    monkeypatch.setattr(pipeline, "TOKENS_PER_PASS", 2 * TINY["calib_length"])
+    passes = carve(tiny_models["llama"], config, calib_file, tmp_path / "passes", progress=False).out
+    a, b = (
+        load_file(whole / "model-00001-of-00001.safetensors"),
+        load_file(passes / "model-00001-of-00001.safetensors"),
+    )
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)

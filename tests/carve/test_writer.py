@@ -10,16 +10,23 @@ from safetensors import safe_open
 writer = importlib.import_module("moecarve.carve.writer")
 
 
+def _no_copy(source, destination):
+    raise AssertionError("a header that fits its room needs no copy")
+
+
 @pytest.mark.parametrize(
     ("header_room", "kernel_copy"),
     [
-        (writer.HEADER_ROOM, True),  # every header fits the room left before the data
+        (writer.HEADER_ROOM, None),  # every header fits the room left before the data: no copy
         (64, True),  # no header fits: the data is copied behind it, by os.sendfile (Linux)
         (64, False),  # or in chunks
     ],
 )
 def test_shards_read_back_exactly_and_respect_the_size_cap(tmp_path, monkeypatch, header_room, kernel_copy):
-    monkeypatch.setattr(writer, "KERNEL_COPY", kernel_copy and writer.KERNEL_COPY)
+    if kernel_copy is None:
+        monkeypatch.setattr(writer, "_append", _no_copy)
+    else:
+        monkeypatch.setattr(writer, "KERNEL_COPY", kernel_copy and writer.KERNEL_COPY)
     torch.manual_seed(0)
     tensors = {
         "float32": torch.randn(3, 5),
@@ -50,6 +57,16 @@ def test_shards_read_back_exactly_and_respect_the_size_cap(tmp_path, monkeypatch
             names = list(f.keys())
         data = sum(tensors[n].numel() * tensors[n].element_size() for n in names)
         assert data <= 1000 or len(names) == 1  # only a tensor over the cap gets a shard past it
+        header_length = int.from_bytes((tmp_path / file).read_bytes()[:8], "little")
+        if kernel_copy is None:  # the data starts right after the room
+            assert header_length == header_room - 8
+        else:
+            assert header_length % 8 == 0 and header_length < 1000
+
+
+def test_a_header_room_that_would_misalign_the_data_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="header_room must be a positive multiple of 8 bytes, got 100"):
+        writer.ShardWriter(tmp_path, 1000, header_room=100)
 
 
 def test_an_unwritable_dtype_and_a_repeated_name_are_refused_by_name(tmp_path):

@@ -85,6 +85,8 @@ class ShardWriter:
     """
 
     def __init__(self, directory: Path, max_bytes: int, header_room: int = HEADER_ROOM):
+        if header_room < 8 or header_room % 8:
+            raise ValueError(f"header_room must be a positive multiple of 8 bytes, got {header_room}")
         self.directory, self.max_bytes, self.header_room = directory, max_bytes, header_room
         self.shards: list[list[str]] = []
         self.total_bytes = 0
@@ -121,8 +123,9 @@ class ShardWriter:
         return self.directory / f"shard-{len(self.shards)}.{kind}"
 
     def _finish_shard(self) -> None:
-        """The shard file: 8-byte little-endian header length, the JSON header (space-padded to a
-        multiple of 8, as safetensors writes it), then the tensors' bytes."""
+        """The shard file: 8-byte little-endian header length, the JSON header space-padded to fill
+        the room before the data (or, when it does not fit, to a multiple of 8, as safetensors pads
+        it, in a new file with the data copied behind it), then the tensors' bytes."""
         header = json.dumps(
             {"__metadata__": {"format": "pt"}, **self._header}, separators=(",", ":")
         ).encode()
@@ -163,9 +166,9 @@ KERNEL_COPY = sys.platform.startswith("linux")  # os.sendfile between two files
 
 
 def _append(source, destination) -> None:
-    """Copy file `source` from its position on to the end of `destination`, inside the kernel on Linux (os.sendfile): no
-    shard-sized buffers pass through the process's memory. Elsewhere (sendfile there is for
-    sockets) in 16 MiB chunks."""
+    """Copy file `source`, from its position on, to the end of `destination`: inside the kernel on
+    Linux (os.sendfile), so no shard-sized buffers pass through the process's memory; elsewhere
+    (sendfile there is for sockets) in 16 MiB chunks."""
     if KERNEL_COPY:
         while os.sendfile(destination.fileno(), source.fileno(), None, 1 << 30):
             pass

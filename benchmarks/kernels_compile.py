@@ -1,0 +1,196 @@
+"""Compile every Triton kernel the FFN benchmark launches for a GPU target, on a machine without one.
+
+A stand-in CUDA driver reports the target (sm_90 by default: the H100/H200), and each kernel launch
+of the host functions becomes a compile (`JITFunction.warmup`) on CPU tensors of the benchmark's
+shapes (benchmarks/ffn_kernels.py: hidden 4096, intermediate 11008 and 14336, its four
+configurations and batch sizes, the paths it times at each batch; bf16 as it runs, fp16 and fp32
+as the GPU tests also run). For each compiled kernel
+it records the shared memory, registers and spilled bytes (Triton's metadata and its bundled
+cuobjdump), and flags what the chip would refuse at launch (shared memory over the per-block limit)
+or run slowly (spills), before a GPU session finds it by failing.
+
+    python benchmarks/kernels_compile.py          # -> results/kernels/compile_sm90.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from ffn_kernels import BATCHES, CONFIGS, parse_config  # noqa: E402
+
+SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}  # opt-in shared memory per block (bytes)
+
+
+def install_target(capability: int) -> None:
+    """Make Triton compile for `capability` (e.g. 90) without a CUDA device, and turn launches into
+    compiles: nothing here can run a kernel."""
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.driver import CudaDriver
+    from triton.runtime import driver
+    from triton.runtime.jit import JITFunction
+
+    class CompileOnlyDriver(CudaDriver):
+        def __init__(self):  # no CUDA runtime to open
+            pass
+
+        def get_current_target(self):
+            return GPUTarget("cuda", capability, 32)
+
+        def get_current_device(self):
+            return 0
+
+        def get_current_stream(self, device=None):
+            return 0
+
+        def get_active_torch_device(self):
+            return torch.device("cpu")
+
+    driver.set_active(CompileOnlyDriver())
+    JITFunction.__getitem__ = lambda kernel, grid: (
+        lambda *args, **kwargs: kernel.warmup(*args, grid=grid, **kwargs)
+    )
+
+
+def resource_usage(cubin: bytes) -> dict:
+    """Registers and spilled bytes (stack and local memory) of a cubin, read by Triton's cuobjdump."""
+    from triton.backends.nvidia import compiler
+
+    tool = Path(compiler.__file__).parent / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run(
+            [str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True
+        ).stdout
+    fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", text))
+    spilled = int(fields.get("STACK", 0)) + int(fields.get("LOCAL", 0))  # spills live in either
+    return {"registers": int(fields.get("REG", -1)), "spilled_bytes": spilled}
+
+
+def compiled_kernels() -> list[dict]:
+    """Every kernel compiled so far in this process, with its launch settings and resources."""
+    from moecarve.kernels.ops import moe_ffn as ops
+
+    rows = []
+    for name in ("_decode_up_kernel", "_decode_down_kernel", "_grouped_up_kernel", "_grouped_down_kernel",
+                 "_dense_down_kernel"):  # fmt: skip
+        kernel = getattr(ops, name)
+        for cache in kernel.device_caches.values():
+            for compiled in cache[0].values():
+                meta = compiled.metadata
+                rows.append(
+                    {
+                        "kernel": name,
+                        "constants": {kernel.arg_names[i[0]]: v for i, v in compiled.src.constants.items()},
+                        "activations": compiled.src.signature[kernel.arg_names[0]],  # the model's dtype
+                        "num_warps": meta.num_warps,
+                        "num_stages": meta.num_stages,
+                        "shared_bytes": meta.shared,
+                        **resource_usage(compiled.asm["cubin"]),
+                    }
+                )
+    return rows
+
+
+def compile_all(dtypes: list[torch.dtype]) -> list[dict]:
+    """Run the host functions the benchmark times on CPU tensors of its shapes (launches compile only)."""
+    from moecarve.kernels.ops import moe_ffn as ops
+
+    hidden, shapes = 4096, []
+    for dtype, inter in itertools.product(dtypes, (11008, 14336)):
+        for name in CONFIGS:
+            s, a, n = parse_config(name)
+            m, routed = inter // n, n - s
+            w13, w2 = (
+                torch.empty(routed, 2 * m, hidden, dtype=dtype),
+                torch.empty(routed, hidden, m, dtype=dtype),
+            )
+            shared = (torch.empty(s * m, hidden, dtype=dtype), torch.empty(s * m, hidden, dtype=dtype),
+                      torch.empty(hidden, s * m, dtype=dtype))  # fmt: skip
+            for batch in BATCHES:
+                x = torch.empty(batch, hidden, dtype=dtype)
+                idx = torch.zeros(batch, a, dtype=torch.int64)
+                wts = torch.ones(batch, a, dtype=torch.float32)
+                paths = ["decode"] + (["dense"] if batch >= 4 else []) + (["grouped"] if batch >= 8 else [])
+                for path in paths:
+                    run = {
+                        "decode": ops.moe_ffn_decode,
+                        "dense": ops.moe_ffn_dense,
+                        "grouped": ops.moe_ffn_grouped,
+                    }
+                    run[path](x, idx, wts, w13, w2, shared)
+                    if (
+                        path == "decode" and batch <= 32
+                    ):  # the shared expert run after, as the benchmark also times
+                        run[path](x, idx, wts, w13, w2, None)
+                shapes.append({"dtype": str(dtype), "intermediate": inter, "config": name, "batch": batch})
+    return shapes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--capability", type=int, default=90, choices=sorted(SHARED_LIMIT))
+    parser.add_argument(
+        "--dtypes",
+        default="bfloat16,float16,float32",
+        help="the benchmark's is bfloat16; the GPU tests take all three",
+    )
+    parser.add_argument("--out", default=None, help="default: results/kernels/compile_sm<capability>.json")
+    args = parser.parse_args()
+    os.environ.pop("TRITON_INTERPRET", None)
+    import triton
+
+    install_target(args.capability)
+    shapes = compile_all([getattr(torch, name) for name in args.dtypes.split(",")])
+    kernels = compiled_kernels()
+    limit = SHARED_LIMIT[args.capability]
+    problems = [
+        f"{k['kernel']} {k['activations'][1:]} {k['constants']}: "
+        + (
+            "; ".join(
+                p
+                for p in (
+                    f"shared memory {k['shared_bytes']} B over the {limit} B limit"
+                    if k["shared_bytes"] > limit
+                    else "",
+                    f"{k['spilled_bytes']} B of registers spilled to memory" if k["spilled_bytes"] else "",
+                )
+                if p
+            )
+        )  # fmt: skip
+        for k in kernels
+        if k["shared_bytes"] > limit or k["spilled_bytes"]
+    ]
+    record = {
+        "benchmark": "kernels_compile",
+        "target": f"cuda sm_{args.capability}, compiled without a GPU (nothing was run)",
+        "shared_limit_bytes": limit,
+        "versions": {"triton": triton.__version__, "torch": torch.__version__},
+        "shapes": len(shapes),
+        "kernels": kernels,
+        "problems": problems,
+    }
+    out = Path(args.out or f"results/kernels/compile_sm{args.capability}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"{len(kernels)} kernels compiled for sm_{args.capability} over {len(shapes)} shapes -> {out}")
+    for problem in problems:
+        print("PROBLEM:", problem)
+    sys.exit(1 if problems else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -41,25 +41,6 @@ def parse(name: str) -> dict:
     return {"shared": s, "active": a, "experts": e}
 
 
-def source_commit() -> str:
-    """The repository's commit, marked "+changes" when the working tree differs from it."""
-    import subprocess
-
-    def git(*args):
-        return subprocess.run(
-            ["git", *args], capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1]
-        )
-
-    try:
-        head = git("rev-parse", "--short", "HEAD")
-        dirty = git("status", "--porcelain", "--", "src", "benchmarks").stdout.strip()
-    except OSError:  # no git
-        return "unknown"
-    if head.returncode:
-        return "unknown"
-    return head.stdout.strip() + ("+changes" if dirty else "")
-
-
 def calibration_file(directory: Path, tokens: int, scored: int = 16 * 2048, offset: int = 0) -> Path:
     """The protocol stream's first `tokens` tokens as text, as the reference was given them (from
     token `offset` on: the same kind of text, other samples of it)."""
@@ -178,6 +159,7 @@ def main() -> None:
 
     import transformers
 
+    from moecarve.eval.common import source_commit
     from moecarve.eval.ppl import protocol_ppl
     from moecarve.resources import bundled_model_dir
 

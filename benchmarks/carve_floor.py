@@ -34,7 +34,7 @@ def main() -> None:
     from moecarve.carve.calib import calibration
     from moecarve.carve.config import CarveConfig
     from moecarve.carve.pipeline import TOKENS_PER_PASS
-    from moecarve.eval.common import machine
+    from moecarve.eval.common import machine, source_commit
     from moecarve.resources import bundled_model_dir
 
     config = CarveConfig() if args.calib_length is None else CarveConfig(calib_length=args.calib_length)
@@ -61,6 +61,7 @@ def main() -> None:
         "median_seconds": {dtype: statistics.median(runs) for dtype, runs in seconds.items()},
         "reference_carve_seconds_S1A2E8": 97.4,  # BASELINES.md
         "machine": machine(),
+        "commit": source_commit(),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
     }
     out = Path(args.out)

@@ -118,6 +118,8 @@ def main() -> None:
         out_size = sum(f.stat().st_size for f in (work / "moe").glob("*.safetensors"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    from moecarve.eval.common import source_commit
+
     report = {
         "benchmark": "carve_streaming",
         "shape": SHAPE,
@@ -132,6 +134,7 @@ def main() -> None:
         "peak_rss_over_checkpoint": round(stats["peak_rss_gib"] / (size / 1024**3), 3),
         "machine": platform.platform(),
         "torch": torch.__version__,
+        "commit": source_commit(),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")

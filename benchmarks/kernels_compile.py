@@ -153,6 +153,8 @@ def main() -> None:
     os.environ.pop("TRITON_INTERPRET", None)
     import triton
 
+    from moecarve.eval.common import source_commit
+
     install_target(args.capability)
     shapes = compile_all([getattr(torch, name) for name in args.dtypes.split(",")])
     kernels = compiled_kernels()
@@ -179,6 +181,7 @@ def main() -> None:
         "target": f"cuda sm_{args.capability}, compiled without a GPU (nothing was run)",
         "shared_limit_bytes": limit,
         "versions": {"triton": triton.__version__, "torch": torch.__version__},
+        "commit": source_commit(),
         "shapes": len(shapes),
         "kernels": kernels,
         "problems": problems,

@@ -31,7 +31,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(2)
     from moecarve.carve.layer import CarvedFFN, kept_activations, refit_down, refit_ridge
-    from moecarve.eval.common import machine, peak_rss_gib
+    from moecarve.eval.common import machine, peak_rss_gib, source_commit
 
     torch.manual_seed(0)
     m, routed = args.neurons // args.experts, args.experts - 1
@@ -59,6 +59,7 @@ def main() -> None:
         "peak_rss_gib_before_refit": round(before, 2),
         "peak_rss_gib": round(peak, 2),
         "machine": machine(),
+        "commit": source_commit(),
         "versions": {"torch": torch.__version__, "python": sys.version.split()[0]},
     }
     print(json.dumps(report, indent=2))

@@ -97,6 +97,28 @@ def versions() -> dict:
     return found
 
 
+def source_commit() -> str:
+    """The checkout's commit, "+changes" when src/ or benchmarks/ differ from it, or "unknown"
+    outside a git checkout: which code a results file was made with."""
+    import subprocess
+
+    root = Path(__file__).resolve().parents[3]
+    if not (root / "src" / "moecarve").is_dir():  # an installed copy, not the checkout
+        return "unknown"
+
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=root)
+
+    try:
+        head = git("rev-parse", "--short", "HEAD")
+        dirty = git("status", "--porcelain", "--", "src", "benchmarks").stdout.strip()
+    except OSError:  # no git
+        return "unknown"
+    if head.returncode:
+        return "unknown"
+    return head.stdout.strip() + ("+changes" if dirty else "")
+
+
 def machine(device: str = "cpu") -> dict:
     """Where a figure was measured: CPU figures are marked as such."""
     record = {

@@ -9,7 +9,8 @@ it records the shared memory, registers and spilled bytes (Triton's metadata and
 cuobjdump), and flags what the chip would refuse at launch (shared memory over the per-block limit)
 or run slowly (spills), before a GPU session finds it by failing.
 
-    python benchmarks/kernels_compile.py          # -> results/kernels/compile_sm90.json
+    python benchmarks/kernels_compile.py                   # -> results/kernels/compile_sm90.json
+    python benchmarks/kernels_compile.py --capability 89   # L4 / L40S / RTX 40xx (99 KiB per block)
 """
 
 from __future__ import annotations
@@ -29,12 +30,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from ffn_kernels import BATCHES, CONFIGS, parse_config  # noqa: E402
 
-SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024}  # opt-in shared memory per block (bytes)
+# opt-in shared memory per block (bytes): H100/H200, A100, and the sm_86/89 parts (A10, L4, L40S, RTX)
+SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024, 89: 99 * 1024, 86: 99 * 1024}
 
 
 def install_target(capability: int) -> None:
     """Make Triton compile for `capability` (e.g. 90) without a CUDA device, and turn launches into
-    compiles: nothing here can run a kernel."""
+    compiles: nothing here can run a kernel. The host functions size their pipelines to that
+    chip's shared memory, as they would on it."""
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.driver import CudaDriver
     from triton.runtime import driver
@@ -57,6 +60,9 @@ def install_target(capability: int) -> None:
             return torch.device("cpu")
 
     driver.set_active(CompileOnlyDriver())
+    from moecarve.kernels.ops import moe_ffn as ops
+
+    ops._shared_memory_limit = lambda device: SHARED_LIMIT[capability]
     JITFunction.__getitem__ = lambda kernel, grid: (
         lambda *args, **kwargs: kernel.warmup(*args, grid=grid, **kwargs)
     )

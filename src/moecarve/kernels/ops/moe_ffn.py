@@ -23,6 +23,7 @@ expert, SI of the shared expert(s), P = T*K (token, expert) pairs.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -433,14 +434,39 @@ def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _fit_stages(cfg: DecodeConfig, block_t: int, itemsize: int, budget: int = 160 * 1024) -> int:
-    """Pipeline depth whose shared-memory tiles (x + gate + up per stage) fit the budget (H100: 227 KB).
+H100_BUDGET = 160 * 1024  # bytes of pipelined tiles per program: what the H100 (227 KiB) was tuned at
 
+
+@functools.cache
+def _shared_memory_limit(device: torch.device) -> int | None:
+    """The device's opt-in shared memory per block in bytes (Triton's own launch limit), or None
+    off CUDA (the interpreter has none)."""
+    if device.type != "cuda":
+        return None
+    from triton.runtime import driver
+
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return driver.active.utils.get_device_properties(index)["max_shared_mem"]
+
+
+def shared_memory_budget(limit: int | None) -> int:
+    """Bytes the pipelined tiles may take on a chip with `limit` bytes per block: the H100's tuned
+    160 KiB, less where the chip has less (A100 163 KiB, sm_86/89 99 KiB), keeping 8 KiB for the
+    kernels' other buffers."""
+    return H100_BUDGET if limit is None else min(H100_BUDGET, limit - 8 * 1024)
+
+
+def _stages(wanted: int, per_stage: int, device: torch.device) -> int:
+    """Pipeline depth (at most `wanted`) whose `per_stage` bytes of tiles fit the device's budget.
     Without it, 64-token tiles or float32 weights at the default depth ask for more shared memory
-    than the chip has and fail to launch (seen on the H100).
-    """
+    than the chip has and fail to launch (seen on the H100), and smaller chips fail sooner."""
+    return max(1, min(wanted, shared_memory_budget(_shared_memory_limit(device)) // per_stage))
+
+
+def _fit_stages(cfg: DecodeConfig, block_t: int, itemsize: int, device: torch.device) -> int:
+    """The decode up kernel's depth: x + gate + up tiles per stage."""
     per_stage = (block_t * cfg.block_h + 2 * cfg.block_h * cfg.block_i) * itemsize
-    return max(1, min(cfg.stages, budget // per_stage))
+    return _stages(cfg.stages, per_stage, device)
 
 
 def moe_ffn_decode(
@@ -474,7 +500,7 @@ def moe_ffn_decode(
     h = torch.empty(T, E * I + SI, device=x.device, dtype=gate_up_proj.dtype)  # [T, E*I + SI]
     out = torch.empty(T, H, device=x.device, dtype=x.dtype)
     prec = _prec(gate_up_proj.dtype)
-    stages = _fit_stages(cfg, block_t, gate_up_proj.element_size())
+    stages = _fit_stages(cfg, block_t, gate_up_proj.element_size(), x.device)
     _decode_up_kernel[(E * triton.cdiv(I, cfg.block_i) + triton.cdiv(SI, cfg.block_i), n_tiles)](
         x, idx, gate_up_proj, sg, su, h,
         T, H, I, SI, E, K,
@@ -541,19 +567,22 @@ def moe_ffn_grouped(
     sorted_pairs, block_expert = align_pairs(topk_indices, E, cfg.block_m)
     n_blocks = block_expert.numel()
     prec = _prec(gate_up_proj.dtype)
+    tile = cfg.block_k * gate_up_proj.element_size()  # bytes per row or column of a K-chunk
+    up_stages = _stages(cfg.stages, (cfg.block_m + 2 * cfg.block_n) * tile, x.device)  # x, gate, up
+    down_stages = _stages(cfg.stages, (cfg.block_m + cfg.block_n) * tile, x.device)  # h, down
     h = torch.empty(n_blocks * cfg.block_m, I, device=x.device, dtype=gate_up_proj.dtype)
     _grouped_up_kernel[(n_blocks, triton.cdiv(I, cfg.block_n))](
         x, sorted_pairs, block_expert, gate_up_proj, h,
         P, K, H, I, x.stride(0), gate_up_proj.stride(0), gate_up_proj.stride(1), h.stride(0),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PREC=prec,
-        num_warps=cfg.warps, num_stages=cfg.stages,
+        num_warps=cfg.warps, num_stages=up_stages,
     )  # fmt: skip
     pair_out = torch.zeros(P, H, device=x.device, dtype=torch.float32)  # pairs with a sentinel expert stay 0
     _grouped_down_kernel[(n_blocks, triton.cdiv(H, cfg.block_n))](
         h, sorted_pairs, block_expert, topk_weights.contiguous().view(-1), down_proj, pair_out,
         P, H, I, h.stride(0), down_proj.stride(0), down_proj.stride(1), pair_out.stride(0),
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PREC=prec,
-        num_warps=cfg.warps, num_stages=cfg.stages,
+        num_warps=cfg.warps, num_stages=down_stages,
     )  # fmt: skip
     out = pair_out.view(T, K, H).sum(1)
     if shared is not None:
@@ -592,7 +621,7 @@ def moe_ffn_dense(
     out = torch.empty(T, H, device=x.device, dtype=x.dtype)
     block_m = min(cfg.block_m, max(16, triton.next_power_of_2(T)))
     per_stage = (2 * block_m * cfg.block_k + cfg.block_k * cfg.block_n) * gate_up_proj.element_size()
-    stages = max(1, min(cfg.stages, 160 * 1024 // per_stage))  # shared memory: gate, up and down tiles
+    stages = _stages(cfg.stages, per_stage, x.device)  # shared memory: gate, up and down tiles
     _dense_down_kernel[(triton.cdiv(T, block_m), triton.cdiv(H, cfg.block_n))](
         gu, gates, down_proj, hs, sd, out,
         T, H, I, SI, E,

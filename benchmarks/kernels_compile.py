@@ -5,7 +5,7 @@ of the host functions becomes a compile (`JITFunction.warmup`) on CPU tensors of
 shapes (benchmarks/ffn_kernels.py: hidden 4096, intermediate 11008 and 14336, its four
 configurations and batch sizes, the paths it times at each batch; bf16 as it runs, fp16 and fp32
 as the GPU tests also run). For each compiled kernel
-it records the shared memory, registers and spilled bytes (Triton's metadata and its bundled
+it records the shared memory, registers and stack frame (register spills; Triton's metadata and its bundled
 cuobjdump), and flags what the chip would refuse at launch (shared memory over the per-block limit)
 or run slowly (spills), before a GPU session finds it by failing.
 
@@ -31,13 +31,20 @@ sys.path.insert(0, str(Path(__file__).parent))
 from ffn_kernels import BATCHES, CONFIGS, parse_config  # noqa: E402
 
 # opt-in shared memory per block (bytes): H100/H200, A100, and the sm_86/89 parts (A10, L4, L40S, RTX)
+KERNELS = (
+    "_decode_up_kernel",
+    "_decode_down_kernel",
+    "_grouped_up_kernel",
+    "_grouped_down_kernel",
+    "_dense_down_kernel",
+)
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024, 89: 99 * 1024, 86: 99 * 1024}
 
 
 def install_target(capability: int) -> None:
     """Make Triton compile for `capability` (e.g. 90) without a CUDA device, and turn launches into
     compiles: nothing here can run a kernel. The host functions size their pipelines to that
-    chip's shared memory, as they would on it."""
+    chip's shared memory, as they would on it. Irreversible: for a process of its own."""
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.driver import CudaDriver
     from triton.runtime import driver
@@ -69,7 +76,9 @@ def install_target(capability: int) -> None:
 
 
 def resource_usage(cubin: bytes) -> dict:
-    """Registers and spilled bytes (stack and local memory) of a cubin, read by Triton's cuobjdump."""
+    """Registers and stack frame per thread of a cubin, read by Triton's cuobjdump. These kernels
+    call no functions and keep no local arrays, so a stack frame holds spilled registers (ptxas -v
+    counts spill stores of about its size on the cubins checked by hand)."""
     from triton.backends.nvidia import compiler
 
     tool = Path(compiler.__file__).parent / "bin" / "cuobjdump"
@@ -79,18 +88,21 @@ def resource_usage(cubin: bytes) -> dict:
         text = subprocess.run(
             [str(tool), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True
         ).stdout
-    fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", text))
-    spilled = int(fields.get("STACK", 0)) + int(fields.get("LOCAL", 0))  # spills live in either
-    return {"registers": int(fields.get("REG", -1)), "spilled_bytes": spilled}
+    fields = dict(re.findall(r"(REG|STACK|LOCAL):(\d+)", text))
+    return {
+        "registers": int(fields.get("REG", -1)),
+        "stack_bytes_per_thread": int(fields.get("STACK", 0)),
+        "local_bytes": int(fields.get("LOCAL", 0)),
+    }
 
 
-def compiled_kernels() -> list[dict]:
-    """Every kernel compiled so far in this process, with its launch settings and resources."""
+def compiled_kernels(first_shape: dict[int, dict] | None = None) -> list[dict]:
+    """Every kernel compiled so far in this process, with its launch settings and resources, and
+    the shape that first compiled it (`first_shape`, by id of the compiled kernel)."""
     from moecarve.kernels.ops import moe_ffn as ops
 
     rows = []
-    for name in ("_decode_up_kernel", "_decode_down_kernel", "_grouped_up_kernel", "_grouped_down_kernel",
-                 "_dense_down_kernel"):  # fmt: skip
+    for name in KERNELS:
         kernel = getattr(ops, name)
         for cache in kernel.device_caches.values():
             for compiled in cache[0].values():
@@ -104,16 +116,18 @@ def compiled_kernels() -> list[dict]:
                         "num_stages": meta.num_stages,
                         "shared_bytes": meta.shared,
                         **resource_usage(compiled.asm["cubin"]),
+                        "first_shape": (first_shape or {}).get(id(compiled)),
                     }
                 )
     return rows
 
 
-def compile_all(dtypes: list[torch.dtype]) -> list[dict]:
-    """Run the host functions the benchmark times on CPU tensors of its shapes (launches compile only)."""
+def compile_all(dtypes: list[torch.dtype]) -> tuple[list[dict], dict[int, dict]]:
+    """Run the host functions the benchmark times on CPU tensors of its shapes (launches compile
+    only). Returns the shapes and, by id of each compiled kernel, the shape that first compiled it."""
     from moecarve.kernels.ops import moe_ffn as ops
 
-    hidden, shapes = 4096, []
+    hidden, shapes, first_shape = 4096, [], {}
     for dtype, inter in itertools.product(dtypes, (11008, 14336)):
         for name in CONFIGS:
             s, a, n = parse_config(name)
@@ -129,19 +143,28 @@ def compile_all(dtypes: list[torch.dtype]) -> list[dict]:
                 idx = torch.zeros(batch, a, dtype=torch.int64)
                 wts = torch.ones(batch, a, dtype=torch.float32)
                 paths = ["decode"] + (["dense"] if batch >= 4 else []) + (["grouped"] if batch >= 8 else [])
+                run = {
+                    "decode": ops.moe_ffn_decode,
+                    "dense": ops.moe_ffn_dense,
+                    "grouped": ops.moe_ffn_grouped,
+                }
                 for path in paths:
-                    run = {
-                        "decode": ops.moe_ffn_decode,
-                        "dense": ops.moe_ffn_dense,
-                        "grouped": ops.moe_ffn_grouped,
-                    }
-                    run[path](x, idx, wts, w13, w2, shared)
-                    if (
-                        path == "decode" and batch <= 32
-                    ):  # the shared expert run after, as the benchmark also times
-                        run[path](x, idx, wts, w13, w2, None)
+                    shape = {"dtype": str(dtype), "intermediate": inter, "config": name, "batch": batch}
+                    # the decode path also without the shared expert (run after), as the benchmark times it
+                    for with_shared in (True, False) if path == "decode" and batch <= 32 else (True,):
+                        run[path](x, idx, wts, w13, w2, shared if with_shared else None)
+                        for compiled in _all_compiled(ops):
+                            first_shape.setdefault(
+                                id(compiled), {**shape, "path": path, "shared": with_shared}
+                            )
                 shapes.append({"dtype": str(dtype), "intermediate": inter, "config": name, "batch": batch})
-    return shapes
+    return shapes, first_shape
+
+
+def _all_compiled(ops):
+    for name in KERNELS:
+        for cache in getattr(ops, name).device_caches.values():
+            yield from cache[0].values()
 
 
 def main() -> None:
@@ -162,11 +185,11 @@ def main() -> None:
     from moecarve.eval.common import source_commit
 
     install_target(args.capability)
-    shapes = compile_all([getattr(torch, name) for name in args.dtypes.split(",")])
-    kernels = compiled_kernels()
+    shapes, first_shape = compile_all([getattr(torch, name) for name in args.dtypes.split(",")])
+    kernels = compiled_kernels(first_shape)
     limit = SHARED_LIMIT[args.capability]
     problems = [
-        f"{k['kernel']} {k['activations'][1:]} {k['constants']}: "
+        f"{k['kernel']} {k['activations'][1:]} {k['constants']} (first at {k['first_shape']}): "
         + (
             "; ".join(
                 p
@@ -174,13 +197,15 @@ def main() -> None:
                     f"shared memory {k['shared_bytes']} B over the {limit} B limit"
                     if k["shared_bytes"] > limit
                     else "",
-                    f"{k['spilled_bytes']} B of registers spilled to memory" if k["spilled_bytes"] else "",
+                    f"{k['stack_bytes_per_thread']} B stack frame per thread (register spills)"
+                    if k["stack_bytes_per_thread"] or k["local_bytes"]
+                    else "",
                 )
                 if p
             )
         )  # fmt: skip
         for k in kernels
-        if k["shared_bytes"] > limit or k["spilled_bytes"]
+        if k["shared_bytes"] > limit or k["stack_bytes_per_thread"] or k["local_bytes"]
     ]
     record = {
         "benchmark": "kernels_compile",

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("triton")
 ROOT = Path(__file__).resolve().parents[2]
@@ -60,3 +61,18 @@ def test_every_path_compiles_within_the_chips_shared_memory(capability):
     for kernel in kernels:
         assert 0 < kernel["shared_bytes"] <= {90: 227, 89: 99}[capability] * 1024, kernel
         assert kernel["registers"] > 0, kernel
+
+
+def test_pipelines_are_sized_to_the_chips_shared_memory(monkeypatch):
+    """The H100's tuned 160 KiB of tiles where the chip has room, 8 KiB under a smaller chip's
+    limit, and at least one stage."""
+    from moecarve.kernels.ops import moe_ffn as ops
+
+    assert ops.shared_memory_budget(None) == ops.shared_memory_budget(227 * 1024) == 160 * 1024
+    assert ops.shared_memory_budget(99 * 1024) == 91 * 1024
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(ops, "_shared_memory_limit", lambda device: 99 * 1024)
+    assert ops._stages(4, 40 * 1024, cuda) == 2  # 160 KiB would allow 4
+    assert ops._stages(4, 200 * 1024, cuda) == 1  # never fewer than one
+    monkeypatch.setattr(ops, "_shared_memory_limit", lambda device: 227 * 1024)
+    assert ops._stages(3, 40 * 1024, cuda) == 3  # never more than asked

@@ -52,8 +52,9 @@ class DecodeConfig:
 
 @dataclass(frozen=True)
 class DenseConfig:
-    """Tile sizes of the dense-equivalent down kernel (not yet swept on a GPU; compiled for sm_90,
-    8 warps spill no registers where 4 spilled, results/kernels/compile_sm90.json)."""
+    """Tile sizes of the dense-equivalent down kernel (not yet swept on a GPU). 8 warps: compiled for
+    sm_90 they spill no registers in bf16/fp16 under Triton 3.6 where 4 warps did
+    (results/kernels/compile_sm90_triton36.json; under 3.9 a few bytes in two shapes)."""
 
     block_m: int = 64  # tokens per program (at most; fewer tokens take the next power of two >= 16)
     block_n: int = 64
@@ -452,14 +453,16 @@ def _shared_memory_limit(device: torch.device) -> int | None:
 def shared_memory_budget(limit: int | None) -> int:
     """Bytes the pipelined tiles may take on a chip with `limit` bytes per block: the H100's tuned
     160 KiB, less where the chip has less (A100 163 KiB, sm_86/89 99 KiB), keeping 8 KiB for the
-    kernels' other buffers."""
+    kernels' other buffers. Counted as stages x tiles, an upper bound (before sm_90 Triton keeps one
+    stage fewer in shared memory, so those chips may run a stage shallower than they could)."""
     return H100_BUDGET if limit is None else min(H100_BUDGET, limit - 8 * 1024)
 
 
 def _stages(wanted: int, per_stage: int, device: torch.device) -> int:
-    """Pipeline depth (at most `wanted`) whose `per_stage` bytes of tiles fit the device's budget.
-    Without it, 64-token tiles or float32 weights at the default depth ask for more shared memory
-    than the chip has and fail to launch (seen on the H100), and smaller chips fail sooner."""
+    """Pipeline depth (at most `wanted`, at least 1) whose `per_stage` bytes of tiles fit the
+    device's budget. Without it, 64-token tiles or float32 weights at the default depth ask for more
+    shared memory than the chip has and fail to launch (seen on the H100), and smaller chips fail
+    sooner. One stage can still be too many on a chip with under about 100 KiB (fp32 decode tiles)."""
     return max(1, min(wanted, shared_memory_budget(_shared_memory_limit(device)) // per_stage))
 
 
@@ -500,7 +503,10 @@ def moe_ffn_decode(
     h = torch.empty(T, E * I + SI, device=x.device, dtype=gate_up_proj.dtype)  # [T, E*I + SI]
     out = torch.empty(T, H, device=x.device, dtype=x.dtype)
     prec = _prec(gate_up_proj.dtype)
-    stages = _fit_stages(cfg, block_t, gate_up_proj.element_size(), x.device)
+    itemsize = gate_up_proj.element_size()
+    stages = _fit_stages(cfg, block_t, itemsize, x.device)
+    # the down kernel's own tiles (h and down per K-chunk), at most 4 stages as tuned on the H100
+    down_stages = _stages(min(cfg.stages, 4), (block_t + cfg.block_n) * cfg.block_k * itemsize, x.device)
     _decode_up_kernel[(E * triton.cdiv(I, cfg.block_i) + triton.cdiv(SI, cfg.block_i), n_tiles)](
         x, idx, gate_up_proj, sg, su, h,
         T, H, I, SI, E, K,
@@ -513,7 +519,7 @@ def moe_ffn_decode(
         T, H, I, SI, E, K,
         h.stride(0), down_proj.stride(0), down_proj.stride(1), sd.stride(0), out.stride(0),
         HAS_SHARED=shared is not None, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, USE_DOT=use_dot, PREC=prec, num_warps=cfg.warps_down, num_stages=min(stages, 4),
+        BLOCK_K=cfg.block_k, USE_DOT=use_dot, PREC=prec, num_warps=cfg.warps_down, num_stages=down_stages,
     )  # fmt: skip
     return out
 

@@ -128,6 +128,7 @@ def compile_all(dtypes: list[torch.dtype]) -> tuple[list[dict], dict[int, dict]]
     from moecarve.kernels.ops import moe_ffn as ops
 
     hidden, shapes, first_shape = 4096, [], {}
+    run = {"decode": ops.moe_ffn_decode, "dense": ops.moe_ffn_dense, "grouped": ops.moe_ffn_grouped}
     for dtype, inter in itertools.product(dtypes, (11008, 14336)):
         for name in CONFIGS:
             s, a, n = parse_config(name)
@@ -143,13 +144,8 @@ def compile_all(dtypes: list[torch.dtype]) -> tuple[list[dict], dict[int, dict]]
                 idx = torch.zeros(batch, a, dtype=torch.int64)
                 wts = torch.ones(batch, a, dtype=torch.float32)
                 paths = ["decode"] + (["dense"] if batch >= 4 else []) + (["grouped"] if batch >= 8 else [])
-                run = {
-                    "decode": ops.moe_ffn_decode,
-                    "dense": ops.moe_ffn_dense,
-                    "grouped": ops.moe_ffn_grouped,
-                }
+                shape = {"dtype": str(dtype), "intermediate": inter, "config": name, "batch": batch}
                 for path in paths:
-                    shape = {"dtype": str(dtype), "intermediate": inter, "config": name, "batch": batch}
                     # the decode path also without the shared expert (run after), as the benchmark times it
                     for with_shared in (True, False) if path == "decode" and batch <= 32 else (True,):
                         run[path](x, idx, wts, w13, w2, shared if with_shared else None)
@@ -157,7 +153,7 @@ def compile_all(dtypes: list[torch.dtype]) -> tuple[list[dict], dict[int, dict]]
                             first_shape.setdefault(
                                 id(compiled), {**shape, "path": path, "shared": with_shared}
                             )
-                shapes.append({"dtype": str(dtype), "intermediate": inter, "config": name, "batch": batch})
+                shapes.append(shape)
     return shapes, first_shape
 
 

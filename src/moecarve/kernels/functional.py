@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ._env import triton_available, triton_interpreting, warn_once
-from .ops.reference import moe_ffn_reference
+from .ops.reference import moe_ffn_reference, shared_hidden
 
 Path = Literal["auto", "decode", "grouped", "dense", "torch", "reference"]
 
@@ -193,5 +193,5 @@ def moe_ffn_torch(
     out = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device).index_add_(0, tok, y)
     if shared is not None:
         sg, su, sd = shared
-        out += F.linear(F.silu(F.linear(x, sg)) * F.linear(x, su), sd).float()
+        out += F.linear(shared_hidden(x, sg, su), sd).float()
     return out.to(x.dtype)

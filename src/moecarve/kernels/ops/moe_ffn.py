@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 
 from .._env import triton_interpreting
-from .reference import routing_matrix
+from .reference import routing_matrix, shared_hidden
 
 
 @dataclass(frozen=True)
@@ -466,12 +466,6 @@ def _stages(wanted: int, per_stage: int, device: torch.device) -> int:
     return max(1, min(wanted, shared_memory_budget(_shared_memory_limit(device)) // per_stage))
 
 
-def _fit_stages(cfg: DecodeConfig, block_t: int, itemsize: int, device: torch.device) -> int:
-    """The decode up kernel's depth: x + gate + up tiles per stage."""
-    per_stage = (block_t * cfg.block_h + 2 * cfg.block_h * cfg.block_i) * itemsize
-    return _stages(cfg.stages, per_stage, device)
-
-
 def moe_ffn_decode(
     x: torch.Tensor,  # [T, H], contiguous
     topk_indices: torch.Tensor,  # [T, K]
@@ -504,8 +498,9 @@ def moe_ffn_decode(
     out = torch.empty(T, H, device=x.device, dtype=x.dtype)
     prec = _prec(gate_up_proj.dtype)
     itemsize = gate_up_proj.element_size()
-    stages = _fit_stages(cfg, block_t, itemsize, x.device)
-    # the down kernel's own tiles (h and down per K-chunk), at most 4 stages as tuned on the H100
+    # pipeline depths from each kernel's tiles per stage: up x + gate + up, down h + down (at most
+    # 4 stages, as tuned on the H100)
+    stages = _stages(cfg.stages, (block_t * cfg.block_h + 2 * cfg.block_h * cfg.block_i) * itemsize, x.device)
     down_stages = _stages(min(cfg.stages, 4), (block_t + cfg.block_n) * cfg.block_k * itemsize, x.device)
     _decode_up_kernel[(E * triton.cdiv(I, cfg.block_i) + triton.cdiv(SI, cfg.block_i), n_tiles)](
         x, idx, gate_up_proj, sg, su, h,
@@ -593,7 +588,7 @@ def moe_ffn_grouped(
     out = pair_out.view(T, K, H).sum(1)
     if shared is not None:
         sg, su, sd = shared
-        out += F.linear(F.silu(F.linear(x, sg)) * F.linear(x, su), sd).float()
+        out += F.linear(shared_hidden(x, sg, su), sd).float()
     return out.to(x.dtype)
 
 
@@ -620,7 +615,7 @@ def moe_ffn_dense(
     gates = routing_matrix(topk_indices, topk_weights, E)  # [T, E] float32, sentinels dropped
     if shared is not None:
         sg, su, sd = shared
-        hs = F.silu(F.linear(x, sg)) * F.linear(x, su)  # [T, SI], rounded as eager rounds it
+        hs = shared_hidden(x, sg, su)  # [T, SI]
         SI = hs.shape[1]
     else:
         hs, sd, SI = gu, down_proj, 0  # placeholders: the kernel reads them only with HAS_SHARED

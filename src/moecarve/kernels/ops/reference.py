@@ -23,6 +23,12 @@ def routing_matrix(topk_indices: torch.Tensor, topk_weights: torch.Tensor, num_e
     return dense.scatter_add_(1, idx, w)
 
 
+def shared_hidden(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """The shared expert's [T, SI] activations SiLU(x gate^T) * (x up^T), in x's dtype as eager
+    rounds them (cuBLAS): what the Triton paths add to their routed output."""
+    return F.silu(F.linear(x, gate)) * F.linear(x, up)
+
+
 def moe_ffn_reference(
     hidden_states: torch.Tensor,  # [T, H]
     topk_indices: torch.Tensor,  # [T, K] int

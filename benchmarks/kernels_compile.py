@@ -11,6 +11,8 @@ or run slowly (spills), before a GPU session finds it by failing.
 
     python benchmarks/kernels_compile.py                   # -> results/kernels/compile_sm90.json
     python benchmarks/kernels_compile.py --capability 89   # L4 / L40S / RTX 40xx (99 KiB per block)
+    python benchmarks/kernels_compile.py --capability 89 --budget 163840 --dtypes bfloat16 \
+        --out results/kernels/compile_sm89_h100_budget.json  # tiles sized as for the H100, as before
 """
 
 from __future__ import annotations
@@ -173,6 +175,12 @@ def main() -> None:
         default="bfloat16,float16,float32",
         help="the benchmark's is bfloat16; the GPU tests take all three",
     )
+    parser.add_argument(
+        "--budget",
+        type=int,
+        default=None,
+        help="bytes of tiles per program instead of the target's own budget",
+    )
     parser.add_argument("--out", default=None, help="default: results/kernels/compile_sm<capability>.json")
     args = parser.parse_args()
     os.environ.pop("TRITON_INTERPRET", None)
@@ -181,6 +189,10 @@ def main() -> None:
     from moecarve.eval.common import source_commit
 
     install_target(args.capability)
+    if args.budget is not None:
+        from moecarve.kernels.ops import moe_ffn as ops
+
+        ops.shared_memory_budget = lambda limit: args.budget
     shapes, first_shape = compile_all([getattr(torch, name) for name in args.dtypes.split(",")])
     kernels = compiled_kernels(first_shape)
     limit = SHARED_LIMIT[args.capability]
@@ -207,6 +219,7 @@ def main() -> None:
         "benchmark": "kernels_compile",
         "target": f"cuda sm_{args.capability}, compiled without a GPU (nothing was run)",
         "shared_limit_bytes": limit,
+        "tile_budget_bytes": args.budget,  # None: the target's own (moe_ffn.shared_memory_budget)
         "versions": {"triton": triton.__version__, "torch": torch.__version__},
         "commit": source_commit(),
         "shapes": len(shapes),

@@ -192,7 +192,9 @@ def run_grid(args, env, peak) -> None:
 
 
 def run_tune(args, env):
-    """Sweep decode, grouped and dense tile sizes at the first intermediate/config; rows per (kernel, T, tiles)."""
+    """Sweep the tile sizes of the paths in `--paths` at the first intermediate/config; one row per
+    (kernel, T, tiles), appended to tune.{jsonl,csv} after each batch's sweep (a run cut short keeps
+    what it finished)."""
     from moecarve.kernels.ops.moe_ffn import DecodeConfig, DenseConfig, GroupedConfig
 
     dtype = getattr(torch, args.dtype)
@@ -227,7 +229,12 @@ def run_tune(args, env):
         print(f"B={batch:<3} {path} {cfg} {t['median_us']:.1f} us", flush=True)
         return t["median_us"]
 
-    for batch in [b for b in args.batches if b <= 32]:
+    def done(path, batch, best):
+        print(f"BEST {path} B={batch}: {best[1]} {best[0]:.1f} us", flush=True)
+        write_rows(rows, args.out / "tune")
+        rows.clear()
+
+    for batch in [b for b in args.batches if b <= 32 and "decode" in args.paths]:
         best = (math.inf, None)
         for bi, bh, w in itertools.product([32, 64], [128, 256], [4, 8]):
             cfg = DecodeConfig(block_i=bi, block_h=bh, warps_up=w)
@@ -239,24 +246,23 @@ def run_tune(args, env):
             t = measure(batch, "decode", cfg)
             if t is not None and t < best[0]:
                 best = (t, cfg)
-        print(f"BEST decode B={batch}: {best[1]} {best[0]:.1f} us", flush=True)
-    for batch in [b for b in args.batches if b >= 64]:
+        done("decode", batch, best)
+    for batch in [b for b in args.batches if b >= 64 and "grouped" in args.paths]:
         best = (math.inf, None)
         for bm, bn, w in itertools.product([32, 64], [64, 128], [4, 8]):
             cfg = GroupedConfig(block_m=bm, block_n=bn, block_k=64, warps=w)
             t = measure(batch, "grouped", cfg)
             if t is not None and t < best[0]:
                 best = (t, cfg)
-        print(f"BEST grouped B={batch}: {best[1]} {best[0]:.1f} us", flush=True)
-    for batch in [b for b in args.batches if b >= 16]:
+        done("grouped", batch, best)
+    for batch in [b for b in args.batches if b >= 16 and "dense" in args.paths]:
         best = (math.inf, None)
         for bm, bn, bk, w in itertools.product([32, 64], [64, 128], [64, 128], [4, 8]):
             cfg = DenseConfig(block_m=bm, block_n=bn, block_k=bk, warps=w)
             t = measure(batch, "dense", cfg)
             if t is not None and t < best[0]:
                 best = (t, cfg)
-        print(f"BEST dense B={batch}: {best[1]} {best[0]:.1f} us", flush=True)
-    return rows
+        done("dense", batch, best)
 
 
 def load_decode_table(path: Path) -> dict:
@@ -290,6 +296,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--flush-bytes", type=float, default=200e6, help="weight bytes rotated through per pass")
     p.add_argument("--no-graph", action="store_true")
     p.add_argument("--tune", action="store_true")
+    p.add_argument(
+        "--paths", nargs="+", default=["decode", "grouped", "dense"], help="the paths --tune sweeps"
+    )
     p.add_argument("--decode-table", type=Path, help="tune.jsonl whose fastest decode tiles per batch to use")
     p.add_argument("--out", type=Path, default=Path("results/kernels"))
     args = p.parse_args(argv)
@@ -302,7 +311,7 @@ def main(argv: list[str] | None = None) -> None:
     peak = env["spec_hbm_gbps"]
     print(env, flush=True)
     if args.tune:
-        write_rows(run_tune(args, env), args.out / "tune")
+        run_tune(args, env)
     else:
         run_grid(args, env, peak)
 

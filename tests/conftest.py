@@ -11,6 +11,23 @@ from moecarve.batch.tiny import FAMILY_OVERRIDES, build_tiny_model, make_tokeniz
 
 # Contract-test table: every supported family, its config overrides. Adding a family = one row.
 FAMILIES = FAMILY_OVERRIDES
+# Scaled ropes of real sources (Llama 3.1/3.2, Qwen2.5's long-context yarn), sized for tiny models.
+ROPE_SCALING = {
+    "llama3": {
+        "rope_type": "llama3",
+        "rope_theta": 500000.0,
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 64,
+    },
+    "yarn": {
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 4.0,
+        "original_max_position_embeddings": 64,
+    },
+}
 
 
 def make_model(

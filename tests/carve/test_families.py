@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moecarve import CarveConfig, carve
-from tests.conftest import FAMILIES
+from tests.conftest import FAMILIES, ROPE_SCALING, make_model
 
 TINY = {"calib_tokens": 512, "calib_length": 64}
 
@@ -37,6 +37,24 @@ def test_all_experts_active_reproduces_dense(family, tiny_models, calib_file, tm
     dense, moe = load(tiny_models[family]), load(out)
     assert moe.config.model_type == "glm4_moe"
     ids = torch.randint(0, dense.config.vocab_size, (2, 40))
+    torch.testing.assert_close(logits(moe, ids), logits(dense, ids), atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rope", sorted(ROPE_SCALING))
+def test_scaled_rope_carries_over(rope, calib_file, tmp_path):
+    """A source with a scaled rope (Llama 3.1's llama3, yarn) carves exactly, at positions past the
+    rope's original context."""
+    src = make_model(tmp_path / "src", "llama")
+    config = json.loads((src / "config.json").read_text())
+    config["rope_parameters"] = ROPE_SCALING[rope]
+    (src / "config.json").write_text(json.dumps(config))
+    out = carve(
+        src, CarveConfig(experts=8, active=7, **TINY), calib_file, tmp_path / "out", progress=False
+    ).out
+    dense, moe = load(src), load(out)
+    assert dense.config.rope_parameters["rope_type"] == rope  # the source really is scaled
+    assert moe.config.rope_parameters == {**ROPE_SCALING[rope], "partial_rotary_factor": 1.0}
+    ids = torch.randint(0, dense.config.vocab_size, (1, 160))
     torch.testing.assert_close(logits(moe, ids), logits(dense, ids), atol=2e-5, rtol=1e-5)
 
 

@@ -24,7 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from moecarve.carve import pipeline
 from moecarve.carve.config import CarveConfig
-from tests.conftest import FAMILIES, make_tokenizer, sample_text
+from tests.conftest import FAMILIES, ROPE_SCALING, make_tokenizer, sample_text
 from tests.serve.vllm_generate import hf_scores
 
 pytestmark = pytest.mark.vllm
@@ -49,11 +49,15 @@ CASES = {
     "qwen3-S1A2E8": ("qwen3", {"experts": 8, "active": 2, "balance": 0.5}, {}),
     "llama-S1A2E8-dense1": ("llama", {"experts": 8, "active": 2, "dense_layers": 1, "balance": 0.5}, {}),
     "llama-tied-S1A3E8": ("llama", {"experts": 8, "active": 3, "balance": 0.5}, {"tied": True}),
+    # Llama 3.1/3.2's rope scaling and Qwen2.5's long-context yarn carry over to the carve
+    "llama-rope_llama3-S1A2E8": ("llama", {"experts": 8, "active": 2, "balance": 0.5}, {"rope": "llama3"}),
+    "qwen2-rope_yarn-S1A2E8": ("qwen2", {"experts": 8, "active": 2, "balance": 0.5}, {"rope": "yarn"}),
 }
 
 
-def make_source(directory: Path, family: str, tied: bool = False) -> Path:
-    """A tiny random dense model vLLM's CPU kernels accept, perturbed like conftest's."""
+def make_source(directory: Path, family: str, tied: bool = False, rope: str | None = None) -> Path:
+    """A tiny random dense model vLLM's CPU kernels accept, perturbed like conftest's; `rope` names
+    a scaled rope of ROPE_SCALING."""
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = make_tokenizer(directory)
     config = AutoConfig.for_model(
@@ -68,6 +72,7 @@ def make_source(directory: Path, family: str, tied: bool = False) -> Path:
         tie_word_embeddings=tied,
         eos_token_id=tokenizer.eos_token_id,
         **{**FAMILIES[family], "head_dim": 32},
+        **({"rope_parameters": ROPE_SCALING[rope]} if rope else {}),
     )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -159,7 +164,7 @@ def tiny_jobs(cases: dict, root: Path, calib_file: Path) -> dict[str, dict]:
     """Carves every case from its tiny source; each job prompts three token sequences."""
     jobs, sources = {}, {}
     for name, (family, fields, source_options) in cases.items():
-        key = f"{family}-src" + "".join(f"-{k}" for k in source_options)
+        key = f"{family}-src" + "".join(f"-{k}-{v}" for k, v in source_options.items())
         if key not in sources:
             sources[key] = make_source(root / key, family, **source_options)
         out = root / name

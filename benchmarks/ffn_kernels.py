@@ -241,8 +241,9 @@ def run_tune(args, env):
             t = measure(batch, "decode", cfg)
             if t is not None and t < best[0]:
                 best = (t, cfg)
+        up_tiles = vars(best[1]) if best[1] else {}  # the down kernel's sweep keeps the best up tiles
         for bn, bk, w in itertools.product([16, 32], [128, 256], [4, 8]):
-            cfg = DecodeConfig(**{**vars(best[1]), "block_n": bn, "block_k": bk, "warps_down": w})
+            cfg = DecodeConfig(**{**up_tiles, "block_n": bn, "block_k": bk, "warps_down": w})
             t = measure(batch, "decode", cfg)
             if t is not None and t < best[0]:
                 best = (t, cfg)

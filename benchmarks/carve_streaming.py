@@ -1,7 +1,11 @@
 """Carving streams: a synthetic random Llama of ~1.2B parameters (bf16 shards on disk) is carved
-with peak RSS well under the checkpoint's size. Writes both figures to a JSON file.
+with peak RSS well under the checkpoint's size. Writes both figures to a JSON file, with the
+seconds per stage summed over layers.
 
     python benchmarks/carve_streaming.py    # about 10 minutes on 2 cores, 2.4 GB of disk
+    # two Llama-2-7B-shaped layers at the default calibration budget: what one such layer costs
+    python benchmarks/carve_streaming.py --hidden 4096 --intermediate 11008 --layers 2 --heads 32 \
+        --kv-heads 32 --calib-tokens 16384 --out results/carve/scale_7b_layers.json
 """
 
 from __future__ import annotations
@@ -27,15 +31,16 @@ SHAPE = {
 }
 
 
-def write_random_llama(directory: Path) -> int:
-    """A random bf16 Llama written tensor by tensor (never whole in memory); returns its parameter count."""
+def write_random_llama(directory: Path, shape: dict) -> int:
+    """A random bf16 Llama of `shape` written tensor by tensor (never whole in memory); returns its
+    parameter count."""
     from transformers import AutoTokenizer, LlamaConfig
 
     from moecarve.carve.writer import ShardWriter
     from moecarve.resources import bundled_model_dir
 
     config = LlamaConfig(
-        **SHAPE, max_position_embeddings=4096, tie_word_embeddings=False, dtype=torch.bfloat16
+        **shape, max_position_embeddings=4096, tie_word_embeddings=False, dtype=torch.bfloat16
     )
     config.save_pretrained(directory)
     AutoTokenizer.from_pretrained(bundled_model_dir()).save_pretrained(directory)
@@ -74,7 +79,7 @@ def write_random_llama(directory: Path) -> int:
     return count
 
 
-def _carve(src, out, queue):
+def _carve(src, out, calib_tokens, queue):
     torch.set_num_threads(2)
     from moecarve import CarveConfig, carve
     from moecarve.eval.common import peak_rss_gib
@@ -82,7 +87,7 @@ def _carve(src, out, queue):
     config = CarveConfig(
         experts=8,
         active=2,
-        calib_tokens=2 * 512,
+        calib_tokens=calib_tokens,
         calib_length=512,
         cluster_iters=2,
         max_shard_size=256 * 1024**2,
@@ -94,24 +99,52 @@ def _carve(src, out, queue):
             "carve_seconds": round(time.perf_counter() - started, 1),
             "calib_dtype": result.record["resolved"]["calib_dtype"],
             "peak_rss_gib": peak_rss_gib(),
+            "stage_seconds": stage_seconds(result.record["layers"]),
         }
     )
 
 
+def stage_seconds(layers: list[dict]) -> dict[str, float]:
+    """Each stage's seconds summed over the carved layers (carve.json's `layers[i].seconds`)."""
+    total: dict[str, float] = {}
+    for layer in layers:
+        for stage, seconds in layer.get("seconds", {}).items():
+            total[stage] = round(total.get(stage, 0.0) + seconds, 2)
+    return total
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", default="results/carve/streaming.json")
+    parser.add_argument("--hidden", type=int, default=SHAPE["hidden_size"])
+    parser.add_argument("--intermediate", type=int, default=SHAPE["intermediate_size"])
+    parser.add_argument("--layers", type=int, default=SHAPE["num_hidden_layers"])
+    parser.add_argument("--heads", type=int, default=SHAPE["num_attention_heads"])
+    parser.add_argument("--kv-heads", type=int, default=SHAPE["num_key_value_heads"])
+    parser.add_argument(
+        "--calib-tokens", type=int, default=2 * 512, help="calibration tokens (512 per sequence)"
+    )
     parser.add_argument(
         "--workdir", default=None, help="where the 2.4 GB synthetic model goes (default: a temp dir)"
     )
     args = parser.parse_args()
+    shape = {
+        **SHAPE,
+        "hidden_size": args.hidden,
+        "intermediate_size": args.intermediate,
+        "num_hidden_layers": args.layers,
+        "num_attention_heads": args.heads,
+        "num_key_value_heads": args.kv_heads,
+    }
     work = Path(tempfile.mkdtemp(dir=args.workdir))
     try:
-        params = write_random_llama(work / "dense")
+        params = write_random_llama(work / "dense", shape)
         size = sum(f.stat().st_size for f in (work / "dense").glob("*.safetensors"))
         ctx = mp.get_context("spawn")
         queue = ctx.Queue()
-        child = ctx.Process(target=_carve, args=(work / "dense", work / "moe", queue))
+        child = ctx.Process(target=_carve, args=(work / "dense", work / "moe", args.calib_tokens, queue))
         child.start()
         stats = queue.get()
         child.join()
@@ -122,13 +155,13 @@ def main() -> None:
 
     report = {
         "benchmark": "carve_streaming",
-        "shape": SHAPE,
+        "shape": shape,
         "parameters": params,
         "dtype": "bfloat16",
         "checkpoint_gib": round(size / 1024**3, 3),
         "carved_checkpoint_gib": round(out_size / 1024**3, 3),
-        "config": "S1A2E8, 2 x 512 calibration tokens, 2 clustering iterations, refine and calib_dtype "
-        "at their defaults, 256 MiB output shards",
+        "config": f"S1A2E8, {args.calib_tokens // 512} x 512 calibration tokens (the default text), 2 "
+        "clustering iterations, refine and calib_dtype at their defaults, 256 MiB output shards",
         "calib_dtype": stats.pop("calib_dtype"),
         **stats,
         "peak_rss_over_checkpoint": round(stats["peak_rss_gib"] / (size / 1024**3), 3),

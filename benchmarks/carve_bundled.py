@@ -74,6 +74,7 @@ def _carve_child(name, overrides, calib, out, queue, threads=2):
     queue.put(
         {
             "carve_seconds": round(seconds, 1),
+            "construction_seconds": round(result.record["construction_seconds"], 1),
             "peak_rss_gib": round(peak, 2),
             "carve_config": result.record["config"],
             "calib_dtype": result.record["resolved"]["calib_dtype"],
@@ -86,8 +87,9 @@ def table(paths: list[Path]) -> str:
     """The markdown table docs/carve.md quotes, from one or more results files."""
     lines = [
         "| config | overrides | FFN active | PPL | reference PPL | router agreement (fitted / CMoE / chance) "
-        "| log-PPL gap to the oracle closed | carve s | reference s | peak RSS GiB | file |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| log-PPL gap to the oracle closed | carve s (whole call) | construction s | reference s "
+        "| x reference speed (construction) | peak RSS GiB | file |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for path in paths:
         report = json.loads(path.read_text())
@@ -108,10 +110,15 @@ def table(paths: list[Path]) -> str:
                 if reference and oracle
                 else "-"
             )
+            construction, reference_seconds = (
+                row.get("construction_seconds"),
+                row.get("reference_carve_seconds"),
+            )
+            speed = f"{reference_seconds / construction:.1f}x" if construction and reference_seconds else "-"
             lines.append(
                 f"| {row['config']} | {overrides if row['config'] != 'dense' else '-'} | {row['active_fraction']:.1%} "
                 f"| {row['ppl']:.3f} | {row.get('reference_ppl') or '-'} | {agreement} | {closed} "
-                f"| {row.get('carve_seconds', '-')} | {row.get('reference_carve_seconds') or '-'} "
+                f"| {row.get('carve_seconds', '-')} | {construction or '-'} | {reference_seconds or '-'} | {speed} "
                 f"| {row.get('peak_rss_gib', '-')} | `{path}` |"
             )
     return "\n".join(lines)
@@ -220,7 +227,7 @@ def main() -> None:
             rows.append(row)
             print(
                 f"{name}: ppl {row['ppl']:.3f} (reference {row['reference_ppl']}), "
-                f"{row['carve_seconds']} s, {row['peak_rss_gib']} GiB",
+                f"{row['carve_seconds']} s ({row['construction_seconds']} s construction), {row['peak_rss_gib']} GiB",
                 flush=True,
             )
             out_path.write_text(json.dumps(report, indent=2) + "\n")

@@ -46,6 +46,7 @@ def test_cli_carves_and_reports(command, tiny_models, calib_file, tmp_path):
     assert "neurons per expert: 24" in result.output
     record = json.loads((tmp_path / "o" / "carve.json").read_text())
     assert record["config"]["cluster_iters"] == 3 and record["calibration"]["tokens"] == 256
+    assert 0 < record["construction_seconds"] < record["carve_seconds"]
     stages = {"attention", "activations", "partition", "router", "forward", "refit"}
     assert all(set(layer["seconds"]) == stages for layer in record["layers"])  # where the time went
 
@@ -67,7 +68,7 @@ def test_fast_preset_sets_defaults_that_explicit_options_override(tiny_models, c
     assert "(fast preset)" in result.output
     config = json.loads((tmp_path / "o" / "carve.json").read_text())["config"]
     # the preset's own values where nothing was given, the user's where something was
-    assert config["preset"] == "fast" and config["cluster_iters"] == 1 and config["refit_ridge"] is None
+    assert config["preset"] == "fast" and config["cluster_iters"] == 1 and config["refit_ridge"] == "auto"
     assert (config["calib_tokens"], config["calib_length"], config["refine_iters"]) == (256, 64, 1)
     from moecarve.carve.config import CarveConfig
 
@@ -76,7 +77,7 @@ def test_fast_preset_sets_defaults_that_explicit_options_override(tiny_models, c
         k: v for k, v in config.items() if k != "preset"
     }
     fast, default = CarveConfig(preset="fast"), CarveConfig()
-    assert (fast.calib_tokens, fast.calib_length, fast.refine_iters) == (4096, 256, 2)
+    assert (fast.calib_tokens, fast.calib_length, fast.refine_iters) == (2048, 256, 2)
     assert (default.calib_tokens, default.refit_ridge, default.preset) == (16384, "auto", "quality")
 
 

@@ -24,7 +24,7 @@ def _field_help(name: str) -> str:
 
 
 def _preset_defaults(name: str) -> str:
-    """'[default: 16384; fast preset: 4096]' for an option whose default the preset sets."""
+    """'[default: 16384; fast preset: 2048]' for an option whose default the preset sets."""
     default = CarveConfig.model_fields[name].default
     return (
         "[default: "

@@ -92,6 +92,18 @@ def test_fingerprint_follows_the_settings(tmp_path):
     assert all(a.fingerprint != b.fingerprint for a, b in zip(first, changed, strict=True))
 
 
+def test_preset_in_a_recipe_yields_to_explicit_settings_and_not_to_its_name(tmp_path):
+    text = GOOD.replace("{experts: 8, active: 2}", "{experts: 8, active: 2, preset: fast}")
+    text += "carve: {calib_length: 64}\n"
+    fast, _ = load_recipe(write(tmp_path, text)).jobs
+    assert (fast.carve.calib_tokens, fast.carve.refine_iters, fast.carve.calib_length) == (2048, 2, 64)
+    spelled_out = "{experts: 8, active: 2, calib_tokens: 2048, cluster_iters: 1, refine_iters: 2}"
+    same, _ = load_recipe(
+        write(tmp_path, text.replace("{experts: 8, active: 2, preset: fast}", spelled_out))
+    ).jobs
+    assert same.carve.preset == "quality" and same.fingerprint == fast.fingerprint
+
+
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_recipe_names_line_and_key(tmp_path, case):
     (old, new), line, text = BAD[case]

@@ -118,7 +118,8 @@ class Job:
         """Hash of everything that decides the job's results: a finished job with another is stale."""
         spec = {
             "model": self.model.model_dump(exclude={"name", "carve"}),
-            "carve": self.carve.model_dump() if self.carve else None,
+            # the preset is resolved into the other fields: its name alone decides nothing
+            "carve": self.carve.model_dump(exclude={"preset"}) if self.carve else None,
             "calib": self.calib,
             "stages": self.stages,
             "options": self.options,

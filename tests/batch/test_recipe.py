@@ -92,16 +92,23 @@ def test_fingerprint_follows_the_settings(tmp_path):
     assert all(a.fingerprint != b.fingerprint for a, b in zip(first, changed, strict=True))
 
 
-def test_preset_in_a_recipe_yields_to_explicit_settings_and_not_to_its_name(tmp_path):
-    text = GOOD.replace("{experts: 8, active: 2}", "{experts: 8, active: 2, preset: fast}")
-    text += "carve: {calib_length: 64}\n"
-    fast, _ = load_recipe(write(tmp_path, text)).jobs
+def test_a_preset_is_spelled_out_at_its_level_and_its_name_is_not_fingerprinted(tmp_path):
+    entries = "{experts: 8, active: 2, preset: fast, calib_length: 64}"
+    text = GOOD.replace("{experts: 8, active: 2}", entries) + "carve: {calib_tokens: 640, refine_iters: 1}\n"
+    fast, other = load_recipe(write(tmp_path, text)).jobs
+    # the entry's preset overrides the shared settings; the entry's own calib_length overrides the preset
     assert (fast.carve.calib_tokens, fast.carve.refine_iters, fast.carve.calib_length) == (2048, 2, 64)
-    spelled_out = "{experts: 8, active: 2, calib_tokens: 2048, cluster_iters: 1, refine_iters: 2}"
-    same, _ = load_recipe(
-        write(tmp_path, text.replace("{experts: 8, active: 2, preset: fast}", spelled_out))
-    ).jobs
+    assert (other.carve.calib_tokens, other.carve.refine_iters) == (640, 1)  # no preset: the shared ones
+    spelled_out = (
+        "{experts: 8, active: 2, calib_tokens: 2048, cluster_iters: 1, refine_iters: 2, calib_length: 64}"
+    )
+    same, _ = load_recipe(write(tmp_path, text.replace(entries, spelled_out))).jobs
     assert same.carve.preset == "quality" and same.fingerprint == fast.fingerprint
+    # a later level's `quality` undoes an earlier level's `fast`
+    undone = GOOD.replace("{experts: 8, active: 2}", "{experts: 8, active: 2, preset: quality}")
+    quality, fast_too = load_recipe(write(tmp_path, undone + "carve: {preset: fast}\n")).jobs
+    assert (quality.carve.calib_tokens, quality.carve.refine_iters) == (16384, 6)
+    assert (fast_too.carve.calib_tokens, fast_too.carve.preset) == (2048, "fast")
 
 
 @pytest.mark.parametrize("case", list(BAD))

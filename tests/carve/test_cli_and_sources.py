@@ -81,9 +81,23 @@ def test_fast_preset_sets_defaults_that_explicit_options_override(tiny_models, c
     assert (default.calib_tokens, default.refit_ridge, default.preset) == (16384, "auto", "quality")
 
 
+def test_cli_options_left_unset_fall_to_the_preset_then_the_default():
+    from moecarve.cli import _build_config
+
+    unset = {"experts": 8, "active": 2, "calib_tokens": None, "calib_length": None}
+    fast = _build_config({**unset, "preset": "fast"}, ())
+    assert (fast.calib_tokens, fast.calib_length, fast.cluster_iters) == (2048, 256, 1)
+    quality = _build_config({**unset, "preset": "quality"}, ("calib_length=128",))
+    assert (quality.calib_tokens, quality.calib_length, quality.cluster_iters) == (16384, 128, 2)
+
+
 def test_unknown_preset_is_refused_before_loading(tmp_path):
     result = CliRunner().invoke(carve_command, [str(tmp_path / "missing"), "--preset", "turbo"])
     assert result.exit_code == 2 and "'turbo' is not one of 'quality', 'fast'" in result.output
+    from moecarve.cli import USER_ERRORS, _build_config
+
+    with pytest.raises(USER_ERRORS, match="preset"):  # what the CLI prints as one line, exit 2
+        _build_config({"experts": 8, "active": 2}, ("preset=[1]",))
 
 
 def test_hub_id_without_hub_gives_clear_error(monkeypatch):

@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from moecarve.carve.config import CarveConfig
+from moecarve.carve.config import CarveConfig, expand_preset
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # a plain file name: job directories are named after it
 STAGE_ORDER = ("carve", "eval_ppl", "eval_tasks")
@@ -184,7 +184,8 @@ def _expand(recipe: Recipe, node, path: Path) -> list[Job]:
             jobs.append(Job(f"{model.name}-dense", model, "dense", None, None, eval_stages, options))
         config_names = set()
         for c, entry in enumerate(recipe.configs):
-            settings = {**recipe.carve, **model.carve, **entry}
+            # each level's preset is spelled out there, so a later level overrides it field by field
+            settings = {**expand_preset(recipe.carve), **expand_preset(model.carve), **expand_preset(entry)}
             name, calib = settings.pop("name", None), settings.pop("calib", None)
             try:
                 config = CarveConfig(**settings)

@@ -7,14 +7,27 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-# Named sets of defaults; fields given explicitly override them. "fast" calibrates on an eighth of
-# the default tokens in short sequences, with one k-means step and two refine steps: on the bundled
-# model it carves 6.3-11.9x faster than the CMoE reference and stays below its PPL at every
-# configuration, at 1.2-2.8x the defaults' PPL (docs/carve.md, results/carve/bundled_fast.json).
+# Named sets of defaults for the fields not given explicitly. "fast" calibrates on an eighth of the
+# default tokens in short sequences, with one k-means step and two refine steps: on the bundled
+# model its construction is 6.3-11.9x faster than the CMoE reference's and it stays below the
+# reference's PPL at every configuration, at 1.2-2.8x the defaults' PPL (docs/carve.md,
+# results/carve/bundled_fast.json).
 PRESETS: dict[str, dict] = {
     "quality": {},
     "fast": {"calib_tokens": 2048, "calib_length": 256, "cluster_iters": 1, "refine_iters": 2},
 }
+
+
+def expand_preset(settings: dict) -> dict:
+    """`settings` with its `preset` spelled out: for every field some preset sets, the named preset's
+    value or the field's default, unless `settings` gives the field itself. Spelling out the default
+    too lets a later `preset: quality` undo an earlier `preset: fast` (batch recipes merge levels)."""
+    name = settings.get("preset")
+    if not isinstance(name, str) or name not in PRESETS:
+        return settings  # no preset, or a bad one: the field's own validation refuses it
+    fields = {key for values in PRESETS.values() for key in values}
+    spelled = {key: PRESETS[name].get(key, CarveConfig.model_fields[key].default) for key in fields}
+    return {**spelled, **settings}
 
 
 class CarveConfig(BaseModel):
@@ -22,7 +35,7 @@ class CarveConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    preset: Literal["quality", "fast"] = Field(
+    preset: Literal[tuple(PRESETS)] = Field(
         "quality",
         description="named defaults for the fields not given: quality (the measured best) or fast "
         "(an eighth of the calibration tokens, fewer clustering steps: several times faster, worse PPL)",
@@ -102,11 +115,7 @@ class CarveConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _apply_preset(cls, values):
-        if isinstance(values, dict) and values.get("preset") is not None:
-            preset = PRESETS.get(values["preset"])
-            if preset is not None:  # an unknown name is refused by the field's own validation
-                values = {**preset, **values}
-        return values
+        return expand_preset(values) if isinstance(values, dict) else values
 
     @field_validator("refit_ridge", mode="before")
     @classmethod

@@ -97,7 +97,8 @@ def carve_command(model, calib, out, overwrite, eval_ppl, extra, **options):
     resolved = result.record["resolved"]
     click.echo(
         f"neurons per expert: {resolved['neurons_per_expert']} (padding {resolved['padding_neurons']}); "
-        f"calibration: {result.record['calibration']['tokens']} tokens; {result.record['carve_seconds']} s"
+        f"calibration: {result.record['calibration']['tokens']} tokens; {result.record['carve_seconds']} s "
+        f"({result.record['construction_seconds']} s carving the layers)"
     )
     quality = result.record.get("quality")
     if quality:

@@ -43,7 +43,7 @@ def test_cli_carves_and_reports(command, tiny_models, calib_file, tmp_path):
         "S1A2E4: 1 shared + 2 of 3 routed experts active, 75.0% of the FFN neurons per token "
         "(quality preset)" in result.output
     )
-    assert "neurons per expert: 24" in result.output
+    assert "neurons per expert: 24" in result.output and "s carving the layers)" in result.output
     record = json.loads((tmp_path / "o" / "carve.json").read_text())
     assert record["config"]["cluster_iters"] == 3 and record["calibration"]["tokens"] == 256
     assert 0 < record["construction_seconds"] < record["carve_seconds"]

@@ -158,11 +158,14 @@ def main() -> None:
     if args.table:
         print(table(args.table))
         return
+    from moecarve import CarveConfig
     from moecarve.cli import parse_setting
 
     overrides = dict(parse_setting(item) for item in args.set)
     if args.calib_tokens is not None:  # given: the carve takes them all, whatever a preset says
         overrides["calib_tokens"] = args.calib_tokens
+    for name in args.configs.split(","):  # a bad name or override fails here, before the dense PPL
+        CarveConfig(**parse(name), **overrides)
     file_tokens = args.calib_tokens or 8 * 2048
     torch.set_num_threads(2)
 

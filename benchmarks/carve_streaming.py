@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from moecarve.carve.config import PRESETS
+
 SHAPE = {
     "hidden_size": 2048,
     "intermediate_size": 5632,
@@ -129,7 +131,7 @@ def main() -> None:
         default=None,
         help="calibration tokens (default: 2 x 512 with the quality preset, the preset's own otherwise)",
     )
-    parser.add_argument("--preset", default="quality", help="CarveConfig preset (quality or fast)")
+    parser.add_argument("--preset", default="quality", choices=list(PRESETS), help="CarveConfig preset")
     parser.add_argument(
         "--workdir", default=None, help="where the 2.4 GB synthetic model goes (default: a temp dir)"
     )

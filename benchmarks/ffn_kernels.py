@@ -3,7 +3,8 @@
 One command (GPU):  PYTHONPATH=src python benchmarks/ffn_kernels.py
 Writes results/kernels/ffn_kernels.{jsonl,csv}: one row per (intermediate, config, batch, impl) with
 gpu, versions, median/p10/p90 latency, achieved GB/s, fraction of the bytes ideal and of peak HBM.
-`--tune` sweeps the kernels' tile sizes instead (results/kernels/tune.{jsonl,csv}).
+`--tune` sweeps the kernels' tile sizes instead (results/kernels/tune.{jsonl,csv}); `--router` times
+the router alone (results/kernels/router.{jsonl,csv}).
 
 Config SxAyEz: z experts of I = intermediate / z neurons, x shared (always on) and y routed
 active per token out of z - x routed. Weights and routing are random (speed only); L weight sets
@@ -266,6 +267,76 @@ def run_tune(args, env):
         done("dense", batch, best)
 
 
+def run_router(args, env) -> None:
+    """The routing alone, per (config, router weight dtype, batch): the fused router with its
+    logits split over H (as `enable` runs it), the same with one program per token (the schedule
+    it had before), and transformers' Glm4MoeTopkRouter. Weights in float32, as a loaded carve
+    keeps them (`_keep_in_fp32_modules_strict`), and in the benchmark's dtype; enough copies are
+    rotated that each call reads its weight from HBM, as a decode step does."""
+    from transformers import Glm4MoeConfig
+    from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeTopkRouter
+
+    from moecarve.kernels.ops.router import router_split, sigmoid_topk, sigmoid_topk_reference
+
+    dtype = getattr(torch, args.dtype)
+    for name, wdtype in itertools.product(args.configs, dict.fromkeys([torch.float32, dtype])):
+        s, a, n = parse_config(name)
+        e = n - s
+        cfg = Glm4MoeConfig(hidden_size=args.hidden, n_routed_experts=e, num_experts_per_tok=a, n_group=1,
+                            topk_group=1, norm_topk_prob=True, routed_scaling_factor=float(a))  # fmt: skip
+        n_sets = max(2, math.ceil(args.flush_bytes / (e * args.hidden * wdtype.itemsize)))
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            gates = [Glm4MoeTopkRouter(cfg).to(wdtype) for _ in range(n_sets)]
+        with torch.no_grad():
+            for g in gates:
+                g.weight.normal_(0.0, 0.02)
+                g.e_score_correction_bias.uniform_(0.0, 0.01)
+        rows = []
+        for batch in args.batches:
+            rot = Rotor(n_sets)
+            xs = [torch.randn(batch, args.hidden, device="cuda", dtype=dtype) for _ in range(n_sets)]
+
+            def fused(split, rot=rot, xs=xs, gates=gates, a=a):
+                def call():
+                    g = gates[rot()]
+                    return sigmoid_topk(
+                        xs[rot.i], g.weight, g.e_score_correction_bias, a, True, float(a), split
+                    )
+
+                return call
+
+            g0 = gates[0]
+            ref = sigmoid_topk_reference(xs[0], g0.weight, g0.e_score_correction_bias, a, True, float(a))
+            ref_idx = ref[0]
+            impls = {
+                "moecarve_router": (fused(None), None),
+                "moecarve_router_one_per_token": (fused(1), 1),
+                "hf_router": (lambda rot=rot, xs=xs, gates=gates: gates[rot()](xs[rot.i]), None),
+            }
+            nbytes = e * args.hidden * wdtype.itemsize + batch * args.hidden * dtype.itemsize
+            for impl, (fn, split) in impls.items():
+                rot.i = -1
+                with torch.no_grad():
+                    out = fn()
+                idx = out[0] if impl != "hf_router" else out[2]
+                match = (idx.long().sort(-1).values == ref_idx.sort(-1).values).all(-1).float().mean().item()
+                with torch.no_grad():
+                    t = time_fn(fn, graph=not args.no_graph, reps=args.reps)
+                programs = router_split(batch, args.hidden, e, split)[0] if impl != "hf_router" else None
+                rows.append({
+                    **env, "bench": "router", "hidden": args.hidden, "config": name, "routed": e, "active": a,
+                    "batch": batch, "dtype": args.dtype, "router_weight_dtype": str(wdtype).removeprefix("torch."),
+                    "impl": impl, "programs_per_token": programs, **t, "bytes": nbytes,
+                    "gbps": nbytes / (t["median_us"] * 1e-6) / 1e9, "topk_match_frac": match,
+                })  # fmt: skip
+                print(f"{name} {rows[-1]['router_weight_dtype']} B={batch:<3} {impl:<30} {t['median_us']:8.1f} us "
+                      f"split={programs} match={match:.3f}", flush=True)  # fmt: skip
+        write_rows(rows, args.out / "router")
+        gates.clear()
+        torch.cuda.empty_cache()
+
+
 def load_decode_table(path: Path) -> dict:
     """Set the library's decode tiles to the fastest per batch in a tune.jsonl (largest batch covers above)."""
     import json
@@ -297,6 +368,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--flush-bytes", type=float, default=200e6, help="weight bytes rotated through per pass")
     p.add_argument("--no-graph", action="store_true")
     p.add_argument("--tune", action="store_true")
+    p.add_argument("--router", action="store_true", help="time the router alone (router.jsonl)")
     p.add_argument(
         "--paths", nargs="+", default=["decode", "grouped", "dense"], help="the paths --tune sweeps"
     )
@@ -313,6 +385,8 @@ def main(argv: list[str] | None = None) -> None:
     print(env, flush=True)
     if args.tune:
         run_tune(args, env)
+    elif args.router:
+        run_router(args, env)
     else:
         run_grid(args, env, peak)
 

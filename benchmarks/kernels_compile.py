@@ -33,13 +33,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 from ffn_kernels import BATCHES, CONFIGS, parse_config  # noqa: E402
 
 # opt-in shared memory per block (bytes): H100/H200, A100, and the sm_86/89 parts (A10, L4, L40S, RTX)
-KERNELS = (
-    "_decode_up_kernel",
-    "_decode_down_kernel",
-    "_grouped_up_kernel",
-    "_grouped_down_kernel",
-    "_dense_down_kernel",
-)
+KERNELS = {
+    "moe_ffn": (
+        "_decode_up_kernel",
+        "_decode_down_kernel",
+        "_grouped_up_kernel",
+        "_grouped_down_kernel",
+        "_dense_down_kernel",
+    ),
+    "router": ("_router_logits_kernel", "_sigmoid_topk_kernel"),
+}
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024, 89: 99 * 1024, 86: 99 * 1024}
 
 
@@ -101,11 +104,8 @@ def resource_usage(cubin: bytes) -> dict:
 def compiled_kernels(first_shape: dict[int, dict] | None = None) -> list[dict]:
     """Every kernel compiled so far in this process, with its launch settings and resources, and
     the shape that first compiled it (`first_shape`, by id of the compiled kernel)."""
-    from moecarve.kernels.ops import moe_ffn as ops
-
     rows = []
-    for name in KERNELS:
-        kernel = getattr(ops, name)
+    for name, kernel in _kernels():
         for cache in kernel.device_caches.values():
             for compiled in cache[0].values():
                 meta = compiled.metadata
@@ -113,7 +113,10 @@ def compiled_kernels(first_shape: dict[int, dict] | None = None) -> list[dict]:
                     {
                         "kernel": name,
                         "constants": {kernel.arg_names[i[0]]: v for i, v in compiled.src.constants.items()},
-                        "activations": compiled.src.signature[kernel.arg_names[0]],  # the model's dtype
+                        # the model's dtype (the top-k kernel reads only float32 partial logits)
+                        "activations": None
+                        if name == "_sigmoid_topk_kernel"
+                        else compiled.src.signature[kernel.arg_names[0]],
                         "num_warps": meta.num_warps,
                         "num_stages": meta.num_stages,
                         "shared_bytes": meta.shared,
@@ -128,6 +131,7 @@ def compile_all(dtypes: list[torch.dtype]) -> tuple[list[dict], dict[int, dict]]
     """Run the host functions the benchmark times on CPU tensors of its shapes (launches compile
     only). Returns the shapes and, by id of each compiled kernel, the shape that first compiled it."""
     from moecarve.kernels.ops import moe_ffn as ops
+    from moecarve.kernels.ops.router import sigmoid_topk
 
     hidden, shapes, first_shape = 4096, [], {}
     run = {"decode": ops.moe_ffn_decode, "dense": ops.moe_ffn_dense, "grouped": ops.moe_ffn_grouped}
@@ -147,11 +151,15 @@ def compile_all(dtypes: list[torch.dtype]) -> tuple[list[dict], dict[int, dict]]
                 wts = torch.ones(batch, a, dtype=torch.float32)
                 paths = ["decode"] + (["dense"] if batch >= 4 else []) + (["grouped"] if batch >= 8 else [])
                 shape = {"dtype": str(dtype), "intermediate": inter, "config": name, "batch": batch}
+                # the fused router, as the block benchmark runs it (router weights in the model's dtype)
+                sigmoid_topk(x, torch.empty(routed, hidden, dtype=dtype), torch.zeros(routed), a, True, 1.0)
+                for compiled in _all_compiled():
+                    first_shape.setdefault(id(compiled), {**shape, "path": "router"})
                 for path in paths:
                     # the decode path also without the shared expert (run after), as the benchmark times it
                     for with_shared in (True, False) if path == "decode" and batch <= 32 else (True,):
                         run[path](x, idx, wts, w13, w2, shared if with_shared else None)
-                        for compiled in _all_compiled(ops):
+                        for compiled in _all_compiled():
                             first_shape.setdefault(
                                 id(compiled), {**shape, "path": path, "shared": with_shared}
                             )
@@ -159,9 +167,18 @@ def compile_all(dtypes: list[torch.dtype]) -> tuple[list[dict], dict[int, dict]]
     return shapes, first_shape
 
 
-def _all_compiled(ops):
-    for name in KERNELS:
-        for cache in getattr(ops, name).device_caches.values():
+def _kernels():
+    """(name, JITFunction) of every kernel in KERNELS."""
+    import importlib
+
+    for module, names in KERNELS.items():
+        ops = importlib.import_module(f"moecarve.kernels.ops.{module}")
+        yield from ((name, getattr(ops, name)) for name in names)
+
+
+def _all_compiled():
+    for _, kernel in _kernels():
+        for cache in kernel.device_caches.values():
             yield from cache[0].values()
 
 

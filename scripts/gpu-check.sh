@@ -1,16 +1,33 @@
 #!/usr/bin/env bash
 # The kernel checks still owed on a GPU (docs/kernels.md), as one command that fits a device
-# session: the GPU tests, the dense path's tile sweep, and the FFN benchmark at the batches where
-# `auto` takes the dense path. Each step has its own time limit and writes as it goes, so a step
-# cut short still leaves what it finished. Run from the repository root on the GPU machine:
+# session, most important first: the GPU tests; the router alone (split over H since the last GPU
+# run); the FFN benchmark at batch 1 (the whole block, router included) and at the batches where
+# `auto` takes the dense path; end-to-end decode at batch 1; then, with the time left, the dense
+# path's tile sweep. Each step has its own time limit, all of them together at most 9.5 minutes,
+# and each writes as it goes, so a step cut short still leaves what it finished. From the
+# repository root on the GPU machine:
 #
 #   bash scripts/gpu-check.sh [OUT_DIR]      # OUT_DIR defaults to $OUT, else results/kernels/gpu-check
 #
-# About 8 minutes at most (the limits below). Uses the machine's own torch/triton/transformers.
+# Uses the machine's own torch/triton/transformers.
 set -uo pipefail
 out="${1:-${OUT:-results/kernels/gpu-check}}"
 mkdir -p "$out"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+deadline=$((SECONDS + 570))
+
+# step LIMIT LOG CMD...: run CMD for at most LIMIT seconds, and never past the deadline.
+step() {
+    local limit=$1 log=$2 left=$((deadline - SECONDS))
+    shift 2
+    ((left < limit)) && limit=$left
+    if ((limit < 10)); then
+        echo "skipped: no time left" >"$log"
+        return
+    fi
+    timeout "$limit" "$@" >"$log" 2>&1
+    echo "exit $? (limit ${limit}s): $*" >>"$log"
+}
 
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
@@ -19,18 +36,15 @@ triton.__version__, "transformers", transformers.__version__)'
     git rev-parse --short HEAD 2>/dev/null || true
 } >"$out/env.txt" 2>&1
 
-# 1. Every kernel against the reference on CUDA (decode, grouped, dense; fp32/bf16/fp16; 7B shapes).
-timeout 150 python3 -m pytest -m gpu tests/kernels -q -p no:cacheprovider 2>&1 | tail -40 >"$out/pytest_gpu.log"
-echo "pytest -m gpu: exit ${PIPESTATUS[0]}" >>"$out/pytest_gpu.log"
-
-# 2. The dense path's tiles (never swept): S2A2E16 at intermediate 11008, the batches auto sends to it.
-# Largest batches first: the dense path is all `auto` runs there.
-timeout 150 python3 benchmarks/ffn_kernels.py --tune --paths dense --configs S2A2E16 --intermediate 11008 \
-    --batches 256 64 32 16 --reps 20 --out "$out" >"$out/tune.log" 2>&1
-echo "tune: exit $?" >>"$out/tune.log"
-
-# 3. Dense path and auto against the dense FFN at 16-256 tokens (the "never 5% slower" goal).
-timeout 180 python3 benchmarks/ffn_kernels.py --intermediate 11008 --batches 16 32 64 256 --out "$out" \
-    >"$out/ffn.log" 2>&1
-echo "ffn_kernels: exit $?" >>"$out/ffn.log"
+# 1. Every kernel against the reference on CUDA (decode, grouped, dense, router; fp32/bf16/fp16; 7B shapes).
+step 150 "$out/pytest_gpu.log" python3 -m pytest -m gpu tests/kernels -q -p no:cacheprovider
+# 2. The router alone: split over H (as enable runs it) vs one program per token vs transformers'.
+step 60 "$out/router.log" python3 benchmarks/ffn_kernels.py --router --batches 1 8 64 256 --reps 20 --out "$out"
+# 3. Batch 1 (the block with the new router) and 16-256 tokens (the dense path, "never 5% slower").
+step 200 "$out/ffn.log" python3 benchmarks/ffn_kernels.py --intermediate 11008 --batches 1 16 32 64 256 --out "$out"
+# 4. End-to-end greedy decode at batch 1 and 2 (the 1.3x goal), S2A2E16.
+step 120 "$out/decode_e2e.log" python3 benchmarks/decode_e2e.py --device cuda --batches 1 2 --eager-batches --out "$out"
+# 5. The dense path's tiles (never swept), largest batches first, with what time is left.
+step 150 "$out/tune.log" python3 benchmarks/ffn_kernels.py --tune --paths dense --configs S2A2E16 \
+    --intermediate 11008 --batches 256 64 32 16 --reps 20 --out "$out"
 ls -la "$out"

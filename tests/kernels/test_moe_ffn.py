@@ -174,18 +174,63 @@ def test_7b_shapes_cuda(cuda_device, T, path):
     check(Case(T, 4096, 688, 14, 2, 1376), torch.bfloat16, cuda_device, path)
 
 
-@pytest.mark.parametrize("T,E,K", [(1, 5, 2), (6, 7, 3), (3, 4, 4)])
-def test_fused_router_matches_reference(interp_device, T, E, K):
+@pytest.mark.parametrize(
+    "T,H,E,K,split",
+    [
+        (1, 40, 5, 2, None),  # one H block
+        (6, 40, 7, 3, None),
+        (3, 40, 4, 4, None),  # K = E
+        (1, 600, 14, 2, None),  # 3 H blocks of 256 (the last partial), one program each
+        (5, 600, 14, 2, 2),  # 2 programs per token: 512 + 88 columns
+        (2, 600, 33, 3, 4),  # E above a power of two: 10 blocks of 64, 3 per program
+        (4, 600, 14, 2, 1),  # one program per token (large-batch schedule)
+        (2, 600, 14, 2, 99),  # more programs than H blocks: clamped
+    ],
+)
+@pytest.mark.parametrize("norm", [True, False])
+def test_fused_router_matches_reference(interp_device, T, H, E, K, split, norm):
     from moecarve.kernels.ops.router import sigmoid_topk, sigmoid_topk_reference
 
-    g = torch.Generator().manual_seed(T)
+    g = torch.Generator().manual_seed(T * H + E)
     x, w, bias = (
-        torch.randn(T, 40, generator=g),
-        torch.randn(E, 40, generator=g),
+        torch.randn(T, H, generator=g),
+        torch.randn(E, H, generator=g) / H**0.5,
         torch.rand(E, generator=g) * 0.1,
     )
-    idx, wts = sigmoid_topk(x, w, bias, K, True, 2.0)
-    ref_idx, ref_wts = sigmoid_topk_reference(x, w, bias, K, True, 2.0)
+    idx, wts = sigmoid_topk(x, w, bias, K, norm, 2.0, split=split)
+    ref_idx, ref_wts = sigmoid_topk_reference(x, w, bias, K, norm, 2.0)
     order, ref_order = idx.long().sort(-1), ref_idx.sort(-1)  # top-k sets, in any order
     assert torch.equal(order.values, ref_order.values)
     torch.testing.assert_close(wts.gather(1, order.indices), ref_wts.gather(1, ref_order.indices))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 8, 64, 300])
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
+def test_fused_router_7b_shapes_cuda(cuda_device, T, weight_dtype):
+    """S2A2E16 and S2A4E32 routers at hidden 4096, float32 weights as a loaded carve keeps them."""
+    from moecarve.kernels.ops.router import sigmoid_topk, sigmoid_topk_reference
+
+    g = torch.Generator(cuda_device).manual_seed(T)
+    for E, K in ((14, 2), (30, 4)):
+        x = torch.randn(T, 4096, generator=g, device=cuda_device, dtype=torch.bfloat16)
+        w = (torch.randn(E, 4096, generator=g, device=cuda_device) * 0.02).to(weight_dtype)
+        bias = torch.rand(E, generator=g, device=cuda_device) * 0.01
+        idx, wts = sigmoid_topk(x, w, bias, K, True, float(K))
+        ref_idx, ref_wts = sigmoid_topk_reference(x, w, bias, K, True, float(K))
+        order, ref_order = idx.long().sort(-1), ref_idx.sort(-1)
+        assert torch.equal(order.values, ref_order.values)
+        torch.testing.assert_close(wts.gather(1, order.indices), ref_wts.gather(1, ref_order.indices))
+
+
+@pytest.mark.parametrize(
+    "tokens,split,expected",
+    [(1, None, (16, 256)), (64, None, (16, 256)), (128, None, (8, 512)), (300, None, (3, 1536)),
+     (4096, None, (1, 4096)), (1, 3, (3, 1536)), (1, 0, (1, 4096))],
+)  # fmt: skip
+def test_router_split_spreads_small_batches_over_h(tokens, split, expected):
+    """H 4096 in 16 blocks of 256 (14 experts): decode batches take one block per program, large ones
+    one program per token."""
+    from moecarve.kernels.ops.router import router_split
+
+    assert router_split(tokens, 4096, 14, split) == expected

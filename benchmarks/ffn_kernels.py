@@ -46,6 +46,7 @@ def build_moe_block(hidden: int, inter: int, s: int, a: int, n: int, dtype: torc
     )  # fmt: skip
     with torch.device(device):
         block = Glm4MoeMoE(cfg).to(dtype)
+    block.gate.float()  # as from_pretrained keeps it (_keep_in_fp32_modules_strict); rows without router_weight_dtype: bf16
     with torch.no_grad():
         for p in block.parameters():
             p.normal_(0.0, 0.02)
@@ -179,7 +180,7 @@ def run_grid(args, env, peak) -> None:
                     **env, "bench": "ffn", "hidden": args.hidden, "intermediate": inter, "config": name,
                     "shared": s, "active": a, "experts": n, "routed": e, "expert_inter": i_e, "batch": batch,
                     "dtype": args.dtype, "impl": impl, **t, "bytes": nbytes, "hit_experts": hits,
-                    "gbps": gbps, "frac_peak_hbm": gbps / peak if peak else None,
+                    "gbps": gbps, "frac_peak_hbm": gbps / peak if peak else None, "router_weight_dtype": "float32",
                     "speedup_vs_dense": speedup, "ideal_speedup": ideal, "frac_bytes_ideal": speedup / ideal,
                     "rel_err": rel_err,
                 })  # fmt: skip
@@ -237,7 +238,7 @@ def run_tune(args, env):
 
     for batch in [b for b in args.batches if b <= 32 and "decode" in args.paths]:
         best = (math.inf, None)
-        for bi, bh, w in itertools.product([32, 64], [128, 256], [4, 8]):
+        for bi, bh, w in itertools.product([16, 32, 64], [128, 256], [4, 8]):
             cfg = DecodeConfig(block_i=bi, block_h=bh, warps_up=w)
             t = measure(batch, "decode", cfg)
             if t is not None and t < best[0]:

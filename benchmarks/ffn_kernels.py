@@ -46,7 +46,6 @@ def build_moe_block(hidden: int, inter: int, s: int, a: int, n: int, dtype: torc
     )  # fmt: skip
     with torch.device(device):
         block = Glm4MoeMoE(cfg).to(dtype)
-    block.gate.float()  # as from_pretrained keeps it (_keep_in_fp32_modules_strict); rows without router_weight_dtype: bf16
     with torch.no_grad():
         for p in block.parameters():
             p.normal_(0.0, 0.02)
@@ -180,7 +179,7 @@ def run_grid(args, env, peak) -> None:
                     **env, "bench": "ffn", "hidden": args.hidden, "intermediate": inter, "config": name,
                     "shared": s, "active": a, "experts": n, "routed": e, "expert_inter": i_e, "batch": batch,
                     "dtype": args.dtype, "impl": impl, **t, "bytes": nbytes, "hit_experts": hits,
-                    "gbps": gbps, "frac_peak_hbm": gbps / peak if peak else None, "router_weight_dtype": "float32",
+                    "gbps": gbps, "frac_peak_hbm": gbps / peak if peak else None,
                     "speedup_vs_dense": speedup, "ideal_speedup": ideal, "frac_bytes_ideal": speedup / ideal,
                     "rel_err": rel_err,
                 })  # fmt: skip
@@ -271,9 +270,11 @@ def run_tune(args, env):
 def run_router(args, env) -> None:
     """The routing alone, per (config, router weight dtype, batch): the fused router with its
     logits split over H (as `enable` runs it), the same with one program per token (the schedule
-    it had before), and transformers' Glm4MoeTopkRouter. Weights in float32, as a loaded carve
-    keeps them (`_keep_in_fp32_modules_strict`), and in the benchmark's dtype; enough copies are
-    rotated that each call reads its weight from HBM, as a decode step does."""
+    it had before, now two launches), and transformers' Glm4MoeTopkRouter. Router weights in
+    float32 (as transformers 5.25 loads a carve) and in the benchmark's dtype (as 5.17 does); the
+    score-correction bias stays float32. One CUDA graph holds one call per weight copy, and the
+    copies (with their inputs) add up to --flush-bytes, so that each call reads from HBM as in a
+    decode step, not from the L2."""
     from transformers import Glm4MoeConfig
     from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeTopkRouter
 
@@ -285,16 +286,17 @@ def run_router(args, env) -> None:
         e = n - s
         cfg = Glm4MoeConfig(hidden_size=args.hidden, n_routed_experts=e, num_experts_per_tok=a, n_group=1,
                             topk_group=1, norm_topk_prob=True, routed_scaling_factor=float(a))  # fmt: skip
-        n_sets = max(2, math.ceil(args.flush_bytes / (e * args.hidden * wdtype.itemsize)))
-        torch.manual_seed(0)
-        with torch.device("cuda"):
-            gates = [Glm4MoeTopkRouter(cfg).to(wdtype) for _ in range(n_sets)]
-        with torch.no_grad():
-            for g in gates:
-                g.weight.normal_(0.0, 0.02)
-                g.e_score_correction_bias.uniform_(0.0, 0.01)
         rows = []
         for batch in args.batches:
+            nbytes = e * args.hidden * wdtype.itemsize + batch * args.hidden * dtype.itemsize
+            n_sets = max(2, math.ceil(args.flush_bytes / nbytes))
+            torch.manual_seed(0)
+            with torch.device("cuda"):
+                gates = [Glm4MoeTopkRouter(cfg) for _ in range(n_sets)]
+            with torch.no_grad():
+                for g in gates:
+                    g.weight.data = g.weight.data.normal_(0.0, 0.02).to(wdtype)
+                    g.e_score_correction_bias.uniform_(0.0, 0.01)
             rot = Rotor(n_sets)
             xs = [torch.randn(batch, args.hidden, device="cuda", dtype=dtype) for _ in range(n_sets)]
 
@@ -315,7 +317,6 @@ def run_router(args, env) -> None:
                 "moecarve_router_one_per_token": (fused(1), 1),
                 "hf_router": (lambda rot=rot, xs=xs, gates=gates: gates[rot()](xs[rot.i]), None),
             }
-            nbytes = e * args.hidden * wdtype.itemsize + batch * args.hidden * dtype.itemsize
             for impl, (fn, split) in impls.items():
                 rot.i = -1
                 with torch.no_grad():
@@ -323,19 +324,19 @@ def run_router(args, env) -> None:
                 idx = out[0] if impl != "hf_router" else out[2]
                 match = (idx.long().sort(-1).values == ref_idx.sort(-1).values).all(-1).float().mean().item()
                 with torch.no_grad():
-                    t = time_fn(fn, graph=not args.no_graph, reps=args.reps)
+                    t = time_fn(fn, graph=not args.no_graph, reps=args.reps, inner=n_sets)
                 programs = router_split(batch, args.hidden, e, split)[0] if impl != "hf_router" else None
                 rows.append({
                     **env, "bench": "router", "hidden": args.hidden, "config": name, "routed": e, "active": a,
                     "batch": batch, "dtype": args.dtype, "router_weight_dtype": str(wdtype).removeprefix("torch."),
-                    "impl": impl, "programs_per_token": programs, **t, "bytes": nbytes,
+                    "impl": impl, "programs_per_token": programs, **t, "calls_per_graph": n_sets, "bytes": nbytes,
                     "gbps": nbytes / (t["median_us"] * 1e-6) / 1e9, "topk_match_frac": match,
                 })  # fmt: skip
                 print(f"{name} {rows[-1]['router_weight_dtype']} B={batch:<3} {impl:<30} {t['median_us']:8.1f} us "
                       f"split={programs} match={match:.3f}", flush=True)  # fmt: skip
+            del gates, xs
+            torch.cuda.empty_cache()
         write_rows(rows, args.out / "router")
-        gates.clear()
-        torch.cuda.empty_cache()
 
 
 def load_decode_table(path: Path) -> dict:

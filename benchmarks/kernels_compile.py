@@ -151,8 +151,10 @@ def compile_all(dtypes: list[torch.dtype]) -> tuple[list[dict], dict[int, dict]]
                 wts = torch.ones(batch, a, dtype=torch.float32)
                 paths = ["decode"] + (["dense"] if batch >= 4 else []) + (["grouped"] if batch >= 8 else [])
                 shape = {"dtype": str(dtype), "intermediate": inter, "config": name, "batch": batch}
-                # the fused router, as the block benchmark runs it (router weights in the model's dtype)
-                sigmoid_topk(x, torch.empty(routed, hidden, dtype=dtype), torch.zeros(routed), a, True, 1.0)
+                # the fused router, weights in the model's dtype (transformers 5.17) and float32 (5.25)
+                for router_dtype in dict.fromkeys((dtype, torch.float32)):
+                    router = torch.empty(routed, hidden, dtype=router_dtype)
+                    sigmoid_topk(x, router, torch.zeros(routed), a, True, 1.0)
                 for compiled in _all_compiled():
                     first_shape.setdefault(id(compiled), {**shape, "path": "router"})
                 for path in paths:

@@ -207,8 +207,10 @@ def test_fused_router_matches_reference(interp_device, T, H, E, K, split, norm):
 @pytest.mark.gpu
 @pytest.mark.parametrize("T", [1, 8, 64, 300])
 @pytest.mark.parametrize("weight_dtype", [torch.float32, torch.bfloat16])
-def test_fused_router_7b_shapes_cuda(cuda_device, T, weight_dtype):
-    """S2A2E16 and S2A4E32 routers at hidden 4096, float32 weights as a loaded carve keeps them."""
+@pytest.mark.parametrize("split,norm", [(None, True), (1, True), (3, False)])
+def test_fused_router_7b_shapes_cuda(cuda_device, T, weight_dtype, split, norm):
+    """S2A2E16 and S2A4E32 routers at hidden 4096; float32 weights as transformers 5.25 loads them
+    (5.17 loads them in the model's dtype)."""
     from moecarve.kernels.ops.router import sigmoid_topk, sigmoid_topk_reference
 
     g = torch.Generator(cuda_device).manual_seed(T)
@@ -216,11 +218,19 @@ def test_fused_router_7b_shapes_cuda(cuda_device, T, weight_dtype):
         x = torch.randn(T, 4096, generator=g, device=cuda_device, dtype=torch.bfloat16)
         w = (torch.randn(E, 4096, generator=g, device=cuda_device) * 0.02).to(weight_dtype)
         bias = torch.rand(E, generator=g, device=cuda_device) * 0.01
-        idx, wts = sigmoid_topk(x, w, bias, K, True, float(K))
-        ref_idx, ref_wts = sigmoid_topk_reference(x, w, bias, K, True, float(K))
+        idx, wts = sigmoid_topk(x, w, bias, K, norm, float(K), split=split)
+        ref_idx, ref_wts = sigmoid_topk_reference(x, w, bias, K, norm, float(K))
         order, ref_order = idx.long().sort(-1), ref_idx.sort(-1)
         assert torch.equal(order.values, ref_order.values)
         torch.testing.assert_close(wts.gather(1, order.indices), ref_wts.gather(1, ref_order.indices))
+
+
+@pytest.mark.parametrize("top_k", [0, 6])
+def test_fused_router_refuses_a_top_k_it_cannot_pick(interp_device, top_k):
+    from moecarve.kernels.ops.router import sigmoid_topk
+
+    with pytest.raises(ValueError, match="top_k must be between 1 and the 5 routed experts"):
+        sigmoid_topk(torch.randn(2, 40), torch.randn(5, 40), torch.zeros(5), top_k, True, 1.0)
 
 
 @pytest.mark.parametrize(

@@ -4,10 +4,10 @@ transformers' router is about fifteen small kernels (casts, linear, sigmoid, gro
 top-k, gather, normalise, scale); at batch 1 their launches cost about as much as the experts.
 Here the logits are split over H: `split` programs per token each reduce one slice of H into
 float32 partial logits, so a decode step's [E, H] router weight is read by many SMs at once
-rather than by one program in a chain of dependent loads (about 1.3 µs each on the H100, which
-made a one-program-per-token router cost 21-45 µs per layer: docs/kernels.md). A second launch
-per token sums the partials and takes the sigmoid, the biased choice, K rounds of argmax, and
-the normalised, scaled gates. Ties may break differently from torch.topk.
+rather than by one program in a chain of 16-32 dependent loads (what the block's time beyond
+its experts' suggested on the H100: docs/kernels.md, "The router"). A second launch per token
+sums the partials and takes the sigmoid, the biased choice, K rounds of argmax, and the
+normalised, scaled gates. Ties may break differently from torch.topk.
 
 Letters: T tokens, H hidden, E routed experts, K active.
 """
@@ -29,7 +29,7 @@ def _router_logits_kernel(
     BLOCK_E: tl.constexpr, BLOCK_H: tl.constexpr,
 ):  # fmt: skip
     """part[t, s, e] = x[t, h] . w[e, h] over slice s of H (`chunk` columns), in float32."""
-    t = tl.program_id(0)
+    t = tl.program_id(0).to(tl.int64)
     s = tl.program_id(1)
     offs_e = tl.arange(0, BLOCK_E)
     e_mask = offs_e < E
@@ -39,7 +39,7 @@ def _router_logits_kernel(
     h_end = tl.minimum(h_start + chunk, H)
     for h0 in range(h_start, h_end, BLOCK_H):
         h_mask = offs_h < h_end - h0
-        x = tl.load(x_ptr + t.to(tl.int64) * stride_xt + h0 + offs_h, mask=h_mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + t * stride_xt + h0 + offs_h, mask=h_mask, other=0.0).to(tl.float32)
         w = tl.load(w_ptr + offs_e[:, None] * stride_we + h0 + offs_h[None, :], mask=e_mask[:, None] & h_mask[None, :],
                     other=0.0).to(tl.float32)  # fmt: skip
         acc += w * x[None, :]
@@ -52,7 +52,7 @@ def _sigmoid_topk_kernel(
     NORM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
 ):  # fmt: skip
     """One token: logits = sum of its SPLIT partials, then sigmoid, biased top-K and the gates."""
-    t = tl.program_id(0)
+    t = tl.program_id(0).to(tl.int64)
     offs_e = tl.arange(0, BLOCK_E)
     e_mask = offs_e < E
     offs_s = tl.arange(0, BLOCK_S)
@@ -108,6 +108,8 @@ def sigmoid_topk(
     """
     T, H = x.shape
     E = weight.shape[0]
+    if not 1 <= top_k <= E:
+        raise ValueError(f"top_k must be between 1 and the {E} routed experts, got {top_k}")
     block_e, block_h = router_tiles(E)
     n_split, chunk = router_split(T, H, E, split)
     part = torch.empty(T, n_split, block_e, dtype=torch.float32, device=x.device)

@@ -225,6 +225,21 @@ def test_fused_router_7b_shapes_cuda(cuda_device, T, weight_dtype, split, norm):
         torch.testing.assert_close(wts.gather(1, order.indices), ref_wts.gather(1, ref_order.indices))
 
 
+def test_fused_router_reads_strided_inputs_correctly(interp_device):
+    """A transposed weight or a column slice of the hidden states gives the reference's routing."""
+    from moecarve.kernels.ops.router import sigmoid_topk, sigmoid_topk_reference
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(80, 3, generator=g).T  # [3, 80], column stride 3
+    w = torch.randn(80, 6, generator=g).T  # [6, 80], column stride 6
+    bias = torch.rand(6, generator=g) * 0.1
+    idx, wts = sigmoid_topk(x, w, bias, 2, True, 1.0, split=2)
+    ref_idx, ref_wts = sigmoid_topk_reference(x, w, bias, 2, True, 1.0)
+    order, ref_order = idx.long().sort(-1), ref_idx.sort(-1)
+    assert torch.equal(order.values, ref_order.values)
+    torch.testing.assert_close(wts.gather(1, order.indices), ref_wts.gather(1, ref_order.indices))
+
+
 @pytest.mark.parametrize("top_k", [0, 6])
 def test_fused_router_refuses_a_top_k_it_cannot_pick(interp_device, top_k):
     from moecarve.kernels.ops.router import sigmoid_topk

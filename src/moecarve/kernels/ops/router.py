@@ -110,6 +110,7 @@ def sigmoid_topk(
     E = weight.shape[0]
     if not 1 <= top_k <= E:
         raise ValueError(f"top_k must be between 1 and the {E} routed experts, got {top_k}")
+    x, weight = x.contiguous(), weight.contiguous()  # the kernel reads rows with unit stride
     block_e, block_h = router_tiles(E)
     n_split, chunk = router_split(T, H, E, split)
     part = torch.empty(T, n_split, block_e, dtype=torch.float32, device=x.device)

@@ -78,7 +78,7 @@ def _sigmoid_topk_kernel(
 
 
 def router_tiles(experts: int) -> tuple[int, int]:
-    """(BLOCK_E, BLOCK_H): all experts in one tile of at most 4,096 weights (2,048 below 9 experts)."""
+    """(BLOCK_E, BLOCK_H): all experts in one tile of at most 4,096 weights (fewer below 9 experts)."""
     block_e = triton.next_power_of_2(experts)
     return block_e, max(16, min(256, 4096 // block_e))
 

@@ -1,32 +1,40 @@
 #!/usr/bin/env bash
-# The kernel checks still owed on a GPU (docs/kernels.md), as one command that fits a device
-# session, most important first: the GPU tests; the router alone (split over H since the last GPU
-# run); the FFN benchmark at batch 1 (the whole block, router included) and at the batches where
-# `auto` takes the dense path; end-to-end decode at batch 1; then, with the time left, the dense
-# path's tile sweep. Each step has its own time limit, all of them together at most 9.5 minutes,
-# and each writes as it goes, so a step cut short still leaves what it finished. From the
-# repository root on the GPU machine:
+# The kernel checks still owed on a GPU (docs/kernels.md), as one command sized to leave a device
+# session (15 minutes, a machine's start included) time to run it twice. Most important first:
+# the GPU tests; the router alone (split over H since the last GPU run); the FFN benchmark at batch
+# 1 (the whole block, router included) and at the batches where `auto` takes the dense path;
+# end-to-end decode at batch 1; then the dense path's tile sweep with what time is left. Each step
+# has its own time limit and none runs past the deadline (360 s unless given); each writes as it
+# goes, so a step cut short still leaves what it finished. From the repository root on the GPU
+# machine:
 #
-#   bash scripts/gpu-check.sh [OUT_DIR]      # OUT_DIR defaults to $OUT, else results/kernels/gpu-check
+#   bash scripts/gpu-check.sh [OUT_DIR [SECONDS]]   # OUT_DIR defaults to $OUT, else results/kernels/gpu-check
 #
+# OUT_DIR gets five files (the device tool brings back at most eight): gpu-check.log (versions and
+# every step's output) and the benchmarks' router / ffn_kernels / decode_e2e / tune .jsonl rows.
 # Uses the machine's own torch/triton/transformers.
 set -uo pipefail
 out="${1:-${OUT:-results/kernels/gpu-check}}"
+deadline=$((SECONDS + ${2:-360}))
 mkdir -p "$out"
+work=$(mktemp -d)
+log="$out/gpu-check.log"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-deadline=$((SECONDS + 570))
 
-# step LIMIT LOG CMD...: run CMD for at most LIMIT seconds, and never past the deadline.
+# step LIMIT CMD...: run CMD for at most LIMIT seconds and never past the deadline, its output
+# appended to the log; then copy the rows written so far (not the .csv copies) to OUT_DIR.
 step() {
-    local limit=$1 log=$2 left=$((deadline - SECONDS))
-    shift 2
-    ((left < limit)) && limit=$left  # the kill grace (10 s) is inside the 30 s margin below 600 s
+    local limit=$1 left=$((deadline - SECONDS))
+    shift
+    ((left < limit)) && limit=$left
+    echo "=== $* (limit ${limit}s)" >>"$log"
     if ((limit < 10)); then
-        echo "skipped: no time left" >"$log"
+        echo "skipped: no time left" >>"$log"
         return
     fi
-    timeout -k 10 "$limit" "$@" >"$log" 2>&1
-    echo "exit $? (limit ${limit}s): $*" >>"$log"
+    timeout -k 5 "$limit" "$@" >>"$log" 2>&1
+    echo "=== exit $?" >>"$log"
+    cp "$work"/*.jsonl "$out"/ 2>/dev/null
 }
 
 {
@@ -34,19 +42,19 @@ step() {
     python3 -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton",
 triton.__version__, "transformers", transformers.__version__)'
     git rev-parse --short HEAD 2>/dev/null || true
-} >"$out/env.txt" 2>&1
+} >"$log" 2>&1
 
 # 1. Every kernel against the reference on CUDA (decode, grouped, dense, router; fp32/bf16/fp16; 7B shapes).
-step 150 "$out/pytest_gpu.log" python3 -m pytest -m gpu tests/kernels -q -p no:cacheprovider
+step 120 python3 -m pytest -m gpu tests/kernels -q -p no:cacheprovider
 # 2. The router alone: split over H (as enable runs it) vs one program per token vs transformers',
 #    16 and 32 H steps per token in the old schedule.
-step 90 "$out/router.log" python3 benchmarks/ffn_kernels.py --router --configs S2A2E16 S2A4E32 --batches 1 64 \
-    --reps 20 --out "$out"
-# 3. Batch 1 (the block with the new router) and 16-256 tokens (the dense path, "never 5% slower").
-step 200 "$out/ffn.log" python3 benchmarks/ffn_kernels.py --intermediate 11008 --batches 1 16 32 64 256 --out "$out"
-# 4. End-to-end greedy decode at batch 1 and 2 (the 1.3x goal), S2A2E16.
-step 120 "$out/decode_e2e.log" python3 benchmarks/decode_e2e.py --device cuda --batches 1 2 --eager-batches --out "$out"
+step 45 python3 benchmarks/ffn_kernels.py --router --configs S2A2E16 S2A4E32 --batches 1 64 --reps 20 --out "$work"
+# 3. Batch 1 (the block with the new router), 16 (where `auto` turns to the dense path) and 256
+#    (the dense path, "never 5% slower").
+step 120 python3 benchmarks/ffn_kernels.py --intermediate 11008 --batches 1 16 256 --out "$work"
+# 4. End-to-end greedy decode at batch 1 (the 1.3x goal), S2A2E16.
+step 75 python3 benchmarks/decode_e2e.py --device cuda --batches 1 --eager-batches --out "$work"
 # 5. The dense path's tiles (never swept), largest batches first, with what time is left.
-step 150 "$out/tune.log" python3 benchmarks/ffn_kernels.py --tune --paths dense --configs S2A2E16 \
-    --intermediate 11008 --batches 256 64 32 16 --reps 20 --out "$out"
-ls -la "$out"
+step 150 python3 benchmarks/ffn_kernels.py --tune --paths dense --configs S2A2E16 --intermediate 11008 \
+    --batches 256 64 16 --reps 20 --out "$work"
+ls -la "$out" >>"$log"

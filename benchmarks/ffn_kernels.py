@@ -73,8 +73,8 @@ def make_sets(args, inter, s, a, n, dtype):
     n_sets = max(2, math.ceil(args.flush_bytes / layer_bytes))
     sets = []
     for _ in range(n_sets):
-        block = build_moe_block(args.hidden, inter, s, a, n, dtype, "cuda")
-        dense = [torch.empty(r, c, device="cuda", dtype=dtype).normal_(0, 0.02) for r, c in
+        block = build_moe_block(args.hidden, inter, s, a, n, dtype, args.device)
+        dense = [torch.empty(r, c, device=args.device, dtype=dtype).normal_(0, 0.02) for r, c in
                  ((inter, args.hidden), (inter, args.hidden), (args.hidden, inter))]  # fmt: skip
         sets.append((block, dense))
     return sets
@@ -97,11 +97,11 @@ def run_grid(args, env, peak) -> None:
         expert_bytes = 3 * args.hidden * i_e * dtype.itemsize
         for batch in args.batches:
             rot = Rotor(len(sets) * 2)
-            xs = [torch.randn(batch, args.hidden, device="cuda", dtype=dtype) for _ in range(rot.n)]
+            xs = [torch.randn(batch, args.hidden, device=args.device, dtype=dtype) for _ in range(rot.n)]
             routes = []
             for _ in range(rot.n):  # uniform random distinct experts, gates summing to A
-                idx = torch.rand(batch, e, device="cuda").topk(a, dim=-1).indices
-                w = torch.rand(batch, a, device="cuda")
+                idx = torch.rand(batch, e, device=args.device).topk(a, dim=-1).indices
+                w = torch.rand(batch, a, device=args.device)
                 routes.append((idx, w / w.sum(-1, keepdim=True) * a))
             hits = sum(torch.unique(r[0]).numel() for r in routes) / len(routes)
             moe_bytes = (hits + s) * expert_bytes + 2 * batch * args.hidden * dtype.itemsize
@@ -152,7 +152,7 @@ def run_grid(args, env, peak) -> None:
                         blk.config._experts_implementation = "grouped_mm" if kind == "grouped_mm" else "eager"
                         if kind == "moecarve":
                             enable(blk)
-                    if not torch.cuda.is_available() and kind == "grouped_mm":
+                    if args.device != "cuda" and kind == "grouped_mm":
                         continue
                 rel_err = None
                 if not impl.endswith("_block") and impl != "dense":
@@ -206,11 +206,11 @@ def run_tune(args, env):
 
     def measure(batch, path, cfg):
         rot = Rotor(len(sets) * 2)
-        xs = [torch.randn(batch, args.hidden, device="cuda", dtype=dtype) for _ in range(rot.n)]
+        xs = [torch.randn(batch, args.hidden, device=args.device, dtype=dtype) for _ in range(rot.n)]
         routes = []
         for _ in range(rot.n):
-            idx = torch.rand(batch, n - s, device="cuda").topk(a, dim=-1).indices
-            routes.append((idx, torch.rand(batch, a, device="cuda")))
+            idx = torch.rand(batch, n - s, device=args.device).topk(a, dim=-1).indices
+            routes.append((idx, torch.rand(batch, a, device=args.device)))
         kw = {f"{path}_config": cfg}
 
         def call():
@@ -291,14 +291,14 @@ def run_router(args, env) -> None:
             nbytes = e * args.hidden * wdtype.itemsize + batch * args.hidden * dtype.itemsize
             n_sets = max(2, math.ceil(args.flush_bytes / nbytes))
             torch.manual_seed(0)
-            with torch.device("cuda"):
+            with torch.device(args.device):
                 gates = [Glm4MoeTopkRouter(cfg) for _ in range(n_sets)]
             with torch.no_grad():
                 for g in gates:
                     g.weight.data = g.weight.data.normal_(0.0, 0.02).to(wdtype)
                     g.e_score_correction_bias.uniform_(0.0, 0.01)
             rot = Rotor(n_sets)
-            xs = [torch.randn(batch, args.hidden, device="cuda", dtype=dtype) for _ in range(n_sets)]
+            xs = [torch.randn(batch, args.hidden, device=args.device, dtype=dtype) for _ in range(n_sets)]
 
             def fused(split, rot=rot, xs=xs, gates=gates, a=a):
                 def call():
@@ -376,13 +376,17 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--decode-table", type=Path, help="tune.jsonl whose fastest decode tiles per batch to use")
     p.add_argument("--out", type=Path, default=Path("results/kernels"))
+    p.add_argument(
+        "--device", default="cuda", choices=["cuda", "cpu"],
+        help="cpu: a smoke run (Triton interpreter or the reference path); its timings mean nothing",
+    )  # fmt: skip
     args = p.parse_args(argv)
     if args.decode_table:
         load_decode_table(args.decode_table)
-    if not torch.cuda.is_available():
-        raise SystemExit("ffn_kernels.py needs a CUDA GPU")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("ffn_kernels.py needs a CUDA GPU (--device cpu only checks that it runs)")
     env = env_info()
-    env["copy_gbps"] = copy_bandwidth_gbps()
+    env["copy_gbps"] = copy_bandwidth_gbps() if args.device == "cuda" else None
     peak = env["spec_hbm_gbps"]
     print(env, flush=True)
     if args.tune:

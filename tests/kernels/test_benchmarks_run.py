@@ -1,0 +1,73 @@
+"""The GPU benchmarks run end to end on CPU (Triton interpreter, tiny shapes), so that a device
+session, rare and short, is not spent on a benchmark that crashes. Timings here mean nothing; the
+rows' fields and correctness columns are what is checked."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_ffn_benchmark_grid_runs(interp_device, tmp_path):
+    import ffn_kernels
+
+    ffn_kernels.main(["--device", "cpu", "--hidden", "64", "--intermediate", "256", "--configs", "S2A2E16",
+                      "--batches", "1", "16", "--reps", "3", "--flush-bytes", "1e3", "--out", str(tmp_path)])  # fmt: skip
+    got = rows(tmp_path / "ffn_kernels.jsonl")
+    assert (tmp_path / "ffn_kernels.csv").is_file()
+    impls = {(r["batch"], r["impl"]) for r in got}
+    for impl in ("dense", "moecarve", "moecarve_decode", "moecarve_block", "hf_eager_block"):
+        assert {(1, impl), (16, impl)} <= impls
+    assert {(16, "moecarve_dense"), (16, "moecarve_grouped"), (1, "moecarve_decode_shared_after")} <= impls
+    for r in got:
+        assert r["median_us"] > 0 and r["ideal_speedup"] >= 1 and r["hit_experts"] <= r["routed"]
+        if r["rel_err"] is not None:  # every kernel path against the float32 reference
+            assert r["rel_err"] < 0.02, r
+
+
+def test_ffn_benchmark_router_runs(interp_device, tmp_path):
+    import ffn_kernels
+
+    ffn_kernels.main(["--router", "--device", "cpu", "--hidden", "600", "--configs", "S2A4E32", "--batches", "1",
+                      "--reps", "3", "--flush-bytes", "1e4", "--out", str(tmp_path)])  # fmt: skip
+    got = rows(tmp_path / "router.jsonl")
+    assert {(r["router_weight_dtype"], r["impl"]) for r in got} == {
+        (dtype, impl)
+        for dtype in ("float32", "bfloat16")
+        for impl in ("moecarve_router", "moecarve_router_one_per_token", "hf_router")
+    }
+    for r in got:
+        assert r["topk_match_frac"] == 1.0 and r["calls_per_graph"] >= 2, r
+    programs = {r["impl"]: r["programs_per_token"] for r in got}
+    assert programs == {"moecarve_router": 5, "moecarve_router_one_per_token": 1, "hf_router": None}
+
+
+def test_decode_benchmark_runs(interp_device, tmp_path):
+    import decode_e2e
+
+    decode_e2e.main(["--device", "cpu", "--hidden", "128", "--intermediate", "256", "--layers", "1", "--vocab",
+                     "100", "--prompt", "4", "--warmup", "1", "--tokens", "2", "--batches", "1", "--out",
+                     str(tmp_path)])  # fmt: skip
+    got = rows(tmp_path / "decode_e2e.jsonl")
+    assert {r["model"] for r in got} == {"dense", "hf_grouped_mm", "hf_eager", "moecarve"}
+    assert all(r["tokens_per_s"] > 0 for r in got)
+
+
+def test_ffn_benchmark_refuses_cuda_without_a_gpu(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    import ffn_kernels
+
+    with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        ffn_kernels.main(["--out", str(tmp_path)])
+    assert not any(tmp_path.iterdir())

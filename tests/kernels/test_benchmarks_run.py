@@ -50,6 +50,20 @@ def test_ffn_benchmark_router_runs(interp_device, tmp_path):
     assert programs == {"moecarve_router": 5, "moecarve_router_one_per_token": 1, "hf_router": None}
 
 
+def test_ffn_benchmark_dense_tile_sweep_runs(interp_device, tmp_path):
+    """The sweep scripts/gpu-check.sh ends with (never run on a GPU yet)."""
+    import ffn_kernels
+
+    ffn_kernels.main(["--tune", "--paths", "dense", "--device", "cpu", "--hidden", "64", "--intermediate", "256",
+                      "--configs", "S2A2E16", "--batches", "16", "--reps", "3", "--flush-bytes", "1e3", "--out",
+                      str(tmp_path)])  # fmt: skip
+    got = rows(tmp_path / "tune.jsonl")
+    assert len(got) == 16 and {r["path"] for r in got} == {"dense"}
+    assert {(r["block_m"], r["block_n"], r["block_k"], r["warps"]) for r in got} == {
+        (m, n, k, w) for m in (32, 64) for n in (64, 128) for k in (64, 128) for w in (4, 8)
+    }
+
+
 def test_decode_benchmark_runs(interp_device, tmp_path):
     import decode_e2e
 

@@ -32,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 from ffn_kernels import BATCHES, CONFIGS, parse_config  # noqa: E402
 
-# opt-in shared memory per block (bytes): H100/H200, A100, and the sm_86/89 parts (A10, L4, L40S, RTX)
+# every Triton kernel, by module of moecarve.kernels.ops
 KERNELS = {
     "moe_ffn": (
         "_decode_up_kernel",
@@ -43,6 +43,7 @@ KERNELS = {
     ),
     "router": ("_router_logits_kernel", "_sigmoid_topk_kernel"),
 }
+# opt-in shared memory per block (bytes): H100/H200, A100, and the sm_86/89 parts (A10, L4, L40S, RTX)
 SHARED_LIMIT = {90: 227 * 1024, 80: 163 * 1024, 89: 99 * 1024, 86: 99 * 1024}
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import re
-import sys
 import time
 from pathlib import Path
 
@@ -138,14 +137,8 @@ def main(argv: list[str] | None = None) -> None:
         "--eager-batches", type=int, nargs="*", default=[1], help="batches that also time HF eager experts"
     )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--decode-table", type=Path, help="tune.jsonl whose fastest decode tiles per batch to use")
     p.add_argument("--out", type=Path, default=Path("results/kernels"))
     args = p.parse_args(argv)
-    if args.decode_table:
-        sys.path.insert(0, str(Path(__file__).parent))
-        from ffn_kernels import load_decode_table
-
-        load_decode_table(args.decode_table)
     env = env_info()
     print(env, flush=True)
     rows = []

@@ -193,78 +193,18 @@ def run_grid(args, env, peak) -> None:
 
 
 def run_tune(args, env):
-    """Sweep the tile sizes of the paths in `--paths` at the first intermediate/config; one row per
-    (kernel, T, tiles), appended to tune.{jsonl,csv} after each batch's sweep (a run cut short keeps
-    what it finished)."""
-    from moecarve.kernels.ops.moe_ffn import DecodeConfig, DenseConfig, GroupedConfig
+    """Sweep the tiles of the paths in `--paths` at the first intermediate/config with the library's
+    tuner (`moecarve kernels tune` runs the same); one row per (path, T, tiles) in tune.{jsonl,csv},
+    written as it is measured, so a run cut short keeps what it finished."""
+    from moecarve.kernels.tuner import tune
+    from moecarve.kernels.tuning import MoeShape
 
-    dtype = getattr(torch, args.dtype)
     inter = args.intermediate[0]
     s, a, n = parse_config(args.configs[0])
-    sets = make_sets(args, inter, s, a, n, dtype)
-    rows = []
-
-    def measure(batch, path, cfg):
-        rot = Rotor(len(sets) * 2)
-        xs = [torch.randn(batch, args.hidden, device=args.device, dtype=dtype) for _ in range(rot.n)]
-        routes = []
-        for _ in range(rot.n):
-            idx = torch.rand(batch, n - s, device=args.device).topk(a, dim=-1).indices
-            routes.append((idx, torch.rand(batch, a, device=args.device)))
-        kw = {f"{path}_config": cfg}
-
-        def call():
-            j = rot()
-            blk = sets[j % len(sets)][0]
-            return moe_ffn(xs[j], *routes[j], blk.experts.gate_up_proj, blk.experts.down_proj, *shared_of(blk),
-                           path=path, **kw)  # fmt: skip
-
-        try:
-            with torch.no_grad():
-                t = time_fn(call, reps=args.reps)
-        except Exception as exc:  # a tile that does not compile (shared memory) is skipped, not fatal
-            print(f"skip {path} B={batch} {cfg}: {type(exc).__name__}", flush=True)
-            return None
-        rows.append({**env, "bench": "tune", "intermediate": inter, "config": args.configs[0], "batch": batch,
-                     "path": path, **vars(cfg), **t})  # fmt: skip
-        print(f"B={batch:<3} {path} {cfg} {t['median_us']:.1f} us", flush=True)
-        return t["median_us"]
-
-    def done(path, batch, best):
-        print(f"BEST {path} B={batch}: {best[1]} {best[0]:.1f} us", flush=True)
-        write_rows(rows, args.out / "tune")
-        rows.clear()
-
-    for batch in [b for b in args.batches if b <= 32 and "decode" in args.paths]:
-        best = (math.inf, None)
-        for bi, bh, w in itertools.product([16, 32, 64], [128, 256], [4, 8]):
-            cfg = DecodeConfig(block_i=bi, block_h=bh, warps_up=w)
-            t = measure(batch, "decode", cfg)
-            if t is not None and t < best[0]:
-                best = (t, cfg)
-        up_tiles = vars(best[1]) if best[1] else {}  # the down kernel's sweep keeps the best up tiles
-        for bn, bk, w in itertools.product([16, 32], [128, 256], [4, 8]):
-            cfg = DecodeConfig(**{**up_tiles, "block_n": bn, "block_k": bk, "warps_down": w})
-            t = measure(batch, "decode", cfg)
-            if t is not None and t < best[0]:
-                best = (t, cfg)
-        done("decode", batch, best)
-    for batch in [b for b in args.batches if b >= 64 and "grouped" in args.paths]:
-        best = (math.inf, None)
-        for bm, bn, w in itertools.product([32, 64], [64, 128], [4, 8]):
-            cfg = GroupedConfig(block_m=bm, block_n=bn, block_k=64, warps=w)
-            t = measure(batch, "grouped", cfg)
-            if t is not None and t < best[0]:
-                best = (t, cfg)
-        done("grouped", batch, best)
-    for batch in [b for b in args.batches if b >= 16 and "dense" in args.paths]:
-        best = (math.inf, None)
-        for bm, bn, bk, w in itertools.product([32, 64], [64, 128], [64, 128], [4, 8]):
-            cfg = DenseConfig(block_m=bm, block_n=bn, block_k=bk, warps=w)
-            t = measure(batch, "dense", cfg)
-            if t is not None and t < best[0]:
-                best = (t, cfg)
-        done("dense", batch, best)
+    shape = MoeShape(n - s, inter // n, s * (inter // n), args.hidden, a, args.dtype)
+    head = {**env, "bench": "tune", "intermediate": inter, "config": args.configs[0]}
+    tune(shape, args.batches, device=args.device, paths=tuple(args.paths), reps=args.reps,
+         flush_bytes=args.flush_bytes, on_row=lambda row: write_rows([{**head, **row}], args.out / "tune"))  # fmt: skip
 
 
 def run_router(args, env) -> None:
@@ -339,26 +279,6 @@ def run_router(args, env) -> None:
         write_rows(rows, args.out / "router")
 
 
-def load_decode_table(path: Path) -> dict:
-    """Set the library's decode tiles to the fastest per batch in a tune.jsonl (largest batch covers above)."""
-    import json
-
-    from moecarve.kernels.ops import moe_ffn as ops
-
-    best: dict[int, tuple[float, dict]] = {}
-    for line in path.read_text().splitlines():
-        r = json.loads(line)
-        if r.get("path") == "decode" and r["median_us"] < best.get(r["batch"], (math.inf, None))[0]:
-            best[r["batch"]] = (r["median_us"], r)
-    fields = ops.DecodeConfig.__dataclass_fields__
-    table = {b: ops.DecodeConfig(**{k: v for k, v in r.items() if k in fields}) for b, (_, r) in best.items()}
-    table[1 << 30] = table.pop(max(table))
-    ops.DECODE_TABLE.clear()
-    ops.DECODE_TABLE.update(table)
-    print("decode table:", table, flush=True)
-    return table
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden", type=int, default=4096)
@@ -374,15 +294,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--paths", nargs="+", default=["decode", "grouped", "dense"], help="the paths --tune sweeps"
     )
-    p.add_argument("--decode-table", type=Path, help="tune.jsonl whose fastest decode tiles per batch to use")
     p.add_argument("--out", type=Path, default=Path("results/kernels"))
     p.add_argument(
         "--device", default="cuda", choices=["cuda", "cpu"],
         help="cpu: a smoke run (Triton interpreter or the reference path); its timings mean nothing",
     )  # fmt: skip
     args = p.parse_args(argv)
-    if args.decode_table:
-        load_decode_table(args.decode_table)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("ffn_kernels.py needs a CUDA GPU (--device cpu only checks that it runs)")
     env = env_info()

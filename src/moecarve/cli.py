@@ -133,6 +133,7 @@ STAGES = {
     "eval": "moecarve.eval.cli:group",
     "batch": "moecarve.batch.cli:batch_command",
     "esft": "moecarve.esft.cli:group",
+    "kernels": "moecarve.kernels.cli:group",
 }
 
 
@@ -160,6 +161,7 @@ def cli():
       esft    expert-specialised fine-tuning on a task
       eval    perplexity, zero-shot tasks, speed, expert load, reports
       batch   many models x configurations x stages from one resumable recipe
+      kernels tune the Triton MoE kernels for this GPU (they run through moecarve.kernels.enable)
     """
 
 

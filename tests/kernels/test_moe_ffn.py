@@ -86,7 +86,7 @@ def check(c: Case, dtype, device, path, **cfg):
 
 
 def small_configs(max_block_t: int = 64):
-    from moecarve.kernels.ops.moe_ffn import DecodeConfig, DenseConfig, GroupedConfig
+    from moecarve.kernels.ops.configs import DecodeConfig, DenseConfig, GroupedConfig
 
     # blocks smaller than H and I so that both the unmasked main loops and the masked tails run
     return {

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from .tuning import table_files
+
 # Datasheet HBM bandwidth in GB/s by device-name fragment (first match wins).
 _SPEC_HBM_GBPS = {"H200": 4800.0, "H100 PCIe": 2000.0, "H100 NVL": 3900.0, "H100": 3350.0, "A100": 2039.0}
 
@@ -39,6 +41,7 @@ def env_info() -> dict:
         "transformers": _version("transformers"),
         "cuda": torch.version.cuda,
         "spec_hbm_gbps": spec,
+        "tuned_tables": table_files(name if cuda else "cpu"),  # what moe_ffn(path="auto") follows
     }
 
 

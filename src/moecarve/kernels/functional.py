@@ -7,8 +7,10 @@ Paths (`path=`):
   for down), for batches that hit nearly every expert;
 - "torch": PyTorch's grouped_mm over expert-sorted tokens (cuBLAS/CUTLASS), shared via cuBLAS;
 - "reference": the float32 PyTorch reference (ops/reference.py);
-- "auto": decode while the batch is expected to leave some experts unhit, else dense (see
-  `auto_path`); falls back to "reference" with a one-time warning where Triton cannot run.
+- "auto": the path and tiles of this GPU's tuned table for the shape where there is one
+  (`moecarve kernels tune`, tuning.py); else decode while the batch is expected to leave some
+  experts unhit, else dense (see `auto_path`); falls back to "reference" with a one-time warning
+  where Triton cannot run.
 
 Shapes that do not fit raise ValueError; nothing is silently computed on mismatched weights.
 """
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 
 from ._env import triton_available, triton_interpreting, warn_once
 from .ops.reference import moe_ffn_reference, shared_hidden
+from .tuning import tuned_choice
 
 Path = Literal["auto", "decode", "grouped", "dense", "torch", "reference"]
 
@@ -139,7 +142,16 @@ def moe_ffn(
 
     x = hidden_states.contiguous()
     if path == "auto":
-        path = auto_path(x.shape[0], topk_indices.shape[1], gate_up_proj.shape[0])
+        tuned = None
+        if decode_config is None and grouped_config is None and dense_config is None:
+            tuned = tuned_choice(x.device, gate_up_proj, shared_gate_proj, topk_indices.shape[1], x.shape[0])
+        if tuned is None:
+            path = auto_path(x.shape[0], topk_indices.shape[1], gate_up_proj.shape[0])
+        else:  # this GPU's table from `moecarve kernels tune` (tuning.py)
+            path, tiles = tuned
+            decode_config, grouped_config, dense_config = (
+                tiles if path == p else None for p in ("decode", "grouped", "dense")
+            )
     if path == "decode":
         return ops.moe_ffn_decode(
             x, topk_indices, topk_weights, gate_up_proj, down_proj, shared, decode_config

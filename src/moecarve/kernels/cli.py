@@ -1,0 +1,87 @@
+"""`moecarve kernels tune MODEL`: time the kernels for MODEL's MoE shape on this GPU and write the
+table that `moe_ffn(path="auto")` follows there (tuning.py)."""
+
+from __future__ import annotations
+
+import os
+
+import click
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
+BATCHES = "1,2,4,8,16,32,64,128,256,512,1024,2048,4096"
+
+
+@click.group("kernels", context_settings=CONTEXT)
+def group():
+    """The Triton MoE kernels: tune them for this GPU."""
+
+
+@group.command("tune")
+@click.argument("model")
+@click.option("--batches", default=BATCHES, show_default=True, help="comma-separated token counts")
+@click.option(
+    "--dtype",
+    type=click.Choice(["bfloat16", "float16", "float32"]),
+    default=None,
+    help="weight dtype the model will run in [default: its config's if bf16/fp16, else bfloat16]",
+)
+@click.option(
+    "--quick", is_flag=True, help="each path's built-in tiles only: which path is fastest per batch"
+)
+@click.option(
+    "--reps", type=click.IntRange(3), default=20, show_default=True, help="timed replays per candidate"
+)
+@click.option(
+    "--out",
+    default=None,
+    help="table directory [default: first of $MOECARVE_KERNEL_CONFIGS, else ~/.cache/moecarve/kernels]",
+)
+@click.option(
+    "--device",
+    default="cuda",
+    show_default=True,
+    help="cuda, cuda:1 ...; cpu only checks the command (TRITON_INTERPRET=1)",
+)
+def tune_command(model, batches, dtype, quick, reps, out, device):
+    """Time the decode, dense and grouped paths and their tiles for MODEL's MoE blocks over batch
+    sizes on this GPU (random weights of MODEL's shape), and write the fastest per batch."""
+    from .tuner import check_device, model_shapes, save_table, tune
+    from .tuning import config_dirs, default_dir, device_name
+
+    try:
+        sizes = sorted({int(b) for b in batches.split(",") if b.strip()})
+    except ValueError:
+        sizes = []
+    if not sizes or sizes[0] < 1:
+        raise click.BadParameter(
+            f"expected comma-separated positive integers, got {batches!r}", param_hint="--batches"
+        )
+    shapes = model_shapes(model, dtype)
+    dtype = shapes[0].dtype
+    dev = check_device(device, dtype)
+    dirs = config_dirs()
+    out_dir = out or (dirs[0] if dirs else default_dir())
+    if out is None and not dirs:
+        click.echo(
+            "note: MOECARVE_KERNEL_CONFIGS is empty, so `auto` reads no table; writing to the default",
+            err=True,
+        )
+    os.makedirs(out_dir, exist_ok=True)
+    if not os.access(out_dir, os.W_OK):
+        raise OSError(f"cannot write to {out_dir}")
+    made_by = (
+        f"moecarve kernels tune {model} --batches {','.join(map(str, sizes))} --dtype {dtype}"
+        + " --quick" * quick
+    )
+    for shape in shapes:
+        click.echo(f"{shape} on {device_name(dev)}")
+        table = tune(
+            shape, sizes, device=str(dev), quick=quick, reps=reps, log=lambda m: click.echo(m, err=True)
+        )
+        path = save_table(table, shape, out_dir, dev, made_by)
+        click.echo(f"{'batch':>6} {'path':<8} {'us':>9} {'dense FFN us':>13} {'x dense':>8}")
+        for b, e in table.items():
+            click.echo(
+                f"{b:>6} {e['path']:<8} {e['median_us']:>9.1f} {e['dense_ffn_us']:>13.1f} {e['dense_ffn_us'] / e['median_us']:>8.2f}"
+            )
+        click.echo(f"wrote {path}")

@@ -1,0 +1,285 @@
+"""Time the kernels' paths and tiles for one MoE shape on this GPU and write the fastest per batch.
+
+What `moecarve kernels tune` and `benchmarks/ffn_kernels.py --tune` run. Weights and routing are
+random (speed only; uniform routing, as the built-in dispatch assumes); enough weight copies are
+rotated through that each call reads them from HBM, not L2, and each call is timed as CUDA graph
+replays. Every candidate's output is first checked against the float32 reference: tiles that give
+a wrong answer or do not compile are skipped, never chosen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .benchutil import env_info, time_fn
+from .functional import DECODE_MAX_TOKENS, moe_ffn
+from .ops.configs import DecodeConfig, DenseConfig, GroupedConfig, decode_config
+from .ops.reference import moe_ffn_reference
+from .tuning import FORMAT, MoeShape, clear_cache, device_dir_name, device_name
+
+PATHS = ("decode", "dense", "grouped")
+TOLERANCE = {"float32": 1e-4, "bfloat16": 1.5e-2, "float16": 1.5e-2}  # relative error vs the reference
+DENSE_MIN_HIT = 0.5  # the dense path reads every expert: tried only where a batch is expected to hit half
+
+
+def expected_hit_fraction(shape: MoeShape, tokens: int) -> float:
+    return 1.0 - (1.0 - min(shape.top_k, shape.experts) / shape.experts) ** tokens
+
+
+def candidates(path: str, tokens: int, quick: bool, best_up: DecodeConfig | None = None) -> Iterator:
+    """Tiles to try. Decode goes in two rounds: the up kernel's tiles, then the down kernel's with
+    the best up tiles kept (`best_up`). quick: the built-in tiles only (the path crossover)."""
+    if path == "decode":
+        if quick:
+            yield decode_config(tokens)
+        elif best_up is None:
+            for bi, bh, w in itertools.product([16, 32, 64], [128, 256], [4, 8]):
+                yield DecodeConfig(block_i=bi, block_h=bh, warps_up=w)
+        else:
+            for bn, bk, w in itertools.product([16, 32], [128, 256], [4, 8]):
+                yield dataclasses.replace(best_up, block_n=bn, block_k=bk, warps_down=w)
+    elif path == "dense":
+        if quick:
+            yield DenseConfig()
+            return
+        for bm, bn, bk, w in itertools.product([32, 64], [64, 128], [64, 128], [4, 8]):
+            yield DenseConfig(block_m=bm, block_n=bn, block_k=bk, warps=w)
+    else:
+        if quick:
+            yield GroupedConfig()
+            return
+        for bm, bn, w in itertools.product([32, 64], [64, 128], [4, 8]):
+            yield GroupedConfig(block_m=bm, block_n=bn, block_k=64, warps=w)
+
+
+def paths_for(shape: MoeShape, tokens: int, paths: tuple[str, ...]) -> list[str]:
+    """The paths worth timing at this batch: decode up to its token limit, dense once half the experts
+    are expected to be hit, grouped from 64 tokens on."""
+    keep = {
+        "decode": tokens <= DECODE_MAX_TOKENS,
+        "dense": expected_hit_fraction(shape, tokens) >= DENSE_MIN_HIT,
+        "grouped": tokens >= 64,
+    }
+    return [p for p in PATHS if p in paths and keep[p]]
+
+
+class _Weights:
+    """Random weight copies of one MoE layer and of the dense FFN it stands for, rotated per call."""
+
+    def __init__(self, shape: MoeShape, device: str, flush_bytes: float):
+        dt, h, si = getattr(torch, shape.dtype), shape.hidden, shape.shared_intermediate
+        e_i = shape.experts * shape.intermediate
+        self.n = max(2, math.ceil(flush_bytes / (3 * h * (e_i + si) * dt.itemsize)))
+        self.moe, self.dense = [], []
+
+        def rand(*size):
+            return torch.empty(*size, device=device, dtype=dt).normal_(0.0, 0.02)
+
+        for _ in range(self.n):
+            shared = (rand(si, h), rand(si, h), rand(h, si)) if si else ()
+            self.moe.append(
+                (
+                    rand(shape.experts, 2 * shape.intermediate, h),
+                    rand(shape.experts, h, shape.intermediate),
+                    *shared,
+                )
+            )
+            self.dense.append((rand(e_i + si, h), rand(e_i + si, h), rand(h, e_i + si)))
+
+
+class _Batch:
+    """One batch size's inputs and routings, rotated with the weights so no call runs from L2."""
+
+    def __init__(self, weights: _Weights, shape: MoeShape, tokens: int, device: str, reps: int):
+        self.weights, self.tokens, self.reps, self.shape = weights, tokens, reps, shape
+        self.n = 2 * weights.n
+        dt = getattr(torch, shape.dtype)
+        self.xs = [torch.randn(tokens, shape.hidden, device=device, dtype=dt) for _ in range(self.n)]
+        self.routes = []
+        for _ in range(self.n):  # uniform random distinct experts, gates summing to K
+            idx = torch.rand(tokens, shape.experts, device=device).topk(shape.top_k, dim=-1).indices
+            w = torch.rand(tokens, shape.top_k, device=device)
+            self.routes.append((idx, w / w.sum(-1, keepdim=True) * shape.top_k))
+        self.ref = moe_ffn_reference(self.xs[0], *self.routes[0], *weights.moe[0]).float()
+        self.step = itertools.count()
+
+    def _time(self, fn: Callable[[int], object]) -> dict:
+        with torch.no_grad():
+            return time_fn(lambda: fn(next(self.step) % self.n), reps=self.reps)
+
+    def dense_ffn_us(self) -> float:
+        def dense(j):
+            g, u, d = self.weights.dense[j % self.weights.n]
+            return F.linear(F.silu(F.linear(self.xs[j], g)) * F.linear(self.xs[j], u), d)
+
+        return self._time(dense)["median_us"]
+
+    def kernel_us(self, path: str, cfg, log: Callable[[str], None]) -> dict | None:
+        """Timing of `path` with tiles `cfg`, or None (logged) where it fails or is wrong."""
+
+        def call(j):
+            return moe_ffn(
+                self.xs[j],
+                *self.routes[j],
+                *self.weights.moe[j % self.weights.n],
+                path=path,
+                **{f"{path}_config": cfg},
+            )
+
+        try:
+            with torch.no_grad():
+                err = ((call(0).float() - self.ref).norm() / self.ref.norm()).item()
+            if not err < TOLERANCE[self.shape.dtype]:
+                log(f"skip {path} B={self.tokens} {cfg}: relative error {err:.2e}")
+                return None
+            return self._time(call)
+        except Exception as exc:  # tiles that do not compile (shared memory, registers) are skipped
+            log(f"skip {path} B={self.tokens} {cfg}: {type(exc).__name__}: {str(exc)[:120]}")
+            return None
+
+
+def tune(
+    shape: MoeShape,
+    batches: list[int],
+    *,
+    device: str = "cuda",
+    paths: tuple[str, ...] = PATHS,
+    quick: bool = False,
+    reps: int = 20,
+    flush_bytes: float = 200e6,
+    on_row: Callable[[dict], None] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict[int, dict]:
+    """{batch: {"path", "config", "median_us", "dense_ffn_us"}}: the fastest checked candidate per
+    batch, with the dense FFN's time at that batch. `on_row` gets every timing (with its tiles)."""
+    torch.manual_seed(0)
+    weights = _Weights(shape, device, flush_bytes)
+    table = {}
+    for tokens in batches:
+        batch = _Batch(weights, shape, tokens, device, reps)
+        dense_us = batch.dense_ffn_us()
+
+        def fastest(path, configs, batch=batch, dense_us=dense_us):
+            best = (math.inf, None)
+            for cfg in configs:
+                t = batch.kernel_us(path, cfg, log)
+                if t is None:
+                    continue
+                if on_row is not None:
+                    on_row(
+                        {
+                            "batch": batch.tokens,
+                            "path": path,
+                            **dataclasses.asdict(cfg),
+                            **t,
+                            "dense_ffn_us": dense_us,
+                        }
+                    )
+                log(f"B={batch.tokens:<4} {path:<7} {cfg} {t['median_us']:.1f} us (dense FFN {dense_us:.1f})")
+                best = min(best, (t["median_us"], cfg), key=lambda b: b[0])
+            return best
+
+        best = (math.inf, None, None)
+        for path in paths_for(shape, tokens, paths):
+            us, cfg = fastest(path, candidates(path, tokens, quick))
+            if path == "decode" and not quick and cfg is not None:  # second round: the down kernel's tiles
+                us, cfg = min(
+                    (us, cfg), fastest(path, candidates(path, tokens, quick, best_up=cfg)), key=lambda b: b[0]
+                )
+            if us < best[0]:
+                best = (us, path, cfg)
+        if best[1] is None:
+            raise RuntimeError(
+                f"no kernel path ran correctly at batch {tokens} for {shape}; see the skips above"
+            )
+        table[tokens] = {
+            "path": best[1], "config": dataclasses.asdict(best[2]), "median_us": best[0], "dense_ffn_us": dense_us
+        }  # fmt: skip
+        log(f"BEST B={tokens}: {best[1]} {best[2]} {best[0]:.1f} us, x{dense_us / best[0]:.2f} the dense FFN")
+    return table
+
+
+def save_table(
+    table: dict[int, dict], shape: MoeShape, out_dir: Path, device: torch.device, made_by: str
+) -> Path:
+    """Write the table where `load_table` finds it, atomically (no half-written file on failure)."""
+    name = device_name(device)
+    path = Path(out_dir) / device_dir_name(name) / shape.file_name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {
+        "format": FORMAT, "device": name, "shape": dataclasses.asdict(shape), "made_by": made_by,
+        "versions": {k: v for k, v in env_info().items() if k in ("torch", "triton", "cuda")},
+        "batches": {str(b): e for b, e in sorted(table.items())},
+    }  # fmt: skip
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    clear_cache()
+    return path
+
+
+def model_shapes(model: str, dtype: str | None = None) -> list[MoeShape]:
+    """The distinct shapes of MODEL's MoE blocks that `enable` runs, from its config alone (a local
+    directory or a hub ID), in `dtype` (default: the config's if bf16/fp16, else bf16); ValueError
+    for a model without such blocks."""
+    from transformers import AutoConfig
+
+    from ..moe import meta_model
+    from .integration import _is_moe_block
+
+    local = Path(model).expanduser()
+    if local.exists() and not (local / "config.json").is_file():
+        raise FileNotFoundError(f"no model at {local} (config.json missing)")
+    config = AutoConfig.from_pretrained(str(local) if local.exists() else model)
+    if dtype is None:
+        dtype = str(getattr(config, "dtype", None) or "").removeprefix("torch.")
+        dtype = dtype if dtype in ("bfloat16", "float16") else "bfloat16"
+    skeleton = meta_model(config)
+    shapes = []
+    for module in skeleton.modules():
+        if _is_moe_block(module) and isinstance(getattr(module.gate, "top_k", None), int):
+            se = getattr(module, "shared_experts", None)
+            shape = MoeShape.of_tensors(module.experts.gate_up_proj, None if se is None else se.gate_proj.weight,
+                                        module.gate.top_k)  # fmt: skip
+            shapes.append(dataclasses.replace(shape, dtype=dtype))
+    if not shapes:
+        raise ValueError(
+            f"{model}: no MoE block the kernels run (a router `gate` with `top_k` and fused `experts`, as in "
+            "a carve's glm4_moe); nothing to tune"
+        )
+    return list(dict.fromkeys(shapes))
+
+
+def check_device(device: str, dtype: str) -> torch.device:
+    """Refuse, before any work, a device the tuner cannot time on."""
+    from ._env import triton_available, triton_interpreting
+
+    dev = torch.device(device)
+    if not triton_available():
+        raise ValueError("triton is not installed (pip install 'moecarve[kernels]')")
+    if dev.type == "cpu":
+        if not triton_interpreting():
+            raise ValueError(
+                "--device cpu runs only under TRITON_INTERPRET=1, to check the command; tune on a CUDA GPU"
+            )
+        return dev
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        raise ValueError(f"tuning times the kernels on a CUDA GPU; {device} is not one")
+    if dtype == "bfloat16" and torch.cuda.get_device_capability(dev) < (8, 0):
+        raise ValueError("bf16 kernels need compute capability 8.0 or newer; pass --dtype float16")
+    return dev

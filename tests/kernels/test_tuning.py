@@ -1,0 +1,236 @@
+"""Tuned tables: `moecarve kernels tune` writes one, `moe_ffn(path="auto")` follows it, bad ones are
+refused by name. Timings under the interpreter mean nothing; what is checked is which path and
+tiles run, that every candidate is checked against the reference, and the files."""
+
+import dataclasses
+import json
+import sys
+
+import pytest
+import torch
+
+from moecarve.kernels import moe_ffn, moe_ffn_reference, tuning
+from moecarve.kernels.ops.configs import DecodeConfig, DenseConfig, GroupedConfig
+
+E, I, SI, H, K = 5, 24, 24, 48, 2  # noqa: E741
+SHAPE = tuning.MoeShape(E, I, SI, H, K, "float32")
+TINY_DENSE = DenseConfig(block_m=16, block_n=16, block_k=16)
+TINY_GROUPED = GroupedConfig(block_m=16, block_n=16, block_k=16)
+
+
+@pytest.fixture
+def tables(tmp_path, monkeypatch):
+    """An empty table directory that is the only one `auto` reads."""
+    monkeypatch.setenv("MOECARVE_KERNEL_CONFIGS", str(tmp_path / "tables"))
+    tuning.clear_cache()
+    yield tmp_path / "tables"
+    tuning.clear_cache()
+
+
+def table_json(batches: dict, shape=SHAPE) -> dict:
+    return {"format": 1, "device": "cpu", "shape": dataclasses.asdict(shape), "batches": batches}
+
+
+def write(tables, data) -> None:
+    path = tables / "cpu" / SHAPE.file_name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
+
+
+def weights(T: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, H, generator=g)
+    idx = torch.rand(T, E, generator=g).topk(K, dim=-1).indices
+    w = torch.rand(T, K, generator=g)
+    ws = [torch.randn(*s, generator=g) * 0.1 for s in ((E, 2 * I, H), (E, H, I), (SI, H), (SI, H), (H, SI))]
+    return x, idx, w, *ws
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Records (path, tiles) of each kernel path moe_ffn runs."""
+    from moecarve.kernels.ops import moe_ffn as ops
+
+    calls = []
+    for path in ("decode", "dense", "grouped"):
+        real = getattr(ops, f"moe_ffn_{path}")
+
+        def wrapped(*args, _real=real, _path=path):
+            calls.append((_path, args[-1]))
+            return _real(*args)
+
+        monkeypatch.setattr(ops, f"moe_ffn_{path}", wrapped)
+    return calls
+
+
+def test_auto_follows_this_gpus_table(interp_device, tables, spy):
+    write(tables, table_json({
+        "1": {"path": "dense", "config": dataclasses.asdict(TINY_DENSE)},
+        "8": {"path": "grouped", "config": dataclasses.asdict(TINY_GROUPED)},
+    }))  # fmt: skip
+    for T, want in (
+        (1, ("dense", TINY_DENSE)),
+        (3, ("grouped", TINY_GROUPED)),
+        (70, ("grouped", TINY_GROUPED)),
+    ):
+        args = weights(T)
+        out = moe_ffn(*args)
+        assert spy[-1] == want, T
+        ref = moe_ffn_reference(*args)
+        assert ((out - ref).norm() / ref.norm()).item() < 2e-5
+    # explicit tiles are the caller's choice: the table is not read, the built-in dispatch decides
+    moe_ffn(*weights(1), decode_config=DecodeConfig(block_i=16, block_h=16, block_n=16, block_k=16))
+    assert spy[-1][0] == "decode"
+
+
+def test_without_a_table_auto_is_the_built_in_dispatch(interp_device, tables, spy, monkeypatch):
+    write(tables, table_json({"1": {"path": "dense", "config": {}}}))
+    moe_ffn(*weights(1)[:5])  # no shared expert: another shape, so no table
+    assert spy[-1] == ("decode", None)
+    monkeypatch.setenv("MOECARVE_KERNEL_CONFIGS", "")  # empty: tables off
+    moe_ffn(*weights(1))
+    assert spy[-1] == ("decode", None)
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        ("{not json", "not JSON"),
+        ({"format": 2}, "format 1"),
+        (table_json({"1": {"path": "dense"}}, dataclasses.replace(SHAPE, top_k=3)), "its shape"),
+        (table_json({}), "no batches"),
+        (table_json({"0": {"path": "dense"}}), "positive integers"),
+        (table_json({"one": {"path": "dense"}}), "positive integers"),
+        (table_json({"1": {"path": "fast"}}), "path 'fast'"),
+        (table_json({"1": {"path": "dense", "config": {"block_i": 16}}}), "keys from"),
+        (table_json({"1": {"path": "dense", "config": {"block_m": 24}}}), "block_m=24"),
+        (table_json({"1": {"path": "decode", "config": {"warps_up": 0}}}), "warps_up=0"),
+        (table_json({"1": {"path": "decode", "config": {"use_dot": 1}}}), "use_dot=1"),
+    ],
+)
+def test_a_bad_table_is_refused_by_name(interp_device, tables, data, message):
+    write(tables, data)
+    with pytest.raises(ValueError, match=message) as info:
+        moe_ffn(*weights(1))
+    assert SHAPE.file_name in str(info.value) and "moecarve kernels tune" in str(info.value)
+
+
+def test_candidates_and_paths_per_batch():
+    from moecarve.kernels.tuner import candidates, paths_for
+
+    up = list(candidates("decode", 1, quick=False))
+    assert len(up) == 12 and {(c.block_i, c.block_h, c.warps_up) for c in up} == {
+        (i, h, w) for i in (16, 32, 64) for h in (128, 256) for w in (4, 8)
+    }
+    best_up = DecodeConfig(block_i=16, block_h=128, warps_up=8)
+    down = list(candidates("decode", 1, quick=False, best_up=best_up))
+    assert len(down) == 8 and all((c.block_i, c.block_h, c.warps_up) == (16, 128, 8) for c in down)
+    assert len(set(down)) == 8
+    assert len(set(candidates("dense", 16, quick=False))) == 16
+    assert len(set(candidates("grouped", 64, quick=False))) == 8
+    assert [len(list(candidates(p, 64, quick=True))) for p in ("decode", "dense", "grouped")] == [1, 1, 1]
+    s2a2e16 = tuning.MoeShape(14, 688, 1376, 4096, 2, "bfloat16")
+    assert (
+        tuning.MoeShape.of_tensors(torch.empty(14, 1376, 4096), torch.empty(1376, 4096), 2).dtype == "float32"
+    )
+    assert [paths_for(s2a2e16, t, ("decode", "dense", "grouped")) for t in (1, 4, 8, 64, 65)] == [
+        ["decode"], ["decode"], ["decode", "dense"], ["decode", "dense", "grouped"], ["dense", "grouped"]
+    ]  # fmt: skip
+    assert paths_for(s2a2e16, 64, ("dense",)) == ["dense"]
+
+
+def test_tuner_never_picks_a_wrong_answer(interp_device, monkeypatch):
+    """A path whose output is off is skipped however fast; if every one is, tuning fails loudly."""
+    from moecarve.kernels import tuner
+
+    real = tuner.moe_ffn
+
+    def dense_is_wrong(*args, path, **kw):
+        out = real(*args, path=path, **kw)
+        return out + 1.0 if path == "dense" else out
+
+    monkeypatch.setattr(tuner, "moe_ffn", dense_is_wrong)
+    log = []
+    table = tuner.tune(SHAPE, [16], device="cpu", quick=True, reps=3, flush_bytes=1, log=log.append)
+    assert table[16]["path"] == "decode" and any(m.startswith("skip dense B=16") for m in log)
+    with pytest.raises(RuntimeError, match="no kernel path ran correctly at batch 16"):
+        tuner.tune(
+            SHAPE, [16], device="cpu", paths=("dense",), quick=True, reps=3, flush_bytes=1, log=log.append
+        )
+
+
+# ----------------------------------------------------------------------------- the command
+
+
+@pytest.fixture
+def tiny_model(tmp_path):
+    from transformers import Glm4MoeConfig
+
+    Glm4MoeConfig(
+        vocab_size=96, hidden_size=H, intermediate_size=64, moe_intermediate_size=I, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=12, n_routed_experts=E, n_shared_experts=1,
+        num_experts_per_tok=K, n_group=1, topk_group=1, first_k_dense_replace=0, num_mtp_layers=0,
+        partial_rotary_factor=1.0,
+    ).save_pretrained(tmp_path / "tiny")  # fmt: skip
+    return tmp_path / "tiny"
+
+
+def run_cli(monkeypatch, capsys, *args):
+    from moecarve import cli
+    from moecarve.kernels.cli import group
+
+    monkeypatch.setattr(sys, "argv", ["moecarve kernels", *map(str, args)])
+    try:
+        cli._run(group)
+        code = 0
+    except SystemExit as exit_info:
+        code = exit_info.code
+    return code, capsys.readouterr()
+
+
+def test_tune_command_writes_the_table_auto_follows(
+    interp_device, tiny_model, tables, spy, monkeypatch, capsys
+):
+    code, out = run_cli(monkeypatch, capsys, "tune", tiny_model, "--device", "cpu", "--quick", "--batches",
+                        "16,1,4", "--dtype", "float32", "--reps", "3")  # fmt: skip
+    assert code == 0, out.err
+    written = tables / "cpu" / SHAPE.file_name  # the first table directory, by default
+    assert f"wrote {written}" in out.out and [p.name for p in written.parent.iterdir()] == [SHAPE.file_name]
+    data = json.loads(written.read_text())
+    assert list(data["batches"]) == ["1", "4", "16"] and data["made_by"].endswith("--dtype float32 --quick")
+    assert data["batches"]["1"]["path"] == "decode"  # the only candidate at one token
+    for entry in data["batches"].values():
+        assert entry["median_us"] > 0 and entry["dense_ffn_us"] > 0
+    moe_ffn(*weights(16))
+    chosen = data["batches"]["16"]
+    assert spy[-1] == (chosen["path"], tuning.CONFIG_CLASSES[chosen["path"]](**chosen["config"]))
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--batches", "1,x"], "positive integers"),
+        (["--batches", "0,4"], "positive integers"),
+        (["--device", "cuda"], "on a CUDA GPU"),
+    ],
+)
+def test_tune_command_refuses_before_any_work(tiny_model, tmp_path, monkeypatch, capsys, args, message):
+    if torch.cuda.is_available() and args[0] == "--device":
+        pytest.skip("a GPU is present")
+    code, out = run_cli(monkeypatch, capsys, "tune", tiny_model, "--out", tmp_path / "out", *args)
+    assert code == 2 and message in out.err
+    assert not (tmp_path / "out").exists()
+
+
+def test_tune_command_refuses_models_it_cannot_tune(tmp_path, monkeypatch, capsys):
+    from transformers import LlamaConfig
+
+    LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4
+    ).save_pretrained(tmp_path / "dense")
+    code, out = run_cli(monkeypatch, capsys, "tune", tmp_path / "dense", "--out", tmp_path / "out")
+    assert code == 2 and "no MoE block the kernels run" in out.err
+    (tmp_path / "empty").mkdir()
+    code, out = run_cli(monkeypatch, capsys, "tune", tmp_path / "empty", "--out", tmp_path / "out")
+    assert code == 2 and "config.json missing" in out.err
+    assert not (tmp_path / "out").exists()

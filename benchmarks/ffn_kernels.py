@@ -196,15 +196,20 @@ def run_tune(args, env):
     """Sweep the tiles of the paths in `--paths` at the first intermediate/config with the library's
     tuner (`moecarve kernels tune` runs the same); one row per (path, T, tiles) in tune.{jsonl,csv},
     written as it is measured, so a run cut short keeps what it finished."""
-    from moecarve.kernels.tuner import tune
+    from moecarve.kernels.tuner import save_table, tune
     from moecarve.kernels.tuning import MoeShape
 
     inter = args.intermediate[0]
     s, a, n = parse_config(args.configs[0])
     shape = MoeShape(n - s, inter // n, s * (inter // n), args.hidden, a, args.dtype)
-    head = {**env, "bench": "tune", "intermediate": inter, "config": args.configs[0]}
-    tune(shape, args.batches, device=args.device, paths=tuple(args.paths), reps=args.reps,
-         flush_bytes=args.flush_bytes, on_row=lambda row: write_rows([{**head, **row}], args.out / "tune"))  # fmt: skip
+    head = {**env, "bench": "tune", "intermediate": inter, "config": args.configs[0], "quick": args.quick}
+    table = tune(shape, args.batches, device=args.device, paths=tuple(args.paths), quick=args.quick, reps=args.reps,
+                 flush_bytes=args.flush_bytes, on_row=lambda row: write_rows([{**head, **row}], args.out / "tune"))  # fmt: skip
+    if args.table_out:
+        made_by = f"benchmarks/ffn_kernels.py --tune {args.configs[0]} {inter}" + " --quick" * args.quick
+        print(
+            "wrote", save_table(table, shape, args.table_out, torch.device(args.device), made_by), flush=True
+        )
 
 
 def run_router(args, env) -> None:
@@ -290,6 +295,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--flush-bytes", type=float, default=200e6, help="weight bytes rotated through per pass")
     p.add_argument("--no-graph", action="store_true")
     p.add_argument("--tune", action="store_true")
+    p.add_argument("--quick", action="store_true", help="--tune: each path's built-in tiles only")
+    p.add_argument(
+        "--table-out", type=Path, help="--tune: also write the tuned table (as `moecarve kernels tune`)"
+    )
     p.add_argument("--router", action="store_true", help="time the router alone (router.jsonl)")
     p.add_argument(
         "--paths", nargs="+", default=["decode", "grouped", "dense"], help="the paths --tune sweeps"

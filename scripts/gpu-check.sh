@@ -3,16 +3,17 @@
 # session (15 minutes, a machine's start included) time to run it twice. Most important first:
 # the GPU tests; the router alone (split over H since the last GPU run); the FFN benchmark at batch
 # 1 (the whole block, router included) and at the batches where `auto` takes the dense path;
-# end-to-end decode at batch 1; the decode tiles at batch 1 (16-row up tiles are new); then the
-# dense path's tile sweep with what time is left. Each step
+# end-to-end decode at batch 1; the fastest path per batch, 1 to 4096 tokens; the decode tiles at
+# batch 1 (16-row up tiles are new); then the dense path's tile sweep with what time is left. Each step
 # has its own time limit and none runs past the deadline (360 s unless given); each writes as it
 # goes, so a step cut short still leaves what it finished. From the repository root on the GPU
 # machine:
 #
 #   bash scripts/gpu-check.sh [OUT_DIR [SECONDS]]   # OUT_DIR defaults to $OUT, else results/kernels/gpu-check
 #
-# OUT_DIR gets five files (the device tool brings back at most eight): gpu-check.log (versions and
-# every step's output) and the benchmarks' router / ffn_kernels / decode_e2e / tune .jsonl rows.
+# OUT_DIR gets six files (the device tool brings back at most eight): gpu-check.log (versions and
+# every step's output), the benchmarks' router / ffn_kernels / decode_e2e / tune .jsonl rows, and
+# the tuned table of step 5 (E14-I688-SI1376-H4096-K2-bfloat16.json).
 # Uses the machine's own torch/triton/transformers.
 set -uo pipefail
 out="${1:-${OUT:-results/kernels/gpu-check}}"
@@ -55,10 +56,15 @@ step 45 python3 benchmarks/ffn_kernels.py --router --configs S2A2E16 S2A4E32 --b
 step 120 python3 benchmarks/ffn_kernels.py --intermediate 11008 --batches 1 16 256 --out "$work"
 # 4. End-to-end greedy decode at batch 1 (the 1.3x goal), S2A2E16.
 step 75 python3 benchmarks/decode_e2e.py --device cuda --batches 1 --eager-batches --out "$work"
-# 5. The decode tiles at batch 1 (16-row up tiles, new: twice the programs of the tuned 32).
+# 5. The fastest path per batch from 1 to 4096 tokens against the dense FFN, built-in tiles (the
+#    tuner `moecarve kernels tune --quick` runs): "never 5% slower" at every size, prefill included.
+step 90 python3 benchmarks/ffn_kernels.py --tune --quick --configs S2A2E16 --intermediate 11008 \
+    --batches 1 2 4 8 16 32 64 256 1024 4096 --reps 20 --table-out "$work/tables" --out "$work"
+cp "$work"/tables/*/*.json "$out"/ 2>/dev/null
+# 6. The decode tiles at batch 1 (16-row up tiles, new: twice the programs of the tuned 32).
 step 60 python3 benchmarks/ffn_kernels.py --tune --paths decode --configs S2A2E16 --intermediate 11008 \
     --batches 1 --reps 20 --out "$work"
-# 6. The dense path's tiles (never swept), largest batches first, with what time is left.
+# 7. The dense path's tiles (never swept), largest batches first, with what time is left.
 step 150 python3 benchmarks/ffn_kernels.py --tune --paths dense --configs S2A2E16 --intermediate 11008 \
     --batches 256 64 16 --reps 20 --out "$work"
 ls -la "$out" >>"$log"

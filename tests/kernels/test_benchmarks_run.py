@@ -85,3 +85,27 @@ def test_ffn_benchmark_refuses_cuda_without_a_gpu(tmp_path):
     with pytest.raises(SystemExit, match="needs a CUDA GPU"):
         ffn_kernels.main(["--out", str(tmp_path)])
     assert not any(tmp_path.iterdir())
+
+
+def test_ffn_benchmark_quick_tune_writes_a_table(interp_device, tmp_path):
+    """The path-per-batch step of scripts/gpu-check.sh: every batch size, the built-in tiles, a table."""
+    import ffn_kernels
+
+    from moecarve.kernels import tuning
+
+    ffn_kernels.main(["--tune", "--quick", "--device", "cpu", "--hidden", "64", "--intermediate", "256",
+                      "--configs", "S2A2E16", "--batches", "1", "64", "--reps", "3", "--flush-bytes", "1e3",
+                      "--table-out", str(tmp_path / "tables"), "--out", str(tmp_path)])  # fmt: skip
+    got = rows(tmp_path / "tune.jsonl")
+    assert sorted((r["batch"], r["path"]) for r in got) == [
+        (1, "decode"),
+        (64, "decode"),
+        (64, "dense"),
+        (64, "grouped"),
+    ]
+    assert all(r["quick"] and r["dense_ffn_us"] > 0 for r in got)
+    shape = tuning.MoeShape(14, 16, 32, 64, 2, "bfloat16")
+    (path,) = (tmp_path / "tables").glob("*/*.json")
+    assert path.name == shape.file_name
+    table = tuning.parse_table(json.loads(path.read_text()), shape, str(path))
+    assert list(table) == [1, 64] and table[1][0] == "decode"

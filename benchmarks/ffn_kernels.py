@@ -301,7 +301,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     p.add_argument("--router", action="store_true", help="time the router alone (router.jsonl)")
     p.add_argument(
-        "--paths", nargs="+", default=["decode", "grouped", "dense"], help="the paths --tune sweeps"
+        "--paths",
+        nargs="+",
+        default=["decode", "grouped", "dense"],
+        choices=["decode", "grouped", "dense"],
+        help="the paths --tune sweeps",
     )
     p.add_argument("--out", type=Path, default=Path("results/kernels"))
     p.add_argument(

@@ -34,7 +34,10 @@ def table_json(batches: dict, shape=SHAPE) -> dict:
 def write(tables, data) -> None:
     path = tables / "cpu" / SHAPE.file_name
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(data if isinstance(data, str) else json.dumps(data))
+    if isinstance(data, bytes):
+        path.write_bytes(data)
+    else:
+        path.write_text(data if isinstance(data, str) else json.dumps(data))
 
 
 def weights(T: int, seed: int = 0):
@@ -68,18 +71,23 @@ def test_auto_follows_this_gpus_table(interp_device, tables, spy):
         "1": {"path": "dense", "config": dataclasses.asdict(TINY_DENSE)},
         "8": {"path": "grouped", "config": dataclasses.asdict(TINY_GROUPED)},
     }))  # fmt: skip
-    for T, want in (
-        (1, ("dense", TINY_DENSE)),
-        (3, ("grouped", TINY_GROUPED)),
-        (70, ("grouped", TINY_GROUPED)),
-    ):
+    # the smallest tuned batch at or above T; above the largest, never timed: the built-in dispatch
+    for T, want in ((1, ("dense", TINY_DENSE)), (3, ("grouped", TINY_GROUPED)), (8, ("grouped", TINY_GROUPED)),
+                    (9, ("dense", None)), (70, ("dense", None))):  # fmt: skip
         args = weights(T)
         out = moe_ffn(*args)
         assert spy[-1] == want, T
         ref = moe_ffn_reference(*args)
         assert ((out - ref).norm() / ref.norm()).item() < 2e-5
-    # explicit tiles are the caller's choice: the table is not read, the built-in dispatch decides
-    moe_ffn(*weights(1), decode_config=DecodeConfig(block_i=16, block_h=16, block_n=16, block_k=16))
+
+
+@pytest.mark.parametrize("explicit", ["decode_config", "dense_config", "grouped_config"])
+def test_explicit_tiles_skip_the_table(interp_device, tables, spy, explicit):
+    """Tiles passed by the caller are the caller's choice: the table is not read, `auto` decides the path."""
+    write(tables, table_json({"1": {"path": "grouped", "config": dataclasses.asdict(TINY_GROUPED)}}))
+    tiles = {"decode_config": DecodeConfig(block_i=16, block_h=16, block_n=16, block_k=16),
+             "dense_config": TINY_DENSE, "grouped_config": TINY_GROUPED}  # fmt: skip
+    moe_ffn(*weights(1), **{explicit: tiles[explicit]})
     assert spy[-1][0] == "decode"
 
 
@@ -87,16 +95,24 @@ def test_without_a_table_auto_is_the_built_in_dispatch(interp_device, tables, sp
     write(tables, table_json({"1": {"path": "dense", "config": {}}}))
     moe_ffn(*weights(1)[:5])  # no shared expert: another shape, so no table
     assert spy[-1] == ("decode", None)
-    monkeypatch.setenv("MOECARVE_KERNEL_CONFIGS", "")  # empty: tables off
+    moe_ffn(*weights(1))
+    assert spy[-1] == ("dense", DenseConfig())
+    monkeypatch.setenv("MOECARVE_KERNEL_CONFIGS", "")  # empty: tables off, for the same shape too
     moe_ffn(*weights(1))
     assert spy[-1] == ("decode", None)
+    monkeypatch.setenv("MOECARVE_KERNEL_CONFIGS", str(tables))
+    moe_ffn(*weights(1))
+    assert spy[-1] == ("dense", DenseConfig())
 
 
 @pytest.mark.parametrize(
     "data, message",
     [
-        ("{not json", "not JSON"),
+        ("{not json", "cannot be read as JSON"),
+        (b"\xff\xfe", "cannot be read as JSON"),
         ({"format": 2}, "format 1"),
+        ({**table_json({"1": {"path": "dense"}}), "format": True}, "format 1"),
+        (table_json({"\u00b2": {"path": "dense"}}), "positive integers"),
         (table_json({"1": {"path": "dense"}}, dataclasses.replace(SHAPE, top_k=3)), "its shape"),
         (table_json({}), "no batches"),
         (table_json({"0": {"path": "dense"}}), "positive integers"),
@@ -110,9 +126,10 @@ def test_without_a_table_auto_is_the_built_in_dispatch(interp_device, tables, sp
 )
 def test_a_bad_table_is_refused_by_name(interp_device, tables, data, message):
     write(tables, data)
-    with pytest.raises(ValueError, match=message) as info:
-        moe_ffn(*weights(1))
-    assert SHAPE.file_name in str(info.value) and "moecarve kernels tune" in str(info.value)
+    for _ in range(2):  # at every call, not only the first
+        with pytest.raises(ValueError, match=message) as info:
+            moe_ffn(*weights(1))
+        assert SHAPE.file_name in str(info.value) and "moecarve kernels tune" in str(info.value)
 
 
 def test_candidates_and_paths_per_batch():
@@ -139,6 +156,36 @@ def test_candidates_and_paths_per_batch():
     assert paths_for(s2a2e16, 64, ("dense",)) == ["dense"]
 
 
+def test_tuner_takes_the_fastest_candidate(interp_device, monkeypatch):
+    """Scripted timings: the decode down tiles are swept with the best up tiles kept, and the
+    fastest path wins the batch; every candidate's row reaches `on_row`."""
+    from moecarve.kernels import tuner
+
+    def scripted_us(path, cfg):
+        if path == "decode":
+            return (100 + {16: 0, 32: 5, 64: 10}[cfg.block_i] + (cfg.block_h != 128) + 2 * (cfg.warps_up != 8)
+                    + 3 * (cfg.block_n != 32) + 4 * (cfg.block_k != 256) + 0.5 * (cfg.warps_down != 8))  # fmt: skip
+        return 90 + (cfg.block_m != 32) + (cfg.block_n != 128) + (cfg.block_k != 64) + (cfg.warps != 4)
+
+    def kernel_us(self, path, cfg, log):
+        return {"median_us": scripted_us(path, cfg), "graph": True}
+
+    monkeypatch.setattr(tuner._Batch, "kernel_us", kernel_us)
+    monkeypatch.setattr(tuner._Batch, "dense_ffn_us", lambda self: 200.0)
+    rows = []
+    table = tuner.tune(
+        SHAPE, [1, 16], device="cpu", reps=3, flush_bytes=1, on_row=rows.append, log=lambda m: None
+    )
+    best_decode = DecodeConfig(block_i=16, block_h=128, warps_up=8, block_n=32, block_k=256, warps_down=8)
+    assert table[1] == {"path": "decode", "config": dataclasses.asdict(best_decode), "median_us": 100,
+                        "dense_ffn_us": 200.0}  # fmt: skip
+    assert table[16]["path"] == "dense" and table[16]["median_us"] == 90
+    assert table[16]["config"] == dataclasses.asdict(
+        DenseConfig(block_m=32, block_n=128, block_k=64, warps=4)
+    )
+    assert len(rows) == 20 + 20 + 16 and all(r["dense_ffn_us"] == 200.0 for r in rows)
+
+
 def test_tuner_never_picks_a_wrong_answer(interp_device, monkeypatch):
     """A path whose output is off is skipped however fast; if every one is, tuning fails loudly."""
     from moecarve.kernels import tuner
@@ -157,6 +204,20 @@ def test_tuner_never_picks_a_wrong_answer(interp_device, monkeypatch):
         tuner.tune(
             SHAPE, [16], device="cpu", paths=("dense",), quick=True, reps=3, flush_bytes=1, log=log.append
         )
+    with pytest.raises(ValueError, match=r"none of the paths \['grouped'\] is timed at batch 16"):
+        tuner.tune(SHAPE, [16], device="cpu", paths=("grouped",), log=log.append)
+
+
+def test_saved_tables_are_readable_by_others(tmp_path):
+    import os
+
+    from moecarve.kernels.tuner import save_table
+
+    path = save_table({1: {"path": "dense", "config": {}}}, SHAPE, tmp_path, torch.device("cpu"), "test")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert [p.name for p in path.parent.iterdir()] == [SHAPE.file_name]
 
 
 # ----------------------------------------------------------------------------- the command
@@ -197,7 +258,9 @@ def test_tune_command_writes_the_table_auto_follows(
     written = tables / "cpu" / SHAPE.file_name  # the first table directory, by default
     assert f"wrote {written}" in out.out and [p.name for p in written.parent.iterdir()] == [SHAPE.file_name]
     data = json.loads(written.read_text())
-    assert list(data["batches"]) == ["1", "4", "16"] and data["made_by"].endswith("--dtype float32 --quick")
+    assert list(data["batches"]) == ["1", "4", "16"] and data["made_by"].endswith(
+        "--dtype float32 --reps 3 --quick"
+    )
     assert data["batches"]["1"]["path"] == "decode"  # the only candidate at one token
     for entry in data["batches"].values():
         assert entry["median_us"] > 0 and entry["dense_ffn_us"] > 0
@@ -209,17 +272,22 @@ def test_tune_command_writes_the_table_auto_follows(
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--batches", "1,x"], "positive integers"),
-        (["--batches", "0,4"], "positive integers"),
+        (["--batches", "1,x"], "integers from 1 to 65536"),
+        (["--batches", "0,4"], "integers from 1 to 65536"),
+        (["--batches", "1,70000"], "integers from 1 to 65536"),
         (["--device", "cuda"], "on a CUDA GPU"),
+        (["--device", "cpu", "--out", "{tmp}/file/tables"], "is not a writable directory"),
     ],
 )
 def test_tune_command_refuses_before_any_work(tiny_model, tmp_path, monkeypatch, capsys, args, message):
-    if torch.cuda.is_available() and args[0] == "--device":
+    if torch.cuda.is_available() and args[1] == "cuda":
         pytest.skip("a GPU is present")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    (tmp_path / "file").write_text("")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     code, out = run_cli(monkeypatch, capsys, "tune", tiny_model, "--out", tmp_path / "out", *args)
     assert code == 2 and message in out.err
-    assert not (tmp_path / "out").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "tiny"]  # nothing made
 
 
 def test_tune_command_refuses_models_it_cannot_tune(tmp_path, monkeypatch, capsys):
@@ -231,6 +299,13 @@ def test_tune_command_refuses_models_it_cannot_tune(tmp_path, monkeypatch, capsy
     code, out = run_cli(monkeypatch, capsys, "tune", tmp_path / "dense", "--out", tmp_path / "out")
     assert code == 2 and "no MoE block the kernels run" in out.err
     (tmp_path / "empty").mkdir()
-    code, out = run_cli(monkeypatch, capsys, "tune", tmp_path / "empty", "--out", tmp_path / "out")
-    assert code == 2 and "config.json missing" in out.err
+    for missing in (tmp_path / "empty", "./no/such-model", "/no-such-dir/model"):
+        code, out = run_cli(monkeypatch, capsys, "tune", missing, "--out", tmp_path / "out")
+        assert code == 2 and "config.json missing" in out.err, missing
+    from transformers import Glm4MoeConfig
+
+    Glm4MoeConfig(hidden_size=32, moe_intermediate_size=8, n_routed_experts=4, num_hidden_layers=1,
+                  num_attention_heads=4, num_key_value_heads=4, hidden_act="gelu").save_pretrained(tmp_path / "gelu")  # fmt: skip
+    code, out = run_cli(monkeypatch, capsys, "tune", tmp_path / "gelu", "--out", tmp_path / "out")
+    assert code == 2 and "no MoE block the kernels run" in out.err  # enable leaves GELU blocks as they are
     assert not (tmp_path / "out").exists()

@@ -4,11 +4,13 @@ table that `moe_ffn(path="auto")` follows there (tuning.py)."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import click
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 BATCHES = "1,2,4,8,16,32,64,128,256,512,1024,2048,4096"
+MAX_TOKENS = 65536
 
 
 @click.group("kernels", context_settings=CONTEXT)
@@ -52,36 +54,49 @@ def tune_command(model, batches, dtype, quick, reps, out, device):
         sizes = sorted({int(b) for b in batches.split(",") if b.strip()})
     except ValueError:
         sizes = []
-    if not sizes or sizes[0] < 1:
+    if not sizes or sizes[0] < 1 or sizes[-1] > MAX_TOKENS:
         raise click.BadParameter(
-            f"expected comma-separated positive integers, got {batches!r}", param_hint="--batches"
+            f"expected comma-separated integers from 1 to {MAX_TOKENS}, got {batches!r}",
+            param_hint="--batches",
         )
     shapes = model_shapes(model, dtype)
     dtype = shapes[0].dtype
     dev = check_device(device, dtype)
     dirs = config_dirs()
-    out_dir = out or (dirs[0] if dirs else default_dir())
-    if out is None and not dirs:
+    out_dir = Path(out).expanduser() if out else dirs[0] if dirs else default_dir()
+    _check_writable(out_dir)
+    if out_dir.resolve() not in [d.resolve() for d in dirs]:
         click.echo(
-            "note: MOECARVE_KERNEL_CONFIGS is empty, so `auto` reads no table; writing to the default",
+            f"note: `auto` does not read {out_dir}; add it to $MOECARVE_KERNEL_CONFIGS to use the table",
             err=True,
         )
-    os.makedirs(out_dir, exist_ok=True)
-    if not os.access(out_dir, os.W_OK):
-        raise OSError(f"cannot write to {out_dir}")
     made_by = (
-        f"moecarve kernels tune {model} --batches {','.join(map(str, sizes))} --dtype {dtype}"
-        + " --quick" * quick
+        f"moecarve kernels tune {model} --batches {','.join(map(str, sizes))} --dtype {dtype} --reps {reps}"
     )
-    for shape in shapes:
+    made_by += " --quick" * quick
+    tables = {}
+    for shape in shapes:  # every shape timed before anything is written
         click.echo(f"{shape} on {device_name(dev)}")
-        table = tune(
-            shape, sizes, device=str(dev), quick=quick, reps=reps, log=lambda m: click.echo(m, err=True)
-        )
-        path = save_table(table, shape, out_dir, dev, made_by)
+        try:
+            tables[shape] = tune(
+                shape, sizes, device=str(dev), quick=quick, reps=reps, log=lambda m: click.echo(m, err=True)
+            )
+        except RuntimeError as err:
+            raise click.ClickException(str(err)) from None
+    for shape, table in tables.items():
         click.echo(f"{'batch':>6} {'path':<8} {'us':>9} {'dense FFN us':>13} {'x dense':>8}")
         for b, e in table.items():
+            ratio = e["dense_ffn_us"] / e["median_us"]
             click.echo(
-                f"{b:>6} {e['path']:<8} {e['median_us']:>9.1f} {e['dense_ffn_us']:>13.1f} {e['dense_ffn_us'] / e['median_us']:>8.2f}"
+                f"{b:>6} {e['path']:<8} {e['median_us']:>9.1f} {e['dense_ffn_us']:>13.1f} {ratio:>8.2f}"
             )
-        click.echo(f"wrote {path}")
+        click.echo(f"wrote {save_table(table, shape, out_dir, dev, made_by)}")
+
+
+def _check_writable(directory: Path) -> None:
+    """Refuse, before the timing, a table directory that cannot be made or written (nothing is created)."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise OSError(f"cannot write tables under {directory} ({existing} is not a writable directory)")

@@ -52,6 +52,19 @@ def _is_moe_block(module: nn.Module) -> bool:
     )
 
 
+def unsupported_block_reason(module: nn.Module) -> str | None:
+    """Why `enable` leaves this module as is (not a Glm4MoeMoE-like block, an unknown shared expert
+    layout, an activation other than SiLU), or None when it swaps it."""
+    if not _is_moe_block(module):
+        return "not a MoE block with a router `gate` and fused `experts`"
+    se = getattr(module, "shared_experts", None)
+    if se is not None and not all(hasattr(se, p) for p in ("gate_proj", "up_proj", "down_proj")):
+        return "unknown shared expert layout"
+    if not (_is_silu(module.experts) and (se is None or _is_silu(se))):
+        return "activation is not SiLU"
+    return None
+
+
 def _is_sigmoid_router(gate: nn.Module) -> bool:
     """A Glm4MoeTopkRouter-like gate whose group-limited choice is a no-op (one group, or all groups kept)."""
     n_group = getattr(gate, "n_group", getattr(gate, "num_group", 1))
@@ -104,14 +117,9 @@ def enable(model: nn.Module, *, fused_router: bool = True) -> int:
     for name, module in model.named_modules():
         if not _is_moe_block(module):
             continue
-        se = getattr(module, "shared_experts", None)
-        if se is not None and not all(hasattr(se, p) for p in ("gate_proj", "up_proj", "down_proj")):
-            warn_once(
-                f"enable-{name}", f"moecarve.kernels: {name}: unknown shared expert layout, block left as is"
-            )
-            continue
-        if not (_is_silu(module.experts) and (se is None or _is_silu(se))):
-            warn_once(f"act-{name}", f"moecarve.kernels: {name}: activation is not SiLU, block left as is")
+        reason = unsupported_block_reason(module)
+        if reason is not None:
+            warn_once(f"enable-{name}", f"moecarve.kernels: {name}: {reason}, block left as is")
             continue
         module._moecarve_fused_router = fused_router and _is_sigmoid_router(module.gate)
         module.forward = types.MethodType(_fused_block_forward, module)

@@ -114,8 +114,9 @@ class _Batch:
         self.step = itertools.count()
 
     def _time(self, fn: Callable[[int], object]) -> dict:
+        # one graph holds a call per input/weight copy, so replays never rerun a copy from L2
         with torch.no_grad():
-            return time_fn(lambda: fn(next(self.step) % self.n), reps=self.reps)
+            return time_fn(lambda: fn(next(self.step) % self.n), reps=self.reps, inner=max(10, self.n))
 
     def dense_ffn_us(self) -> float:
         def dense(j):
@@ -142,7 +143,11 @@ class _Batch:
             if not err < TOLERANCE[self.shape.dtype]:
                 log(f"skip {path} B={self.tokens} {cfg}: relative error {err:.2e}")
                 return None
-            return self._time(call)
+            t = self._time(call)
+            if self.ref.is_cuda and not t["graph"]:  # what `auto` must allow: capture in a CUDA graph
+                log(f"skip {path} B={self.tokens} {cfg}: cannot be captured in a CUDA graph")
+                return None
+            return t
         except Exception as exc:  # tiles that do not compile (shared memory, registers) are skipped
             log(f"skip {path} B={self.tokens} {cfg}: {type(exc).__name__}: {str(exc)[:120]}")
             return None
@@ -162,6 +167,9 @@ def tune(
 ) -> dict[int, dict]:
     """{batch: {"path", "config", "median_us", "dense_ffn_us"}}: the fastest checked candidate per
     batch, with the dense FFN's time at that batch. `on_row` gets every timing (with its tiles)."""
+    untimed = [b for b in batches if not paths_for(shape, b, paths)]
+    if untimed:
+        raise ValueError(f"none of the paths {list(paths)} is timed at batch {untimed[0]} (see paths_for)")
     torch.manual_seed(0)
     weights = _Weights(shape, device, flush_bytes)
     table = {}
@@ -225,6 +233,9 @@ def save_table(
     try:
         with os.fdopen(fd, "w") as f:
             json.dump(data, f, indent=1)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the table from other users
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -240,10 +251,11 @@ def model_shapes(model: str, dtype: str | None = None) -> list[MoeShape]:
     from transformers import AutoConfig
 
     from ..moe import meta_model
-    from .integration import _is_moe_block
+    from .integration import unsupported_block_reason
 
     local = Path(model).expanduser()
-    if local.exists() and not (local / "config.json").is_file():
+    looks_local = model.startswith((".", "/", "~")) or model.count("/") > 1
+    if (local.exists() or looks_local) and not (local / "config.json").is_file():
         raise FileNotFoundError(f"no model at {local} (config.json missing)")
     config = AutoConfig.from_pretrained(str(local) if local.exists() else model)
     if dtype is None:
@@ -252,10 +264,12 @@ def model_shapes(model: str, dtype: str | None = None) -> list[MoeShape]:
     skeleton = meta_model(config)
     shapes = []
     for module in skeleton.modules():
-        if _is_moe_block(module) and isinstance(getattr(module.gate, "top_k", None), int):
+        top_k = getattr(module.gate, "top_k", None) if hasattr(module, "gate") else None
+        top_k = top_k if isinstance(top_k, int) else getattr(config, "num_experts_per_tok", None)
+        if unsupported_block_reason(module) is None and isinstance(top_k, int):
             se = getattr(module, "shared_experts", None)
             shape = MoeShape.of_tensors(module.experts.gate_up_proj, None if se is None else se.gate_proj.weight,
-                                        module.gate.top_k)  # fmt: skip
+                                        top_k)  # fmt: skip
             shapes.append(dataclasses.replace(shape, dtype=dtype))
     if not shapes:
         raise ValueError(

@@ -107,7 +107,7 @@ def _config_from_json(path_name: str, raw: object, where: str):
 
 def parse_table(data: object, shape: MoeShape, source: str) -> dict[int, tuple[str, object]]:
     """{batch: (path, tiles)} from a table file's JSON, checked; ValueError naming `source` otherwise."""
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
+    if not isinstance(data, dict) or type(data.get("format")) is not int or data["format"] != FORMAT:
         raise ValueError(f"{source}: not a moecarve tuned table of format {FORMAT}; {FIX}")
     if data.get("shape") != dataclasses.asdict(shape):
         raise ValueError(f"{source}: its shape {data.get('shape')} is not {dataclasses.asdict(shape)}; {FIX}")
@@ -117,7 +117,7 @@ def parse_table(data: object, shape: MoeShape, source: str) -> dict[int, tuple[s
     table = {}
     for key, entry in batches.items():
         where = f"{source}: batch {key}"
-        if not key.isdigit() or int(key) < 1 or not isinstance(entry, dict):
+        if not (key.isascii() and key.isdigit()) or int(key) < 1 or not isinstance(entry, dict):
             raise ValueError(f"{where}: batches must map positive integers to entries; {FIX}")
         if entry.get("path") not in CONFIG_CLASSES:
             raise ValueError(
@@ -132,20 +132,21 @@ _TABLES: dict[tuple[str, MoeShape, tuple[Path, ...]], dict[int, tuple[str, objec
 
 def load_table(device_name: str, shape: MoeShape) -> dict[int, tuple[str, object]] | None:
     """The tuned table for this GPU and shape from the first directory that has one, or None.
-    Read once per process (`clear_cache()` rereads)."""
+    Read once per process (`clear_cache()` rereads); a broken file raises at every call."""
     dirs = tuple(config_dirs())
     key = (device_name, shape, dirs)
     if key not in _TABLES:
-        _TABLES[key] = None
+        table = None
         for d in dirs:
             path = d / device_dir_name(device_name) / shape.file_name
             if path.is_file():
                 try:
                     data = json.loads(path.read_text())
-                except json.JSONDecodeError as exc:
-                    raise ValueError(f"{path}: not JSON ({exc}); {FIX}") from None
-                _TABLES[key] = parse_table(data, shape, str(path))
+                except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                    raise ValueError(f"{path}: cannot be read as JSON ({exc}); {FIX}") from None
+                table = parse_table(data, shape, str(path))
                 break
+        _TABLES[key] = table  # only once parsed: a broken file is never cached as "no table"
     return _TABLES[key]
 
 
@@ -170,21 +171,18 @@ def tuned_choice(
     top_k: int,
     tokens: int,
 ) -> tuple[str, object] | None:
-    """(path, tiles) for `tokens` from this GPU's table for these weights' shape, or None without
-    one. Called on every `moe_ffn`: after the first call per shape it is one dict lookup (~1 us)."""
+    """(path, tiles) of the smallest tuned batch >= `tokens` in this GPU's table for these weights'
+    shape; None without a table or above its largest batch. Called on every `moe_ffn`: after the
+    first call per shape it is a dict lookup."""
     si = None if shared_gate_proj is None else shared_gate_proj.shape[0]
-    key = (
-        device,
-        gate_up_proj.shape,
-        gate_up_proj.dtype,
-        si,
-        top_k,
-        os.environ.get("MOECARVE_KERNEL_CONFIGS"),
-    )
+    env = os.environ
+    dirs = (env.get("MOECARVE_KERNEL_CONFIGS"), env.get("XDG_CACHE_HOME"), env.get("HOME"))
+    key = (device, gate_up_proj.shape, gate_up_proj.dtype, si, top_k, dirs)
     if key not in _BY_TENSORS:
         shape = MoeShape.of_tensors(gate_up_proj, shared_gate_proj, top_k)
         _BY_TENSORS[key] = load_table(device_name(device), shape)
     table = _BY_TENSORS[key]
-    if table is None:
+    largest = max(table) if table else 0
+    if tokens > largest:  # never timed at this size: the built-in dispatch decides
         return None
-    return table[next((b for b in table if b >= tokens), max(table))]
+    return table[next(b for b in table if b >= tokens)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 
 import pytest
 import torch
@@ -86,6 +87,19 @@ def test_speed_side_by_side(tiny_models, tiny_carved, calib_file, tmp_path, unch
         model, base = rows[("model", ratio["batch"])], rows[("baseline", ratio["batch"])]
         assert ratio["decode"] == pytest.approx(model["decode_tokens_per_s"] / base["decode_tokens_per_s"])
         assert ratio["prefill"] == pytest.approx(model["prefill_tokens_per_s"] / base["prefill_tokens_per_s"])
+
+
+def test_speed_with_kernels_records_the_tuned_tables(tiny_carved, calib_file, tmp_path, monkeypatch):
+    table = tmp_path / "tables" / "cpu" / "E99-I8-SI8-H4096-K2-float32.json"
+    table.parent.mkdir(parents=True)
+    table.write_text("{}")  # listed, not read: no block of this shape runs here
+    monkeypatch.setenv("MOECARVE_KERNEL_CONFIGS", str(tmp_path / "tables"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # without the interpreter: the reference path
+        record = evaluate_speed(tiny_carved, None, (1,), prompt_length=4, decode_tokens=1, repeats=1,
+                                device="cpu", data=calib_file, kernels=True, progress=False)  # fmt: skip
+    assert record["kernels"] is True and record["kernel_tables"] == [str(table)]
+    assert record["rows"][0]["decode_tokens_per_s"] > 0
 
 
 def test_speed_text_too_short(tiny_models, tmp_path):

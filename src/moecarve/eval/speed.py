@@ -120,6 +120,7 @@ def evaluate_speed(
         "statistic": "median over repeats",
         "dtype": dtype,
         "kernels": kernels,
+        "kernel_tables": _kernel_tables(device) if kernels else [],
         "prompts": f"first batch x prompt_length tokens of {description}",
         "versions": common.versions(),
         "machine": common.machine(device),
@@ -143,3 +144,12 @@ def _ratios(rows: list[dict]) -> list[dict]:
                 }
             )
     return ratios
+
+
+def _kernel_tables(device: str) -> list[str]:
+    """The tuned tables (`moecarve kernels tune`) the kernels could follow on this device."""
+    import torch
+
+    from moecarve.kernels.tuning import device_name, table_files
+
+    return table_files(device_name(torch.device(device)))

@@ -81,6 +81,13 @@ def test_auto_follows_this_gpus_table(interp_device, tables, spy):
         assert ((out - ref).norm() / ref.norm()).item() < 2e-5
 
 
+def test_a_table_from_other_versions_is_followed_with_a_warning(interp_device, tables, spy):
+    write(tables, {**table_json({"1": {"path": "dense", "config": {}}}), "versions": {"triton": "0.0.1"}})
+    with pytest.warns(RuntimeWarning, match=r"tuned under triton 0\.0\.1 -> .*rerun `moecarve kernels tune`"):
+        moe_ffn(*weights(1))
+    assert spy[-1] == ("dense", DenseConfig())
+
+
 @pytest.mark.parametrize("explicit", ["decode_config", "dense_config", "grouped_config"])
 def test_explicit_tiles_skip_the_table(interp_device, tables, spy, explicit):
     """Tiles passed by the caller are the caller's choice: the table is not read, `auto` decides the path."""

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from ._env import warn_once
 from .ops.configs import DecodeConfig, DenseConfig, GroupedConfig
 
 FORMAT = 1
@@ -145,9 +146,22 @@ def load_table(device_name: str, shape: MoeShape) -> dict[int, tuple[str, object
                 except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
                     raise ValueError(f"{path}: cannot be read as JSON ({exc}); {FIX}") from None
                 table = parse_table(data, shape, str(path))
+                _warn_if_stale(data, path)
                 break
         _TABLES[key] = table  # only once parsed: a broken file is never cached as "no table"
     return _TABLES[key]
+
+
+def _warn_if_stale(data: dict, path: Path) -> None:
+    """Timings made under another Triton or torch may no longer pick the fastest tiles: say so once."""
+    import importlib.metadata
+
+    made = data.get("versions") or {}
+    now = {"torch": torch.__version__, "triton": importlib.metadata.version("triton")}
+    changed = [f"{k} {made.get(k)} -> {v}" for k, v in now.items() if made.get(k) not in (None, v)]
+    if changed:
+        warn_once(f"stale-{path}", f"moecarve.kernels: {path} was tuned under {', '.join(changed)}; "
+                  "rerun `moecarve kernels tune` for the fastest tiles")  # fmt: skip
 
 
 def clear_cache() -> None:

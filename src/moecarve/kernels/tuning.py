@@ -4,7 +4,7 @@ The built-in choices (`DECODE_TABLE`, `DenseConfig`, `auto_path`'s thresholds) w
 H100 at 7B shapes. `moecarve kernels tune MODEL` times the paths and tile candidates for MODEL's
 MoE shape on the GPU at hand, over batch sizes, and writes the fastest per batch to
 `<dir>/<GPU name>/<shape>.json`; `moe_ffn(path="auto")` then follows that table on that GPU and
-shape (the entry of the smallest tuned batch >= T, else the largest). Files, not
+shape (the entry of the smallest tuned batch >= T; above the largest, the built-in dispatch). Files, not
 `triton.autotune`, for the reasons vLLM's fused_moe keeps config files: a fair timing needs
 weights that are not in L2, and none may run at a first call inside a CUDA graph capture.
 

@@ -1,7 +1,7 @@
 """Tables of the fastest path and tiles per batch size, timed on the user's own GPU.
 
-The built-in choices (`DECODE_TABLE`, `DenseConfig`, `auto_path`'s thresholds) were timed on an
-H100 at 7B shapes. `moecarve kernels tune MODEL` times the paths and tile candidates for MODEL's
+The built-in choices were timed on one H100 at 7B shapes (`DECODE_TABLE`, `GroupedConfig`,
+`auto_path`'s thresholds) or never (`DenseConfig`). `moecarve kernels tune MODEL` times the paths and tile candidates for MODEL's
 MoE shape on the GPU at hand, over batch sizes, and writes the fastest per batch to
 `<dir>/<GPU name>/<shape>.json`; `moe_ffn(path="auto")` then follows that table on that GPU and
 shape (the entry of the smallest tuned batch >= T; above the largest, the built-in dispatch). Files, not

@@ -3,7 +3,8 @@
 One command (GPU):  PYTHONPATH=src python benchmarks/ffn_kernels.py
 Writes results/kernels/ffn_kernels.{jsonl,csv}: one row per (intermediate, config, batch, impl) with
 gpu, versions, median/p10/p90 latency, achieved GB/s, fraction of the bytes ideal and of peak HBM.
-`--tune` sweeps the kernels' tile sizes instead (results/kernels/tune.{jsonl,csv}); `--router` times
+`--tune` runs the library's tuner instead (a tile sweep, or each path's built-in tiles with `--quick`;
+rows in results/kernels/tune.{jsonl,csv}, `--table-out DIR` also writes the table); `--router` times
 the router alone (results/kernels/router.{jsonl,csv}).
 
 Config SxAyEz: z experts of I = intermediate / z neurons, x shared (always on) and y routed

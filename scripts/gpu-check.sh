@@ -11,9 +11,9 @@
 #
 #   bash scripts/gpu-check.sh [OUT_DIR [SECONDS]]   # OUT_DIR defaults to $OUT, else results/kernels/gpu-check
 #
-# OUT_DIR gets six files (the device tool brings back at most eight): gpu-check.log (versions and
-# every step's output), the benchmarks' router / ffn_kernels / decode_e2e / tune .jsonl rows, and
-# the tuned table of step 5 (E14-I688-SI1376-H4096-K2-bfloat16.json).
+# OUT_DIR gets up to six files (the device tool brings back at most eight): gpu-check.log (versions
+# and every step's output), the benchmarks' router / ffn_kernels / decode_e2e / tune .jsonl rows,
+# and step 5's tuned table (E14-I688-SI1376-H4096-K2-bfloat16.json) if that step finishes.
 # Uses the machine's own torch/triton/transformers.
 set -uo pipefail
 out="${1:-${OUT:-results/kernels/gpu-check}}"

@@ -88,6 +88,22 @@ def test_a_table_from_other_versions_is_followed_with_a_warning(interp_device, t
     assert spy[-1] == ("dense", DenseConfig())
 
 
+def test_the_version_check_survives_triton_under_another_name(interp_device, tables, spy, monkeypatch):
+    """Triton installed as a distribution the check does not know: no crash, no false warning."""
+    import importlib.metadata
+    import warnings
+
+    def version(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    write(tables, {**table_json({"1": {"path": "dense", "config": {}}}), "versions": {"triton": "0.0.1"}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        moe_ffn(*weights(1))
+    assert spy[-1] == ("dense", DenseConfig())
+
+
 @pytest.mark.parametrize("explicit", ["decode_config", "dense_config", "grouped_config"])
 def test_explicit_tiles_skip_the_table(interp_device, tables, spy, explicit):
     """Tiles passed by the caller are the caller's choice: the table is not read, `auto` decides the path."""

@@ -36,7 +36,7 @@ def group():
 @click.option(
     "--out",
     default=None,
-    help="table directory [default: first of $MOECARVE_KERNEL_CONFIGS, else ~/.cache/moecarve/kernels]",
+    help="table directory [default: first of $MOECARVE_KERNEL_CONFIGS, else $XDG_CACHE_HOME/moecarve/kernels]",
 )
 @click.option(
     "--device",

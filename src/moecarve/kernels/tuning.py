@@ -1,7 +1,8 @@
 """Tables of the fastest path and tiles per batch size, timed on the user's own GPU.
 
-The built-in choices were timed on one H100 at 7B shapes (`DECODE_TABLE`, `GroupedConfig`,
-`auto_path`'s thresholds) or never (`DenseConfig`). `moecarve kernels tune MODEL` times the paths and tile candidates for MODEL's
+The built-in choices were timed on one H100 at 7B shapes (`DECODE_TABLE`, `GroupedConfig`, and
+the decode-against-dense-FFN crossovers behind `auto_path`'s thresholds) or never (`DenseConfig`,
+the dense path itself). `moecarve kernels tune MODEL` times the paths and tile candidates for MODEL's
 MoE shape on the GPU at hand, over batch sizes, and writes the fastest per batch to
 `<dir>/<GPU name>/<shape>.json`; `moe_ffn(path="auto")` then follows that table on that GPU and
 shape (the entry of the smallest tuned batch >= T; above the largest, the built-in dispatch). Files, not
@@ -152,13 +153,25 @@ def load_table(device_name: str, shape: MoeShape) -> dict[int, tuple[str, object
     return _TABLES[key]
 
 
-def _warn_if_stale(data: dict, path: Path) -> None:
-    """Timings made under another Triton or torch may no longer pick the fastest tiles: say so once."""
+def _installed(*names: str) -> str | None:
+    """The installed version of the first distribution found (Triton ships under two names), or None."""
     import importlib.metadata
 
+    for name in names:
+        try:
+            return importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def _warn_if_stale(data: dict, path: Path) -> None:
+    """Timings made under another Triton or torch may no longer pick the fastest tiles: say so once."""
     made = data.get("versions") or {}
-    now = {"torch": torch.__version__, "triton": importlib.metadata.version("triton")}
-    changed = [f"{k} {made.get(k)} -> {v}" for k, v in now.items() if made.get(k) not in (None, v)]
+    now = {"torch": torch.__version__, "triton": _installed("triton", "pytorch-triton")}
+    changed = [
+        f"{k} {made.get(k)} -> {v}" for k, v in now.items() if None not in (made.get(k), v) and made[k] != v
+    ]
     if changed:
         warn_once(f"stale-{path}", f"moecarve.kernels: {path} was tuned under {', '.join(changed)}; "
                   "rerun `moecarve kernels tune` for the fastest tiles")  # fmt: skip

@@ -2,8 +2,8 @@
 # The kernel checks still owed on a GPU (docs/kernels.md), as one command sized to leave a device
 # session (15 minutes, a machine's start included) time to run it twice. Most important first:
 # the GPU tests; the router alone (split over H since the last GPU run); the FFN benchmark at batch
-# 1 (the whole block, router included) and at the batches where `auto` takes the dense path;
-# end-to-end decode at batch 1; the fastest path per batch, 1 to 4096 tokens; the decode tiles at
+# 1 (the whole block, router included); end-to-end decode at batch 1; the fastest path per batch
+# against the dense FFN, 1 to 4096 tokens (the dense path where `auto` takes it); the decode tiles at
 # batch 1 (16-row up tiles are new); then the dense path's tile sweep with what time is left. Each step
 # has its own time limit and none runs past the deadline (360 s unless given); each writes as it
 # goes, so a step cut short still leaves what it finished. From the repository root on the GPU
@@ -51,9 +51,9 @@ step 120 python3 -m pytest -m gpu tests/kernels -q -p no:cacheprovider
 # 2. The router alone: split over H (as enable runs it) vs one program per token vs transformers',
 #    16 and 32 H steps per token in the old schedule.
 step 45 python3 benchmarks/ffn_kernels.py --router --configs S2A2E16 S2A4E32 --batches 1 64 --reps 20 --out "$work"
-# 3. Batch 1 (the block with the new router), 16 (where `auto` turns to the dense path) and 256
-#    (the dense path, "never 5% slower").
-step 120 python3 benchmarks/ffn_kernels.py --intermediate 11008 --batches 1 16 256 --out "$work"
+# 3. Batch 1, every config: the kernels and the whole block with the new router (the batches where
+#    `auto` takes the dense path are step 5's).
+step 75 python3 benchmarks/ffn_kernels.py --intermediate 11008 --batches 1 --out "$work"
 # 4. End-to-end greedy decode at batch 1 (the 1.3x goal), S2A2E16.
 step 75 python3 benchmarks/decode_e2e.py --device cuda --batches 1 --eager-batches --out "$work"
 # 5. The fastest path per batch from 1 to 4096 tokens against the dense FFN, built-in tiles (the

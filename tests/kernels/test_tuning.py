@@ -292,6 +292,25 @@ def test_tune_command_writes_the_table_auto_follows(
     assert spy[-1] == (chosen["path"], tuning.CONFIG_CLASSES[chosen["path"]](**chosen["config"]))
 
 
+def test_tune_command_tunes_the_experts_interface_shape_too(interp_device, tiny_model, tables, spy, monkeypatch,
+                                                            capsys):  # fmt: skip
+    code, out = run_cli(monkeypatch, capsys, "tune", tiny_model, "--device", "cpu", "--quick", "--batches", "1",
+                        "--dtype", "float32", "--reps", "3", "--experts-interface")  # fmt: skip
+    assert code == 0, out.err
+    routed_only = dataclasses.replace(SHAPE, shared_intermediate=0)
+    assert sorted(p.name for p in (tables / "cpu").iterdir()) == sorted(
+        [SHAPE.file_name, routed_only.file_name]
+    )
+    data = json.loads((tables / "cpu" / routed_only.file_name).read_text())
+    assert data["shape"] == dataclasses.asdict(routed_only) and data["made_by"].endswith(
+        "--experts-interface"
+    )
+    x, idx, w, w13, w2, *_ = weights(1)
+    moe_ffn(x, idx, w, w13, w2)  # the experts interface's call: no shared expert
+    chosen = data["batches"]["1"]
+    assert spy[-1] == (chosen["path"], tuning.CONFIG_CLASSES[chosen["path"]](**chosen["config"]))
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

@@ -3,6 +3,7 @@ table that `moe_ffn(path="auto")` follows there (tuning.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -44,7 +45,12 @@ def group():
     show_default=True,
     help="cuda, cuda:1 ...; cpu only checks the command (TRITON_INTERPRET=1)",
 )
-def tune_command(model, batches, dtype, quick, reps, out, device):
+@click.option(
+    "--experts-interface",
+    is_flag=True,
+    help='also tune the routed experts alone, as experts_implementation="moecarve" runs them',
+)
+def tune_command(model, batches, dtype, quick, reps, out, device, experts_interface):
     """Time the decode, dense and grouped paths and their tiles for MODEL's MoE blocks over batch
     sizes on this GPU (random weights of MODEL's shape), and write the fastest per batch."""
     from .tuner import check_device, model_shapes, save_table, tune
@@ -61,6 +67,10 @@ def tune_command(model, batches, dtype, quick, reps, out, device):
         )
     shapes = model_shapes(model, dtype)
     dtype = shapes[0].dtype
+    if experts_interface:  # transformers' experts interface passes no shared expert: another shape
+        shapes = list(
+            dict.fromkeys([*shapes, *(dataclasses.replace(s, shared_intermediate=0) for s in shapes)])
+        )
     dev = check_device(device, dtype)
     dirs = config_dirs()
     out_dir = Path(out).expanduser() if out else dirs[0] if dirs else default_dir()
@@ -73,7 +83,7 @@ def tune_command(model, batches, dtype, quick, reps, out, device):
     made_by = (
         f"moecarve kernels tune {model} --batches {','.join(map(str, sizes))} --dtype {dtype} --reps {reps}"
     )
-    made_by += " --quick" * quick
+    made_by += " --quick" * quick + " --experts-interface" * experts_interface
     tables = {}
     for shape in shapes:  # every shape timed before anything is written
         click.echo(f"{shape} on {device_name(dev)}")

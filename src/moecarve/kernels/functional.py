@@ -163,10 +163,15 @@ def moe_ffn(
     return ops.moe_ffn_dense(x, topk_indices, topk_weights, gate_up_proj, down_proj, shared, dense_config)
 
 
+def expected_hit_fraction(tokens: int, active: int, experts: int) -> float:
+    """The fraction of `experts` a batch of `tokens` with `active` picks each hits under uniform routing."""
+    return 1.0 - (1.0 - min(active, experts) / experts) ** tokens
+
+
 def auto_path(tokens: int, active: int, experts: int) -> str:
     """ "decode" while a batch of `tokens` is expected to leave experts unhit, else "dense". From the
     shapes alone (no host sync): the expected fraction of experts hit under uniform routing."""
-    hit = 1.0 - (1.0 - min(active, experts) / experts) ** tokens
+    hit = expected_hit_fraction(tokens, active, experts)
     return "decode" if tokens <= DECODE_MAX_TOKENS and hit < DENSE_HIT_FRACTION else "dense"
 
 

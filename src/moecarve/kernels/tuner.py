@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .benchutil import env_info, time_fn
-from .functional import DECODE_MAX_TOKENS, moe_ffn
+from .functional import DECODE_MAX_TOKENS, expected_hit_fraction, moe_ffn
 from .ops.configs import DecodeConfig, DenseConfig, GroupedConfig, decode_config
 from .ops.reference import moe_ffn_reference
 from .tuning import FORMAT, MoeShape, clear_cache, device_dir_name, device_name
@@ -30,10 +30,6 @@ from .tuning import FORMAT, MoeShape, clear_cache, device_dir_name, device_name
 PATHS = ("decode", "dense", "grouped")
 TOLERANCE = {"float32": 1e-4, "bfloat16": 1.5e-2, "float16": 1.5e-2}  # relative error vs the reference
 DENSE_MIN_HIT = 0.5  # the dense path reads every expert: tried only where a batch is expected to hit half
-
-
-def expected_hit_fraction(shape: MoeShape, tokens: int) -> float:
-    return 1.0 - (1.0 - min(shape.top_k, shape.experts) / shape.experts) ** tokens
 
 
 def candidates(path: str, tokens: int, quick: bool, best_up: DecodeConfig | None = None) -> Iterator:
@@ -67,7 +63,7 @@ def paths_for(shape: MoeShape, tokens: int, paths: tuple[str, ...]) -> list[str]
     are expected to be hit, grouped from 64 tokens on."""
     keep = {
         "decode": tokens <= DECODE_MAX_TOKENS,
-        "dense": expected_hit_fraction(shape, tokens) >= DENSE_MIN_HIT,
+        "dense": expected_hit_fraction(tokens, shape.top_k, shape.experts) >= DENSE_MIN_HIT,
         "grouped": tokens >= 64,
     }
     return [p for p in PATHS if p in paths and keep[p]]

@@ -104,6 +104,26 @@ def test_the_version_check_survives_triton_under_another_name(interp_device, tab
     assert spy[-1] == ("dense", DenseConfig())
 
 
+def test_a_table_saved_here_is_not_stale_here(tables, monkeypatch):
+    """What a table records is what the lookup compares, Triton under either distribution name."""
+    import importlib.metadata
+    import warnings
+
+    from moecarve.kernels.tuner import save_table
+
+    def version(name):
+        if name == "pytorch-triton":
+            return "9.9.9"
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    path = save_table({1: {"path": "dense", "config": {}}}, SHAPE, tables, torch.device("cpu"), "test")
+    assert json.loads(path.read_text())["versions"]["triton"] == "9.9.9"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert tuning.load_table("cpu", SHAPE) == {1: ("dense", DenseConfig())}
+
+
 @pytest.mark.parametrize("explicit", ["decode_config", "dense_config", "grouped_config"])
 def test_explicit_tiles_skip_the_table(interp_device, tables, spy, explicit):
     """Tiles passed by the caller are the caller's choice: the table is not read, `auto` decides the path."""

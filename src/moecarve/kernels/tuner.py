@@ -21,11 +21,11 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .benchutil import env_info, time_fn
+from .benchutil import time_fn
 from .functional import DECODE_MAX_TOKENS, expected_hit_fraction, moe_ffn
 from .ops.configs import DecodeConfig, DenseConfig, GroupedConfig, decode_config
 from .ops.reference import moe_ffn_reference
-from .tuning import FORMAT, MoeShape, clear_cache, device_dir_name, device_name
+from .tuning import FORMAT, MoeShape, clear_cache, device_dir_name, device_name, runtime_versions
 
 PATHS = ("decode", "dense", "grouped")
 TOLERANCE = {"float32": 1e-4, "bfloat16": 1.5e-2, "float16": 1.5e-2}  # relative error vs the reference
@@ -222,7 +222,7 @@ def save_table(
     path.parent.mkdir(parents=True, exist_ok=True)
     data = {
         "format": FORMAT, "device": name, "shape": dataclasses.asdict(shape), "made_by": made_by,
-        "versions": {k: v for k, v in env_info().items() if k in ("torch", "triton", "cuda")},
+        "versions": runtime_versions(),
         "batches": {str(b): e for b, e in sorted(table.items())},
     }  # fmt: skip
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")

@@ -129,28 +129,20 @@ def parse_table(data: object, shape: MoeShape, source: str) -> dict[int, tuple[s
     return dict(sorted(table.items()))
 
 
-_TABLES: dict[tuple[str, MoeShape, tuple[Path, ...]], dict[int, tuple[str, object]] | None] = {}
-
-
 def load_table(device_name: str, shape: MoeShape) -> dict[int, tuple[str, object]] | None:
     """The tuned table for this GPU and shape from the first directory that has one, or None.
-    Read once per process (`clear_cache()` rereads); a broken file raises at every call."""
-    dirs = tuple(config_dirs())
-    key = (device_name, shape, dirs)
-    if key not in _TABLES:
-        table = None
-        for d in dirs:
-            path = d / device_dir_name(device_name) / shape.file_name
-            if path.is_file():
-                try:
-                    data = json.loads(path.read_text())
-                except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-                    raise ValueError(f"{path}: cannot be read as JSON ({exc}); {FIX}") from None
-                table = parse_table(data, shape, str(path))
-                _warn_if_stale(data, path)
-                break
-        _TABLES[key] = table  # only once parsed: a broken file is never cached as "no table"
-    return _TABLES[key]
+    Reads the file on each call; `tuned_choice` keeps what it returns."""
+    for d in config_dirs():
+        path = d / device_dir_name(device_name) / shape.file_name
+        if path.is_file():
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+                raise ValueError(f"{path}: cannot be read as JSON ({exc}); {FIX}") from None
+            table = parse_table(data, shape, str(path))
+            _warn_if_stale(data, path)
+            return table
+    return None
 
 
 def _installed(*names: str) -> str | None:
@@ -165,10 +157,19 @@ def _installed(*names: str) -> str | None:
     return None
 
 
+def runtime_versions() -> dict[str, str | None]:
+    """What a table records it was tuned under, and what `_warn_if_stale` compares with."""
+    return {
+        "torch": torch.__version__,
+        "triton": _installed("triton", "pytorch-triton"),
+        "cuda": torch.version.cuda,
+    }
+
+
 def _warn_if_stale(data: dict, path: Path) -> None:
     """Timings made under another Triton or torch may no longer pick the fastest tiles: say so once."""
     made = data.get("versions") or {}
-    now = {"torch": torch.__version__, "triton": _installed("triton", "pytorch-triton")}
+    now = {k: v for k, v in runtime_versions().items() if k in ("torch", "triton")}
     changed = [
         f"{k} {made.get(k)} -> {v}" for k, v in now.items() if None not in (made.get(k), v) and made[k] != v
     ]
@@ -179,7 +180,6 @@ def _warn_if_stale(data: dict, path: Path) -> None:
 
 def clear_cache() -> None:
     """Reread the table files at the next lookup (after `moecarve kernels tune` wrote one)."""
-    _TABLES.clear()
     _BY_TENSORS.clear()
 
 
@@ -205,7 +205,7 @@ def tuned_choice(
     env = os.environ
     dirs = (env.get("MOECARVE_KERNEL_CONFIGS"), env.get("XDG_CACHE_HOME"), env.get("HOME"))
     key = (device, gate_up_proj.shape, gate_up_proj.dtype, si, top_k, dirs)
-    if key not in _BY_TENSORS:
+    if key not in _BY_TENSORS:  # kept only once parsed: a broken file raises at every call
         shape = MoeShape.of_tensors(gate_up_proj, shared_gate_proj, top_k)
         _BY_TENSORS[key] = load_table(device_name(device), shape)
     table = _BY_TENSORS[key]

@@ -338,6 +338,7 @@ def test_tune_command_tunes_the_experts_interface_shape_too(interp_device, tiny_
         (["--batches", "0,4"], "integers from 1 to 65536"),
         (["--batches", "1,70000"], "integers from 1 to 65536"),
         (["--device", "cuda"], "on a CUDA GPU"),
+        (["--device", "gpu"], "--device 'gpu'"),
         (["--device", "cpu", "--out", "{tmp}/file/tables"], "is not a writable directory"),
     ],
 )
@@ -350,6 +351,14 @@ def test_tune_command_refuses_before_any_work(tiny_model, tmp_path, monkeypatch,
     code, out = run_cli(monkeypatch, capsys, "tune", tiny_model, "--out", tmp_path / "out", *args)
     assert code == 2 and message in out.err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "tiny"]  # nothing made
+
+
+def test_cpu_is_refused_without_the_interpreter(monkeypatch):
+    from moecarve.kernels.tuner import check_device
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(ValueError, match=r"cannot tune on cpu: .*TRITON_INTERPRET=1"):
+        check_device("cpu", "float32")
 
 
 def test_tune_command_refuses_models_it_cannot_tune(tmp_path, monkeypatch, capsys):

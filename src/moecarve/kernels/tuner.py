@@ -276,20 +276,17 @@ def model_shapes(model: str, dtype: str | None = None) -> list[MoeShape]:
 
 
 def check_device(device: str, dtype: str) -> torch.device:
-    """Refuse, before any work, a device the tuner cannot time on."""
-    from ._env import triton_available, triton_interpreting
+    """Refuse, before any work, a device the tuner cannot time on: the kernels' own support check."""
+    from .functional import triton_unsupported_reason
 
-    dev = torch.device(device)
-    if not triton_available():
-        raise ValueError("triton is not installed (pip install 'moecarve[kernels]')")
-    if dev.type == "cpu":
-        if not triton_interpreting():
-            raise ValueError(
-                "--device cpu runs only under TRITON_INTERPRET=1, to check the command; tune on a CUDA GPU"
-            )
-        return dev
-    if dev.type != "cuda" or not torch.cuda.is_available():
+    try:
+        dev = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"--device {device!r}: {err}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"tuning times the kernels on a CUDA GPU; {device} is not one")
-    if dtype == "bfloat16" and torch.cuda.get_device_capability(dev) < (8, 0):
-        raise ValueError("bf16 kernels need compute capability 8.0 or newer; pass --dtype float16")
+    probe = torch.empty(1, device=dev, dtype=getattr(torch, dtype))
+    reason = triton_unsupported_reason(probe, [probe])
+    if reason is not None:
+        raise ValueError(f"cannot tune on {device}: {reason} (--device cpu only checks the command)")
     return dev

@@ -260,9 +260,11 @@ def model_shapes(model: str, dtype: str | None = None) -> list[MoeShape]:
     skeleton = meta_model(config)
     shapes = []
     for module in skeleton.modules():
-        top_k = getattr(module.gate, "top_k", None) if hasattr(module, "gate") else None
+        if unsupported_block_reason(module) is not None:
+            continue
+        top_k = getattr(module.gate, "top_k", None)
         top_k = top_k if isinstance(top_k, int) else getattr(config, "num_experts_per_tok", None)
-        if unsupported_block_reason(module) is None and isinstance(top_k, int):
+        if isinstance(top_k, int):
             se = getattr(module, "shared_experts", None)
             shape = MoeShape.of_tensors(module.experts.gate_up_proj, None if se is None else se.gate_proj.weight,
                                         top_k)  # fmt: skip

@@ -4,6 +4,9 @@ One command (GPU):  PYTHONPATH=src python benchmarks/decode_e2e.py
 Writes results/kernels/decode_e2e.{jsonl,csv}: one row per (config, batch, model) with tokens/s.
 Both models get random weights (speed only), the same static KV cache and harness, and one CUDA
 graph per decode step where the forward can be captured (all but transformers' eager experts).
+`--compile` also runs each capturable decode step through `torch.compile(fullgraph=True)` (inductor
+fuses the norms, rotary and the dense FFN's SiLU*up; moecarve's kernels are opaque ops in the graph)
+before capturing it, for dense and carved alike.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from moecarve.eval.speed import cache_kwarg
 from moecarve.kernels import disable, enable
 from moecarve.kernels.benchutil import env_info, write_rows
 
@@ -47,20 +51,22 @@ def build(kind: str, args, s: int, a: int, n: int):
 class Decoder:
     """Greedy decode with a static cache; one decode step replayed as a CUDA graph when capturable."""
 
-    def __init__(self, model, batch: int, max_len: int, graph: bool):
+    def __init__(self, model, batch: int, max_len: int, graph: bool, compiled: bool = False):
         from transformers import StaticCache
 
         self.model, self.batch = model, batch
+        self.forward = torch.compile(model, fullgraph=True) if compiled else model
         dev = next(model.parameters()).device
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        self.cache_kwarg = cache_kwarg(model)
         self.ids = torch.zeros(batch, 1, dtype=torch.long, device=dev)
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
         self.graph = None
         self.want_graph = graph and dev.type == "cuda"
 
     def _step(self):
-        out = self.model(
-            input_ids=self.ids, past_key_values=self.cache, cache_position=self.pos,
+        out = self.forward(
+            input_ids=self.ids, **{self.cache_kwarg: self.cache}, cache_position=self.pos,
             position_ids=self.pos.expand(self.batch, 1), use_cache=True,
         )  # fmt: skip
         return out.logits[:, -1].argmax(-1, keepdim=True)
@@ -69,7 +75,7 @@ class Decoder:
     def prefill(self, prompt: torch.Tensor) -> None:
         n = prompt.shape[1]
         cp = torch.arange(n, device=prompt.device)
-        out = self.model(input_ids=prompt, past_key_values=self.cache, cache_position=cp,
+        out = self.model(input_ids=prompt, **{self.cache_kwarg: self.cache}, cache_position=cp,
                          position_ids=cp.expand(self.batch, n), use_cache=True)  # fmt: skip
         self.ids.copy_(out.logits[:, -1].argmax(-1, keepdim=True))
         self.pos.fill_(n)
@@ -105,10 +111,12 @@ class Decoder:
         self.pos.copy_(pos0)
 
 
-def tokens_per_s(model, args, batch: int, graph: bool) -> tuple[float, bool]:
+def tokens_per_s(model, args, batch: int, graph: bool) -> tuple[float, bool, bool]:
+    """(tokens/s, whether the steps ran as a CUDA graph, whether they were compiled)."""
     dev = next(model.parameters()).device
     prompt = torch.randint(0, args.vocab, (batch, args.prompt), device=dev)
-    dec = Decoder(model, batch, args.prompt + args.warmup + args.tokens + 4, graph)
+    compiled = args.compile and graph
+    dec = Decoder(model, batch, args.prompt + args.warmup + args.tokens + 4, graph, compiled)
     dec.prefill(prompt)
     for _ in range(args.warmup):
         dec.step()
@@ -119,7 +127,7 @@ def tokens_per_s(model, args, batch: int, graph: bool) -> tuple[float, bool]:
         dec.step()
     if dev.type == "cuda":
         torch.cuda.synchronize()
-    return batch * args.tokens / (time.perf_counter() - t0), dec.graph is not None
+    return batch * args.tokens / (time.perf_counter() - t0), dec.graph is not None, compiled
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -136,9 +144,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--eager-batches", type=int, nargs="*", default=[1], help="batches that also time HF eager experts"
     )
+    p.add_argument("--compile", action="store_true", help="torch.compile each capturable decode step first")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=Path("results/kernels"))
     args = p.parse_args(argv)
+    if args.compile:  # one graph per (model, experts implementation, batch) of the same forward code
+        torch._dynamo.config.recompile_limit = max(
+            torch._dynamo.config.recompile_limit, 4 * len(args.batches)
+        )
     env = env_info()
     print(env, flush=True)
     rows = []
@@ -160,13 +173,13 @@ def main(argv: list[str] | None = None) -> None:
             enable(moe)
             runs["moecarve"] = tokens_per_s(moe, args, b, graph=True)
             disable(moe)
-            for model, (tps, graphed) in runs.items():
+            for model, (tps, graphed, compiled) in runs.items():
                 rows.append({**env, "bench": "decode_e2e", "config": name, "hidden": args.hidden,
                              "intermediate": args.intermediate, "layers": args.layers, "batch": b, "model": model,
-                             "graph": graphed, "tokens_per_s": tps, "speedup_vs_dense": tps / base[b][0],
-                             "prompt": args.prompt, "tokens": args.tokens})  # fmt: skip
-                print(f"{name} B={b:<3} {model:<14} {tps:9.1f} tok/s x{tps / base[b][0]:.2f} graph={graphed}",
-                      flush=True)  # fmt: skip
+                             "graph": graphed, "compiled": compiled, "tokens_per_s": tps,
+                             "speedup_vs_dense": tps / base[b][0], "prompt": args.prompt, "tokens": args.tokens})  # fmt: skip
+                print(f"{name} B={b:<3} {model:<14} {tps:9.1f} tok/s x{tps / base[b][0]:.2f} graph={graphed} "
+                      f"compiled={compiled}", flush=True)  # fmt: skip
             write_rows(rows, args.out / "decode_e2e")
             rows = []
         del moe

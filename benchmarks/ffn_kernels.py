@@ -224,7 +224,8 @@ def run_router(args, env) -> None:
     from transformers import Glm4MoeConfig
     from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeTopkRouter
 
-    from moecarve.kernels.ops.router import router_split, sigmoid_topk, sigmoid_topk_reference
+    from moecarve.kernels.ops.reference import sigmoid_topk_reference
+    from moecarve.kernels.ops.router import router_split, sigmoid_topk
 
     dtype = getattr(torch, args.dtype)
     for name, wdtype in itertools.product(args.configs, dict.fromkeys([torch.float32, dtype])):

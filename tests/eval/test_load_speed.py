@@ -64,7 +64,9 @@ def test_decode_is_incremental(tiny_models):
         lambda _m, args, kwargs: lengths.append(kwargs.get("input_ids", args and args[0]).shape),
         with_kwargs=True,
     )
-    timing = time_generation(model, torch.ones(3, 10, dtype=torch.long), decode_tokens=4)
+    with warnings.catch_warnings():  # the cache goes by the forward's own keyword (no deprecation)
+        warnings.simplefilter("error", FutureWarning)
+        timing = time_generation(model, torch.ones(3, 10, dtype=torch.long), decode_tokens=4)
     assert lengths == [(3, 10)] + [(3, 1)] * 4  # one prefill, then one token per sequence per step
     assert timing["prefill_s"] > 0 and timing["decode_s"] > 0
 

@@ -64,15 +64,22 @@ def test_ffn_benchmark_dense_tile_sweep_runs(interp_device, tmp_path):
     }
 
 
-def test_decode_benchmark_runs(interp_device, tmp_path):
+@pytest.mark.parametrize("compile_", [False, True], ids=["eager", "compiled"])
+def test_decode_benchmark_runs(interp_device, tmp_path, compile_):
     import decode_e2e
 
     decode_e2e.main(["--device", "cpu", "--hidden", "128", "--intermediate", "256", "--layers", "1", "--vocab",
                      "100", "--prompt", "4", "--warmup", "1", "--tokens", "2", "--batches", "1", "--out",
-                     str(tmp_path)])  # fmt: skip
+                     str(tmp_path), *(["--compile"] if compile_ else [])])  # fmt: skip
     got = rows(tmp_path / "decode_e2e.jsonl")
     assert {r["model"] for r in got} == {"dense", "hf_grouped_mm", "hf_eager", "moecarve"}
     assert all(r["tokens_per_s"] > 0 for r in got)
+    assert {r["model"]: r["compiled"] for r in got} == {
+        "dense": compile_,
+        "hf_grouped_mm": compile_,
+        "hf_eager": False,
+        "moecarve": compile_,
+    }
 
 
 def test_ffn_benchmark_refuses_cuda_without_a_gpu(tmp_path):

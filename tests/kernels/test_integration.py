@@ -119,11 +119,94 @@ def test_unsupported_dtype_falls_back():
     ],
     ids=["hidden", "inter", "topk_shape", "idx_dtype", "partial_shared", "path", "no_experts"],
 )
-def test_bad_inputs_raise(mutate, match):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_bad_inputs_raise(mutate, match, compiled):
     x, idx, wts, w13, w2 = _inputs()
     a = {"hidden_states": x, "topk_indices": idx, "topk_weights": wts, "gate_up_proj": w13, "down_proj": w2}
-    with pytest.raises(ValueError, match=match):
-        K.moe_ffn(**mutate(a))
+    call = torch.compile(K.moe_ffn, fullgraph=True, backend="eager") if compiled else K.moe_ffn
+    # compiled: raised at trace time by the op's fake implementation, which torch.compile reports as
+    # a RuntimeError quoting the ValueError
+    with torch.no_grad(), pytest.raises(RuntimeError if compiled else ValueError, match=match):
+        call(**mutate(a))
+
+
+def _compile_recording_ops(model: torch.nn.Module, seen: set[str]):
+    """torch.compile(model, fullgraph=True) through AOT autograd (which runs the ops' fake
+    implementations), recording the graph's moecarve ops."""
+    from torch._dynamo.backends.debugging import aot_eager
+
+    def backend(gm, example_inputs):
+        seen.update(str(n.target) for n in gm.graph.nodes if "moecarve" in str(n.target))
+        return aot_eager(gm, example_inputs)
+
+    return torch.compile(model, fullgraph=True, backend=backend, dynamic=True)
+
+
+@pytest.mark.parametrize("route", ["enable", "experts_implementation"])
+def test_compiles_as_one_graph_with_the_kernels_as_ops(interp_device, route):
+    """torch.compile(fullgraph=True) of a model through the kernels: no graph break (the kernels are
+    opaque ops, not traced), the eager logits, and the eager greedy tokens from a compiled forward."""
+    model = tiny_glm4_moe()
+    ids = torch.randint(0, 96, (2, 7))
+    prompt = torch.randint(0, 96, (1, 5))
+    with torch.no_grad():
+        eager = logits(model, ids)
+        eager_tokens = model.generate(prompt, max_new_tokens=5, do_sample=False)
+    if route == "enable":
+        K.enable(model)
+    else:
+        K.register_experts_implementation()
+        model.set_experts_implementation("moecarve")
+    seen: set[str] = set()
+    compiled = _compile_recording_ops(model, seen)
+    with torch.no_grad():
+        got = compiled(input_ids=ids).logits.float()
+        model.forward = _compile_recording_ops(model.forward, seen)
+        tokens = model.generate(prompt, max_new_tokens=5, do_sample=False)
+    assert ((got - eager).norm() / eager.norm()).item() < 1e-4
+    assert torch.equal(tokens, eager_tokens)
+    want = {"moecarve.moe_ffn"} | ({"moecarve.sigmoid_topk"} if route == "enable" else set())
+    assert seen == want
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-3), (torch.bfloat16, 3e-2)], ids=["fp32", "bf16"])
+def test_compiled_with_cuda_graphs_same_logits_cuda(cuda_device, dtype, tol):
+    """torch.compile(mode="reduce-overhead"): inductor's CUDA graphs replay the kernels' launches."""
+    model = tiny_glm4_moe(dtype, cuda_device)
+    ids = torch.randint(0, 96, (2, 7), device=cuda_device)
+    eager = logits(model, ids)
+    K.enable(model)
+    compiled = torch.compile(model, mode="reduce-overhead", fullgraph=True)
+    for _ in range(3):  # warm-up, record, replay
+        got = logits(compiled, ids)
+    assert ((got - eager).norm() / eager.norm()).item() < tol
+
+
+def test_router_op_falls_back_to_pytorch(monkeypatch):
+    """Where Triton cannot run, the compiled router computes the same routing in PyTorch."""
+    from moecarve.kernels import integration
+    from moecarve.kernels.ops.reference import sigmoid_topk_reference
+
+    monkeypatch.setattr(integration, "triton_unsupported_reason", lambda *args: "no triton here")
+    x, w, bias = torch.randn(5, 16), torch.randn(4, 16), torch.randn(4)
+    idx, wts = torch.ops.moecarve.sigmoid_topk(x, w, bias, 2, True, 2.0)
+    ref_idx, ref_wts = sigmoid_topk_reference(x, w, bias, 2, True, 2.0)
+    assert idx.dtype == torch.int32 and wts.dtype == torch.float32
+    assert torch.equal(idx, ref_idx.int())
+    torch.testing.assert_close(wts, ref_wts)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["routed", "shared"])
+def test_ops_pass_opcheck(interp_device, shared):
+    """The ops' schemas and fake implementations agree with what they compute (torch.library.opcheck)."""
+    x, idx, wts, w13, w2 = _inputs()
+    parts = (torch.randn(8, 16), torch.randn(8, 16), torch.randn(16, 8)) if shared else (None, None, None)
+    torch.library.opcheck(torch.ops.moecarve.moe_ffn.default, (x, idx, wts, w13, w2, *parts, "auto"))
+    bias = torch.randn(3)
+    torch.library.opcheck(
+        torch.ops.moecarve.sigmoid_topk.default, (x, torch.randn(3, 16), bias, 2, shared, 2.0)
+    )
 
 
 def test_import_is_cheap_and_needs_no_triton():

@@ -189,7 +189,8 @@ def test_7b_shapes_cuda(cuda_device, T, path):
 )
 @pytest.mark.parametrize("norm", [True, False])
 def test_fused_router_matches_reference(interp_device, T, H, E, K, split, norm):
-    from moecarve.kernels.ops.router import sigmoid_topk, sigmoid_topk_reference
+    from moecarve.kernels.ops.reference import sigmoid_topk_reference
+    from moecarve.kernels.ops.router import sigmoid_topk
 
     g = torch.Generator().manual_seed(T * H + E)
     x, w, bias = (
@@ -211,7 +212,8 @@ def test_fused_router_matches_reference(interp_device, T, H, E, K, split, norm):
 def test_fused_router_7b_shapes_cuda(cuda_device, T, weight_dtype, split, norm):
     """S2A2E16 and S2A4E32 routers at hidden 4096; float32 weights as transformers 5.25 loads them
     (5.17 loads them in the model's dtype)."""
-    from moecarve.kernels.ops.router import sigmoid_topk, sigmoid_topk_reference
+    from moecarve.kernels.ops.reference import sigmoid_topk_reference
+    from moecarve.kernels.ops.router import sigmoid_topk
 
     g = torch.Generator(cuda_device).manual_seed(T)
     for E, K in ((14, 2), (30, 4)):
@@ -227,7 +229,8 @@ def test_fused_router_7b_shapes_cuda(cuda_device, T, weight_dtype, split, norm):
 
 def test_fused_router_reads_strided_inputs_correctly(interp_device):
     """A transposed weight or a column slice of the hidden states gives the reference's routing."""
-    from moecarve.kernels.ops.router import sigmoid_topk, sigmoid_topk_reference
+    from moecarve.kernels.ops.reference import sigmoid_topk_reference
+    from moecarve.kernels.ops.router import sigmoid_topk
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(80, 3, generator=g).T  # [3, 80], column stride 3

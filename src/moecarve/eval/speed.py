@@ -8,6 +8,7 @@ KV cache, one token per step for every sequence of the batch. CPU figures are ma
 
 from __future__ import annotations
 
+import inspect
 import statistics
 import time
 from pathlib import Path
@@ -24,6 +25,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def cache_kwarg(model) -> str:
+    """The forward's keyword for the KV cache: `cache` in newer transformers, where the older
+    `past_key_values` warns as deprecated (removal announced for 5.40)."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def returned_cache(out):
+    """The KV cache a forward returned, under either name."""
+    cache = getattr(out, "cache", None)
+    return out.past_key_values if cache is None else cache
+
+
 @torch.no_grad()
 def time_generation(model, prompt: torch.Tensor, decode_tokens: int) -> dict:
     """Seconds for the prefill of `prompt` [B, P] and for `decode_tokens` greedy steps after it."""
@@ -35,11 +48,12 @@ def time_generation(model, prompt: torch.Tensor, decode_tokens: int) -> dict:
     token = out.logits[:, -1:].argmax(-1)
     _sync(device)
     prefill = time.perf_counter() - start
-    past = out.past_key_values
+    name = cache_kwarg(model)
+    past = returned_cache(out)
     start = time.perf_counter()
     for _ in range(decode_tokens):
-        out = model(token, past_key_values=past, use_cache=True)
-        past, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        out = model(token, **{name: past}, use_cache=True)
+        past, token = returned_cache(out), out.logits[:, -1:].argmax(-1)
     _sync(device)
     return {"prefill_s": prefill, "decode_s": time.perf_counter() - start}
 

@@ -115,15 +115,54 @@ def moe_ffn(
 
     Same result as transformers' Glm4MoeExperts + shared_experts within the dtype's rounding.
     Explicit Triton paths raise RuntimeError where they cannot run; "auto" then warns once and
-    uses the reference.
+    uses the reference. Under `torch.compile` a call without explicit tiles is one opaque op
+    (`torch.ops.moecarve.moe_ffn`), so the compiler neither traces into the host code and Triton
+    nor breaks the graph there.
     """
+    if (
+        torch.compiler.is_compiling()
+        and decode_config is None
+        and grouped_config is None
+        and dense_config is None
+        and not _needs_grad(
+            hidden_states, gate_up_proj, down_proj, shared_gate_proj, shared_up_proj, shared_down_proj
+        )
+    ):
+        return torch.ops.moecarve.moe_ffn(
+            hidden_states, topk_indices, topk_weights, gate_up_proj, down_proj,
+            shared_gate_proj, shared_up_proj, shared_down_proj, path,
+        )  # fmt: skip
+    return _moe_ffn(
+        hidden_states, topk_indices, topk_weights, gate_up_proj, down_proj,
+        shared_gate_proj, shared_up_proj, shared_down_proj, path, decode_config, grouped_config, dense_config,
+    )  # fmt: skip
+
+
+def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+    """Autograd must see the computation (the kernels and the opaque op are forward-only)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _check_call(path, hidden_states, topk_indices, topk_weights, gate_up_proj, down_proj, shared_parts):
+    """Validate a call before any work (also the opaque op's shape check at trace time); returns the shared weights or None."""
     if path not in get_args(Path):
         raise ValueError(f"unknown path {path!r}; one of {', '.join(get_args(Path))}")
-    shared_parts = (shared_gate_proj, shared_up_proj, shared_down_proj)
     if any(p is None for p in shared_parts) and any(p is not None for p in shared_parts):
         raise ValueError("pass all three shared expert weights (gate, up, down) or none")
-    shared = None if shared_gate_proj is None else shared_parts
+    shared = None if shared_parts[0] is None else shared_parts
     _check_shapes(hidden_states, topk_indices, topk_weights, gate_up_proj, down_proj, shared)
+    return shared
+
+
+def _moe_ffn(
+    hidden_states, topk_indices, topk_weights, gate_up_proj, down_proj,
+    shared_gate_proj, shared_up_proj, shared_down_proj, path, decode_config, grouped_config, dense_config,
+) -> torch.Tensor:  # fmt: skip
+    """`moe_ffn`'s work, run eagerly (also the body of the opaque op)."""
+    shared_parts = (shared_gate_proj, shared_up_proj, shared_down_proj)
+    shared = _check_call(
+        path, hidden_states, topk_indices, topk_weights, gate_up_proj, down_proj, shared_parts
+    )
     args = (hidden_states, topk_indices, topk_weights, gate_up_proj, down_proj)
     if path == "reference" or hidden_states.shape[0] == 0:
         return moe_ffn_reference(*args, *shared_parts)
@@ -161,6 +200,37 @@ def moe_ffn(
             x, topk_indices, topk_weights, gate_up_proj, down_proj, shared, grouped_config
         )
     return ops.moe_ffn_dense(x, topk_indices, topk_weights, gate_up_proj, down_proj, shared, dense_config)
+
+
+@torch.library.custom_op(  # the schema spelled out: string annotations are inferred differently across torch releases
+    "moecarve::moe_ffn",
+    mutates_args=(),
+    schema="(Tensor hidden_states, Tensor topk_indices, Tensor topk_weights, Tensor gate_up_proj, Tensor down_proj, "
+    "Tensor? shared_gate_proj, Tensor? shared_up_proj, Tensor? shared_down_proj, str path) -> Tensor",
+)
+def _moe_ffn_op(
+    hidden_states: torch.Tensor,
+    topk_indices: torch.Tensor,
+    topk_weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    shared_gate_proj: torch.Tensor | None,
+    shared_up_proj: torch.Tensor | None,
+    shared_down_proj: torch.Tensor | None,
+    path: str,
+) -> torch.Tensor:
+    """`moe_ffn` as one op for `torch.compile`: its body runs eagerly, dispatch and tables included."""
+    return _moe_ffn(
+        hidden_states, topk_indices, topk_weights, gate_up_proj, down_proj,
+        shared_gate_proj, shared_up_proj, shared_down_proj, path, None, None, None,
+    )  # fmt: skip
+
+
+@_moe_ffn_op.register_fake
+def _moe_ffn_op_fake(hidden_states, topk_indices, topk_weights, gate_up_proj, down_proj, sg, su, sd, path):
+    """The output's shape and dtype, after the same input checks (so bad input fails at trace time)."""
+    _check_call(path, hidden_states, topk_indices, topk_weights, gate_up_proj, down_proj, (sg, su, sd))
+    return torch.empty_like(hidden_states, memory_format=torch.contiguous_format)
 
 
 def expected_hit_fraction(tokens: int, active: int, experts: int) -> float:

@@ -18,6 +18,7 @@ from torch import nn
 
 from ._env import warn_once
 from .functional import moe_ffn, triton_unsupported_reason
+from .ops.reference import sigmoid_topk_reference
 
 IMPLEMENTATION_NAME = "moecarve"
 
@@ -78,19 +79,50 @@ def _is_sigmoid_router(gate: nn.Module) -> bool:
 
 
 def _route(gate: nn.Module, x: torch.Tensor, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k routing: one fused Triton launch where it can run, else the module itself."""
-    if (
-        fused
-        and triton_unsupported_reason(x, [x]) is None
-        and not (torch.is_grad_enabled() and gate.weight.requires_grad)
-    ):
+    """Top-k routing: the fused Triton launches where they can run, else the module itself.
+    Under `torch.compile`, one opaque op (`torch.ops.moecarve.sigmoid_topk`) that decides at run time."""
+    if not fused or (torch.is_grad_enabled() and gate.weight.requires_grad):
+        return _routing(gate(x))
+    args = (
+        x, gate.weight, gate.e_score_correction_bias, gate.top_k, bool(getattr(gate, "norm_topk_prob", True)),
+        float(getattr(gate, "routed_scaling_factor", 1.0)),
+    )  # fmt: skip
+    if torch.compiler.is_compiling():
+        return torch.ops.moecarve.sigmoid_topk(*args)
+    if triton_unsupported_reason(x, [x]) is None:
         from .ops.router import sigmoid_topk
 
-        return sigmoid_topk(
-            x, gate.weight, gate.e_score_correction_bias, gate.top_k, bool(getattr(gate, "norm_topk_prob", True)),
-            float(getattr(gate, "routed_scaling_factor", 1.0)),
-        )  # fmt: skip
+        return sigmoid_topk(*args)
     return _routing(gate(x))
+
+
+@torch.library.custom_op(
+    "moecarve::sigmoid_topk",
+    mutates_args=(),
+    schema="(Tensor x, Tensor weight, Tensor bias, int top_k, bool norm_topk_prob, float scaling) -> (Tensor, Tensor)",
+)
+def _sigmoid_topk_op(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    top_k: int,
+    norm_topk_prob: bool,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The router as one op for `torch.compile`: the Triton launches where they can run, else the
+    same routing in PyTorch; (int32 indices, float32 gates) either way."""
+    if triton_unsupported_reason(x, [x]) is None:
+        from .ops.router import sigmoid_topk
+
+        return sigmoid_topk(x, weight, bias, top_k, norm_topk_prob, scaling)
+    idx, wts = sigmoid_topk_reference(x, weight, bias, top_k, norm_topk_prob, scaling)
+    return idx.to(torch.int32), wts.float()
+
+
+@_sigmoid_topk_op.register_fake
+def _sigmoid_topk_op_fake(x, weight, bias, top_k, norm_topk_prob, scaling):
+    tokens = x.shape[0]
+    return x.new_empty(tokens, top_k, dtype=torch.int32), x.new_empty(tokens, top_k, dtype=torch.float32)
 
 
 def _fused_block_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:

@@ -54,3 +54,14 @@ def moe_ffn_reference(
         h = F.silu(x @ shared_gate_proj.float().T) * (x @ shared_up_proj.float().T)
         out += h @ shared_down_proj.float().T
     return out.to(hidden_states.dtype)
+
+
+def sigmoid_topk_reference(x, weight, bias, top_k, norm_topk_prob, scaling):
+    """Glm4MoeTopkRouter's routing with one expert group, in PyTorch (float32 logits, torch.topk):
+    what `ops/router.py`'s kernels compute, and their fallback where Triton cannot run."""
+    scores = (x.float() @ weight.float().T).sigmoid()
+    idx = torch.topk(scores + bias.float(), top_k, dim=-1).indices
+    w = scores.gather(1, idx)
+    if norm_topk_prob:
+        w = w / (w.sum(-1, keepdim=True) + 1e-20)
+    return idx, w * scaling

@@ -126,13 +126,3 @@ def sigmoid_topk(
         BLOCK_K=triton.next_power_of_2(top_k),
     )  # fmt: skip
     return idx, wts
-
-
-def sigmoid_topk_reference(x, weight, bias, top_k, norm_topk_prob, scaling):
-    """The same routing in PyTorch (float32 logits, torch.topk)."""
-    scores = (x.float() @ weight.float().T).sigmoid()
-    idx = torch.topk(scores + bias.float(), top_k, dim=-1).indices
-    w = scores.gather(1, idx)
-    if norm_topk_prob:
-        w = w / (w.sum(-1, keepdim=True) + 1e-20)
-    return idx, w * scaling

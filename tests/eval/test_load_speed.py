@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import warnings
 
@@ -10,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from moecarve.eval.load import count_tokens, evaluate_load, imbalance, routers
-from moecarve.eval.speed import evaluate_speed, time_generation
+from moecarve.eval.speed import cache_kwarg, evaluate_speed, time_generation
 
 
 def test_imbalance_definition():
@@ -69,6 +70,17 @@ def test_decode_is_incremental(tiny_models):
         timing = time_generation(model, torch.ones(3, 10, dtype=torch.long), decode_tokens=4)
     assert lengths == [(3, 10)] + [(3, 1)] * 4  # one prefill, then one token per sequence per step
     assert timing["prefill_s"] > 0 and timing["decode_s"] > 0
+
+
+def test_cache_keyword_is_the_models_under_wrappers(tiny_models):
+    """torch.compile and peft wrap forward(*args, **kwargs); the keyword is read from the model inside."""
+    from peft import LoraConfig, get_peft_model
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32).eval()
+    name = cache_kwarg(model)
+    assert name in inspect.signature(model.forward).parameters
+    assert cache_kwarg(torch.compile(model)) == name
+    assert cache_kwarg(get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))) == name
 
 
 def test_speed_side_by_side(tiny_models, tiny_carved, calib_file, tmp_path, unchanged):

@@ -32,3 +32,14 @@ def cuda_device() -> str:
     if not triton_available():
         pytest.skip("triton is not installed")
     return "cuda"
+
+
+@pytest.fixture(autouse=True)
+def fresh_compiler():
+    """Each test compiles from scratch: tests compile the same model code with other models, which
+    would otherwise add up to torch.compile's recompile limit within one process."""
+    import torch._dynamo
+
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

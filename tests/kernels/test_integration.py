@@ -119,27 +119,80 @@ def test_unsupported_dtype_falls_back():
     ],
     ids=["hidden", "inter", "topk_shape", "idx_dtype", "partial_shared", "path", "no_experts"],
 )
-@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
-def test_bad_inputs_raise(mutate, match, compiled):
+@pytest.mark.parametrize("fake", [False, True], ids=["eager", "traced"])
+def test_bad_inputs_raise(mutate, match, fake):
+    """Eager calls, and the op's fake implementation that torch.compile traces with (no data)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
     x, idx, wts, w13, w2 = _inputs()
-    a = {"hidden_states": x, "topk_indices": idx, "topk_weights": wts, "gate_up_proj": w13, "down_proj": w2}
-    call = torch.compile(K.moe_ffn, fullgraph=True, backend="eager") if compiled else K.moe_ffn
-    # compiled: raised at trace time by the op's fake implementation, which torch.compile reports as
-    # a RuntimeError quoting the ValueError
-    with torch.no_grad(), pytest.raises(RuntimeError if compiled else ValueError, match=match):
-        call(**mutate(a))
+    a = mutate(
+        {"hidden_states": x, "topk_indices": idx, "topk_weights": wts, "gate_up_proj": w13, "down_proj": w2}
+    )
+    if not fake:
+        with pytest.raises(ValueError, match=match):
+            K.moe_ffn(**a)
+        return
+    names = ("hidden_states", "topk_indices", "topk_weights", "gate_up_proj", "down_proj")
+    shared = [a.get(f"shared_{p}_proj") for p in ("gate", "up", "down")]
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, pytest.raises(ValueError, match=match):
+        args = [mode.from_tensor(a[n]) for n in names] + [
+            None if t is None else mode.from_tensor(t) for t in shared
+        ]
+        torch.ops.moecarve.moe_ffn(*args, a.get("path", "auto"))
 
 
-def _compile_recording_ops(model: torch.nn.Module, seen: set[str]):
-    """torch.compile(model, fullgraph=True) through AOT autograd (which runs the ops' fake
-    implementations), recording the graph's moecarve ops."""
+@pytest.mark.parametrize(
+    "change,match",
+    [({"weight": torch.randn(4, 12)}, "router shapes"), ({"bias": torch.randn(5)}, "router shapes"),
+     ({"top_k": 5}, "top_k must be between 1 and the 4")],
+    ids=["hidden", "bias", "top_k"],
+)  # fmt: skip
+def test_router_op_bad_shapes_fail_at_trace_time(change, match):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    a = {"x": torch.randn(3, 16), "weight": torch.randn(4, 16), "bias": torch.randn(4), "top_k": 2, **change}
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode, pytest.raises(ValueError, match=match):
+        fake = {k: mode.from_tensor(v) if isinstance(v, torch.Tensor) else v for k, v in a.items()}
+        torch.ops.moecarve.sigmoid_topk(fake["x"], fake["weight"], fake["bias"], fake["top_k"], True, 1.0)
+
+
+@pytest.mark.parametrize("trainable", ["embeddings", "router"])
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_gradients_reach_what_is_trained(interp_device, trainable, compiled):
+    """The kernels are forward-only: where autograd needs the MoE block (the input requires grad, or
+    only the router trains, so only the gates do), it runs in PyTorch, eager and compiled, and the
+    gradients are the stock model's."""
+    ids = torch.randint(0, 96, (2, 7))
+    grads = []
+    for use_kernels in (False, True):
+        model = tiny_glm4_moe()
+        for name, p in model.named_parameters():
+            p.requires_grad_(
+                ("embed_tokens" in name) if trainable == "embeddings" else name.endswith("mlp.gate.weight")
+            )
+        if use_kernels:
+            K.enable(model)
+        forward = torch.compile(model, backend="aot_eager") if compiled and use_kernels else model
+        forward(input_ids=ids).logits.float().square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.requires_grad]))
+    assert grads[0].norm() > 0
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+
+
+def _recording_backend(seen: set[str]):
+    """A torch.compile backend: AOT autograd (which runs the ops' fake implementations), recording
+    the graph's moecarve ops in `seen`."""
     from torch._dynamo.backends.debugging import aot_eager
 
-    def backend(gm, example_inputs):
+    def backend(gm, example_inputs, **_options):
         seen.update(str(n.target) for n in gm.graph.nodes if "moecarve" in str(n.target))
         return aot_eager(gm, example_inputs)
 
-    return torch.compile(model, fullgraph=True, backend=backend, dynamic=True)
+    return backend
+
+
+def _compile_recording_ops(model: torch.nn.Module, seen: set[str]):
+    return torch.compile(model, fullgraph=True, backend=_recording_backend(seen), dynamic=True)
 
 
 @pytest.mark.parametrize("route", ["enable", "experts_implementation"])
@@ -167,6 +220,27 @@ def test_compiles_as_one_graph_with_the_kernels_as_ops(interp_device, route):
     assert torch.equal(tokens, eager_tokens)
     want = {"moecarve.moe_ffn"} | ({"moecarve.sigmoid_topk"} if route == "enable" else set())
     assert seen == want
+
+
+def test_static_cache_generate_compiles_through_the_ops(interp_device):
+    """generate(cache_implementation="static") compiles the forward itself (transformers' auto-compile,
+    on every device here): one graph with the kernels' ops in it, the eager tokens."""
+    from transformers import CompileConfig
+
+    model = tiny_glm4_moe()
+    prompt = torch.randint(0, 96, (2, 5))
+    with torch.no_grad():
+        eager_tokens = model.generate(prompt, max_new_tokens=5, do_sample=False)
+    K.enable(model)
+    seen: set[str] = set()
+    config = CompileConfig(fullgraph=True, backend=_recording_backend(seen), dynamic=False)
+    config._compile_all_devices = True  # transformers auto-compiles on accelerators only otherwise
+    with torch.no_grad():
+        tokens = model.generate(
+            prompt, max_new_tokens=5, do_sample=False, cache_implementation="static", compile_config=config
+        )
+    assert torch.equal(tokens, eager_tokens)
+    assert seen == {"moecarve.moe_ffn", "moecarve.sigmoid_topk"}
 
 
 @pytest.mark.gpu

@@ -27,8 +27,12 @@ def _sync(device: torch.device) -> None:
 
 def cache_kwarg(model) -> str:
     """The forward's keyword for the KV cache: `cache` in newer transformers, where the older
-    `past_key_values` warns as deprecated (removal announced for 5.40)."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    `past_key_values` warns as deprecated (removal announced for 5.40). Read from the transformers
+    model under a torch.compile or peft wrapper, whose own forward takes **kwargs."""
+    base = getattr(model, "_orig_mod", model)
+    if hasattr(base, "get_base_model"):
+        base = base.get_base_model()
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def returned_cache(out):

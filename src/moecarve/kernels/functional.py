@@ -124,8 +124,14 @@ def moe_ffn(
         and decode_config is None
         and grouped_config is None
         and dense_config is None
-        and not _needs_grad(
-            hidden_states, gate_up_proj, down_proj, shared_gate_proj, shared_up_proj, shared_down_proj
+        and not needs_grad(
+            hidden_states,
+            topk_weights,
+            gate_up_proj,
+            down_proj,
+            shared_gate_proj,
+            shared_up_proj,
+            shared_down_proj,
         )
     ):
         return torch.ops.moecarve.moe_ffn(
@@ -138,7 +144,7 @@ def moe_ffn(
     )  # fmt: skip
 
 
-def _needs_grad(*tensors: torch.Tensor | None) -> bool:
+def needs_grad(*tensors: torch.Tensor | None) -> bool:
     """Autograd must see the computation (the kernels and the opaque op are forward-only)."""
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
@@ -168,6 +174,10 @@ def _moe_ffn(
         return moe_ffn_reference(*args, *shared_parts)
     weights = [gate_up_proj, down_proj, *(shared or ())]
     reason = triton_unsupported_reason(hidden_states, weights)
+    if reason is None and needs_grad(
+        topk_weights
+    ):  # the router's gates, trained while the experts are frozen
+        reason = "the kernels are forward-only (autograd is enabled and topk_weights requires grad)"
     if path == "torch":
         return moe_ffn_torch(*args, shared)
     if reason is not None:

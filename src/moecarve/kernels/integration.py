@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ._env import warn_once
-from .functional import moe_ffn, triton_unsupported_reason
+from .functional import moe_ffn, needs_grad, triton_unsupported_reason
 from .ops.reference import sigmoid_topk_reference
 
 IMPLEMENTATION_NAME = "moecarve"
@@ -81,7 +81,7 @@ def _is_sigmoid_router(gate: nn.Module) -> bool:
 def _route(gate: nn.Module, x: torch.Tensor, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k routing: the fused Triton launches where they can run, else the module itself.
     Under `torch.compile`, one opaque op (`torch.ops.moecarve.sigmoid_topk`) that decides at run time."""
-    if not fused or (torch.is_grad_enabled() and gate.weight.requires_grad):
+    if not fused or needs_grad(x, gate.weight, gate.e_score_correction_bias):
         return _routing(gate(x))
     args = (
         x, gate.weight, gate.e_score_correction_bias, gate.top_k, bool(getattr(gate, "norm_topk_prob", True)),
@@ -121,6 +121,19 @@ def _sigmoid_topk_op(
 
 @_sigmoid_topk_op.register_fake
 def _sigmoid_topk_op_fake(x, weight, bias, top_k, norm_topk_prob, scaling):
+    """The outputs' shapes and dtypes, after checking the shapes (so bad ones fail at trace time)."""
+    if (
+        x.dim() != 2
+        or weight.dim() != 2
+        or weight.shape[1] != x.shape[1]
+        or tuple(bias.shape) != (weight.shape[0],)
+    ):
+        raise ValueError(
+            f"router shapes: x {tuple(x.shape)} must be [T, H], weight {tuple(weight.shape)} [E, H] and "
+            f"bias {tuple(bias.shape)} [E]"
+        )
+    if not 1 <= top_k <= weight.shape[0]:
+        raise ValueError(f"top_k must be between 1 and the {weight.shape[0]} routed experts, got {top_k}")
     tokens = x.shape[0]
     return x.new_empty(tokens, top_k, dtype=torch.int32), x.new_empty(tokens, top_k, dtype=torch.float32)
 

@@ -116,6 +116,52 @@ def test_speed_with_kernels_records_the_tuned_tables(tiny_carved, calib_file, tm
     assert record["rows"][0]["decode_tokens_per_s"] > 0
 
 
+def test_speed_compiled_from_the_cli(tiny_models, tiny_carved, calib_file, tmp_path, monkeypatch):
+    """`eval speed --compile`: both models generate through a static cache that transformers compiles."""
+    from click.testing import CliRunner
+
+    from moecarve.eval import speed
+    from moecarve.eval.cli import group
+
+    graphs = []
+
+    def backend(gm, example_inputs, **_options):  # compiles nothing, counts what would be
+        graphs.append(gm)
+        return gm.forward
+
+    monkeypatch.setattr(speed, "COMPILE_BACKEND", backend)
+    torch._dynamo.reset()
+    out = tmp_path / "speed.json"
+    args = ["speed", str(tiny_carved), "--baseline", str(tiny_models["llama"]), "--batch-sizes", "1,2",
+            "--prompt-length", "6", "--decode-tokens", "3", "--repeats", "1", "--device", "cpu", "--data",
+            str(calib_file), "--compile", "--out", str(out)]  # fmt: skip
+    result = CliRunner().invoke(group, args, catch_exceptions=False)
+    torch._dynamo.reset()
+    assert result.exit_code == 0, result.output
+    assert "float32, compiled, median of 1" in result.output
+    record = json.loads(out.read_text())
+    assert record["compiled"] is True and len(record["rows"]) == 4
+    assert all(r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0 for r in record["rows"])
+    assert len(graphs) >= 4  # at least a decode graph per model and batch size
+
+
+def test_compiled_timing_counts_every_step(tiny_models, monkeypatch):
+    from moecarve.eval import speed
+
+    monkeypatch.setattr(speed, "COMPILE_BACKEND", "eager")
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32).eval()
+    steps = []
+    model.register_forward_pre_hook(
+        lambda _m, args, kwargs: steps.append(kwargs.get("input_ids", args and args[0]).shape),
+        with_kwargs=True,
+    )
+    torch._dynamo.reset()
+    timing = speed.time_compiled_generation(model, torch.ones(2, 5, dtype=torch.long), decode_tokens=4)
+    torch._dynamo.reset()
+    assert steps == [(2, 5)] + [(2, 1)] * 4  # the prefill, then one token per sequence per timed step
+    assert timing["prefill_s"] > 0 and timing["decode_s"] > 0
+
+
 def test_speed_text_too_short(tiny_models, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("the router and the expert")

@@ -85,24 +85,42 @@ def tasks_command(model, tasks, limit, batch_size, dtype, device, out):
 @click.option("--decode-tokens", type=int, default=32, show_default=True)
 @click.option("--repeats", type=int, default=3, show_default=True, help="median of this many runs")
 @click.option("--kernels", is_flag=True, help="run MODEL's MoE blocks through moecarve.kernels (GPU)")
+@click.option(
+    "--compile",
+    "compile_",
+    is_flag=True,
+    help="generate with a static cache, compiled (CUDA graphs on a GPU)",
+)
 @data_option
 @dtype_option
 @device_option
 @out_option
 def speed_command(
-    model, baseline, batch_sizes, prompt_length, decode_tokens, repeats, kernels, data, dtype, device, out
+    model,
+    baseline,
+    batch_sizes,
+    prompt_length,
+    decode_tokens,
+    repeats,
+    kernels,
+    compile_,
+    data,
+    dtype,
+    device,
+    out,
 ):
     """Prefill and decode tokens/s of MODEL (and BASELINE) per batch size."""
     from moecarve.eval.speed import evaluate_speed
 
     sizes = _int_list(batch_sizes, "--batch-sizes")
     record = evaluate_speed(
-        model, baseline, sizes, prompt_length, decode_tokens, repeats, dtype, device, kernels, data, out
-    )
+        model, baseline, sizes, prompt_length, decode_tokens, repeats, dtype, device, kernels, data, out,
+        compile=compile_,
+    )  # fmt: skip
     where = (
         "CPU figures" if record["cpu_figures"] else record["machine"].get("gpu", record["machine"]["device"])
     )
-    click.echo(f"tokens/s ({where}, {dtype}, median of {repeats})")
+    click.echo(f"tokens/s ({where}, {dtype}{', compiled' if compile_ else ''}, median of {repeats})")
     click.echo(f"{'role':<9} {'batch':>5} {'prefill':>10} {'decode':>10}")
     for row in record["rows"]:
         click.echo(

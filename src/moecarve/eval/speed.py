@@ -3,7 +3,9 @@
 For each batch size both models run in alternation on the same prompts (real text, so the MoE
 routes as it would in use) and the median of the repeats is kept: slow drift of a shared machine
 hits both alike, and the ratio MoE/dense is what is reported. Decode is greedy with transformers'
-KV cache, one token per step for every sequence of the batch. CPU figures are marked as such.
+KV cache, one token per step for every sequence of the batch; with `compile`, through `generate`
+with a static cache, whose decode step transformers compiles (CUDA graphs on a GPU), as fast
+serving from transformers runs. CPU figures are marked as such.
 """
 
 from __future__ import annotations
@@ -41,6 +43,49 @@ def returned_cache(out):
     return out.past_key_values if cache is None else cache
 
 
+# torch.compile backend for `compile=True`; tests swap in a cheaper one
+COMPILE_BACKEND = "inductor"
+
+
+class _StepClock:
+    """A `generate` streamer that notes when each output is ready: the prompt (before the prefill),
+    then each new token (the device is synchronised first, so each time is the step's end)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.times = device, []
+
+    def put(self, value) -> None:
+        _sync(self.device)
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+@torch.no_grad()
+def time_compiled_generation(model, prompt: torch.Tensor, decode_tokens: int) -> dict:
+    """As `time_generation`, through transformers' `generate` with a static KV cache, which compiles
+    the forward (torch.compile, mode reduce-overhead: CUDA graphs on a GPU). A shape's first call
+    compiles it: warm up before timing."""
+    from transformers import CompileConfig, GenerationConfig
+
+    device = next(model.parameters()).device
+    prompt = prompt.to(device)
+    compile_config = CompileConfig(backend=COMPILE_BACKEND)
+    compile_config._compile_all_devices = True  # transformers compiles on accelerators only unless asked
+    steps = decode_tokens + 1  # the prefill's token, then one per decode step
+    config = GenerationConfig(
+        max_new_tokens=steps, min_new_tokens=steps, do_sample=False, cache_implementation="static",
+        compile_config=compile_config, eos_token_id=model.generation_config.eos_token_id,
+        pad_token_id=model.generation_config.pad_token_id or 0,
+    )  # fmt: skip
+    clock = _StepClock(device)
+    model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=config, streamer=clock)
+    if len(clock.times) != steps + 1:
+        raise RuntimeError(f"generate produced {len(clock.times) - 1} tokens, {steps} were asked for")
+    return {"prefill_s": clock.times[1] - clock.times[0], "decode_s": clock.times[-1] - clock.times[1]}
+
+
 @torch.no_grad()
 def time_generation(model, prompt: torch.Tensor, decode_tokens: int) -> dict:
     """Seconds for the prefill of `prompt` [B, P] and for `decode_tokens` greedy steps after it."""
@@ -75,11 +120,14 @@ def evaluate_speed(
     data: str | Path | None = None,
     out: str | Path | None = None,
     progress: bool = True,
+    compile: bool = False,
 ) -> dict:
     """Tokens/s of `model` (and `baseline`, alternating) per batch size, and MoE/dense ratios.
 
     kernels: route the MoE blocks through moecarve.kernels (Triton on CUDA; elsewhere the kernels
     fall back to their float32 reference, which is slower than transformers' own path).
+    compile: time both through `generate` with a static cache, compiled (`time_compiled_generation`);
+    each batch size is run once untimed first, which compiles it.
     """
     if not batch_sizes or min(batch_sizes) < 1 or prompt_length < 1 or decode_tokens < 1 or repeats < 1:
         raise ValueError("batch sizes, --prompt-length, --decode-tokens and --repeats must be >= 1")
@@ -104,28 +152,34 @@ def evaluate_speed(
         import moecarve.kernels
 
         moecarve.kernels.enable(loaded["model"])
-    time_generation(loaded["model"], stream[:prompt_length][None], 2)  # warm-up: allocations, kernels
-    if "baseline" in loaded:
-        time_generation(loaded["baseline"], stream[:prompt_length][None], 2)
+    timer = time_compiled_generation if compile else time_generation
+    for net in loaded.values():  # warm-up: allocations, kernels
+        time_generation(net, stream[:prompt_length][None], 2)
 
     rows = []
-    for batch in tqdm(batch_sizes, desc="speed", disable=not progress, leave=False):
-        prompt = stream[: batch * prompt_length].view(batch, prompt_length)
-        timings = {role: [] for role in loaded}
-        for _ in range(repeats):
-            for role, net in loaded.items():
-                timings[role].append(time_generation(net, prompt, decode_tokens))
-        for role, runs in timings.items():
-            prefill = statistics.median(r["prefill_s"] for r in runs)
-            decode = statistics.median(r["decode_s"] for r in runs)
-            rows.append(
-                {
-                    "role": role,
-                    "batch": batch,
-                    "prefill_tokens_per_s": batch * prompt_length / prefill,
-                    "decode_tokens_per_s": batch * decode_tokens / decode,
-                }
-            )
+    # compiled: one graph per (model class, batch size), more than torch.compile's default allows
+    limit = torch._dynamo.config.recompile_limit
+    with torch._dynamo.config.patch(recompile_limit=max(limit, 4 * len(batch_sizes))):
+        for batch in tqdm(batch_sizes, desc="speed", disable=not progress, leave=False):
+            prompt = stream[: batch * prompt_length].view(batch, prompt_length)
+            timings = {role: [] for role in loaded}
+            if compile:  # compiles this batch size (and records its CUDA graphs)
+                for net in loaded.values():
+                    timer(net, prompt, decode_tokens)
+            for _ in range(repeats):
+                for role, net in loaded.items():
+                    timings[role].append(timer(net, prompt, decode_tokens))
+            for role, runs in timings.items():
+                prefill = statistics.median(r["prefill_s"] for r in runs)
+                decode = statistics.median(r["decode_s"] for r in runs)
+                rows.append(
+                    {
+                        "role": role,
+                        "batch": batch,
+                        "prefill_tokens_per_s": batch * prompt_length / prefill,
+                        "decode_tokens_per_s": batch * decode_tokens / decode,
+                    }
+                )
     record = {
         "kind": "speed",
         "cpu_figures": not device.startswith("cuda"),
@@ -138,6 +192,7 @@ def evaluate_speed(
         "statistic": "median over repeats",
         "dtype": dtype,
         "kernels": kernels,
+        "compiled": compile,
         "kernel_tables": _kernel_tables(device) if kernels else [],
         "prompts": f"first batch x prompt_length tokens of {description}",
         "versions": common.versions(),

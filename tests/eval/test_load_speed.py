@@ -142,24 +142,36 @@ def test_speed_compiled_from_the_cli(tiny_models, tiny_carved, calib_file, tmp_p
     record = json.loads(out.read_text())
     assert record["compiled"] is True and len(record["rows"]) == 4
     assert all(r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0 for r in record["rows"])
-    assert len(graphs) >= 4  # at least a decode graph per model and batch size
+    assert len(graphs) == 4  # a decode graph per model and batch size, none more in the timed runs
 
 
 def test_compiled_timing_counts_every_step(tiny_models, monkeypatch):
+    """Every decode step is timed, compiled once: a second run on the same cache compiles nothing."""
     from moecarve.eval import speed
 
-    monkeypatch.setattr(speed, "COMPILE_BACKEND", "eager")
+    graphs = []
+
+    def backend(gm, example_inputs, **_options):
+        graphs.append(gm)
+        return gm.forward
+
+    monkeypatch.setattr(speed, "COMPILE_BACKEND", backend)
     model = AutoModelForCausalLM.from_pretrained(tiny_models["llama"], dtype=torch.float32).eval()
     steps = []
     model.register_forward_pre_hook(
         lambda _m, args, kwargs: steps.append(kwargs.get("input_ids", args and args[0]).shape),
         with_kwargs=True,
     )
+    prompt = torch.ones(2, 5, dtype=torch.long)
+    cache = speed.static_cache(model, 10)
     torch._dynamo.reset()
-    timing = speed.time_compiled_generation(model, torch.ones(2, 5, dtype=torch.long), decode_tokens=4)
+    first = speed.time_compiled_generation(model, prompt, 4, cache)
+    compiled = len(graphs)
+    second = speed.time_compiled_generation(model, prompt, 4, cache)
     torch._dynamo.reset()
-    assert steps == [(2, 5)] + [(2, 1)] * 4  # the prefill, then one token per sequence per timed step
-    assert timing["prefill_s"] > 0 and timing["decode_s"] > 0
+    assert compiled >= 1 and len(graphs) == compiled
+    assert steps == ([(2, 5)] + [(2, 1)] * 4) * 2  # the prefill, then one token per sequence per timed step
+    assert all(t["prefill_s"] > 0 and t["decode_s"] > 0 for t in (first, second))
 
 
 def test_speed_text_too_short(tiny_models, tmp_path):

@@ -120,3 +120,39 @@ def test_gguf_sources_group_by_file_name(tmp_path):
     assert _source_id(str(cache / "Model.Q4_1-b9b8f18827a5d525")) == "Model.Q4_1.gguf"
     assert _source_id(str(cache / "Model.Q4_1-4b1a0fbae7e6850c")) == "Model.Q4_1.gguf"
     assert _source_id(str(tmp_path / "my-model")) == str((tmp_path / "my-model").resolve())
+
+
+def test_report_keeps_eager_and_compiled_speed_apart(tmp_path):
+    """Eager, compiled and kernel runs of one model in one folder stay separate rows and lines."""
+    results = tmp_path / "results"
+    results.mkdir()
+
+    def record(compiled, kernels, rate):
+        rows = [
+            {"role": role, "batch": 1, "prefill_tokens_per_s": rate, "decode_tokens_per_s": rate}
+            for role in ("model", "baseline")
+        ]
+        models = {"model": {"name": "S1A2E8"}, "baseline": {"name": "dense"}}
+        base = {"kind": "speed", "cpu_figures": True, "machine": {"device": "cpu"}, "dtype": "float32"}
+        return {
+            **base,
+            "models": models,
+            "rows": rows,
+            "ratios": [],
+            "kernels": kernels,
+            "compiled": compiled,
+        }
+
+    old_eager = record(False, False, 10.0)
+    del old_eager["compiled"]  # written before --compile existed
+    for name, rec in {"eager": old_eager, "compiled": record(True, True, 20.0)}.items():
+        (results / f"speed_{name}.json").write_text(json.dumps(rec))
+    render_report(results, tmp_path / "report")
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    for row in (
+        "| S1A2E8 | CPU | float32 | eager | 1 | 10.0 | 10.0 |",
+        "| dense | CPU | float32 | eager | 1 | 10.0 | 10.0 |",
+        "| S1A2E8 | CPU | float32 | compiled + kernels | 1 | 20.0 | 20.0 |",
+        "| dense | CPU | float32 | compiled | 1 | 20.0 | 20.0 |",
+    ):
+        assert row in markdown

@@ -37,13 +37,12 @@ def ppl_vs_active(rows: list[dict], png: Path) -> Path:
 
 
 def speed_vs_batch(rows: list[dict], png: Path) -> Path:
-    """Prefill and decode tokens/s against batch size, one line per model and device."""
+    """Prefill and decode tokens/s against batch size, one line per model, device, dtype and mode."""
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
-    for key in dict.fromkeys((r["config"], r["device"], r["dtype"]) for r in rows):
-        points = sorted(
-            (r for r in rows if (r["config"], r["device"], r["dtype"]) == key), key=lambda r: r["batch"]
-        )
-        label = f"{key[0]} ({key[1]}, {key[2]})"
+    fields = ("config", "device", "dtype", "mode")
+    for key in dict.fromkeys(tuple(r[f] for f in fields) for r in rows):
+        points = sorted((r for r in rows if tuple(r[f] for f in fields) == key), key=lambda r: r["batch"])
+        label = f"{key[0]} ({', '.join(key[1:])})"
         for ax, column in zip(axes, ("prefill_tokens_per_s", "decode_tokens_per_s"), strict=True):
             ax.plot([r["batch"] for r in points], [r[column] for r in points], "o-", label=label)
     batches = sorted({r["batch"] for r in rows})

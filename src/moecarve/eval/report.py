@@ -105,9 +105,16 @@ def speed_rows(records) -> list[dict]:
         for row in record["rows"]:
             model = record["models"][row["role"]]
             rows.append(
-                {"config": model["name"], "device": where, "dtype": record["dtype"], **row, "file": str(path)}
-            )
+                {"config": model["name"], "device": where, "dtype": record["dtype"],
+                 "mode": speed_mode(record, row["role"]), **row, "file": str(path)}
+            )  # fmt: skip
     return rows
+
+
+def speed_mode(record: dict, role: str) -> str:
+    """How a speed row ran: eager or compiled decode, and the kernels for the MoE (never the baseline)."""
+    mode = "compiled" if record.get("compiled") else "eager"  # records before --compile were eager
+    return f"{mode} + kernels" if record.get("kernels") and role == "model" else mode
 
 
 def _write_csv(rows: list[dict], path: Path) -> Path:
@@ -188,6 +195,7 @@ def render_report(results_dir: str | Path, out: str | Path | None = None) -> lis
                 r["config"],
                 r["device"],
                 r["dtype"],
+                r["mode"],
                 r["batch"],
                 f"{r['prefill_tokens_per_s']:.1f}",
                 f"{r['decode_tokens_per_s']:.1f}",
@@ -201,7 +209,7 @@ def render_report(results_dir: str | Path, out: str | Path | None = None) -> lis
         ]
         sections += [
             "## Speed (tokens/s, median of repeats)",
-            _table(["config", "device", "dtype", "batch", "prefill", "decode"], table),
+            _table(["config", "device", "dtype", "mode", "batch", "prefill", "decode"], table),
         ]
         if ratios:
             sections += ["MoE / dense:", _table(["file", "batch", "prefill", "decode"], ratios)]

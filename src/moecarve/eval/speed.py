@@ -5,7 +5,7 @@ routes as it would in use) and the median of the repeats is kept: slow drift of 
 hits both alike, and the ratio MoE/dense is what is reported. Decode is greedy with transformers'
 KV cache, one token per step for every sequence of the batch; with `compile`, through `generate`
 with a static cache, whose decode step transformers compiles (CUDA graphs on a GPU), as fast
-serving from transformers runs. CPU figures are marked as such.
+decoding from transformers runs. CPU figures are marked as such.
 """
 
 from __future__ import annotations
@@ -62,25 +62,41 @@ class _StepClock:
         pass
 
 
+def static_cache(model, max_len: int):
+    """A static KV cache for `time_compiled_generation`: keep one per model and batch size, so every
+    run reuses the same buffers (a CUDA graph records its inputs' addresses; new ones re-record)."""
+    from transformers import StaticCache
+
+    return StaticCache(config=model.config, max_cache_len=max_len)
+
+
 @torch.no_grad()
-def time_compiled_generation(model, prompt: torch.Tensor, decode_tokens: int) -> dict:
-    """As `time_generation`, through transformers' `generate` with a static KV cache, which compiles
-    the forward (torch.compile, mode reduce-overhead: CUDA graphs on a GPU). A shape's first call
-    compiles it: warm up before timing."""
+def time_compiled_generation(model, prompt: torch.Tensor, decode_tokens: int, cache=None) -> dict:
+    """As `time_generation`, through transformers' `generate` with a static KV cache (`cache`, from
+    `static_cache`, reset here; a new one if None), whose decode step transformers compiles
+    (torch.compile, mode reduce-overhead: CUDA graphs on a GPU); the prefill runs eagerly and is
+    timed to the first token, generate's setup included. A shape's first calls compile and record
+    it: warm up before timing. Plain greedy: the model's repetition penalties are off."""
     from transformers import CompileConfig, GenerationConfig
 
     device = next(model.parameters()).device
     prompt = prompt.to(device)
-    compile_config = CompileConfig(backend=COMPILE_BACKEND)
-    compile_config._compile_all_devices = True  # transformers compiles on accelerators only unless asked
     steps = decode_tokens + 1  # the prefill's token, then one per decode step
+    if cache is None:
+        cache = static_cache(model, prompt.shape[1] + steps)
+    cache.reset()
+    compile_config = CompileConfig(backend=COMPILE_BACKEND, dynamic=False)  # one graph per batch size
+    compile_config._compile_all_devices = True  # transformers compiles on accelerators only unless asked
     config = GenerationConfig(
-        max_new_tokens=steps, min_new_tokens=steps, do_sample=False, cache_implementation="static",
-        compile_config=compile_config, eos_token_id=model.generation_config.eos_token_id,
+        max_new_tokens=steps, min_new_tokens=steps, do_sample=False, compile_config=compile_config,
+        repetition_penalty=1.0, no_repeat_ngram_size=0, eos_token_id=model.generation_config.eos_token_id,
         pad_token_id=model.generation_config.pad_token_id or 0,
     )  # fmt: skip
     clock = _StepClock(device)
-    model.generate(prompt, attention_mask=torch.ones_like(prompt), generation_config=config, streamer=clock)
+    model.generate(
+        prompt, attention_mask=torch.ones_like(prompt), generation_config=config, streamer=clock,
+        **{cache_kwarg(model): cache},
+    )  # fmt: skip
     if len(clock.times) != steps + 1:
         raise RuntimeError(f"generate produced {len(clock.times) - 1} tokens, {steps} were asked for")
     return {"prefill_s": clock.times[1] - clock.times[0], "decode_s": clock.times[-1] - clock.times[1]}
@@ -126,8 +142,8 @@ def evaluate_speed(
 
     kernels: route the MoE blocks through moecarve.kernels (Triton on CUDA; elsewhere the kernels
     fall back to their float32 reference, which is slower than transformers' own path).
-    compile: time both through `generate` with a static cache, compiled (`time_compiled_generation`);
-    each batch size is run once untimed first, which compiles it.
+    compile: time both through `generate` with a static cache and a compiled decode step
+    (`time_compiled_generation`); each batch size runs once untimed first, which compiles it.
     """
     if not batch_sizes or min(batch_sizes) < 1 or prompt_length < 1 or decode_tokens < 1 or repeats < 1:
         raise ValueError("batch sizes, --prompt-length, --decode-tokens and --repeats must be >= 1")
@@ -152,23 +168,30 @@ def evaluate_speed(
         import moecarve.kernels
 
         moecarve.kernels.enable(loaded["model"])
-    timer = time_compiled_generation if compile else time_generation
     for net in loaded.values():  # warm-up: allocations, kernels
         time_generation(net, stream[:prompt_length][None], 2)
 
     rows = []
-    # compiled: one graph per (model class, batch size), more than torch.compile's default allows
+    # compiled: a decode graph per batch size for each model (both share the code when of one class)
     limit = torch._dynamo.config.recompile_limit
     with torch._dynamo.config.patch(recompile_limit=max(limit, 4 * len(batch_sizes))):
         for batch in tqdm(batch_sizes, desc="speed", disable=not progress, leave=False):
             prompt = stream[: batch * prompt_length].view(batch, prompt_length)
             timings = {role: [] for role in loaded}
-            if compile:  # compiles this batch size (and records its CUDA graphs)
-                for net in loaded.values():
-                    timer(net, prompt, decode_tokens)
+            caches = {}
+            if compile:  # compiles this batch size and records its CUDA graphs (which take 3 steps)
+                warm = max(decode_tokens, 3)
+                for role, net in loaded.items():
+                    caches[role] = static_cache(net, prompt_length + warm + 1)
+                    time_compiled_generation(net, prompt, warm, caches[role])
             for _ in range(repeats):
                 for role, net in loaded.items():
-                    timings[role].append(timer(net, prompt, decode_tokens))
+                    if compile:
+                        timings[role].append(
+                            time_compiled_generation(net, prompt, decode_tokens, caches[role])
+                        )
+                    else:
+                        timings[role].append(time_generation(net, prompt, decode_tokens))
             for role, runs in timings.items():
                 prefill = statistics.median(r["prefill_s"] for r in runs)
                 decode = statistics.median(r["decode_s"] for r in runs)

@@ -251,6 +251,40 @@ def test_tuner_never_picks_a_wrong_answer(interp_device, monkeypatch):
         tuner.tune(SHAPE, [16], device="cpu", paths=("grouped",), log=log.append)
 
 
+def test_tuner_checks_tiles_at_every_count_their_entry_serves(interp_device, monkeypatch):
+    """An entry for 8 tokens also serves 5-7 (after one for 4): tiles right at 8 but wrong below are
+    passed over for the next fastest, however fast they are at 8."""
+    from moecarve.kernels import tuner
+
+    assert (
+        tuner.served_counts(4, 8) == [5, 6]
+        and tuner.served_counts(0, 1) == []
+        and tuner.served_counts(1, 2) == []
+    )
+    real = tuner.moe_ffn
+
+    def dense_wrong_below_8(x, *args, path, **kw):
+        out = real(x, *args, path=path, **kw)
+        return out + 1.0 if path == "dense" and x.shape[0] < 8 else out
+
+    monkeypatch.setattr(tuner, "moe_ffn", dense_wrong_below_8)
+    monkeypatch.setattr(tuner._Batch, "dense_ffn_us", lambda self: 200.0)
+    timings = {"dense": 50.0, "decode": 120.0}  # dense the fastest at 8 tokens
+    real_kernel_us = tuner._Batch.kernel_us
+
+    def kernel_us(self, path, cfg, log):
+        t = real_kernel_us(self, path, cfg, log)  # the check at the timed count itself
+        return None if t is None else {**t, "median_us": timings[path]}
+
+    monkeypatch.setattr(tuner._Batch, "kernel_us", kernel_us)
+    log = []
+    table = tuner.tune(SHAPE, [4, 8], device="cpu", quick=True, reps=2, flush_bytes=1, log=log.append)
+    assert table[8]["path"] == "decode" and table[8]["median_us"] == 120.0
+    assert any(
+        m.startswith("skip dense B=8") and "at 5 tokens, which this entry also serves" in m for m in log
+    )
+
+
 def test_saved_tables_are_readable_by_others(tmp_path):
     import os
 

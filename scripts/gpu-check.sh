@@ -4,8 +4,8 @@
 # the GPU tests; the router alone (split over H since the last GPU run); the FFN benchmark at batch
 # 1 (the whole block, router included); end-to-end decode at batch 1; the fastest path per batch
 # against the dense FFN, 1 to 4096 tokens (the dense path where `auto` takes it); the decode tiles at
-# batch 1 (16-row up tiles are new); the dense path's tile sweep; then, with what time is left, the
-# model compiled with CUDA graphs (new; inductor compiles for a while). Each step
+# batch 1 (16-row up tiles are new); the model compiled with CUDA graphs (new); then the dense path's
+# tile sweep with what time is left. Each step
 # has its own time limit and none runs past the deadline (360 s unless given); each writes as it
 # goes, so a step cut short still leaves what it finished. From the repository root on the GPU
 # machine:
@@ -48,7 +48,7 @@ triton.__version__, "transformers", transformers.__version__)'
 } >"$log" 2>&1
 
 # 1. Every kernel against the reference on CUDA (decode, grouped, dense, router; fp32/bf16/fp16; 7B shapes);
-#    the compiled model (inductor's compile time) waits for step 8.
+#    the compiled model (inductor's compile time) is step 7.
 step 120 python3 -m pytest -m gpu tests/kernels -q -p no:cacheprovider -k "not cuda_graphs"
 # 2. The router alone: split over H (as enable runs it) vs one program per token vs transformers',
 #    16 and 32 H steps per token in the old schedule.
@@ -60,15 +60,15 @@ step 75 python3 benchmarks/ffn_kernels.py --intermediate 11008 --batches 1 --out
 step 75 python3 benchmarks/decode_e2e.py --device cuda --batches 1 --eager-batches --out "$work"
 # 5. The fastest path per batch from 1 to 4096 tokens against the dense FFN, built-in tiles (the
 #    tuner `moecarve kernels tune --quick` runs): "never 5% slower" at every size, prefill included.
-step 90 python3 benchmarks/ffn_kernels.py --tune --quick --configs S2A2E16 --intermediate 11008 \
+step 120 python3 benchmarks/ffn_kernels.py --tune --quick --configs S2A2E16 --intermediate 11008 \
     --batches 1 2 4 8 16 32 64 256 1024 4096 --reps 20 --table-out "$work/tables" --out "$work"
 cp "$work"/tables/*/*.json "$out"/ 2>/dev/null
 # 6. The decode tiles at batch 1 (16-row up tiles, new: twice the programs of the tuned 32).
 step 60 python3 benchmarks/ffn_kernels.py --tune --paths decode --configs S2A2E16 --intermediate 11008 \
     --batches 1 --reps 20 --out "$work"
-# 7. The dense path's tiles (never swept), largest batches first, with what time is left.
+# 7. The model compiled with inductor's CUDA graphs (`torch.compile(mode="reduce-overhead")`), new.
+step 90 python3 -m pytest -m gpu tests/kernels -q -p no:cacheprovider -k "cuda_graphs"
+# 8. The dense path's tiles (never swept), largest batches first, with what time is left.
 step 150 python3 benchmarks/ffn_kernels.py --tune --paths dense --configs S2A2E16 --intermediate 11008 \
     --batches 256 64 16 --reps 20 --out "$work"
-# 8. The model compiled with inductor's CUDA graphs (`torch.compile(mode="reduce-overhead")`), new.
-step 90 python3 -m pytest -m gpu tests/kernels -q -p no:cacheprovider -k "cuda_graphs"
 ls -la "$out" >>"$log"

@@ -12,14 +12,14 @@ shift
 dir="${XDG_CACHE_HOME:-$HOME/.cache}/moecarve/transformers-$version"
 if [[ ! -d "$dir/transformers" ]]; then
     wheels=$(mktemp -d)
-    pip download -q --no-deps -d "$wheels" "transformers==$version"
+    python3 -m pip download -q --no-deps -d "$wheels" "transformers==$version"
     # the hub client that release asks for (5.17: below 2, which imports httpx)
     hub=$(python3 -c 'import sys, zipfile
 z = zipfile.ZipFile(sys.argv[1])
 meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
 print(next(line.split(": ", 1)[1].split(";")[0].replace(" ", "") for line in z.read(meta).decode().splitlines()
            if line.startswith("Requires-Dist: huggingface-hub")))' "$wheels"/transformers-*.whl)
-    pip download -q --no-deps -d "$wheels" "$hub" httpx httpcore h11
+    python3 -m pip download -q --no-deps -d "$wheels" "$hub" httpx httpcore h11
     mkdir -p "$dir.partial"
     for wheel in "$wheels"/*.whl; do
         python3 -m zipfile -e "$wheel" "$dir.partial"

@@ -251,21 +251,24 @@ def test_tuner_never_picks_a_wrong_answer(interp_device, monkeypatch):
         tuner.tune(SHAPE, [16], device="cpu", paths=("grouped",), log=log.append)
 
 
-def test_tuner_checks_tiles_at_every_count_their_entry_serves(interp_device, monkeypatch):
-    """An entry for 8 tokens also serves 5-7 (after one for 4): tiles right at 8 but wrong below are
-    passed over for the next fastest, however fast they are at 8."""
+@pytest.mark.parametrize("failure", ["wrong", "raises"])
+def test_tuner_checks_tiles_below_their_batch(interp_device, monkeypatch, failure):
+    """An entry for 8 tokens also serves 5-7 (after one for 4): tiles right at 8 but wrong (or not
+    running) below are passed over for the next fastest, however fast they are at 8."""
     from moecarve.kernels import tuner
 
-    assert (
-        tuner.served_counts(4, 8) == [5, 6]
-        and tuner.served_counts(0, 1) == []
-        and tuner.served_counts(1, 2) == []
-    )
+    assert [tuner.served_counts(*r) for r in ((4, 8), (0, 1), (1, 2), (1, 64), (64, 256))] == [
+        [5, 6], [], [], [2, 3, 5, 9, 17, 33], [65, 129, 160]
+    ]  # fmt: skip
     real = tuner.moe_ffn
 
     def dense_wrong_below_8(x, *args, path, **kw):
         out = real(x, *args, path=path, **kw)
-        return out + 1.0 if path == "dense" and x.shape[0] < 8 else out
+        if path == "dense" and x.shape[0] < 8:
+            if failure == "raises":
+                raise RuntimeError("out of resources")
+            return out + 1.0
+        return out
 
     monkeypatch.setattr(tuner, "moe_ffn", dense_wrong_below_8)
     monkeypatch.setattr(tuner._Batch, "dense_ffn_us", lambda self: 200.0)
@@ -280,9 +283,14 @@ def test_tuner_checks_tiles_at_every_count_their_entry_serves(interp_device, mon
     log = []
     table = tuner.tune(SHAPE, [4, 8], device="cpu", quick=True, reps=2, flush_bytes=1, log=log.append)
     assert table[8]["path"] == "decode" and table[8]["median_us"] == 120.0
-    assert any(
-        m.startswith("skip dense B=8") and "at 5 tokens, which this entry also serves" in m for m in log
+    expected = (
+        "at 5 tokens, which its entry also serves" if failure == "wrong" else "RuntimeError at 5 tokens"
     )
+    assert any(m.startswith("skip dense") and expected in m for m in log), log
+    with pytest.raises(RuntimeError, match=r"at batch 8 and the counts its entry serves \[1, 2, 3, 4, 5\]"):
+        tuner.tune(
+            SHAPE, [8], device="cpu", paths=("dense",), quick=True, reps=2, flush_bytes=1, log=log.append
+        )
 
 
 def test_saved_tables_are_readable_by_others(tmp_path):

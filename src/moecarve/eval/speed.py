@@ -10,6 +10,7 @@ decoding from transformers runs. CPU figures are marked as such.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import statistics
 import time
@@ -173,8 +174,8 @@ def evaluate_speed(
 
     rows = []
     # compiled: a decode graph per batch size for each model (both share the code when of one class)
-    limit = torch._dynamo.config.recompile_limit
-    with torch._dynamo.config.patch(recompile_limit=max(limit, 4 * len(batch_sizes))):
+    limit = max(torch._dynamo.config.recompile_limit, 4 * len(batch_sizes))
+    with torch._dynamo.config.patch(recompile_limit=limit) if compile else contextlib.nullcontext():
         for batch in tqdm(batch_sizes, desc="speed", disable=not progress, leave=False):
             prompt = stream[: batch * prompt_length].view(batch, prompt_length)
             timings = {role: [] for role in loaded}

@@ -103,20 +103,25 @@ def _inputs(
     return x, (idx, w / w.sum(-1, keepdim=True) * shape.top_k)
 
 
+def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref).norm() / ref.norm()).item()
+
+
 def relative_error(shape: MoeShape, moe_weights, path: str, cfg, tokens: int, device: str) -> float:
     """`path` with tiles `cfg` against the float32 reference on fresh inputs of `tokens` tokens."""
     x, route = _inputs(shape, tokens, device)
     with torch.no_grad():
         ref = moe_ffn_reference(x, *route, *moe_weights).float()
-        out = moe_ffn(x, *route, *moe_weights, path=path, **{f"{path}_config": cfg}).float()
-    return ((out - ref).norm() / ref.norm()).item()
+        return _relative_error(moe_ffn(x, *route, *moe_weights, path=path, **{f"{path}_config": cfg}), ref)
 
 
 def served_counts(previous: int, tokens: int) -> list[int]:
     """Token counts besides `tokens` that a table entry for `tokens` serves (`auto` takes the smallest
     tuned batch at or above a call's count), where its tiles are checked too: the range's first
-    count and its middle."""
-    return sorted({previous + 1, (previous + 1 + tokens) // 2} - {tokens})
+    count, its middle, and each count just above a power of two (where the kernels' token tiles
+    change)."""
+    inside = {2**k + 1 for k in range(tokens.bit_length())} & set(range(previous + 1, tokens))
+    return sorted(({previous + 1, (previous + 1 + tokens) // 2} | inside) - {tokens})
 
 
 class _Batch:
@@ -157,7 +162,7 @@ class _Batch:
 
         try:
             with torch.no_grad():
-                err = ((call(0).float() - self.ref).norm() / self.ref.norm()).item()
+                err = _relative_error(call(0), self.ref)
             if not err < TOLERANCE[self.shape.dtype]:
                 log(f"skip {path} B={self.tokens} {cfg}: relative error {err:.2e}")
                 return None
@@ -229,7 +234,8 @@ def tune(
         best = _fastest_correct_over_range(timed, shape, weights.moe[0], previous, tokens, device, log)
         if best is None:
             raise RuntimeError(
-                f"no kernel path ran correctly at batch {tokens} for {shape}; see the skips above"
+                f"no kernel path ran correctly at batch {tokens} and the counts its entry serves "
+                f"{served_counts(previous, tokens)} for {shape}; see the skips above"
             )
         table[tokens] = {
             "path": best[1], "config": dataclasses.asdict(best[2]), "median_us": best[0], "dense_ffn_us": dense_us
@@ -239,21 +245,26 @@ def tune(
 
 
 def _fastest_correct_over_range(timed, shape, moe_weights, previous, tokens, device, log):
-    """The fastest timed candidate that is also right at the other token counts its entry serves."""
-    tolerance = TOLERANCE[shape.dtype]
+    """The fastest timed candidate that also runs right at the other token counts its entry serves."""
     for us, path, cfg in sorted(timed, key=lambda c: c[0]):
-        errors = {
-            t: relative_error(shape, moe_weights, path, cfg, t, device)
-            for t in served_counts(previous, tokens)
-        }
-        wrong = {t: e for t, e in errors.items() if not e < tolerance}
-        if not wrong:
+        if all(
+            _right_at(shape, moe_weights, path, cfg, t, device, log) for t in served_counts(previous, tokens)
+        ):
             return us, path, cfg
-        t, e = next(iter(wrong.items()))
-        log(
-            f"skip {path} B={tokens} {cfg}: relative error {e:.2e} at {t} tokens, which this entry also serves"
-        )
     return None
+
+
+def _right_at(shape, moe_weights, path, cfg, tokens, device, log) -> bool:
+    """Whether the tiles give the reference's answer at `tokens` (failing to run counts as wrong)."""
+    try:
+        err = relative_error(shape, moe_weights, path, cfg, tokens, device)
+    except Exception as exc:  # a token tile of its own may not compile where the timed one did
+        log(f"skip {path} {cfg}: {type(exc).__name__} at {tokens} tokens: {str(exc)[:120]}")
+        return False
+    if not err < TOLERANCE[shape.dtype]:
+        log(f"skip {path} {cfg}: relative error {err:.2e} at {tokens} tokens, which its entry also serves")
+        return False
+    return True
 
 
 def save_table(

@@ -119,28 +119,19 @@ def moe_ffn(
     (`torch.ops.moecarve.moe_ffn`), so the compiler neither traces into the host code and Triton
     nor breaks the graph there.
     """
+    shared_parts = (shared_gate_proj, shared_up_proj, shared_down_proj)
+    explicit_tiles = any(c is not None for c in (decode_config, grouped_config, dense_config))
     if (
         torch.compiler.is_compiling()
-        and decode_config is None
-        and grouped_config is None
-        and dense_config is None
-        and not needs_grad(
-            hidden_states,
-            topk_weights,
-            gate_up_proj,
-            down_proj,
-            shared_gate_proj,
-            shared_up_proj,
-            shared_down_proj,
-        )
+        and not explicit_tiles
+        and not needs_grad(hidden_states, topk_weights, gate_up_proj, down_proj, *shared_parts)
     ):
         return torch.ops.moecarve.moe_ffn(
-            hidden_states, topk_indices, topk_weights, gate_up_proj, down_proj,
-            shared_gate_proj, shared_up_proj, shared_down_proj, path,
-        )  # fmt: skip
+            hidden_states, topk_indices, topk_weights, gate_up_proj, down_proj, *shared_parts, path
+        )
     return _moe_ffn(
-        hidden_states, topk_indices, topk_weights, gate_up_proj, down_proj,
-        shared_gate_proj, shared_up_proj, shared_down_proj, path, decode_config, grouped_config, dense_config,
+        hidden_states, topk_indices, topk_weights, gate_up_proj, down_proj, *shared_parts,
+        path, decode_config, grouped_config, dense_config,
     )  # fmt: skip
 
 
@@ -174,9 +165,7 @@ def _moe_ffn(
         return moe_ffn_reference(*args, *shared_parts)
     weights = [gate_up_proj, down_proj, *(shared or ())]
     reason = triton_unsupported_reason(hidden_states, weights)
-    if reason is None and needs_grad(
-        topk_weights
-    ):  # the router's gates, trained while the experts are frozen
+    if reason is None and needs_grad(topk_weights):  # a trained router's gates, the experts frozen
         reason = "the kernels are forward-only (autograd is enabled and topk_weights requires grad)"
     if path == "torch":
         return moe_ffn_torch(*args, shared)

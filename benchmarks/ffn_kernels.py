@@ -204,7 +204,8 @@ def run_tune(args, env):
     s, a, n = parse_config(args.configs[0])
     shape = MoeShape(n - s, inter // n, s * (inter // n), args.hidden, a, args.dtype)
     head = {**env, "bench": "tune", "intermediate": inter, "config": args.configs[0], "quick": args.quick}
-    table = tune(shape, args.batches, device=args.device, paths=tuple(args.paths), quick=args.quick, reps=args.reps,
+    batches = list(dict.fromkeys(args.batches))  # once each, in the order given (largest first: cut short)
+    table = tune(shape, batches, device=args.device, paths=tuple(args.paths), quick=args.quick, reps=args.reps,
                  flush_bytes=args.flush_bytes, on_row=lambda row: write_rows([{**head, **row}], args.out / "tune"))  # fmt: skip
     if args.table_out:
         made_by = f"benchmarks/ffn_kernels.py --tune {args.configs[0]} {inter}" + " --quick" * args.quick

@@ -51,14 +51,14 @@ def test_ffn_benchmark_router_runs(interp_device, tmp_path):
 
 
 def test_ffn_benchmark_dense_tile_sweep_runs(interp_device, tmp_path):
-    """The sweep scripts/gpu-check.sh ends with (never run on a GPU yet)."""
+    """The sweep scripts/gpu-check.sh ends with (never run on a GPU yet); a repeated batch is timed once."""
     import ffn_kernels
 
     ffn_kernels.main(["--tune", "--paths", "dense", "--device", "cpu", "--hidden", "64", "--intermediate", "256",
-                      "--configs", "S2A2E16", "--batches", "16", "--reps", "3", "--flush-bytes", "1e3", "--out",
+                      "--configs", "S2A2E16", "--batches", "16", "16", "--reps", "3", "--flush-bytes", "1e3", "--out",
                       str(tmp_path)])  # fmt: skip
     got = rows(tmp_path / "tune.jsonl")
-    assert len(got) == 16 and {r["path"] for r in got} == {"dense"}
+    assert len(got) == 16 and {(r["path"], r["batch"]) for r in got} == {("dense", 16)}
     assert {(r["block_m"], r["block_n"], r["block_k"], r["warps"]) for r in got} == {
         (m, n, k, w) for m in (32, 64) for n in (64, 128) for k in (64, 128) for w in (4, 8)
     }

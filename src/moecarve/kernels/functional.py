@@ -74,8 +74,11 @@ def _check_shapes(x, idx, wts, w13, w2, shared) -> None:
         )
 
 
-def triton_unsupported_reason(x: torch.Tensor, weights: list[torch.Tensor]) -> str | None:
-    """Why the Triton kernels cannot run on these tensors, or None when they can."""
+def triton_unsupported_reason(
+    x: torch.Tensor, weights: list[torch.Tensor], gates: torch.Tensor | None = None
+) -> str | None:
+    """Why the Triton kernels cannot run on these tensors (`gates`: the routing weights, checked only
+    for autograd), or None when they can."""
     if not triton_available():
         return "triton is not installed"
     dev = x.device
@@ -91,7 +94,7 @@ def triton_unsupported_reason(x: torch.Tensor, weights: list[torch.Tensor]) -> s
         return "expert weights are not contiguous"
     if dev.type == "cuda" and x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(dev) < (8, 0):
         return "bf16 kernels need compute capability 8.0 or newer"
-    if torch.is_grad_enabled() and (x.requires_grad or any(w.requires_grad for w in weights)):
+    if needs_grad(x, gates, *weights):  # gates: a trained router's, even with the experts frozen
         return "the kernels are forward-only (autograd is enabled and a tensor requires grad)"
     return None
 
@@ -164,9 +167,7 @@ def _moe_ffn(
     if path == "reference" or hidden_states.shape[0] == 0:
         return moe_ffn_reference(*args, *shared_parts)
     weights = [gate_up_proj, down_proj, *(shared or ())]
-    reason = triton_unsupported_reason(hidden_states, weights)
-    if reason is None and needs_grad(topk_weights):  # a trained router's gates, the experts frozen
-        reason = "the kernels are forward-only (autograd is enabled and topk_weights requires grad)"
+    reason = triton_unsupported_reason(hidden_states, weights, topk_weights)
     if path == "torch":
         return moe_ffn_torch(*args, shared)
     if reason is not None:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from moecarve.kernels import enable, moe_ffn, moe_ffn_reference, moe_ffn_torch
 from moecarve.kernels.benchutil import copy_bandwidth_gbps, env_info, time_fn, write_rows
+from moecarve.kernels.tuner import random_routing
 
 CONFIGS = ["S2A2E16", "S1A2E8", "S3A3E8", "S2A4E32"]
 BATCHES = [1, 2, 4, 8, 16, 32, 64, 256]
@@ -99,11 +100,7 @@ def run_grid(args, env, peak) -> None:
         for batch in args.batches:
             rot = Rotor(len(sets) * 2)
             xs = [torch.randn(batch, args.hidden, device=args.device, dtype=dtype) for _ in range(rot.n)]
-            routes = []
-            for _ in range(rot.n):  # uniform random distinct experts, gates summing to A
-                idx = torch.rand(batch, e, device=args.device).topk(a, dim=-1).indices
-                w = torch.rand(batch, a, device=args.device)
-                routes.append((idx, w / w.sum(-1, keepdim=True) * a))
+            routes = [random_routing(batch, e, a, args.device) for _ in range(rot.n)]
             hits = sum(torch.unique(r[0]).numel() for r in routes) / len(routes)
             moe_bytes = (hits + s) * expert_bytes + 2 * batch * args.hidden * dtype.itemsize
             dense_bytes = 3 * args.hidden * inter * dtype.itemsize + 2 * batch * args.hidden * dtype.itemsize

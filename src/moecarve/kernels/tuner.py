@@ -96,11 +96,17 @@ class _Weights:
 def _inputs(
     shape: MoeShape, tokens: int, device: str
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-    """Random hidden states and a uniform random routing (distinct experts, gates summing to K)."""
+    """Random hidden states and a `random_routing` for them."""
     x = torch.randn(tokens, shape.hidden, device=device, dtype=getattr(torch, shape.dtype))
-    idx = torch.rand(tokens, shape.experts, device=device).topk(shape.top_k, dim=-1).indices
-    w = torch.rand(tokens, shape.top_k, device=device)
-    return x, (idx, w / w.sum(-1, keepdim=True) * shape.top_k)
+    return x, random_routing(tokens, shape.experts, shape.top_k, device)
+
+
+def random_routing(tokens: int, experts: int, top_k: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(topk_indices, topk_weights) of uniform random routing: distinct experts, gates summing to K
+    (what the built-in dispatch assumes)."""
+    idx = torch.rand(tokens, experts, device=device).topk(top_k, dim=-1).indices
+    w = torch.rand(tokens, top_k, device=device)
+    return idx, w / w.sum(-1, keepdim=True) * top_k
 
 
 def _relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -169,8 +169,9 @@ def evaluate_speed(
         import moecarve.kernels
 
         moecarve.kernels.enable(loaded["model"])
-    for net in loaded.values():  # warm-up: allocations, kernels
-        time_generation(net, stream[:prompt_length][None], 2)
+    if not compile:  # warm-up: allocations, kernels (compiled runs warm up per batch size, below)
+        for net in loaded.values():
+            time_generation(net, stream[:prompt_length][None], 2)
 
     rows = []
     # compiled: a decode graph per batch size for each model (both share the code when of one class)

@@ -5,7 +5,8 @@ Writes results/kernels/ffn_kernels.{jsonl,csv}: one row per (intermediate, confi
 gpu, versions, median/p10/p90 latency, achieved GB/s, fraction of the bytes ideal and of peak HBM.
 `--tune` runs the library's tuner instead (a tile sweep, or each path's built-in tiles with `--quick`;
 rows in results/kernels/tune.{jsonl,csv}, `--table-out DIR` also writes the table); `--router` times
-the router alone (results/kernels/router.{jsonl,csv}).
+the router alone (results/kernels/router.{jsonl,csv}); `--profile` splits the whole block's time into
+its kernels' device times (results/kernels/profile.{jsonl,csv}).
 
 Config SxAyEz: z experts of I = intermediate / z neurons, x shared (always on) and y routed
 active per token out of z - x routed. Weights and routing are random (speed only); L weight sets
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from moecarve.kernels import enable, moe_ffn, moe_ffn_reference, moe_ffn_torch
-from moecarve.kernels.benchutil import copy_bandwidth_gbps, env_info, time_fn, write_rows
+from moecarve.kernels.benchutil import copy_bandwidth_gbps, env_info, kernel_times, time_fn, write_rows
 from moecarve.kernels.tuner import random_routing
 
 CONFIGS = ["S2A2E16", "S1A2E8", "S3A3E8", "S2A4E32"]
@@ -284,6 +285,78 @@ def run_router(args, env) -> None:
         write_rows(rows, args.out / "router")
 
 
+# What each of the block's kernels must read per call: (weight bytes of one expert's share, in
+# thirds of its gate+up+down, or the router's [E, H]), plus the activations it reads.
+KERNEL_READS = {
+    "_decode_up_kernel": "gate_up",
+    "_decode_down_kernel": "down",
+    "_router_logits_kernel": "router",
+}
+
+
+def run_profile(args, env, peak) -> None:
+    """Where a block's time goes, per (config, batch): each kernel's device time per call (torch
+    profiler, eager calls, weights rotated so that every call reads HBM) beside the call's CUDA-graph
+    time, for the whole block after `enable` (router, experts, glue) and for the dense FFN. The graph
+    time less the kernels' sum is what launches and gaps cost; the up and down kernels' GB/s say which
+    of them is short of the bandwidth (the batch-1 gap to the bytes ideal was never split before)."""
+    from moecarve.kernels.ops.reference import sigmoid_topk_reference
+
+    dtype = getattr(torch, args.dtype)
+    for inter, name in itertools.product(args.intermediate, args.configs):
+        rows = []
+        s, a, n = parse_config(name)
+        e, i_e = n - s, inter // n
+        torch.manual_seed(0)
+        sets = make_sets(args, inter, s, a, n, dtype)
+        for block, _ in sets:
+            enable(block)
+        for batch in args.batches:
+            rot = Rotor(len(sets) * 2)
+            xs = [torch.randn(batch, args.hidden, device=args.device, dtype=dtype) for _ in range(rot.n)]
+            gates = [sets[j % len(sets)][0].gate for j in range(rot.n)]
+            hits = sum(
+                torch.unique(sigmoid_topk_reference(x, g.weight, g.e_score_correction_bias, a, True, float(a))[0]).numel()
+                for x, g in zip(xs, gates, strict=True)
+            ) / rot.n  # fmt: skip
+            act = batch * args.hidden * dtype.itemsize
+            third = args.hidden * i_e * dtype.itemsize  # one expert's gate, up or down matrix
+            reads = {
+                "gate_up": (hits + s) * 2 * third + act,
+                "down": (hits + s) * third + act,
+                "router": e * args.hidden * gates[0].weight.element_size() + act,
+            }
+            impls = {
+                "moecarve_block": lambda rot=rot, xs=xs, sets=sets: sets[rot() % len(sets)][0](
+                    xs[rot.i][None]
+                ),
+                "dense": lambda rot=rot, xs=xs, sets=sets: dense_ffn(xs[rot()], *sets[rot.i % len(sets)][1]),
+            }
+            for impl, fn in impls.items():
+                with torch.no_grad():
+                    graph = time_fn(fn, graph=not args.no_graph, reps=args.reps)
+                    kernels = kernel_times(fn, calls=2 * rot.n)
+                total = sum(us for _, us in kernels.values())
+                for kernel, (launches, us) in sorted(kernels.items(), key=lambda kv: -kv[1][1]):
+                    nbytes = reads.get(KERNEL_READS.get(kernel)) if impl == "moecarve_block" else None
+                    gbps = nbytes / (us * 1e-6) / 1e9 if nbytes and us > 0 else None
+                    rows.append({
+                        **env, "bench": "profile", "hidden": args.hidden, "intermediate": inter, "config": name,
+                        "shared": s, "active": a, "experts": n, "routed": e, "expert_inter": i_e, "batch": batch,
+                        "dtype": args.dtype, "hit_experts": hits, "impl": impl, "kernel": kernel,
+                        "launches_per_call": launches, "device_us": us, "bytes": nbytes, "gbps": gbps,
+                        "frac_peak_hbm": gbps / peak if gbps and peak else None, "kernels_total_us": total,
+                        "call_median_us": graph["median_us"], "graph": graph["graph"],
+                    })  # fmt: skip
+                    print(f"I={inter} {name} B={batch:<3} {impl:<15} {kernel[:60]:<60} x{launches:<4.1f} "
+                          f"{us:8.1f} us" + (f" {gbps:6.0f} GB/s" if gbps else ""), flush=True)  # fmt: skip
+                print(f"I={inter} {name} B={batch:<3} {impl:<15} kernels {total:.1f} us, call {graph['median_us']:.1f} us "
+                      f"(graph={graph['graph']})", flush=True)  # fmt: skip
+        sets.clear()
+        torch.cuda.empty_cache()
+        write_rows(rows, args.out / "profile")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden", type=int, default=4096)
@@ -300,6 +373,11 @@ def main(argv: list[str] | None = None) -> None:
         "--table-out", type=Path, help="--tune: also write the tuned table (as `moecarve kernels tune`)"
     )
     p.add_argument("--router", action="store_true", help="time the router alone (router.jsonl)")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="each kernel's device time in the block and the dense FFN (profile.jsonl)",
+    )
     p.add_argument(
         "--paths",
         nargs="+",
@@ -323,6 +401,8 @@ def main(argv: list[str] | None = None) -> None:
         run_tune(args, env)
     elif args.router:
         run_router(args, env)
+    elif args.profile:
+        run_profile(args, env, peak)
     else:
         run_grid(args, env, peak)
 

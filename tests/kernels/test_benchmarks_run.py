@@ -50,6 +50,22 @@ def test_ffn_benchmark_router_runs(interp_device, tmp_path):
     assert programs == {"moecarve_router": 5, "moecarve_router_one_per_token": 1, "hf_router": None}
 
 
+def test_ffn_benchmark_profile_runs(interp_device, tmp_path):
+    """The per-kernel split of the block's time (gpu-check's step 4); on CPU the top-level ops stand
+    in for the GPU's kernels."""
+    import ffn_kernels
+
+    ffn_kernels.main(["--profile", "--device", "cpu", "--hidden", "64", "--intermediate", "256", "--configs",
+                      "S2A2E16", "--batches", "1", "--reps", "3", "--flush-bytes", "1e3", "--out", str(tmp_path)])  # fmt: skip
+    got = rows(tmp_path / "profile.jsonl")
+    assert {r["impl"] for r in got} == {"moecarve_block", "dense"}
+    dense = {r["kernel"]: r["launches_per_call"] for r in got if r["impl"] == "dense"}
+    assert dense["aten::linear"] == 3  # gate, up, down: per call, over the rotated weight sets
+    for r in got:
+        assert r["batch"] == 1 and r["hit_experts"] == 2 and r["call_median_us"] > 0, r
+        assert 0 <= r["device_us"] <= r["kernels_total_us"] + 1e-6, r
+
+
 def test_ffn_benchmark_dense_tile_sweep_runs(interp_device, tmp_path):
     """The sweep scripts/gpu-check.sh ends with (never run on a GPU yet); a repeated batch is timed once."""
     import ffn_kernels

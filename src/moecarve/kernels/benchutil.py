@@ -107,6 +107,36 @@ def time_fn(
     return {**_quantiles(samples), "graph": g is not None}
 
 
+def kernel_times(fn: Callable[[], object], calls: int, warmup: int = 3) -> dict[str, tuple[float, float]]:
+    """{kernel name: (launches per call, device microseconds per call)} over `calls` eager calls of fn,
+    from torch.profiler's device activity (CUPTI): each kernel's own time on the GPU, which launch
+    gaps and host work do not inflate. Without a GPU the top-level CPU ops stand in (smoke runs)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    for _ in range(warmup):
+        fn()
+    if cuda:
+        torch.cuda.synchronize()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+    totals: dict[str, list[float]] = {}
+    for event in prof.events():
+        if cuda and event.device_type != DeviceType.CUDA:
+            continue
+        if not cuda and event.cpu_parent is not None:
+            continue
+        count_us = totals.setdefault(event.name, [0, 0.0])
+        count_us[0] += 1
+        count_us[1] += event.time_range.elapsed_us()
+    return {name: (count / calls, us / calls) for name, (count, us) in totals.items()}
+
+
 def write_rows(rows: list[dict], stem: Path) -> None:
     """Append rows to stem.jsonl and rewrite stem.csv from all rows in the .jsonl."""
     stem.parent.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,9 @@ Both models get random weights (speed only), the same static KV cache and harnes
 graph per decode step where the forward can be captured (all but transformers' eager experts).
 `--compile` also runs each capturable decode step through `torch.compile(fullgraph=True)` (inductor
 fuses the norms, rotary and the dense FFN's SiLU*up; moecarve's kernels are opaque ops in the graph)
-before capturing it, for dense and carved alike.
+before capturing it, for dense and carved alike. `--profile` also splits an eager decode step of
+each model into its kernels' device times (rows in results/kernels/profile.{jsonl,csv}, beside
+ffn_kernels.py --profile's), to say where a carve's step loses to the dense one.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 
 from moecarve.eval.speed import cache_kwarg
 from moecarve.kernels import disable, enable
-from moecarve.kernels.benchutil import env_info, write_rows
+from moecarve.kernels.benchutil import env_info, kernel_times, write_rows
 
 
 def build(kind: str, args, s: int, a: int, n: int):
@@ -130,6 +132,33 @@ def tokens_per_s(model, args, batch: int, graph: bool) -> tuple[float, bool, boo
     return batch * args.tokens / (time.perf_counter() - t0), dec.graph is not None, compiled
 
 
+def step_kernels(model, args, batch: int) -> dict[str, tuple[float, float]]:
+    """{kernel: (launches, device microseconds)} per eager decode step (torch.profiler), summed over
+    the layers: what each kind of kernel costs a step, launch gaps left out."""
+    dev = next(model.parameters()).device
+    steps, warmup = 8, 3
+    dec = Decoder(model, batch, args.prompt + warmup + steps + 4, graph=False)
+    dec.prefill(torch.randint(0, args.vocab, (batch, args.prompt), device=dev))
+    return kernel_times(dec.step, calls=steps, warmup=warmup)
+
+
+def profile_rows(env, name, args, batch, profiles, runs) -> list[dict]:
+    """One row per (model, kernel): launches and device microseconds per decode step, beside the
+    step's CUDA-graph time from the tokens/s run and the step's kernel total."""
+    rows = []
+    for model, kernels in profiles.items():
+        total = sum(us for _, us in kernels.values())
+        step_us = 1e6 * batch / runs[model][0]
+        for kernel, (launches, us) in sorted(kernels.items(), key=lambda kv: -kv[1][1]):
+            rows.append({**env, "bench": "decode_profile", "config": name, "hidden": args.hidden,
+                         "intermediate": args.intermediate, "layers": args.layers, "batch": batch, "model": model,
+                         "kernel": kernel, "launches_per_step": launches, "device_us": us,
+                         "kernels_total_us": total, "step_us": step_us, "graph": runs[model][1]})  # fmt: skip
+        print(f"{name} B={batch:<3} {model:<9} kernels {total:8.1f} us per step, step {step_us:8.1f} us; top: "
+              + ", ".join(f"{r['kernel'][:40]} {r['device_us']:.0f}" for r in rows[-len(kernels):][:4]), flush=True)  # fmt: skip
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden", type=int, default=4096)
@@ -145,6 +174,7 @@ def main(argv: list[str] | None = None) -> None:
         "--eager-batches", type=int, nargs="*", default=[1], help="batches that also time HF eager experts"
     )
     p.add_argument("--compile", action="store_true", help="torch.compile each capturable decode step first")
+    p.add_argument("--profile", action="store_true", help="also each model's decode step split into kernels")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=Path("results/kernels"))
     args = p.parse_args(argv)
@@ -158,8 +188,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     dense = build("dense", args, 0, 0, 1)
     base = {b: tokens_per_s(dense, args, b, graph=True) for b in args.batches}
-    del dense
-    torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    if not args.profile:  # else kept to profile beside each carve
+        del dense
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
     for name in args.configs:
         s, a, n = map(int, re.fullmatch(r"S(\d+)A(\d+)E(\d+)", name).groups())
         moe = build("moe", args, s, a, n)
@@ -172,6 +203,8 @@ def main(argv: list[str] | None = None) -> None:
                 runs["hf_eager"] = tokens_per_s(moe, args, b, graph=False)
             enable(moe)
             runs["moecarve"] = tokens_per_s(moe, args, b, graph=True)
+            if args.profile:
+                profiles = {"dense": step_kernels(dense, args, b), "moecarve": step_kernels(moe, args, b)}
             disable(moe)
             for model, (tps, graphed, compiled) in runs.items():
                 rows.append({**env, "bench": "decode_e2e", "config": name, "hidden": args.hidden,
@@ -182,6 +215,8 @@ def main(argv: list[str] | None = None) -> None:
                       f"compiled={compiled}", flush=True)  # fmt: skip
             write_rows(rows, args.out / "decode_e2e")
             rows = []
+            if args.profile:
+                write_rows(profile_rows(env, name, args, b, profiles, runs), args.out / "profile")
         del moe
 
 

@@ -3,7 +3,7 @@
 # session (15 minutes, a machine's start included) time to run it twice. Most important first:
 # the GPU tests; the router alone (split over H since the last GPU run); the FFN benchmark at batch
 # 1 (the whole block, router included); each of the block's kernels' device time at batch 1 (where
-# the gap to the bytes ideal goes); end-to-end decode at batch 1; the fastest path per batch
+# the gap to the bytes ideal goes); end-to-end decode at batch 1, with each model's step split into kernels; the fastest path per batch
 # against the dense FFN, 1 to 4096 tokens (the dense path where `auto` takes it); the decode tiles at
 # batch 1 (16-row up tiles are new); the model compiled with CUDA graphs (new); then the dense path's
 # tile sweep with what time is left. Each step
@@ -61,8 +61,9 @@ step 75 python3 benchmarks/ffn_kernels.py --intermediate 11008 --batches 1 --out
 #    time, and the dense FFN's, at batch 1 and 16.
 step 45 python3 benchmarks/ffn_kernels.py --profile --intermediate 11008 --configs S2A2E16 S2A4E32 \
     --batches 1 16 --reps 20 --out "$work"
-# 5. End-to-end greedy decode at batch 1 (the 1.3x goal), S2A2E16.
-step 75 python3 benchmarks/decode_e2e.py --device cuda --batches 1 --eager-batches --out "$work"
+# 5. End-to-end greedy decode at batch 1 (the 1.3x goal), S2A2E16, and each model's decode step
+#    split into its kernels.
+step 75 python3 benchmarks/decode_e2e.py --device cuda --batches 1 --eager-batches --profile --out "$work"
 # 6. The fastest path per batch from 1 to 4096 tokens against the dense FFN, built-in tiles (the
 #    tuner `moecarve kernels tune --quick` runs): "never 5% slower" at every size, prefill included.
 step 120 python3 benchmarks/ffn_kernels.py --tune --quick --configs S2A2E16 --intermediate 11008 \

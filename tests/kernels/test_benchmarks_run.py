@@ -86,7 +86,7 @@ def test_decode_benchmark_runs(interp_device, tmp_path, compile_):
 
     decode_e2e.main(["--device", "cpu", "--hidden", "128", "--intermediate", "256", "--layers", "1", "--vocab",
                      "100", "--prompt", "4", "--warmup", "1", "--tokens", "2", "--batches", "1", "--out",
-                     str(tmp_path), *(["--compile"] if compile_ else [])])  # fmt: skip
+                     str(tmp_path), *(["--compile"] if compile_ else ["--profile"])])  # fmt: skip
     got = rows(tmp_path / "decode_e2e.jsonl")
     assert {r["model"] for r in got} == {"dense", "hf_grouped_mm", "hf_eager", "moecarve"}
     assert all(r["tokens_per_s"] > 0 for r in got)
@@ -96,6 +96,12 @@ def test_decode_benchmark_runs(interp_device, tmp_path, compile_):
         "hf_eager": False,
         "moecarve": compile_,
     }
+    if not compile_:  # each model's eager decode step split into its kernels (top-level ops on CPU)
+        profile = rows(tmp_path / "profile.jsonl")
+        linear = {r["model"]: r["launches_per_step"] for r in profile if r["kernel"] == "aten::linear"}
+        assert linear["dense"] == 8  # q, k, v, o, gate, up, down, lm_head
+        assert all(r["bench"] == "decode_profile" and r["step_us"] > 0 for r in profile)
+        assert {r["model"] for r in profile} == {"dense", "moecarve"}
 
 
 def test_ffn_benchmark_refuses_cuda_without_a_gpu(tmp_path):

@@ -285,11 +285,11 @@ def run_router(args, env) -> None:
         write_rows(rows, args.out / "router")
 
 
-# What each of the block's kernels must read per call: (weight bytes of one expert's share, in
-# thirds of its gate+up+down, or the router's [E, H]), plus the activations it reads.
+# The bytes the block's kernels must read per call, by kernel name (see `reads` in run_profile).
 KERNEL_READS = {
     "_decode_up_kernel": "gate_up",
     "_decode_down_kernel": "down",
+    "_dense_down_kernel": "dense_down",
     "_router_logits_kernel": "router",
 }
 
@@ -319,12 +319,14 @@ def run_profile(args, env, peak) -> None:
                 torch.unique(sigmoid_topk_reference(x, g.weight, g.e_score_correction_bias, a, True, float(a))[0]).numel()
                 for x, g in zip(xs, gates, strict=True)
             ) / rot.n  # fmt: skip
-            act = batch * args.hidden * dtype.itemsize
+            x_bytes = batch * args.hidden * dtype.itemsize
             third = args.hidden * i_e * dtype.itemsize  # one expert's gate, up or down matrix
-            reads = {
-                "gate_up": (hits + s) * 2 * third + act,
-                "down": (hits + s) * third + act,
-                "router": e * args.hidden * gates[0].weight.element_size() + act,
+            act = batch * i_e * dtype.itemsize  # one expert's activations for the batch
+            reads = {  # weights of the hit and shared experts, and the activations each kernel reads
+                "gate_up": (hits + s) * 2 * third + x_bytes,
+                "down": (hits + s) * third + (a + s) * act,
+                "dense_down": (hits + s) * third + (2 * e + s) * act,  # every expert's gate and up outputs
+                "router": e * args.hidden * gates[0].weight.element_size() + x_bytes,
             }
             impls = {
                 "moecarve_block": lambda rot=rot, xs=xs, sets=sets: sets[rot() % len(sets)][0](

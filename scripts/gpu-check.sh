@@ -2,11 +2,11 @@
 # The kernel checks still owed on a GPU (docs/kernels.md), as one command sized to leave a device
 # session (15 minutes, a machine's start included) time to run it twice. Most important first:
 # the GPU tests; the router alone (split over H since the last GPU run); the FFN benchmark at batch
-# 1 (the whole block, router included); each of the block's kernels' device time at batch 1 (where
-# the gap to the bytes ideal goes); end-to-end decode at batch 1, with each model's step split into kernels; the fastest path per batch
-# against the dense FFN, 1 to 4096 tokens (the dense path where `auto` takes it); the decode tiles at
-# batch 1 (16-row up tiles are new); the model compiled with CUDA graphs (new); then the dense path's
-# tile sweep with what time is left. Each step
+# 1 (the whole block, router included); end-to-end decode at batch 1, then each model's decode step
+# split into kernels; the fastest path per batch against the dense FFN, 1 to 4096 tokens (the dense
+# path where `auto` takes it); the block's kernels' device times at batch 1 and 8 (where the gap to
+# the bytes ideal goes); the decode tiles at batch 1 (16-row up tiles are new); the model compiled
+# with CUDA graphs (new); then the dense path's tile sweep with what time is left. Each step
 # has its own time limit and none runs past the deadline (360 s unless given); each writes as it
 # goes, so a step cut short still leaves what it finished. From the repository root on the GPU
 # machine:
@@ -15,7 +15,7 @@
 #
 # OUT_DIR gets up to seven files (the device tool brings back at most eight): gpu-check.log (versions
 # and every step's output), the benchmarks' router / ffn_kernels / profile / decode_e2e / tune .jsonl rows,
-# and step 6's tuned table (E14-I688-SI1376-H4096-K2-bfloat16.json) if that step finishes.
+# and step 5's tuned table (E14-I688-SI1376-H4096-K2-bfloat16.json) if that step finishes.
 # Uses the machine's own torch/triton/transformers.
 set -uo pipefail
 out="${1:-${OUT:-results/kernels/gpu-check}}"
@@ -55,20 +55,20 @@ step 120 python3 -m pytest -m gpu tests/kernels -q -p no:cacheprovider -k "not c
 #    16 and 32 H steps per token in the old schedule.
 step 45 python3 benchmarks/ffn_kernels.py --router --configs S2A2E16 S2A4E32 --batches 1 64 --reps 20 --out "$work"
 # 3. Batch 1, every config: the kernels and the whole block with the new router (the batches where
-#    `auto` takes the dense path are step 6's).
+#    `auto` takes the dense path are step 5's).
 step 75 python3 benchmarks/ffn_kernels.py --intermediate 11008 --batches 1 --out "$work"
-# 4. The block's time split into its kernels' device times (router, up, down, glue) beside its graph
-#    time, and the dense FFN's, at batch 1 and 16.
-step 45 python3 benchmarks/ffn_kernels.py --profile --intermediate 11008 --configs S2A2E16 S2A4E32 \
-    --batches 1 16 --reps 20 --out "$work"
-# 5. End-to-end greedy decode at batch 1 (the 1.3x goal), S2A2E16, and each model's decode step
+# 4. End-to-end greedy decode at batch 1 (the 1.3x goal), S2A2E16, then each model's decode step
 #    split into its kernels.
-step 75 python3 benchmarks/decode_e2e.py --device cuda --batches 1 --eager-batches --profile --out "$work"
-# 6. The fastest path per batch from 1 to 4096 tokens against the dense FFN, built-in tiles (the
+step 90 python3 benchmarks/decode_e2e.py --device cuda --batches 1 --eager-batches --profile --out "$work"
+# 5. The fastest path per batch from 1 to 4096 tokens against the dense FFN, built-in tiles (the
 #    tuner `moecarve kernels tune --quick` runs): "never 5% slower" at every size, prefill included.
 step 120 python3 benchmarks/ffn_kernels.py --tune --quick --configs S2A2E16 --intermediate 11008 \
     --batches 1 2 4 8 16 32 64 256 1024 4096 --reps 20 --table-out "$work/tables" --out "$work"
 cp "$work"/tables/*/*.json "$out"/ 2>/dev/null
+# 6. The block's time split into its kernels' device times (router, up, down, glue) beside its graph
+#    time, and the dense FFN's, at batch 1 and 8 (the decode kernels; `auto` takes the dense path at 16).
+step 45 python3 benchmarks/ffn_kernels.py --profile --intermediate 11008 --configs S2A2E16 S2A4E32 \
+    --batches 1 8 --reps 20 --out "$work"
 # 7. The decode tiles at batch 1 (16-row up tiles, new: twice the programs of the tuned 32).
 step 60 python3 benchmarks/ffn_kernels.py --tune --paths decode --configs S2A2E16 --intermediate 11008 \
     --batches 1 --reps 20 --out "$work"

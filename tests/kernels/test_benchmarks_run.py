@@ -51,7 +51,7 @@ def test_ffn_benchmark_router_runs(interp_device, tmp_path):
 
 
 def test_ffn_benchmark_profile_runs(interp_device, tmp_path):
-    """The per-kernel split of the block's time (gpu-check's step 4); on CPU the top-level ops stand
+    """The per-kernel split of the block's time (gpu-check's step 6); on CPU the top-level ops stand
     in for the GPU's kernels."""
     import ffn_kernels
 
@@ -64,6 +64,42 @@ def test_ffn_benchmark_profile_runs(interp_device, tmp_path):
     for r in got:
         assert r["batch"] == 1 and r["hit_experts"] == 2 and r["call_median_us"] > 0, r
         assert 0 <= r["device_us"] <= r["kernels_total_us"] + 1e-6, r
+
+
+def test_profile_reads_are_named_after_the_kernels():
+    """The rows' bytes and GB/s are keyed by Triton kernel name; a renamed kernel would silently lose them."""
+    pytest.importorskip("triton")
+    import ffn_kernels
+
+    from moecarve.kernels.ops import moe_ffn, router
+
+    jit = {f.fn.__name__ for f in (moe_ffn._decode_up_kernel, moe_ffn._decode_down_kernel,
+                                   moe_ffn._dense_down_kernel, router._router_logits_kernel)}  # fmt: skip
+    assert set(ffn_kernels.KERNEL_READS) == jit
+
+
+def test_per_call_times_counts_device_kernels_only():
+    """On a GPU: kernels, copies and memsets, each once; not the host's launch calls or user annotations."""
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import FunctionEvent
+
+    from moecarve.kernels.benchutil import per_call_times
+
+    def event(i, name, start, end, device=DeviceType.CUDA, **kw):
+        return FunctionEvent(i, name, thread=0, start_us=start, end_us=end, device_type=device, **kw)
+
+    events = [
+        event(0, "cudaLaunchKernel", 0, 5, DeviceType.CPU),
+        event(1, "_decode_up_kernel", 10, 30),
+        event(2, "_decode_up_kernel", 40, 62),
+        event(3, "Memset (Device)", 70, 71),
+        event(4, "block", 0, 80, is_user_annotation=True),
+    ]
+    assert per_call_times(events, calls=2, device=True) == {
+        "_decode_up_kernel": (1.0, 21.0),
+        "Memset (Device)": (0.5, 0.5),
+    }
+    assert per_call_times(events, calls=1, device=False) == {"cudaLaunchKernel": (1.0, 5.0)}
 
 
 def test_ffn_benchmark_dense_tile_sweep_runs(interp_device, tmp_path):

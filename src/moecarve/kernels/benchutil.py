@@ -110,11 +110,16 @@ def time_fn(
 def kernel_times(fn: Callable[[], object], calls: int, warmup: int = 3) -> dict[str, tuple[float, float]]:
     """{kernel name: (launches per call, device microseconds per call)} over `calls` eager calls of fn,
     from torch.profiler's device activity (CUPTI): each kernel's own time on the GPU, which launch
-    gaps and host work do not inflate. Without a GPU the top-level CPU ops stand in (smoke runs)."""
-    from torch.autograd import DeviceType
+    gaps and host work do not inflate. Without a GPU the top-level CPU ops stand in (smoke runs).
+    Raises RuntimeError where a GPU ran fn but the profiler saw no kernel (CUPTI missing)."""
+    import os
+
     from torch.profiler import ProfilerActivity, profile
 
     cuda = torch.cuda.is_available()
+    # CUDA graphs captured between profiler sessions can crash a CUPTI torn down and set up again
+    # (pytorch#75504); keep it set up
+    os.environ.setdefault("TEARDOWN_CUPTI", "0")
     for _ in range(warmup):
         fn()
     if cuda:
@@ -125,11 +130,23 @@ def kernel_times(fn: Callable[[], object], calls: int, warmup: int = 3) -> dict[
             fn()
         if cuda:
             torch.cuda.synchronize()
+    times = per_call_times(prof.events(), calls, device=cuda)
+    if cuda and not times:
+        raise RuntimeError("torch.profiler recorded no GPU kernel (is CUPTI available?)")
+    return times
+
+
+def per_call_times(events, calls: int, device: bool) -> dict[str, tuple[float, float]]:
+    """kernel_times' sums: device events (kernels, copies, memsets; not user annotations) when
+    `device`, else top-level CPU ops, as {name: (count, microseconds)} per call."""
+    from torch.autograd import DeviceType
+
     totals: dict[str, list[float]] = {}
-    for event in prof.events():
-        if cuda and event.device_type != DeviceType.CUDA:
-            continue
-        if not cuda and event.cpu_parent is not None:
+    for event in events:
+        if device:
+            if event.device_type != DeviceType.CUDA or getattr(event, "is_user_annotation", False):
+                continue
+        elif event.device_type != DeviceType.CPU or event.cpu_parent is not None:
             continue
         count_us = totals.setdefault(event.name, [0, 0.0])
         count_us[0] += 1

@@ -88,15 +88,25 @@ def shared_of(block):
     return se.gate_proj.weight, se.up_proj.weight, se.down_proj.weight
 
 
+def each_config(args):
+    """(intermediate, config, (s, a, n), weight sets) for each --intermediate and --configs; the
+    sets are freed when the next is made."""
+    dtype = getattr(torch, args.dtype)
+    for inter, name in itertools.product(args.intermediate, args.configs):
+        s, a, n = parse_config(name)
+        torch.manual_seed(0)
+        sets = make_sets(args, inter, s, a, n, dtype)
+        yield inter, name, (s, a, n), sets
+        sets.clear()
+        torch.cuda.empty_cache()
+
+
 def run_grid(args, env, peak) -> None:
     """Every (intermediate, config, batch, impl); rows are written after each config."""
     dtype = getattr(torch, args.dtype)
-    for inter, name in itertools.product(args.intermediate, args.configs):
+    for inter, name, (s, a, n), sets in each_config(args):
         rows = []
-        s, a, n = parse_config(name)
         e, i_e = n - s, inter // n
-        torch.manual_seed(0)
-        sets = make_sets(args, inter, s, a, n, dtype)
         expert_bytes = 3 * args.hidden * i_e * dtype.itemsize
         for batch in args.batches:
             rot = Rotor(len(sets) * 2)
@@ -186,8 +196,6 @@ def run_grid(args, env, peak) -> None:
                 print(f"I={inter} {name} B={batch:<3} {impl:<28} {r['median_us']:9.1f} us "
                       f"{gbps:7.0f} GB/s x{speedup:5.2f} ideal x{ideal:4.2f} graph={t['graph']} err={rel_err}",
                       flush=True)  # fmt: skip
-        sets.clear()
-        torch.cuda.empty_cache()
         write_rows(rows, args.out / "ffn_kernels")
 
 
@@ -303,12 +311,9 @@ def run_profile(args, env, peak) -> None:
     from moecarve.kernels.ops.reference import sigmoid_topk_reference
 
     dtype = getattr(torch, args.dtype)
-    for inter, name in itertools.product(args.intermediate, args.configs):
+    for inter, name, (s, a, n), sets in each_config(args):
         rows = []
-        s, a, n = parse_config(name)
         e, i_e = n - s, inter // n
-        torch.manual_seed(0)
-        sets = make_sets(args, inter, s, a, n, dtype)
         for block, _ in sets:
             enable(block)
         for batch in args.batches:
@@ -354,8 +359,6 @@ def run_profile(args, env, peak) -> None:
                           f"{us:8.1f} us" + (f" {gbps:6.0f} GB/s" if gbps else ""), flush=True)  # fmt: skip
                 print(f"I={inter} {name} B={batch:<3} {impl:<15} kernels {total:.1f} us, call {graph['median_us']:.1f} us "
                       f"(graph={graph['graph']})", flush=True)  # fmt: skip
-        sets.clear()
-        torch.cuda.empty_cache()
         write_rows(rows, args.out / "profile")
 
 

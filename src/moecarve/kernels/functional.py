@@ -8,8 +8,8 @@ Paths (`path=`):
 - "torch": PyTorch's grouped_mm over expert-sorted tokens (cuBLAS/CUTLASS), shared via cuBLAS;
 - "reference": the float32 PyTorch reference (ops/reference.py);
 - "auto": the path and tiles of this GPU's tuned table for the shape where there is one
-  (`moecarve kernels tune`, tuning.py); else decode while the batch is expected to leave some
-  experts unhit, else dense (see `auto_path`); falls back to "reference" with a one-time warning
+  (`moecarve kernels tune`, tuning.py); else decode while the batch is expected to leave most
+  experts unhit and to hit few of them, else dense (see `auto_path`); falls back to "reference" with a one-time warning
   where Triton cannot run.
 
 Shapes that do not fit raise ValueError; nothing is silently computed on mismatched weights.
@@ -29,13 +29,17 @@ from .tuning import tuned_choice
 Path = Literal["auto", "decode", "grouped", "dense", "torch", "reference"]
 
 # "auto" takes the decode kernels for at most DECODE_MAX_TOKENS tokens while the expected fraction of
-# routed experts a batch hits, 1 - (1 - K/E)^T for uniform routing, stays below DENSE_HIT_FRACTION;
-# otherwise the dense-equivalent path. From the H100 runs in results/kernels/ (docs/kernels.md): at
-# intermediate 11008 decode beat the dense FFN at 8 tokens for S2A2E16 (71% of the experts hit) and
-# lost to it at 16 tokens for S2A2E16 (92%), S1A2E8 (99.5%) and S2A4E32 (90%), and the grouped path
-# lost to it by 1.6-2.2x at 256 tokens. The dense path's own GPU timings are still to be measured.
+# routed experts a batch hits, 1 - (1 - K/E)^T for uniform routing, stays below DENSE_HIT_FRACTION
+# and the expected number hit stays at most DECODE_MAX_HIT_EXPERTS; otherwise the dense-equivalent
+# path. From the H100 runs in results/kernels/ffn_kernels.jsonl (docs/kernels.md): at intermediate
+# 11008 decode beat the dense FFN at 8 tokens for S2A2E16 (71% of the experts hit) and lost to it at
+# 16 tokens for S2A2E16 (92%) and S1A2E8 (99.5%); for S2A4E32 (30 routed, top-4) it ran at 0.97x the
+# dense FFN at 4 tokens (13.1 experts expected hit) and 0.66x at 8 (20.5, 68%; the down kernel makes
+# one pass per hit expert, whatever its size). The grouped path lost to the dense FFN by 1.6-2.2x at 256 tokens.
+# The dense path's own GPU timings are still to be measured.
 DECODE_MAX_TOKENS = 64
 DENSE_HIT_FRACTION = 0.85
+DECODE_MAX_HIT_EXPERTS = 16
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -239,10 +243,12 @@ def expected_hit_fraction(tokens: int, active: int, experts: int) -> float:
 
 
 def auto_path(tokens: int, active: int, experts: int) -> str:
-    """ "decode" while a batch of `tokens` is expected to leave experts unhit, else "dense". From the
-    shapes alone (no host sync): the expected fraction of experts hit under uniform routing."""
+    """ "decode" while a batch of `tokens` is expected to leave most experts unhit and to hit few of
+    them, else "dense". From the shapes alone (no host sync): the expected fraction of experts hit
+    under uniform routing."""
     hit = expected_hit_fraction(tokens, active, experts)
-    return "decode" if tokens <= DECODE_MAX_TOKENS and hit < DENSE_HIT_FRACTION else "dense"
+    few = tokens <= DECODE_MAX_TOKENS and hit * experts <= DECODE_MAX_HIT_EXPERTS
+    return "decode" if few and hit < DENSE_HIT_FRACTION else "dense"
 
 
 def moe_ffn_torch(

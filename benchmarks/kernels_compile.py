@@ -6,13 +6,16 @@ shapes (benchmarks/ffn_kernels.py: hidden 4096, intermediate 11008 and 14336, it
 configurations and batch sizes, the paths it times at each batch; bf16 as it runs, fp16 and fp32
 as the GPU tests also run). For each compiled kernel
 it records the shared memory, registers and stack frame (register spills; Triton's metadata and its bundled
-cuobjdump), and flags what the chip would refuse at launch (shared memory over the per-block limit)
-or run slowly (spills), before a GPU session finds it by failing.
+cuobjdump) and its global memory instructions by kind and width (from the PTX: 16-byte `cp.async` copies
+into shared memory, or 2-byte scalar loads, ...), and flags what the chip would refuse at launch (shared
+memory over the per-block limit) or run slowly (spills), before a GPU session finds it by failing.
 
     python benchmarks/kernels_compile.py                   # -> results/kernels/compile_sm90.json
     python benchmarks/kernels_compile.py --capability 89   # L4 / L40S / RTX 40xx (99 KiB per block)
     python benchmarks/kernels_compile.py --capability 89 --budget 163840 --dtypes bfloat16 \
         --out results/kernels/compile_sm89_h100_budget.json  # tiles sized as for the H100, as before
+    python benchmarks/kernels_compile.py --no-vector-align --dtypes bfloat16 \
+        --out results/kernels/compile_sm90_no_vector_align.json  # the kernels not told I's alignment
 """
 
 from __future__ import annotations
@@ -102,6 +105,22 @@ def resource_usage(cubin: bytes) -> dict:
     }
 
 
+MEMORY_OP = re.compile(r"\b(ld\.global\S*|st\.global\S*|cp\.async\.c[ag]\.shared\.global)\s[^;]*;")
+COPY_BYTES = re.compile(r", (0x[0-9a-f]+)")  # cp.async's third operand: the bytes it copies
+
+
+def memory_ops(ptx: str) -> dict[str, int]:
+    """Global memory instructions of a kernel's PTX by kind and width, e.g. {"cp.async 16 B": 32,
+    "ld.global.b16": 60}: whether its tiles load as 16-byte vectors into shared memory or as scalars."""
+    counts: dict[str, int] = {}
+    for match in MEMORY_OP.finditer(ptx):
+        op = match.group(1)
+        if op.startswith("cp.async"):
+            op = f"cp.async {int(COPY_BYTES.search(match.group(0)).group(1), 16)} B"
+        counts[op] = counts.get(op, 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def compiled_kernels(first_shape: dict[int, dict] | None = None) -> list[dict]:
     """Every kernel compiled so far in this process, with its launch settings and resources, and
     the shape that first compiled it (`first_shape`, by id of the compiled kernel)."""
@@ -122,6 +141,7 @@ def compiled_kernels(first_shape: dict[int, dict] | None = None) -> list[dict]:
                         "num_stages": meta.num_stages,
                         "shared_bytes": meta.shared,
                         **resource_usage(compiled.asm["cubin"]),
+                        "memory_ops": memory_ops(compiled.asm["ptx"]),
                         "first_shape": (first_shape or {}).get(id(compiled)),
                     }
                 )
@@ -201,6 +221,11 @@ def main() -> None:
         default=None,
         help="bytes of tiles per program instead of the target's own budget",
     )
+    parser.add_argument(
+        "--no-vector-align",
+        action="store_true",
+        help="tell the kernels nothing of I's alignment (I_ALIGN=1), as before they were told",
+    )
     parser.add_argument("--out", default=None, help="default: results/kernels/compile_sm<capability>.json")
     args = parser.parse_args()
     os.environ.pop("TRITON_INTERPRET", None)
@@ -213,6 +238,10 @@ def main() -> None:
         from moecarve.kernels.ops import moe_ffn as ops
 
         ops.shared_memory_budget = lambda limit: args.budget
+    if args.no_vector_align:
+        from moecarve.kernels.ops import moe_ffn as ops
+
+        ops.vector_align = lambda *sizes, itemsize: 1
     shapes, first_shape = compile_all([getattr(torch, name) for name in args.dtypes.split(",")])
     kernels = compiled_kernels(first_shape)
     limit = SHARED_LIMIT[args.capability]
@@ -240,6 +269,7 @@ def main() -> None:
         "target": f"cuda sm_{args.capability}, compiled without a GPU (nothing was run)",
         "shared_limit_bytes": limit,
         "tile_budget_bytes": args.budget,  # None: the target's own (moe_ffn.shared_memory_budget)
+        "vector_align": not args.no_vector_align,
         "versions": {"triton": triton.__version__, "torch": torch.__version__},
         "commit": source_commit(),
         "shapes": len(shapes),

@@ -67,6 +67,50 @@ def test_every_path_compiles_within_the_chips_shared_memory(capability):
             assert kernel["shared_bytes"] > 0, kernel
 
 
+ALIGN_SCRIPT = """
+import collections, json, sys, torch
+sys.path.insert(0, "benchmarks")
+import kernels_compile as kc
+kc.install_target(90)
+from moecarve.kernels.ops import moe_ffn as ops
+H, E, S, K, dt = 256, 5, 1, 2, torch.bfloat16
+found = collections.defaultdict(dict)
+for m in (48, 40):
+    w13, w2 = torch.empty(E, 2 * m, H, dtype=dt), torch.empty(E, H, m, dtype=dt)
+    shared = (torch.empty(S * m, H, dtype=dt), torch.empty(S * m, H, dtype=dt), torch.empty(H, S * m, dtype=dt))
+    seen = {id(c) for _, k in kc._kernels() for cache in k.device_caches.values() for c in cache[0].values()}
+    for T, run, sh in ((1, ops.moe_ffn_decode, shared), (16, ops.moe_ffn_dense, shared), (64, ops.moe_ffn_grouped, None)):
+        run(torch.empty(T, H, dtype=dt), torch.zeros(T, K, dtype=torch.int64), torch.ones(T, K), w13, w2, sh)
+    for name, kernel in kc._kernels():
+        for cache in kernel.device_caches.values():
+            for c in cache[0].values():
+                if id(c) not in seen and not name.startswith(("_router", "_sigmoid")):
+                    found[name][m] = kc.memory_ops(c.asm["ptx"])
+print(json.dumps(found))
+"""
+
+
+def test_experts_of_any_multiple_of_8_rows_load_as_multiples_of_16_do():
+    """An expert of 344 rows (11008 / 32) is 8-aligned, not 16: Triton assumes alignment only of
+    integers divisible by 16, so unless told (I_ALIGN), it loaded such experts' down rows in 2-byte
+    scalars, unpipelined (sm_90 PTX of every FFN kernel at I = 40 against I = 48, bf16)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")])
+    done = subprocess.run(
+        [sys.executable, "-c", ALIGN_SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(found) == {
+        "_decode_up_kernel", "_decode_down_kernel", "_grouped_up_kernel", "_grouped_down_kernel", "_dense_down_kernel",
+    }  # fmt: skip
+    for name, by_rows in found.items():
+        assert by_rows["40"] == by_rows["48"], name  # the same loads and stores, instruction for instruction
+        assert any(op.startswith("cp.async") for op in by_rows["40"]), (
+            name
+        )  # weights pipelined through shared memory
+
+
 def test_pipelines_are_sized_to_the_chips_shared_memory(monkeypatch):
     """The H100's tuned 160 KiB of tiles where the chip has room, 8 KiB under a smaller chip's
     limit, and at least one stage."""

@@ -31,6 +31,8 @@ CASES = {
     "A_all": Case(6, 64, 32, 4, 4, 32),  # A = E - S: every routed expert active for every token
     "E_prime": Case(9, 64, 32, 7, 2, 32),  # prime expert count
     "H_odd": Case(3, 48, 24, 5, 2, 40),  # hidden not a power of two; I and SI not multiples of 16
+    "I_odd": Case(5, 48, 21, 5, 2, 21),  # odd I: rows at any element (kernels told 1-element alignment)
+    "I_2mod4": Case(6, 48, 10, 4, 2, 30),  # I and SI multiples of 2 only (told 2-element alignment)
     "one_expert": Case(21, 64, 32, 5, 1, 0, "one_expert"),  # all tokens to expert 0, no shared
     "empty_expert": Case(7, 64, 32, 6, 2, 32, "skip_last"),  # the last expert: no token, inf weights
     "duplicate": Case(6, 64, 32, 5, 2, 32, "duplicate"),  # a token picks one expert twice: both count
@@ -121,6 +123,21 @@ INTERP = [
 @pytest.mark.parametrize("case,path", INTERP)
 def test_kernels_match_reference_interpreted(interp_device, case, path, dtype):
     check(case, dtype, interp_device, path[0], **small_configs(path[1]))
+
+
+def test_vector_align_is_what_every_size_allows():
+    """What the kernels are told of I, SI and the row strides (ops.moe_ffn.vector_align): a wrong
+    answer would make Triton assume aligned rows that are not (wrong loads on a GPU)."""
+    pytest.importorskip("triton")
+    from moecarve.kernels.ops.moe_ffn import vector_align
+
+    assert vector_align(344, itemsize=2) == 8  # 11008 / 32: 8 bf16 = one 16-byte vector
+    assert vector_align(344, itemsize=4) == 4  # fp32: 4 per vector
+    assert vector_align(688, 1376, 11008, itemsize=2) == 8  # a multiple of 16 is capped at one vector
+    assert vector_align(344, 688, 4096 * 344, itemsize=2) == 8
+    assert vector_align(344, 30, itemsize=2) == 2  # every size must divide: gcd 2
+    assert vector_align(21, itemsize=2) == vector_align(344, 21, itemsize=2) == 1
+    assert vector_align(24, 0, itemsize=2) == 8  # no shared expert: SI = 0 divides by anything
 
 
 @pytest.mark.parametrize("path", ["auto", "decode", "grouped", "dense"])

@@ -24,6 +24,7 @@ expert, SI of the shared expert(s), P = T*K (token, expert) pairs.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -187,12 +188,16 @@ def _decode_up_kernel(
     stride_xt, stride_we, stride_wr, stride_sg, stride_su, stride_ht,
     HAS_SHARED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr, USE_DOT: tl.constexpr, PREC: tl.constexpr,
+    I_ALIGN: tl.constexpr,
 ):  # fmt: skip
     """h[t, e*I + i] = SiLU(x[t] @ gate_e[i]) * (x[t] @ up_e[i]) for experts hit in this token tile.
 
     program_id(0): (expert, block of I rows), then the shared expert's row blocks; program_id(1):
-    tile of BLOCK_T tokens. The shared expert's activations go to columns E*I onwards.
+    tile of BLOCK_T tokens. The shared expert's activations go to columns E*I onwards. I_ALIGN
+    divides I and SI (`vector_align`).
     """
+    I = I // I_ALIGN * I_ALIGN  # noqa: E741
+    SI = SI // I_ALIGN * I_ALIGN
     pid = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_mask = rows < T
@@ -232,11 +237,17 @@ def _decode_down_kernel(
     stride_ht, stride_we, stride_wr, stride_sd, stride_ot,
     HAS_SHARED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, USE_DOT: tl.constexpr, PREC: tl.constexpr,
+    I_ALIGN: tl.constexpr,
 ):  # fmt: skip
     """out[t, n] = sum_e gate[t, e] * (h_e[t] @ down_e[n]) + h_shared[t] @ shared_down[n], in float32.
 
-    program_id(0): block of BLOCK_N outputs; program_id(1): tile of BLOCK_T tokens.
+    program_id(0): block of BLOCK_N outputs; program_id(1): tile of BLOCK_T tokens. I_ALIGN divides
+    I, SI and the down rows' strides (see `vector_align`).
     """
+    I = I // I_ALIGN * I_ALIGN  # noqa: E741
+    SI = SI // I_ALIGN * I_ALIGN
+    stride_wr = stride_wr // I_ALIGN * I_ALIGN
+    stride_sd = stride_sd // I_ALIGN * I_ALIGN
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < H
     rows = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -276,8 +287,12 @@ def _grouped_up_kernel(
     x_ptr, pair_ptr, block_expert_ptr, w13_ptr, h_ptr,
     P, K, H, I, stride_xt, stride_we, stride_wr, stride_hp,  # noqa: E741
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
+    I_ALIGN: tl.constexpr,
 ):  # fmt: skip
-    """h[row] = SiLU(x[tok] @ gate_e^T) * (x[tok] @ up_e^T) for the padded, expert-sorted pair rows."""
+    """h[row] = SiLU(x[tok] @ gate_e^T) * (x[tok] @ up_e^T) for the padded, expert-sorted pair rows.
+    I_ALIGN divides I and h's row stride (`vector_align`)."""
+    I = I // I_ALIGN * I_ALIGN  # noqa: E741
+    stride_hp = stride_hp // I_ALIGN * I_ALIGN
     pid_m = tl.program_id(0)
     e = tl.load(block_expert_ptr + pid_m)
     if e >= 0:  # blocks past the last expert's are padding
@@ -299,8 +314,13 @@ def _grouped_down_kernel(
     h_ptr, pair_ptr, block_expert_ptr, wts_ptr, w2_ptr, out_ptr,
     P, H, I, stride_hp, stride_we, stride_wr, stride_op,  # noqa: E741
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PREC: tl.constexpr,
+    I_ALIGN: tl.constexpr,
 ):  # fmt: skip
-    """out[pair] = gate[pair] * (h[row] @ down_e^T): one float32 row per (token, expert) pair."""
+    """out[pair] = gate[pair] * (h[row] @ down_e^T): one float32 row per (token, expert) pair.
+    I_ALIGN divides I, h's row stride and the down rows' (`vector_align`)."""
+    I = I // I_ALIGN * I_ALIGN  # noqa: E741
+    stride_hp = stride_hp // I_ALIGN * I_ALIGN
+    stride_wr = stride_wr // I_ALIGN * I_ALIGN
     pid_m = tl.program_id(0)
     e = tl.load(block_expert_ptr + pid_m)
     if e >= 0:
@@ -327,14 +347,21 @@ def _dense_down_kernel(
     T, H, I, SI, E,  # noqa: E741
     stride_gut, stride_gt, stride_we, stride_wr, stride_hst, stride_sd, stride_ot,
     HAS_SHARED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PREC: tl.constexpr,
+    PREC: tl.constexpr, I_ALIGN: tl.constexpr,
 ):  # fmt: skip
     """out[t, n] = sum_e gate[t, e] * (SiLU(g_e[t]) * u_e[t]) @ down_e[n] + h_shared[t] @ shared_down[n].
 
     gu [T, E*2I] holds each expert's gate then up outputs; gates [T, E] float32 (0: not selected).
     program_id(0): tile of BLOCK_M tokens; program_id(1): block of BLOCK_N outputs (consecutive
-    programs share the weight tiles). An expert no token of the tile selected is skipped.
+    programs share the weight tiles). An expert no token of the tile selected is skipped. I_ALIGN
+    divides I, SI and the row strides of gu, hs and the down weights (`vector_align`).
     """
+    I = I // I_ALIGN * I_ALIGN  # noqa: E741
+    SI = SI // I_ALIGN * I_ALIGN
+    stride_gut = stride_gut // I_ALIGN * I_ALIGN
+    stride_wr = stride_wr // I_ALIGN * I_ALIGN
+    stride_hst = stride_hst // I_ALIGN * I_ALIGN
+    stride_sd = stride_sd // I_ALIGN * I_ALIGN
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < T
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -413,6 +440,14 @@ def _stages(wanted: int, per_stage: int, device: torch.device) -> int:
     return max(1, min(wanted, shared_memory_budget(_shared_memory_limit(device)) // per_stage))
 
 
+def vector_align(*sizes: int, itemsize: int) -> int:
+    """The largest power of two, up to a 16-byte vector's elements, that divides every size. Triton
+    assumes an integer argument divisible by 16 only when it is; told this much of a stride that is
+    not (an expert of 344 rows), it still loads the rows in 16-byte vectors, not 2-byte scalars."""
+    g = math.gcd(*sizes)
+    return min(g & -g, max(1, 16 // itemsize)) if g else 1
+
+
 def moe_ffn_decode(
     x: torch.Tensor,  # [T, H], contiguous
     topk_indices: torch.Tensor,  # [T, K]
@@ -454,14 +489,16 @@ def moe_ffn_decode(
         T, H, I, SI, E, K,
         x.stride(0), gate_up_proj.stride(0), gate_up_proj.stride(1), sg.stride(0), su.stride(0), h.stride(0),
         HAS_SHARED=shared is not None, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_I=cfg.block_i,
-        BLOCK_H=cfg.block_h, USE_DOT=use_dot, PREC=prec, num_warps=cfg.warps_up, num_stages=stages,
+        BLOCK_H=cfg.block_h, USE_DOT=use_dot, PREC=prec, I_ALIGN=vector_align(I, SI, itemsize=itemsize),
+        num_warps=cfg.warps_up, num_stages=stages,
     )  # fmt: skip
     _decode_down_kernel[(triton.cdiv(H, cfg.block_n), n_tiles)](
         h, idx, wts, down_proj, sd, out,
         T, H, I, SI, E, K,
         h.stride(0), down_proj.stride(0), down_proj.stride(1), sd.stride(0), out.stride(0),
         HAS_SHARED=shared is not None, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, USE_DOT=use_dot, PREC=prec, num_warps=cfg.warps_down, num_stages=down_stages,
+        BLOCK_K=cfg.block_k, USE_DOT=use_dot, PREC=prec, I_ALIGN=vector_align(I, SI, down_proj.stride(1), sd.stride(0), itemsize=itemsize),
+        num_warps=cfg.warps_down, num_stages=down_stages,
     )  # fmt: skip
     return out
 
@@ -519,17 +556,18 @@ def moe_ffn_grouped(
     up_stages = _stages(cfg.stages, (cfg.block_m + 2 * cfg.block_n) * tile, x.device)  # x, gate, up
     down_stages = _stages(cfg.stages, (cfg.block_m + cfg.block_n) * tile, x.device)  # h, down
     h = torch.empty(n_blocks * cfg.block_m, I, device=x.device, dtype=gate_up_proj.dtype)
+    align = vector_align(I, h.stride(0), down_proj.stride(1), itemsize=gate_up_proj.element_size())
     _grouped_up_kernel[(n_blocks, triton.cdiv(I, cfg.block_n))](
         x, sorted_pairs, block_expert, gate_up_proj, h,
         P, K, H, I, x.stride(0), gate_up_proj.stride(0), gate_up_proj.stride(1), h.stride(0),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PREC=prec,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PREC=prec, I_ALIGN=align,
         num_warps=cfg.warps, num_stages=up_stages,
     )  # fmt: skip
     pair_out = torch.zeros(P, H, device=x.device, dtype=torch.float32)  # pairs with a sentinel expert stay 0
     _grouped_down_kernel[(n_blocks, triton.cdiv(H, cfg.block_n))](
         h, sorted_pairs, block_expert, topk_weights.contiguous().view(-1), down_proj, pair_out,
         P, H, I, h.stride(0), down_proj.stride(0), down_proj.stride(1), pair_out.stride(0),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PREC=prec,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, PREC=prec, I_ALIGN=align,
         num_warps=cfg.warps, num_stages=down_stages,
     )  # fmt: skip
     out = pair_out.view(T, K, H).sum(1)
@@ -577,5 +615,8 @@ def moe_ffn_dense(
         out.stride(0),
         HAS_SHARED=shared is not None, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
         PREC=_prec(gate_up_proj.dtype), num_warps=cfg.warps, num_stages=stages,
+        I_ALIGN=vector_align(
+            I, SI, gu.stride(0), down_proj.stride(1), hs.stride(0), sd.stride(0), itemsize=gate_up_proj.element_size()
+        ),
     )  # fmt: skip
     return out

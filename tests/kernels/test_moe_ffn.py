@@ -195,6 +195,15 @@ def test_7b_shapes_cuda(cuda_device, T, path):
     check(Case(T, 4096, 688, 14, 2, 1376), torch.bfloat16, cuda_device, path)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("T", [1, 8, 64])
+@pytest.mark.parametrize("path", ["decode", "grouped", "dense"])
+def test_7b_experts_aligned_to_8_rows_only_cuda(cuda_device, T, path):
+    """S2A4E32 at intermediate 11008: experts of I = 344 rows, a multiple of 8 but not of 16, which
+    the kernels are told (I_ALIGN) so that they load them in 16-byte vectors."""
+    check(Case(T, 4096, 344, 30, 4, 688), torch.bfloat16, cuda_device, path)
+
+
 @pytest.mark.parametrize(
     "T,H,E,K,split",
     [

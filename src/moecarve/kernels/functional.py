@@ -35,10 +35,10 @@ Path = Literal["auto", "decode", "grouped", "dense", "torch", "reference"]
 # 11008 decode beat the dense FFN at 8 tokens for S2A2E16 (71% of the experts hit) and lost to it at
 # 16 tokens for S2A2E16 (92%) and S1A2E8 (99.5%); for S2A4E32 (30 routed, top-4) it ran at 0.97x the
 # dense FFN at 4 tokens (13.1 experts expected hit) and 0.66x at 8 (20.5, 68%; the down kernel makes
-# one pass per hit expert, whatever its size). Those S2A4E32 runs predate the alignment hint
-# (ops.moe_ffn.vector_align), without which its 344-row experts loaded as 2-byte scalars, so they
-# cannot tell how much of that loss the hit experts' count explains: until a GPU run does, the cap
-# keeps such batches on the dense path. The grouped path lost to the dense FFN by 1.6-2.2x at 256
+# one pass per hit expert, whatever its size). Those 344-row experts then loaded as 2-byte scalars
+# (before ops.moe_ffn.vector_align), which inflates that loss; at intermediate 14336 (448 rows,
+# aligned) S2A4E32's decode ran at 1.41x the dense FFN at 4 tokens, 0.97x at 8 and 0.76x at 16: a
+# crossover between 13 and 20 experts hit. The grouped path lost to the dense FFN by 1.6-2.2x at 256
 # tokens. The dense path's own GPU timings are still to be measured.
 DECODE_MAX_TOKENS = 64
 DENSE_HIT_FRACTION = 0.85

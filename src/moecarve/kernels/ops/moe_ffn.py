@@ -194,10 +194,11 @@ def _decode_up_kernel(
 
     program_id(0): (expert, block of I rows), then the shared expert's row blocks; program_id(1):
     tile of BLOCK_T tokens. The shared expert's activations go to columns E*I onwards. I_ALIGN
-    divides I and SI (`vector_align`).
+    divides I, SI and h's row stride (`vector_align`).
     """
     I = I // I_ALIGN * I_ALIGN  # noqa: E741
     SI = SI // I_ALIGN * I_ALIGN
+    stride_ht = stride_ht // I_ALIGN * I_ALIGN
     pid = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_mask = rows < T
@@ -242,10 +243,11 @@ def _decode_down_kernel(
     """out[t, n] = sum_e gate[t, e] * (h_e[t] @ down_e[n]) + h_shared[t] @ shared_down[n], in float32.
 
     program_id(0): block of BLOCK_N outputs; program_id(1): tile of BLOCK_T tokens. I_ALIGN divides
-    I, SI and the down rows' strides (see `vector_align`).
+    I, SI and the row strides of h and the down weights (see `vector_align`).
     """
     I = I // I_ALIGN * I_ALIGN  # noqa: E741
     SI = SI // I_ALIGN * I_ALIGN
+    stride_ht = stride_ht // I_ALIGN * I_ALIGN
     stride_wr = stride_wr // I_ALIGN * I_ALIGN
     stride_sd = stride_sd // I_ALIGN * I_ALIGN
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -489,7 +491,7 @@ def moe_ffn_decode(
         T, H, I, SI, E, K,
         x.stride(0), gate_up_proj.stride(0), gate_up_proj.stride(1), sg.stride(0), su.stride(0), h.stride(0),
         HAS_SHARED=shared is not None, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_I=cfg.block_i,
-        BLOCK_H=cfg.block_h, USE_DOT=use_dot, PREC=prec, I_ALIGN=vector_align(I, SI, itemsize=itemsize),
+        BLOCK_H=cfg.block_h, USE_DOT=use_dot, PREC=prec, I_ALIGN=vector_align(I, SI, h.stride(0), itemsize=itemsize),
         num_warps=cfg.warps_up, num_stages=stages,
     )  # fmt: skip
     _decode_down_kernel[(triton.cdiv(H, cfg.block_n), n_tiles)](
@@ -497,7 +499,7 @@ def moe_ffn_decode(
         T, H, I, SI, E, K,
         h.stride(0), down_proj.stride(0), down_proj.stride(1), sd.stride(0), out.stride(0),
         HAS_SHARED=shared is not None, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, USE_DOT=use_dot, PREC=prec, I_ALIGN=vector_align(I, SI, down_proj.stride(1), sd.stride(0), itemsize=itemsize),
+        BLOCK_K=cfg.block_k, USE_DOT=use_dot, PREC=prec, I_ALIGN=vector_align(I, SI, h.stride(0), down_proj.stride(1), sd.stride(0), itemsize=itemsize),
         num_warps=cfg.warps_down, num_stages=down_stages,
     )  # fmt: skip
     return out

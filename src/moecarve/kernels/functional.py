@@ -9,8 +9,8 @@ Paths (`path=`):
 - "reference": the float32 PyTorch reference (ops/reference.py);
 - "auto": the path and tiles of this GPU's tuned table for the shape where there is one
   (`moecarve kernels tune`, tuning.py); else decode while the batch is expected to leave most
-  experts unhit and to hit few of them, else dense (see `auto_path`); falls back to "reference" with a one-time warning
-  where Triton cannot run.
+  experts unhit and to hit few of them, else dense (see `auto_path`); falls back to "reference"
+  with a one-time warning where Triton cannot run.
 
 Shapes that do not fit raise ValueError; nothing is silently computed on mismatched weights.
 """

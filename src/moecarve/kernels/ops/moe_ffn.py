@@ -486,21 +486,23 @@ def moe_ffn_decode(
     # 4 stages, as tuned on the H100)
     stages = _stages(cfg.stages, (block_t * cfg.block_h + 2 * cfg.block_h * cfg.block_i) * itemsize, x.device)
     down_stages = _stages(min(cfg.stages, 4), (block_t + cfg.block_n) * cfg.block_k * itemsize, x.device)
+    up_align = vector_align(I, SI, h.stride(0), itemsize=itemsize)
+    down_align = vector_align(I, SI, h.stride(0), down_proj.stride(1), sd.stride(0), itemsize=itemsize)
     _decode_up_kernel[(E * triton.cdiv(I, cfg.block_i) + triton.cdiv(SI, cfg.block_i), n_tiles)](
         x, idx, gate_up_proj, sg, su, h,
         T, H, I, SI, E, K,
         x.stride(0), gate_up_proj.stride(0), gate_up_proj.stride(1), sg.stride(0), su.stride(0), h.stride(0),
         HAS_SHARED=shared is not None, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_I=cfg.block_i,
-        BLOCK_H=cfg.block_h, USE_DOT=use_dot, PREC=prec, I_ALIGN=vector_align(I, SI, h.stride(0), itemsize=itemsize),
-        num_warps=cfg.warps_up, num_stages=stages,
+        BLOCK_H=cfg.block_h, USE_DOT=use_dot, PREC=prec, I_ALIGN=up_align, num_warps=cfg.warps_up,
+        num_stages=stages,
     )  # fmt: skip
     _decode_down_kernel[(triton.cdiv(H, cfg.block_n), n_tiles)](
         h, idx, wts, down_proj, sd, out,
         T, H, I, SI, E, K,
         h.stride(0), down_proj.stride(0), down_proj.stride(1), sd.stride(0), out.stride(0),
         HAS_SHARED=shared is not None, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, USE_DOT=use_dot, PREC=prec, I_ALIGN=vector_align(I, SI, h.stride(0), down_proj.stride(1), sd.stride(0), itemsize=itemsize),
-        num_warps=cfg.warps_down, num_stages=down_stages,
+        BLOCK_K=cfg.block_k, USE_DOT=use_dot, PREC=prec, I_ALIGN=down_align, num_warps=cfg.warps_down,
+        num_stages=down_stages,
     )  # fmt: skip
     return out
 

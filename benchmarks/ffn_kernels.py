@@ -70,6 +70,21 @@ class Rotor:
         return self.i
 
 
+def dense_call(rot: Rotor, xs, sets):
+    """The dense FFN on the next input and weight set of the rotation."""
+    return lambda: dense_ffn(xs[rot()], *sets[rot.i % len(sets)][1])
+
+
+def block_call(rot: Rotor, xs, sets):
+    """The transformers MoE block, as its experts implementation is set, on the next input and set."""
+
+    def call():
+        j = rot()
+        return sets[j % len(sets)][0](xs[j][None])
+
+    return call
+
+
 def make_sets(args, inter, s, a, n, dtype):
     """L weight sets (moe block + dense weights) so that one pass over them exceeds the L2 several times."""
     layer_bytes = 3 * args.hidden * inter * dtype.itemsize
@@ -131,16 +146,7 @@ def run_grid(args, env, peak) -> None:
 
                 return call
 
-            def block_call(impl, rot=rot, xs=xs, sets=sets):
-                def call():
-                    j = rot()
-                    return sets[j % len(sets)][0](xs[j][None])
-
-                return call
-
-            impls = {
-                "dense": lambda rot=rot, xs=xs, sets=sets: dense_ffn(xs[rot()], *sets[rot.i % len(sets)][1])
-            }
+            impls = {"dense": dense_call(rot, xs, sets)}
             impls["moecarve"] = kernel_call("auto")
             impls["moecarve_decode"] = kernel_call("decode")
             if batch <= 32:
@@ -150,9 +156,9 @@ def run_grid(args, env, peak) -> None:
             if batch >= 8:
                 impls["moecarve_grouped"] = kernel_call("grouped")
                 impls["torch_grouped_mm"] = kernel_call("torch")
-            impls["hf_eager_block"] = block_call("eager")
-            impls["hf_grouped_mm_block"] = block_call("grouped_mm")
-            impls["moecarve_block"] = block_call("moecarve")
+            impls["hf_eager_block"] = block_call(rot, xs, sets)  # each set up for its impl below
+            impls["hf_grouped_mm_block"] = block_call(rot, xs, sets)
+            impls["moecarve_block"] = block_call(rot, xs, sets)
             dense_median = None
             for impl, fn in impls.items():
                 if impl.endswith("_block"):
@@ -333,12 +339,7 @@ def run_profile(args, env, peak) -> None:
                 "dense_down": (hits + s) * third + (2 * e + s) * act,  # every expert's gate and up outputs
                 "router": e * args.hidden * gates[0].weight.element_size() + x_bytes,
             }
-            impls = {
-                "moecarve_block": lambda rot=rot, xs=xs, sets=sets: sets[rot() % len(sets)][0](
-                    xs[rot.i][None]
-                ),
-                "dense": lambda rot=rot, xs=xs, sets=sets: dense_ffn(xs[rot()], *sets[rot.i % len(sets)][1]),
-            }
+            impls = {"moecarve_block": block_call(rot, xs, sets), "dense": dense_call(rot, xs, sets)}
             for impl, fn in impls.items():
                 with torch.no_grad():
                     graph = time_fn(fn, graph=not args.no_graph, reps=args.reps)

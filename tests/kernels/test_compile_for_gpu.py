@@ -78,7 +78,7 @@ found = collections.defaultdict(dict)
 for m in (48, 40):
     w13, w2 = torch.empty(E, 2 * m, H, dtype=dt), torch.empty(E, H, m, dtype=dt)
     shared = (torch.empty(S * m, H, dtype=dt), torch.empty(S * m, H, dtype=dt), torch.empty(H, S * m, dtype=dt))
-    seen = {id(c) for _, k in kc._kernels() for cache in k.device_caches.values() for c in cache[0].values()}
+    seen = {id(c) for c in kc._all_compiled()}
     # decode without a shared expert too: h's rows are then E * I wide (200 at 40, a multiple of 8 only)
     for T, run, sh in ((1, ops.moe_ffn_decode, None), (16, ops.moe_ffn_dense, shared), (64, ops.moe_ffn_grouped, None)):
         run(torch.empty(T, H, dtype=dt), torch.zeros(T, K, dtype=torch.int64), torch.ones(T, K), w13, w2, sh)

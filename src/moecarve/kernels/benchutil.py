@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import importlib.metadata
 import json
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -112,8 +113,6 @@ def kernel_times(fn: Callable[[], object], calls: int, warmup: int = 3) -> dict[
     from torch.profiler's device activity (CUPTI): each kernel's own time on the GPU, which launch
     gaps and host work do not inflate. Without a GPU the top-level CPU ops stand in (smoke runs).
     Raises RuntimeError where a GPU ran fn but the profiler saw no kernel (CUPTI missing)."""
-    import os
-
     from torch.profiler import ProfilerActivity, profile
 
     cuda = torch.cuda.is_available()

@@ -24,6 +24,8 @@ from moecarve.eval.speed import cache_kwarg
 from moecarve.kernels import disable, enable
 from moecarve.kernels.benchutil import env_info, kernel_times, write_rows
 
+MODELS = ("hf_grouped_mm", "hf_eager", "moecarve")  # the carve's experts: transformers' two, and ours
+
 
 def build(kind: str, args, s: int, a: int, n: int):
     from transformers import AutoModelForCausalLM, Glm4MoeConfig, LlamaConfig
@@ -174,6 +176,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--eager-batches", type=int, nargs="*", default=[1], help="batches that also time HF eager experts"
     )
+    p.add_argument(
+        "--models", nargs="+", choices=MODELS, default=list(MODELS),
+        help="which carved-model runs to time beside the dense one (hf_eager only at --eager-batches)",
+    )  # fmt: skip
     p.add_argument("--compile", action="store_true", help="torch.compile each capturable decode step first")
     p.add_argument("--profile", action="store_true", help="also each model's decode step split into kernels")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -198,14 +204,16 @@ def main(argv: list[str] | None = None) -> None:
         moe = build("moe", args, s, a, n)
         for b in args.batches:
             runs = {"dense": base[b]}
-            moe.set_experts_implementation("grouped_mm")
-            runs["hf_grouped_mm"] = tokens_per_s(moe, args, b, graph=True)
-            if b in args.eager_batches:
+            if "hf_grouped_mm" in args.models:
+                moe.set_experts_implementation("grouped_mm")
+                runs["hf_grouped_mm"] = tokens_per_s(moe, args, b, graph=True)
+            if "hf_eager" in args.models and b in args.eager_batches:
                 moe.set_experts_implementation("eager")
                 runs["hf_eager"] = tokens_per_s(moe, args, b, graph=False)
-            enable(moe)
-            runs["moecarve"] = tokens_per_s(moe, args, b, graph=True)
-            disable(moe)
+            if "moecarve" in args.models:
+                enable(moe)
+                runs["moecarve"] = tokens_per_s(moe, args, b, graph=True)
+                disable(moe)
             for model, (tps, graphed, compiled) in runs.items():
                 rows.append({**env, "bench": "decode_e2e", "config": name, "hidden": args.hidden,
                              "intermediate": args.intermediate, "layers": args.layers, "batch": b, "model": model,
@@ -215,7 +223,8 @@ def main(argv: list[str] | None = None) -> None:
                       f"compiled={compiled}", flush=True)  # fmt: skip
             write_rows(rows, args.out / "decode_e2e")
             rows = []
-            if args.profile:  # after the tokens/s rows are written: a profiler failure loses only its own
+            # after the tokens/s rows are written: a profiler failure loses only its own
+            if args.profile and "moecarve" in runs:
                 enable(moe)
                 try:
                     if b not in dense_profiles:

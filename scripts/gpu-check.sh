@@ -4,7 +4,8 @@
 # the GPU tests; the router alone (split over H since the last GPU run); the FFN benchmark at batch
 # 1 (the whole block, router included); end-to-end decode at batch 1, then each model's decode step
 # split into kernels; the fastest path per batch against the dense FFN, 1 to 4096 tokens (the dense
-# path where `auto` takes it); the block's kernels' device times at batch 1 and 8 (where the gap to
+# path where `auto` takes it); end-to-end decode at batch 1 again with both models' steps compiled by
+# inductor (new); the block's kernels' device times at batch 1 and 8 (where the gap to
 # the bytes ideal goes); the decode tiles at batch 1 (16-row up tiles are new); the model compiled
 # with CUDA graphs (new); then the dense path's tile sweep with what time is left. Each step
 # has its own time limit and none runs past the deadline (360 s unless given); each writes as it
@@ -65,16 +66,21 @@ step 90 python3 benchmarks/decode_e2e.py --device cuda --batches 1 --eager-batch
 step 120 python3 benchmarks/ffn_kernels.py --tune --quick --configs S2A2E16 --intermediate 11008 \
     --batches 1 2 4 8 16 32 64 256 1024 4096 --reps 20 --table-out "$work/tables" --out "$work"
 cp "$work"/tables/*/*.json "$out"/ 2>/dev/null
-# 6. The block's time split into its kernels' device times (router, up, down, glue) beside its graph
+# 6. End-to-end decode at batch 1 with each model's decode step compiled first: inductor fuses the
+#    norms, rotary and the dense SiLU*up. In the H100 run an uncompiled dense step took 8.2 ms, of
+#    which its 32 FFNs 3.5 ms (decode_e2e.jsonl, ffn_kernels.jsonl): the rest, the same in the carve,
+#    dilutes its FFN speedup. The dense model and ours only: each 32-layer compile takes a while.
+step 180 python3 benchmarks/decode_e2e.py --device cuda --batches 1 --compile --models moecarve --out "$work"
+# 7. The block's time split into its kernels' device times (router, up, down, glue) beside its graph
 #    time, and the dense FFN's, at batch 1 and 8 (the decode kernels; `auto` takes the dense path at 16).
 step 45 python3 benchmarks/ffn_kernels.py --profile --intermediate 11008 --configs S2A2E16 S2A4E32 \
     --batches 1 8 --reps 20 --out "$work"
-# 7. The decode tiles at batch 1 (16-row up tiles, new: twice the programs of the tuned 32).
+# 8. The decode tiles at batch 1 (16-row up tiles, new: twice the programs of the tuned 32).
 step 60 python3 benchmarks/ffn_kernels.py --tune --paths decode --configs S2A2E16 --intermediate 11008 \
     --batches 1 --reps 20 --out "$work"
-# 8. The model compiled with inductor's CUDA graphs (`torch.compile(mode="reduce-overhead")`), new.
+# 9. The model compiled with inductor's CUDA graphs (`torch.compile(mode="reduce-overhead")`), new.
 step 90 python3 -m pytest -m gpu tests/kernels -q -p no:cacheprovider -k "cuda_graphs"
-# 9. The dense path's tiles (never swept), largest batches first, with what time is left.
+# 10. The dense path's tiles (never swept), largest batches first, with what time is left.
 step 150 python3 benchmarks/ffn_kernels.py --tune --paths dense --configs S2A2E16 --intermediate 11008 \
     --batches 256 64 16 --reps 20 --out "$work"
 ls -la "$out" >>"$log"

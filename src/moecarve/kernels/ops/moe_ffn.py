@@ -110,7 +110,7 @@ def _gate_up(
     w_off = _w_offsets(offs_n, tl.arange(0, BLOCK_K), stride_w, USE_DOT)
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    k_main = k_hi - (k_hi - k_lo) % BLOCK_K
+    k_main = k_lo + (k_hi - k_lo) // BLOCK_K * BLOCK_K  # a multiple of BLOCK_K that Triton can see
     acc_g, acc_u = _gate_up_loop(
         acc_g, acc_u, a_ptrs, row_mask, g_ptr, u_ptr, w_off, n_mask, k_lo, k_main, BLOCK_K, False, USE_DOT, PREC
     )  # fmt: skip
@@ -160,13 +160,13 @@ def _down(
     """
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     a_row = a_ptr + rows[:, None].to(tl.int64) * stride_at
-    k_main = K_DIM - K_DIM % BLOCK_K
+    k_main = K_DIM // BLOCK_K * BLOCK_K  # written so, Triton knows its divisibility (not as K - K % B)
     a_ptrs = a_row + tl.arange(0, BLOCK_K)[None, :]
     w_off = _w_offsets(offs_n, tl.arange(0, BLOCK_K), stride_w, USE_DOT)
     acc = _down_loop(
         acc, a_ptrs, row_mask, w_ptr, w_off, n_mask, 0, k_main, BLOCK_K, False, USE_DOT, PREC
     )  # fmt: skip
-    k_16 = K_DIM - K_DIM % 16
+    k_16 = K_DIM // 16 * 16
     a_ptrs = a_row + tl.arange(0, 16)[None, :]
     w_off = _w_offsets(offs_n, tl.arange(0, 16), stride_w, USE_DOT)
     acc = _down_loop(

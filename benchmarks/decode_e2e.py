@@ -115,9 +115,11 @@ class Decoder:
         self.pos.copy_(pos0)
 
 
-def tokens_per_s(model, args, batch: int, graph: bool) -> tuple[float, bool, bool]:
-    """(tokens/s, whether the steps ran as a CUDA graph, whether they were compiled)."""
+def tokens_per_s(model, args, batch: int, graph: bool) -> tuple[float, bool, bool, float]:
+    """(tokens/s, whether the steps ran as a CUDA graph, whether they were compiled, seconds of
+    prefill and warm-up: the compile and the capture, when there are)."""
     dev = next(model.parameters()).device
+    t_setup = time.perf_counter()
     prompt = torch.randint(0, args.vocab, (batch, args.prompt), device=dev)
     compiled = args.compile and graph
     dec = Decoder(model, batch, args.prompt + args.warmup + args.tokens + 4, graph, compiled)
@@ -131,7 +133,8 @@ def tokens_per_s(model, args, batch: int, graph: bool) -> tuple[float, bool, boo
         dec.step()
     if dev.type == "cuda":
         torch.cuda.synchronize()
-    return batch * args.tokens / (time.perf_counter() - t0), dec.graph is not None, compiled
+    tps = batch * args.tokens / (time.perf_counter() - t0)
+    return tps, dec.graph is not None, compiled, t0 - t_setup
 
 
 def step_kernels(model, args, batch: int) -> dict[str, tuple[float, float]]:
@@ -194,7 +197,11 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     torch.manual_seed(0)
     dense = build("dense", args, 0, 0, 1)
-    base = {b: tokens_per_s(dense, args, b, graph=True) for b in args.batches}
+    base = {}
+    for b in args.batches:  # printed at once: a run cut short (a slow compile) still shows these
+        base[b] = tokens_per_s(dense, args, b, graph=True)
+        print(f"dense B={b:<3} {base[b][0]:9.1f} tok/s graph={base[b][1]} compiled={base[b][2]} "
+              f"setup {base[b][3]:.1f} s", flush=True)  # fmt: skip
     if not args.profile:  # else kept to profile beside each carve
         del dense
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
@@ -214,13 +221,14 @@ def main(argv: list[str] | None = None) -> None:
                 enable(moe)
                 runs["moecarve"] = tokens_per_s(moe, args, b, graph=True)
                 disable(moe)
-            for model, (tps, graphed, compiled) in runs.items():
+            for model, (tps, graphed, compiled, setup_s) in runs.items():
                 rows.append({**env, "bench": "decode_e2e", "config": name, "hidden": args.hidden,
                              "intermediate": args.intermediate, "layers": args.layers, "batch": b, "model": model,
                              "graph": graphed, "compiled": compiled, "tokens_per_s": tps,
-                             "speedup_vs_dense": tps / base[b][0], "prompt": args.prompt, "tokens": args.tokens})  # fmt: skip
+                             "speedup_vs_dense": tps / base[b][0], "prompt": args.prompt, "tokens": args.tokens,
+                             "setup_s": setup_s})  # fmt: skip
                 print(f"{name} B={b:<3} {model:<14} {tps:9.1f} tok/s x{tps / base[b][0]:.2f} graph={graphed} "
-                      f"compiled={compiled}", flush=True)  # fmt: skip
+                      f"compiled={compiled} setup {setup_s:.1f} s", flush=True)  # fmt: skip
             write_rows(rows, args.out / "decode_e2e")
             rows = []
             # after the tokens/s rows are written: a profiler failure loses only its own

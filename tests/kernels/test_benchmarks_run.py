@@ -126,7 +126,7 @@ def test_decode_benchmark_runs(interp_device, tmp_path, compile_):
                      "100", "--prompt", "4", "--warmup", "1", "--tokens", "2", "--batches", "1", "--out",
                      str(tmp_path), *(["--compile", "--models", "moecarve"] if compile_ else ["--profile"])])  # fmt: skip
     got = rows(tmp_path / "decode_e2e.jsonl")
-    assert all(r["tokens_per_s"] > 0 for r in got)
+    assert all(r["tokens_per_s"] > 0 and r["setup_s"] > 0 for r in got)
     if compile_:
         assert {r["model"]: r["compiled"] for r in got} == {"dense": True, "moecarve": True}
     else:

@@ -27,8 +27,8 @@ class DecodeConfig:
 @dataclass(frozen=True)
 class DenseConfig:
     """Tile sizes of the dense-equivalent down kernel (not yet swept on a GPU). 8 warps: compiled for
-    sm_90 they spill no registers in bf16/fp16 under Triton 3.6 where 4 warps did
-    (results/kernels/compile_sm90_triton36.json; under 3.9 a few bytes in two shapes)."""
+    sm_90 they spill no registers in bf16/fp16 under Triton 3.6 or 3.9 where 4 warps did
+    (results/kernels/compile_sm90_triton36.json, compile_sm90.json)."""
 
     block_m: int = 64  # tokens per program (at most; fewer tokens take the next power of two >= 16)
     block_n: int = 64

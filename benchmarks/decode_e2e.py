@@ -4,9 +4,12 @@ One command (GPU):  PYTHONPATH=src python benchmarks/decode_e2e.py
 Writes results/kernels/decode_e2e.{jsonl,csv}: one row per (config, batch, model) with tokens/s.
 Both models get random weights (speed only), the same static KV cache and harness, and one CUDA
 graph per decode step where the forward can be captured (all but transformers' eager experts).
-`--compile` also runs each capturable decode step through `torch.compile(fullgraph=True)` (inductor
-fuses the norms, rotary and the dense FFN's SiLU*up; moecarve's kernels are opaque ops in the graph)
-before capturing it, for dense and carved alike. `--profile` also splits an eager decode step of
+`--models` picks which of the carve's runs to time beside the dense one (transformers' grouped_mm
+and eager experts, and ours). `--compile` also runs each capturable decode step through
+`torch.compile(fullgraph=True)` (inductor fuses the norms, rotary and the dense FFN's SiLU*up;
+moecarve's kernels are opaque ops in the graph) before capturing it, for dense and carved alike.
+Rows record `setup_s`, the prefill and warm-up (the compile and the capture), and the dense row of
+a batch is written before the carve's runs, so a run cut short in a compile keeps it. `--profile` also splits an eager decode step of
 each model into its kernels' device times (rows in results/kernels/profile.{jsonl,csv}, beside
 ffn_kernels.py --profile's), to say where a carve's step loses to the dense one.
 """
@@ -165,6 +168,17 @@ def profile_rows(env, name, args, batch, profiles, runs) -> list[dict]:
     return rows
 
 
+def e2e_row(env, args, name, batch, model, run, dense_tps) -> dict:
+    """One tokens/s row (printed as well) from a `tokens_per_s` result."""
+    tps, graphed, compiled, setup_s = run
+    print(f"{name} B={batch:<3} {model:<14} {tps:9.1f} tok/s x{tps / dense_tps:.2f} graph={graphed} "
+          f"compiled={compiled} setup {setup_s:.1f} s", flush=True)  # fmt: skip
+    return {**env, "bench": "decode_e2e", "config": name, "hidden": args.hidden, "intermediate": args.intermediate,
+            "layers": args.layers, "batch": batch, "model": model, "graph": graphed, "compiled": compiled,
+            "tokens_per_s": tps, "speedup_vs_dense": tps / dense_tps, "prompt": args.prompt, "tokens": args.tokens,
+            "setup_s": setup_s}  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--hidden", type=int, default=4096)
@@ -188,20 +202,19 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", type=Path, default=Path("results/kernels"))
     args = p.parse_args(argv)
+    if args.profile and "moecarve" not in args.models:
+        p.error(
+            "--profile splits the carve's decode step beside the dense one: --models must include moecarve"
+        )
     if args.compile:  # one graph per (model, experts implementation, batch) of the same forward code
         torch._dynamo.config.recompile_limit = max(
             torch._dynamo.config.recompile_limit, 4 * len(args.batches)
         )
     env = env_info()
     print(env, flush=True)
-    rows = []
     torch.manual_seed(0)
     dense = build("dense", args, 0, 0, 1)
-    base = {}
-    for b in args.batches:  # printed at once: a run cut short (a slow compile) still shows these
-        base[b] = tokens_per_s(dense, args, b, graph=True)
-        print(f"dense B={b:<3} {base[b][0]:9.1f} tok/s graph={base[b][1]} compiled={base[b][2]} "
-              f"setup {base[b][3]:.1f} s", flush=True)  # fmt: skip
+    base = {b: tokens_per_s(dense, args, b, graph=True) for b in args.batches}
     if not args.profile:  # else kept to profile beside each carve
         del dense
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
@@ -210,7 +223,9 @@ def main(argv: list[str] | None = None) -> None:
         s, a, n = map(int, re.fullmatch(r"S(\d+)A(\d+)E(\d+)", name).groups())
         moe = build("moe", args, s, a, n)
         for b in args.batches:
-            runs = {"dense": base[b]}
+            # the dense row first: a run cut short in the carve's compile still leaves it in the file
+            write_rows([e2e_row(env, args, name, b, "dense", base[b], base[b][0])], args.out / "decode_e2e")
+            runs = {}
             if "hf_grouped_mm" in args.models:
                 moe.set_experts_implementation("grouped_mm")
                 runs["hf_grouped_mm"] = tokens_per_s(moe, args, b, graph=True)
@@ -221,18 +236,11 @@ def main(argv: list[str] | None = None) -> None:
                 enable(moe)
                 runs["moecarve"] = tokens_per_s(moe, args, b, graph=True)
                 disable(moe)
-            for model, (tps, graphed, compiled, setup_s) in runs.items():
-                rows.append({**env, "bench": "decode_e2e", "config": name, "hidden": args.hidden,
-                             "intermediate": args.intermediate, "layers": args.layers, "batch": b, "model": model,
-                             "graph": graphed, "compiled": compiled, "tokens_per_s": tps,
-                             "speedup_vs_dense": tps / base[b][0], "prompt": args.prompt, "tokens": args.tokens,
-                             "setup_s": setup_s})  # fmt: skip
-                print(f"{name} B={b:<3} {model:<14} {tps:9.1f} tok/s x{tps / base[b][0]:.2f} graph={graphed} "
-                      f"compiled={compiled} setup {setup_s:.1f} s", flush=True)  # fmt: skip
+            rows = [e2e_row(env, args, name, b, model, run, base[b][0]) for model, run in runs.items()]
             write_rows(rows, args.out / "decode_e2e")
-            rows = []
+            runs["dense"] = base[b]
             # after the tokens/s rows are written: a profiler failure loses only its own
-            if args.profile and "moecarve" in runs:
+            if args.profile:
                 enable(moe)
                 try:
                     if b not in dense_profiles:

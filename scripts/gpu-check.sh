@@ -50,7 +50,7 @@ triton.__version__, "transformers", transformers.__version__)'
 } >"$log" 2>&1
 
 # 1. Every kernel against the reference on CUDA (decode, grouped, dense, router; fp32/bf16/fp16; 7B shapes);
-#    the compiled model (inductor's compile time) is step 8.
+#    the compiled model (inductor's compile time) is step 9.
 step 120 python3 -m pytest -m gpu tests/kernels -q -p no:cacheprovider -k "not cuda_graphs"
 # 2. The router alone: split over H (as enable runs it) vs one program per token vs transformers',
 #    16 and 32 H steps per token in the old schedule.

@@ -141,6 +141,14 @@ def test_decode_benchmark_runs(interp_device, tmp_path, compile_):
         assert {r["model"] for r in profile} == {"dense", "moecarve"}
 
 
+def test_decode_benchmark_refuses_a_profile_without_ours(tmp_path):
+    import decode_e2e
+
+    with pytest.raises(SystemExit):  # argparse's error, before any model is built
+        decode_e2e.main(["--device", "cpu", "--profile", "--models", "hf_eager", "--out", str(tmp_path)])
+    assert not any(tmp_path.iterdir())
+
+
 def test_ffn_benchmark_refuses_cuda_without_a_gpu(tmp_path):
     import torch
 

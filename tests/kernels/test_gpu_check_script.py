@@ -31,6 +31,9 @@ def test_script_is_valid_bash():
 
 
 def test_every_step_is_a_benchmark_or_a_pytest_run():
+    code = "\n".join(line for line in SCRIPT.read_text().splitlines() if not line.lstrip().startswith("#"))
+    calls = re.findall(r"\bstep \d+ ", code)  # indented or guarded calls too, which step_commands misses
+    assert len(calls) == len(step_commands()), "every step call must start its own line"
     kinds = [argv[1] if argv[1] != "-m" else argv[2] for argv in step_commands()]
     assert len(kinds) >= 8 and set(kinds) <= {
         "benchmarks/ffn_kernels.py",
@@ -39,8 +42,13 @@ def test_every_step_is_a_benchmark_or_a_pytest_run():
     }, kinds
 
 
+BENCHMARK_STEPS = [a for a in step_commands() if a[1].startswith("benchmarks/")]
+
+
 @pytest.mark.parametrize(
-    "argv", [a for a in step_commands() if a[1].startswith("benchmarks/")], ids=lambda a: " ".join(a[1:4])
+    "argv",
+    BENCHMARK_STEPS,
+    ids=[f"benchmark-call-{i + 1}-{Path(a[1]).stem}" for i, a in enumerate(BENCHMARK_STEPS)],
 )
 def test_benchmark_steps_parse(argv, monkeypatch):
     module = __import__(Path(argv[1]).stem)

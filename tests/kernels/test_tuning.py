@@ -179,8 +179,9 @@ def test_candidates_and_paths_per_batch():
     from moecarve.kernels.tuner import candidates, paths_for
 
     up = list(candidates("decode", 1, quick=False))
-    assert len(up) == 12 and {(c.block_i, c.block_h, c.warps_up) for c in up} == {
-        (i, h, w) for i in (16, 32, 64) for h in (128, 256) for w in (4, 8)
+    tiles = {(i, h) for i in (16, 32, 64) for h in (128, 256)} | {(16, 512), (32, 512)}
+    assert len(up) == 16 and {(c.block_i, c.block_h, c.warps_up) for c in up} == {
+        (i, h, w) for i, h in tiles for w in (4, 8)
     }
     best_up = DecodeConfig(block_i=16, block_h=128, warps_up=8)
     down = list(candidates("decode", 1, quick=False, best_up=best_up))
@@ -226,7 +227,7 @@ def test_tuner_takes_the_fastest_candidate(interp_device, monkeypatch):
     assert table[16]["config"] == dataclasses.asdict(
         DenseConfig(block_m=32, block_n=128, block_k=64, warps=4)
     )
-    assert len(rows) == 20 + 20 + 16 and all(r["dense_ffn_us"] == 200.0 for r in rows)
+    assert len(rows) == 24 + 24 + 16 and all(r["dense_ffn_us"] == 200.0 for r in rows)
 
 
 def test_tuner_never_picks_a_wrong_answer(interp_device, monkeypatch):

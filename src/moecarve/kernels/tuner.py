@@ -39,7 +39,9 @@ def candidates(path: str, tokens: int, quick: bool, best_up: DecodeConfig | None
         if quick:
             yield decode_config(tokens)
         elif best_up is None:
-            for bi, bh, w in itertools.product([16, 32, 64], [128, 256], [4, 8]):
+            # 512 columns of H: fewer rows with as many weight bytes a pipeline stage (see docs/kernels.md)
+            tiles = [*itertools.product([16, 32, 64], [128, 256]), (16, 512), (32, 512)]
+            for (bi, bh), w in itertools.product(tiles, [4, 8]):
                 yield DecodeConfig(block_i=bi, block_h=bh, warps_up=w)
         else:
             for bn, bk, w in itertools.product([16, 32], [128, 256], [4, 8]):

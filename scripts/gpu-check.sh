@@ -6,7 +6,7 @@
 # split into kernels; the fastest path per batch against the dense FFN, 1 to 4096 tokens (the dense
 # path where `auto` takes it); end-to-end decode at batch 1 again with both models' steps compiled by
 # inductor (new); the block's kernels' device times at batch 1 and 8 (where the gap to
-# the bytes ideal goes); the decode tiles at batch 1 (16-row up tiles are new); the model compiled
+# the bytes ideal goes); the decode tiles at batch 1 (16-row and 512-column up tiles are new); the model compiled
 # with CUDA graphs (new); then the dense path's tile sweep with what time is left. Each step
 # has its own time limit and none runs past the deadline (360 s unless given); each writes as it
 # goes, so a step cut short still leaves what it finished. From the repository root on the GPU
@@ -75,7 +75,7 @@ step 180 python3 benchmarks/decode_e2e.py --device cuda --batches 1 --compile --
 #    time, and the dense FFN's, at batch 1 and 8 (the decode kernels; `auto` takes the dense path at 16).
 step 45 python3 benchmarks/ffn_kernels.py --profile --intermediate 11008 --configs S2A2E16 S2A4E32 \
     --batches 1 8 --reps 20 --out "$work"
-# 8. The decode tiles at batch 1 (16-row up tiles, new: twice the programs of the tuned 32).
+# 8. The decode tiles at batch 1 (new up tiles: 16 rows, twice the programs of the tuned 32; 512 columns of H).
 step 60 python3 benchmarks/ffn_kernels.py --tune --paths decode --configs S2A2E16 --intermediate 11008 \
     --batches 1 --reps 20 --out "$work"
 # 9. The model compiled with inductor's CUDA graphs (`torch.compile(mode="reduce-overhead")`), new.

@@ -33,7 +33,7 @@ import triton.language as tl
 
 from .._env import triton_interpreting
 from .configs import DecodeConfig, DenseConfig, GroupedConfig, decode_config
-from .reference import routing_matrix, shared_hidden
+from .reference import shared_hidden
 
 # ----------------------------------------------------------------------------- jit helpers
 
@@ -344,58 +344,77 @@ def _grouped_down_kernel(
 
 
 @triton.jit
-def _dense_down_kernel(
-    gu_ptr, gates_ptr, w2_ptr, hs_ptr, sd_ptr, out_ptr,
-    T, H, I, SI, E,  # noqa: E741
-    stride_gut, stride_gt, stride_we, stride_wr, stride_hst, stride_sd, stride_ot,
-    HAS_SHARED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    PREC: tl.constexpr, I_ALIGN: tl.constexpr,
+def _gated_down(
+    acc, g_ptrs, u_ptrs, K_DIM, picked, gate, w_ptr, stride_w, offs_n, n_mask,
+    BLOCK_K: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    """out[t, n] = sum_e gate[t, e] * (SiLU(g_e[t]) * u_e[t]) @ down_e[n] + h_shared[t] @ shared_down[n].
+    """acc += (gate * SiLU(g) * u)[rows, :K_DIM] @ w[offs_n, :K_DIM]^T for the rows that picked the
+    expert: the activation is formed on load, never written. Rows that did not pick it are selected
+    away, never multiplied by a 0 gate (an unpicked expert's inf would give NaN)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    for k0 in range(0, K_DIM, BLOCK_K):
+        k = k0 + offs_k
+        k_mask = k < K_DIM
+        a_mask = picked[:, None] & k_mask[None, :]
+        g = tl.load(g_ptrs + k[None, :], mask=a_mask, other=0.0).to(tl.float32)
+        u = tl.load(u_ptrs + k[None, :], mask=a_mask, other=0.0).to(tl.float32)
+        a = tl.where(picked[:, None], g * tl.sigmoid(g) * u * gate[:, None], 0.0)
+        w = tl.load(
+            w_ptr + _w_offsets(offs_n, k, stride_w, True), mask=k_mask[:, None] & n_mask[None, :], other=0.0
+        )
+        acc = _mma(acc, a.to(w_ptr.dtype.element_ty), w, True, PREC)
+    return acc
 
-    gu [T, E*2I] holds each expert's gate then up outputs; gates [T, E] float32 (0: not selected).
-    program_id(0): tile of BLOCK_M tokens; program_id(1): block of BLOCK_N outputs (consecutive
-    programs share the weight tiles). An expert no token of the tile selected is skipped. I_ALIGN
-    divides I, SI and the row strides of gu, hs and the down weights (`vector_align`).
+
+@triton.jit
+def _dense_down_kernel(
+    gu_ptr, idx_ptr, wts_ptr, w2_ptr, sg_ptr, su_ptr, sd_ptr, out_ptr,
+    T, H, I, SI, E, K,  # noqa: E741
+    stride_gut, stride_we, stride_wr, stride_st, stride_sd, stride_ot,
+    HAS_SHARED: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, PREC: tl.constexpr, I_ALIGN: tl.constexpr,
+):  # fmt: skip
+    """out[t, n] = sum_e gate[t, e] * (SiLU(g_e[t]) * u_e[t]) @ down_e[n] + (SiLU(sg[t]) * su[t]) @ shared_down[n].
+
+    gu [T, E*2I] holds each expert's gate then up outputs, sg and su [T, SI] the shared expert's;
+    the gates come from the top-k indices and weights [T, K] as they are (no [T, E] matrix to
+    build). program_id(0): tile of BLOCK_M tokens; program_id(1): block of BLOCK_N outputs
+    (consecutive programs share the weight tiles). An expert no token of the tile picked is
+    skipped. I_ALIGN divides I, SI and the row strides of gu, sg/su and the down weights
+    (`vector_align`).
     """
     I = I // I_ALIGN * I_ALIGN  # noqa: E741
     SI = SI // I_ALIGN * I_ALIGN
     stride_gut = stride_gut // I_ALIGN * I_ALIGN
     stride_wr = stride_wr // I_ALIGN * I_ALIGN
-    stride_hst = stride_hst // I_ALIGN * I_ALIGN
+    stride_st = stride_st // I_ALIGN * I_ALIGN
     stride_sd = stride_sd // I_ALIGN * I_ALIGN
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < T
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < H
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = row_mask[:, None] & (offs_r[None, :] < K)
+    idx = tl.load(idx_ptr + rows[:, None] * K + offs_r[None, :], mask=r_mask, other=-1)
+    wts = tl.load(wts_ptr + rows[:, None] * K + offs_r[None, :], mask=r_mask, other=0.0).to(tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     gu_row = gu_ptr + rows[:, None].to(tl.int64) * stride_gut
     w_e = w2_ptr  # advanced by one expert per iteration: 64-bit pointer math
     for e in range(0, E):
-        gate = tl.load(gates_ptr + rows * stride_gt + e, mask=row_mask, other=0.0)  # [BM] float32
-        if tl.max(tl.abs(gate), axis=0) > 0:
+        sel = idx == e  # [BM, BR]; ids outside [0, E) (sentinels) match no expert
+        picked = tl.sum(sel.to(tl.int32), axis=1) > 0  # [BM]
+        if tl.sum(picked.to(tl.int32), axis=0) > 0:
+            gate = tl.sum(tl.where(sel, wts, 0.0), axis=1)  # [BM] float32
             g_ptrs = gu_row + e * 2 * I
-            for k0 in range(0, I, BLOCK_K):
-                k = k0 + offs_k
-                k_mask = k < I
-                a_mask = row_mask[:, None] & k_mask[None, :]
-                g = tl.load(g_ptrs + k[None, :], mask=a_mask, other=0.0).to(tl.float32)
-                u = tl.load(g_ptrs + I + k[None, :], mask=a_mask, other=0.0).to(tl.float32)
-                # select, never multiply by a 0 gate: an unpicked expert's inf would give NaN
-                a = tl.where(gate[:, None] != 0, g * tl.sigmoid(g) * u * gate[:, None], 0.0)
-                a = a.to(w2_ptr.dtype.element_ty)
-                w = tl.load(
-                    w_e + _w_offsets(offs_n, k, stride_wr, True),
-                    mask=k_mask[:, None] & n_mask[None, :],
-                    other=0.0,
-                )
-                acc = _mma(acc, a, w, True, PREC)
+            acc = _gated_down(
+                acc, g_ptrs, g_ptrs + I, I, picked, gate, w_e, stride_wr, offs_n, n_mask, BLOCK_K, PREC
+            )  # fmt: skip
         w_e += stride_we
     if HAS_SHARED:
-        acc += _down(
-            hs_ptr, rows, row_mask, stride_hst, SI, sd_ptr, stride_sd, offs_n, n_mask,
-            BLOCK_M, BLOCK_N, BLOCK_K, True, PREC,
+        s_row = rows[:, None].to(tl.int64) * stride_st
+        ones = tl.full((BLOCK_M,), 1.0, tl.float32)
+        acc = _gated_down(
+            acc, sg_ptr + s_row, su_ptr + s_row, SI, row_mask, ones, sd_ptr, stride_sd, offs_n, n_mask, BLOCK_K, PREC
         )  # fmt: skip
     out = out_ptr + rows[:, None].to(tl.int64) * stride_ot + offs_n[None, :]
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=row_mask[:, None] & n_mask[None, :])
@@ -593,34 +612,36 @@ def moe_ffn_dense(
     """Dense-equivalent path: every expert on every token, the work and weight bytes of the dense
     FFN the model was carved from, for batches that hit nearly every expert anyway (where reading
     only the hit experts saves little and costs per-expert overhead). One cuBLAS GEMM for every
-    expert's gate+up and one Triton kernel for down, beside the shared expert's gate and up GEMMs
-    and the gate matrix's scatter; no host sync."""
+    expert's gate+up, the shared expert's gate and up GEMMs, and one Triton kernel for down that
+    forms every activation on load: four launches against the dense FFN's five (its gate, up and
+    down GEMMs, the SiLU and the product); no host sync."""
     cfg = config or DenseConfig()
     T, H = x.shape
     E, two_i, _ = gate_up_proj.shape
     I = two_i // 2  # noqa: E741
+    K = topk_indices.shape[1]
     # [T, E*2I]: gate then up of each expert (cuBLAS; float32 follows torch's TF32 setting)
     gu = F.linear(x, gate_up_proj.view(E * two_i, H))
-    gates = routing_matrix(topk_indices, topk_weights, E)  # [T, E] float32, sentinels dropped
     if shared is not None:
-        sg, su, sd = shared
-        hs = shared_hidden(x, sg, su)  # [T, SI]
-        SI = hs.shape[1]
+        sg_w, su_w, sd = shared
+        sg, su = F.linear(x, sg_w), F.linear(x, su_w)  # [T, SI] each
+        SI = sg.shape[1]
     else:
-        hs, sd, SI = gu, down_proj, 0  # placeholders: the kernel reads them only with HAS_SHARED
+        sg, su, sd, SI = gu, gu, down_proj, 0  # placeholders: the kernel reads them only with HAS_SHARED
+    idx, wts = topk_indices.contiguous(), topk_weights.contiguous()
     out = torch.empty(T, H, device=x.device, dtype=x.dtype)
     block_m = min(cfg.block_m, max(16, triton.next_power_of_2(T)))
     per_stage = (2 * block_m * cfg.block_k + cfg.block_k * cfg.block_n) * gate_up_proj.element_size()
     stages = _stages(cfg.stages, per_stage, x.device)  # shared memory: gate, up and down tiles
     _dense_down_kernel[(triton.cdiv(T, block_m), triton.cdiv(H, cfg.block_n))](
-        gu, gates, down_proj, hs, sd, out,
-        T, H, I, SI, E,
-        gu.stride(0), gates.stride(0), down_proj.stride(0), down_proj.stride(1), hs.stride(0), sd.stride(0),
-        out.stride(0),
+        gu, idx, wts, down_proj, sg, su, sd, out,
+        T, H, I, SI, E, K,
+        gu.stride(0), down_proj.stride(0), down_proj.stride(1), sg.stride(0), sd.stride(0), out.stride(0),
         HAS_SHARED=shared is not None, BLOCK_M=block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k,
-        PREC=_prec(gate_up_proj.dtype), num_warps=cfg.warps, num_stages=stages,
+        BLOCK_R=triton.next_power_of_2(K), PREC=_prec(gate_up_proj.dtype), num_warps=cfg.warps,
+        num_stages=stages,
         I_ALIGN=vector_align(
-            I, SI, gu.stride(0), down_proj.stride(1), hs.stride(0), sd.stride(0), itemsize=gate_up_proj.element_size()
+            I, SI, gu.stride(0), down_proj.stride(1), sg.stride(0), sd.stride(0), itemsize=gate_up_proj.element_size()
         ),
     )  # fmt: skip
     return out

@@ -145,6 +145,42 @@ def test_default_tiles_interpreted(interp_device, path):
     check(Case(3, 48, 24, 5, 2, 24), torch.float32, interp_device, path)
 
 
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64], ids=["router", "transformers"])
+def test_dense_path_launches_three_gemms_and_its_kernel(monkeypatch, index_dtype):
+    """Four launches, against the dense FFN's five: the path must not lose to it on small kernels
+    (a gate matrix, the shared SiLU*up) before its GEMMs have run."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from moecarve.kernels.ops import moe_ffn as ops
+
+    launched = []
+
+    class Launcher:  # the Triton launch, counted instead of run
+        def __getitem__(self, grid):
+            return lambda *a, **k: launched.append(grid)
+
+    monkeypatch.setattr(ops, "_dense_down_kernel", Launcher())
+    x, idx, wts, w13, w2, shared = make_inputs(Case(16, 64, 32, 6, 2, 32), torch.bfloat16, "cpu")
+    idx = idx.to(index_dtype)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        ops.moe_ffn_dense(x, idx, wts, w13, w2, tuple(shared))
+    top_level = [
+        e.name
+        for e in prof.events()
+        if e.name.startswith("aten::") and not (e.cpu_parent and e.cpu_parent.name.startswith("aten::"))
+    ]
+    no_kernel = {
+        "aten::view",
+        "aten::empty",
+        "aten::contiguous",
+        "aten::reshape",
+        "aten::t",
+        "aten::transpose",
+    }
+    assert sorted(n for n in top_level if n not in no_kernel) == ["aten::linear"] * 3, top_level
+    assert len(launched) == 1
+
+
 def test_auto_takes_decode_while_a_batch_hits_few_experts(interp_device, monkeypatch):
     from moecarve.kernels import functional
     from moecarve.kernels.ops import moe_ffn as ops

@@ -110,6 +110,14 @@ def test_unsupported_dtype_falls_back():
         (lambda a: {**a, "down_proj": a["down_proj"][:, :, :4]}, "shape mismatch"),
         (lambda a: {**a, "topk_weights": a["topk_weights"][:, :1]}, r"\[T, K\]"),
         (lambda a: {**a, "topk_indices": a["topk_indices"].float()}, "integer"),
+        (
+            lambda a: {
+                **a,
+                "topk_indices": a["topk_indices"][:, :0],
+                "topk_weights": a["topk_weights"][:, :0],
+            },
+            "K >= 1",
+        ),
         (lambda a: {**a, "shared_gate_proj": torch.randn(8, 16)}, "all three"),
         (lambda a: {**a, "path": "fast"}, "unknown path 'fast'"),
         (
@@ -117,7 +125,7 @@ def test_unsupported_dtype_falls_back():
             "no expert",
         ),
     ],
-    ids=["hidden", "inter", "topk_shape", "idx_dtype", "partial_shared", "path", "no_experts"],
+    ids=["hidden", "inter", "topk_shape", "idx_dtype", "no_picks", "partial_shared", "path", "no_experts"],
 )
 @pytest.mark.parametrize("fake", [False, True], ids=["eager", "traced"])
 def test_bad_inputs_raise(mutate, match, fake):

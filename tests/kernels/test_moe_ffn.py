@@ -21,7 +21,7 @@ class Case:
     E: int
     K: int
     SI: int
-    route: str = "random"  # random | one_expert | skip_last | sentinel | duplicate
+    route: str = "random"  # random | one_expert | skip_last | sentinel | duplicate | int32
 
 
 CASES = {
@@ -37,6 +37,8 @@ CASES = {
     "empty_expert": Case(7, 64, 32, 6, 2, 32, "skip_last"),  # the last expert: no token, inf weights
     "duplicate": Case(6, 64, 32, 5, 2, 32, "duplicate"),  # a token picks one expert twice: both count
     "sentinel": Case(4, 64, 32, 5, 2, 32, "sentinel"),  # index E (expert-parallel sentinel) is dropped
+    "K3": Case(5, 64, 32, 7, 3, 32),  # K not a power of two: the kernels pad the picks to 4
+    "int32_ids": Case(6, 64, 32, 5, 2, 32, "int32"),  # the fused router's int32 indices
 }
 TOL = {torch.float32: 2e-5, torch.bfloat16: 1.5e-2}  # relative Frobenius error against float32
 
@@ -58,6 +60,8 @@ def make_inputs(c: Case, dtype: torch.dtype, device: str, seed: int = 0):
         idx[0, 0] = c.E
     if c.route == "duplicate":
         idx[:, 1] = idx[:, 0]
+    if c.route == "int32":
+        idx = idx.to(torch.int32)
     if c.route == "skip_last":  # an expert no token picked must not be computed into the output
         w13[-1] = float("inf")
     wts = torch.rand(c.T, c.K, generator=g) + 0.1

@@ -66,6 +66,8 @@ def _check_shapes(x, idx, wts, w13, w2, shared) -> None:
             f"topk_indices {tuple(idx.shape)} and topk_weights {tuple(wts.shape)} must both be [T, K] "
             f"with T = {x.shape[0]}"
         )
+    if idx.shape[1] == 0:
+        raise ValueError(f"topk_indices {tuple(idx.shape)} holds no pick: every token needs K >= 1 experts")
     if idx.dtype.is_floating_point or idx.dtype == torch.bool or not wts.dtype.is_floating_point:
         raise ValueError(
             f"topk_indices must be integer and topk_weights floating, got {idx.dtype}, {wts.dtype}"

@@ -624,7 +624,7 @@ def moe_ffn_dense(
     gu = F.linear(x, gate_up_proj.view(E * two_i, H))
     if shared is not None:
         sg_w, su_w, sd = shared
-        sg, su = F.linear(x, sg_w), F.linear(x, su_w)  # [T, SI] each
+        sg, su = F.linear(x, sg_w), F.linear(x, su_w)  # [T, SI] each, fresh: one row stride for both
         SI = sg.shape[1]
     else:
         sg, su, sd, SI = gu, gu, down_proj, 0  # placeholders: the kernel reads them only with HAS_SHARED
@@ -641,7 +641,8 @@ def moe_ffn_dense(
         BLOCK_R=triton.next_power_of_2(K), PREC=_prec(gate_up_proj.dtype), num_warps=cfg.warps,
         num_stages=stages,
         I_ALIGN=vector_align(
-            I, SI, gu.stride(0), down_proj.stride(1), sg.stride(0), sd.stride(0), itemsize=gate_up_proj.element_size()
+            I, SI, gu.stride(0), down_proj.stride(1), sg.stride(0), su.stride(0), sd.stride(0),
+            itemsize=gate_up_proj.element_size(),
         ),
     )  # fmt: skip
     return out

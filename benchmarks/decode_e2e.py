@@ -9,9 +9,10 @@ and eager experts, and ours). `--compile` also runs each capturable decode step 
 `torch.compile(fullgraph=True)` (inductor fuses the norms, rotary and the dense FFN's SiLU*up;
 moecarve's kernels are opaque ops in the graph) before capturing it, for dense and carved alike.
 Rows record `setup_s`, the prefill and warm-up (the compile and the capture), and the dense row of
-a batch is written before the carve's runs, so a run cut short in a compile keeps it. `--profile` also splits an eager decode step of
-each model into its kernels' device times (rows in results/kernels/profile.{jsonl,csv}, beside
-ffn_kernels.py --profile's), to say where a carve's step loses to the dense one.
+a batch is written before the carve's runs, so a run cut short in a compile keeps it. `--profile`
+also splits an eager decode step of each model into its kernels' device times (rows in
+results/kernels/profile.{jsonl,csv}, beside ffn_kernels.py --profile's), to say where a carve's
+step loses to the dense one.
 """
 
 from __future__ import annotations

@@ -336,8 +336,7 @@ def run_profile(args, env, peak) -> None:
             reads = {  # weights of the hit and shared experts, and the activations each kernel reads
                 "gate_up": (hits + s) * 2 * third + x_bytes,
                 "down": (hits + s) * third + (a + s) * act,
-                "dense_down": (hits + s) * third
-                + 2 * (a + s) * act,  # gate and up outputs of each pick, shared
+                "dense_down": (hits + s) * third + 2 * (a + s) * act,  # gate and up of each pick
                 "router": e * args.hidden * gates[0].weight.element_size() + x_bytes,
             }
             impls = {"moecarve_block": block_call(rot, xs, sets), "dense": dense_call(rot, xs, sets)}

@@ -4,10 +4,10 @@
 # the GPU tests; the router alone (split over H since the last GPU run); the FFN benchmark at batch
 # 1 (the whole block, router included); end-to-end decode at batch 1, then each model's decode step
 # split into kernels; the fastest path per batch against the dense FFN, 1 to 4096 tokens (the dense
-# path where `auto` takes it); end-to-end decode at batch 1 again with both models' steps compiled by
-# inductor (new); the block's kernels' device times at batch 1 and 8 (where the gap to
-# the bytes ideal goes); the decode tiles at batch 1 (16-row and 512-column up tiles are new); the model compiled
-# with CUDA graphs (new); then the dense path's tile sweep with what time is left. Each step
+# path where `auto` takes it); end-to-end decode at batch 1 again with both models' steps compiled
+# by inductor (new); the block's kernels' device times at batch 1 and 8 (where the gap to the bytes
+# ideal goes); the decode tiles at batch 1 (16-row and 512-column up tiles are new); the model
+# compiled with CUDA graphs (new); then the dense path's tile sweep with what time is left. Each step
 # has its own time limit and none runs past the deadline (360 s unless given); each writes as it
 # goes, so a step cut short still leaves what it finished. From the repository root on the GPU
 # machine:

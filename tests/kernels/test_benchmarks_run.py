@@ -110,9 +110,9 @@ def test_ffn_benchmark_dense_tile_sweep_runs(interp_device, tmp_path):
                       "--configs", "S2A2E16", "--batches", "16", "16", "--reps", "3", "--flush-bytes", "1e3", "--out",
                       str(tmp_path)])  # fmt: skip
     got = rows(tmp_path / "tune.jsonl")
-    assert len(got) == 16 and {(r["path"], r["batch"]) for r in got} == {("dense", 16)}
+    assert len(got) == 24 and {(r["path"], r["batch"]) for r in got} == {("dense", 16)}
     assert {(r["block_m"], r["block_n"], r["block_k"], r["warps"]) for r in got} == {
-        (m, n, k, w) for m in (32, 64) for n in (64, 128) for k in (64, 128) for w in (4, 8)
+        (m, n, k, w) for m in (32, 64) for n in (32, 64, 128) for k in (64, 128) for w in (4, 8)
     }
 
 

@@ -187,7 +187,7 @@ def test_candidates_and_paths_per_batch():
     down = list(candidates("decode", 1, quick=False, best_up=best_up))
     assert len(down) == 8 and all((c.block_i, c.block_h, c.warps_up) == (16, 128, 8) for c in down)
     assert len(set(down)) == 8
-    assert len(set(candidates("dense", 16, quick=False))) == 16
+    assert len(set(candidates("dense", 16, quick=False))) == 24
     assert len(set(candidates("grouped", 64, quick=False))) == 8
     assert [len(list(candidates(p, 64, quick=True))) for p in ("decode", "dense", "grouped")] == [1, 1, 1]
     s2a2e16 = tuning.MoeShape(14, 688, 1376, 4096, 2, "bfloat16")
@@ -227,7 +227,7 @@ def test_tuner_takes_the_fastest_candidate(interp_device, monkeypatch):
     assert table[16]["config"] == dataclasses.asdict(
         DenseConfig(block_m=32, block_n=128, block_k=64, warps=4)
     )
-    assert len(rows) == 24 + 24 + 16 and all(r["dense_ffn_us"] == 200.0 for r in rows)
+    assert len(rows) == 24 + 24 + 24 and all(r["dense_ffn_us"] == 200.0 for r in rows)
 
 
 def test_tuner_never_picks_a_wrong_answer(interp_device, monkeypatch):

@@ -50,7 +50,8 @@ def candidates(path: str, tokens: int, quick: bool, best_up: DecodeConfig | None
         if quick:
             yield DenseConfig()
             return
-        for bm, bn, bk, w in itertools.product([32, 64], [64, 128], [64, 128], [4, 8]):
+        # 32 outputs a program: at 16-64 tokens (one token tile) 128 programs where 64 leave SMs idle
+        for bm, bn, bk, w in itertools.product([32, 64], [32, 64, 128], [64, 128], [4, 8]):
             yield DenseConfig(block_m=bm, block_n=bn, block_k=bk, warps=w)
     else:
         if quick:

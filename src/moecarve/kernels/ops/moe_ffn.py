@@ -121,6 +121,17 @@ def _gate_up(
 
 
 @triton.jit
+def _load_picks(idx_ptr, wts_ptr, rows, row_mask, K, BLOCK_R: tl.constexpr):
+    """The tile's top-k indices and float32 weights, [rows, BLOCK_R]; padding picks expert -1 at
+    weight 0, which matches no expert."""
+    offs_r = tl.arange(0, BLOCK_R)
+    r_mask = row_mask[:, None] & (offs_r[None, :] < K)
+    idx = tl.load(idx_ptr + rows[:, None] * K + offs_r[None, :], mask=r_mask, other=-1)
+    wts = tl.load(wts_ptr + rows[:, None] * K + offs_r[None, :], mask=r_mask, other=0.0).to(tl.float32)
+    return idx, wts
+
+
+@triton.jit
 def _store_silu_mul(h_ptr, rows, row_mask, stride_ht, col0, offs_i, i_mask, acc_g, acc_u):
     """SiLU(gate) * up, rounded to h's dtype (as eager rounds its intermediate)."""
     ptrs = h_ptr + rows[:, None].to(tl.int64) * stride_ht + col0 + offs_i[None, :]
@@ -254,10 +265,7 @@ def _decode_down_kernel(
     n_mask = offs_n < H
     rows = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_mask = rows < T
-    offs_r = tl.arange(0, BLOCK_R)
-    r_mask = row_mask[:, None] & (offs_r[None, :] < K)
-    idx = tl.load(idx_ptr + rows[:, None] * K + offs_r[None, :], mask=r_mask, other=-1)
-    wts = tl.load(wts_ptr + rows[:, None] * K + offs_r[None, :], mask=r_mask, other=0.0).to(tl.float32)
+    idx, wts = _load_picks(idx_ptr, wts_ptr, rows, row_mask, K, BLOCK_R)
     acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
     w_e = w2_ptr  # advanced by one expert per iteration: 64-bit pointer math, no int32 overflow
     for e in range(0, E):
@@ -393,10 +401,7 @@ def _dense_down_kernel(
     row_mask = rows < T
     offs_n = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = offs_n < H
-    offs_r = tl.arange(0, BLOCK_R)
-    r_mask = row_mask[:, None] & (offs_r[None, :] < K)
-    idx = tl.load(idx_ptr + rows[:, None] * K + offs_r[None, :], mask=r_mask, other=-1)
-    wts = tl.load(wts_ptr + rows[:, None] * K + offs_r[None, :], mask=r_mask, other=0.0).to(tl.float32)
+    idx, wts = _load_picks(idx_ptr, wts_ptr, rows, row_mask, K, BLOCK_R)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     gu_row = gu_ptr + rows[:, None].to(tl.int64) * stride_gut
     w_e = w2_ptr  # advanced by one expert per iteration: 64-bit pointer math

@@ -197,3 +197,33 @@ def test_cli_prints_one_line_and_exits_nonzero(tiny_models, tmp_path):
     result = subprocess.run([*cmd[:4], "--set", "colour=blue"], capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: colour: Extra inputs are not permitted"]
+
+
+def _bin_only(src, tmp_path):
+    (src / "model.safetensors").rename(src / "pytorch_model.bin")  # a .bin checkpoint's name
+    return src, None, tmp_path / "o"
+
+
+@pytest.mark.parametrize(
+    ("setup", "settings", "error", "message"),
+    [
+        (lambda src, tmp: (src, None, tmp / "o"), {"dense_layers": 9}, ValueError, "exceeds the model's 2 layers"),
+        (lambda src, tmp: (src, None, tmp / "o"), {"calib_length": 4096, "calib_tokens": 4096}, ValueError, r"4096 exceeds the model's \d+ positions"),
+        (_bin_only, {}, SourceError, "only safetensors checkpoints are read"),
+        (lambda src, tmp: (src, tmp / "missing.txt", tmp / "o"), {}, CalibrationError, "calibration source not found"),
+        (lambda src, tmp: (src, (tmp / "texts").mkdir() or tmp / "texts", tmp / "o"), {}, CalibrationError, "holds no .txt files"),
+        (lambda src, tmp: (src, None, (tmp / "o").write_text("x") and tmp / "o"), {}, OutputError, "exists and is not a directory"),
+    ],
+    ids=["dense_layers", "calib_length", "bin_only", "calib_missing", "calib_dir_empty", "out_is_file"],
+)  # fmt: skip
+def test_more_refusals_before_work(setup, settings, error, message, tmp_path):
+    """Each refusal comes before any layer is read: nothing beside the output, the source unchanged."""
+    from tests.conftest import make_model
+
+    src, calib, out = setup(make_model(tmp_path / "src", "llama"), tmp_path)
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    listing = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(error, match=message):
+        carve(src, CarveConfig(**{**TINY, **settings}), calib, out, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == listing
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before

@@ -29,12 +29,12 @@ def unchanged():
 
 @pytest.fixture(scope="session")
 def tiny_tasks_record(tiny_models, tmp_path_factory) -> tuple[Path, dict, bool]:
-    """One lm-eval run on the tiny Llama (3 tasks x 4 questions), shared by the tasks and report tests:
+    """One lm-eval run on the tiny Llama (every task x 4 questions), shared by the tasks and report tests:
     (JSON path, returned record, whether the model directory stayed unchanged)."""
-    from moecarve.eval.tasks import evaluate_tasks
+    from moecarve.eval.tasks import DEFAULT_TASKS, evaluate_tasks
 
     model = tiny_models["llama"]
     before = snapshot(model)
     out = tmp_path_factory.mktemp("tasks") / "tasks.json"
-    record = evaluate_tasks(model, "arc_easy,boolq,winogrande", limit=4, device="cpu", out=out)
+    record = evaluate_tasks(model, DEFAULT_TASKS, limit=4, device="cpu", out=out)
     return out, record, snapshot(model) == before

@@ -4,21 +4,23 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from moecarve.carve.calib import tokenize_stream
 from moecarve.eval.ppl import evaluate_ppl, protocol_ppl
 
 
 def _reference_ppl(model_dir, text: str, windows: int, length: int) -> float:
-    """exp of transformers' mean causal-LM loss over the last windows x length tokens."""
+    """exp of transformers' mean causal-LM loss over the last windows x length tokens of the text
+    tokenized as one stream without special tokens (EVAL_PROTOCOL.md)."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    ids = tokenize_stream(tokenizer, text)[-windows * length :].view(windows, length)
+    stream = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
+    ids = stream[-windows * length :].view(windows, length)
     with torch.no_grad():
         losses = [model(row[None], labels=row[None]).loss.item() for row in ids]
     return math.exp(sum(losses) / len(losses))  # equal-length windows: mean of means = overall mean
@@ -51,6 +53,27 @@ def test_protocol_ppl_signature_kept(tiny_models, calib_file):
     assert result["ppl"] == pytest.approx(
         _reference_ppl(tiny_models["qwen2"], calib_file.read_text(), 2, 32), rel=1e-5
     )
+
+
+def test_tokenizer_that_adds_special_tokens_scores_the_plain_stream(tiny_models, calib_file, tmp_path):
+    """Llama-style tokenizers add a BOS (some an EOS) to every call: the protocol scores the text's
+    own tokens only, so none of them may enter the stream or the windows."""
+    from tokenizers.processors import TemplateProcessing
+
+    model = tmp_path / "bos"
+    shutil.copytree(tiny_models["llama"], model)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    eos = tokenizer.eos_token_id
+    tokenizer._tokenizer.post_processor = TemplateProcessing(
+        single="<eos> $A <eos>", special_tokens=[("<eos>", eos)]
+    )
+    tokenizer.save_pretrained(model)
+    text = calib_file.read_text()
+    reloaded = AutoTokenizer.from_pretrained(model)
+    assert reloaded(text)["input_ids"][0] == eos  # the tokenizer does add them by default
+    assert eos not in reloaded(text, add_special_tokens=False)["input_ids"]
+    result = protocol_ppl(model, windows=2, length=32, data=calib_file)
+    assert result["ppl"] == pytest.approx(_reference_ppl(model, text, 2, 32), rel=1e-5)
 
 
 def test_text_too_short(tiny_models, tmp_path):

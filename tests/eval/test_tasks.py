@@ -9,39 +9,63 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from moecarve.eval.tasks import data_dir, evaluate_tasks, parse_tasks
+from moecarve.eval.tasks import DEFAULT_TASKS, data_dir, evaluate_tasks, parse_tasks
 
 LIMIT = 4  # as in the tiny_tasks_record fixture
 
 
-def _arc_by_hand(model_dir, limit: int) -> dict:
-    """ARC-Easy zero-shot as lm-eval defines it: "Question: q\\nAnswer:" + " choice", summed
-    log-likelihood of the continuation; acc_norm divides by the choice's length in characters."""
+def _loglikelihood(model, tokenizer, context: str, continuation: str) -> float:
+    """Summed log-probability of the continuation's tokens after the context, as lm-eval scores a choice."""
+    context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor(tokenizer(context + continuation, add_special_tokens=False)["input_ids"])
+    with torch.no_grad():
+        logprobs = model(ids[None]).logits[0].float().log_softmax(-1)
+    return sum(logprobs[i - 1, ids[i]].item() for i in range(len(context_ids), len(ids)))
+
+
+def _choices(task: str, doc: dict) -> tuple[list[str], list[str], int]:
+    """(contexts, choices, gold) of one question as lm-eval's task YAML defines it, read from the raw
+    record: each choice follows its context after a space."""
+    if task == "arc_easy":
+        choices = doc["choices"]["text"]
+        return (
+            [f"Question: {doc['question']}\nAnswer:"] * len(choices),
+            choices,
+            doc["choices"]["label"].index(doc["answerKey"]),
+        )
+    if task == "piqa":
+        return [f"Question: {doc['goal']}\nAnswer:"] * 2, [doc["sol1"], doc["sol2"]], doc["label"]
+    if task == "boolq":  # the raw answer is a bool; lm-eval's choices are ["no", "yes"]
+        context = f"{doc['passage']}\nQuestion: {doc['question']}?\nAnswer:"
+        return [context] * 2, ["no", "yes"], 1 if doc["answer"] is True else 0
+    if task == "winogrande":  # partial scoring: each option fills the blank; the rest is scored
+        blank = doc["sentence"].index("_")
+        rest = doc["sentence"][blank + 1 :].strip()
+        contexts = [doc["sentence"][:blank] + option for option in (doc["option1"], doc["option2"])]
+        return contexts, [rest, rest], int(doc["answer"]) - 1
+    raise ValueError(task)
+
+
+def _by_hand(model_dir, task: str, limit: int) -> dict:
+    """Zero-shot accuracy by a plain loop over the shipped records; acc_norm divides each choice's
+    log-likelihood by its length in characters (reported by lm-eval for ARC and PIQA only)."""
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    docs = datasets.load_from_disk(str(data_dir("arc_easy"))).select(range(limit))
+    docs = datasets.load_from_disk(str(data_dir(task))).select(range(limit))
     acc = norm = 0
     for doc in docs:
-        context = f"Question: {doc['question']}\nAnswer:"
-        context_ids = tokenizer(context, add_special_tokens=False)["input_ids"]
-        scores = []
-        for choice in doc["choices"]["text"]:
-            whole = tokenizer(context + " " + choice, add_special_tokens=False)["input_ids"]
-            ids = torch.tensor(whole)
-            with torch.no_grad():
-                logprobs = model(ids[None]).logits[0].float().log_softmax(-1)
-            scored = range(len(context_ids), len(whole))
-            scores.append(sum(logprobs[i - 1, ids[i]].item() for i in scored))
-        gold = doc["choices"]["label"].index(doc["answerKey"])
-        lengths = [len(c) for c in doc["choices"]["text"]]
+        contexts, choices, gold = _choices(task, doc)
+        scores = [
+            _loglikelihood(model, tokenizer, c, " " + x) for c, x in zip(contexts, choices, strict=True)
+        ]
         acc += max(range(len(scores)), key=scores.__getitem__) == gold
-        norm += max(range(len(scores)), key=lambda i: scores[i] / lengths[i]) == gold
+        norm += max(range(len(scores)), key=lambda i: scores[i] / len(choices[i])) == gold
     return {"acc": acc / limit, "acc_norm": norm / limit}
 
 
 def test_lm_eval_offline_matches_hand_scorer(tiny_models, tiny_tasks_record):
     model = tiny_models["llama"]
-    # the fixture ran evaluate_tasks(model, "arc_easy,boolq,winogrande", limit=4)
+    # the fixture ran evaluate_tasks(model, every task, limit=4)
     out, record, model_unchanged = tiny_tasks_record
     assert json.loads(out.read_text()) == record
     assert model_unchanged, "eval wrote into the model directory"
@@ -49,19 +73,23 @@ def test_lm_eval_offline_matches_hand_scorer(tiny_models, tiny_tasks_record):
         "wrote beside the data"
     )
     tasks = record["tasks"]
-    assert list(tasks) == ["arc_easy", "boolq", "winogrande"]
+    assert list(tasks) == list(DEFAULT_TASKS)
     for row in tasks.values():
         assert row["questions"] == LIMIT and 0.0 <= row["acc"] <= 1.0
     assert tasks["arc_easy"]["available"] == 570 and tasks["boolq"]["available"] == 3270
-    # lm-eval defines acc_norm for ARC, only acc for boolq and winogrande: reported as it does
-    assert (
-        "acc_norm" in tasks["arc_easy"]
-        and "acc_norm" not in tasks["boolq"]
-        and "acc_norm" not in tasks["winogrande"]
-    )
-    by_hand = _arc_by_hand(model, LIMIT)
-    assert tasks["arc_easy"]["acc"] == pytest.approx(by_hand["acc"])
-    assert tasks["arc_easy"]["acc_norm"] == pytest.approx(by_hand["acc_norm"])
+    assert tasks["hellaswag"]["available"] == 10042 and tasks["piqa"]["available"] == 1838
+    # lm-eval defines acc_norm for ARC, PIQA and HellaSwag, only acc for boolq and winogrande
+    assert {name for name, row in tasks.items() if "acc_norm" in row} == {
+        "arc_easy",
+        "arc_challenge",
+        "piqa",
+        "hellaswag",
+    }
+    for task in ("arc_easy", "piqa", "boolq", "winogrande"):
+        by_hand = _by_hand(model, task, LIMIT)
+        for metric in ("acc", "acc_norm"):
+            if metric in tasks[task]:
+                assert tasks[task][metric] == pytest.approx(by_hand[metric]), (task, metric)
     assert record["task_versions"]["boolq"] is not None and "lm_eval" in record["versions"]
 
 

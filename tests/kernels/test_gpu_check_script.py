@@ -67,6 +67,8 @@ def test_benchmark_steps_parse(argv, monkeypatch):
 )
 def test_pytest_steps_select_gpu_tests(argv):
     args = [a for a in argv[3:] if a != "-q"]
+    markers = [args[i + 1] for i, a in enumerate(args) if a == "-m"]
+    assert markers == ["gpu"], f"a GPU step must select -m gpu only, got {markers}"  # CPU tests run in CI
     out = subprocess.run(
         [sys.executable, "-m", "pytest", *args, "--collect-only"], cwd=ROOT, capture_output=True, text=True
     )

@@ -97,10 +97,32 @@ def test_fallback_warns_once_and_matches_reference(monkeypatch):
         K.moe_ffn(x, idx, wts, w13, w2, path="decode")
 
 
-def test_unsupported_dtype_falls_back():
+@pytest.mark.parametrize(
+    "change,reason",
+    [
+        (lambda x, w13, w2: (x.double(), w13.double(), w2.double()), "unsupported weight dtype"),
+        (lambda x, w13, w2: (x, w13.bfloat16(), w2.bfloat16()), "hidden_states dtype torch.float32 differs"),
+        (
+            lambda x, w13, w2: (x, w13.transpose(1, 2).contiguous().transpose(1, 2), w2),
+            "expert weights are not contiguous",
+        ),
+    ],
+    ids=["fp64", "mixed_dtypes", "non_contiguous"],
+)
+def test_inputs_the_kernels_cannot_take_fall_back_or_raise(interp_device, monkeypatch, change, reason):
+    """Where the Triton kernels cannot run, `auto` warns (naming why) and returns the reference's
+    result; an explicit Triton path raises with the same reason instead of a wrong answer."""
+    from moecarve.kernels import _env
+
+    monkeypatch.setattr(_env, "_WARNED", set())
     x, idx, wts, w13, w2 = _inputs()
-    reason = K.triton_unsupported_reason(x.double(), [w13.double(), w2.double()])
-    assert reason is not None
+    x, w13, w2 = change(x, w13, w2)
+    with pytest.warns(RuntimeWarning, match=f"{reason}.*falling back to the PyTorch reference"):
+        out = K.moe_ffn(x, idx, wts, w13, w2)
+    torch.testing.assert_close(out, K.moe_ffn_reference(x, idx, wts, w13, w2))
+    for path in ("decode", "grouped", "dense"):
+        with pytest.raises(RuntimeError, match=f"path '{path}' cannot run: {reason}"):
+            K.moe_ffn(x, idx, wts, w13, w2, path=path)
 
 
 @pytest.mark.parametrize(

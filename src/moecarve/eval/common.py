@@ -97,12 +97,13 @@ def versions() -> dict:
     return found
 
 
-def source_commit() -> str:
+def source_commit(root: Path | None = None) -> str:
     """The checkout's commit, "+changes" when src/ or benchmarks/ differ from it, or "unknown"
-    outside a git checkout: which code a results file was made with."""
+    outside a git checkout: which code a results file was made with. `root`: the checkout (this
+    module's own by default)."""
     import subprocess
 
-    root = Path(__file__).resolve().parents[3]
+    root = Path(__file__).resolve().parents[3] if root is None else Path(root)
     if not (root / "src" / "moecarve").is_dir():  # an installed copy, not the checkout
         return "unknown"
 

@@ -8,6 +8,7 @@ scratch and warm-started from the optimum of a slightly different matrix, as in 
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from pathlib import Path
@@ -40,6 +41,11 @@ def transportation_lp(cost: np.ndarray, size: int) -> np.ndarray:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", default="results/carve/assignment_solvers.json")
+    args = parser.parse_args()
     rng = np.random.default_rng(0)
     rows = []
     for n, r in SIZES:
@@ -65,7 +71,7 @@ def main() -> None:
             assert np.isclose(row[f"{name}_cost"], row["jonker_volgenant_cost"], rtol=1e-12), row
         rows.append(row)
         print(row, flush=True)
-    out = Path("results/carve/assignment_solvers.json")
+    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(
         json.dumps({"benchmark": "assignment_solvers", "scipy": scipy.__version__, "rows": rows}, indent=2)

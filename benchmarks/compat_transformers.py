@@ -9,6 +9,7 @@ AutoModelForCausalLM (no remote code), generates, and compares logits with this 
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -33,7 +34,15 @@ print(json.dumps({"transformers": transformers.__version__, "class": type(model)
 
 
 def main() -> None:
-    versions = sys.argv[1:] or ["5.17.0"]
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "versions", nargs="*", default=["5.17.0"], help="transformers releases (default 5.17.0)"
+    )
+    parser.add_argument("--out", default="results/carve/compat_transformers.json")
+    args = parser.parse_args()
+    versions = args.versions
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from moecarve import CarveConfig, carve
     from tests.conftest import make_model, sample_text
@@ -86,7 +95,7 @@ def main() -> None:
         "config": config.name,
         "rows": rows,
     }
-    path = Path("results/carve/compat_transformers.json")
+    path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")
 

@@ -81,6 +81,23 @@ def test_fast_preset_sets_defaults_that_explicit_options_override(tiny_models, c
     assert (default.calib_tokens, default.refit_ridge, default.preset) == (16384, "auto", "quality")
 
 
+def test_eval_ppl_scores_source_and_carve_on_the_protocol(tiny_models, calib_file, tmp_path):
+    """The README's set-up command prints and records the dense and carved protocol PPL; with every
+    routed expert active the carve is the dense model, so the two must agree."""
+    from moecarve.eval.ppl import protocol_ppl
+
+    args = [str(tiny_models["llama"]), "-e", "8", "-a", "7", "--calib", str(calib_file), "--eval-ppl"]
+    args += ["--calib-tokens", "256", "--calib-length", "64", "--out", str(tmp_path / "o")]
+    result = CliRunner().invoke(carve_command, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    quality = json.loads((tmp_path / "o" / "carve.json").read_text())["quality"]["protocol_ppl"]
+    dense, carved = quality["dense"], quality["carved"]
+    assert dense["tokens_scored"] == carved["tokens_scored"] == 16 * 2047
+    assert dense["ppl"] == pytest.approx(protocol_ppl(tiny_models["llama"])["ppl"], rel=1e-9)
+    assert carved["ppl"] == pytest.approx(dense["ppl"], rel=1e-4)
+    assert f"protocol PPL: dense {dense['ppl']:.3f}, carved {carved['ppl']:.3f}" in result.output
+
+
 def test_cli_options_left_unset_fall_to_the_preset_then_the_default():
     from moecarve.cli import _build_config
 

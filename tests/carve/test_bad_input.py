@@ -40,6 +40,27 @@ def test_bad_refit_ridge(ridge):
         CarveConfig(refit_ridge=ridge)
 
 
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ({"top_k_activation": float("inf")}, "finite number"),
+        ({"top_k_activation": 2.5}, "a whole number"),
+        ({"router_ridge": float("inf")}, "finite number"),
+        ({"balance": float("nan")}, "finite number"),
+        ({"cluster_tol": float("nan")}, "finite number"),
+    ],
+)
+def test_settings_that_would_fail_mid_carve_or_write_nonsense(setting, message):
+    with pytest.raises(ValidationError, match=message):
+        CarveConfig(**setting)
+
+
+def test_top_k_activation_beyond_the_ffn(tiny_models, tmp_path):
+    with pytest.raises(ValueError, match="top_k_activation 1000 exceeds the FFN's"):
+        carve(tiny_models["llama"], CarveConfig(top_k_activation=1000, **TINY), None, tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
 def test_more_experts_than_neurons(tiny_models, tmp_path):
     with pytest.raises(ValueError, match="< 1 neuron"):
         carve(tiny_models["llama"], CarveConfig(experts=200, active=2, **TINY), None, tmp_path / "o")
@@ -227,3 +248,20 @@ def test_more_refusals_before_work(setup, settings, error, message, tmp_path):
         carve(src, CarveConfig(**{**TINY, **settings}), calib, out, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == listing
     assert {p.name: p.read_bytes() for p in src.iterdir()} == before
+
+
+def test_output_never_replaces_the_current_directory_and_defaults_to_the_models_name(
+    tiny_models, calib_file, tmp_path, monkeypatch
+):
+    import shutil
+
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    for out in (".", ""):
+        with pytest.raises(OutputError, match="replace the current directory"):
+            carve(tiny_models["llama"], CarveConfig(**TINY), calib_file, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["here"] and not list(here.iterdir())
+    dotted = shutil.copytree(tiny_models["llama"], tmp_path / "Qwen2.5-0.5B")
+    result = carve(dotted, CarveConfig(experts=8, active=2, **TINY), calib_file, None, progress=False)
+    assert result.out == here / "Qwen2.5-0.5B-S1A2E8"

@@ -114,3 +114,23 @@ def test_score_refuses_bad_options_before_work(tiny_carved, tmp_path, out, optio
     with pytest.raises(ValueError, match=message):
         score.score(tiny_carved, tmp_path / "no-such-task.jsonl", tmp_path / out, **options)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_outputs_never_replace_inputs(tiny_carved, task_file, carved_scores, tmp_path):
+    """An output named like the model's files, the task data or the scores it reads is refused before
+    any work, and those inputs stay as they were; so are a directory or a path under a file."""
+    inputs = [tiny_carved / "config.json", task_file, carved_scores[1]]
+    before = [p.read_bytes() for p in inputs]
+    (tmp_path / "a_file").write_text("x")
+    for out, message in [
+        (tiny_carved / "config.json", "--out .* is inside model"),
+        (task_file, "--out .* is --data"),
+        (tmp_path, "is a directory"),
+        (tmp_path / "a_file" / "s.json", "is a file, not a directory"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            score.score(tiny_carved, task_file, out, tokens=TOKENS)
+    with pytest.raises(ValueError, match="--out .* is the scores file"):
+        select.select(carved_scores[1], "token", 0.2, out=carved_scores[1])
+    assert [p.read_bytes() for p in inputs] == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]

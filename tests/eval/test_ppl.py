@@ -96,6 +96,31 @@ def test_bad_models_fail_before_work(tiny_models, tmp_path):
         evaluate_ppl([broken])
 
 
+def test_bad_outputs_and_devices_fail_before_loading(tiny_models, calib_file, tmp_path, monkeypatch):
+    """The data file is never replaced by the record, and an output or device that cannot be used
+    is refused before the model loads."""
+    import transformers
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("model loaded")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_loading)
+    before = calib_file.read_bytes()
+    (tmp_path / "a_file").write_text("x")
+    model = tiny_models["llama"]
+    for options, message in [
+        ({"out": calib_file}, "--out .* is --data"),
+        ({"out": tmp_path}, "is a directory"),
+        ({"out": tmp_path / "a_file" / "ppl.json"}, "is a file, not a directory"),
+        ({"device": "gpu"}, "--device 'gpu'"),
+        ({"device": "meta"}, "eval runs on cpu or cuda"),
+    ] + ([] if torch.cuda.is_available() else [({"device": "cuda"}, "CUDA is not available")]):
+        with pytest.raises(ValueError, match=message):
+            evaluate_ppl([model], calib_file, windows=2, length=32, **options)
+    assert calib_file.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
 def test_refuses_to_write_into_the_model(tiny_models, calib_file, unchanged):
     unchanged(tiny_models["llama"])
     with pytest.raises(ValueError, match="never writes there"):

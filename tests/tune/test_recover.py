@@ -215,6 +215,43 @@ def test_bad_input_fails_before_training(tiny_models, tiny_carved, calib_file, t
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "short.txt"]  # nothing else written
 
 
+def test_paths_that_overlap_are_refused_and_nothing_is_deleted(
+    tiny_carved, calib_file, tmp_path, monkeypatch
+):
+    """The checkpoint directory is deleted when a run ends and the outputs are replaced: a path shared
+    with the model, the data, another output, or someone else's directory is refused before training."""
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(trainer_module.RecoverTrainer, "train", no_training)
+    config = RecoverConfig(steps=2, **FAST)
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("mine")
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    data = data_dir / "text.txt"
+    data.write_text(calib_file.read_text())
+    before = {p.name: p.read_bytes() for p in tiny_carved.iterdir() if p.is_file()}
+    out = tmp_path / "out"
+    cases = [
+        ({"checkpoints": precious}, "holds no recover.json"),
+        ({"checkpoints": tiny_carved}, "--checkpoints .* is model"),
+        ({"checkpoints": data_dir}, "--checkpoints .* holds --data"),
+        ({"checkpoints": out}, "--out .* is --checkpoints"),
+        ({"checkpoints": out / "ckpt"}, "--out .* holds --checkpoints"),
+        ({"adapter_out": out / "adapter"}, "--out .* holds --adapter-out"),
+        ({"adapter_out": out}, "--out .* is --adapter-out"),
+    ]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            recover(tiny_carved, config, data, out, **kwargs)
+    assert (precious / "notes.txt").read_text() == "mine" and data.exists()
+    assert {p.name: p.read_bytes() for p in tiny_carved.iterdir() if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "precious"]
+
+
 def test_cli_reports_a_dense_model_in_one_line(tiny_models, tmp_path):
     code = "from moecarve.cli import main; main()"
     args = ["tune", "recover", str(tiny_models["llama"]), "--steps", "1", "--out", str(tmp_path / "o")]

@@ -60,7 +60,10 @@ class CarveConfig(BaseModel):
         description="rank shared neurons by top-K activation rate (CMoE) or mean squared contribution",
     )
     top_k_activation: float = Field(
-        0.1, gt=0, description="K_a of the activation rate: a count (>= 1) or a fraction of d_h (< 1)"
+        0.1,
+        gt=0,
+        allow_inf_nan=False,
+        description="K_a of the activation rate: a count (>= 1) or a fraction of d_h (< 1)",
     )
     features: Literal["binary", "magnitude"] = Field(
         "magnitude", description="neuron features for clustering: CMoE's top-K markers or output magnitudes"
@@ -74,6 +77,7 @@ class CarveConfig(BaseModel):
     cluster_tol: float = Field(
         1e-3,
         ge=0,
+        allow_inf_nan=False,
         description="stop k-means once an iteration lowers its objective by less than this fraction",
     )
     refine_iters: int = Field(
@@ -85,11 +89,16 @@ class CarveConfig(BaseModel):
     router_ridge: float = Field(
         1.0,
         gt=0,
+        allow_inf_nan=False,
         description="ridge of the linear router's fit (and of the refine's selector), as a fraction of "
         "the FFN inputs' mean variance",
     )
     balance: float = Field(
-        0.0, ge=0, le=1, description="strength of the load-balancing bias (0: none, 1: fully balanced)"
+        0.0,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="strength of the load-balancing bias (0: none, 1: fully balanced)",
     )
     refit_ridge: float | Literal["auto"] | None = Field(
         "auto",
@@ -116,6 +125,13 @@ class CarveConfig(BaseModel):
     @classmethod
     def _apply_preset(cls, values):
         return expand_preset(values) if isinstance(values, dict) else values
+
+    @field_validator("top_k_activation")
+    @classmethod
+    def _check_top_k(cls, value: float) -> float:
+        if value >= 1 and value != int(value):
+            raise ValueError(f"top_k_activation {value}: a count (a whole number >= 1) or a fraction (< 1)")
+        return value
 
     @field_validator("refit_ridge", mode="before")
     @classmethod

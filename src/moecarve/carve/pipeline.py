@@ -26,7 +26,7 @@ from moecarve.carve.families import family_for
 from moecarve.carve.layer import carve_ffn, pad_neurons, timed
 from moecarve.carve.source import SourceError, TensorSource, resolve_source
 from moecarve.carve.target import glm4_moe_config
-from moecarve.carve.writer import ShardWriter, atomic_directory, check_output
+from moecarve.carve.writer import ShardWriter, atomic_directory, check_apart, check_output
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENS_PER_PASS = 4096  # calibration tokens pushed through a layer at once (whole sequences, at least one)
@@ -96,9 +96,13 @@ def reused_heap():
 
 def plan(model, config: CarveConfig, out: Path | None, overwrite: bool):
     """Everything checkable without reading weights or text: raises before any expensive work."""
-    out = Path(out) if out is not None else Path(f"{Path(str(model)).stem}-{config.name}")
     local = Path(str(model)).expanduser()
+    if out is None:  # NAME-S1A2E8 in the current directory; a dotted name (Qwen2.5-0.5B) kept whole
+        name = (local.resolve().name if local.exists() else local.name).removesuffix(".gguf")
+        out = Path(f"{name}-{config.name}")
+    out = Path(out)
     check_output(out, local if local.exists() else None, overwrite)  # before any download or conversion
+    check_apart({"--out": out}, {"model": local})  # also refuses `--out .`, the current directory
     src = resolve_source(model)
     check_output(out, src, overwrite)
     source_config = AutoConfig.from_pretrained(src)
@@ -107,6 +111,10 @@ def plan(model, config: CarveConfig, out: Path | None, overwrite: bool):
     if config.experts > intermediate:
         raise ValueError(
             f"--experts {config.experts} would hold < 1 neuron each (the FFN has {intermediate})"
+        )
+    if config.top_k_activation > intermediate:
+        raise ValueError(
+            f"top_k_activation {config.top_k_activation:g} exceeds the FFN's {intermediate} neurons"
         )
     layers = source_config.num_hidden_layers
     if config.dense_layers > layers:

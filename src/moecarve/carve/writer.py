@@ -37,12 +37,57 @@ def check_output(out: Path, source: Path | None, overwrite: bool, marker: str = 
             raise OutputError(f"--overwrite replaces only an earlier moecarve output; {out} has no {marker}")
 
 
+def check_apart(outputs: dict[str, str | Path | None], inputs: dict[str, str | Path | None]) -> None:
+    """Refuse, before any work, an output that is, holds or lies inside an input or another output
+    (the keys name them in the error): a run would replace what it reads, or delete what it wrote.
+    None, and inputs that are not local paths (hub ids, dataset names), are skipped."""
+    named = {
+        name: Path(p).expanduser().resolve() for name, p in {**inputs, **outputs}.items() if p is not None
+    }
+    named = {name: p for name, p in named.items() if name in outputs or p.exists()}
+    if any(p == Path.cwd() or p in Path.cwd().parents for name, p in named.items() if name in outputs):
+        raise OutputError(
+            "an output would replace the current directory (or one above it): name another path"
+        )
+    for name in (n for n in outputs if n in named):
+        out = named[name]
+        for other, path in named.items():
+            if other == name:
+                continue
+            relation = (
+                "is"
+                if out == path
+                else "is inside"
+                if path in out.parents
+                else "holds"
+                if out in path.parents
+                else None
+            )
+            if relation:
+                raise OutputError(f"{name} {out} {relation} {other} {path}: give them separate paths")
+
+
+def check_output_file(out: str | Path) -> Path:
+    """A results file's path, refused before any work if it cannot be written there: an existing
+    directory, or under an existing file."""
+    out = Path(out).expanduser().resolve()
+    if out.is_dir():
+        raise OutputError(f"output {out} is a directory; name a file")
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise OutputError(f"output {out}: {blocking} is a file, not a directory")
+    return out
+
+
 @contextmanager
 def atomic_directory(out: Path) -> Iterator[Path]:
     """Yield a temporary directory beside `out`; on success it replaces `out`, on error it vanishes."""
     out = out.expanduser().resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would make the output private to its maker
     try:
         yield tmp
         old = None

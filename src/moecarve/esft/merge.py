@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from moecarve.carve.writer import atomic_directory, check_output
+from moecarve.carve.writer import atomic_directory, check_apart, check_output
 from moecarve.esft.select import validate_experts
 from moecarve.esft.shape import model_shape
 
@@ -66,6 +66,7 @@ def merge(model_dir: str | Path, adapter: str | Path, out: str | Path, overwrite
     if out.resolve() == base.resolve():
         raise ValueError(f"output {out} is the base model itself")
     check_output(out, base, overwrite, marker="esft.json")
+    check_apart({"--out": out}, {"model": base, "the adapter": adapter})
     shape = model_shape(base)
     record, tensors = read_adapter(adapter)
     shape.check(record, f"adapter {adapter}")

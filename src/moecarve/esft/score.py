@@ -17,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from moecarve import moe
+from moecarve.carve.writer import check_apart, check_output_file
 from moecarve.esft.data import load_examples
 from moecarve.esft.shape import model_shape
 
@@ -55,6 +56,8 @@ def score(
         raise ValueError(f"--max-length must be at least 2, got {max_length}")
     if Path(out).suffix.lower() == ".png":
         raise ValueError(f"--out {out}: the scores are JSON; the heatmap is written beside them as .png")
+    out = check_output_file(out)
+    check_apart({"--out": out, "the heatmap": out.with_suffix(".png")}, {"model": model_dir, "--data": data})
     shape = model_shape(model_dir)  # dense / unsupported / missing model: refused before loading
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     examples = load_examples(data, tokenizer, max_length)
@@ -86,8 +89,8 @@ def score(
         "tokens": used_tokens,
         "scores": {kind: {str(i): normalise(v) for i, v in layers.items()} for kind, layers in sums.items()},
     }
-    heatmap(record, Path(out).expanduser().with_suffix(".png"))  # first: a failure leaves no scores
-    write_json(Path(out), record)
+    heatmap(record, out.with_suffix(".png"))  # first: a failure leaves no scores
+    write_json(out, record)
     return record
 
 

@@ -10,6 +10,7 @@ import json
 import math
 from pathlib import Path
 
+from moecarve.carve.writer import check_apart, check_output_file
 from moecarve.esft.score import FORMAT as SCORES_FORMAT
 from moecarve.esft.score import SCORES, write_json
 
@@ -50,6 +51,9 @@ def select(
         raise ValueError(f"--score must be one of {', '.join(SCORES)}, got {score!r}")
     if not (isinstance(p, (int, float)) and 0 < p <= 1):
         raise ValueError(f"--p must be in (0, 1], got {p}")
+    if out is not None:
+        out = check_output_file(out)
+        check_apart({"--out": out}, {"the scores file": None if isinstance(scores, dict) else scores})
     record = scores if isinstance(scores, dict) else read_scores(scores)
     layers = record["scores"][score]
     expected = [str(i) for i in record["moe_layers"]]
@@ -77,7 +81,7 @@ def select(
         "fraction_of_model": trainable / record["total_parameters"],
     }
     if out is not None:
-        write_json(Path(out), result)
+        write_json(out, result)
     return result
 
 

@@ -180,11 +180,15 @@ def train(
     """ESFT: train the selected experts of MODEL on the task data, save the adapter to `out`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from moecarve.carve.writer import atomic_directory, check_output
+    from moecarve.carve.writer import atomic_directory, check_apart, check_output
 
     config = config or EsftConfig()
     out = Path(out).expanduser()
     check_output(out, Path(model_dir), overwrite, marker="esft_config.json")
+    check_apart(
+        {"--out": out},
+        {"model": model_dir, "--experts": experts_file, "--data": data, "--mix-general": config.mix_general},
+    )
     shape = model_shape(model_dir)
     record = read_experts(experts_file)
     shape.check(record, f"experts file {experts_file}")

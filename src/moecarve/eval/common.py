@@ -152,16 +152,40 @@ def peak_rss_gib() -> float:
     return peak / 1024**3 if sys.platform == "darwin" else peak / 1024**2  # bytes on macOS, else KiB
 
 
-def check_output(out: str | Path | None, models: list[Path]) -> Path | None:
-    """Refuse an output path inside a model directory: eval never writes into a model."""
+def check_output(out: str | Path | None, models: list[Path], data: str | Path | None = None) -> Path | None:
+    """Refuse, before loading anything, an output inside a model directory (eval never writes into a
+    model), one that is the data it reads, or one that cannot be a file (a directory, or under a file)."""
+    from moecarve.carve.writer import check_apart, check_output_file
+
     if out is None:
         return None
     out = Path(out).expanduser().resolve()
     for model in models:
-        root = model.resolve()
+        root = Path(model).expanduser().resolve()
         if out == root or root in out.parents:
             raise ValueError(f"output {out} is inside the model directory {root}; eval never writes there")
-    return out
+    check_apart({"--out": out}, {"--data": data})
+    return check_output_file(out)
+
+
+def resolve_device(device: str | None) -> str:
+    """The device to run on, checked before any model loads: CUDA where present unless given."""
+    if device is None:
+        return default_device()
+    try:
+        parsed = torch.device(device)
+    except RuntimeError as err:
+        raise ValueError(f"--device {device!r}: {str(err).splitlines()[0]}") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+            )
+    elif parsed.type != "cpu":
+        raise ValueError(f"--device {device}: eval runs on cpu or cuda")
+    return device
 
 
 def write_json(record: dict, out: Path | None) -> None:

@@ -82,9 +82,9 @@ def evaluate_load(
     imbalance, and the summary (mean and worst max/mean over layers).
     """
     path = common.resolve_model(model)
-    out = common.check_output(out, [path])
+    out = common.check_output(out, [path], data)
     torch_dtype = common.parse_dtype(dtype)
-    device = device or common.default_device()
+    device = common.resolve_device(device)
     text, description = read_text(data)
     from transformers import AutoTokenizer
 

@@ -85,9 +85,9 @@ def evaluate_ppl(
     if not models:
         raise ValueError("no model given")
     paths = [common.resolve_model(m) for m in models]
-    out = common.check_output(out, paths)
+    out = common.check_output(out, paths, data)
     torch_dtype = common.parse_dtype(dtype)
-    device = device or common.default_device()
+    device = common.resolve_device(device)
     text, description = read_text(data)
 
     shared: dict[str, torch.Tensor] = {}  # tokenizer fingerprint -> windows

@@ -151,9 +151,9 @@ def evaluate_speed(
     named = {"model": common.resolve_model(model)}
     if baseline is not None:
         named["baseline"] = common.resolve_model(baseline)
-    out = common.check_output(out, list(named.values()))
+    out = common.check_output(out, list(named.values()), data)
     torch_dtype = common.parse_dtype(dtype)
-    device = device or common.default_device()
+    device = common.resolve_device(device)
     from transformers import AutoTokenizer
 
     text, description = read_text(data)

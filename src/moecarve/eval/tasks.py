@@ -128,7 +128,7 @@ def evaluate_tasks(
     path = common.resolve_model(model)
     out = common.check_output(out, [path])
     torch_dtype = common.parse_dtype(dtype)
-    device = device or common.default_device()
+    device = common.resolve_device(device)
     for name in names:
         data_dir(name)
 

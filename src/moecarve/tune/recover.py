@@ -20,7 +20,7 @@ from accelerate import PartialState
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, set_seed
 
-from moecarve.carve.writer import atomic_directory, check_output
+from moecarve.carve.writer import atomic_directory, check_apart, check_output
 from moecarve.tune.adapters import DEFAULT_LORA_TARGETS, trainable_model
 from moecarve.tune.balance import LoadTracker
 from moecarve.tune.data import training_blocks
@@ -124,6 +124,10 @@ def recover(
         check_output(adapter_out, src, overwrite, marker="adapter_config.json")
     teacher_dir = _teacher_dir(src, teacher, carved_config) if config.distill else None
     checkpoints = Path(checkpoints or f"{out}.checkpoints").expanduser()
+    check_apart(
+        {"--out": out, "--checkpoints": checkpoints, "--adapter-out": adapter_out},
+        {"model": src, "--data": data, "--teacher": teacher_dir},
+    )  # the checkpoints are deleted at the end, the outputs replaced
     identity = {**_identity(src, config), "data": str(data), "teacher": str(teacher_dir)}
     _check_checkpoints(checkpoints, identity, resume)
 
@@ -213,7 +217,15 @@ IDENTITY = "recover.json"  # in the checkpoint directory: what the checkpoints a
 
 
 def _check_checkpoints(checkpoints: Path, identity: dict, resume: bool) -> None:
-    """A run resumes only its own checkpoints, and never silently restarts over them."""
+    """A run resumes only its own checkpoints, never silently restarts over them, and never takes
+    (and at its end deletes) a directory that is not its checkpoints'."""
+    if checkpoints.exists() and (
+        not checkpoints.is_dir() or (any(checkpoints.iterdir()) and not (checkpoints / IDENTITY).is_file())
+    ):
+        raise ValueError(
+            f"--checkpoints {checkpoints} exists and holds no {IDENTITY}: it is not a recover run's "
+            "checkpoint directory (it is deleted when the run ends); name a new one"
+        )
     last = _last_checkpoint(checkpoints) if checkpoints.is_dir() else None
     if not resume:
         if last is not None:

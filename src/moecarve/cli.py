@@ -10,13 +10,14 @@ import json
 import sys
 
 import click
+from safetensors import SafetensorError
 
 from moecarve.carve.config import PRESETS, CarveConfig
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
-# Errors the library raises on bad input: printed as one line, exit status 2.
-USER_ERRORS = (ValueError, FileNotFoundError, OSError)
+# Errors the library raises on bad input (and safetensors on a damaged file): one line, exit status 2.
+USER_ERRORS = (ValueError, FileNotFoundError, OSError, SafetensorError)
 
 
 def _field_help(name: str) -> str:

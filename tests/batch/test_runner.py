@@ -94,6 +94,23 @@ def test_output_of_another_recipe_is_refused(make_recipe, tmp_path):
         runner.open_batch(make_recipe(tmp_path / "c"), stranger)
 
 
+def test_output_inside_a_model_is_refused_and_a_failed_start_leaves_no_output(
+    make_recipe, tiny_models, tmp_path
+):
+    recipe = make_recipe(tmp_path / "r")
+    with pytest.raises(ValueError, match="batch output .* is inside model"):
+        runner.open_batch(recipe, tiny_models["llama"] / "runs")
+    assert not (tiny_models["llama"] / "runs").exists()
+    not_a_model = tmp_path / "notes"
+    not_a_model.mkdir()
+    (not_a_model / "notes.txt").write_text("mine")
+    text = recipe.read_text().replace(str(tiny_models["llama"]), str(not_a_model))
+    batch = runner.open_batch(make_recipe(tmp_path / "s", text=text), tmp_path / "out")
+    with pytest.raises((ValueError, OSError)):
+        runner.run(batch, list(batch.jobs), progress=False)
+    assert not (tmp_path / "out").exists() and (not_a_model / "notes.txt").read_text() == "mine"
+
+
 def test_changed_settings_of_a_finished_job_are_refused(make_recipe, reference, tmp_path):
     recipe = make_recipe(tmp_path)
     runner.open_batch(recipe, reference)  # same settings: accepted

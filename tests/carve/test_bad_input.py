@@ -151,6 +151,14 @@ def test_bad_jsonl_names_the_line(tiny_models, tmp_path):
         carve(tiny_models["llama"], CarveConfig(**TINY), bad, tmp_path / "o")
 
 
+def test_binary_calibration_file_is_named(tiny_models, tmp_path):
+    binary = tmp_path / "c.txt"
+    binary.write_bytes(b"\x00\xff\xfe" * 100)
+    with pytest.raises(ValueError, match="c.txt is not UTF-8 text"):
+        carve(tiny_models["llama"], CarveConfig(**TINY), binary, tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
 def test_output_not_empty_or_inside_source(tiny_models, calib_file, tmp_path):
     out = tmp_path / "o"
     out.mkdir()

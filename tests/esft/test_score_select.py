@@ -90,6 +90,12 @@ def test_select_refuses_other_files(tmp_path):
         select.select(bad, "token", 0.2)
     with pytest.raises(FileNotFoundError):
         select.select(tmp_path / "missing.json", "token", 0.2)
+    bad.write_text(json.dumps({"format": score.FORMAT, "scores": {}}))
+    with pytest.raises(ValueError, match="lacks model_type, .*expert_parameters"):
+        select.select(bad, "token", 0.2)
+    bad.write_bytes(b"\xff\xfe binary")
+    with pytest.raises(ValueError, match="x.json is not UTF-8 text"):
+        select.select(bad, "token", 0.2)
 
 
 def test_score_refuses_dense_model_before_reading_data(tiny_models, tmp_path):

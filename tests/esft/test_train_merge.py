@@ -142,6 +142,8 @@ def test_mix_general(tiny_carved, task_file, tmp_path):
     assert len(mixed) == len(task_only) + len(task_only) // 3  # a quarter of the set is general text
     with pytest.raises(ValueError, match="TEXT:RATIO"):
         train.EsftConfig(mix_general=str(general))  # no ratio
+    with pytest.raises(ValueError, match="finite number"):
+        train.EsftConfig(lr=float("inf"))  # would train NaN weights
     with pytest.raises(FileNotFoundError, match="--mix-general"):
         train.training_set(
             tiny_carved,

@@ -53,7 +53,11 @@ def test_evaluate_load_record(tiny_carved, calib_file, tmp_path, unchanged):
     assert record["summary"]["worst_max_over_mean"] == max(r["max_over_mean"] for r in record["layers"])
 
 
-def test_load_refuses_dense(tiny_models, calib_file):
+def test_load_refuses_dense_before_loading_it(tiny_models, calib_file, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("model loaded")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_loading)
     with pytest.raises(ValueError, match="has no routed experts"):
         evaluate_load(tiny_models["llama"], calib_file, windows=1, length=16, progress=False)
 

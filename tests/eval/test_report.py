@@ -70,6 +70,18 @@ def test_report_bad_input(tmp_path):
         render_report(tmp_path / "nope")
     with pytest.raises(ValueError, match="no eval results"):
         render_report(tmp_path)
+    (tmp_path / "ppl.json").write_text(json.dumps({"kind": "ppl"}))  # a record of another shape
+    with pytest.raises(ValueError, match="not as `moecarve eval` writes it"):
+        render_report(tmp_path, tmp_path / "report")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ppl.json"]  # nothing written
+
+
+def test_report_never_writes_into_a_model(tiny_models, calib_file, tmp_path):
+    evaluate_ppl([tiny_models["llama"]], calib_file, 2, 32, out=tmp_path / "ppl.json", progress=False)
+    before = sorted(p.name for p in tiny_models["llama"].iterdir())
+    with pytest.raises(ValueError, match="is a model directory"):
+        render_report(tmp_path, tiny_models["llama"])
+    assert sorted(p.name for p in tiny_models["llama"].iterdir()) == before
 
 
 def test_report_to_markdown_file_with_batch_carve_times(tiny_models, tiny_carved, calib_file, tmp_path):

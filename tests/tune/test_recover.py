@@ -212,6 +212,9 @@ def test_bad_input_fails_before_training(tiny_models, tiny_carved, calib_file, t
         RecoverConfig(steps=0)
     with pytest.raises(ValidationError, match="combines with nothing"):
         RecoverConfig(steps=1, train="full,router")
+    for rate in ("lr", "router_lr"):  # an infinite step trains NaN weights
+        with pytest.raises(ValidationError, match="finite number"):
+            RecoverConfig(steps=1, **{rate: float("inf")})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "short.txt"]  # nothing else written
 
 

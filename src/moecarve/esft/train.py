@@ -32,7 +32,7 @@ CONFIG_FILE, TENSORS_FILE = "esft_config.json", "esft.safetensors"
 class EsftConfig(BaseModel):
     """Training settings (paper: lr 1e-5, AdamW (0.9, 0.95), weight decay 0.1)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # an inf lr trains NaN weights
 
     steps: int = Field(100, ge=1, description="optimiser steps")
     lr: float = Field(1e-5, gt=0, description="peak learning rate")

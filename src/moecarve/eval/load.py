@@ -85,8 +85,13 @@ def evaluate_load(
     out = common.check_output(out, [path], data)
     torch_dtype = common.parse_dtype(dtype)
     device = common.resolve_device(device)
+    from transformers import AutoConfig, AutoTokenizer
+
+    from moecarve.moe import meta_model
+
+    if not routers(meta_model(AutoConfig.from_pretrained(path))):  # the skeleton only: nothing loaded
+        raise ValueError(f"{path} has no routed experts: expert load needs a carved glm4_moe model")
     text, description = read_text(data)
-    from transformers import AutoTokenizer
 
     ids = _tail_windows(
         tokenize_stream(AutoTokenizer.from_pretrained(path), text), windows, length, description

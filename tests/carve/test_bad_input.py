@@ -240,7 +240,7 @@ def _bin_only(src, tmp_path):
         (lambda src, tmp: (src, None, tmp / "o"), {"calib_length": 4096, "calib_tokens": 4096}, ValueError, r"4096 exceeds the model's \d+ positions"),
         (_bin_only, {}, SourceError, "only safetensors checkpoints are read"),
         (lambda src, tmp: (src, tmp / "missing.txt", tmp / "o"), {}, CalibrationError, "calibration source not found"),
-        (lambda src, tmp: (src, (tmp / "texts").mkdir() or tmp / "texts", tmp / "o"), {}, CalibrationError, "holds no .txt files"),
+        (lambda src, tmp: (src, (tmp / "texts").mkdir() or tmp / "texts", tmp / "o"), {}, CalibrationError, "directory holding no .txt files"),
         (lambda src, tmp: (src, None, (tmp / "o").write_text("x") and tmp / "o"), {}, OutputError, "exists and is not a directory"),
     ],
     ids=["dense_layers", "calib_length", "bin_only", "calib_missing", "calib_dir_empty", "out_is_file"],

@@ -117,6 +117,8 @@ def test_bad_outputs_and_devices_fail_before_loading(tiny_models, calib_file, tm
     ] + ([] if torch.cuda.is_available() else [({"device": "cuda"}, "CUDA is not available")]):
         with pytest.raises(ValueError, match=message):
             evaluate_ppl([model], calib_file, windows=2, length=32, **options)
+    with pytest.raises(ValueError, match="--data not found"):
+        evaluate_ppl([model], tmp_path / "missing.txt", windows=2, length=32)
     assert calib_file.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
 

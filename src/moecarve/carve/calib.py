@@ -40,8 +40,8 @@ class Calibration:
         return self.input_ids.numel()
 
 
-def read_text(source: str | Path | None) -> tuple[str, str]:
-    """(text, description of its source)."""
+def read_text(source: str | Path | None, what: str = "calibration source") -> tuple[str, str]:
+    """(text, description of its source); `what` names the source in errors."""
     from moecarve import resources
 
     if source is None or str(source) == resources.PROTOCOL_TEXT:
@@ -50,14 +50,14 @@ def read_text(source: str | Path | None) -> tuple[str, str]:
     if path.is_dir():
         files = sorted(path.rglob("*.txt"))
         if not files:
-            raise CalibrationError(f"calibration directory {path} holds no .txt files")
+            raise CalibrationError(f"{what} {path} is a directory holding no .txt files")
         return "\n\n".join(read_utf8(f) for f in files), f"{len(files)} .txt files in {path}"
     if path.is_file():
         if path.suffix == ".jsonl":
             return _read_jsonl(path), str(path)
         return read_utf8(path), str(path)
     if path.suffix or str(source).startswith((".", "/", "~")):
-        raise CalibrationError(f"calibration source not found: {source}")
+        raise CalibrationError(f"{what} not found: {source}")
     return _read_hub_dataset(str(source)), f"hub dataset {source}"
 
 

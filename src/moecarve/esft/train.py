@@ -150,7 +150,7 @@ def training_set(model_dir, data, tokenizer, config: EsftConfig) -> list[dict]:
                 f"--mix-general {config.mix_general}: no such file or directory "
                 "(a text or JSONL file, a directory of .txt files, or 'protocol')"
             )
-        text, _ = read_text(source)
+        text, _ = read_text(source, "--mix-general")
         wanted = math.ceil(len(examples) * config.mix_ratio / (1 - config.mix_ratio))
         general = text_examples(text[: 8 * wanted * config.max_length], tokenizer, config.max_length)
         if len(general) < wanted:

@@ -91,7 +91,7 @@ def evaluate_load(
 
     if not routers(meta_model(AutoConfig.from_pretrained(path))):  # the skeleton only: nothing loaded
         raise ValueError(f"{path} has no routed experts: expert load needs a carved glm4_moe model")
-    text, description = read_text(data)
+    text, description = read_text(data, "--data")
 
     ids = _tail_windows(
         tokenize_stream(AutoTokenizer.from_pretrained(path), text), windows, length, description

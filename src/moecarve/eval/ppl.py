@@ -21,7 +21,7 @@ from moecarve.eval import common
 
 def evaluation_windows(tokenizer, windows: int = 16, length: int = 2048, source=None) -> torch.Tensor:
     """The last `windows` x `length` tokens of the text stream as [windows, length]."""
-    text, description = read_text(source)
+    text, description = read_text(source, "--data")
     return _tail_windows(tokenize_stream(tokenizer, text), windows, length, description)
 
 
@@ -88,7 +88,7 @@ def evaluate_ppl(
     out = common.check_output(out, paths, data)
     torch_dtype = common.parse_dtype(dtype)
     device = common.resolve_device(device)
-    text, description = read_text(data)
+    text, description = read_text(data, "--data")
 
     shared: dict[str, torch.Tensor] = {}  # tokenizer fingerprint -> windows
     per_model = []

@@ -156,7 +156,7 @@ def evaluate_speed(
     device = common.resolve_device(device)
     from transformers import AutoTokenizer
 
-    text, description = read_text(data)
+    text, description = read_text(data, "--data")
     need = max(batch_sizes) * prompt_length
     stream = tokenize_prefix(AutoTokenizer.from_pretrained(named["model"]), text, need)
     if stream.numel() < need:

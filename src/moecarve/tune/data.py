@@ -32,7 +32,7 @@ class TrainingText:
 def training_blocks(tokenizer, source, length: int, count: int) -> TrainingText:
     """`count` blocks of `length` tokens from the start of the source; fewer when it is short, an
     error when not even one block fits."""
-    text, description = read_text(source)
+    text, description = read_text(source, "--data")
     stream = tokenize_stream(tokenizer, text)
     held_out = PROTOCOL_TOKENS if source is None or str(source) == resources.PROTOCOL_TEXT else 0
     usable = stream[: stream.numel() - held_out] if held_out else stream

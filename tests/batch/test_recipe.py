@@ -58,6 +58,17 @@ BAD = {
         "unknown task 'pika'",
     ),
     "not YAML": (("  - {experts: 8, active: 2}", "  - {experts: 8, active: 2"), 8, "not valid YAML"),
+    "missing calibration file": (
+        ("{experts: 8, active: 2}", "{experts: 8, active: 2, calib: texts/missing.txt}"),
+        7,
+        "configs[0].calib: not found: texts/missing.txt",
+    ),
+    "calibration not a path": (("{experts: 8, active: 2}", "{experts: 8, active: 2, calib: 5}"), 7, "got 5"),
+    "missing ppl text": (
+        ("{windows: 4, length: 128}", "{windows: 4, length: 128, data: ./gone.txt}"),
+        9,
+        "eval_ppl.data: not found",
+    ),
 }
 
 
@@ -73,6 +84,16 @@ def test_good_recipe_expands_models_x_configs(tmp_path):
     assert loaded.jobs[0].stages == ("eval_ppl",) and loaded.jobs[0].carve is None
     assert loaded.jobs[2].carve.active_fraction == 6 / 16
     assert loaded.output() == tmp_path / "out"  # relative to the recipe file, not the working directory
+
+
+def test_text_settings_found_relative_to_the_recipe_or_named_as_hub_datasets(tmp_path):
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "c.txt").write_text("text")
+    text = GOOD.replace("{experts: 8, active: 2}", "{experts: 8, active: 2, calib: texts/c.txt}")
+    text = text.replace(
+        "{experts: 16, active: 4, shared: 2}", "{experts: 16, active: 4, shared: 2, calib: wikitext}"
+    )
+    assert [job.calib for job in load_recipe(write(tmp_path, text)).jobs] == ["texts/c.txt", "wikitext"]
 
 
 def test_shared_defaults_then_model_then_configuration(tmp_path):

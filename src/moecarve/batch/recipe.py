@@ -171,6 +171,8 @@ def _expand(recipe: Recipe, node, path: Path) -> list[Job]:
         _check_carve_keys(model.carve, ("models", m, "carve"), node, path)
     for c, entry in enumerate(recipe.configs):
         _check_carve_keys(entry, ("configs", c), node, path, allow_name=True)
+    if recipe.eval_ppl is not None:
+        _check_text_source(recipe.eval_ppl.data, ("eval_ppl", "data"), node, path)
     stages = tuple(recipe.stages)
     options = {s: getattr(recipe, s).model_dump() for s in ("eval_ppl", "eval_tasks") if getattr(recipe, s)}
     jobs, model_names = [], set()
@@ -223,6 +225,24 @@ def _check_carve_keys(section: dict, loc: tuple, node, path: Path, allow_name: b
                 f"{path}:{_line(node, (*loc, key))}: {dotted}: unknown carve setting "
                 "(see CarveConfig in docs/carve.md)"
             )
+    if "calib" in section:
+        _check_text_source(section["calib"], (*loc, "calib"), node, path)
+
+
+def _check_text_source(value, loc: tuple, node, path: Path) -> None:
+    """A text setting (calib, eval_ppl.data) names a file or directory that exists relative to the
+    recipe, or a hub dataset (a bare name): a path that is not there fails now, not after a carve."""
+    from moecarve import resources
+
+    dotted = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
+    where = f"{path}:{_line(node, loc)}: {dotted}"
+    if value is None or value == resources.PROTOCOL_TEXT:
+        return
+    if not isinstance(value, str):
+        raise RecipeError(f"{where}: a file, a directory or a hub dataset name, got {value!r}")
+    local = path.parent / Path(value).expanduser()
+    if not local.exists() and (Path(value).suffix or value.startswith((".", "/", "~"))):
+        raise RecipeError(f"{where}: not found: {value} (relative to {path.parent})")
 
 
 def _located(err: ValidationError, node, path: Path, prefix: tuple) -> RecipeError:

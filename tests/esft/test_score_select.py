@@ -138,5 +138,7 @@ def test_outputs_never_replace_inputs(tiny_carved, task_file, carved_scores, tmp
             score.score(tiny_carved, task_file, out, tokens=TOKENS)
     with pytest.raises(ValueError, match="--out .* is the scores file"):
         select.select(carved_scores[1], "token", 0.2, out=carved_scores[1])
+    with pytest.raises(ValueError, match="--out .* is inside the scored model"):
+        select.select(carved_scores[1], "token", 0.2, out=tiny_carved / "config.json")
     assert [p.read_bytes() for p in inputs] == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]

@@ -94,6 +94,11 @@ def test_bad_models_fail_before_work(tiny_models, tmp_path):
     (broken / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="unreadable"):
         evaluate_ppl([broken])
+    truncated = shutil.copytree(tiny_models["llama"], tmp_path / "truncated")
+    weights = truncated / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ValueError, match="truncated: a weights file is damaged"):
+        evaluate_ppl([truncated], windows=1, length=16)
 
 
 def test_bad_outputs_and_devices_fail_before_loading(tiny_models, calib_file, tmp_path, monkeypatch):

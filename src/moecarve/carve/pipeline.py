@@ -101,8 +101,8 @@ def plan(model, config: CarveConfig, out: Path | None, overwrite: bool):
         name = (local.resolve().name if local.exists() else local.name).removesuffix(".gguf")
         out = Path(f"{name}-{config.name}")
     out = Path(out)
-    check_output(out, local if local.exists() else None, overwrite)  # before any download or conversion
     check_apart({"--out": out}, {"model": local})  # also refuses `--out .`, the current directory
+    check_output(out, local if local.exists() else None, overwrite)  # before any download or conversion
     src = resolve_source(model)
     check_output(out, src, overwrite)
     source_config = AutoConfig.from_pretrained(src)

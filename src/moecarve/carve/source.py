@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -18,6 +20,17 @@ from safetensors.torch import save_file
 
 class SourceError(ValueError):
     """The source model cannot be read."""
+
+
+@contextmanager
+def damaged_weights_named(path: str | Path) -> Iterator[None]:
+    """safetensors' errors do not say which file: name the model or adapter they came from."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as err:
+        raise SourceError(f"{path}: a weights file is damaged ({err})") from None
 
 
 def resolve_source(model: str | Path) -> Path:

@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from moecarve.carve.calib import read_utf8
+from moecarve.carve.source import damaged_weights_named
 from moecarve.carve.writer import atomic_directory, check_apart, check_output
 from moecarve.esft.select import validate_experts
 from moecarve.esft.shape import model_shape
@@ -28,10 +30,14 @@ def read_adapter(adapter: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     adapter = Path(adapter).expanduser()
     if not (adapter / CONFIG_FILE).is_file() or not (adapter / TENSORS_FILE).is_file():
         raise FileNotFoundError(f"no ESFT adapter at {adapter} ({CONFIG_FILE} and {TENSORS_FILE} expected)")
-    record = json.loads((adapter / CONFIG_FILE).read_text())
-    if record.get("format") != ADAPTER_FORMAT:
+    try:
+        record = json.loads(read_utf8(adapter / CONFIG_FILE))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{adapter / CONFIG_FILE} is not JSON ({err.msg})") from None
+    if not isinstance(record, dict) or record.get("format") != ADAPTER_FORMAT:
         raise ValueError(f"{adapter} is not an `esft train` output ({ADAPTER_FORMAT})")
-    return record, load_file(str(adapter / TENSORS_FILE))
+    with damaged_weights_named(adapter):
+        return record, load_file(str(adapter / TENSORS_FILE))
 
 
 def apply_adapter(model, record: dict, tensors: dict[str, torch.Tensor]) -> None:

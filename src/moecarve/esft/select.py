@@ -60,10 +60,11 @@ def select(
         raise ValueError(f"--score must be one of {', '.join(SCORES)}, got {score!r}")
     if not (isinstance(p, (int, float)) and 0 < p <= 1):
         raise ValueError(f"--p must be in (0, 1], got {p}")
-    if out is not None:
-        out = check_output_file(out)
-        check_apart({"--out": out}, {"the scores file": None if isinstance(scores, dict) else scores})
     record = scores if isinstance(scores, dict) else read_scores(scores)
+    if out is not None:  # never over the scores, nor into the model they were made on
+        out = check_output_file(out)
+        scores_file = None if isinstance(scores, dict) else scores
+        check_apart({"--out": out}, {"the scores file": scores_file, "the scored model": record.get("model")})
     layers = record["scores"][score]
     expected = [str(i) for i in record["moe_layers"]]
     if sorted(layers, key=int) != expected:

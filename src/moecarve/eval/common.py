@@ -63,8 +63,11 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32, device: str = "cp
     """(model, tokenizer) with stock transformers, in eval mode."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from moecarve.carve.source import damaged_weights_named
+
     tokenizer = AutoTokenizer.from_pretrained(path)
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+    with damaged_weights_named(path):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
     return model, tokenizer
 
 
@@ -174,8 +177,8 @@ def resolve_device(device: str | None) -> str:
         return default_device()
     try:
         parsed = torch.device(device)
-    except RuntimeError as err:
-        raise ValueError(f"--device {device!r}: {str(err).splitlines()[0]}") from None
+    except RuntimeError:
+        raise ValueError(f"--device {device!r}: expected cpu, cuda or cuda:N") from None
     if parsed.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu")

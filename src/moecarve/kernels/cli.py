@@ -77,7 +77,9 @@ def tune_command(model, batches, dtype, quick, reps, out, device, experts_interf
     _check_writable(out_dir)
     model_dir = Path(model).expanduser().resolve()
     if model_dir.is_dir() and (out_dir.resolve() == model_dir or model_dir in out_dir.resolve().parents):
-        raise click.BadParameter(f"{out_dir} is inside the model directory {model_dir}", param_hint="--out")
+        raise ValueError(
+            f"tables directory {out_dir} is in the model directory {model_dir}; give --out elsewhere"
+        )
     if out_dir.resolve() not in [d.resolve() for d in dirs]:
         click.echo(
             f"note: `auto` does not read {out_dir}; add it to $MOECARVE_KERNEL_CONFIGS to use the table",

@@ -20,6 +20,8 @@ from accelerate import PartialState
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, set_seed
 
+from moecarve.carve.calib import read_utf8
+from moecarve.carve.source import damaged_weights_named
 from moecarve.carve.writer import atomic_directory, check_apart, check_output
 from moecarve.tune.adapters import DEFAULT_LORA_TARGETS, trainable_model
 from moecarve.tune.balance import LoadTracker
@@ -88,8 +90,11 @@ def check_carved(model_dir: Path) -> dict:
     config_path = model_dir / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"no model at {model_dir} (config.json missing)")
-    config = json.loads(config_path.read_text())
-    if config.get("model_type") != "glm4_moe":
+    try:
+        config = json.loads(read_utf8(config_path))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{config_path} is not JSON ({err.msg})") from None
+    if not isinstance(config, dict) or config.get("model_type") != "glm4_moe":
         raise ValueError(
             f"{model_dir} is a {config.get('model_type', 'unknown')} model, not a carved MoE checkpoint: "
             f"run `carve {model_dir} --experts 8 --active 2 --out DIR` first and recover DIR"
@@ -124,12 +129,13 @@ def recover(
         if not config.uses_lora:
             raise ValueError("--adapter-out needs LoRA in --train")
         check_output(adapter_out, src, overwrite, marker="adapter_config.json")
-    teacher_dir = _teacher_dir(src, teacher, carved_config) if config.distill else None
     checkpoints = Path(checkpoints or f"{out}.checkpoints").expanduser()
+    local_teacher = Path(teacher).expanduser() if teacher is not None else None
     check_apart(
         {"--out": out, "--checkpoints": checkpoints, "--adapter-out": adapter_out},
-        {"model": src, "--data": data, "--teacher": teacher_dir},
-    )  # the checkpoints are deleted at the end, the outputs replaced
+        {"model": src, "--data": data, "--teacher": local_teacher},
+    )  # the checkpoints are deleted at the end, the outputs replaced; before any teacher download
+    teacher_dir = _teacher_dir(src, teacher, carved_config) if config.distill else None
     identity = {**_identity(src, config), "data": str(data), "teacher": str(teacher_dir)}
     _check_checkpoints(checkpoints, identity, resume)
 
@@ -143,13 +149,15 @@ def recover(
             f"{per_step}: give more text or lower --batch-size/--length"
         )
 
-    base = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    with damaged_weights_named(src):
+        base = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     set_seed(config.seed)  # LoRA's initialisation: a resumed run rebuilds the same adapter
     save_dtype = getattr(torch, carved_config.get("dtype") or carved_config.get("torch_dtype") or "float32")
     model_ = trainable_model(base, config)
     tracker = LoadTracker(model_, config.bias_rate)
     trainable = sum(p.numel() for p in model_.parameters() if p.requires_grad)
 
+    teacher_model = _load_teacher(teacher_dir) if teacher_dir else None  # a damaged one fails here
     state.wait_for_everyone()  # every process has checked the checkpoints before one writes
     if state.is_main_process:
         checkpoints.mkdir(parents=True, exist_ok=True)
@@ -160,7 +168,7 @@ def recover(
         train_dataset=Blocks(text.blocks),
         callbacks=[BalanceCallback(tracker), *callbacks],
         router_lr=config.router_lr,
-        teacher=_load_teacher(teacher_dir) if teacher_dir else None,
+        teacher=teacher_model,
         distill=config.distill,
     )
     last = _last_checkpoint(checkpoints) if resume else None
@@ -210,7 +218,8 @@ def _teacher_dir(src: Path, teacher, carved_config: dict) -> Path:
 
 
 def _load_teacher(path: Path):
-    teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with damaged_weights_named(path):
+        teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     teacher.requires_grad_(False)
     return teacher
 

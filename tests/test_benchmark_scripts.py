@@ -21,6 +21,7 @@ PARSER_CALLS |= {
     "tuple",
     "splitlines",
     "strip",
+    "is_available",  # a --device default
 }
 
 

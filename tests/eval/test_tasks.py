@@ -102,5 +102,7 @@ def test_unknown_task_fails_before_loading():
 def test_bad_limit_and_missing_model(tmp_path):
     with pytest.raises(ValueError, match="--limit must be at least 1"):
         evaluate_tasks(tmp_path, "piqa", limit=0)
+    with pytest.raises(ValueError, match="--batch-size must be at least 1"):
+        evaluate_tasks(tmp_path, "piqa", batch_size=0)
     with pytest.raises(FileNotFoundError, match="model not found"):
         evaluate_tasks(tmp_path / "nope", "piqa")

@@ -125,6 +125,8 @@ def evaluate_tasks(
     names = parse_tasks(tasks)
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be at least 1, got {limit}")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     path = common.resolve_model(model)
     out = common.check_output(out, [path])
     torch_dtype = common.parse_dtype(dtype)

@@ -120,6 +120,9 @@ def recover(
     started = time.perf_counter()
     src = Path(model).expanduser()
     carved_config = check_carved(src)
+    positions = carved_config.get("max_position_embeddings")
+    if positions and config.length > positions:  # blocks of exactly --length tokens
+        raise ValueError(f"--length {config.length} exceeds the model's {positions} positions")
     if out is None:
         raise ValueError("an output directory is needed (--out)")
     out = Path(out).expanduser()

@@ -54,15 +54,12 @@ def check_apart(outputs: dict[str, str | Path | None], inputs: dict[str, str | P
         for other, path in named.items():
             if other == name:
                 continue
-            relation = (
-                "is"
-                if out == path
-                else "is inside"
-                if path in out.parents
-                else "holds"
-                if out in path.parents
-                else None
+            relations = (
+                ("is", out == path),
+                ("is inside", path in out.parents),
+                ("holds", out in path.parents),
             )
+            relation = next((word for word, holds in relations if holds), None)
             if relation:
                 raise OutputError(f"{name} {out} {relation} {other} {path}: give them separate paths")
 

@@ -167,6 +167,8 @@ def check_output(out: str | Path | None, models: list[Path], data: str | Path | 
         root = Path(model).expanduser().resolve()
         if out == root or root in out.parents:
             raise ValueError(f"output {out} is inside the model directory {root}; eval never writes there")
+    if data is not None and Path(data).expanduser().is_dir() and out.suffix != ".txt":
+        data = None  # of a directory only the .txt files are read: a record may go inside it
     check_apart({"--out": out}, {"--data": data})
     return check_output_file(out)
 

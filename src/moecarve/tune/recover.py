@@ -32,9 +32,8 @@ from moecarve.tune.trainer import BalanceCallback, Blocks, RecoverTrainer, train
 class RecoverConfig(BaseModel):
     """What `moecarve tune recover` trains, and how."""
 
-    model_config = ConfigDict(
-        extra="forbid", frozen=True, allow_inf_nan=False
-    )  # an inf lr trains NaN weights
+    # allow_inf_nan: an infinite learning rate would train NaN weights
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     steps: int = Field(ge=1, description="optimiser steps")
     train: tuple[Literal["router", "lora", "full"], ...] = Field(

@@ -220,9 +220,8 @@ def _check_carve_keys(section: dict, loc: tuple, node, path: Path, allow_name: b
     allowed = set(CarveConfig.model_fields) | {"calib"} | ({"name"} if allow_name else set())
     for key in section:
         if key not in allowed:
-            dotted = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in (*loc, key)).lstrip(".")
             raise RecipeError(
-                f"{path}:{_line(node, (*loc, key))}: {dotted}: unknown carve setting "
+                f"{path}:{_line(node, (*loc, key))}: {_dotted((*loc, key))}: unknown carve setting "
                 "(see CarveConfig in docs/carve.md)"
             )
     if "calib" in section:
@@ -233,16 +232,21 @@ def _check_text_source(value, loc: tuple, node, path: Path) -> None:
     """A text setting (calib, eval_ppl.data) names a file or directory that exists relative to the
     recipe, or a hub dataset (a bare name): a path that is not there fails now, not after a carve."""
     from moecarve import resources
+    from moecarve.carve.calib import looks_like_path
 
-    dotted = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
-    where = f"{path}:{_line(node, loc)}: {dotted}"
+    where = f"{path}:{_line(node, loc)}: {_dotted(loc)}"
     if value is None or value == resources.PROTOCOL_TEXT:
         return
     if not isinstance(value, str):
         raise RecipeError(f"{where}: a file, a directory or a hub dataset name, got {value!r}")
     local = path.parent / Path(value).expanduser()
-    if not local.exists() and (Path(value).suffix or value.startswith((".", "/", "~"))):
+    if not local.exists() and looks_like_path(value):
         raise RecipeError(f"{where}: not found: {value} (relative to {path.parent})")
+
+
+def _dotted(loc: tuple) -> str:
+    """A key's location as the error names it: configs[1].activ."""
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
 
 
 def _located(err: ValidationError, node, path: Path, prefix: tuple) -> RecipeError:
@@ -254,7 +258,7 @@ def _located(err: ValidationError, node, path: Path, prefix: tuple) -> RecipeErr
         message = "unknown key"
     elif first["type"] == "missing":
         message = "missing (required)"
-    dotted = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "recipe"
+    dotted = _dotted(loc) or "recipe"
     return RecipeError(f"{path}:{_line(node, loc)}: {dotted}: {message}")
 
 

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from moecarve.batch import stages as stage_registry
 from moecarve.batch.recipe import Job, LoadedRecipe, RecipeError, load_recipe
 from moecarve.batch.table import job_row, locked, write_table
-from moecarve.carve.writer import atomic_directory
+from moecarve.carve.writer import atomic_directory, within
 
 OWNER_FILE = "batch.json"
 
@@ -168,7 +168,7 @@ def check_models(batch: Batch) -> None:
             continue
         local = (batch.loaded.root / Path(spec.path).expanduser()).resolve()
         if local.exists():
-            if batch.output == local or local in batch.output.parents:
+            if within(batch.output, local):
                 raise ValueError(
                     f"batch output {batch.output} is inside model {spec.name}'s directory {local}"
                 )

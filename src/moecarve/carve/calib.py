@@ -30,6 +30,19 @@ def read_utf8(path: Path) -> str:
         raise ValueError(f"{path} is not UTF-8 text ({err.reason} at byte {err.start})") from None
 
 
+def read_json(path: Path):
+    """A JSON file's value; a file that is not UTF-8 JSON is refused by name."""
+    try:
+        return json.loads(read_utf8(path))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is not JSON ({err.msg})") from None
+
+
+def looks_like_path(source: str | Path) -> bool:
+    """A text source written as a path (a suffix, or starting with ., / or ~), not a hub dataset name."""
+    return bool(Path(source).suffix) or str(source).startswith((".", "/", "~"))
+
+
 @dataclass
 class Calibration:
     input_ids: torch.Tensor  # [sequences, length]
@@ -56,7 +69,7 @@ def read_text(source: str | Path | None, what: str = "calibration source") -> tu
         if path.suffix == ".jsonl":
             return _read_jsonl(path), str(path)
         return read_utf8(path), str(path)
-    if path.suffix or str(source).startswith((".", "/", "~")):
+    if looks_like_path(source):
         raise CalibrationError(f"{what} not found: {source}")
     return _read_hub_dataset(str(source)), f"hub dataset {source}"
 

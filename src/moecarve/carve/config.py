@@ -33,7 +33,8 @@ def expand_preset(settings: dict) -> dict:
 class CarveConfig(BaseModel):
     """S{shared}A{active}E{experts}: `experts` counts every expert of d_h / experts neurons, shared included."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan: an infinite ridge or K_a fails mid-carve or writes a router of zeros
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     preset: Literal[tuple(PRESETS)] = Field(
         "quality",
@@ -62,7 +63,6 @@ class CarveConfig(BaseModel):
     top_k_activation: float = Field(
         0.1,
         gt=0,
-        allow_inf_nan=False,
         description="K_a of the activation rate: a count (>= 1) or a fraction of d_h (< 1)",
     )
     features: Literal["binary", "magnitude"] = Field(
@@ -77,7 +77,6 @@ class CarveConfig(BaseModel):
     cluster_tol: float = Field(
         1e-3,
         ge=0,
-        allow_inf_nan=False,
         description="stop k-means once an iteration lowers its objective by less than this fraction",
     )
     refine_iters: int = Field(
@@ -89,7 +88,6 @@ class CarveConfig(BaseModel):
     router_ridge: float = Field(
         1.0,
         gt=0,
-        allow_inf_nan=False,
         description="ridge of the linear router's fit (and of the refine's selector), as a fraction of "
         "the FFN inputs' mean variance",
     )
@@ -97,7 +95,6 @@ class CarveConfig(BaseModel):
         0.0,
         ge=0,
         le=1,
-        allow_inf_nan=False,
         description="strength of the load-balancing bias (0: none, 1: fully balanced)",
     )
     refit_ridge: float | Literal["auto"] | None = Field(

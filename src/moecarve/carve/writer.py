@@ -18,13 +18,18 @@ class OutputError(ValueError):
     """The output location cannot be used."""
 
 
+def within(path: Path, root: Path) -> bool:
+    """`path` is `root` or lies below it (both resolved)."""
+    return path == root or root in path.parents
+
+
 def check_output(out: Path, source: Path | None, overwrite: bool, marker: str = "carve.json") -> None:
     """Refuse, before any work: an output inside the source or holding it, a non-empty output
     without `overwrite`, and overwriting anything but an earlier moecarve output (it holds `marker`)."""
     out = out.expanduser().resolve()
     if source is not None:
         src = source.expanduser().resolve()
-        if out == src or src in out.parents:
+        if within(out, src):
             raise OutputError(f"output {out} is inside the source model {src}")
         if out in src.parents:
             raise OutputError(f"output {out} contains the source model {src}")
@@ -45,7 +50,7 @@ def check_apart(outputs: dict[str, str | Path | None], inputs: dict[str, str | P
         name: Path(p).expanduser().resolve() for name, p in {**inputs, **outputs}.items() if p is not None
     }
     named = {name: p for name, p in named.items() if name in outputs or p.exists()}
-    if any(p == Path.cwd() or p in Path.cwd().parents for name, p in named.items() if name in outputs):
+    if any(within(Path.cwd(), p) for name, p in named.items() if name in outputs):
         raise OutputError(
             "an output would replace the current directory (or one above it): name another path"
         )

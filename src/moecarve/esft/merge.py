@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from moecarve.carve.calib import read_utf8
+from moecarve.carve.calib import read_json
 from moecarve.carve.source import damaged_weights_named
 from moecarve.carve.writer import atomic_directory, check_apart, check_output
 from moecarve.esft.select import validate_experts
@@ -30,10 +30,7 @@ def read_adapter(adapter: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     adapter = Path(adapter).expanduser()
     if not (adapter / CONFIG_FILE).is_file() or not (adapter / TENSORS_FILE).is_file():
         raise FileNotFoundError(f"no ESFT adapter at {adapter} ({CONFIG_FILE} and {TENSORS_FILE} expected)")
-    try:
-        record = json.loads(read_utf8(adapter / CONFIG_FILE))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{adapter / CONFIG_FILE} is not JSON ({err.msg})") from None
+    record = read_json(adapter / CONFIG_FILE)
     if not isinstance(record, dict) or record.get("format") != ADAPTER_FORMAT:
         raise ValueError(f"{adapter} is not an `esft train` output ({ADAPTER_FORMAT})")
     with damaged_weights_named(adapter):

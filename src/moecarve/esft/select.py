@@ -6,11 +6,10 @@ was made for (checked against the model at train time) and the trainable-paramet
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
-from moecarve.carve.calib import read_utf8
+from moecarve.carve.calib import read_json
 from moecarve.carve.writer import check_apart, check_output_file
 from moecarve.esft.score import FORMAT as SCORES_FORMAT
 from moecarve.esft.score import SCORES, write_json
@@ -19,25 +18,23 @@ FORMAT = "moecarve-esft-experts/1"
 TOLERANCE = 1e-9  # normalised scores summing to p up to rounding still reach p
 
 
+# what select reads from a scores record
+SCORES_FIELDS = (
+    "scores", "model_type", "num_layers", "moe_layers", "num_experts", "top_k", "expert_parameters", "total_parameters",
+)  # fmt: skip
+
+
 def read_scores(path: str | Path) -> dict:
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"scores file not found: {path}")
-    try:
-        record = json.loads(read_utf8(path))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not JSON ({err.msg})") from err
+    record = read_json(path)
     if not isinstance(record, dict) or record.get("format") != SCORES_FORMAT:
         raise ValueError(f"{path} is not an `esft score` output ({SCORES_FORMAT})")
     missing = [key for key in SCORES_FIELDS if key not in record]
     if missing:
         raise ValueError(f"{path}: this `esft score` output lacks {', '.join(missing)}")
     return record
-
-
-# what select reads from a scores record
-SCORES_FIELDS = ("scores", "model_type", "num_layers", "moe_layers", "num_experts", "top_k")
-SCORES_FIELDS += ("expert_parameters", "total_parameters")
 
 
 def choose(scores: list[float], p: float) -> list[int]:
@@ -100,10 +97,7 @@ def read_experts(path: str | Path) -> dict:
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"experts file not found: {path}")
-    try:
-        record = json.loads(read_utf8(path))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not JSON ({err.msg})") from err
+    record = read_json(path)
     if not isinstance(record, dict) or not isinstance(record.get("experts"), dict):
         raise ValueError(f'{path} is not an `esft select` output (no "experts" map)')
     return record

@@ -158,14 +158,14 @@ def peak_rss_gib() -> float:
 def check_output(out: str | Path | None, models: list[Path], data: str | Path | None = None) -> Path | None:
     """Refuse, before loading anything, an output inside a model directory (eval never writes into a
     model), one that is the data it reads, or one that cannot be a file (a directory, or under a file)."""
-    from moecarve.carve.writer import check_apart, check_output_file
+    from moecarve.carve.writer import check_apart, check_output_file, within
 
     if out is None:
         return None
     out = Path(out).expanduser().resolve()
     for model in models:
         root = Path(model).expanduser().resolve()
-        if out == root or root in out.parents:
+        if within(out, root):
             raise ValueError(f"output {out} is inside the model directory {root}; eval never writes there")
     if data is not None and Path(data).expanduser().is_dir() and out.suffix != ".txt":
         data = None  # of a directory only the .txt files are read: a record may go inside it

@@ -53,6 +53,8 @@ def group():
 def tune_command(model, batches, dtype, quick, reps, out, device, experts_interface):
     """Time the decode, dense and grouped paths and their tiles for MODEL's MoE blocks over batch
     sizes on this GPU (random weights of MODEL's shape), and write the fastest per batch."""
+    from moecarve.carve.writer import within
+
     from .tuner import check_device, model_shapes, save_table, tune
     from .tuning import config_dirs, default_dir, device_name
 
@@ -76,7 +78,7 @@ def tune_command(model, batches, dtype, quick, reps, out, device, experts_interf
     out_dir = Path(out).expanduser() if out else dirs[0] if dirs else default_dir()
     _check_writable(out_dir)
     model_dir = Path(model).expanduser().resolve()
-    if model_dir.is_dir() and (out_dir.resolve() == model_dir or model_dir in out_dir.resolve().parents):
+    if model_dir.is_dir() and within(out_dir.resolve(), model_dir):
         raise ValueError(
             f"tables directory {out_dir} is in the model directory {model_dir}; give --out elsewhere"
         )

@@ -20,7 +20,7 @@ from accelerate import PartialState
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, set_seed
 
-from moecarve.carve.calib import read_utf8
+from moecarve.carve.calib import read_json
 from moecarve.carve.source import damaged_weights_named
 from moecarve.carve.writer import atomic_directory, check_apart, check_output
 from moecarve.tune.adapters import DEFAULT_LORA_TARGETS, trainable_model
@@ -89,10 +89,7 @@ def check_carved(model_dir: Path) -> dict:
     config_path = model_dir / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"no model at {model_dir} (config.json missing)")
-    try:
-        config = json.loads(read_utf8(config_path))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{config_path} is not JSON ({err.msg})") from None
+    config = read_json(config_path)
     if not isinstance(config, dict) or config.get("model_type") != "glm4_moe":
         raise ValueError(
             f"{model_dir} is a {config.get('model_type', 'unknown')} model, not a carved MoE checkpoint: "

@@ -61,7 +61,8 @@ def run(name: str, carved: Path, mode: str, args, windows: torch.Tensor, tasks_b
         distill=args.distill,
     )
     curve = CurveCallback(windows, args.eval_every)
-    before = json.loads((carved / "carve.json").read_text()).get("quality", {}).get("protocol_ppl", {})
+    carve_record = json.loads((carved / "carve.json").read_text())
+    before = carve_record.get("quality", {}).get("protocol_ppl", {})
     before = before.get("carved") or protocol_ppl(carved)
     with tempfile.TemporaryDirectory(dir=args.work) as work:
         started = time.perf_counter()
@@ -91,6 +92,9 @@ def run(name: str, carved: Path, mode: str, args, windows: torch.Tensor, tasks_b
         "curve": [{"step": 0, "ppl": start}, *curve.points, {"step": args.steps, "ppl": end}],
         "train_loss": result.record["train_loss"],
         "recover_config": result.record["config"],
+        "carve": {
+            key: carve_record[key] for key in ("config", "calibration", "versions") if key in carve_record
+        },
         **(
             {"tasks": {"limit": args.task_limit, "before": tasks_before, "after": tasks_after}}
             if args.tasks

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from moecarve import moe
 from moecarve.esft import merge, select, train
@@ -95,7 +96,6 @@ def test_train_and_merge_native(native_models, task_file, tmp_path, family):
 )
 def test_training_changes_only_what_it_trains(tiny_carved, native_models, task_file, family, options):
     """The trained model itself, every tensor before vs after (merge copies only the adapter)."""
-    from transformers import AutoTokenizer
 
     model_dir = tiny_carved if family == "carved" else native_models[family]
     layers = model_shape(model_dir).moe_layers
@@ -127,8 +127,6 @@ def test_cli_train_and_merge(tiny_carved, task_file, tmp_path, monkeypatch, caps
 
 
 def test_mix_general(tiny_carved, task_file, tmp_path):
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(tiny_carved)
     general = tmp_path / "general.txt"
     general.write_text("the expert router " * 400)
@@ -212,6 +210,52 @@ def test_merge_refuses_adapter_of_another_model(native_models, tiny_carved, task
     with pytest.raises(ValueError, match="for another model"):
         merge.merge(tiny_carved, tmp_path / "a", tmp_path / "m")
     assert not (tmp_path / "m").exists()
+
+
+def copy_with_changed_expert(model_dir, out, layer: int, expert: int):
+    """A copy of a checkpoint that differs only in one expert's weights (another carve's layout)."""
+    from safetensors.torch import save_file
+
+    shutil.copytree(model_dir, out)
+    marker = f"layers.{layer}.mlp.experts.{expert}."
+    changed = 0
+    for shard in out.glob("*.safetensors"):
+        tensors = load_file(str(shard))
+        for name in tensors:
+            if marker in name:
+                tensors[name] = tensors[name] + 1e-2
+                changed += 1
+        save_file(tensors, str(shard), metadata={"format": "pt"})
+    assert changed
+    return out
+
+
+def test_merge_refuses_adapter_of_another_model_of_the_same_layout(tiny_carved, task_file, tmp_path):
+    """Same layout, other weights (e.g. another carve of the same source): the adapter's slices
+    would silently replace weights it never saw, so merge refuses before writing anything."""
+    efile = experts_file(tiny_carved, tmp_path / "e.json", {0: [1]})
+    train.train(tiny_carved, efile, task_file, tmp_path / "a", CONFIG.model_copy(update={"steps": 1}))
+    other = copy_with_changed_expert(tiny_carved, tmp_path / "other", layer=0, expert=1)
+    with pytest.raises(ValueError, match="was trained on another model .*merge it into the model it was"):
+        merge.merge(other, tmp_path / "a", tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+    # adapters written before the digest was recorded still merge (their base is not checked)
+    record = json.loads((tmp_path / "a" / train.CONFIG_FILE).read_text())
+    del record["base_digest"]
+    (tmp_path / "a" / train.CONFIG_FILE).write_text(json.dumps(record))
+    assert merge.merge(other, tmp_path / "a", tmp_path / "m").is_dir()
+
+
+def test_digest_of_a_bf16_checkpoint_matches_between_train_and_merge(native_models, task_file, tmp_path):
+    """train loads in float32, merge in the checkpoint's dtype: both see the same base values."""
+    bf16 = tmp_path / "bf16"
+    source = native_models["qwen3_moe"]
+    AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16).save_pretrained(bf16)
+    AutoTokenizer.from_pretrained(source).save_pretrained(bf16)
+    efile = experts_file(bf16, tmp_path / "e.json", {0: [2, 5]})
+    train.train(bf16, efile, task_file, tmp_path / "a", CONFIG.model_copy(update={"steps": 1}))
+    merged = merge.merge(bf16, tmp_path / "a", tmp_path / "m")
+    assert AutoModelForCausalLM.from_pretrained(merged).dtype == torch.bfloat16
 
 
 def test_train_shared_refused_without_shared_experts(native_models, task_file, tmp_path):

@@ -7,6 +7,7 @@ whole tensors trained with --train-shared / --train-non-expert) differ from the 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -35,6 +36,35 @@ def read_adapter(adapter: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise ValueError(f"{adapter} is not an `esft train` output ({ADAPTER_FORMAT})")
     with damaged_weights_named(adapter):
         return record, load_file(str(adapter / TENSORS_FILE))
+
+
+def base_digest(model, plan: dict[str, list[int] | None]) -> str:
+    """sha256 of the base values an adapter replaces (each tensor's trained rows, or all of it).
+
+    Taken in float32, which holds bf16 and fp16 values exactly, so training (float32) and merging
+    (the checkpoint's dtype) of the same checkpoint agree bit for bit.
+    """
+    params = dict(model.named_parameters())
+    digest = hashlib.sha256()
+    for name in sorted(plan):
+        if name not in params:
+            raise ValueError(f"adapter tensor {name} is missing from the model")
+        value = params[name].detach()
+        if plan[name] is not None:
+            value = value.index_select(0, torch.tensor(plan[name], device=value.device))
+        digest.update(name.encode())
+        digest.update(value.to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def check_base(model, record: dict, adapter, base) -> None:
+    """Refuse an adapter trained on another model of the same layout: its slices would silently
+    replace weights it never saw. Adapters from before the digest was recorded are not checked."""
+    if "base_digest" in record and base_digest(model, record["tensors"]) != record["base_digest"]:
+        raise ValueError(
+            f"adapter {adapter} was trained on another model ({record.get('base_model')}): the weights "
+            f"it replaces differ from {base}'s; merge it into the model it was trained on"
+        )
 
 
 def apply_adapter(model, record: dict, tensors: dict[str, torch.Tensor]) -> None:
@@ -75,6 +105,7 @@ def merge(model_dir: str | Path, adapter: str | Path, out: str | Path, overwrite
     shape.check(record, f"adapter {adapter}")
     validate_experts(record, shape.num_experts, shape.moe_layers, f"adapter {adapter}")
     model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
+    check_base(model, record, adapter, base)
     apply_adapter(model, record, tensors)
     with atomic_directory(out) as tmp:
         model.save_pretrained(tmp)

@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from moecarve import moe
 from moecarve.esft.data import Collator, as_dataset, load_examples, pad_id, text_examples
+from moecarve.esft.merge import base_digest
 from moecarve.esft.optim import SliceAdamW, mask_gradient
 from moecarve.esft.select import read_experts, validate_experts
 from moecarve.esft.shape import model_shape
@@ -162,16 +163,22 @@ def training_set(model_dir, data, tokenizer, config: EsftConfig) -> list[dict]:
 
 
 def train_experts(model, experts: dict[int, list[int]], dataset, collator, config: EsftConfig):
-    """Train a loaded model in place, only its selected slices (plus what config adds);
-    returns the optimiser groups and the training stats."""
+    """Train a loaded model in place, only its selected slices (plus what config adds); returns
+    the optimiser groups, the training stats and the digest of the base values they replaced."""
     groups = trainable_parameters(model, experts, config)
+    digest = base_digest(model, plan(groups))
     optimizer = SliceAdamW(
         [{"params": g["params"], "rows": g["rows"]} for g in groups],
         lr=config.lr,
         betas=(config.beta1, config.beta2),
         weight_decay=config.weight_decay,
     )
-    return groups, fit(model, dataset, collator, config, optimizer)
+    return groups, fit(model, dataset, collator, config, optimizer), digest
+
+
+def plan(groups: list[dict]) -> dict[str, list[int] | None]:
+    """What an adapter replaces: each trained tensor's rows, or None for the whole tensor."""
+    return {g["name"]: None if g["rows"] is None else g["rows"].tolist() for g in groups}
 
 
 def train(
@@ -201,7 +208,7 @@ def train(
     torch.manual_seed(config.seed)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.config.use_cache = False
-    groups, stats = train_experts(model, experts, dataset, Collator(pad_id(tokenizer)), config)
+    groups, stats, digest = train_experts(model, experts, dataset, Collator(pad_id(tokenizer)), config)
     tensors = {
         g["name"]: (p.detach() if g["rows"] is None else p.detach().index_select(0, g["rows"]))
         .contiguous()
@@ -212,9 +219,10 @@ def train(
     result = {
         "format": FORMAT,
         "base_model": str(Path(model_dir).expanduser().resolve()),
+        "base_digest": digest,
         **shape.record(),
         "experts": {str(k): v for k, v in experts.items()},
-        "tensors": {g["name"]: None if g["rows"] is None else g["rows"].tolist() for g in groups},
+        "tensors": plan(groups),
         "trainable_parameters": count_trainable(groups),
         "examples": len(dataset),
         "config": config.model_dump(),

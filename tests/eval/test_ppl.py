@@ -79,8 +79,31 @@ def test_tokenizer_that_adds_special_tokens_scores_the_plain_stream(tiny_models,
 def test_text_too_short(tiny_models, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("the expert and the router")
-    with pytest.raises(ValueError, match=r"text has \d+ tokens, 16 x 2048 needed"):
-        evaluate_ppl([tiny_models["llama"]], short)
+    with pytest.raises(ValueError, match=r"text has \d+ tokens, 16 x 128 needed"):
+        evaluate_ppl([tiny_models["llama"]], short, length=128)
+
+
+def test_windows_beyond_the_models_positions_are_refused_before_loading(
+    tiny_models, tiny_carved, calib_file, tmp_path, monkeypatch
+):
+    """A window longer than max_position_embeddings would score its tail at positions the model
+    never saw; eval ppl, the protocol helper and eval load refuse it before anything loads."""
+    import transformers
+
+    from moecarve.eval.load import evaluate_load
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("model loaded")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_loading)
+    out = tmp_path / "ppl.json"
+    with pytest.raises(ValueError, match="--length 257 exceeds the 256 positions of .*llama"):
+        evaluate_ppl([tiny_models["llama"]], calib_file, windows=1, length=257, out=out)
+    with pytest.raises(ValueError, match="window length 2048 exceeds the 256 positions"):
+        protocol_ppl(tiny_models["llama"])
+    with pytest.raises(ValueError, match="--length 512 exceeds the 256 positions"):
+        evaluate_load(tiny_carved, calib_file, windows=1, length=512, out=tmp_path / "load.json")
+    assert not out.exists() and not (tmp_path / "load.json").exists()
 
 
 def test_bad_models_fail_before_work(tiny_models, tmp_path):

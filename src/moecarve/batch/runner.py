@@ -235,6 +235,10 @@ def run_job(batch: Batch, job: Job, progress: bool = True) -> dict | None:
         with atomic_directory(final) as work:
             try:
                 source = resolve_model(batch, job)
+                if "eval_ppl" in job.stages:  # a carve keeps its source's positions: fail before it
+                    from moecarve.eval.ppl import check_positions
+
+                    check_positions(source, job.options["eval_ppl"]["length"], "eval_ppl.length")
                 ctx = stage_registry.Context(job, work, source, source, batch.loaded.root, progress)
                 for name in job.stages:
                     stage_record, stage_columns = stage_registry.STAGES[name](ctx, job.options.get(name, {}))

@@ -72,6 +72,7 @@ def build_tiny_model(
     layers: int = 2,
     tied: bool = False,
     dtype: torch.dtype = torch.float32,
+    positions: int = 256,
 ) -> Path:
     """A random model (hidden 48, 4 heads, 2 KV heads) with the tiny tokenizer, written atomically."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -89,7 +90,7 @@ def build_tiny_model(
             num_hidden_layers=layers,
             num_attention_heads=4,
             num_key_value_heads=2,
-            max_position_embeddings=256,
+            max_position_embeddings=positions,
             tie_word_embeddings=tied,
             eos_token_id=tokenizer.eos_token_id,
             **FAMILY_OVERRIDES[family],

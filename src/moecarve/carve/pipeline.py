@@ -155,6 +155,10 @@ def carve(
     config = config or CarveConfig()
     started = time.perf_counter()
     src, source_config, family, out = plan(model, config, out, overwrite)
+    if evaluate:
+        from moecarve.eval.ppl import PROTOCOL_LENGTH, check_positions
+
+        check_positions(src, PROTOCOL_LENGTH, "--eval-ppl's protocol window length")
     tensors = TensorSource(src)
     expected_tensors(source_config, family, tensors)
     tokenizer = AutoTokenizer.from_pretrained(src)

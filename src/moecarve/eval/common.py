@@ -38,9 +38,14 @@ def resolve_model(model: str | Path) -> Path:
     return path
 
 
+def read_config(path: Path) -> dict:
+    """A model directory's config.json (resolve_model has checked it is readable)."""
+    return json.loads((path / "config.json").read_text(encoding="utf-8"))
+
+
 def describe_model(path: Path) -> dict:
     """Name and active FFN fraction: from carve.json for a carve, 1.0 (dense) otherwise."""
-    config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    config = read_config(path)
     record = {"model": str(path), "model_type": config["model_type"], "name": "dense", "active_fraction": 1.0}
     carve_record = path / "carve.json"
     if carve_record.is_file():

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from moecarve.carve.calib import read_text, tokenize_stream
 from moecarve.eval import common
-from moecarve.eval.ppl import _tail_windows
+from moecarve.eval.ppl import _tail_windows, check_positions
 
 
 def routers(model) -> dict[int, torch.nn.Module]:
@@ -82,6 +82,7 @@ def evaluate_load(
     imbalance, and the summary (mean and worst max/mean over layers).
     """
     path = common.resolve_model(model)
+    check_positions(path, length)
     out = common.check_output(out, [path], data)
     torch_dtype = common.parse_dtype(dtype)
     device = common.resolve_device(device)

@@ -18,8 +18,12 @@ from tqdm.auto import tqdm
 from moecarve.carve.calib import read_text, tokenize_stream
 from moecarve.eval import common
 
+PROTOCOL_WINDOWS, PROTOCOL_LENGTH = 16, 2048  # EVAL_PROTOCOL.md
 
-def evaluation_windows(tokenizer, windows: int = 16, length: int = 2048, source=None) -> torch.Tensor:
+
+def evaluation_windows(
+    tokenizer, windows: int = PROTOCOL_WINDOWS, length: int = PROTOCOL_LENGTH, source=None
+) -> torch.Tensor:
     """The last `windows` x `length` tokens of the text stream as [windows, length]."""
     text, description = read_text(source, "--data")
     return _tail_windows(tokenize_stream(tokenizer, text), windows, length, description)
@@ -31,6 +35,16 @@ def _tail_windows(stream: torch.Tensor, windows: int, length: int, description: 
     if stream.numel() < windows * length:
         raise ValueError(f"text has {stream.numel()} tokens, {windows} x {length} needed ({description})")
     return stream[-windows * length :].view(windows, length)
+
+
+def check_positions(model_dir: str | Path, length: int, what: str = "--length") -> None:
+    """Refuse windows longer than the model's positions: their tail would be scored at positions
+    the model was never trained on, and the figure would look like any other."""
+    positions = common.read_config(Path(model_dir)).get("max_position_embeddings")
+    if positions and length > positions:
+        raise ValueError(
+            f"{what} {length} exceeds the {positions} positions of {model_dir} (max_position_embeddings)"
+        )
 
 
 @torch.no_grad()
@@ -47,10 +61,13 @@ def perplexity(model, windows: torch.Tensor, progress: bool = True) -> dict:
     return {"ppl": math.exp(total / count), "tokens_scored": count}
 
 
-def protocol_ppl(model_dir: str | Path, windows: int = 16, length: int = 2048, data=None) -> dict:
+def protocol_ppl(
+    model_dir: str | Path, windows: int = PROTOCOL_WINDOWS, length: int = PROTOCOL_LENGTH, data=None
+) -> dict:
     """Protocol PPL of a saved model directory, loaded in fp32 with stock transformers."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_positions(model_dir, length, "the protocol's window length")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     result = perplexity(model, evaluation_windows(tokenizer, windows, length, data))
@@ -67,8 +84,8 @@ def _fingerprint(tokenizer) -> str:
 def evaluate_ppl(
     models: list[str | Path],
     data: str | Path | None = None,
-    windows: int = 16,
-    length: int = 2048,
+    windows: int = PROTOCOL_WINDOWS,
+    length: int = PROTOCOL_LENGTH,
     dtype: str = "float32",
     device: str | None = None,
     out: str | Path | None = None,
@@ -85,6 +102,8 @@ def evaluate_ppl(
     if not models:
         raise ValueError("no model given")
     paths = [common.resolve_model(m) for m in models]
+    for path in paths:
+        check_positions(path, length)
     out = common.check_output(out, paths, data)
     torch_dtype = common.parse_dtype(dtype)
     device = common.resolve_device(device)

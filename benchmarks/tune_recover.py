@@ -14,7 +14,6 @@ import argparse
 import json
 import math
 import platform
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, TrainerCallback
 
+from moecarve.eval.common import source_commit
 from moecarve.eval.ppl import evaluation_windows, perplexity, protocol_ppl
 from moecarve.eval.tasks import evaluate_tasks
 from moecarve.tune.recover import RecoverConfig, recover
@@ -170,6 +170,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     runs = json.loads(out.read_text())["runs"] if out.exists() else []
+    machine = _machine()  # at the start: the code that runs, not what is checked out when it ends
     for item in args.carved:
         name, directory = item.split("=", 1)
         carved = Path(directory)
@@ -178,11 +179,11 @@ def main() -> None:
         tasks_before = task_accuracy(carved, args) if args.tasks else None
         for mode in args.modes.split(";"):
             result = run(name, carved, mode, args, windows, tasks_before)
-            result["commit"] = _machine()["commit"]
+            result["commit"] = machine["commit"]
             key = (name, mode, args.steps, args.distill)
             runs = [r for r in runs if (r["config"], r["mode"], r["steps"], r.get("distill", 0.0)) != key]
             runs.append(result)
-            out.write_text(json.dumps({"machine": _machine(), "runs": runs}, indent=2) + "\n")
+            out.write_text(json.dumps({"machine": machine, "runs": runs}, indent=2) + "\n")
             print(json.dumps({k: v for k, v in result.items() if k not in ("train_loss", "curve")}))
 
 
@@ -195,9 +196,7 @@ def _machine() -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
-        "commit": subprocess.run(
-            ["git", "describe", "--always", "--dirty"], capture_output=True, text=True
-        ).stdout.strip(),
+        "commit": source_commit(),
     }
 
 

@@ -77,6 +77,8 @@ def hyperbaton_questions(args) -> list[tuple[str, dict]]:
             "benchmark_tasks/hyperbaton/task.json (the bigbench 1.0.0 sdist, or GitHub's tar.gz of "
             "google/BIG-bench; PyPI's bigbench 0.0.1 lacks it)"
         )
+    if not tarfile.is_tarfile(archive):
+        raise SystemExit(f"{archive} is not a tar archive (take the .tar.gz, not the .zip)")
     with tarfile.open(archive) as tar:
         member = next((m for m in tar if m.name.endswith("benchmark_tasks/hyperbaton/task.json")), None)
         if member is None:

@@ -45,6 +45,9 @@ def test_hyperbaton_from_a_github_archive_and_clear_refusals(tmp_path):
     assert questions[0][1]["prompt"] == examples[0]["input"] + "\nAnswer:"
     with pytest.raises(SystemExit, match="not found: pass --bigbench a tar archive of BIG-bench"):
         script.hyperbaton_questions(Namespace(bigbench=str(tmp_path / "missing.tar.gz")))
+    (tmp_path / "BIG-bench-main.zip").write_bytes(b"PK\x03\x04 not a tar")
+    with pytest.raises(SystemExit, match="is not a tar archive"):
+        script.hyperbaton_questions(Namespace(bigbench=str(tmp_path / "BIG-bench-main.zip")))
     other = _archive(tmp_path / "bigbench-0.0.1.tar.gz", {"bigbench-0.0.1/setup.py": b""})
     with pytest.raises(SystemExit, match="holds no benchmark_tasks/hyperbaton/task.json"):
         script.hyperbaton_questions(Namespace(bigbench=str(other)))

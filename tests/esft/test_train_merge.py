@@ -239,6 +239,9 @@ def test_merge_refuses_adapter_of_another_model_of_the_same_layout(tiny_carved, 
     with pytest.raises(ValueError, match="was trained on another model .*merge it into the model it was"):
         merge.merge(other, tmp_path / "a", tmp_path / "m")
     assert not (tmp_path / "m").exists()
+    # weights the adapter does not replace may differ (another adapter merged first, say)
+    elsewhere = copy_with_changed_expert(tiny_carved, tmp_path / "elsewhere", layer=0, expert=2)
+    assert merge.merge(elsewhere, tmp_path / "a", tmp_path / "m2").is_dir()
     # adapters written before the digest was recorded still merge (their base is not checked)
     record = json.loads((tmp_path / "a" / train.CONFIG_FILE).read_text())
     del record["base_digest"]
@@ -247,15 +250,21 @@ def test_merge_refuses_adapter_of_another_model_of_the_same_layout(tiny_carved, 
 
 
 def test_digest_of_a_bf16_checkpoint_matches_between_train_and_merge(native_models, task_file, tmp_path):
-    """train loads in float32, merge in the checkpoint's dtype: both see the same base values."""
-    bf16 = tmp_path / "bf16"
+    """train loads in float32, merge in what dtype="auto" picks: both hash the same base values,
+    whether the weights are stored in bf16 or stored in float32 under a config that says bf16."""
     source = native_models["qwen3_moe"]
-    AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16).save_pretrained(bf16)
-    AutoTokenizer.from_pretrained(source).save_pretrained(bf16)
-    efile = experts_file(bf16, tmp_path / "e.json", {0: [2, 5]})
-    train.train(bf16, efile, task_file, tmp_path / "a", CONFIG.model_copy(update={"steps": 1}))
-    merged = merge.merge(bf16, tmp_path / "a", tmp_path / "m")
-    assert AutoModelForCausalLM.from_pretrained(merged).dtype == torch.bfloat16
+    stored_bf16, declared_bf16 = tmp_path / "stored", tmp_path / "declared"
+    AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16).save_pretrained(stored_bf16)
+    shutil.copytree(source, declared_bf16)
+    config = json.loads((declared_bf16 / "config.json").read_text())
+    (declared_bf16 / "config.json").write_text(json.dumps({**config, "dtype": "bfloat16"}))
+    AutoTokenizer.from_pretrained(source).save_pretrained(stored_bf16)
+    for model_dir in (stored_bf16, declared_bf16):
+        efile = experts_file(model_dir, tmp_path / "e.json", {0: [2, 5]})
+        adapter, out = tmp_path / f"a-{model_dir.name}", tmp_path / f"m-{model_dir.name}"
+        train.train(model_dir, efile, task_file, adapter, CONFIG.model_copy(update={"steps": 1}))
+        merged = merge.merge(model_dir, adapter, out)
+        assert AutoModelForCausalLM.from_pretrained(merged).dtype == torch.bfloat16
 
 
 def test_train_shared_refused_without_shared_experts(native_models, task_file, tmp_path):

@@ -106,6 +106,20 @@ def test_windows_beyond_the_models_positions_are_refused_before_loading(
     assert not out.exists() and not (tmp_path / "load.json").exists()
 
 
+def test_positions_are_the_configs_or_its_rope_scalings(tiny_models, tmp_path):
+    from transformers import LlamaConfig
+
+    from moecarve.eval.ppl import check_positions, model_positions
+
+    check_positions(tiny_models["llama"], 256)  # exactly the model's positions is fine
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 256}
+    LlamaConfig(max_position_embeddings=256, rope_scaling=yarn).save_pretrained(tmp_path / "yarn")
+    assert model_positions(tmp_path / "yarn") == 1024  # YaRN left max_position_embeddings at 256
+    check_positions(tmp_path / "yarn", 1024)
+    with pytest.raises(ValueError, match="--length 1025 exceeds the 1024 positions"):
+        check_positions(tmp_path / "yarn", 1025)
+
+
 def test_bad_models_fail_before_work(tiny_models, tmp_path):
     with pytest.raises(FileNotFoundError, match="model not found"):
         evaluate_ppl([tiny_models["llama"], tmp_path / "nope"])

@@ -212,8 +212,12 @@ def test_bad_input_fails_before_training(tiny_models, tiny_carved, calib_file, t
         RecoverConfig(steps=0)
     with pytest.raises(ValidationError, match="combines with nothing"):
         RecoverConfig(steps=1, train="full,router")
-    with pytest.raises(ValueError, match="--length 4096 exceeds the model's 256 positions"):
+    with pytest.raises(ValueError, match="--length 4096 exceeds the 256 positions of"):
         recover(tiny_carved, RecoverConfig(steps=2, **{**FAST, "length": 4096}), calib_file, tmp_path / "e")
+    with pytest.raises(
+        ValueError, match="--eval-ppl's protocol window length 2048 exceeds the 256 positions"
+    ):
+        recover(tiny_carved, RecoverConfig(steps=2, **FAST), calib_file, tmp_path / "e", evaluate=True)
     for rate in ("lr", "router_lr"):  # an infinite step trains NaN weights
         with pytest.raises(ValidationError, match="finite number"):
             RecoverConfig(steps=1, **{rate: float("inf")})

@@ -38,37 +38,35 @@ def read_adapter(adapter: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         return record, load_file(str(adapter / TENSORS_FILE))
 
 
-def base_digest(model, plan: dict[str, list[int] | None]) -> str:
+def declared_dtype(model_dir: str | Path) -> torch.dtype | None:
+    """The dtype config.json declares, which `dtype="auto"` loads in before the stored one."""
+    config = read_json(Path(model_dir).expanduser() / "config.json")
+    value = config.get("dtype") or config.get("torch_dtype")
+    dtype = getattr(torch, value, None) if isinstance(value, str) else None
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
+def base_digest(model, plan: dict[str, list[int] | None], dtype: torch.dtype | None) -> str:
     """sha256 of the base values an adapter replaces (each tensor's trained rows, or all of it).
 
-    Taken in float32, which holds bf16 and fp16 values exactly, so training (float32) and merging
-    (the checkpoint's dtype) of the same checkpoint agree bit for bit.
+    Rounded to `dtype` (the checkpoint's declared dtype) and taken in float32, so training (which
+    loads float32) and merging (which loads what transformers' `dtype="auto"` picks) of the same
+    checkpoint agree bit for bit.
     """
     params = dict(model.named_parameters())
     digest = hashlib.sha256()
     for name in sorted(plan):
-        if name not in params:
-            raise ValueError(f"adapter tensor {name} is missing from the model")
         value = params[name].detach()
         if plan[name] is not None:
             value = value.index_select(0, torch.tensor(plan[name], device=value.device))
+        value = value.to(dtype) if dtype is not None else value
         digest.update(name.encode())
-        digest.update(value.to("cpu", torch.float32).contiguous().numpy().tobytes())
+        digest.update(value.to("cpu", torch.float32).contiguous().numpy())
     return digest.hexdigest()
 
 
-def check_base(model, record: dict, adapter, base) -> None:
-    """Refuse an adapter trained on another model of the same layout: its slices would silently
-    replace weights it never saw. Adapters from before the digest was recorded are not checked."""
-    if "base_digest" in record and base_digest(model, record["tensors"]) != record["base_digest"]:
-        raise ValueError(
-            f"adapter {adapter} was trained on another model ({record.get('base_model')}): the weights "
-            f"it replaces differ from {base}'s; merge it into the model it was trained on"
-        )
-
-
-def apply_adapter(model, record: dict, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy trained tensors into a loaded model; shapes and slices are checked before any copy."""
+def copy_plan(model, record: dict, tensors: dict[str, torch.Tensor]) -> list:
+    """(parameter, rows, value) per adapter tensor; names, shapes and rows checked before any copy."""
     params = dict(model.named_parameters())
     plan = []
     for name, rows in record["tensors"].items():
@@ -80,7 +78,28 @@ def apply_adapter(model, record: dict, tensors: dict[str, torch.Tensor]) -> None
             raise ValueError(
                 f"adapter tensor {name} has shape {tuple(value.shape)}, {tuple(expected)} expected"
             )
+        if rows is not None and not all(isinstance(r, int) and 0 <= r < param.shape[0] for r in rows):
+            raise ValueError(f"adapter tensor {name} names rows outside 0..{param.shape[0] - 1}")
         plan.append((param, rows, value))
+    return plan
+
+
+def check_base(model, record: dict, adapter, base) -> None:
+    """Refuse an adapter trained on another model of the same layout: its slices would silently
+    replace weights it never saw. Adapters from before the digest was recorded are not checked."""
+    if "base_digest" not in record:
+        return
+    if base_digest(model, record["tensors"], declared_dtype(base)) != record["base_digest"]:
+        trained_on = record.get("base_model")
+        where = f" ({trained_on})" if trained_on and Path(trained_on) != Path(base).resolve() else ""
+        raise ValueError(
+            f"adapter {adapter} was trained on another model{where}: the weights it replaces in "
+            f"{base} differ from those it was trained on; merge it into the model it was trained on"
+        )
+
+
+def apply_adapter(plan: list) -> None:
+    """Copy the trained tensors of a checked copy plan into the loaded model."""
     with torch.no_grad():
         for param, rows, value in plan:
             value = value.to(device=param.device, dtype=param.dtype)
@@ -105,8 +124,9 @@ def merge(model_dir: str | Path, adapter: str | Path, out: str | Path, overwrite
     shape.check(record, f"adapter {adapter}")
     validate_experts(record, shape.num_experts, shape.moe_layers, f"adapter {adapter}")
     model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
+    plan = copy_plan(model, record, tensors)
     check_base(model, record, adapter, base)
-    apply_adapter(model, record, tensors)
+    apply_adapter(plan)
     with atomic_directory(out) as tmp:
         model.save_pretrained(tmp)
         AutoTokenizer.from_pretrained(base).save_pretrained(tmp)

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from moecarve import moe
 from moecarve.esft.data import Collator, as_dataset, load_examples, pad_id, text_examples
-from moecarve.esft.merge import base_digest
+from moecarve.esft.merge import base_digest, declared_dtype
 from moecarve.esft.optim import SliceAdamW, mask_gradient
 from moecarve.esft.select import read_experts, validate_experts
 from moecarve.esft.shape import model_shape
@@ -162,11 +162,12 @@ def training_set(model_dir, data, tokenizer, config: EsftConfig) -> list[dict]:
     return as_dataset(examples)
 
 
-def train_experts(model, experts: dict[int, list[int]], dataset, collator, config: EsftConfig):
+def train_experts(model, experts: dict[int, list[int]], dataset, collator, config: EsftConfig, declared=None):
     """Train a loaded model in place, only its selected slices (plus what config adds); returns
-    the optimiser groups, the training stats and the digest of the base values they replaced."""
+    the optimiser groups, the training stats and the digest of the base values they replaced
+    (rounded to `declared`, the checkpoint's declared dtype, as merge will load them)."""
     groups = trainable_parameters(model, experts, config)
-    digest = base_digest(model, plan(groups))
+    digest = base_digest(model, plan(groups), declared)
     optimizer = SliceAdamW(
         [{"params": g["params"], "rows": g["rows"]} for g in groups],
         lr=config.lr,
@@ -208,7 +209,9 @@ def train(
     torch.manual_seed(config.seed)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.config.use_cache = False
-    groups, stats, digest = train_experts(model, experts, dataset, Collator(pad_id(tokenizer)), config)
+    groups, stats, digest = train_experts(
+        model, experts, dataset, Collator(pad_id(tokenizer)), config, declared_dtype(model_dir)
+    )
     tensors = {
         g["name"]: (p.detach() if g["rows"] is None else p.detach().index_select(0, g["rows"]))
         .contiguous()

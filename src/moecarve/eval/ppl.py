@@ -37,14 +37,31 @@ def _tail_windows(stream: torch.Tensor, windows: int, length: int, description: 
     return stream[-windows * length :].view(windows, length)
 
 
+def model_positions(model_dir: str | Path) -> int | None:
+    """The positions a model serves: its (text) config's max_position_embeddings, or the rope
+    scaling's factor x original positions where that is more (YaRN configs may leave the first
+    at the original length); None when the config names neither."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir).get_text_config()
+    except (OSError, ValueError, KeyError):  # a model type this transformers does not know
+        return common.read_config(Path(model_dir)).get("max_position_embeddings")
+    positions = getattr(config, "max_position_embeddings", None)
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    scaled = isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) not in (None, "default")
+    if positions and scaled and rope.get("factor"):
+        original = rope.get("original_max_position_embeddings") or positions
+        positions = max(positions, int(rope["factor"] * original))
+    return positions
+
+
 def check_positions(model_dir: str | Path, length: int, what: str = "--length") -> None:
     """Refuse windows longer than the model's positions: their tail would be scored at positions
     the model was never trained on, and the figure would look like any other."""
-    positions = common.read_config(Path(model_dir)).get("max_position_embeddings")
+    positions = model_positions(model_dir)
     if positions and length > positions:
-        raise ValueError(
-            f"{what} {length} exceeds the {positions} positions of {model_dir} (max_position_embeddings)"
-        )
+        raise ValueError(f"{what} {length} exceeds the {positions} positions of {model_dir}")
 
 
 @torch.no_grad()

@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, s
 from moecarve.carve.calib import read_json
 from moecarve.carve.source import damaged_weights_named
 from moecarve.carve.writer import atomic_directory, check_apart, check_output
+from moecarve.eval.ppl import PROTOCOL_LENGTH, check_positions
 from moecarve.tune.adapters import DEFAULT_LORA_TARGETS, trainable_model
 from moecarve.tune.balance import LoadTracker
 from moecarve.tune.data import training_blocks
@@ -116,9 +117,9 @@ def recover(
     started = time.perf_counter()
     src = Path(model).expanduser()
     carved_config = check_carved(src)
-    positions = carved_config.get("max_position_embeddings")
-    if positions and config.length > positions:  # blocks of exactly --length tokens
-        raise ValueError(f"--length {config.length} exceeds the model's {positions} positions")
+    check_positions(src, config.length)  # blocks of exactly --length tokens
+    if evaluate:  # scored after training, but refused now
+        check_positions(src, PROTOCOL_LENGTH, "--eval-ppl's protocol window length")
     if out is None:
         raise ValueError("an output directory is needed (--out)")
     out = Path(out).expanduser()

@@ -249,6 +249,18 @@ def test_merge_refuses_adapter_of_another_model_of_the_same_layout(tiny_carved, 
     assert merge.merge(other, tmp_path / "a", tmp_path / "m").is_dir()
 
 
+def test_adapter_rows_outside_the_tensor_are_refused(tiny_carved, task_file, tmp_path):
+    efile = experts_file(tiny_carved, tmp_path / "e.json", {0: [1]})
+    train.train(tiny_carved, efile, task_file, tmp_path / "a", CONFIG.model_copy(update={"steps": 1}))
+    record = json.loads((tmp_path / "a" / train.CONFIG_FILE).read_text())
+    name = next(n for n, rows in record["tensors"].items() if rows is not None)
+    record["tensors"][name] = [99]
+    (tmp_path / "a" / train.CONFIG_FILE).write_text(json.dumps(record))
+    with pytest.raises(ValueError, match=f"adapter tensor {name} names rows outside 0..6"):
+        merge.merge(tiny_carved, tmp_path / "a", tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
 def test_digest_of_a_bf16_checkpoint_matches_between_train_and_merge(native_models, task_file, tmp_path):
     """train loads in float32, merge in what dtype="auto" picks: both hash the same base values,
     whether the weights are stored in bf16 or stored in float32 under a config that says bf16."""

@@ -59,6 +59,8 @@ def run(name: str, carved: Path, mode: str, args, windows: torch.Tensor, tasks_b
         warmup=args.warmup,
         save_every=args.steps,
         distill=args.distill,
+        lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha,
     )
     curve = CurveCallback(windows, args.eval_every)
     carve_record = json.loads((carved / "carve.json").read_text())
@@ -128,8 +130,13 @@ def table(paths: list[str]) -> str:
     for path in paths:
         for r in json.loads(Path(path).read_text())["runs"]:
             before, after, dense = r["protocol_ppl_before"], r["protocol_ppl_after"], r["dense_ppl"]
+            config = r.get("recover_config", {})
+            rank = config.get("lora_rank", 8)
+            trained = r["mode"] + (
+                f" (LoRA r {rank}, alpha {config.get('lora_alpha'):g})" if rank != 8 else ""
+            )
             lines.append(
-                f"| {r['config']} | {r['mode']} | {r.get('distill') or 0:g} | {r['steps']} | "
+                f"| {r['config']} | {trained} | {r.get('distill') or 0:g} | {r['steps']} | "
                 f"{r['train_tokens']:,} | {before:.2f} | {after:.2f} | {dense:.2f} | "
                 f"{(before - after) / (before - dense):.0%} | {r['gap_closed']:.0%} | {r['train_seconds']:.0f} | "
                 f"{r['commit']} |"
@@ -151,6 +158,8 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--distill", type=float, default=0.0, help="weight of KL to the dense source")
+    parser.add_argument("--lora-rank", type=int, default=8)
+    parser.add_argument("--lora-alpha", type=float, default=32.0)
     parser.add_argument("--eval-every", type=int, default=30)
     parser.add_argument("--curve-windows", type=int, default=4)
     parser.add_argument(
@@ -180,11 +189,17 @@ def main() -> None:
         for mode in args.modes.split(";"):
             result = run(name, carved, mode, args, windows, tasks_before)
             result["commit"] = machine["commit"]
-            key = (name, mode, args.steps, args.distill)
-            runs = [r for r in runs if (r["config"], r["mode"], r["steps"], r.get("distill", 0.0)) != key]
+            key = (name, mode, args.steps, args.distill, args.lora_rank)
+            runs = [r for r in runs if _key(r) != key]
             runs.append(result)
             out.write_text(json.dumps({"machine": machine, "runs": runs}, indent=2) + "\n")
             print(json.dumps({k: v for k, v in result.items() if k not in ("train_loss", "curve")}))
+
+
+def _key(run: dict) -> tuple:
+    """A rerun of the same setting replaces its row; other settings add rows."""
+    rank = run.get("recover_config", {}).get("lora_rank", 8)
+    return run["config"], run["mode"], run["steps"], run.get("distill", 0.0), rank
 
 
 def _machine() -> dict:

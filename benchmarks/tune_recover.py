@@ -189,8 +189,7 @@ def main() -> None:
         for mode in args.modes.split(";"):
             result = run(name, carved, mode, args, windows, tasks_before)
             result["commit"] = machine["commit"]
-            key = (name, mode, args.steps, args.distill, args.lora_rank)
-            runs = [r for r in runs if _key(r) != key]
+            runs = [r for r in runs if _key(r) != _key(result)]
             runs.append(result)
             out.write_text(json.dumps({"machine": machine, "runs": runs}, indent=2) + "\n")
             print(json.dumps({k: v for k, v in result.items() if k not in ("train_loss", "curve")}))

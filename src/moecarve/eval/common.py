@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from moecarve import resources
+from moecarve.carve.calib import read_json
 
 
 def resolve_model(model: str | Path) -> Path:
@@ -40,7 +41,7 @@ def resolve_model(model: str | Path) -> Path:
 
 def read_config(path: Path) -> dict:
     """A model directory's config.json (resolve_model has checked it is readable)."""
-    return json.loads((path / "config.json").read_text(encoding="utf-8"))
+    return read_json(path / "config.json")
 
 
 def describe_model(path: Path) -> dict:

@@ -183,3 +183,50 @@ def test_speed_text_too_short(tiny_models, tmp_path):
     short.write_text("the router and the expert")
     with pytest.raises(ValueError, match="needed for the largest batch"):
         evaluate_speed(tiny_models["llama"], batch_sizes=(8,), prompt_length=64, device="cpu", data=short)
+
+
+def test_speed_baseline_with_another_tokenizer_gets_its_own_prompts(
+    tiny_models, tiny_carved, calib_file, tmp_path, monkeypatch
+):
+    """A baseline whose tokenizer differs is timed on the same text in its own token ids, never on
+    ids of the model's tokenizer (which may lie outside its vocabulary)."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    from moecarve.eval import speed
+
+    baseline = shutil.copytree(tiny_models["llama"], tmp_path / "other-tokenizer")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (baseline / name).unlink(missing_ok=True)
+    tok = Tokenizer(models.BPE(unk_token=None))  # bytes only, no merges: another split of the text
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.add_tokens(list(pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(baseline)
+
+    seen = {}
+    timed = speed.time_generation
+
+    def spy(net, prompt, decode_tokens):
+        seen.setdefault(net.name_or_path, []).append(prompt)
+        return timed(net, prompt, decode_tokens)
+
+    monkeypatch.setattr(speed, "time_generation", spy)
+    evaluate_speed(tiny_carved, baseline, (2,), prompt_length=8, decode_tokens=1, repeats=1,
+                   device="cpu", data=calib_file, progress=False)  # fmt: skip
+    text = calib_file.read_text()
+    for path in (tiny_carved, baseline):
+        ids = AutoTokenizer.from_pretrained(path)(text[:400], add_special_tokens=False)["input_ids"]
+        prompt = seen[str(path)][-1]
+        assert prompt.shape == (2, 8) and prompt.flatten().tolist() == ids[:16]
+    assert not torch.equal(seen[str(tiny_carved)][-1], seen[str(baseline)][-1])
+
+
+def test_speed_kernels_on_a_dense_model_are_refused_before_loading(tiny_models, calib_file, monkeypatch):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("model loaded")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_loading)
+    with pytest.raises(ValueError, match="--kernels: .* has no MoE block"):
+        evaluate_speed(tiny_models["llama"], kernels=True, device="cpu", data=calib_file, progress=False)

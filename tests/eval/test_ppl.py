@@ -194,3 +194,33 @@ def test_cli_table(tiny_models, calib_file, tmp_path):
     assert result.exit_code == 0, result.output
     ppl = json.loads(out.read_text())["results"][0]["ppl"]
     assert f"{ppl:.3f}" in result.output
+
+
+def test_a_damaged_carve_record_fails_before_any_model_is_scored(
+    tiny_models, tiny_carved, tmp_path, monkeypatch
+):
+    def no_loading(*args, **kwargs):
+        raise AssertionError("model loaded")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_loading)
+    broken = shutil.copytree(tiny_carved, tmp_path / "broken")
+    for content, error in (('{"resolved": ', "broken/carve.json is not JSON"),
+                           ("[1, 2]", "broken/carve.json is not a carve record"),
+                           ('{"resolved": null}', "broken/carve.json is not a carve record")):  # fmt: skip
+        (broken / "carve.json").write_text(content)
+        with pytest.raises(ValueError, match=error):
+            evaluate_ppl([tiny_models["llama"], broken], windows=1, length=16)
+
+
+def test_records_name_models_by_absolute_path(tiny_models, calib_file, tmp_path, monkeypatch):
+    """A record written from one directory names the same model as one written from another."""
+    monkeypatch.chdir(tiny_models["llama"].parent)
+    record = evaluate_ppl(["llama"], calib_file, 1, 16, progress=False)
+    assert record["results"][0]["model"] == str(tiny_models["llama"].resolve())
+
+
+def test_a_json_file_is_refused_as_text(tiny_models, tmp_path):
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"text": "the router and the expert " * 200}]))
+    with pytest.raises(ValueError, match=r"data.json is a .json file; give a text file, a JSONL file"):
+        evaluate_ppl([tiny_models["llama"]], data, 1, 16)

@@ -175,3 +175,78 @@ def test_report_keeps_eager_and_compiled_speed_apart(tmp_path):
         "| dense | CPU | float32 | compiled | 1 | 20.0 | 20.0 |",
     ):
         assert row in markdown
+
+
+def test_report_keeps_texts_dtypes_and_sources_apart(tiny_models, tiny_carved, calib_file, tmp_path):
+    """Records of other texts, dtypes or source models are rows (and lines) of their own, labelled;
+    none replaces another."""
+    results = tmp_path / "results"
+    other = tmp_path / "other.txt"
+    other.write_text(calib_file.read_text()[::-1])
+    dense, qwen = tiny_models["llama"], tiny_models["qwen2"]
+    runs = {
+        "a": ([dense, tiny_carved], calib_file, "float32"),
+        "b": ([dense, tiny_carved], other, "float32"),
+        "c": ([dense], calib_file, "bfloat16"),
+        "d": ([qwen], calib_file, "float32"),
+    }
+    scored = {}
+    for name, (models, data, dtype) in runs.items():
+        record = evaluate_ppl(models, data, 1, 32, dtype=dtype, out=results / f"{name}.json", progress=False)
+        scored[name] = [r["ppl"] for r in record["results"]]
+    render_report(results, tmp_path / "report")
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    header = next(line for line in markdown.splitlines() if line.startswith("| source |"))
+    assert header == "| source | config | active fraction | PPL | tokens scored | windows | text | dtype |"
+    for name, (models, data, dtype) in runs.items():
+        for model, ppl in zip(models, scored[name], strict=True):
+            assert f"| {model.name} | " in markdown or model == tiny_carved
+            assert f"| {ppl:.3f} | 31 | 1x32 | {data} | {dtype} |" in markdown  # 31 predicted tokens
+    with (tmp_path / "report" / "ppl.csv").open() as handle:
+        assert len(list(csv.DictReader(handle))) == 6
+
+
+def test_report_of_two_sources_keeps_their_load_and_speed_apart(tmp_path):
+    results = tmp_path / "results"
+
+    def model(source, name="S1A2E8"):
+        return {"model": f"/m/{source}-{name}", "name": name, "carve": {"source_path": f"/m/{source}"}}
+
+    def speed(source, rate):
+        rows = [{"role": "model", "batch": 1, "prefill_tokens_per_s": rate, "decode_tokens_per_s": rate}]
+        return {"kind": "speed", "cpu_figures": True, "machine": {"device": "cpu"}, "dtype": "float32",
+                "models": {"model": model(source)}, "rows": rows, "ratios": [], "prompt_length": 8,
+                "decode_tokens": 2}  # fmt: skip
+
+    def load(source, tokens):
+        return {"kind": "load", "name": "S1A2E8", **model(source), "tokens": tokens, "top_k": 2,
+                "routed_experts": 2, "summary": {"mean_max_over_mean": 1.0, "worst_max_over_mean": 1.0},
+                "layers": [{"layer": 0, "tokens_per_expert": [tokens, tokens]}]}  # fmt: skip
+
+    for source, rate in (("llama", 10.0), ("qwen2", 20.0)):
+        (results / source).mkdir(parents=True)
+        (results / source / "speed.json").write_text(json.dumps(speed(source, rate)))
+        (results / source / "load.json").write_text(json.dumps(load(source, int(rate))))
+    (results / "llama" / "speed_again.json").write_text(json.dumps(speed("llama", 30.0)))
+
+    written = render_report(results, tmp_path / "report")
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    speed_rows = [line for line in markdown.splitlines() if "| CPU | float32 | eager |" in line]
+    assert speed_rows == [  # the later llama measurement replaced the earlier one
+        "| llama | S1A2E8 | CPU | float32 | eager | 1 | 30.0 | 30.0 |",
+        "| qwen2 | S1A2E8 | CPU | float32 | eager | 1 | 20.0 | 20.0 |",
+    ]
+    heatmaps = sorted(p.name for p in written if p.name.startswith("load_") and p.suffix == ".csv")
+    assert heatmaps == ["load_llama_load.csv", "load_qwen2_load.csv"]
+    for source, tokens in (("llama", 10), ("qwen2", 20)):
+        with (tmp_path / "report" / f"load_{source}_load.csv").open() as handle:
+            assert list(csv.reader(handle))[1] == ["0", str(tokens), str(tokens)]
+
+
+def test_report_draws_a_record_without_an_active_fraction(tiny_carved, calib_file, tmp_path):
+    record = evaluate_ppl([tiny_carved], calib_file, 1, 32, progress=False)
+    record["results"][0]["active_fraction"] = None  # a carve.json without resolved.active_fraction
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "ppl.json").write_text(json.dumps(record))
+    render_report(tmp_path / "results", tmp_path / "report")
+    assert "| S1A2E8 | - |" in (tmp_path / "report" / "report.md").read_text()

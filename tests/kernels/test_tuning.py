@@ -403,6 +403,9 @@ def test_cpu_is_refused_without_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     with pytest.raises(ValueError, match=r"cannot tune on cpu: .*TRITON_INTERPRET=1"):
         check_device("cpu", "float32")
+    for device in ("mps", "xpu", "meta"):  # no probe tensor is made on them: the same one line
+        with pytest.raises(ValueError, match=f"tuning times the kernels on a CUDA GPU; {device} is not one"):
+            check_device(device, "float32")
 
 
 def test_tune_command_refuses_models_it_cannot_tune(tmp_path, monkeypatch, capsys):
@@ -417,6 +420,9 @@ def test_tune_command_refuses_models_it_cannot_tune(tmp_path, monkeypatch, capsy
     for missing in (tmp_path / "empty", "./no/such-model", "/no-such-dir/model"):
         code, out = run_cli(monkeypatch, capsys, "tune", missing, "--out", tmp_path / "out")
         assert code == 2 and "config.json missing" in out.err, missing
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a hub ID's lookup fails as it does without a network
+    code, out = run_cli(monkeypatch, capsys, "tune", "no-such-model", "--out", tmp_path / "out")
+    assert code == 2 and "model not found: no-such-model is no local directory" in out.err
     from transformers import Glm4MoeConfig
 
     Glm4MoeConfig(hidden_size=32, moe_intermediate_size=8, n_routed_experts=4, num_hidden_layers=1,

@@ -68,6 +68,11 @@ def read_text(source: str | Path | None, what: str = "calibration source") -> tu
     if path.is_file():
         if path.suffix == ".jsonl":
             return _read_jsonl(path), str(path)
+        if path.suffix == ".json":  # read as text it would be scored markup and escapes
+            raise CalibrationError(
+                f'{what} {path} is a .json file; give a text file, a JSONL file with a "text" field '
+                "per line, or a directory of .txt files"
+            )
         return read_utf8(path), str(path)
     if looks_like_path(source):
         raise CalibrationError(f"{what} not found: {source}")

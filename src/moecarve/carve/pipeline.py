@@ -51,10 +51,9 @@ class _CaptureInput(torch.nn.Module):
 
 
 def neurons_per_expert(intermediate: int, experts: int) -> int:
-    """d_h / N, rounded up to a multiple of 8 when N does not divide d_h: zero neurons pad the
-    rest, exactly, and rows stay 16-byte aligned for grouped-GEMM kernels."""
-    if intermediate % experts == 0:
-        return intermediate // experts
+    """d_h / N rounded up to a multiple of 8, zero neurons padding the rest (exact): a down
+    projection's rows must be 16-byte aligned in bf16 for grouped-GEMM kernels, transformers' own
+    among them (it refuses 11008 / 64 = 172 neurons per expert)."""
     return math.ceil(intermediate / experts / 8) * 8
 
 

@@ -36,6 +36,8 @@ def resolve_model(model: str | Path) -> Path:
         raise ValueError(f"{path / 'config.json'} has no model_type")
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise FileNotFoundError(f"{model} holds no weights (*.safetensors or *.bin)")
+    path = path.resolve()  # records name a model the same way from any working directory
+    describe_model(path)  # a damaged carve.json fails here, not after the scoring
     return path
 
 
@@ -50,8 +52,10 @@ def describe_model(path: Path) -> dict:
     record = {"model": str(path), "model_type": config["model_type"], "name": "dense", "active_fraction": 1.0}
     carve_record = path / "carve.json"
     if carve_record.is_file():
-        carve = json.loads(carve_record.read_text(encoding="utf-8"))
-        resolved = carve.get("resolved", {})
+        carve = read_json(carve_record)
+        resolved = carve.get("resolved", {}) if isinstance(carve, dict) else None
+        if not isinstance(resolved, dict):
+            raise ValueError(f'{carve_record} is not a carve record (no "resolved" object)')
         record.update(
             name=resolved.get("name", "carved"),
             active_fraction=resolved.get("active_fraction"),

@@ -13,13 +13,13 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 
 def ppl_vs_active(rows: list[dict], png: Path) -> Path:
-    """Perplexity (log scale) against the active FFN fraction, one line per source model."""
+    """Perplexity (log scale) against the active FFN fraction, one line per source model (and per
+    text and dtype where the rows hold several). Rows without an active fraction are not drawn."""
     fig, ax = plt.subplots(figsize=(6, 4))
-    for source in dict.fromkeys(r["source"] for r in rows):
-        points = sorted((r for r in rows if r["source"] == source), key=lambda r: r["active_fraction"])
-        ax.plot(
-            [r["active_fraction"] for r in points], [r["ppl"] for r in points], "o-", label=Path(source).name
-        )
+    drawn = [r for r in rows if r["active_fraction"] is not None]
+    for label, points in lines(drawn, ("source", "text", "dtype")):
+        points = sorted(points, key=lambda r: r["active_fraction"])
+        ax.plot([r["active_fraction"] for r in points], [r["ppl"] for r in points], "o-", label=label)
         for r in points:
             ax.annotate(
                 r["config"],
@@ -32,17 +32,16 @@ def ppl_vs_active(rows: list[dict], png: Path) -> Path:
     ax.set_xlabel("active fraction of FFN neurons per token")
     ax.set_ylabel("perplexity")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    if drawn:
+        ax.legend(fontsize=7)
     return _save(fig, png)
 
 
 def speed_vs_batch(rows: list[dict], png: Path) -> Path:
     """Prefill and decode tokens/s against batch size, one line per model, device, dtype and mode."""
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
-    fields = ("config", "device", "dtype", "mode")
-    for key in dict.fromkeys(tuple(r[f] for f in fields) for r in rows):
-        points = sorted((r for r in rows if tuple(r[f] for f in fields) == key), key=lambda r: r["batch"])
-        label = f"{key[0]} ({', '.join(key[1:])})"
+    for label, points in lines(rows, ("source", "config", "device", "dtype", "mode")):
+        points = sorted(points, key=lambda r: r["batch"])
         for ax, column in zip(axes, ("prefill_tokens_per_s", "decode_tokens_per_s"), strict=True):
             ax.plot([r["batch"] for r in points], [r[column] for r in points], "o-", label=label)
     batches = sorted({r["batch"] for r in rows})
@@ -56,6 +55,20 @@ def speed_vs_batch(rows: list[dict], png: Path) -> Path:
         ax.grid(True, alpha=0.3)
     axes[1].legend(fontsize=7)
     return _save(fig, png)
+
+
+def lines(rows: list[dict], fields: tuple[str, ...]) -> list[tuple[str, list[dict]]]:
+    """(label, rows) of each line: rows grouped by `fields`, labelled by the fields whose values
+    differ between the rows (a source by its file or directory name), so no two lines share a label."""
+    keys = list(dict.fromkeys(tuple(r[f] for f in fields) for r in rows))
+    shown = [i for i in range(len(fields)) if len({key[i] for key in keys}) > 1] or [0]
+
+    def label(key, short=True):
+        parts = [Path(key[i]).name if short and fields[i] == "source" else str(key[i]) for i in shown]
+        return parts[0] + (f" ({', '.join(parts[1:])})" if parts[1:] else "")
+
+    short = len({label(key) for key in keys}) == len(keys)  # else two sources share a name
+    return [(label(key, short), [r for r in rows if tuple(r[f] for f in fields) == key]) for key in keys]
 
 
 def load_heatmap(record: dict, png: Path, data: Path) -> list[Path]:

@@ -91,7 +91,7 @@ def protocol_ppl(
     return {**result, "windows": windows, "length": length}
 
 
-def _fingerprint(tokenizer) -> str:
+def tokenizer_fingerprint(tokenizer) -> str:
     """Identical for tokenizers that split text identically (the carve copies its source's files)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     content = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
@@ -130,7 +130,7 @@ def evaluate_ppl(
     per_model = []
     for path in paths:
         tokenizer = AutoTokenizer.from_pretrained(path)
-        key = _fingerprint(tokenizer)
+        key = tokenizer_fingerprint(tokenizer)
         if key not in shared:
             stream = tokenize_stream(tokenizer, text)
             shared[key] = _tail_windows(stream, windows, length, description)

@@ -41,10 +41,9 @@ def ppl_rows(records) -> list[dict]:
     for path, record in records:
         protocol = record["protocol"]
         for result in record["results"]:
-            source = (result.get("carve") or {}).get("source_path") or result["model"]
             carve = _carve_beside(path, result.get("carve"))
             row = {
-                "source": _source_id(source),
+                "source": _source_of(result),
                 "model": result["model"],
                 "config": result["name"],
                 "active_fraction": result["active_fraction"],
@@ -52,11 +51,18 @@ def ppl_rows(records) -> list[dict]:
                 "tokens_scored": result["tokens_scored"],
                 "text": protocol["data"],
                 "windows_x_length": f"{protocol['windows']}x{protocol['length']}",
+                "dtype": protocol.get("dtype", "float32"),  # records before the field scored float32
                 "carve_seconds": carve.get("carve_seconds"),
                 "file": str(path),
             }
-            rows[(row["model"], row["text"], row["windows_x_length"])] = row
+            rows[(row["model"], row["text"], row["windows_x_length"], row["dtype"])] = row
     return sorted(rows.values(), key=lambda r: (r["source"], -(r["active_fraction"] or 0), r["config"]))
+
+
+def _source_of(described: dict) -> str:
+    """The source model of a described model (eval's `describe_model`): its carve's, or itself."""
+    source = (described.get("carve") or {}).get("source_path") or described.get("model")
+    return _source_id(source) if source else "-"
 
 
 def _source_id(source: str) -> str:
@@ -84,9 +90,12 @@ def _carve_beside(path: Path, carve: dict | None) -> dict:
 def task_rows(records) -> list[dict]:
     rows = {}
     for path, record in records:
+        dtype = record.get("dtype", "float32")
         for task, metrics in record["tasks"].items():
-            rows[(record["model"], task, metrics["questions"])] = {
+            rows[(record["model"], dtype, task, metrics["questions"])] = {
+                "source": _source_of(record),
                 "model": record["model"],
+                "dtype": dtype,
                 "config": record["name"],
                 "active_fraction": record["active_fraction"],
                 "task": task,
@@ -99,16 +108,20 @@ def task_rows(records) -> list[dict]:
 
 
 def speed_rows(records) -> list[dict]:
-    rows = []
+    """One row per (model, device, dtype, mode, prompt, batch); a later file replaces an earlier
+    measurement of the same."""
+    rows = {}
     for path, record in records:
         where = "CPU" if record["cpu_figures"] else record["machine"].get("gpu", record["machine"]["device"])
         for row in record["rows"]:
             model = record["models"][row["role"]]
-            rows.append(
-                {"config": model["name"], "device": where, "dtype": record["dtype"],
-                 "mode": speed_mode(record, row["role"]), **row, "file": str(path)}
-            )  # fmt: skip
-    return rows
+            new = {"source": _source_of(model), "config": model["name"], "device": where,
+                   "dtype": record["dtype"], "mode": speed_mode(record, row["role"]), **row,
+                   "file": str(path)}  # fmt: skip
+            prompt = (record.get("prompt_length"), record.get("decode_tokens"))
+            key = (model.get("model", model["name"]), where, new["dtype"], new["mode"], prompt, row["batch"])
+            rows[key] = new
+    return list(rows.values())
 
 
 def speed_mode(record: dict, role: str) -> str:
@@ -163,8 +176,9 @@ def render_report(results_dir: str | Path, out: str | Path | None = None) -> lis
             )
     _check_records(found)  # every record of another shape fails here, named, before anything is written
     ppl, tasks, speed = ppl_rows(found["ppl"]), task_rows(found["tasks"]), speed_rows(found["speed"])
+    root = Path(results_dir)
     ratios = [
-        [path.name, row["batch"], row["prefill"], row["decode"]]
+        [path.relative_to(root).as_posix(), *_pair(record), row["batch"], row["prefill"], row["decode"]]
         for path, record in found["speed"]
         for row in record["ratios"]
     ]
@@ -180,15 +194,19 @@ def render_report(results_dir: str | Path, out: str | Path | None = None) -> lis
             plots.ppl_vs_active(rows, assets / "ppl_vs_active.png"),
         ]
         timed = any(r["carve_seconds"] is not None for r in rows)
+        front, back = _varying(rows, ["source"]), _varying(rows, ["text", "dtype"])
         table = [
-            [r["config"], r["active_fraction"], r["ppl"], r["tokens_scored"], r["windows_x_length"]]
+            [_shown(r, f) for f in front]
+            + [r["config"], r["active_fraction"], r["ppl"], r["tokens_scored"], r["windows_x_length"]]
+            + [r[f] for f in back]
             + ([r["carve_seconds"]] if timed else [])
             for r in rows
         ]
-        header = ["config", "active fraction", "PPL", "tokens scored", "windows"]
+        header = front + ["config", "active fraction", "PPL", "tokens scored", "windows"] + back
+        common = "; ".join(f"{f}: {rows[0][f]}" for f in ("text", "dtype") if f not in back)
         sections += [
             "## Perplexity",
-            f"Text: {rows[0]['text']}.",
+            *([f"{common[0].upper()}{common[1:]}."] if common else []),
             _table(header + (["carve s"] if timed else []), table),
             f"![PPL vs active fraction]({link}ppl_vs_active.png)",
         ]
@@ -204,8 +222,10 @@ def render_report(results_dir: str | Path, out: str | Path | None = None) -> lis
             _write_csv(rows, assets / "speed.csv"),
             plots.speed_vs_batch(rows, assets / "speed_vs_batch.png"),
         ]
+        front = _varying(rows, ["source"])
         table = [
-            [
+            [_shown(r, f) for f in front]
+            + [
                 r["config"],
                 r["device"],
                 r["dtype"],
@@ -218,17 +238,18 @@ def render_report(results_dir: str | Path, out: str | Path | None = None) -> lis
         ]
         sections += [
             "## Speed (tokens/s, median of repeats)",
-            _table(["config", "device", "dtype", "mode", "batch", "prefill", "decode"], table),
+            _table(front + ["config", "device", "dtype", "mode", "batch", "prefill", "decode"], table),
         ]
         if ratios:
-            sections += ["MoE / dense:", _table(["file", "batch", "prefill", "decode"], ratios)]
+            header = ["file", "model", "baseline", "batch", "prefill", "decode"]
+            sections += ["MoE / dense:", _table(header, ratios)]
         sections.append(f"![speed vs batch size]({link}speed_vs_batch.png)")
 
     for path, record, line in loads:
-        stem = f"load_{record['name']}_{path.stem}"
+        stem = "_".join(["load", *path.relative_to(root).with_suffix("").parts])  # unique per record
         written += plots.load_heatmap(record, assets / f"{stem}.png", assets / f"{stem}.csv")
         sections += [
-            f"## Expert load: {record['name']} ({path.name})",
+            f"## Expert load: {record['name']} ({path.relative_to(root).as_posix()})",
             line,
             f"![expert load]({link}{stem}.png)",
         ]
@@ -262,6 +283,25 @@ def _check_records(found: dict[str, list[tuple[Path, dict]]]) -> None:
                 ) from None
 
 
+def _varying(rows: list[dict], fields: list[str]) -> list[str]:
+    """The fields whose values differ between rows: those need a column of their own."""
+    return [f for f in fields if len({r[f] for r in rows}) > 1]
+
+
+def _shown(row: dict, field: str) -> str:
+    """A cell: a source model by its file or directory name."""
+    return Path(row[field]).name if field == "source" else row[field]
+
+
+def _pair(record: dict) -> list[str]:
+    """A speed record's model and baseline, as config @ source name."""
+    models = record["models"]
+    return [
+        f"{models[role]['name']} @ {Path(_source_of(models[role])).name}" if role in models else "-"
+        for role in ("model", "baseline")
+    ]
+
+
 def _load_line(record: dict) -> str:
     """The load section's summary line."""
     summary = record["summary"]
@@ -274,17 +314,21 @@ def _load_line(record: dict) -> str:
 def _tasks_table(rows: list[dict]) -> str:
     """Models as rows, tasks as columns: "acc / acc_norm (questions)"."""
     tasks = list(dict.fromkeys(r["task"] for r in rows))
-    models = list(dict.fromkeys((r["model"], r["config"], r["active_fraction"]) for r in rows))
-    cells = {(r["model"], r["task"]): r for r in rows}
+    front = _varying(rows, ["source"])
+    back = _varying(rows, ["dtype"])
+    models = list(dict.fromkeys((r["model"], r["dtype"]) for r in rows))
+    cells = {(r["model"], r["dtype"], r["task"]): r for r in rows}
     body = []
-    for model, config, fraction in models:
-        line = [config, fraction]
+    for model in models:
+        first = next(r for r in rows if (r["model"], r["dtype"]) == model)
+        line = [_shown(first, f) for f in front] + [first["config"], first["active_fraction"]]
+        line += [first[f] for f in back]
         for task in tasks:
-            r = cells.get((model, task))
+            r = cells.get((*model, task))
             if r is None:
                 line.append(None)
                 continue
             norm = f" / {r['acc_norm']:.3f}" if r["acc_norm"] is not None else ""
             line.append(f"{r['acc']:.3f}{norm} ({r['questions']})")
         body.append(line)
-    return _table(["config", "active fraction", *tasks], body)
+    return _table([*front, "config", "active fraction", *back, *tasks], body)

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from moecarve.carve.calib import read_text, tokenize_prefix
 from moecarve.eval import common
+from moecarve.eval.ppl import tokenizer_fingerprint
 
 
 def _sync(device: torch.device) -> None:
@@ -156,13 +157,22 @@ def evaluate_speed(
     device = common.resolve_device(device)
     from transformers import AutoTokenizer
 
+    if kernels:
+        _check_kernel_blocks(named["model"])
     text, description = read_text(data, "--data")
     need = max(batch_sizes) * prompt_length
-    stream = tokenize_prefix(AutoTokenizer.from_pretrained(named["model"]), text, need)
-    if stream.numel() < need:
-        raise ValueError(
-            f"text has {stream.numel()} tokens, {need} needed for the largest batch ({description})"
-        )
+    streams = {}  # each model's prompts in its own tokenizer's ids (a baseline may have another)
+    for role, path in named.items():
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        key = tokenizer_fingerprint(tokenizer)
+        if key not in streams:
+            streams[key] = tokenize_prefix(tokenizer, text, need)
+            if streams[key].numel() < need:
+                raise ValueError(
+                    f"text has {streams[key].numel()} tokens in {path.name}'s tokenizer, {need} needed "
+                    f"for the largest batch ({description})"
+                )
+        streams[role] = streams[key]
 
     loaded = {role: common.load_model(path, torch_dtype, device)[0] for role, path in named.items()}
     if kernels:
@@ -170,30 +180,32 @@ def evaluate_speed(
 
         moecarve.kernels.enable(loaded["model"])
     if not compile:  # warm-up: allocations, kernels (compiled runs warm up per batch size, below)
-        for net in loaded.values():
-            time_generation(net, stream[:prompt_length][None], 2)
+        for role, net in loaded.items():
+            time_generation(net, streams[role][:prompt_length][None], 2)
 
     rows = []
     # compiled: a decode graph per batch size for each model (both share the code when of one class)
     limit = max(torch._dynamo.config.recompile_limit, 4 * len(batch_sizes))
     with torch._dynamo.config.patch(recompile_limit=limit) if compile else contextlib.nullcontext():
         for batch in tqdm(batch_sizes, desc="speed", disable=not progress, leave=False):
-            prompt = stream[: batch * prompt_length].view(batch, prompt_length)
+            prompts = {
+                role: streams[role][: batch * prompt_length].view(batch, prompt_length) for role in loaded
+            }
             timings = {role: [] for role in loaded}
             caches = {}
             if compile:  # compiles this batch size and records its CUDA graphs (which take 3 steps)
                 warm = max(decode_tokens, 3)
                 for role, net in loaded.items():
                     caches[role] = static_cache(net, prompt_length + warm + 1)
-                    time_compiled_generation(net, prompt, warm, caches[role])
+                    time_compiled_generation(net, prompts[role], warm, caches[role])
             for _ in range(repeats):
                 for role, net in loaded.items():
                     if compile:
                         timings[role].append(
-                            time_compiled_generation(net, prompt, decode_tokens, caches[role])
+                            time_compiled_generation(net, prompts[role], decode_tokens, caches[role])
                         )
                     else:
-                        timings[role].append(time_generation(net, prompt, decode_tokens))
+                        timings[role].append(time_generation(net, prompts[role], decode_tokens))
             for role, runs in timings.items():
                 prefill = statistics.median(r["prefill_s"] for r in runs)
                 decode = statistics.median(r["decode_s"] for r in runs)
@@ -225,6 +237,17 @@ def evaluate_speed(
     }
     common.write_json(record, out)
     return record
+
+
+def _check_kernel_blocks(path: Path) -> None:
+    """--kernels needs MoE blocks the kernels take: checked on the config's skeleton, before loading."""
+    from transformers import AutoConfig
+
+    from moecarve.kernels.integration import is_moe_block
+    from moecarve.moe import meta_model
+
+    if not any(is_moe_block(module) for module in meta_model(AutoConfig.from_pretrained(path)).modules()):
+        raise ValueError(f"--kernels: {path} has no MoE block for the kernels (a carved glm4_moe model has)")
 
 
 def _ratios(rows: list[dict]) -> list[dict]:

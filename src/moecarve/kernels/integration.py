@@ -40,7 +40,7 @@ def _is_silu(module: nn.Module) -> bool:
     return act in ("silu", "swish")
 
 
-def _is_moe_block(module: nn.Module) -> bool:
+def is_moe_block(module: nn.Module) -> bool:
     experts = getattr(module, "experts", None)
     return (
         isinstance(getattr(module, "gate", None), nn.Module)
@@ -56,7 +56,7 @@ def _is_moe_block(module: nn.Module) -> bool:
 def unsupported_block_reason(module: nn.Module) -> str | None:
     """Why `enable` leaves this module as is (not a Glm4MoeMoE-like block, an unknown shared expert
     layout, an activation other than SiLU), or None when it swaps it."""
-    if not _is_moe_block(module):
+    if not is_moe_block(module):
         return "not a MoE block with a router `gate` and fused `experts`"
     se = getattr(module, "shared_experts", None)
     if se is not None and not all(hasattr(se, p) for p in ("gate_proj", "up_proj", "down_proj")):
@@ -160,7 +160,7 @@ def enable(model: nn.Module, *, fused_router: bool = True) -> int:
     register_experts_implementation()
     swapped = 0
     for name, module in model.named_modules():
-        if not _is_moe_block(module):
+        if not is_moe_block(module):
             continue
         reason = unsupported_block_reason(module)
         if reason is not None:

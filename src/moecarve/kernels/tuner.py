@@ -316,7 +316,14 @@ def model_shapes(model: str, dtype: str | None = None) -> list[MoeShape]:
     looks_local = model.startswith((".", "/", "~")) or model.count("/") > 1
     if (local.exists() or looks_local) and not (local / "config.json").is_file():
         raise FileNotFoundError(f"no model at {local} (config.json missing)")
-    config = AutoConfig.from_pretrained(str(local) if local.exists() else model)
+    try:
+        config = AutoConfig.from_pretrained(str(local) if local.exists() else model)
+    except OSError as err:  # the hub unreachable, or no such repository
+        if local.exists():
+            raise
+        raise FileNotFoundError(
+            f"model not found: {model} is no local directory, and the Hugging Face hub gave no config for it ({err})"
+        ) from None
     if dtype is None:
         dtype = str(getattr(config, "dtype", None) or "").removeprefix("torch.")
         dtype = dtype if dtype in ("bfloat16", "float16") else "bfloat16"
@@ -348,7 +355,7 @@ def check_device(device: str, dtype: str) -> torch.device:
         dev = torch.device(device)
     except RuntimeError as err:
         raise ValueError(f"--device {device!r}: {err}") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
+    if dev.type not in ("cuda", "cpu") or (dev.type == "cuda" and not torch.cuda.is_available()):
         raise ValueError(f"tuning times the kernels on a CUDA GPU; {device} is not one")
     probe = torch.empty(1, device=dev, dtype=getattr(torch, dtype))
     reason = triton_unsupported_reason(probe, [probe])

@@ -170,6 +170,7 @@ cli.add_command(carve_command)
 
 
 def _run(command) -> None:
+    _exit_on_sigterm()
     try:
         command.main(standalone_mode=False)
     except click.exceptions.Abort:
@@ -185,6 +186,16 @@ def _run(command) -> None:
             message = f"{'.'.join(map(str, first['loc'])) or 'config'}: {first['msg'].removeprefix('Value error, ')}"
         click.echo(f"error: {message}", err=True)
         sys.exit(2)
+
+
+def _exit_on_sigterm() -> None:
+    """SIGTERM (`kill`, a scheduler's stop) unwinds like Ctrl-C, so temporary outputs are removed,
+    then exits with 143; without this Python dies at once and leaves them."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
 
 
 def main() -> None:

@@ -41,7 +41,9 @@ def test_table_records_results_and_the_failure(reference):
     assert full["ppl"] == pytest.approx(dense["ppl"], rel=1e-4)  # every routed expert: the dense model
     # a tiny random model's FFN barely moves its PPL: the sparse carve differs by more than rounding does
     assert abs(sparse["ppl"] - dense["ppl"]) > 10 * abs(full["ppl"] - dense["ppl"])
-    assert sparse["active_fraction"] == 0.375 and sparse["neurons_per_expert"] == 12
+    assert (
+        sparse["active_fraction"] == 0.375 and sparse["neurons_per_expert"] == 16
+    )  # 96 / 8, padded to 8-aligned
     assert "neuron" in failed["error"] and failed["ppl"] is None  # recorded, and the batch went on
     assert (reference / "jobs" / "llama-S1A2E128" / "error.txt").read_text().startswith("Traceback")
     assert (reference / "jobs" / "llama-S1A2E8" / "model" / "config.json").is_file()
@@ -197,3 +199,74 @@ def test_interrupted_job_starts_clean(make_recipe, tmp_path):
     record = runner.run_job(batch, batch.jobs[0], progress=False)
     assert record["status"] == "ok" and not stale.exists()
     assert sorted(os.listdir(batch.job_dir(batch.jobs[0]))) == ["ppl.json", "result.json"]
+
+
+def test_a_failed_start_after_a_model_was_built_leaves_an_output_the_rerun_accepts(
+    make_recipe, tiny_models, calib_file, tmp_path
+):
+    empty = tmp_path / "nocfg"
+    empty.mkdir()
+    text = f"""\
+name: tiny
+output: out
+models:
+  - {{name: broken, path: {empty}}}
+  - {{name: built, tiny: llama}}
+stages: [carve]
+carve: {{calib: {calib_file}, calib_tokens: 512, calib_length: 128}}
+configs: [{{experts: 8, active: 2}}]
+"""
+    recipe = make_recipe(tmp_path / "r", text=text)
+    batch = runner.open_batch(recipe)
+    with pytest.raises((ValueError, OSError)):
+        runner.run(batch, list(batch.jobs), progress=False)
+    assert (batch.output / "models").is_dir()  # the tiny model built before the broken one failed
+    recipe.write_text(text.replace(f"  - {{name: broken, path: {empty}}}\n", ""))
+    batch = runner.open_batch(recipe)  # the same recipe's output: accepted
+    summary = runner.run(batch, list(batch.jobs), progress=False)
+    assert summary.done == ["built-S1A2E8"]
+
+
+def test_eval_text_too_short_fails_the_job_before_its_carve(make_recipe, tmp_path):
+    recipe = make_recipe(tmp_path)
+    recipe.write_text(recipe.read_text().replace("windows: 2, length: 128", "windows: 1000, length: 128"))
+    batch = runner.open_batch(recipe)
+    job = next(j for j in batch.jobs if j.name == "llama-S1A2E8")
+    runner.run(batch, [job], progress=False)
+    result = batch.result(job)
+    assert result["status"] == "failed" and result["stages"] == {}  # the carve never ran
+    assert "1000 x 128 needed" in result["error"]
+
+
+def test_keep_models_changes_no_finished_job_and_drops_a_failed_jobs_model(
+    make_recipe, reference, tmp_path, monkeypatch
+):
+    from moecarve.batch import stages
+
+    recipe = make_recipe(tmp_path)
+    recipe.write_text(recipe.read_text() + "keep_models: false\n")
+    batch = runner.open_batch(recipe, reference)  # finished jobs are not "run with other settings"
+    assert all(batch.status(job) == "ok" for job in batch.jobs if job.name != "llama-S1A2E128")
+
+    def failing_eval(ctx, options):
+        raise RuntimeError("eval failed after the carve")
+
+    monkeypatch.setitem(stages.STAGES, "eval_ppl", failing_eval)
+    batch = runner.open_batch(recipe, tmp_path / "fresh")
+    job = next(j for j in batch.jobs if j.name == "llama-S1A2E8")
+    runner.run(batch, [job], progress=False)
+    result = batch.result(job)
+    assert result["status"] == "failed" and "carve" in result["stages"]
+    assert not (batch.job_dir(job) / "model").exists()
+
+
+def test_a_model_inside_the_output_is_refused(make_recipe, tiny_models, tmp_path):
+    import shutil
+
+    inside = shutil.copytree(tiny_models["llama"], tmp_path / "out" / "models" / "llama")
+    (tmp_path / "out" / "batch.json").write_text(json.dumps({"recipe": "tiny"}))  # this recipe's output
+    recipe = make_recipe(
+        tmp_path, text=make_recipe(tmp_path / "x").read_text().replace(str(tiny_models["llama"]), str(inside))
+    )
+    with pytest.raises(ValueError, match="lies inside the batch output"):
+        runner.open_batch(recipe, tmp_path / "out")

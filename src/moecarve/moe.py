@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -129,6 +130,23 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
     if not found:
         raise ValueError(f"no {family.block} blocks found in {type(model).__name__}")
     return found
+
+
+def experts_loading(model_dir: str | Path, dtype) -> dict:
+    """from_pretrained's extra arguments for `model_dir` in `dtype` ("auto": the config's):
+    transformers' default grouped_mm experts need 16-byte aligned expert rows, which carves made
+    before moecarve padded every expert to 8 neurons may lack; those load with the eager experts."""
+    import json
+
+    config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    width = config.get("moe_intermediate_size")
+    if dtype == "auto":
+        dtype = getattr(
+            torch, str(config.get("dtype") or config.get("torch_dtype") or "float32"), torch.float32
+        )
+    if not isinstance(width, int) or not isinstance(dtype, torch.dtype):
+        return {}
+    return {} if width * dtype.itemsize % 16 == 0 else {"experts_implementation": "eager"}
 
 
 def meta_model(config) -> nn.Module:

@@ -216,3 +216,26 @@ def test_experts_whose_split_is_not_8_aligned_are_padded_so_bf16_runs(tiny_carve
     moe = AutoModelForCausalLM.from_pretrained(tiny_carved, dtype=torch.bfloat16).eval()
     with torch.no_grad():
         assert torch.isfinite(moe(torch.tensor([[1, 2, 3, 4]])).logits).all()
+
+
+def test_padding_neurons_are_spread_over_the_experts(tiny_carved):
+    """96 neurons padded to 8 x 16: the 32 zero neurons go 4 or 5 to each of the 7 routed experts
+    (all in one would leave a dead expert, which no training can revive)."""
+    import re
+
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for shard in tiny_carved.glob("*.safetensors"):
+        tensors.update(load_file(shard))
+    zeros = {}  # layer -> zero neurons per routed expert
+    for name, weight in tensors.items():
+        found = re.fullmatch(r"model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.gate_proj\.weight", name)
+        if found:
+            up = tensors[name.replace("gate_proj", "up_proj")]
+            dead = (weight.abs().sum(1) == 0) & (up.abs().sum(1) == 0)  # [m]
+            zeros.setdefault(int(found[1]), {})[int(found[2])] = int(dead.sum())
+    assert zeros
+    for layer, per_expert in zeros.items():
+        assert len(per_expert) == 7 and sum(per_expert.values()) == 32, layer
+        assert set(per_expert.values()) <= {4, 5}, (layer, per_expert)

@@ -37,6 +37,25 @@ def test_long_prompt_keeps_its_end(tokenizer, tmp_path):
     assert len(example.input_ids) == 8 and example.labels[-1] == tokenizer.eos_token_id
 
 
+def test_long_response_keeps_its_start_and_the_prompt_half_the_room(tokenizer, tmp_path):
+    """A response longer than the room left is cut at its end; the example is never dropped."""
+    rows = [
+        {"prompt": "the expert", "response": " router" * 40},
+        {"prompt": "the " * 30, "response": " a" * 30},
+    ]
+    long_response, both_long = load_examples(write(tmp_path / "t.jsonl", rows), tokenizer, max_length=16)
+    prompt = tokenizer("the expert")["input_ids"]
+    response = tokenizer(" router" * 40, add_special_tokens=False)["input_ids"]
+    assert long_response.input_ids == prompt + response[: 16 - len(prompt)]
+    assert long_response.labels == [IGNORE] * len(prompt) + response[: 16 - len(prompt)]
+    assert len(both_long.input_ids) == 16 and both_long.labels.count(IGNORE) == 8
+
+
+def test_a_directory_is_refused_as_task_data(tokenizer, tmp_path):
+    with pytest.raises(ValueError, match="is a directory: give a JSONL or text file"):
+        load_examples(tmp_path, tokenizer)
+
+
 def test_chat_messages_use_the_template(tokenizer, tmp_path):
     tokenizer.chat_template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}"
     rows = [

@@ -142,3 +142,45 @@ def test_outputs_never_replace_inputs(tiny_carved, task_file, carved_scores, tmp
         select.select(carved_scores[1], "token", 0.2, out=tiny_carved / "config.json")
     assert [p.read_bytes() for p in inputs] == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+
+
+def test_existing_files_that_are_not_earlier_outputs_are_refused(
+    tiny_carved, task_file, carved_scores, tmp_path
+):
+    """score replaces only an earlier scores file (and its heatmap), select only an earlier experts file."""
+    notes, picture = tmp_path / "notes.json", tmp_path / "notes.png"
+    notes.write_text("mine")
+    with pytest.raises(ValueError, match="notes.json exists and is not a moecarve-esft-scores/1 file"):
+        score.score(tiny_carved, task_file, notes, tokens=TOKENS)
+    with pytest.raises(ValueError, match="notes.json exists and is not a moecarve-esft-experts/1 file"):
+        select.select(carved_scores[1], "token", 0.2, out=notes)
+    notes.unlink()
+    picture.write_text("a picture")
+    with pytest.raises(ValueError, match="notes.png exists and is no earlier output's"):
+        score.score(tiny_carved, task_file, notes, tokens=TOKENS)
+    assert picture.read_text() == "a picture" and not notes.exists()
+    picture.unlink()
+    score.score(tiny_carved, task_file, notes, tokens=TOKENS)
+    score.score(tiny_carved, task_file, notes, tokens=TOKENS)  # its own output: replaced
+    select.select(notes, "token", 0.2, out=tmp_path / "experts.json")
+    select.select(notes, "token", 0.2, out=tmp_path / "experts.json")
+
+
+def test_max_length_above_the_positions_is_lowered_to_them(tiny_carved, task_file, tmp_path):
+    with pytest.warns(UserWarning, match="--max-length 4096 is lowered to the 256 positions"):
+        score.score(tiny_carved, task_file, tmp_path / "s.json", tokens=TOKENS, max_length=4096)
+
+
+def test_models_with_unaligned_experts_load_with_the_eager_experts(tmp_path):
+    """Carves made before every expert was padded to 8 neurons: grouped_mm refuses their bf16 rows."""
+    import torch
+
+    from moecarve.moe import experts_loading
+
+    for width, dtype, expected in [(12, torch.bfloat16, {"experts_implementation": "eager"}),
+                                   (16, torch.bfloat16, {}), (12, torch.float32, {}),
+                                   (12, "auto", {"experts_implementation": "eager"})]:  # fmt: skip
+        (tmp_path / "config.json").write_text(
+            json.dumps({"moe_intermediate_size": width, "dtype": "bfloat16"})
+        )
+        assert experts_loading(tmp_path, dtype) == expected, (width, dtype)

@@ -71,7 +71,11 @@ def test_train_and_merge_carved(tiny_carved, task_file, tmp_path):
     assert result["trainable_parameters"] == sum(t.numel() for t in saved.values())
     merged = merge.merge(tiny_carved, tmp_path / "adapter", tmp_path / "merged")
     compare_every_tensor(state(tiny_carved), state(merged), changes)
-    assert (merged / "carve.json").is_file() and (merged / "tokenizer.json").is_file()
+    assert (merged / "tokenizer.json").is_file()
+    carve = json.loads((merged / "carve.json").read_text())  # the carve's record, this training appended
+    assert carve["resolved"] == json.loads((tiny_carved / "carve.json").read_text())["resolved"]
+    assert carve["tune"][-1] == {"stage": "esft", "model": str(tiny_carved.resolve()),
+                                 "adapter": str((tmp_path / "adapter").resolve())}  # fmt: skip
     reloaded = AutoModelForCausalLM.from_pretrained(merged)  # stock transformers, no remote code
     assert reloaded.config.model_type == "glm4_moe"
 

@@ -62,6 +62,8 @@ def test_recovery_learns_saves_natively_and_trains_the_router(tiny_carved, calib
     (tune,) = record["tune"]
     assert tune["stage"] == "recover" and tune["data"]["tokens"] == 8 * 2 * 64
     assert [h["step"] for h in tune["train_loss"]] == list(range(1, 9))
+    assert tune["final_train_loss"] == tune["train_loss"][-1]["loss"]  # the last step's, not the mean
+    assert tune["resumed_from_step"] is None
     assert not (tmp_path / "out.checkpoints").exists()  # removed once the model is written
 
 
@@ -118,6 +120,11 @@ def test_interrupted_run_resumes_to_the_same_model(tiny_carved, calib_file, tmp_
     monkeypatch.setattr(trainer_module.BalanceCallback, "on_step_end", count)
     resumed = recover(tiny_carved, config, calib_file, tmp_path / "resumed", resume=True).out
     assert steps_run == [4, 5, 6]  # continued from checkpoint-3, did not start over
+    first, second = (
+        json.loads((path / "carve.json").read_text())["tune"][-1] for path in (straight, resumed)
+    )
+    assert second["resumed_from_step"] == 3
+    assert second["final_train_loss"] == pytest.approx(first["final_train_loss"])  # the whole run's last
     a, b = tensors(load(straight)), tensors(load(resumed))
     for name in a:
         if name.endswith("e_score_correction_bias"):  # one balancing step is 1e-5: compare exactly
@@ -141,6 +148,19 @@ def test_resume_refuses_other_configuration_and_restarts_after_an_early_failure(
     other = RecoverConfig(steps=6, **{**FAST, "lr": 1e-4})
     with pytest.raises(ValueError, match="another model, data or configuration"):
         recover(tiny_carved, other, calib_file, tmp_path / "o", resume=True)
+
+    # The same data file named another way resumes; an edited one is other data.
+    monkeypatch.chdir(calib_file.parent)
+    assert recover(tiny_carved, config, f"./{calib_file.name}", tmp_path / "o", resume=True).out.is_dir()
+    edited = tmp_path / "edited.txt"
+    edited.write_text(calib_file.read_text())
+    monkeypatch.setattr(trainer_module.BalanceCallback, "on_step_end", fail_at_step_4)
+    with pytest.raises(RuntimeError):
+        recover(tiny_carved, config, edited, tmp_path / "e")
+    monkeypatch.undo()
+    edited.write_text(calib_file.read_text().replace(" the ", " a "))
+    with pytest.raises(ValueError, match="another model, data or configuration"):
+        recover(tiny_carved, config, edited, tmp_path / "e", resume=True)
 
     # A run that died before its first checkpoint leaves nothing to resume and does not block a rerun.
     early = tmp_path / "early.checkpoints"
@@ -301,3 +321,17 @@ def test_distillation_loss_is_kl_to_the_dense_source(
     with pytest.raises(ValueError, match="vocabulary"):
         recover(tiny_carved, config, calib_file, tmp_path / "o2", teacher=other)
     assert not (tmp_path / "o2").exists()
+
+
+def test_the_carves_perplexity_stands_for_the_model_only_until_it_is_trained(tmp_path):
+    """A recovered or ESFT-merged model copies the carve's record forward: its measured PPL is no
+    longer this model's, so recover --eval-ppl scores the model before training instead."""
+    from moecarve.tune.recover import carve_quality
+
+    measured = {"ppl": 30.0, "tokens_scored": 32752}
+    record = {"resolved": {"name": "S1A2E8"}, "quality": {"protocol_ppl": {"carved": measured}}}
+    (tmp_path / "carve.json").write_text(json.dumps(record))
+    assert carve_quality(tmp_path) == measured
+    for stage in ("recover", "esft"):
+        (tmp_path / "carve.json").write_text(json.dumps({**record, "tune": [{"stage": stage}]}))
+        assert carve_quality(tmp_path) is None

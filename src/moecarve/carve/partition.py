@@ -77,11 +77,33 @@ def partition_neurons(
     if config.refine_iters:
         select = linear_selector(inputs, config.active)
         labels, refined = refine_for_routing(energy, labels, config.routed, m, select, config.refine_iters)
+    labels = spread_padding(labels, down_norms[routed] == 0, energy.sum(0), config.routed)
     members = torch.stack([torch.nonzero(labels == j).squeeze(1) for j in range(config.routed)])  # [R, m]
     representatives = routed[nearest_to_centroid(feats, labels, members)]
     # Sort members inside each expert so the written layout does not depend on solver order.
     experts = routed[members].sort(dim=1).values
     return Partition(shared.sort().values, experts, representatives, iterations, refined)
+
+
+def spread_padding(
+    labels: torch.Tensor, padding: torch.Tensor, energy: torch.Tensor, clusters: int
+) -> torch.Tensor:
+    """Spread the zero neurons that pad the FFN to N * m over the experts as evenly as they go.
+
+    They have no activations, so k-means and the refine put them anywhere, often all into one
+    expert, which is then dead: it computes nothing and its gradients are zero, so ESFT and the
+    recovery cannot train it either. Each move swaps a zero of the most padded expert with the
+    least energetic neuron of the least padded one."""
+    labels = labels.clone()
+    while True:
+        counts = torch.bincount(labels[padding], minlength=clusters)
+        most, least = int(counts.argmax()), int(counts.argmin())
+        if counts[most] - counts[least] <= 1:
+            return labels
+        zero = torch.nonzero(padding & (labels == most))[0, 0]
+        candidates = torch.nonzero(~padding & (labels == least)).squeeze(1)
+        real = candidates[energy[candidates].argmin()]
+        labels[zero], labels[real] = least, most
 
 
 def nearest_to_centroid(feats: torch.Tensor, labels: torch.Tensor, members: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,8 @@ class Example:
 def load_examples(path: str | Path, tokenizer, max_length: int = 512) -> list[Example]:
     """Every usable example of a task file; raises on a malformed file or one with none usable."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise ValueError(f"task data {path} is a directory: give a JSONL or text file")
     if not path.is_file():
         raise FileNotFoundError(f"task data not found: {path}")
     if path.suffix == ".jsonl":
@@ -71,8 +73,9 @@ def _pair(tokenizer, prompt, response, max_length, add_eos: bool, special: bool 
     response_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
     if add_eos and tokenizer.eos_token_id is not None:
         response_ids = [*response_ids, tokenizer.eos_token_id]
-    response_ids = response_ids[:max_length]
-    # Keep the end of a long prompt: the question usually comes last.
+    # Too long: the prompt keeps at least half the room (all of itself if shorter), its end, where
+    # the question usually is; the response keeps the beginning of the rest.
+    response_ids = response_ids[: max_length - min(len(prompt_ids), max_length // 2)]
     prompt_ids = prompt_ids[len(prompt_ids) - min(len(prompt_ids), max_length - len(response_ids)) :]
     if not response_ids or not prompt_ids:
         return []

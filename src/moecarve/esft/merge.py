@@ -134,6 +134,16 @@ def merge(model_dir: str | Path, adapter: str | Path, out: str | Path, overwrite
             if (base / name).is_file():
                 shutil.copy2(base / name, tmp / name)
         merged = {key: record[key] for key in ("base_model", "experts", "trainable_parameters", "config")}
+        if (base / "carve.json").is_file():  # the carve's record, with this training appended to it
+            carve = read_json(base / "carve.json")
+            if isinstance(carve, dict):
+                entry = {
+                    "stage": "esft",
+                    "model": str(base.resolve()),
+                    "adapter": str(Path(adapter).resolve()),
+                }
+                carve.setdefault("tune", []).append(entry)
+                (tmp / "carve.json").write_text(json.dumps(carve, indent=2) + "\n")
         (tmp / "esft.json").write_text(
             json.dumps({**merged, "adapter": str(Path(adapter).resolve())}, indent=1) + "\n"
         )

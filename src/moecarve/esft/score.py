@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from moecarve import moe
+from moecarve.carve.calib import read_json
 from moecarve.carve.writer import check_apart, check_output_file
 from moecarve.esft.data import load_examples
 from moecarve.esft.shape import model_shape
+from moecarve.eval.ppl import model_positions
 
 FORMAT = "moecarve-esft-scores/1"
 SCORES = ("token", "gate")
@@ -58,10 +61,14 @@ def score(
         raise ValueError(f"--out {out}: the scores are JSON; the heatmap is written beside them as .png")
     out = check_output_file(out)
     check_apart({"--out": out, "the heatmap": out.with_suffix(".png")}, {"model": model_dir, "--data": data})
+    check_own_output(out, FORMAT, beside=out.with_suffix(".png"))
     shape = model_shape(model_dir)  # dense / unsupported / missing model: refused before loading
+    max_length = length_cap(model_dir, max_length)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     examples = load_examples(data, tokenizer, max_length)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="auto").eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype="auto", **moe.experts_loading(model_dir, "auto")
+    ).eval()
     sums = {
         kind: {index: torch.zeros(shape.num_experts, dtype=torch.float64) for index in shape.moe_layers}
         for kind in SCORES
@@ -92,6 +99,31 @@ def score(
     heatmap(record, out.with_suffix(".png"))  # first: a failure leaves no scores
     write_json(out, record)
     return record
+
+
+def length_cap(model_dir, max_length: int) -> int:
+    """--max-length, lowered to the model's positions (with a warning): a cap above them would let
+    long examples run on positions the model was never trained on."""
+    positions = model_positions(model_dir)
+    if positions and max_length > positions:
+        warnings.warn(f"--max-length {max_length} is lowered to the {positions} positions of {model_dir}")
+        return positions
+    return max_length
+
+
+def check_own_output(out: Path, format_: str, beside: Path | None = None) -> None:
+    """Replace only an earlier output of the same command (its JSON says `format_`), and a file
+    `beside` it only with it: any other file at either path is refused before work."""
+    ours = False
+    if out.exists():
+        try:
+            ours = read_json(out).get("format") == format_
+        except (ValueError, AttributeError, OSError):
+            ours = False
+        if not ours:
+            raise ValueError(f"output {out} exists and is not a {format_} file; remove it or name another")
+    if beside is not None and beside.exists() and not ours:
+        raise ValueError(f"{beside} exists and is no earlier output's; remove it or name another --out")
 
 
 def write_json(path: Path, record: dict) -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from moecarve.carve.calib import read_json
 from moecarve.carve.writer import check_apart, check_output_file
 from moecarve.esft.score import FORMAT as SCORES_FORMAT
-from moecarve.esft.score import SCORES, write_json
+from moecarve.esft.score import SCORES, check_own_output, write_json
 
 FORMAT = "moecarve-esft-experts/1"
 TOLERANCE = 1e-9  # normalised scores summing to p up to rounding still reach p
@@ -62,6 +62,7 @@ def select(
         out = check_output_file(out)
         scores_file = None if isinstance(scores, dict) else scores
         check_apart({"--out": out}, {"the scores file": scores_file, "the scored model": record.get("model")})
+        check_own_output(out, FORMAT)
     layers = record["scores"][score]
     expected = [str(i) for i in record["moe_layers"]]
     if sorted(layers, key=int) != expected:

@@ -25,6 +25,7 @@ from moecarve.esft.merge import base_digest, declared_dtype
 from moecarve.esft.optim import SliceAdamW, mask_gradient
 from moecarve.esft.select import read_experts, validate_experts
 from moecarve.esft.shape import model_shape
+from moecarve.esft.score import length_cap
 
 FORMAT = "moecarve-esft-adapter/1"
 CONFIG_FILE, TENSORS_FILE = "esft_config.json", "esft.safetensors"
@@ -198,6 +199,7 @@ def train(
         {"model": model_dir, "--experts": experts_file, "--data": data, "--mix-general": config.mix_general},
     )
     shape = model_shape(model_dir)
+    config = config.model_copy(update={"max_length": length_cap(model_dir, config.max_length)})
     record = read_experts(experts_file)
     shape.check(record, f"experts file {experts_file}")
     experts = validate_experts(record, shape.num_experts, shape.moe_layers, f"experts file {experts_file}")

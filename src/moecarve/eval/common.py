@@ -74,10 +74,12 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32, device: str = "cp
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from moecarve.carve.source import damaged_weights_named
+    from moecarve.moe import experts_loading
 
     tokenizer = AutoTokenizer.from_pretrained(path)
     with damaged_weights_named(path):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **experts_loading(path, dtype))
+        model = model.to(device).eval()
     return model, tokenizer
 
 

@@ -76,7 +76,7 @@ def recover_command(
     record = result.record
     click.echo(
         f"trained {record['trainable_parameters']:,} parameters on {record['data']['tokens']:,} tokens "
-        f"in {record['seconds']} s; final train loss {record['final_train_loss']:.4f}"
+        f"in {record['seconds']} s; last logged train loss {record['final_train_loss']:.4f}"
     )
     if "protocol_ppl" in record:
         ppl = record["protocol_ppl"]

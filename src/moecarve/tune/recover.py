@@ -8,6 +8,7 @@ checkpoint with the LoRA merged, written atomically; checkpoints live beside it 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -20,7 +21,7 @@ from accelerate import PartialState
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, set_seed
 
-from moecarve.carve.calib import read_json
+from moecarve.carve.calib import looks_like_path, read_json, read_text
 from moecarve.carve.source import damaged_weights_named
 from moecarve.carve.writer import atomic_directory, check_apart, check_output
 from moecarve.eval.ppl import PROTOCOL_LENGTH, check_positions
@@ -136,7 +137,7 @@ def recover(
         {"model": src, "--data": data, "--teacher": local_teacher},
     )  # the checkpoints are deleted at the end, the outputs replaced; before any teacher download
     teacher_dir = _teacher_dir(src, teacher, carved_config) if config.distill else None
-    identity = {**_identity(src, config), "data": str(data), "teacher": str(teacher_dir)}
+    identity = {**_identity(src, config), "data": _data_identity(data), "teacher": str(teacher_dir)}
     _check_checkpoints(checkpoints, identity, resume)
 
     tokenizer = AutoTokenizer.from_pretrained(src)
@@ -182,7 +183,8 @@ def recover(
     if not state.is_main_process:
         return RecoverResult(out=out.resolve(), record={}, model=trained)
     _cast_parameters(trained, save_dtype)
-    record = _record(src, config, text, trainable, trainer, output, started)
+    resumed_from = int(last.name.split("-")[1]) if last else None
+    record = _record(src, config, text, trainable, trainer, output, started, resumed_from)
     with atomic_directory(out) as tmp:
         trained.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -257,6 +259,15 @@ def _identity(src: Path, config: RecoverConfig) -> dict:
     return {"model": str(src.resolve()), "config": config.model_dump(mode="json")}
 
 
+def _data_identity(data) -> str:
+    """The training text as resume compares it: a local file or directory by its resolved path and
+    the sha256 of its text (the same file named another way resumes; an edited one does not)."""
+    if data is None or not looks_like_path(data) and not Path(data).expanduser().exists():
+        return str(data)  # the default text, or a hub dataset's name
+    text, _ = read_text(data, "--data")
+    return f"{Path(data).expanduser().resolve()} sha256:{hashlib.sha256(text.encode()).hexdigest()}"
+
+
 def _last_checkpoint(checkpoints: Path) -> Path | None:
     """The newest checkpoint the Trainer finished writing (trainer_state.json is written last)."""
     complete = [p for p in checkpoints.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
@@ -269,10 +280,8 @@ def _cast_parameters(model, dtype: torch.dtype) -> None:
         param.data = param.data.to(dtype)
 
 
-def _record(src, config, text, trainable, trainer, output, started) -> dict:
-    history = [h for h in trainer.state.log_history if "loss" in h]
-    source_record = _source_record(src)
-    quality = source_record.get("quality", {}).get("protocol_ppl", {}).get("carved")
+def _record(src, config, text, trainable, trainer, output, started, resumed_from) -> dict:
+    history = [h for h in trainer.state.log_history if "loss" in h]  # a resumed run's includes the first's
     return {
         "config": config.model_dump(mode="json"),
         "data": {"source": text.source, "tokens": text.tokens, "held_out_tail_tokens": text.held_out_tokens},
@@ -280,10 +289,21 @@ def _record(src, config, text, trainable, trainer, output, started) -> dict:
         "train_loss": [
             {"step": h["step"], "loss": h["loss"], "load_imbalance": h.get("load_imbalance")} for h in history
         ],
-        "final_train_loss": output.training_loss,
-        "seconds": round(time.perf_counter() - started, 2),
-        "source_quality": quality,
+        # the last logged step's (a mean over logging_steps steps), not the mean of the whole run
+        "final_train_loss": history[-1]["loss"] if history else output.training_loss,
+        "seconds": round(time.perf_counter() - started, 2),  # this process's: a resumed run's only
+        "resumed_from_step": resumed_from,
+        "source_quality": carve_quality(src),
     }
+
+
+def carve_quality(src: Path) -> dict | None:
+    """The protocol PPL its carve measured, while it is still this model's: None once anything
+    (a recovery, an ESFT merge) has trained the model since, as its carve.json's `tune` list says."""
+    record = _source_record(src)
+    if record.get("tune"):
+        return None
+    return record.get("quality", {}).get("protocol_ppl", {}).get("carved")
 
 
 def _source_record(src: Path) -> dict:

@@ -106,7 +106,9 @@ def length_cap(model_dir, max_length: int) -> int:
     long examples run on positions the model was never trained on."""
     positions = model_positions(model_dir)
     if positions and max_length > positions:
-        warnings.warn(f"--max-length {max_length} is lowered to the {positions} positions of {model_dir}")
+        warnings.warn(
+            f"--max-length {max_length} is lowered to the {positions} positions of {model_dir}", stacklevel=3
+        )
         return positions
     return max_length
 

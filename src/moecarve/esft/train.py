@@ -23,9 +23,9 @@ from moecarve import moe
 from moecarve.esft.data import Collator, as_dataset, load_examples, pad_id, text_examples
 from moecarve.esft.merge import base_digest, declared_dtype
 from moecarve.esft.optim import SliceAdamW, mask_gradient
+from moecarve.esft.score import length_cap
 from moecarve.esft.select import read_experts, validate_experts
 from moecarve.esft.shape import model_shape
-from moecarve.esft.score import length_cap
 
 FORMAT = "moecarve-esft-adapter/1"
 CONFIG_FILE, TENSORS_FILE = "esft_config.json", "esft.safetensors"

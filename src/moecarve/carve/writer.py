@@ -36,6 +36,9 @@ def check_output(out: Path, source: Path | None, overwrite: bool, marker: str = 
             raise OutputError(f"output {out} contains the source model {src}")
     if out.exists() and not out.is_dir():
         raise OutputError(f"output {out} exists and is not a directory")
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise OutputError(f"output {out}: {blocking} is a file, not a directory")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise OutputError(f"output directory {out} is not empty (pass --overwrite to replace it)")
@@ -106,6 +109,7 @@ def atomic_directory(out: Path) -> Iterator[Path]:
     tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would make the output private to its maker
     try:
         yield tmp
+        _default_modes(tmp)
         old = None
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
@@ -115,6 +119,15 @@ def atomic_directory(out: Path) -> Iterator[Path]:
             shutil.rmtree(old)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _default_modes(directory: Path) -> None:
+    """Files as the umask makes them (0644 under 022): transformers' save_pretrained writes its
+    weights 0600, which other users, or a serving container under another uid, cannot read."""
+    umask = _umask()
+    for path in directory.rglob("*"):
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 def remove_orphans(out: Path) -> None:

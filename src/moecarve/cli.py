@@ -176,7 +176,6 @@ cli.add_command(carve_command)
 
 
 def _run(command) -> None:
-    _exit_on_sigterm()
     try:
         command.main(standalone_mode=False)
     except click.exceptions.Abort:
@@ -206,11 +205,13 @@ def _exit_on_sigterm() -> None:
 
 def main() -> None:
     """Entry point of the `moecarve` script."""
+    _exit_on_sigterm()
     _run(cli)
 
 
 def carve_main() -> None:
     """Entry point of the `carve` script."""
+    _exit_on_sigterm()
     _run(carve_command)
 
 

@@ -132,18 +132,25 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
     return found
 
 
+def declared_dtype(model_dir: str | Path) -> torch.dtype | None:
+    """The dtype config.json declares, which `dtype="auto"` loads in before the stored one."""
+    from moecarve.carve.calib import read_json
+
+    config = read_json(Path(model_dir).expanduser() / "config.json")
+    value = config.get("dtype") or config.get("torch_dtype")
+    dtype = getattr(torch, value, None) if isinstance(value, str) else None
+    return dtype if isinstance(dtype, torch.dtype) else None
+
+
 def experts_loading(model_dir: str | Path, dtype) -> dict:
     """from_pretrained's extra arguments for `model_dir` in `dtype` ("auto": the config's):
     transformers' default grouped_mm experts need 16-byte aligned expert rows, which carves made
     before moecarve padded every expert to 8 neurons may lack; those load with the eager experts."""
-    import json
+    from moecarve.carve.calib import read_json
 
-    config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
-    width = config.get("moe_intermediate_size")
+    width = read_json(Path(model_dir) / "config.json").get("moe_intermediate_size")
     if dtype == "auto":
-        dtype = getattr(
-            torch, str(config.get("dtype") or config.get("torch_dtype") or "float32"), torch.float32
-        )
+        dtype = declared_dtype(model_dir) or torch.float32
     if not isinstance(width, int) or not isinstance(dtype, torch.dtype):
         return {}
     return {} if width * dtype.itemsize % 16 == 0 else {"experts_implementation": "eager"}

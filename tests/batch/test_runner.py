@@ -6,6 +6,7 @@ import csv
 import fcntl
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -129,15 +130,23 @@ def test_missing_model_fails_before_work(make_recipe, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_ppl_windows_beyond_the_models_positions_fail_the_job_before_its_carve(make_recipe, tmp_path):
+@pytest.mark.parametrize(
+    ("edit", "error"),
+    [
+        (("length: 128, data", "length: 512, data"), "eval_ppl.length 512 exceeds the 256 positions"),
+        (("windows: 2, length: 128", "windows: 1000, length: 128"), "1000 x 128 needed"),  # text too short
+    ],
+    ids=["beyond_positions", "text_too_short"],
+)
+def test_ppl_windows_the_model_cannot_score_fail_the_job_before_its_carve(make_recipe, tmp_path, edit, error):
     recipe = make_recipe(tmp_path)
-    recipe.write_text(recipe.read_text().replace("length: 128, data", "length: 512, data"))
+    recipe.write_text(recipe.read_text().replace(*edit))
     batch = runner.open_batch(recipe)
     job = next(j for j in batch.jobs if j.name == "llama-S1A2E8")
     runner.run(batch, [job], progress=False)
     result = batch.result(job)
     assert result["status"] == "failed" and result["stages"] == {}  # the carve never ran
-    assert "eval_ppl.length 512 exceeds the 256 positions" in result["error"]
+    assert error in result["error"]
     assert not (batch.job_dir(job) / "model").exists()
 
 
@@ -227,17 +236,6 @@ configs: [{{experts: 8, active: 2}}]
     assert summary.done == ["built-S1A2E8"]
 
 
-def test_eval_text_too_short_fails_the_job_before_its_carve(make_recipe, tmp_path):
-    recipe = make_recipe(tmp_path)
-    recipe.write_text(recipe.read_text().replace("windows: 2, length: 128", "windows: 1000, length: 128"))
-    batch = runner.open_batch(recipe)
-    job = next(j for j in batch.jobs if j.name == "llama-S1A2E8")
-    runner.run(batch, [job], progress=False)
-    result = batch.result(job)
-    assert result["status"] == "failed" and result["stages"] == {}  # the carve never ran
-    assert "1000 x 128 needed" in result["error"]
-
-
 def test_keep_models_changes_no_finished_job_and_drops_a_failed_jobs_model(
     make_recipe, reference, tmp_path, monkeypatch
 ):
@@ -247,6 +245,16 @@ def test_keep_models_changes_no_finished_job_and_drops_a_failed_jobs_model(
     recipe.write_text(recipe.read_text() + "keep_models: false\n")
     batch = runner.open_batch(recipe, reference)  # finished jobs are not "run with other settings"
     assert all(batch.status(job) == "ok" for job in batch.jobs if job.name != "llama-S1A2E128")
+    # a job finished before keep_models was hashed as kept recorded `keep_model: false`: still its own
+    legacy = shutil.copytree(reference, tmp_path / "legacy")
+    job = next(j for j in batch.jobs if j.name == "llama-S1A2E8")
+    result = legacy / "jobs" / job.name / "result.json"
+    record = json.loads(result.read_text())
+    result.write_text(json.dumps({**record, "fingerprint": job._hash(keep_model=False)}))
+    assert record["fingerprint"] != job._hash(keep_model=False)
+    for text in (recipe.read_text().replace("keep_models: false\n", ""), recipe.read_text()):
+        recipe.write_text(text)
+        assert runner.open_batch(recipe, legacy).status(job) == "ok"
 
     def failing_eval(ctx, options):
         raise RuntimeError("eval failed after the carve")
@@ -270,3 +278,20 @@ def test_a_model_inside_the_output_is_refused(make_recipe, tiny_models, tmp_path
     )
     with pytest.raises(ValueError, match="lies inside the batch output"):
         runner.open_batch(recipe, tmp_path / "out")
+
+
+def test_ppl_text_named_by_protocol_or_hub_name_is_checked_as_the_stage_reads_it(
+    tiny_models, tmp_path, monkeypatch
+):
+    import types
+
+    stub = types.SimpleNamespace(
+        load_dataset=lambda name, split, streaming: iter([{"text": "the router " * 400}])
+    )
+    monkeypatch.setitem(sys.modules, "datasets", stub)
+    for data in ("boolq-passages", "org/texts", None):
+        runner.check_ppl_windows(tiny_models["llama"], {"windows": 2, "length": 128, "data": data}, tmp_path)
+    with pytest.raises(ValueError, match="8 x 128 needed"):
+        runner.check_ppl_windows(
+            tiny_models["llama"], {"windows": 8, "length": 128, "data": "org/texts"}, tmp_path
+        )

@@ -219,8 +219,8 @@ def test_experts_whose_split_is_not_8_aligned_are_padded_so_bf16_runs(tiny_carve
 
 
 def test_padding_neurons_are_spread_over_the_experts(tiny_carved):
-    """96 neurons padded to 8 x 16: the 32 zero neurons go 4 or 5 to each of the 7 routed experts
-    (all in one would leave a dead expert, which no training can revive)."""
+    """96 neurons padded to 8 x 16: no routed expert is more than half zeros (k-means put 16 into
+    each of two, which then computed nothing and which no training could revive)."""
     import re
 
     from safetensors.torch import load_file
@@ -238,4 +238,4 @@ def test_padding_neurons_are_spread_over_the_experts(tiny_carved):
     assert zeros
     for layer, per_expert in zeros.items():
         assert len(per_expert) == 7 and sum(per_expert.values()) == 32, layer
-        assert set(per_expert.values()) <= {4, 5}, (layer, per_expert)
+        assert max(per_expert.values()) <= 8, (layer, per_expert)

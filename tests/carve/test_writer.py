@@ -2,6 +2,7 @@
 
 import importlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -88,7 +89,7 @@ def test_sigterm_removes_the_temporary_output(tmp_path):
     script = textwrap.dedent(f"""
         import time, click
         from pathlib import Path
-        from moecarve.cli import _run
+        from moecarve.cli import _exit_on_sigterm, _run
         from moecarve.carve.writer import atomic_directory
 
         @click.command()
@@ -98,6 +99,7 @@ def test_sigterm_removes_the_temporary_output(tmp_path):
                 print("writing", flush=True)
                 time.sleep(60)
 
+        _exit_on_sigterm()  # as the console scripts do
         _run(write)
     """)
     process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
@@ -110,20 +112,21 @@ def test_sigterm_removes_the_temporary_output(tmp_path):
 
 def test_temporary_outputs_of_killed_processes_are_removed_on_the_next_write(tmp_path):
     import os
-    import subprocess
-    import sys
+    import socket
 
-    gone = subprocess.run(
-        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
-    )
-    orphan = tmp_path / f".out.tmp-{int(gone.stdout)}-x1"  # a SIGKILLed run's
-    live = tmp_path / f".out.tmp-{os.getpid()}-x2"  # a run still going (this process)
-    other = tmp_path / f".output.tmp-{int(gone.stdout)}-x3"  # another output's
-    for path in (orphan, live, other):
+    host = socket.gethostname()
+    dead = int(Path("/proc/sys/kernel/pid_max").read_text())  # pids stay below it: no process has it
+    orphan = tmp_path / f".out.tmp-{dead}@{host}-x1"  # a SIGKILLed run's
+    live = tmp_path / f".out.tmp-{os.getpid()}@{host}-x2"  # a run still going (this process)
+    elsewhere = tmp_path / f".out.tmp-{dead}@another-host-x3"  # a run on another host of a shared disk
+    other = tmp_path / f".output.tmp-{dead}@{host}-x4"  # another output's
+    for path in (orphan, live, elsewhere, other):
         path.mkdir()
     with writer.atomic_directory(tmp_path / "out") as tmp:
         (tmp / "done").write_text("")
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other.name, "out"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [live.name, elsewhere.name, other.name, "out"]
+    )
 
 
 def test_outputs_get_the_umasks_modes_whatever_wrote_them(tmp_path):

@@ -200,8 +200,10 @@ def test_report_keeps_texts_dtypes_and_sources_apart(tiny_models, tiny_carved, c
     assert header == "| source | config | active fraction | PPL | tokens scored | windows | text | dtype |"
     for name, (models, data, dtype) in runs.items():
         for model, ppl in zip(models, scored[name], strict=True):
-            assert f"| {model.name} | " in markdown or model == tiny_carved
-            assert f"| {ppl:.3f} | 31 | 1x32 | {data} | {dtype} |" in markdown  # 31 predicted tokens
+            source = "llama" if model == tiny_carved else model.name  # a carve's row names its source
+            config = "S1A2E8" if model == tiny_carved else "dense"
+            row = f"| {source} | {config} | " + ("0.375" if model == tiny_carved else "1.000")
+            assert f"{row} | {ppl:.3f} | 31 | 1x32 | {data} | {dtype} |" in markdown  # 31 predicted tokens
     with (tmp_path / "report" / "ppl.csv").open() as handle:
         assert len(list(csv.DictReader(handle))) == 6
 

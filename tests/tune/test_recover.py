@@ -332,6 +332,9 @@ def test_the_carves_perplexity_stands_for_the_model_only_until_it_is_trained(tmp
     record = {"resolved": {"name": "S1A2E8"}, "quality": {"protocol_ppl": {"carved": measured}}}
     (tmp_path / "carve.json").write_text(json.dumps(record))
     assert carve_quality(tmp_path) == measured
+    (tmp_path / "esft.json").write_text("{}")  # an ESFT merge made before merges joined the list
+    assert carve_quality(tmp_path) is None
+    (tmp_path / "esft.json").unlink()
     for stage in ("recover", "esft"):
         (tmp_path / "carve.json").write_text(json.dumps({**record, "tune": [{"stage": stage}]}))
         assert carve_quality(tmp_path) is None

@@ -60,6 +60,7 @@ def _index(batch, name: str) -> int:
 
 
 if __name__ == "__main__":  # how --jobs N runs each job: python -m moecarve.batch.cli RECIPE --only JOB
-    from moecarve.cli import _run
+    from moecarve.cli import _exit_on_sigterm, _run
 
+    _exit_on_sigterm()
     _run(batch_command)

@@ -116,17 +116,27 @@ class Job:
 
     @property
     def fingerprint(self) -> str:
-        """Hash of everything that decides the job's results: a finished job with another is stale."""
+        """Hash of everything that decides the job's results: a finished job with another is stale.
+        Keeping the checkpoint decides no result: it is hashed as kept, so changing it reruns nothing."""
+        return self._hash(keep_model=True)
+
+    @property
+    def fingerprints(self) -> set[str]:
+        """The fingerprints a finished job of these settings may carry: before keep_models was
+        hashed as kept, a job run with `keep_models: false` recorded it as such."""
+        return {self._hash(keep_model=True), self._hash(keep_model=False)}
+
+    def _hash(self, keep_model: bool) -> str:
+        options = self.options
+        if "carve" in options:
+            options = {**options, "carve": {**options["carve"], "keep_model": keep_model}}
         spec = {
             "model": self.model.model_dump(exclude={"name", "carve"}),
             # the preset is resolved into the other fields: its name alone decides nothing
             "carve": self.carve.model_dump(exclude={"preset"}) if self.carve else None,
             "calib": self.calib,
             "stages": self.stages,
-            # keeping the checkpoint decides no result: hashed as kept, so changing it reruns nothing
-            "options": {**self.options, "carve": {**self.options.get("carve", {}), "keep_model": True}}
-            if "carve" in self.options
-            else self.options,
+            "options": options,
         }
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 

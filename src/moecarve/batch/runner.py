@@ -93,7 +93,7 @@ def check_finished(batch: Batch) -> None:
     """A finished job run with other settings than the recipe's now is refused, never silently kept."""
     for job in batch.jobs:
         result = batch.result(job)
-        if result and result["status"] == "ok" and result.get("fingerprint") != job.fingerprint:
+        if result and result["status"] == "ok" and result.get("fingerprint") not in job.fingerprints:
             raise ValueError(
                 f"job {job.name} in {batch.output} was run with other settings than the recipe now gives; "
                 f"remove {batch.job_dir(job)} to run it again, or name the changed configuration anew"
@@ -269,7 +269,9 @@ def check_ppl_windows(source: Path, options: dict, root: Path) -> None:
 
     check_positions(source, options["length"], "eval_ppl.length")
     data = options.get("data")
-    text, description = read_text(None if data is None else root / Path(data).expanduser(), "eval_ppl.data")
+    local = None if data is None else root / Path(data).expanduser()
+    # as the stage reads it: a path relative to the recipe, else the name (a hub dataset, boolq-passages)
+    text, description = read_text(local if local is not None and local.exists() else data, "eval_ppl.data")
     _tail_windows(tokenize_stream(AutoTokenizer.from_pretrained(source), text), options["windows"],
                   options["length"], description)  # fmt: skip
 
@@ -346,6 +348,17 @@ def _run_processes(batch: Batch, todo: list[Job], workers: int, summary: Summary
     """One `moecarve batch --only JOB` process per job: a crash or a leak stays inside its job."""
     waiting, running = list(todo), {}
     (batch.output / "logs").mkdir(parents=True, exist_ok=True)
+    try:
+        _drive(batch, waiting, running, workers, summary, bar)
+    finally:  # stopped (SIGTERM, Ctrl-C, an error): the jobs unwind and remove their temporary output
+        for _, process in running.values():
+            process.terminate()
+        for _, process in running.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=60)
+
+
+def _drive(batch: Batch, waiting: list[Job], running: dict, workers: int, summary: Summary, bar) -> None:
     while waiting or running:
         while waiting and len(running) < workers:
             job = waiting.pop(0)

@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -100,25 +101,46 @@ def _umask() -> int:
 def atomic_directory(out: Path) -> Iterator[Path]:
     """Yield a temporary directory beside `out`; on success it replaces `out`, on error it vanishes.
 
-    Its name holds this process's id, so the temporary directories of `out` that a killed process
-    left (SIGKILL runs no cleanup) are removed here, never one whose process still runs."""
+    Its name holds this process's id and host, so the temporary directories of `out` that a killed
+    process of this host left (SIGKILL runs no cleanup) are removed here, never one whose process
+    still runs, nor one of another host (a shared file system's)."""
     out = out.expanduser().resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_orphans(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+    tmp = Path(
+        tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}@{socket.gethostname()}-", dir=out.parent)
+    )
     tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would make the output private to its maker
     try:
         yield tmp
         _default_modes(tmp)
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{os.getpid()}"
-            out.rename(old)
-        tmp.rename(out)
+        with _termination_deferred():  # between the renames, a SIGTERM would lose both outputs
+            old = None
+            if out.exists():
+                old = out.parent / f".{out.name}.old-{os.getpid()}"
+                out.rename(old)
+            tmp.rename(out)
         if old is not None:
             shutil.rmtree(old)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def _termination_deferred():
+    """SIGTERM and SIGINT held back (main thread, POSIX) until the block ends, then delivered."""
+    import signal
+    import threading
+
+    held = {signal.SIGTERM, signal.SIGINT}
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def _default_modes(directory: Path) -> None:
@@ -131,8 +153,9 @@ def _default_modes(directory: Path) -> None:
 
 
 def remove_orphans(out: Path) -> None:
-    """Remove `out`'s temporary directories (`.NAME.tmp-PID-*`) whose process no longer runs."""
-    pattern = re.compile(rf"\.{re.escape(out.name)}\.tmp-(\d+)-.+")
+    """Remove `out`'s temporary directories (`.NAME.tmp-PID@HOST-*`) that a process of this host
+    left and that no longer runs."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.tmp-(\d+)@{re.escape(socket.gethostname())}-.+")
     for path in out.parent.iterdir():
         found = pattern.fullmatch(path.name)
         if found and path.is_dir() and not path.is_symlink() and not _running(int(found[1])):
@@ -144,7 +167,7 @@ def _running(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # another user's process
+    except (PermissionError, OverflowError):  # another user's process; no pid at all: left alone
         return True
     return True
 

@@ -20,6 +20,7 @@ from moecarve.carve.source import damaged_weights_named
 from moecarve.carve.writer import atomic_directory, check_apart, check_output
 from moecarve.esft.select import validate_experts
 from moecarve.esft.shape import model_shape
+from moecarve.moe import declared_dtype
 
 ADAPTER_FORMAT = "moecarve-esft-adapter/1"
 COPIED = ("carve.json", "generation_config.json")
@@ -36,14 +37,6 @@ def read_adapter(adapter: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise ValueError(f"{adapter} is not an `esft train` output ({ADAPTER_FORMAT})")
     with damaged_weights_named(adapter):
         return record, load_file(str(adapter / TENSORS_FILE))
-
-
-def declared_dtype(model_dir: str | Path) -> torch.dtype | None:
-    """The dtype config.json declares, which `dtype="auto"` loads in before the stored one."""
-    config = read_json(Path(model_dir).expanduser() / "config.json")
-    value = config.get("dtype") or config.get("torch_dtype")
-    dtype = getattr(torch, value, None) if isinstance(value, str) else None
-    return dtype if isinstance(dtype, torch.dtype) else None
 
 
 def base_digest(model, plan: dict[str, list[int] | None], dtype: torch.dtype | None) -> str:

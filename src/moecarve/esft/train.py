@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 
 from moecarve import moe
 from moecarve.esft.data import Collator, as_dataset, load_examples, pad_id, text_examples
-from moecarve.esft.merge import base_digest, declared_dtype
+from moecarve.esft.merge import base_digest
 from moecarve.esft.optim import SliceAdamW, mask_gradient
 from moecarve.esft.score import length_cap
 from moecarve.esft.select import read_experts, validate_experts
@@ -212,7 +212,7 @@ def train(
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.config.use_cache = False
     groups, stats, digest = train_experts(
-        model, experts, dataset, Collator(pad_id(tokenizer)), config, declared_dtype(model_dir)
+        model, experts, dataset, Collator(pad_id(tokenizer)), config, moe.declared_dtype(model_dir)
     )
     tensors = {
         g["name"]: (p.detach() if g["rows"] is None else p.detach().index_select(0, g["rows"]))

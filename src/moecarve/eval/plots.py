@@ -17,7 +17,7 @@ def ppl_vs_active(rows: list[dict], png: Path) -> Path:
     text and dtype where the rows hold several). Rows without an active fraction are not drawn."""
     fig, ax = plt.subplots(figsize=(6, 4))
     drawn = [r for r in rows if r["active_fraction"] is not None]
-    for label, points in lines(drawn, ("source", "text", "dtype")):
+    for label, points in lines(drawn, ("source", "text", "dtype"), always=("source",)):
         points = sorted(points, key=lambda r: r["active_fraction"])
         ax.plot([r["active_fraction"] for r in points], [r["ppl"] for r in points], "o-", label=label)
         for r in points:
@@ -40,7 +40,8 @@ def ppl_vs_active(rows: list[dict], png: Path) -> Path:
 def speed_vs_batch(rows: list[dict], png: Path) -> Path:
     """Prefill and decode tokens/s against batch size, one line per model, device, dtype and mode."""
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
-    for label, points in lines(rows, ("source", "config", "device", "dtype", "mode")):
+    fields = ("config", "source", "device", "dtype", "mode")
+    for label, points in lines(rows, fields, always=("config", "device", "dtype", "mode")):
         points = sorted(points, key=lambda r: r["batch"])
         for ax, column in zip(axes, ("prefill_tokens_per_s", "decode_tokens_per_s"), strict=True):
             ax.plot([r["batch"] for r in points], [r[column] for r in points], "o-", label=label)
@@ -57,11 +58,12 @@ def speed_vs_batch(rows: list[dict], png: Path) -> Path:
     return _save(fig, png)
 
 
-def lines(rows: list[dict], fields: tuple[str, ...]) -> list[tuple[str, list[dict]]]:
-    """(label, rows) of each line: rows grouped by `fields`, labelled by the fields whose values
-    differ between the rows (a source by its file or directory name), so no two lines share a label."""
+def lines(rows: list[dict], fields: tuple[str, ...], always: tuple[str, ...]) -> list[tuple[str, list[dict]]]:
+    """(label, rows) of each line: rows grouped by `fields`, labelled by the `always` fields and those
+    whose values differ between the rows (a source by its file or directory name), so no two lines
+    share a label."""
     keys = list(dict.fromkeys(tuple(r[f] for f in fields) for r in rows))
-    shown = [i for i in range(len(fields)) if len({key[i] for key in keys}) > 1] or [0]
+    shown = [i for i in range(len(fields)) if fields[i] in always or len({key[i] for key in keys}) > 1]
 
     def label(key, short=True):
         parts = [Path(key[i]).name if short and fields[i] == "source" else str(key[i]) for i in shown]

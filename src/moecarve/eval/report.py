@@ -108,8 +108,8 @@ def task_rows(records) -> list[dict]:
 
 
 def speed_rows(records) -> list[dict]:
-    """One row per (model, device, dtype, mode, prompt, batch); a later file replaces an earlier
-    measurement of the same."""
+    """One row per (model, role, device or CPU, dtype, mode, prompt, batch); a later file replaces an
+    earlier measurement of the same."""
     rows = {}
     for path, record in records:
         where = "CPU" if record["cpu_figures"] else record["machine"].get("gpu", record["machine"]["device"])
@@ -119,7 +119,9 @@ def speed_rows(records) -> list[dict]:
                    "dtype": record["dtype"], "mode": speed_mode(record, row["role"]), **row,
                    "file": str(path)}  # fmt: skip
             prompt = (record.get("prompt_length"), record.get("decode_tokens"))
-            key = (model.get("model", model["name"]), where, new["dtype"], new["mode"], prompt, row["batch"])
+            machine = (record["machine"].get("cpu"), record["machine"].get("cpu_count"))  # CPUs differ
+            model_id = model.get("model", model["name"])
+            key = (model_id, row["role"], where, machine, new["dtype"], new["mode"], prompt, row["batch"])
             rows[key] = new
     return list(rows.values())
 

@@ -301,7 +301,7 @@ def carve_quality(src: Path) -> dict | None:
     """The protocol PPL its carve measured, while it is still this model's: None once anything
     (a recovery, an ESFT merge) has trained the model since, as its carve.json's `tune` list says."""
     record = _source_record(src)
-    if record.get("tune"):
+    if record.get("tune") or (src / "esft.json").is_file():  # merges before the list recorded them
         return None
     return record.get("quality", {}).get("protocol_ppl", {}).get("carved")
 

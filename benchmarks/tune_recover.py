@@ -131,7 +131,7 @@ def table(paths: list[str]) -> str:
         for r in json.loads(Path(path).read_text())["runs"]:
             before, after, dense = r["protocol_ppl_before"], r["protocol_ppl_after"], r["dense_ppl"]
             config = r.get("recover_config", {})
-            rank = config.get("lora_rank", 8)
+            rank = config.get("lora_rank", 8)  # runs that did not record it used rank 8
             trained = r["mode"] + (
                 f" (LoRA r {rank}, alpha {config.get('lora_alpha'):g})" if rank != 8 else ""
             )
@@ -158,8 +158,8 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--distill", type=float, default=0.0, help="weight of KL to the dense source")
-    parser.add_argument("--lora-rank", type=int, default=8)
-    parser.add_argument("--lora-alpha", type=float, default=32.0)
+    parser.add_argument("--lora-rank", type=int, default=32)
+    parser.add_argument("--lora-alpha", type=float, default=128.0)
     parser.add_argument("--eval-every", type=int, default=30)
     parser.add_argument("--curve-windows", type=int, default=4)
     parser.add_argument(

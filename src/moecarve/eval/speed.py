@@ -161,18 +161,18 @@ def evaluate_speed(
         _check_kernel_blocks(named["model"])
     text, description = read_text(data, "--data")
     need = max(batch_sizes) * prompt_length
-    streams = {}  # each model's prompts in its own tokenizer's ids (a baseline may have another)
+    by_tokenizer, streams = {}, {}  # each model's prompts in its own tokenizer's ids
     for role, path in named.items():
         tokenizer = AutoTokenizer.from_pretrained(path)
         key = tokenizer_fingerprint(tokenizer)
-        if key not in streams:
-            streams[key] = tokenize_prefix(tokenizer, text, need)
-            if streams[key].numel() < need:
+        if key not in by_tokenizer:
+            by_tokenizer[key] = tokenize_prefix(tokenizer, text, need)
+            if by_tokenizer[key].numel() < need:
                 raise ValueError(
-                    f"text has {streams[key].numel()} tokens in {path.name}'s tokenizer, {need} needed "
-                    f"for the largest batch ({description})"
+                    f"text has {by_tokenizer[key].numel()} tokens in {path.name}'s tokenizer, {need} "
+                    f"needed for the largest batch ({description})"
                 )
-        streams[role] = streams[key]
+        streams[role] = by_tokenizer[key]
 
     loaded = {role: common.load_model(path, torch_dtype, device)[0] for role, path in named.items()}
     if kernels:

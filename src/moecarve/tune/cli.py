@@ -27,8 +27,8 @@ def group():
 )
 @click.option("--steps", type=int, required=True, help=_help("steps"))
 @click.option("--train", default="router,lora", show_default=True, help=_help("train"))
-@click.option("--lora-rank", type=int, default=8, show_default=True)
-@click.option("--lora-alpha", type=float, default=32.0, show_default=True)
+@click.option("--lora-rank", type=int, default=32, show_default=True)
+@click.option("--lora-alpha", type=float, default=128.0, show_default=True)
 @click.option(
     "--lora-targets",
     default=",".join(DEFAULT_LORA_TARGETS),

@@ -174,11 +174,13 @@ def train_method(method: str, lr: float, seed: int, args) -> dict:
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
         model.config.use_cache = False
-        if method == "lora":  # recover's LoRA: attention, shared and every routed expert, r 8
+        if method == "lora":  # recover's LoRA targets, at the rank 8 the documented runs used
             from moecarve.tune.adapters import trainable_model
             from moecarve.tune.recover import RecoverConfig
 
-            model = trainable_model(model, RecoverConfig(steps=args.steps, train="lora"))
+            model = trainable_model(
+                model, RecoverConfig(steps=args.steps, train="lora", lora_rank=8, lora_alpha=32.0)
+            )
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         stats = train.fit(model, dataset, Collator(pad_id(tokenizer)), config)
         seconds, losses = stats["seconds"], stats["losses"]

@@ -131,10 +131,9 @@ def table(paths: list[str]) -> str:
         for r in json.loads(Path(path).read_text())["runs"]:
             before, after, dense = r["protocol_ppl_before"], r["protocol_ppl_after"], r["dense_ppl"]
             config = r.get("recover_config", {})
-            rank = config.get("lora_rank", 8)  # runs that did not record it used rank 8
-            trained = r["mode"] + (
-                f" (LoRA r {rank}, alpha {config.get('lora_alpha'):g})" if rank != 8 else ""
-            )
+            rank = config.get("lora_rank", 8)  # runs that did not record it used rank 8, alpha 32
+            alpha = config.get("lora_alpha", 32.0)
+            trained = r["mode"] + (f" (LoRA r {rank}, alpha {alpha:g})" if "lora" in r["mode"] else "")
             lines.append(
                 f"| {r['config']} | {trained} | {r.get('distill') or 0:g} | {r['steps']} | "
                 f"{r['train_tokens']:,} | {before:.2f} | {after:.2f} | {dense:.2f} | "

@@ -234,10 +234,11 @@ def test_report_of_two_sources_keeps_their_load_and_speed_apart(tmp_path):
     written = render_report(results, tmp_path / "report")
     markdown = (tmp_path / "report" / "report.md").read_text()
     speed_rows = [line for line in markdown.splitlines() if "| CPU | float32 | eager |" in line]
-    assert speed_rows == [  # the later llama measurement replaced the earlier one
+    assert speed_rows == [  # the later llama measurement replaced the earlier one, and the report says so
         "| llama | S1A2E8 | CPU | float32 | eager | 1 | 30.0 | 30.0 |",
         "| qwen2 | S1A2E8 | CPU | float32 | eager | 1 | 20.0 | 20.0 |",
     ]
+    assert "1 measurement(s) repeated in a record whose path sorts later" in markdown
     heatmaps = sorted(p.name for p in written if p.name.startswith("load_") and p.suffix == ".csv")
     assert heatmaps == ["load_llama_load.csv", "load_qwen2_load.csv"]
     for source, tokens in (("llama", 10), ("qwen2", 20)):
@@ -252,3 +253,18 @@ def test_report_draws_a_record_without_an_active_fraction(tiny_carved, calib_fil
     (tmp_path / "results" / "ppl.json").write_text(json.dumps(record))
     render_report(tmp_path / "results", tmp_path / "report")
     assert "| S1A2E8 | - |" in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_texts_of_one_name_in_two_directories_stay_apart(tiny_models, calib_file, tmp_path, monkeypatch):
+    """Records name a text by its absolute path, so `--data text.txt` run from two directories is two texts."""
+    results = tmp_path / "results"
+    for name, text in (("a", calib_file.read_text()), ("b", calib_file.read_text()[::-1])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "text.txt").write_text(text)
+        monkeypatch.chdir(tmp_path / name)
+        evaluate_ppl([tiny_models["llama"]], "text.txt", 1, 32, out=results / f"{name}.json", progress=False)
+    render_report(results, tmp_path / "report")
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    for name in ("a", "b"):
+        assert f"| {tmp_path / name / 'text.txt'} |" in markdown
+    assert "repeated in a record" not in markdown

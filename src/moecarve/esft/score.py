@@ -107,7 +107,7 @@ def length_cap(model_dir, max_length: int) -> int:
     positions = model_positions(model_dir)
     if positions and max_length > positions:
         warnings.warn(
-            f"--max-length {max_length} is lowered to the {positions} positions of {model_dir}", stacklevel=3
+            f"--max-length {max_length} is lowered to the {positions} positions of {model_dir}", stacklevel=2
         )
         return positions
     return max_length

@@ -178,6 +178,11 @@ def render_report(results_dir: str | Path, out: str | Path | None = None) -> lis
             )
     _check_records(found)  # every record of another shape fails here, named, before anything is written
     ppl, tasks, speed = ppl_rows(found["ppl"]), task_rows(found["tasks"]), speed_rows(found["speed"])
+    replaced = {  # measurements that a record of the same later in path order replaced
+        "ppl": sum(len(r["results"]) for _, r in found["ppl"]) - len(ppl),
+        "tasks": sum(len(r["tasks"]) for _, r in found["tasks"]) - len(tasks),
+        "speed": sum(len(r["rows"]) for _, r in found["speed"]) - len(speed),
+    }
     root = Path(results_dir)
     ratios = [
         [path.relative_to(root).as_posix(), *_pair(record), row["batch"], row["prefill"], row["decode"]]
@@ -210,13 +215,18 @@ def render_report(results_dir: str | Path, out: str | Path | None = None) -> lis
             "## Perplexity",
             *([f"{common[0].upper()}{common[1:]}."] if common else []),
             _table(header + (["carve s"] if timed else []), table),
+            *_replaced_line(replaced["ppl"]),
             f"![PPL vs active fraction]({link}ppl_vs_active.png)",
         ]
 
     rows = tasks
     if rows:
         written.append(_write_csv(rows, assets / "tasks.csv"))
-        sections += ["## Zero-shot tasks (lm-eval, acc / acc_norm)", _tasks_table(rows)]
+        sections += [
+            "## Zero-shot tasks (lm-eval, acc / acc_norm)",
+            _tasks_table(rows),
+            *_replaced_line(replaced["tasks"]),
+        ]
 
     rows = speed
     if rows:
@@ -241,6 +251,7 @@ def render_report(results_dir: str | Path, out: str | Path | None = None) -> lis
         sections += [
             "## Speed (tokens/s, median of repeats)",
             _table(front + ["config", "device", "dtype", "mode", "batch", "prefill", "decode"], table),
+            *_replaced_line(replaced["speed"]),
         ]
         if ratios:
             header = ["file", "model", "baseline", "batch", "prefill", "decode"]
@@ -283,6 +294,16 @@ def _check_records(found: dict[str, list[tuple[Path, dict]]]) -> None:
                     f"{item[0]}: a {kind} record of another shape than `moecarve eval` writes "
                     f"({type(err).__name__}: {err})"
                 ) from None
+
+
+def _replaced_line(count: int) -> list[str]:
+    """Say how many measurements a repeat replaced: of two records of the same, the table shows the
+    one whose path sorts last."""
+    if not count:
+        return []
+    return [
+        f"{count} measurement(s) repeated in a record whose path sorts later are shown from that record only."
+    ]
 
 
 def _varying(rows: list[dict], fields: list[str]) -> list[str]:

@@ -268,10 +268,7 @@ def check_ppl_windows(source: Path, options: dict, root: Path) -> None:
     from moecarve.eval.ppl import _tail_windows, check_positions
 
     check_positions(source, options["length"], "eval_ppl.length")
-    data = options.get("data")
-    local = None if data is None else root / Path(data).expanduser()
-    # as the stage reads it: a path relative to the recipe, else the name (a hub dataset, boolq-passages)
-    text, description = read_text(local if local is not None and local.exists() else data, "eval_ppl.data")
+    text, description = read_text(stage_registry.recipe_path(root, options.get("data")), "eval_ppl.data")
     _tail_windows(tokenize_stream(AutoTokenizer.from_pretrained(source), text), options["windows"],
                   options["length"], description)  # fmt: skip
 

@@ -26,11 +26,15 @@ class Context:
     progress: bool
 
     def path(self, value: str | None) -> str | None:
-        """A recipe path relative to the recipe file; other values (hub names, None) as given."""
-        if value is None:
-            return None
-        local = self.root / Path(value).expanduser()
-        return str(local) if local.exists() else value
+        return recipe_path(self.root, value)
+
+
+def recipe_path(root: Path, value: str | None) -> str | None:
+    """A recipe path relative to the recipe file (`root`); other values (hub names, None) as given."""
+    if value is None:
+        return None
+    local = root / Path(value).expanduser()
+    return str(local) if local.exists() else value
 
 
 StageResult = tuple[dict, dict]

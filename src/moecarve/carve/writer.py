@@ -37,9 +37,7 @@ def check_output(out: Path, source: Path | None, overwrite: bool, marker: str = 
             raise OutputError(f"output {out} contains the source model {src}")
     if out.exists() and not out.is_dir():
         raise OutputError(f"output {out} exists and is not a directory")
-    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
-    if blocking is not None:
-        raise OutputError(f"output {out}: {blocking} is a file, not a directory")
+    _refuse_a_file_above(out)
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise OutputError(f"output directory {out} is not empty (pass --overwrite to replace it)")
@@ -74,15 +72,20 @@ def check_apart(outputs: dict[str, str | Path | None], inputs: dict[str, str | P
                 raise OutputError(f"{name} {out} {relation} {other} {path}: give them separate paths")
 
 
+def _refuse_a_file_above(out: Path) -> None:
+    """An output under an existing file cannot be made: refused before any work."""
+    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise OutputError(f"output {out}: {blocking} is a file, not a directory")
+
+
 def check_output_file(out: str | Path) -> Path:
     """A results file's path, refused before any work if it cannot be written there: an existing
     directory, or under an existing file."""
     out = Path(out).expanduser().resolve()
     if out.is_dir():
         raise OutputError(f"output {out} is a directory; name a file")
-    blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
-    if blocking is not None:
-        raise OutputError(f"output {out}: {blocking} is a file, not a directory")
+    _refuse_a_file_above(out)
     return out
 
 

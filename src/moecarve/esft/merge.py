@@ -23,7 +23,7 @@ from moecarve.esft.shape import model_shape
 from moecarve.moe import declared_dtype
 
 ADAPTER_FORMAT = "moecarve-esft-adapter/1"
-COPIED = ("carve.json", "generation_config.json")
+COPIED = ("generation_config.json",)  # and carve.json, with this training appended to its record
 
 
 def read_adapter(adapter: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -126,17 +126,14 @@ def merge(model_dir: str | Path, adapter: str | Path, out: str | Path, overwrite
         for name in COPIED:
             if (base / name).is_file():
                 shutil.copy2(base / name, tmp / name)
+        carve = read_json(base / "carve.json") if (base / "carve.json").is_file() else None
+        if isinstance(carve, dict):  # the carve's record, with this training appended to it
+            entry = {"stage": "esft", "model": str(base.resolve()), "adapter": str(Path(adapter).resolve())}
+            carve.setdefault("tune", []).append(entry)
+            (tmp / "carve.json").write_text(json.dumps(carve, indent=2) + "\n")
+        elif (base / "carve.json").is_file():  # not a record of ours: copied as it is
+            shutil.copy2(base / "carve.json", tmp / "carve.json")
         merged = {key: record[key] for key in ("base_model", "experts", "trainable_parameters", "config")}
-        if (base / "carve.json").is_file():  # the carve's record, with this training appended to it
-            carve = read_json(base / "carve.json")
-            if isinstance(carve, dict):
-                entry = {
-                    "stage": "esft",
-                    "model": str(base.resolve()),
-                    "adapter": str(Path(adapter).resolve()),
-                }
-                carve.setdefault("tune", []).append(entry)
-                (tmp / "carve.json").write_text(json.dumps(carve, indent=2) + "\n")
         (tmp / "esft.json").write_text(
             json.dumps({**merged, "adapter": str(Path(adapter).resolve())}, indent=1) + "\n"
         )

@@ -129,6 +129,32 @@ def test_temporary_outputs_of_killed_processes_are_removed_on_the_next_write(tmp
     )
 
 
+def test_results_files_replace_whole_or_not_at_all_and_killed_ones_are_swept(tmp_path):
+    import os
+    import socket
+
+    out = tmp_path / "scores.json"
+    out.write_text("earlier")
+    dead = int(Path("/proc/sys/kernel/pid_max").read_text())
+    orphan = tmp_path / f".scores.json.tmp-{dead}@{socket.gethostname()}-x1.json"  # a SIGKILLed run's
+    live = tmp_path / f".scores.json.tmp-{os.getpid()}@{socket.gethostname()}-x2.json"
+    orphan.write_text("half")
+    live.write_text("half")
+    with pytest.raises(RuntimeError), writer.atomic_file(out) as tmp:
+        assert tmp.suffix == ".json"  # writers that choose the format by suffix (savefig) get it
+        tmp.write_text("half")
+        raise RuntimeError("failed mid-write")
+    assert out.read_text() == "earlier"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "scores.json"])
+    umask = os.umask(0o022)
+    try:
+        writer.write_atomically(out, "new")
+    finally:
+        os.umask(umask)
+    assert out.read_text() == "new" and out.stat().st_mode & 0o777 == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "scores.json"])
+
+
 def test_outputs_get_the_umasks_modes_whatever_wrote_them(tmp_path):
     """transformers' save_pretrained writes its weights 0600: an output must be readable like any file."""
     import os

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -29,7 +28,7 @@ from tqdm.auto import tqdm
 from moecarve.batch import stages as stage_registry
 from moecarve.batch.recipe import Job, LoadedRecipe, RecipeError, load_recipe
 from moecarve.batch.table import job_row, locked, write_table
-from moecarve.carve.writer import atomic_directory, within
+from moecarve.carve.writer import atomic_directory, within, write_atomically
 
 OWNER_FILE = "batch.json"
 
@@ -197,9 +196,7 @@ def prepare(batch: Batch, jobs: list[Job]) -> None:
             owner_file = batch.output / OWNER_FILE
             if not owner_file.exists():
                 owner = {"recipe": batch.name, "recipe_file": str(batch.loaded.path)}
-                tmp = owner_file.with_name(f".{OWNER_FILE}.tmp-{os.getpid()}")
-                tmp.write_text(json.dumps(owner, indent=2) + "\n", encoding="utf-8")
-                tmp.replace(owner_file)
+                write_atomically(owner_file, json.dumps(owner, indent=2) + "\n")
             first_of_model = {job.model.name: job for job in reversed(jobs)}
             for job in first_of_model.values():
                 resolve_model(batch, job)

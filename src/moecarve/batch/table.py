@@ -12,11 +12,11 @@ import csv
 import fcntl
 import io
 import json
-import os
 from contextlib import contextmanager
 from pathlib import Path
 
 from moecarve.batch.recipe import Job
+from moecarve.carve.writer import write_atomically
 
 FIRST = ["job", "model", "config", "shared", "active", "experts", "active_fraction", "status"]
 STAGE_COLUMNS = ["neurons_per_expert", "calib_tokens", "ppl", "ppl_tokens"]  # then tasks, as they come
@@ -90,9 +90,7 @@ def _cell(value) -> str:
 
 
 def _replace(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text if text.endswith("\n") else text + "\n", encoding="utf-8")
-    tmp.replace(path)
+    write_atomically(path, text if text.endswith("\n") else text + "\n")
 
 
 @contextmanager

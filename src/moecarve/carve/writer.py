@@ -1,4 +1,4 @@
-"""Atomic output directories and a size-capped safetensors writer that streams shards to disk."""
+"""Atomic output directories and files, and a size-capped safetensors writer that streams shards to disk."""
 
 from __future__ import annotations
 
@@ -110,9 +110,7 @@ def atomic_directory(out: Path) -> Iterator[Path]:
     out = out.expanduser().resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_orphans(out)
-    tmp = Path(
-        tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}@{socket.gethostname()}-", dir=out.parent)
-    )
+    tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(out), dir=out.parent))
     tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would make the output private to its maker
     try:
         yield tmp
@@ -127,6 +125,35 @@ def atomic_directory(out: Path) -> Iterator[Path]:
             shutil.rmtree(old)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
+def atomic_file(out: Path) -> Iterator[Path]:
+    """Yield a temporary file's path beside `out` (same suffix, for writers that go by it); on
+    success it replaces `out`, on error it vanishes. Named as `atomic_directory` names its
+    directories, so what a killed process left is removed by the next write of `out`."""
+    out = out.expanduser()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_orphans(out)
+    handle, name = tempfile.mkstemp(prefix=_temporary_prefix(out), suffix=out.suffix, dir=out.parent)
+    os.close(handle)
+    tmp = Path(name)
+    try:
+        yield tmp
+        tmp.chmod(0o666 & ~_umask())  # mkstemp's 0600 would make the file private to its maker
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomically(out: Path, text: str) -> None:
+    """Write `text` to `out` through `atomic_file`: a failed or killed run leaves no half file."""
+    with atomic_file(out) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def _temporary_prefix(out: Path) -> str:
+    return f".{out.name}.tmp-{os.getpid()}@{socket.gethostname()}-"
 
 
 @contextmanager
@@ -156,13 +183,17 @@ def _default_modes(directory: Path) -> None:
 
 
 def remove_orphans(out: Path) -> None:
-    """Remove `out`'s temporary directories (`.NAME.tmp-PID@HOST-*`) that a process of this host
-    left and that no longer runs."""
+    """Remove `out`'s temporary directories and files (`.NAME.tmp-PID@HOST-*`) that a process of
+    this host left and that no longer runs."""
     pattern = re.compile(rf"\.{re.escape(out.name)}\.tmp-(\d+)@{re.escape(socket.gethostname())}-.+")
     for path in out.parent.iterdir():
         found = pattern.fullmatch(path.name)
-        if found and path.is_dir() and not path.is_symlink() and not _running(int(found[1])):
+        if not found or path.is_symlink() or _running(int(found[1])):
+            continue
+        if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _running(pid: int) -> bool:

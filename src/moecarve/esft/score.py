@@ -10,7 +10,6 @@ threshold p means the same with and without top-k renormalisation.
 from __future__ import annotations
 
 import json
-import os
 import warnings
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from tqdm.auto import tqdm
 
 from moecarve import moe
 from moecarve.carve.calib import read_json
-from moecarve.carve.writer import check_apart, check_output_file
+from moecarve.carve.writer import atomic_file, check_apart, check_output_file, write_atomically
 from moecarve.esft.data import load_examples
 from moecarve.esft.shape import model_shape
 from moecarve.eval.ppl import model_positions
@@ -130,11 +129,7 @@ def check_own_output(out: Path, format_: str, beside: Path | None = None) -> Non
 
 def write_json(path: Path, record: dict) -> None:
     """Write-then-rename: a failed run leaves no half file."""
-    path = path.expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=1) + "\n")
-    tmp.replace(path)
+    write_atomically(path, json.dumps(record, indent=1) + "\n")
 
 
 def heatmap(record: dict, path: Path) -> None:
@@ -154,8 +149,6 @@ def heatmap(record: dict, path: Path) -> None:
         ax.set_yticks(range(len(grid)), [str(i) for i in record["moe_layers"]], fontsize=6)
         fig.colorbar(image, ax=ax)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, dpi=100)
+    with atomic_file(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
-    tmp.replace(path)

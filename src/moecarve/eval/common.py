@@ -17,6 +17,7 @@ import torch
 
 from moecarve import resources
 from moecarve.carve.calib import read_json
+from moecarve.carve.writer import write_atomically
 
 
 def resolve_model(model: str | Path) -> Path:
@@ -209,7 +210,4 @@ def write_json(record: dict, out: Path | None) -> None:
     """Write atomically (temporary file, then rename) so a killed run leaves no half file."""
     if out is None:
         return
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    tmp.replace(out)
+    write_atomically(out, json.dumps(record, indent=2) + "\n")

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import matplotlib
 
+from moecarve.carve.writer import atomic_file
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
@@ -80,7 +82,7 @@ def load_heatmap(record: dict, png: Path, data: Path) -> list[Path]:
     counts = np.array([row["tokens_per_expert"] for row in record["layers"]], dtype=float)
     relative = counts / counts.mean(axis=1, keepdims=True)
     layers = [row["layer"] for row in record["layers"]]
-    with data.open("w", newline="", encoding="utf-8") as handle:
+    with atomic_file(data) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.writer(handle)
         writer.writerow(["layer", *[f"expert_{e}" for e in range(counts.shape[1])]])
         writer.writerows([layer, *map(int, row)] for layer, row in zip(layers, counts, strict=True))
@@ -95,8 +97,8 @@ def load_heatmap(record: dict, png: Path, data: Path) -> list[Path]:
 
 
 def _save(fig, png: Path) -> Path:
-    png.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(png, dpi=120)
+    with atomic_file(png) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
     return png

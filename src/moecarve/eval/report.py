@@ -12,6 +12,8 @@ import csv
 import json
 from pathlib import Path
 
+from moecarve.carve.writer import atomic_file, write_atomically
+
 KINDS = ("ppl", "tasks", "speed", "load")
 
 
@@ -133,8 +135,7 @@ def speed_mode(record: dict, role: str) -> str:
 
 
 def _write_csv(rows: list[dict], path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="", encoding="utf-8") as handle:
+    with atomic_file(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
@@ -267,7 +268,7 @@ def render_report(results_dir: str | Path, out: str | Path | None = None) -> lis
             f"![expert load]({link}{stem}.png)",
         ]
 
-    report.write_text("\n\n".join(sections) + "\n", encoding="utf-8")
+    write_atomically(report, "\n\n".join(sections) + "\n")
     return [report, *written]
 
 

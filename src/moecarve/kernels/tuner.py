@@ -13,13 +13,13 @@ import dataclasses
 import itertools
 import json
 import math
-import os
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from moecarve.carve.writer import write_atomically
 
 from .benchutil import time_fn
 from .functional import DECODE_MAX_TOKENS, expected_hit_fraction, moe_ffn
@@ -288,17 +288,7 @@ def save_table(
         "versions": runtime_versions(),
         "batches": {str(b): e for b, e in sorted(table.items())},
     }  # fmt: skip
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=1)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would hide the table from other users
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, json.dumps(data, indent=1))
     clear_cache()
     return path
 

@@ -58,6 +58,31 @@ def test_scaled_rope_carries_over(rope, calib_file, tmp_path):
     torch.testing.assert_close(logits(moe, ids), logits(dense, ids), atol=2e-5, rtol=1e-5)
 
 
+def test_phi4_mini_like_source_carves_exactly(calib_file, tmp_path):
+    """Phi-4-mini's shape: fused q/k/v and gate/up, a partial rotary, longrope and tied embeddings;
+    compared past the rope's original context, where longrope switches to its long factors."""
+    src = make_model(tmp_path / "src", "phi3", tied=True)
+    config = json.loads((src / "config.json").read_text())
+    del config["rope_parameters"]  # written as Phi-4-mini's config.json writes them
+    config.update(
+        partial_rotary_factor=0.5,
+        original_max_position_embeddings=64,
+        rope_scaling={"type": "longrope", "short_factor": [1.0, 1.5, 2.0], "long_factor": [2.0, 3.0, 5.0]},
+    )
+    (src / "config.json").write_text(json.dumps(config))
+    out = carve(
+        src, CarveConfig(experts=8, active=7, **TINY), calib_file, tmp_path / "out", progress=False
+    ).out
+    dense, moe = load(src), load(out)
+    assert dense.model.rotary_emb.inv_freq.numel() == 3  # the source really rotates half of each head
+    assert dense.config.rope_parameters["rope_type"] == moe.config.rope_parameters["rope_type"] == "longrope"
+    written = json.loads((out / "config.json").read_text())
+    assert written["partial_rotary_factor"] == written["rope_parameters"]["partial_rotary_factor"] == 0.5
+    for length in (40, 160):
+        ids = torch.randint(0, dense.config.vocab_size, (1, length))
+        torch.testing.assert_close(logits(moe, ids), logits(dense, ids), atol=2e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_sparse_carve_loads_and_generates(family, tiny_models, calib_file, tmp_path):
     config = CarveConfig(experts=8, active=2, shared=1, dense_layers=1, **TINY)

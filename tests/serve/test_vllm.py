@@ -52,12 +52,29 @@ CASES = {
     # Llama 3.1/3.2's rope scaling and Qwen2.5's long-context yarn carry over to the carve
     "llama-rope_llama3-S1A2E8": ("llama", {"experts": 8, "active": 2, "balance": 0.5}, {"rope": "llama3"}),
     "qwen2-rope_yarn-S1A2E8": ("qwen2", {"experts": 8, "active": 2, "balance": 0.5}, {"rope": "yarn"}),
+    # Phi-3/Phi-4: fused q/k/v and gate/up split by the carve; Phi-4-mini rotates part of each head
+    "phi3-S1A2E8": ("phi3", {"experts": 8, "active": 2, "balance": 0.5}, {}),
+    "phi3-partial_rotary-S1A2E8": (
+        "phi3",
+        {"experts": 8, "active": 2, "balance": 0.5},
+        {"partial_rotary": 0.5},
+    ),
 }
 
 
-def make_source(directory: Path, family: str, tied: bool = False, rope: str | None = None) -> Path:
+def make_source(
+    directory: Path,
+    family: str,
+    tied: bool = False,
+    rope: str | None = None,
+    partial_rotary: float | None = None,
+) -> Path:
     """A tiny random dense model vLLM's CPU kernels accept, perturbed like conftest's; `rope` names
-    a scaled rope of ROPE_SCALING."""
+    a scaled rope of ROPE_SCALING, `partial_rotary` the fraction of each head a default rope rotates."""
+    if partial_rotary is not None:
+        parameters = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": partial_rotary}
+    else:
+        parameters = ROPE_SCALING[rope] if rope else None
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = make_tokenizer(directory)
     config = AutoConfig.for_model(
@@ -72,7 +89,7 @@ def make_source(directory: Path, family: str, tied: bool = False, rope: str | No
         tie_word_embeddings=tied,
         eos_token_id=tokenizer.eos_token_id,
         **{**FAMILIES[family], "head_dim": 32},
-        **({"rope_parameters": ROPE_SCALING[rope]} if rope else {}),
+        **({"rope_parameters": parameters} if parameters else {}),
     )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

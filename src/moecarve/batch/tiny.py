@@ -39,6 +39,7 @@ FAMILY_OVERRIDES = {
     "mistral": {"sliding_window": None},
     "qwen2": {"use_sliding_window": False},
     "qwen3": {"head_dim": 24, "use_sliding_window": False},
+    "phi3": {"sliding_window": None, "pad_token_id": None},
 }
 
 

@@ -16,6 +16,11 @@ class UnsupportedModel(ValueError):
     """The source cannot be carved into the target without changing what it computes."""
 
 
+MLP_TENSORS = [f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")]
+# A fused tensor's name -> the tensors glm4_moe stores apart, each with its number of rows, in order.
+Fused = dict[str, tuple[tuple[str, int], ...]]
+
+
 @dataclass(frozen=True)
 class Family:
     model_type: str
@@ -23,6 +28,7 @@ class Family:
     o_proj_bias: Callable[[PretrainedConfig], bool] = lambda c: False  # glm4_moe has none: refused
     qk_norm: bool = False
     extra_checks: tuple[Callable[[PretrainedConfig], str | None], ...] = field(default_factory=tuple)
+    fused: Callable[[PretrainedConfig], Fused] = lambda c: {}
 
     def attention_tensors(self, config: PretrainedConfig) -> list[str]:
         """Names (relative to `model.layers.L.`) copied unchanged into the target layer."""
@@ -32,6 +38,20 @@ class Family:
         if self.qk_norm:
             names += ["self_attn.q_norm.weight", "self_attn.k_norm.weight"]
         return names + ["input_layernorm.weight", "post_attention_layernorm.weight"]
+
+    def source_tensors(self, config: PretrainedConfig) -> list[str]:
+        """Names (relative to `model.layers.L.`) a layer of the source checkpoint holds: the target's,
+        fused ones as stored."""
+        fused = self.fused(config)
+        parts = {part for split in fused.values() for part, _ in split}
+        return [n for n in self.attention_tensors(config) + MLP_TENSORS if n not in parts] + list(fused)
+
+    def unfuse(self, state: dict, config: PretrainedConfig) -> dict:
+        """`state` (a source layer's) with each fused tensor split into the target's tensors."""
+        for name, split in self.fused(config).items():
+            pieces = state.pop(name).split([rows for _, rows in split])
+            state.update({part: piece.clone() for (part, _), piece in zip(split, pieces, strict=True)})
+        return state
 
 
 FAMILIES: dict[str, Family] = {}
@@ -63,10 +83,25 @@ def _no_sliding_window(config: PretrainedConfig) -> str | None:
     return None
 
 
+def _phi3_fused(config: PretrainedConfig) -> Fused:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    return {
+        "self_attn.qkv_proj.weight": (
+            ("self_attn.q_proj.weight", q), ("self_attn.k_proj.weight", kv), ("self_attn.v_proj.weight", kv)
+        ),
+        "mlp.gate_up_proj.weight": (
+            ("mlp.gate_proj.weight", config.intermediate_size), ("mlp.up_proj.weight", config.intermediate_size)
+        ),
+    }  # fmt: skip
+
+
 # Llama and Qwen3 put `attention_bias` on all four projections, Qwen2 on q/k/v only.
 register(Family("llama", o_proj_bias=_attention_bias, extra_checks=(_no_mlp_bias,)))
 register(Family("mistral", extra_checks=(_no_mlp_bias, _no_sliding_window)))
 register(Family("qwen2", attention_bias=lambda c: True, extra_checks=(_no_sliding_window,)))
+# Phi-3, Phi-3.5 and Phi-4: q/k/v and gate/up fused in the checkpoint, split for glm4_moe.
+register(Family("phi3", fused=_phi3_fused, extra_checks=(_no_sliding_window,)))
 register(
     Family(
         "qwen3",

@@ -131,9 +131,7 @@ def expected_tensors(source_config, family, tensors: TensorSource) -> None:
     names = ["model.embed_tokens.weight", "model.norm.weight"]
     if not source_config.tie_word_embeddings:
         names.append("lm_head.weight")
-    per_layer = family.attention_tensors(source_config) + [
-        f"mlp.{p}_proj.weight" for p in ("gate", "up", "down")
-    ]
+    per_layer = family.source_tensors(source_config)
     names += [f"model.layers.{i}.{n}" for i in range(source_config.num_hidden_layers) for n in per_layer]
     missing = [n for n in names if n not in tensors]
     if missing:
@@ -279,7 +277,7 @@ def _carve_layer(index, skeleton, tensors, streams: dict, run, setup: _LayerSetu
     layer = skeleton.model.layers[index]
     skeleton.model.layers[index] = torch.nn.Identity()  # the skeleton keeps none of its weights
     tensors.load_into(layer, prefix, torch.float32)
-    state = layer.state_dict()  # float32, as read: what is written
+    state = setup.family.unfuse(layer.state_dict(), setup.source_config)  # float32, as read: what is written
     if calib_dtype != torch.float32:  # a second copy, for the calibration forward
         tensors.load_into(layer, prefix, calib_dtype)
     mlp, capture, timing = layer.mlp, _CaptureInput(), {}
@@ -321,7 +319,7 @@ def _save_target_config(config, directory: Path) -> None:
     config.save_pretrained(directory)
     path = directory / "config.json"
     data = json.loads(path.read_text())
-    data["partial_rotary_factor"] = 1.0
+    data["partial_rotary_factor"] = config.rope_parameters["partial_rotary_factor"]
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 

@@ -231,6 +231,24 @@ def test_gguf_cache_is_keyed_by_content(tmp_path, monkeypatch):
     assert cached_gguf_dir(first) == cached_gguf_dir(second) == cached
 
 
+def test_phi3_gguf_is_refused_before_dequantizing(tmp_path, monkeypatch):
+    """transformers' GGUF loader drops Phi-3's partial rotary and longrope factors: such a file would
+    carve another model, so it is refused, and nothing is cached."""
+    import transformers
+
+    from moecarve.carve import source
+
+    monkeypatch.setenv("MOECARVE_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "phi-4-mini.gguf"
+    gguf.write_bytes(b"GGUF")
+    phi3 = transformers.Phi3Config(pad_token_id=None, sliding_window=None)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", lambda *a, **k: phi3)
+    monkeypatch.setattr(source, "gguf_to_hf_dir", lambda *a: pytest.fail("dequantized"))
+    with pytest.raises(source.SourceError, match="drops Phi-3's partial rotary and longrope"):
+        source.resolve_source(gguf)
+    assert not (tmp_path / "cache" / "gguf").exists() or not any((tmp_path / "cache" / "gguf").iterdir())
+
+
 def test_calibration_dtype_is_bfloat16_only_where_the_cpu_multiplies_it_natively(monkeypatch):
     from moecarve.carve.pipeline import calibration_dtype
 

@@ -58,6 +58,25 @@ def test_scaled_rope_carries_over(rope, calib_file, tmp_path):
     torch.testing.assert_close(logits(moe, ids), logits(dense, ids), atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_a_partial_rotary_factor_the_source_ignores_is_not_carried(family, calib_file, tmp_path):
+    """Llama's and Qwen2's rope rotate the whole head even where config.json carries a
+    `partial_rotary_factor`; glm4_moe would honour it, so the carve writes 1.0."""
+    src = make_model(tmp_path / "src", family)
+    config = json.loads((src / "config.json").read_text())
+    config["partial_rotary_factor"] = 0.5
+    (src / "config.json").write_text(json.dumps(config))
+    out = carve(
+        src, CarveConfig(experts=8, active=7, **TINY), calib_file, tmp_path / "out", progress=False
+    ).out
+    dense, moe = load(src), load(out)
+    assert dense.config.rope_parameters["partial_rotary_factor"] == 0.5  # transformers keeps the key...
+    assert dense.model.rotary_emb.inv_freq.numel() == 6  # ...and rotates all 12 dims of each head
+    assert moe.config.rope_parameters["partial_rotary_factor"] == 1.0
+    ids = torch.randint(0, dense.config.vocab_size, (2, 40))
+    torch.testing.assert_close(logits(moe, ids), logits(dense, ids), atol=2e-5, rtol=1e-5)
+
+
 def test_phi4_mini_like_source_carves_exactly(calib_file, tmp_path):
     """Phi-4-mini's shape: fused q/k/v and gate/up, a partial rotary, longrope and tied embeddings;
     compared past the rope's original context, where longrope switches to its long factors."""

@@ -116,16 +116,17 @@ def test_temporary_outputs_of_killed_processes_are_removed_on_the_next_write(tmp
 
     host = socket.gethostname()
     dead = int(Path("/proc/sys/kernel/pid_max").read_text())  # pids stay below it: no process has it
-    orphan = tmp_path / f".out.tmp-{dead}@{host}-x1"  # a SIGKILLed run's
-    live = tmp_path / f".out.tmp-{os.getpid()}@{host}-x2"  # a run still going (this process)
-    elsewhere = tmp_path / f".out.tmp-{dead}@another-host-x3"  # a run on another host of a shared disk
-    other = tmp_path / f".output.tmp-{dead}@{host}-x4"  # another output's
-    for path in (orphan, live, elsewhere, other):
+    orphan = tmp_path / f".out.tmp-{dead}@{host}-x1abcdef"  # a SIGKILLed run's (tempfile's 8 characters)
+    live = tmp_path / f".out.tmp-{os.getpid()}@{host}-x2abcdef"  # a run still going (this process)
+    elsewhere = tmp_path / f".out.tmp-{dead}@another-host-x3abcdef"  # a run on another host of a shared disk
+    longer_host = tmp_path / f".out.tmp-{dead}@{host}-2-x4abcdef"  # host "vm-2" beside host "vm"
+    other = tmp_path / f".output.tmp-{dead}@{host}-x5abcdef"  # another output's
+    for path in (orphan, live, elsewhere, longer_host, other):
         path.mkdir()
     with writer.atomic_directory(tmp_path / "out") as tmp:
         (tmp / "done").write_text("")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [live.name, elsewhere.name, other.name, "out"]
+        [live.name, elsewhere.name, longer_host.name, other.name, "out"]
     )
 
 
@@ -136,8 +137,8 @@ def test_results_files_replace_whole_or_not_at_all_and_killed_ones_are_swept(tmp
     out = tmp_path / "scores.json"
     out.write_text("earlier")
     dead = int(Path("/proc/sys/kernel/pid_max").read_text())
-    orphan = tmp_path / f".scores.json.tmp-{dead}@{socket.gethostname()}-x1.json"  # a SIGKILLed run's
-    live = tmp_path / f".scores.json.tmp-{os.getpid()}@{socket.gethostname()}-x2.json"
+    orphan = tmp_path / f".scores.json.tmp-{dead}@{socket.gethostname()}-x1abcdef.json"  # a SIGKILLed run's
+    live = tmp_path / f".scores.json.tmp-{os.getpid()}@{socket.gethostname()}-x2abcdef.json"
     orphan.write_text("half")
     live.write_text("half")
     with pytest.raises(RuntimeError), writer.atomic_file(out) as tmp:
@@ -153,6 +154,19 @@ def test_results_files_replace_whole_or_not_at_all_and_killed_ones_are_swept(tmp
         os.umask(umask)
     assert out.read_text() == "new" and out.stat().st_mode & 0o777 == 0o644
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, "scores.json"])
+
+
+def test_results_files_through_a_symlink_and_with_long_names(tmp_path):
+    target = tmp_path / "kept" / "report.md"
+    target.parent.mkdir()
+    target.write_text("earlier")
+    link = tmp_path / "report.md"
+    link.symlink_to(target)
+    writer.write_atomically(link, "new")  # written through, as open() writes
+    assert link.is_symlink() and target.read_text() == "new"
+    long = tmp_path / ("r" * 250 + ".json")  # 255 bytes with the suffix: the temporary's name is cut
+    writer.write_atomically(long, "{}")
+    assert long.read_text() == "{}"
 
 
 def test_outputs_get_the_umasks_modes_whatever_wrote_them(tmp_path):

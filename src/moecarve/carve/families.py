@@ -29,6 +29,11 @@ class Family:
     qk_norm: bool = False
     extra_checks: tuple[Callable[[PretrainedConfig], str | None], ...] = field(default_factory=tuple)
     fused: Callable[[PretrainedConfig], Fused] = lambda c: {}
+    # The share of each head the source's rope rotates. Llama's and Qwen's rotate all of it even
+    # where a config carries a `partial_rotary_factor`; glm4_moe would honour one.
+    rotary_fraction: Callable[[PretrainedConfig], float] = lambda c: 1.0
+    # Why a GGUF file of this family cannot be carved exactly (transformers' loader loses something).
+    gguf_refusal: str | None = None
 
     def attention_tensors(self, config: PretrainedConfig) -> list[str]:
         """Names (relative to `model.layers.L.`) copied unchanged into the target layer."""
@@ -101,7 +106,15 @@ register(Family("llama", o_proj_bias=_attention_bias, extra_checks=(_no_mlp_bias
 register(Family("mistral", extra_checks=(_no_mlp_bias, _no_sliding_window)))
 register(Family("qwen2", attention_bias=lambda c: True, extra_checks=(_no_sliding_window,)))
 # Phi-3, Phi-3.5 and Phi-4: q/k/v and gate/up fused in the checkpoint, split for glm4_moe.
-register(Family("phi3", fused=_phi3_fused, extra_checks=(_no_sliding_window,)))
+register(
+    Family(
+        "phi3",
+        fused=_phi3_fused,
+        rotary_fraction=lambda c: c.rope_parameters.get("partial_rotary_factor", 1.0),
+        gguf_refusal="transformers' GGUF loader drops Phi-3's partial rotary and longrope factors",
+        extra_checks=(_no_sliding_window,),
+    )
+)
 register(
     Family(
         "qwen3",

@@ -116,7 +116,11 @@ def cached_gguf_dir(path: Path) -> Path:
         config = AutoConfig.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as err:
         raise SourceError(f"cannot read GGUF file {path}: {err}") from err
-    family_for(config)  # refuse before dequantizing
+    family = family_for(config)  # refuse before dequantizing
+    if family.gguf_refusal:
+        raise SourceError(
+            f"cannot carve {path} exactly: {family.gguf_refusal}; carve its Hugging Face checkpoint"
+        )
     with atomic_directory(out) as tmp:
         gguf_to_hf_dir(path, tmp)
     return out

@@ -23,7 +23,7 @@ def glm4_moe_config(
     source: PretrainedConfig, family: Family, config: CarveConfig, m: int, dtype: torch.dtype
 ) -> Glm4MoeConfig:
     rope = dict(source.rope_parameters or {"rope_type": "default", "rope_theta": source.rope_theta})
-    rope["partial_rotary_factor"] = rope.get("partial_rotary_factor", 1.0)  # glm4_moe's default: 0.5
+    rope["partial_rotary_factor"] = family.rotary_fraction(source)  # glm4_moe's default is 0.5
     head_dim = getattr(source, "head_dim", None) or source.hidden_size // source.num_attention_heads
     return Glm4MoeConfig(
         architectures=["Glm4MoeForCausalLM"],  # vLLM picks its model class from this, not model_type

@@ -132,7 +132,7 @@ def atomic_file(out: Path) -> Iterator[Path]:
     """Yield a temporary file's path beside `out` (same suffix, for writers that go by it); on
     success it replaces `out`, on error it vanishes. Named as `atomic_directory` names its
     directories, so what a killed process left is removed by the next write of `out`."""
-    out = out.expanduser()
+    out = out.expanduser().resolve()  # a symlinked output is written through, as open() would
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_orphans(out)
     handle, name = tempfile.mkstemp(prefix=_temporary_prefix(out), suffix=out.suffix, dir=out.parent)
@@ -153,7 +153,12 @@ def write_atomically(out: Path, text: str) -> None:
 
 
 def _temporary_prefix(out: Path) -> str:
-    return f".{out.name}.tmp-{os.getpid()}@{socket.gethostname()}-"
+    return f".{_short(out.name)}.tmp-{os.getpid()}@{socket.gethostname()}-"
+
+
+def _short(name: str) -> str:
+    """A long output name cut, so that its temporary's name stays within the 255 bytes of a file name."""
+    return name[:100]
 
 
 @contextmanager
@@ -185,7 +190,11 @@ def _default_modes(directory: Path) -> None:
 def remove_orphans(out: Path) -> None:
     """Remove `out`'s temporary directories and files (`.NAME.tmp-PID@HOST-*`) that a process of
     this host left and that no longer runs."""
-    pattern = re.compile(rf"\.{re.escape(out.name)}\.tmp-(\d+)@{re.escape(socket.gethostname())}-.+")
+    # tempfile's 8 random characters, then a file's suffix: host "vm" never matches host "vm-2"'s
+    pattern = re.compile(
+        rf"\.{re.escape(_short(out.name))}\.tmp-(\d+)@{re.escape(socket.gethostname())}-[a-z0-9_]{{8}}"
+        rf"({re.escape(out.suffix)})?"
+    )
     for path in out.parent.iterdir():
         found = pattern.fullmatch(path.name)
         if not found or path.is_symlink() or _running(int(found[1])):

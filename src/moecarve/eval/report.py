@@ -166,7 +166,7 @@ def render_report(results_dir: str | Path, out: str | Path | None = None) -> lis
 
     found = collect(results_dir)
     command = f"moecarve eval report {results_dir}" + (f" --out {out}" if out is not None else "")
-    out = Path(out) if out is not None else Path(results_dir)
+    out = Path(out).expanduser() if out is not None else Path(results_dir).expanduser()
     if out.suffix.lower() == ".md":
         report, assets, link = out, out.with_suffix(""), out.stem + "/"
     else:

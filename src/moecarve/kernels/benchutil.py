@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from moecarve.carve.writer import atomic_file
+
 from .tuning import table_files
 
 # Datasheet HBM bandwidth in GB/s by device-name fragment (first match wins).
@@ -162,7 +164,7 @@ def write_rows(rows: list[dict], stem: Path) -> None:
             f.write(json.dumps(r) + "\n")
     all_rows = [json.loads(line) for line in jl.read_text().splitlines() if line.strip()]
     keys = list(dict.fromkeys(k for r in all_rows for k in r))
-    with stem.with_suffix(".csv").open("w", newline="") as f:
+    with atomic_file(stem.with_suffix(".csv")) as tmp, tmp.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=keys)
         w.writeheader()
         w.writerows(all_rows)

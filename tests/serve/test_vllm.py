@@ -38,6 +38,11 @@ MAX_TOKENS = 16
 LOGPROBS = 5
 TINY_CALIB = {"calib_tokens": 1024, "calib_length": 128}
 
+PHI4_MINI_ROPE = {
+    "rope_type": "longrope", "rope_theta": 10000.0, "partial_rotary_factor": 0.75, "original_max_position_embeddings": 64,
+    "short_factor": [1.0 + 0.1 * i for i in range(12)], "long_factor": [2.0 + 0.5 * i for i in range(12)],
+}  # fmt: skip
+
 # name: (family, CarveConfig fields, source options). Every case is sparse with a balancing bias;
 # vLLM's CPU MoE kernel needs hidden % 32 == 0 and its attention head_dim >= 32, so these tiny
 # sources are 64 wide with 2 heads of 32 (conftest's 48-wide ones are refused by vLLM).
@@ -57,7 +62,14 @@ CASES = {
     "phi3-partial_rotary-S1A2E8": (
         "phi3",
         {"experts": 8, "active": 2, "balance": 0.5},
-        {"partial_rotary": 0.5},
+        {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}},
+    ),
+    # Phi-4-mini's combination, tied embeddings too: 3/4 of each head rotated by longrope (its
+    # short factors and attention scaling: the prompts stay within the original 64 positions)
+    "phi3-phi4mini_rope-S1A2E8": (
+        "phi3",
+        {"experts": 8, "active": 2, "balance": 0.5},
+        {"tied": True, "rope_parameters": PHI4_MINI_ROPE},
     ),
 }
 
@@ -67,14 +79,14 @@ def make_source(
     family: str,
     tied: bool = False,
     rope: str | None = None,
-    partial_rotary: float | None = None,
+    rope_parameters: dict | None = None,
 ) -> Path:
     """A tiny random dense model vLLM's CPU kernels accept, perturbed like conftest's; `rope` names
-    a scaled rope of ROPE_SCALING, `partial_rotary` the fraction of each head a default rope rotates."""
-    if partial_rotary is not None:
-        parameters = {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": partial_rotary}
-    else:
-        parameters = ROPE_SCALING[rope] if rope else None
+    a scaled rope of ROPE_SCALING, `rope_parameters` gives one."""
+    parameters = ROPE_SCALING[rope] if rope else rope_parameters
+    # Phi3Config puts its own top-level original positions (default 4,096) into the rope's
+    original = (parameters or {}).get("original_max_position_embeddings")
+    extra = {"original_max_position_embeddings": original} if family == "phi3" and original else {}
     directory.mkdir(parents=True, exist_ok=True)
     tokenizer = make_tokenizer(directory)
     config = AutoConfig.for_model(
@@ -90,6 +102,7 @@ def make_source(
         eos_token_id=tokenizer.eos_token_id,
         **{**FAMILIES[family], "head_dim": 32},
         **({"rope_parameters": parameters} if parameters else {}),
+        **extra,
     )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
@@ -181,9 +194,9 @@ def tiny_jobs(cases: dict, root: Path, calib_file: Path) -> dict[str, dict]:
     """Carves every case from its tiny source; each job prompts three token sequences."""
     jobs, sources = {}, {}
     for name, (family, fields, source_options) in cases.items():
-        key = f"{family}-src" + "".join(f"-{k}-{v}" for k, v in source_options.items())
+        key = json.dumps([family, source_options], sort_keys=True)  # one source per distinct options
         if key not in sources:
-            sources[key] = make_source(root / key, family, **source_options)
+            sources[key] = make_source(root / f"src-{len(sources)}", family, **source_options)
         out = root / name
         pipeline.carve(
             sources[key], CarveConfig(**fields, **TINY_CALIB), str(calib_file), out, progress=False

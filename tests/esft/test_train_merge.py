@@ -130,6 +130,17 @@ def test_cli_train_and_merge(tiny_carved, task_file, tmp_path, monkeypatch, caps
     assert not (tmp_path / "b").exists()
 
 
+def test_a_diverged_run_writes_no_adapter(tiny_carved, task_file, tmp_path):
+    from moecarve.tune.trainer import TrainingDiverged
+
+    efile = experts_file(tiny_carved, tmp_path / "experts.json", {0: [1, 4], 1: [6]})
+    with pytest.raises(TrainingDiverged, match="training diverged"):
+        train.train(
+            tiny_carved, efile, task_file, tmp_path / "adapter", CONFIG.model_copy(update={"lr": 1e8})
+        )
+    assert not (tmp_path / "adapter").exists()
+
+
 def test_mix_general(tiny_carved, task_file, tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(tiny_carved)
     general = tmp_path / "general.txt"

@@ -171,6 +171,39 @@ def test_resume_refuses_other_configuration_and_restarts_after_an_early_failure(
     assert recover(tiny_carved, RecoverConfig(steps=1, **FAST), calib_file, tmp_path / "early").out.is_dir()
 
 
+def test_resume_refuses_checkpoints_of_a_model_carved_again_at_the_same_path(
+    tiny_carved, calib_file, tmp_path, monkeypatch
+):
+    import os
+    import shutil
+
+    model = shutil.copytree(tiny_carved, tmp_path / "model")
+    config = RecoverConfig(steps=6, **FAST)
+
+    def fail_at_step_4(self, args, state, control, **kwargs):
+        if state.global_step == 4:
+            raise RuntimeError("killed")
+
+    monkeypatch.setattr(trainer_module.BalanceCallback, "on_step_end", fail_at_step_4)
+    with pytest.raises(RuntimeError):
+        recover(model, config, calib_file, tmp_path / "o")
+    monkeypatch.undo()
+    weights = next(model.glob("*.safetensors"))  # the same path, new weights (as a carve --overwrite writes)
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1))
+    with pytest.raises(ValueError, match=r"another model, data or configuration \(differs: model\)"):
+        recover(model, config, calib_file, tmp_path / "o", resume=True)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_diverged_run_writes_nothing(tiny_carved, calib_file, tmp_path):
+    from moecarve.tune.trainer import TrainingDiverged
+
+    config = RecoverConfig(steps=3, train="full", **{**FAST, "lr": 1e6})
+    with pytest.raises(TrainingDiverged, match="training diverged"):
+        recover(tiny_carved, config, calib_file, tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
 def test_one_router_per_layer_under_peft_and_adapter_saved_alone(tiny_carved, calib_file, tmp_path):
     from peft import PeftModel
 

@@ -26,6 +26,7 @@ from moecarve.esft.optim import SliceAdamW, mask_gradient
 from moecarve.esft.score import length_cap
 from moecarve.esft.select import read_experts, validate_experts
 from moecarve.esft.shape import model_shape
+from moecarve.tune.trainer import check_trained_weights
 
 FORMAT = "moecarve-esft-adapter/1"
 CONFIG_FILE, TENSORS_FILE = "esft_config.json", "esft.safetensors"
@@ -119,6 +120,7 @@ def fit(model, dataset: list[dict], collator, config: EsftConfig, optimizer=None
             lr_scheduler_type=config.schedule,
             max_grad_norm=config.max_grad_norm,
             logging_steps=max(1, config.steps // 20),
+            logging_nan_inf_filter=False,  # a diverged loss is logged as nan, not hidden
             save_strategy="no",
             report_to="none",
             remove_unused_columns=False,
@@ -136,6 +138,7 @@ def fit(model, dataset: list[dict], collator, config: EsftConfig, optimizer=None
         start = time.perf_counter()
         output = trainer.train()
         seconds = time.perf_counter() - start
+        check_trained_weights(model)
         losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
     return {"seconds": seconds, "train_loss": output.training_loss, "losses": losses, "steps": config.steps}
 

@@ -28,7 +28,13 @@ from moecarve.eval.ppl import PROTOCOL_LENGTH, check_positions
 from moecarve.tune.adapters import DEFAULT_LORA_TARGETS, trainable_model
 from moecarve.tune.balance import LoadTracker
 from moecarve.tune.data import training_blocks
-from moecarve.tune.trainer import BalanceCallback, Blocks, RecoverTrainer, training_arguments
+from moecarve.tune.trainer import (
+    BalanceCallback,
+    Blocks,
+    RecoverTrainer,
+    check_trained_weights,
+    training_arguments,
+)
 
 
 class RecoverConfig(BaseModel):
@@ -177,6 +183,7 @@ def recover(
     last = _last_checkpoint(checkpoints) if resume else None
     output = trainer.train(resume_from_checkpoint=str(last) if last else None)
     tracker.remove()
+    check_trained_weights(model_)
 
     if adapter_out is not None and state.is_main_process:
         with atomic_directory(adapter_out) as tmp:  # before merging, which removes the adapters
@@ -252,13 +259,29 @@ def _check_checkpoints(checkpoints: Path, identity: dict, resume: bool) -> None:
         raise ValueError(f"--resume: no complete checkpoint in {checkpoints}")
     saved = json.loads((checkpoints / IDENTITY).read_text())
     if saved != identity:
+        differ = ", ".join(k for k in identity if saved.get(k) != identity[k]) or "the record"
         raise ValueError(
-            f"--resume: the checkpoints in {checkpoints} are of another model, data or configuration"
+            f"--resume: the checkpoints in {checkpoints} are of another model, data or configuration "
+            f"(differs: {differ})"
         )
 
 
 def _identity(src: Path, config: RecoverConfig) -> dict:
-    return {"model": str(src.resolve()), "config": config.model_dump(mode="json")}
+    return {"model": _model_identity(src), "config": config.model_dump(mode="json")}
+
+
+def _model_identity(src: Path) -> str:
+    """The model as resume compares it: its resolved path, its config and carve record, and each
+    weights file's size and modification time, so that a model carved again at the same path is
+    another model (a byte-identical rerun of the same carve is refused too)."""
+    digest = hashlib.sha256()
+    for name in ("config.json", "carve.json"):
+        if (src / name).is_file():
+            digest.update(name.encode() + (src / name).read_bytes())
+    for weights in sorted(src.glob("*.safetensors")):
+        stat = weights.stat()
+        digest.update(f"{weights.name} {stat.st_size} {stat.st_mtime_ns}".encode())
+    return f"{src.resolve()} sha256:{digest.hexdigest()}"
 
 
 def _data_identity(data) -> str:

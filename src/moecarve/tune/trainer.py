@@ -24,6 +24,21 @@ class Blocks(torch.utils.data.Dataset):
         return {"input_ids": ids, "labels": ids}
 
 
+class TrainingDiverged(ValueError):
+    """The loss went to nan/inf: the trained weights are not a model to write."""
+
+
+def check_trained_weights(model) -> None:
+    """Refuse, before any output is written, the weights of a run whose loss went to nan/inf
+    (transformers' Trainer would log such a loss as the mean of the finite ones)."""
+    bad = [name for name, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    if bad:
+        raise TrainingDiverged(
+            f"training diverged: {len(bad)} trained tensor(s) hold nan or inf (first {bad[0]}); "
+            "lower --lr and rerun (nothing was written)"
+        )
+
+
 def training_arguments(config, checkpoints: Path) -> TrainingArguments:
     return TrainingArguments(
         output_dir=str(checkpoints),
@@ -37,6 +52,7 @@ def training_arguments(config, checkpoints: Path) -> TrainingArguments:
         adam_beta2=0.95,
         weight_decay=0.0,
         logging_steps=max(1, min(10, config.steps // 10)),
+        logging_nan_inf_filter=False,  # a diverged loss is logged as nan, not hidden
         save_steps=config.save_every,
         save_total_limit=2,
         seed=config.seed,

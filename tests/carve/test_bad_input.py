@@ -236,7 +236,8 @@ def _bin_only(src, tmp_path):
 @pytest.mark.parametrize(
     ("setup", "settings", "error", "message"),
     [
-        (lambda src, tmp: (src, None, tmp / "o"), {"dense_layers": 9}, ValueError, "exceeds the model's 2 layers"),
+        (lambda src, tmp: (src, None, tmp / "o"), {"dense_layers": 9}, ValueError, "leaves no MoE layer of the model's 2: give at most 1"),
+        (lambda src, tmp: (src, None, tmp / "o"), {"dense_layers": 2}, ValueError, "leaves no MoE layer of the model's 2: give at most 1"),
         (lambda src, tmp: (src, None, tmp / "o"), {"calib_length": 4096, "calib_tokens": 4096}, ValueError, r"4096 exceeds the model's \d+ positions"),
         (_bin_only, {}, SourceError, "only safetensors checkpoints are read"),
         (lambda src, tmp: (src, tmp / "missing.txt", tmp / "o"), {}, CalibrationError, "calibration source not found"),
@@ -244,7 +245,7 @@ def _bin_only(src, tmp_path):
         (lambda src, tmp: (src, None, (tmp / "o").write_text("x") and tmp / "o"), {}, OutputError, "exists and is not a directory"),
         (lambda src, tmp: (src, None, (tmp / "f").write_text("x") and tmp / "f" / "sub"), {}, OutputError, "f is a file, not a directory"),
     ],
-    ids=["dense_layers", "calib_length", "bin_only", "calib_missing", "calib_dir_empty", "out_is_file", "out_under_a_file"],
+    ids=["dense_layers", "all_layers_dense", "calib_length", "bin_only", "calib_missing", "calib_dir_empty", "out_is_file", "out_under_a_file"],
 )  # fmt: skip
 def test_more_refusals_before_work(setup, settings, error, message, tmp_path):
     """Each refusal comes before any layer is read: nothing beside the output, the source unchanged."""

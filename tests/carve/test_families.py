@@ -40,6 +40,15 @@ def test_all_experts_active_reproduces_dense(family, tiny_models, calib_file, tm
     torch.testing.assert_close(logits(moe, ids), logits(dense, ids), atol=2e-5, rtol=1e-5)
 
 
+def test_dense_layers_count_whole_in_the_recorded_active_fraction(tiny_models, calib_file, tmp_path):
+    """S1A2E8 keeps 3/8 of each MoE layer's neurons; with the first of 2 layers dense, 11/16 of all
+    (the config may be given as a dict, as a recipe holds it)."""
+    config = {"experts": 8, "active": 2, "dense_layers": 1, **TINY}
+    result = carve(tiny_models["llama"], config, calib_file, tmp_path / "out", progress=False)
+    assert result.record["resolved"]["active_fraction"] == (1 + 3 / 8) / 2
+    assert json.loads((result.out / "carve.json").read_text())["resolved"]["active_fraction"] == 11 / 16
+
+
 @pytest.mark.parametrize("rope", sorted(ROPE_SCALING))
 def test_scaled_rope_carries_over(rope, calib_file, tmp_path):
     """A source with a scaled rope (Llama 3.1's llama3, yarn) carves exactly, at positions past the

@@ -78,6 +78,7 @@ def test_train_and_merge_carved(tiny_carved, task_file, tmp_path):
                                  "adapter": str((tmp_path / "adapter").resolve())}  # fmt: skip
     reloaded = AutoModelForCausalLM.from_pretrained(merged)  # stock transformers, no remote code
     assert reloaded.config.model_type == "glm4_moe"
+    assert json.loads((merged / "config.json").read_text())["partial_rotary_factor"] == 1.0  # for vLLM
 
 
 @pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v2"])

@@ -63,8 +63,10 @@ def test_recovery_learns_saves_natively_and_trains_the_router(tiny_carved, calib
     assert tune["stage"] == "recover" and tune["data"]["tokens"] == 8 * 2 * 64
     assert [h["step"] for h in tune["train_loss"]] == list(range(1, 9))
     assert tune["final_train_loss"] == tune["train_loss"][-1]["loss"]  # the last step's, not the mean
-    assert tune["resumed_from_step"] is None
+    assert tune["resumed_from_step"] is None and tune["teacher"] is None
     assert not (tmp_path / "out.checkpoints").exists()  # removed once the model is written
+    written = json.loads((result.out / "config.json").read_text())  # where vLLM's glm4_moe reads it
+    assert written["partial_rotary_factor"] == written["rope_parameters"]["partial_rotary_factor"] == 1.0
 
 
 @pytest.mark.parametrize("train", ["router", "lora"])
@@ -332,6 +334,27 @@ def kl_to(teacher, student, ids) -> float:
         log_target=True,
         reduction="batchmean",
     ).item()
+
+
+def test_the_default_teacher_is_the_source_where_it_was_carved_from_any_directory(
+    tiny_models, calib_file, tmp_path, monkeypatch
+):
+    """A carve of a relative path distils from that source when tuned from another directory (it
+    was looked up relative to the new one, as a hub id, or worse, another model lying there)."""
+    from moecarve.carve.config import CarveConfig
+    from moecarve.carve.pipeline import carve
+
+    monkeypatch.chdir(tiny_models["llama"].parent)
+    carve("llama", CarveConfig(experts=8, active=2, calib_tokens=512, calib_length=64), calib_file,
+          tmp_path / "carved", progress=False)  # fmt: skip
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "llama").mkdir(parents=True)
+    (elsewhere / "llama" / "config.json").write_text("{}")  # another "llama" where the tune runs
+    monkeypatch.chdir(elsewhere)
+    result = recover(
+        tmp_path / "carved", RecoverConfig(steps=1, distill=1.0, **FAST), calib_file, tmp_path / "o"
+    )
+    assert result.record["teacher"] == str(tiny_models["llama"].resolve())
 
 
 @pytest.mark.parametrize(("distill", "grad_accum"), [(1.0, 1), (0.25, 1), (1.0, 2)])

@@ -59,6 +59,7 @@ def carve(ctx: Context, options: dict) -> StageResult:
     ctx.model_dir = out
     record = result.record
     columns = {
+        "active_fraction": record["resolved"]["active_fraction"],  # with dense layers counted
         "neurons_per_expert": record["resolved"]["neurons_per_expert"],
         "calib_tokens": record["calibration"]["tokens"],
         "carve_seconds": record["carve_seconds"],

@@ -25,7 +25,7 @@ from moecarve.carve.config import CarveConfig
 from moecarve.carve.families import family_for
 from moecarve.carve.layer import carve_ffn, pad_neurons, timed
 from moecarve.carve.source import SourceError, TensorSource, resolve_source
-from moecarve.carve.target import glm4_moe_config
+from moecarve.carve.target import glm4_moe_config, write_rotary_at_top_level
 from moecarve.carve.writer import ShardWriter, atomic_directory, check_apart, check_output
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -116,8 +116,10 @@ def plan(model, config: CarveConfig, out: Path | None, overwrite: bool):
             f"top_k_activation {config.top_k_activation:g} exceeds the FFN's {intermediate} neurons"
         )
     layers = source_config.num_hidden_layers
-    if config.dense_layers > layers:
-        raise ValueError(f"--dense-layers {config.dense_layers} exceeds the model's {layers} layers")
+    if config.dense_layers >= layers:
+        raise ValueError(
+            f"--dense-layers {config.dense_layers} leaves no MoE layer of the model's {layers}: give at most {layers - 1}"
+        )
     if config.calib_length > source_config.max_position_embeddings:
         raise ValueError(
             f"--calib-length {config.calib_length} exceeds the model's "
@@ -149,7 +151,7 @@ def expected_tensors(source_config, family, tensors: TensorSource) -> None:
 
 def carve(
     model: str | Path,
-    config: CarveConfig | None = None,
+    config: CarveConfig | dict | None = None,
     calib: str | Path | None = None,
     out: str | Path | None = None,
     *,
@@ -158,7 +160,7 @@ def carve(
     progress: bool = True,
 ) -> CarveResult:
     """Carve `model` into a glm4_moe checkpoint at `out`; see CarveConfig for the options."""
-    config = config or CarveConfig()
+    config = CarveConfig.model_validate(config) if isinstance(config, dict) else config or CarveConfig()
     started = time.perf_counter()
     src, source_config, family, out = plan(model, config, out, overwrite)
     if evaluate:
@@ -313,14 +315,13 @@ def _carve_layer(index, skeleton, tensors, streams: dict, run, setup: _LayerSetu
     return out_tensors, {"layer": index, **carved.stats}
 
 
+def _overall_fraction(config: CarveConfig, layers: int) -> float:
+    return (config.dense_layers + (layers - config.dense_layers) * config.active_fraction) / layers
+
+
 def _save_target_config(config, directory: Path) -> None:
-    """Save the config with `partial_rotary_factor` also at top level, where vLLM's glm4_moe reads it
-    (transformers keeps it only inside rope_parameters, and both default to 0.5)."""
     config.save_pretrained(directory)
-    path = directory / "config.json"
-    data = json.loads(path.read_text())
-    data["partial_rotary_factor"] = config.rope_parameters["partial_rotary_factor"]
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    write_rotary_at_top_level(directory)
 
 
 def _generation_config(src: Path) -> GenerationConfig:
@@ -337,14 +338,16 @@ def _record(
 
     return {
         "source": str(model),
-        "source_path": str(src),
+        "source_path": str(Path(src).resolve()),
         "config": config.model_dump(),
         "resolved": {
             "name": config.name,
             "neurons_per_expert": m,
             "intermediate_size": intermediate,
             "padding_neurons": m * config.experts - intermediate,
-            "active_fraction": config.active_fraction,
+            # of all the FFN neurons per token, dense layers counted whole (the routed layers' alone
+            # is config.active_fraction)
+            "active_fraction": _overall_fraction(config, len(layers)),
             "calib_dtype": str(calib_dtype).removeprefix("torch."),
         },
         "calibration": {

@@ -6,6 +6,9 @@ load time and vLLM reads directly.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 from transformers import Glm4MoeConfig, PretrainedConfig
 
@@ -80,3 +83,14 @@ def moe_tensors(
         out[f"{prefix}experts.{j}.down_proj.weight"] = w_down[:, members]
     out[f"{prefix}gate.weight"] = router_weight
     return out
+
+
+def write_rotary_at_top_level(directory: Path) -> None:
+    """Copy a glm4_moe config's `partial_rotary_factor` to its top level, where vLLM's glm4_moe reads
+    it (transformers' save_pretrained keeps it only inside rope_parameters, and both default to 0.5)."""
+    path = directory / "config.json"
+    data = json.loads(path.read_text())
+    factor = (data.get("rope_parameters") or {}).get("partial_rotary_factor")
+    if data.get("model_type") == "glm4_moe" and factor is not None:
+        data["partial_rotary_factor"] = factor
+        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from moecarve.carve.calib import read_json
 from moecarve.carve.source import damaged_weights_named
+from moecarve.carve.target import write_rotary_at_top_level
 from moecarve.carve.writer import atomic_directory, check_apart, check_output
 from moecarve.esft.select import validate_experts
 from moecarve.esft.shape import model_shape
@@ -122,6 +123,7 @@ def merge(model_dir: str | Path, adapter: str | Path, out: str | Path, overwrite
     apply_adapter(plan)
     with atomic_directory(out) as tmp:
         model.save_pretrained(tmp)
+        write_rotary_at_top_level(tmp)
         AutoTokenizer.from_pretrained(base).save_pretrained(tmp)
         for name in COPIED:
             if (base / name).is_file():

@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, s
 
 from moecarve.carve.calib import looks_like_path, read_json, read_text
 from moecarve.carve.source import damaged_weights_named
+from moecarve.carve.target import write_rotary_at_top_level
 from moecarve.carve.writer import atomic_directory, check_apart, check_output
 from moecarve.eval.ppl import PROTOCOL_LENGTH, check_positions
 from moecarve.tune.adapters import DEFAULT_LORA_TARGETS, trainable_model
@@ -193,9 +194,10 @@ def recover(
         return RecoverResult(out=out.resolve(), record={}, model=trained)
     _cast_parameters(trained, save_dtype)
     resumed_from = int(last.name.split("-")[1]) if last else None
-    record = _record(src, config, text, trainable, trainer, output, started, resumed_from)
+    record = _record(src, config, text, trainable, trainer, output, started, resumed_from, teacher_dir)
     with atomic_directory(out) as tmp:
         trained.save_pretrained(tmp)
+        write_rotary_at_top_level(tmp)
         tokenizer.save_pretrained(tmp)
         if evaluate:
             from moecarve.eval.ppl import protocol_ppl
@@ -212,8 +214,10 @@ def _teacher_dir(src: Path, teacher, carved_config: dict) -> Path:
     from moecarve.carve.source import resolve_source
 
     recorded = _source_record(src)
-    if teacher is None:
-        teacher = recorded.get("source")
+    if teacher is None:  # the source's absolute path where it still lies there; else its hub id
+        path = recorded.get("source_path")
+        local = path is not None and Path(path).is_absolute() and (Path(path) / "config.json").is_file()
+        teacher = path if local else recorded.get("source")
         if teacher is None:
             raise ValueError(f"{src} has no carve.json naming its dense source: pass --teacher")
     try:
@@ -305,7 +309,7 @@ def _cast_parameters(model, dtype: torch.dtype) -> None:
         param.data = param.data.to(dtype)
 
 
-def _record(src, config, text, trainable, trainer, output, started, resumed_from) -> dict:
+def _record(src, config, text, trainable, trainer, output, started, resumed_from, teacher) -> dict:
     history = [h for h in trainer.state.log_history if "loss" in h]  # a resumed run's includes the first's
     return {
         "config": config.model_dump(mode="json"),
@@ -318,6 +322,7 @@ def _record(src, config, text, trainable, trainer, output, started, resumed_from
         "final_train_loss": history[-1]["loss"] if history else output.training_loss,
         "seconds": round(time.perf_counter() - started, 2),  # this process's: a resumed run's only
         "resumed_from_step": resumed_from,
+        "teacher": str(teacher) if teacher else None,
         "source_quality": carve_quality(src),
     }
 
@@ -339,5 +344,5 @@ def _source_record(src: Path) -> dict:
 def _carve_json(src: Path, record: dict) -> dict:
     """The source's carve.json with this recovery appended to its `tune` list."""
     carved = _source_record(src)
-    carved.setdefault("tune", []).append({"stage": "recover", "model": str(src), **record})
+    carved.setdefault("tune", []).append({"stage": "recover", "model": str(src.resolve()), **record})
     return carved

@@ -122,6 +122,30 @@ def test_changed_settings_of_a_finished_job_are_refused(make_recipe, reference, 
         runner.open_batch(recipe, reference)
 
 
+def test_finished_jobs_whose_text_or_model_changed_since_are_refused(
+    make_recipe, tiny_models, reference, tmp_path
+):
+    """The same recipe over the same texts in another directory is accepted; an edited text, or the
+    model rewritten in place, refuses the finished jobs that read it (they would mix old and new)."""
+    recipe = make_recipe(tmp_path / "a")
+    runner.open_batch(recipe, reference)
+    (tmp_path / "a" / "eval.txt").write_text((tmp_path / "a" / "eval.txt").read_text() + " more")
+    with pytest.raises(ValueError, match=r"llama-dense .* inputs that have changed since \(eval_ppl.data\)"):
+        runner.open_batch(recipe, reference)
+
+    model = shutil.copytree(tiny_models["llama"], tmp_path / "model")
+    recipe = make_recipe(
+        tmp_path / "b", text=recipe.read_text().replace(str(tiny_models["llama"]), str(model))
+    )
+    batch = runner.open_batch(recipe)
+    runner.run(batch, [batch.jobs[0]], progress=False)  # the dense job
+    runner.open_batch(recipe)  # nothing changed: accepted
+    weights = next(model.glob("*.safetensors"))
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1))  # rewritten in place
+    with pytest.raises(ValueError, match=r"llama-dense .* inputs that have changed since \(model\)"):
+        runner.open_batch(recipe)
+
+
 def test_missing_model_fails_before_work(make_recipe, tmp_path):
     recipe = make_recipe(tmp_path)
     recipe.write_text(recipe.read_text().replace("path: /", "path: /nonexistent/"))

@@ -268,3 +268,29 @@ def test_texts_of_one_name_in_two_directories_stay_apart(tiny_models, calib_file
     for name in ("a", "b"):
         assert f"| {tmp_path / name / 'text.txt'} |" in markdown
     assert "repeated in a record" not in markdown
+
+
+def test_a_carve_and_what_was_trained_from_it_stay_apart(tiny_carved, calib_file, tmp_path):
+    """A recovered and an ESFT-merged model keep the carve's carve.json: they are named by the
+    training since (rows of their own) and drawn as lines of their own, not as one with the carve."""
+    from moecarve.eval import plots
+    from moecarve.eval.report import collect, ppl_rows
+
+    recovered = shutil.copytree(tiny_carved, tmp_path / "recovered")
+    record = json.loads((recovered / "carve.json").read_text())
+    record["tune"] = [{"stage": "recover"}]
+    (recovered / "carve.json").write_text(json.dumps(record))
+    merged = shutil.copytree(recovered, tmp_path / "merged")
+    (merged / "esft.json").write_text("{}")  # a merge made before carve.json's list recorded merges
+    results = tmp_path / "results"
+    evaluate_ppl(
+        [tiny_carved, recovered, merged], calib_file, 1, 32, out=results / "ppl.json", progress=False
+    )
+    rows = ppl_rows(collect(results)["ppl"])
+    assert sorted(r["config"] for r in rows) == ["S1A2E8", "S1A2E8+recover", "S1A2E8+recover+esft"]
+    drawn = plots.lines(rows, ("source", "trained", "text", "dtype"), always=("source",))
+    assert sorted(label for label, _ in drawn) == [
+        "llama (as carved)",
+        "llama (recover)",
+        "llama (recover+esft)",
+    ]

@@ -28,6 +28,8 @@ from tqdm.auto import tqdm
 from moecarve.batch import stages as stage_registry
 from moecarve.batch.recipe import Job, LoadedRecipe, RecipeError, load_recipe
 from moecarve.batch.table import job_row, locked, write_table
+from moecarve.carve.calib import text_identity
+from moecarve.carve.source import model_identity
 from moecarve.carve.writer import atomic_directory, within, write_atomically
 
 OWNER_FILE = "batch.json"
@@ -89,14 +91,52 @@ def check_owner(batch: Batch) -> None:
 
 
 def check_finished(batch: Batch) -> None:
-    """A finished job run with other settings than the recipe's now is refused, never silently kept."""
+    """A finished job run with other settings than the recipe's now, or on a text or local model
+    that has changed since, is refused, never silently kept."""
     for job in batch.jobs:
         result = batch.result(job)
-        if result and result["status"] == "ok" and result.get("fingerprint") not in job.fingerprints:
+        if not result or result["status"] != "ok":
+            continue
+        if result.get("fingerprint") not in job.fingerprints:
             raise ValueError(
                 f"job {job.name} in {batch.output} was run with other settings than the recipe now gives; "
                 f"remove {batch.job_dir(job)} to run it again, or name the changed configuration anew"
             )
+        recorded = result.get("inputs", {})  # results written before inputs were recorded have none
+        try:
+            now = job_inputs(batch, job, _local_model(batch, job))
+        except (ValueError, OSError):  # a text gone since: nothing to compare (a rerun would name it)
+            continue
+        changed = [name for name in now if name in recorded and recorded[name] != now[name]]
+        if changed:
+            raise ValueError(
+                f"job {job.name} in {batch.output} was run on inputs that have changed since "
+                f"({', '.join(changed)}); remove {batch.job_dir(job)} to run it again"
+            )
+
+
+def job_inputs(batch: Batch, job: Job, model: Path | None) -> dict[str, str]:
+    """What a job reads besides its settings, by content (where it lies does not count): its texts,
+    and its model where it is a local directory (`model`; converted or downloaded ones are left out)."""
+    root = batch.loaded.root
+    inputs = {"model": model_identity(model)} if model is not None else {}
+    if "carve" in job.stages:
+        inputs["calib"] = text_identity(stage_registry.recipe_path(root, job.calib))
+    if "eval_ppl" in job.stages:
+        inputs["eval_ppl.data"] = text_identity(
+            stage_registry.recipe_path(root, job.options["eval_ppl"].get("data"))
+        )
+    return {name: identity.partition(" sha256:")[2] or identity for name, identity in inputs.items()}
+
+
+def _local_model(batch: Batch, job: Job) -> Path | None:
+    """The job's model where it is a directory already on disk (a tiny one once built), else None."""
+    spec = job.model
+    if spec.tiny is not None:
+        local = batch.output / "models" / f"tiny-{spec.tiny}"
+    else:
+        local = batch.loaded.root / Path(spec.path).expanduser()
+    return local if (local / "config.json").is_file() else None
 
 
 def select(batch: Batch, only: str | None) -> list[Job]:
@@ -236,6 +276,7 @@ def run_job(batch: Batch, job: Job, progress: bool = True) -> dict | None:
         with atomic_directory(final) as work:
             try:
                 source = resolve_model(batch, job)
+                record["inputs"] = job_inputs(batch, job, _local_model(batch, job))
                 if "eval_ppl" in job.stages:  # a carve keeps its source's positions and tokenizer
                     check_ppl_windows(source, job.options["eval_ppl"], batch.loaded.root)
                 ctx = stage_registry.Context(job, work, source, source, batch.loaded.root, progress)

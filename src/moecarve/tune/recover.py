@@ -8,7 +8,6 @@ checkpoint with the LoRA merged, written atomically; checkpoints live beside it 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -21,8 +20,8 @@ from accelerate import PartialState
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, set_seed
 
-from moecarve.carve.calib import looks_like_path, read_json, read_text
-from moecarve.carve.source import damaged_weights_named
+from moecarve.carve.calib import read_json, text_identity
+from moecarve.carve.source import damaged_weights_named, model_identity
 from moecarve.carve.target import write_rotary_at_top_level
 from moecarve.carve.writer import atomic_directory, check_apart, check_output
 from moecarve.eval.ppl import PROTOCOL_LENGTH, check_positions
@@ -146,7 +145,7 @@ def recover(
         {"model": src, "--data": data, "--teacher": local_teacher},
     )  # the checkpoints are deleted at the end, the outputs replaced; before any teacher download
     teacher_dir = _teacher_dir(src, teacher, carved_config) if config.distill else None
-    identity = {**_identity(src, config), "data": _data_identity(data), "teacher": str(teacher_dir)}
+    identity = {**_identity(src, config), "data": text_identity(data), "teacher": str(teacher_dir)}
     _check_checkpoints(checkpoints, identity, resume)
 
     tokenizer = AutoTokenizer.from_pretrained(src)
@@ -271,30 +270,7 @@ def _check_checkpoints(checkpoints: Path, identity: dict, resume: bool) -> None:
 
 
 def _identity(src: Path, config: RecoverConfig) -> dict:
-    return {"model": _model_identity(src), "config": config.model_dump(mode="json")}
-
-
-def _model_identity(src: Path) -> str:
-    """The model as resume compares it: its resolved path, its config and carve record, and each
-    weights file's size and modification time, so that a model carved again at the same path is
-    another model (a byte-identical rerun of the same carve is refused too)."""
-    digest = hashlib.sha256()
-    for name in ("config.json", "carve.json"):
-        if (src / name).is_file():
-            digest.update(name.encode() + (src / name).read_bytes())
-    for weights in sorted(src.glob("*.safetensors")):
-        stat = weights.stat()
-        digest.update(f"{weights.name} {stat.st_size} {stat.st_mtime_ns}".encode())
-    return f"{src.resolve()} sha256:{digest.hexdigest()}"
-
-
-def _data_identity(data) -> str:
-    """The training text as resume compares it: a local file or directory by its resolved path and
-    the sha256 of its text (the same file named another way resumes; an edited one does not)."""
-    if data is None or not looks_like_path(data) and not Path(data).expanduser().exists():
-        return str(data)  # the default text, or a hub dataset's name
-    text, _ = read_text(data, "--data")
-    return f"{Path(data).expanduser().resolve()} sha256:{hashlib.sha256(text.encode()).hexdigest()}"
+    return {"model": model_identity(src), "config": config.model_dump(mode="json")}
 
 
 def _last_checkpoint(checkpoints: Path) -> Path | None:

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():  # before anything imports triton: kernels bind to it when defined
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from moecarve.batch.tiny import FAMILY_OVERRIDES, build_tiny_model, make_tokenizer, sample_text  # noqa: F401
 

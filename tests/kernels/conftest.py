@@ -1,18 +1,14 @@
 """Kernel tests run the Triton kernels on CPU through the interpreter, or on CUDA with `-m gpu`.
 
 TRITON_INTERPRET must be set before triton is imported (kernels are bound to the interpreter when
-defined), so it is set here, at collection, whenever no CUDA device is present.
+defined), and test modules of other stages import it at collection through transformers' Trainer:
+tests/conftest.py sets it, before any of them, whenever no CUDA device is present.
 """
-
-import os
 
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-from moecarve.kernels._env import triton_available, triton_interpreting  # noqa: E402
+from moecarve.kernels._env import triton_available, triton_interpreting
 
 
 @pytest.fixture

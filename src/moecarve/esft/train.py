@@ -26,7 +26,6 @@ from moecarve.esft.optim import SliceAdamW, mask_gradient
 from moecarve.esft.score import length_cap
 from moecarve.esft.select import read_experts, validate_experts
 from moecarve.esft.shape import model_shape
-from moecarve.tune.trainer import check_trained_weights
 
 FORMAT = "moecarve-esft-adapter/1"
 CONFIG_FILE, TENSORS_FILE = "esft_config.json", "esft.safetensors"
@@ -105,6 +104,8 @@ def fit(model, dataset: list[dict], collator, config: EsftConfig, optimizer=None
     `optimizer` None lets the Trainer build its AdamW (used by the full and LoRA baselines).
     """
     from transformers import Trainer, TrainingArguments
+
+    from moecarve.tune.trainer import check_trained_weights  # imports transformers' Trainer
 
     with tempfile.TemporaryDirectory(prefix="esft-trainer-") as work:
         args = TrainingArguments(

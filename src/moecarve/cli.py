@@ -98,10 +98,16 @@ def carve_command(model, calib, out, overwrite, eval_ppl, extra, **options):
     config = _build_config(options, extra)
     click.echo(
         f"{config.name}: {config.shared} shared + {config.active} of {config.routed} routed experts "
-        f"active, {config.active_fraction:.1%} of the FFN neurons per token ({config.preset} preset)"
+        f"active, {config.active_fraction:.1%} of the FFN neurons per token"
+        + (f" in the MoE layers (the first {config.dense_layers} dense)" if config.dense_layers else "")
+        + f" ({config.preset} preset)"
     )
     result = carve(model, config, calib, out, overwrite=overwrite, evaluate=eval_ppl)
     resolved = result.record["resolved"]
+    if config.dense_layers:
+        click.echo(
+            f"{resolved['active_fraction']:.1%} of all the FFN neurons per token, the dense layers counted"
+        )
     click.echo(
         f"neurons per expert: {resolved['neurons_per_expert']} (padding {resolved['padding_neurons']}); "
         f"calibration: {result.record['calibration']['tokens']} tokens; {result.record['carve_seconds']} s "

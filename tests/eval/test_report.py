@@ -290,7 +290,21 @@ def test_a_carve_and_what_was_trained_from_it_stay_apart(tiny_carved, calib_file
     assert sorted(r["config"] for r in rows) == ["S1A2E8", "S1A2E8+recover", "S1A2E8+recover+esft"]
     drawn = plots.lines(rows, ("source", "trained", "text", "dtype"), always=("source",))
     assert sorted(label for label, _ in drawn) == [
-        "llama (as carved)",
+        "llama (none)",
         "llama (recover)",
         "llama (recover+esft)",
     ]
+
+
+def test_a_carve_with_dense_layers_counts_them_in_its_active_fraction(tiny_carved, tmp_path):
+    """Carves made before the record counted dense layers hold the MoE layers' fraction: eval
+    computes it from their settings (S1A2E8 with 1 of 2 layers dense: 11/16)."""
+    from moecarve.eval.common import describe_model
+
+    model = shutil.copytree(tiny_carved, tmp_path / "model")
+    record = json.loads((model / "carve.json").read_text())
+    record["config"]["dense_layers"] = 1
+    record["resolved"]["active_fraction"] = 0.375  # as such a carve recorded it
+    (model / "carve.json").write_text(json.dumps(record))
+    assert describe_model(model)["active_fraction"] == 11 / 16
+    assert describe_model(tiny_carved)["active_fraction"] == 0.375  # no dense layers: as recorded

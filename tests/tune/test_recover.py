@@ -179,6 +179,8 @@ def test_resume_refuses_checkpoints_of_a_model_carved_again_at_the_same_path(
     import os
     import shutil
 
+    from moecarve.carve.source import model_identity
+
     model = shutil.copytree(tiny_carved, tmp_path / "model")
     config = RecoverConfig(steps=6, **FAST)
 
@@ -190,8 +192,13 @@ def test_resume_refuses_checkpoints_of_a_model_carved_again_at_the_same_path(
     with pytest.raises(RuntimeError):
         recover(model, config, calib_file, tmp_path / "o")
     monkeypatch.undo()
-    weights = next(model.glob("*.safetensors"))  # the same path, new weights (as a carve --overwrite writes)
-    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1))
+    weights = next(model.glob("*.safetensors"))
+    os.utime(weights, ns=(1, 1))  # touched, the same bytes: the same model, resumable
+    saved = json.loads((tmp_path / "o.checkpoints" / "recover.json").read_text())
+    assert saved["model"] == model_identity(model)
+    data = bytearray(weights.read_bytes())  # the same path, new weights (as a carve --overwrite writes)
+    data[-4:] = bytes(4)
+    weights.write_bytes(data)
     with pytest.raises(ValueError, match=r"another model, data or configuration \(differs: model\)"):
         recover(model, config, calib_file, tmp_path / "o", resume=True)
     assert not (tmp_path / "o").exists()
@@ -204,6 +211,8 @@ def test_a_diverged_run_writes_nothing(tiny_carved, calib_file, tmp_path):
     with pytest.raises(TrainingDiverged, match="training diverged"):
         recover(tiny_carved, config, calib_file, tmp_path / "o")
     assert not (tmp_path / "o").exists()
+    assert not (tmp_path / "o.checkpoints").exists()  # nan checkpoints: a rerun starts clean
+    assert recover(tiny_carved, RecoverConfig(steps=1, **FAST), calib_file, tmp_path / "o").out.is_dir()
 
 
 def test_one_router_per_layer_under_peft_and_adapter_saved_alone(tiny_carved, calib_file, tmp_path):

@@ -93,6 +93,7 @@ def check_owner(batch: Batch) -> None:
 def check_finished(batch: Batch) -> None:
     """A finished job run with other settings than the recipe's now, or on a text or local model
     that has changed since, is refused, never silently kept."""
+    identities: dict = {}  # many jobs read the same texts and model: each is read once
     for job in batch.jobs:
         result = batch.result(job)
         if not result or result["status"] != "ok":
@@ -102,9 +103,11 @@ def check_finished(batch: Batch) -> None:
                 f"job {job.name} in {batch.output} was run with other settings than the recipe now gives; "
                 f"remove {batch.job_dir(job)} to run it again, or name the changed configuration anew"
             )
-        recorded = result.get("inputs", {})  # results written before inputs were recorded have none
+        recorded = result.get("inputs")
+        if not recorded:  # results written before inputs were recorded
+            continue
         try:
-            now = job_inputs(batch, job, _local_model(batch, job))
+            now = job_inputs(batch, job, _local_model(batch, job), identities)
         except (ValueError, OSError):  # a text gone since: nothing to compare (a rerun would name it)
             continue
         changed = [name for name in now if name in recorded and recorded[name] != now[name]]
@@ -115,18 +118,37 @@ def check_finished(batch: Batch) -> None:
             )
 
 
-def job_inputs(batch: Batch, job: Job, model: Path | None) -> dict[str, str]:
+def job_inputs(batch: Batch, job: Job, model: Path | None, identities: dict | None = None) -> dict[str, str]:
     """What a job reads besides its settings, by content (where it lies does not count): its texts,
-    and its model where it is a local directory (`model`; converted or downloaded ones are left out)."""
+    and its model where it is a local directory (`model`; converted or downloaded ones are left out).
+    `identities` keeps those already computed, by source."""
+    identities = {} if identities is None else identities
     root = batch.loaded.root
-    inputs = {"model": model_identity(model)} if model is not None else {}
+    sources = {"model": model} if model is not None else {}
     if "carve" in job.stages:
-        inputs["calib"] = text_identity(stage_registry.recipe_path(root, job.calib))
+        sources["calib"] = stage_registry.recipe_path(root, job.calib)
     if "eval_ppl" in job.stages:
-        inputs["eval_ppl.data"] = text_identity(
-            stage_registry.recipe_path(root, job.options["eval_ppl"].get("data"))
-        )
-    return {name: identity.partition(" sha256:")[2] or identity for name, identity in inputs.items()}
+        sources["eval_ppl.data"] = stage_registry.recipe_path(root, job.options["eval_ppl"].get("data"))
+    for name, source in sources.items():
+        if (name == "model", source) not in identities:
+            identity = model_identity(source) if name == "model" else text_identity(source)
+            identities[name == "model", source] = identity.partition(" sha256:")[2] or identity
+    return {name: identities[name == "model", source] for name, source in sources.items()}
+
+
+def _fraction(batch: Batch, job: Job) -> str:
+    """The job's active FFN fraction for the plan: with dense layers, from the model's layer count
+    where the model is on disk, else unknown ("?") until it is."""
+    config = job.carve
+    if config is None:
+        return f"{1.0:.1%}"
+    if not config.dense_layers:
+        return f"{config.active_fraction:.1%}"
+    model = _local_model(batch, job)
+    if model is None:
+        return "?"
+    layers = json.loads((model / "config.json").read_text()).get("num_hidden_layers")
+    return f"{config.overall_fraction(layers):.1%}" if isinstance(layers, int) and layers > 0 else "?"
 
 
 def _local_model(batch: Batch, job: Job) -> Path | None:
@@ -171,8 +193,9 @@ def plan_text(batch: Batch, jobs: list[Job]) -> str:
         action = {"ok": "done, skipped", "failed": "failed, runs again"}.get(status, "runs")
         if status != "ok" and _running_elsewhere(batch, job):
             action = "running in another process"
-        fraction = job.carve.active_fraction if job.carve else 1.0
-        lines.append(f"{index:>3}  {job.name:<32} {', '.join(job.stages):<30} {fraction:>7.1%}  {action}")
+        lines.append(
+            f"{index:>3}  {job.name:<32} {', '.join(job.stages):<30} {_fraction(batch, job):>7}  {action}"
+        )
     todo = sum(batch.status(job) != "ok" for job in jobs)
     lines.append(f"{todo} of {len(jobs)} job(s) to run")
     return "\n".join(lines)

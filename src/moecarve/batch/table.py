@@ -33,7 +33,8 @@ def job_row(job: Job, result: dict | None) -> dict:
         "shared": config.shared if config else None,
         "active": config.active if config else None,
         "experts": config.experts if config else None,
-        "active_fraction": config.active_fraction if config else 1.0,
+        # with dense layers it depends on the model's layer count: known once the carve records it
+        "active_fraction": (None if config.dense_layers else config.active_fraction) if config else 1.0,
         "status": "pending",
     }
     if result is not None:

@@ -177,4 +177,9 @@ class CarveConfig(BaseModel):
 
     @property
     def active_fraction(self) -> float:
+        """Of each MoE layer's FFN neurons, per token."""
         return (self.shared + self.active) / self.experts
+
+    def overall_fraction(self, layers: int) -> float:
+        """Of all the model's FFN neurons, per token: the dense layers counted whole."""
+        return (self.dense_layers + (layers - self.dense_layers) * self.active_fraction) / layers

@@ -315,10 +315,6 @@ def _carve_layer(index, skeleton, tensors, streams: dict, run, setup: _LayerSetu
     return out_tensors, {"layer": index, **carved.stats}
 
 
-def _overall_fraction(config: CarveConfig, layers: int) -> float:
-    return (config.dense_layers + (layers - config.dense_layers) * config.active_fraction) / layers
-
-
 def _save_target_config(config, directory: Path) -> None:
     config.save_pretrained(directory)
     write_rotary_at_top_level(directory)
@@ -347,7 +343,7 @@ def _record(
             "padding_neurons": m * config.experts - intermediate,
             # of all the FFN neurons per token, dense layers counted whole (the routed layers' alone
             # is config.active_fraction)
-            "active_fraction": _overall_fraction(config, len(layers)),
+            "active_fraction": config.overall_fraction(len(layers)),
             "calib_dtype": str(calib_dtype).removeprefix("torch."),
         },
         "calibration": {

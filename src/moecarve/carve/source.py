@@ -223,15 +223,28 @@ class TensorSource:
         module.load_state_dict(state, strict=False, assign=True)
 
 
+IDENTITY_SAMPLES = 16  # 1 MiB pieces of a weights file larger than 64 MiB that its identity reads
+
+
 def model_identity(src: Path) -> str:
-    """A local model as `tune recover --resume` and batch reruns compare it: its resolved path, its
-    config and carve record, and each weights file's size and modification time, so that a model
-    carved again at the same path is another model (so is a byte-identical rerun of the carve)."""
+    """A local model as `tune recover --resume` and batch reruns compare it: its resolved path and
+    the sha256 of its config, its carve record and its weights, so that a model carved again at
+    the same path with other settings or weights is another model, and a copy is the same. A
+    weights file over 64 MiB is read in 16 evenly spaced pieces of 1 MiB (a 7B model's shards: a
+    few seconds), which tell two carves apart: a carve rewrites every tensor."""
     digest = hashlib.sha256()
     for name in ("config.json", "carve.json"):
         if (src / name).is_file():
             digest.update(name.encode() + (src / name).read_bytes())
+    piece = 1 << 20
     for weights in sorted(src.glob("*.safetensors")):
-        stat = weights.stat()
-        digest.update(f"{weights.name} {stat.st_size} {stat.st_mtime_ns}".encode())
+        size = weights.stat().st_size
+        digest.update(f"{weights.name} {size}".encode())
+        with weights.open("rb") as file:
+            if size <= 64 * piece:
+                digest.update(file.read())
+                continue
+            for i in range(IDENTITY_SAMPLES):
+                file.seek((size - piece) * i // (IDENTITY_SAMPLES - 1))
+                digest.update(file.read(piece))
     return f"{src.resolve()} sha256:{digest.hexdigest()}"

@@ -64,7 +64,7 @@ def describe_model(path: Path) -> dict:
         record.update(
             name="+".join([resolved.get("name", "carved"), *trained]),
             trained=trained,
-            active_fraction=resolved.get("active_fraction"),
+            active_fraction=_active_fraction(carve, resolved, config),
             carve={
                 "source": carve.get("source"),
                 "source_path": carve.get("source_path"),
@@ -73,6 +73,20 @@ def describe_model(path: Path) -> dict:
             },
         )
     return record
+
+
+def _active_fraction(carve: dict, resolved: dict, config: dict) -> float | None:
+    """The recorded fraction of all FFN neurons per token; carves made before it counted dense
+    layers recorded the MoE layers' only, so with dense layers it is computed from the settings."""
+    settings, layers = carve.get("config") or {}, config.get("num_hidden_layers")
+    dense = settings.get("dense_layers") or 0
+    try:
+        moe = (settings["shared"] + settings["active"]) / settings["experts"]
+    except (KeyError, TypeError, ZeroDivisionError):
+        return resolved.get("active_fraction")
+    if not dense or not isinstance(layers, int) or layers <= dense:
+        return resolved.get("active_fraction")
+    return (dense + (layers - dense) * moe) / layers
 
 
 def load_model(path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):

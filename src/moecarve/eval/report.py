@@ -48,7 +48,7 @@ def ppl_rows(records) -> list[dict]:
                 "source": _source_of(result),
                 "model": result["model"],
                 "config": result["name"],
-                "trained": "+".join(result.get("trained") or []) or "as carved",
+                "trained": "+".join(result.get("trained") or []) or "none",  # since the carve
                 "active_fraction": result["active_fraction"],
                 "ppl": result["ppl"],
                 "tokens_scored": result["tokens_scored"],

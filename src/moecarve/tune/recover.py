@@ -32,6 +32,7 @@ from moecarve.tune.trainer import (
     BalanceCallback,
     Blocks,
     RecoverTrainer,
+    TrainingDiverged,
     check_trained_weights,
     training_arguments,
 )
@@ -183,7 +184,13 @@ def recover(
     last = _last_checkpoint(checkpoints) if resume else None
     output = trainer.train(resume_from_checkpoint=str(last) if last else None)
     tracker.remove()
-    check_trained_weights(model_)
+    try:
+        check_trained_weights(model_)
+    except TrainingDiverged:
+        state.wait_for_everyone()
+        if state.is_main_process:  # nan weights: nothing to resume, and a rerun must start clean
+            shutil.rmtree(checkpoints, ignore_errors=True)
+        raise
 
     if adapter_out is not None and state.is_main_process:
         with atomic_directory(adapter_out) as tmp:  # before merging, which removes the adapters
@@ -228,7 +235,7 @@ def _teacher_dir(src: Path, teacher, carved_config: dict) -> Path:
         raise ValueError(
             f"teacher {path} has vocabulary {vocab}, the carved model {carved_config.get('vocab_size')}"
         )
-    return path
+    return path.resolve()
 
 
 def _load_teacher(path: Path):

@@ -134,19 +134,24 @@ def test_interrupted_run_resumes_to_the_same_model(tiny_carved, calib_file, tmp_
         torch.testing.assert_close(a[name], b[name], msg=name)
 
 
+def fail_at_step_4(self, args, state, control, **kwargs):
+    if state.global_step == 4:
+        raise RuntimeError("killed")
+
+
+def interrupted(model, config, data, out, monkeypatch) -> None:
+    """A run of `config` killed at step 4, after its checkpoint at step 3."""
+    monkeypatch.setattr(trainer_module.BalanceCallback, "on_step_end", fail_at_step_4)
+    with pytest.raises(RuntimeError):
+        recover(model, config, data, out)
+    monkeypatch.undo()
+
+
 def test_resume_refuses_other_configuration_and_restarts_after_an_early_failure(
     tiny_carved, calib_file, tmp_path, monkeypatch
 ):
     config = RecoverConfig(steps=6, **FAST)
-
-    def fail_at_step_4(self, args, state, control, **kwargs):
-        if state.global_step == 4:
-            raise RuntimeError("killed")
-
-    monkeypatch.setattr(trainer_module.BalanceCallback, "on_step_end", fail_at_step_4)
-    with pytest.raises(RuntimeError):
-        recover(tiny_carved, config, calib_file, tmp_path / "o")
-    monkeypatch.undo()
+    interrupted(tiny_carved, config, calib_file, tmp_path / "o", monkeypatch)
     other = RecoverConfig(steps=6, **{**FAST, "lr": 1e-4})
     with pytest.raises(ValueError, match="another model, data or configuration"):
         recover(tiny_carved, other, calib_file, tmp_path / "o", resume=True)
@@ -156,10 +161,7 @@ def test_resume_refuses_other_configuration_and_restarts_after_an_early_failure(
     assert recover(tiny_carved, config, f"./{calib_file.name}", tmp_path / "o", resume=True).out.is_dir()
     edited = tmp_path / "edited.txt"
     edited.write_text(calib_file.read_text())
-    monkeypatch.setattr(trainer_module.BalanceCallback, "on_step_end", fail_at_step_4)
-    with pytest.raises(RuntimeError):
-        recover(tiny_carved, config, edited, tmp_path / "e")
-    monkeypatch.undo()
+    interrupted(tiny_carved, config, edited, tmp_path / "e", monkeypatch)
     edited.write_text(calib_file.read_text().replace(" the ", " a "))
     with pytest.raises(ValueError, match="another model, data or configuration"):
         recover(tiny_carved, config, edited, tmp_path / "e", resume=True)
@@ -183,15 +185,7 @@ def test_resume_refuses_checkpoints_of_a_model_carved_again_at_the_same_path(
 
     model = shutil.copytree(tiny_carved, tmp_path / "model")
     config = RecoverConfig(steps=6, **FAST)
-
-    def fail_at_step_4(self, args, state, control, **kwargs):
-        if state.global_step == 4:
-            raise RuntimeError("killed")
-
-    monkeypatch.setattr(trainer_module.BalanceCallback, "on_step_end", fail_at_step_4)
-    with pytest.raises(RuntimeError):
-        recover(model, config, calib_file, tmp_path / "o")
-    monkeypatch.undo()
+    interrupted(model, config, calib_file, tmp_path / "o", monkeypatch)
     weights = next(model.glob("*.safetensors"))
     os.utime(weights, ns=(1, 1))  # touched, the same bytes: the same model, resumable
     saved = json.loads((tmp_path / "o.checkpoints" / "recover.json").read_text())

@@ -78,15 +78,18 @@ def describe_model(path: Path) -> dict:
 def _active_fraction(carve: dict, resolved: dict, config: dict) -> float | None:
     """The recorded fraction of all FFN neurons per token; carves made before it counted dense
     layers recorded the MoE layers' only, so with dense layers it is computed from the settings."""
-    settings, layers = carve.get("config") or {}, config.get("num_hidden_layers")
-    dense = settings.get("dense_layers") or 0
+    from pydantic import ValidationError
+
+    from moecarve.carve.config import CarveConfig
+
+    layers = config.get("num_hidden_layers")
     try:
-        moe = (settings["shared"] + settings["active"]) / settings["experts"]
-    except (KeyError, TypeError, ZeroDivisionError):
+        settings = CarveConfig.model_validate(carve.get("config"))
+    except ValidationError:  # a record of other settings: as it says
         return resolved.get("active_fraction")
-    if not dense or not isinstance(layers, int) or layers <= dense:
+    if not settings.dense_layers or not isinstance(layers, int) or layers <= settings.dense_layers:
         return resolved.get("active_fraction")
-    return (dense + (layers - dense) * moe) / layers
+    return settings.overall_fraction(layers)
 
 
 def load_model(path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):

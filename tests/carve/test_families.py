@@ -86,6 +86,20 @@ def test_a_partial_rotary_factor_the_source_ignores_is_not_carried(family, calib
     torch.testing.assert_close(logits(moe, ids), logits(dense, ids), atol=2e-5, rtol=1e-5)
 
 
+def test_granite_with_tied_embeddings_carves_exactly(calib_file, tmp_path):
+    """Granite 3.x ties its embeddings and scales them (x12) and its logits (/16): the written
+    lm_head is the embeddings before their scale, over the logits' (each multiplier left out of
+    the weights moves the logits by 2e-4 to 1.6 here)."""
+    src = make_model(tmp_path / "src", "granite", tied=True)
+    out = carve(
+        src, CarveConfig(experts=8, active=7, **TINY), calib_file, tmp_path / "out", progress=False
+    ).out
+    dense, moe = load(src), load(out)
+    assert dense.config.tie_word_embeddings and dense.config.embedding_multiplier == 12.0
+    ids = torch.randint(0, dense.config.vocab_size, (2, 40))
+    torch.testing.assert_close(logits(moe, ids), logits(dense, ids), atol=2e-5, rtol=1e-5)
+
+
 def test_phi4_mini_like_source_carves_exactly(calib_file, tmp_path):
     """Phi-4-mini's shape: fused q/k/v and gate/up, a partial rotary, longrope and tied embeddings;
     compared past the rope's original context, where longrope switches to its long factors."""

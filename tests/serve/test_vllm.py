@@ -57,6 +57,8 @@ CASES = {
     # Llama 3.1/3.2's rope scaling and Qwen2.5's long-context yarn carry over to the carve
     "llama-rope_llama3-S1A2E8": ("llama", {"experts": 8, "active": 2, "balance": 0.5}, {"rope": "llama3"}),
     "qwen2-rope_yarn-S1A2E8": ("qwen2", {"experts": 8, "active": 2, "balance": 0.5}, {"rope": "yarn"}),
+    # Granite 3.x: its four multipliers folded into the weights; its embeddings tied
+    "granite-tied-S1A2E8": ("granite", {"experts": 8, "active": 2, "balance": 0.5}, {"tied": True}),
     # Phi-3/Phi-4: fused q/k/v and gate/up split by the carve; Phi-4-mini rotates part of each head
     "phi3-S1A2E8": ("phi3", {"experts": 8, "active": 2, "balance": 0.5}, {}),
     "phi3-partial_rotary-S1A2E8": (

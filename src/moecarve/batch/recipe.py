@@ -21,7 +21,7 @@ from moecarve.carve.config import CarveConfig, expand_preset
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # a plain file name: job directories are named after it
 STAGE_ORDER = ("carve", "eval_ppl", "eval_tasks")
-TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite")
 
 
 class RecipeError(ValueError):

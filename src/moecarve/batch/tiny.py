@@ -40,6 +40,13 @@ FAMILY_OVERRIDES = {
     "qwen2": {"use_sliding_window": False},
     "qwen3": {"head_dim": 24, "use_sliding_window": False},
     "phi3": {"sliding_window": None, "pad_token_id": None},
+    # Granite's four multipliers, none of them 1 (Granite 3.3's, the attention's sized for 12-dim heads)
+    "granite": {
+        "embedding_multiplier": 12.0,
+        "logits_scaling": 16.0,
+        "residual_multiplier": 0.22,
+        "attention_multiplier": 0.2,
+    },  # fmt: skip
 }
 
 

@@ -34,6 +34,13 @@ class Family:
     rotary_fraction: Callable[[PretrainedConfig], float] = lambda c: 1.0
     # Why a GGUF file of this family cannot be carved exactly (transformers' loader loses something).
     gguf_refusal: str | None = None
+    # Scalars the source applies and glm4_moe does not, folded into weights (Granite's multipliers):
+    # the embeddings', the logits' (lm_head's), each block's output (o_proj's and down_proj's), and
+    # the queries' against glm4_moe's head_dim^-0.5 attention scaling (q_proj's).
+    embedding_scale: Callable[[PretrainedConfig], float] = lambda c: 1.0
+    logits_scale: Callable[[PretrainedConfig], float] = lambda c: 1.0
+    residual_scale: Callable[[PretrainedConfig], float] = lambda c: 1.0
+    query_scale: Callable[[PretrainedConfig], float] = lambda c: 1.0
 
     def attention_tensors(self, config: PretrainedConfig) -> list[str]:
         """Names (relative to `model.layers.L.`) copied unchanged into the target layer."""
@@ -51,11 +58,19 @@ class Family:
         parts = {part for split in fused.values() for part, _ in split}
         return [n for n in self.attention_tensors(config) + MLP_TENSORS if n not in parts] + list(fused)
 
-    def unfuse(self, state: dict, config: PretrainedConfig) -> dict:
-        """`state` (a source layer's) with each fused tensor split into the target's tensors."""
+    def to_target(self, state: dict, config: PretrainedConfig) -> dict:
+        """`state` (a source layer's) as glm4_moe's layer holds it: each fused tensor split, and the
+        block and query scales folded into the weights (new tensors: `state`'s may be the module's)."""
         for name, split in self.fused(config).items():
             pieces = state.pop(name).split([rows for _, rows in split])
             state.update({part: piece.clone() for (part, _), piece in zip(split, pieces, strict=True)})
+        scales = {
+            "self_attn.q_proj.weight": self.query_scale(config), "self_attn.q_proj.bias": self.query_scale(config),
+            "self_attn.o_proj.weight": self.residual_scale(config), "mlp.down_proj.weight": self.residual_scale(config),
+        }  # fmt: skip
+        for name, scale in scales.items():
+            if scale != 1.0 and name in state:
+                state[name] = state[name] * scale
         return state
 
 
@@ -101,10 +116,27 @@ def _phi3_fused(config: PretrainedConfig) -> Fused:
     }  # fmt: skip
 
 
+def _granite_query_scale(config: PretrainedConfig) -> float:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return config.attention_multiplier * head_dim**0.5
+
+
 # Llama and Qwen3 put `attention_bias` on all four projections, Qwen2 on q/k/v only.
 register(Family("llama", o_proj_bias=_attention_bias, extra_checks=(_no_mlp_bias,)))
 register(Family("mistral", extra_checks=(_no_mlp_bias, _no_sliding_window)))
 register(Family("qwen2", attention_bias=lambda c: True, extra_checks=(_no_sliding_window,)))
+# IBM Granite 3.x: Llama with four multipliers, each folded into the weights it scales.
+register(
+    Family(
+        "granite",
+        o_proj_bias=_attention_bias,
+        extra_checks=(_no_mlp_bias,),
+        embedding_scale=lambda c: c.embedding_multiplier,
+        logits_scale=lambda c: 1.0 / c.logits_scaling,
+        residual_scale=lambda c: c.residual_multiplier,
+        query_scale=_granite_query_scale,
+    )
+)
 # Phi-3, Phi-3.5 and Phi-4: q/k/v and gate/up fused in the checkpoint, split for glm4_moe.
 register(
     Family(

@@ -186,6 +186,8 @@ def carve(
     # "training-free construction": model and calibration data already loaded, libraries imported).
     construction_started = time.perf_counter()
     embed = tensors.get("model.embed_tokens.weight")
+    if family.embedding_scale(source_config) != 1.0:
+        embed = embed * family.embedding_scale(source_config)
     hidden = embed[calib_data.input_ids].float()  # [B, L, H]
     positions = torch.arange(hidden.shape[1])[None]
     calib_dtype = calibration_dtype(config.calib_dtype)
@@ -217,6 +219,11 @@ def carve(
         writer.add({"model.embed_tokens.weight": embed})
         lm_head = embed if source_config.tie_word_embeddings else tensors.get("lm_head.weight").to(dtype)
         del embed
+        scales = family.embedding_scale(source_config), family.logits_scale(source_config)
+        if scales != (1.0, 1.0):  # the tied lm_head is the embeddings before their scale
+            unscaled = source_config.tie_word_embeddings and scales[0] != 1.0
+            head = tensors.get("model.embed_tokens.weight") if unscaled else lm_head
+            lm_head = (head.float() * scales[1]).to(dtype)
         writer.add(
             {
                 "lm_head.weight": lm_head,  # explicit: vLLM's glm4_moe does not tie
@@ -279,7 +286,7 @@ def _carve_layer(index, skeleton, tensors, streams: dict, run, setup: _LayerSetu
     layer = skeleton.model.layers[index]
     skeleton.model.layers[index] = torch.nn.Identity()  # the skeleton keeps none of its weights
     tensors.load_into(layer, prefix, torch.float32)
-    state = setup.family.unfuse(layer.state_dict(), setup.source_config)  # float32, as read: what is written
+    state = setup.family.to_target(layer.state_dict(), setup.source_config)  # float32: what is written
     if calib_dtype != torch.float32:  # a second copy, for the calibration forward
         tensors.load_into(layer, prefix, calib_dtype)
     mlp, capture, timing = layer.mlp, _CaptureInput(), {}
@@ -298,8 +305,8 @@ def _carve_layer(index, skeleton, tensors, streams: dict, run, setup: _LayerSetu
     weights = tuple(state.pop(f"mlp.{name}_proj.weight") for name in ("gate", "up", "down"))
     del state, layer
     if index < config.dense_layers:
-        with torch.no_grad():
-            ffn = mlp(x.to(calib_dtype)).float()
+        with torch.no_grad():  # the source module, with the block's scale as the source applies it
+            ffn = mlp(x.to(calib_dtype)).float() * setup.family.residual_scale(setup.source_config)
         for name, w in zip(("gate_proj", "up_proj", "down_proj"), weights, strict=True):
             out_tensors[f"{prefix}mlp.{name}.weight"] = w.to(dtype)
         streams["carved"] = residual + ffn.view_as(residual)

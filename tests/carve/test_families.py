@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -86,18 +87,49 @@ def test_a_partial_rotary_factor_the_source_ignores_is_not_carried(family, calib
     torch.testing.assert_close(logits(moe, ids), logits(dense, ids), atol=2e-5, rtol=1e-5)
 
 
-def test_granite_with_tied_embeddings_carves_exactly(calib_file, tmp_path):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_granite_with_tied_embeddings_carves_exactly(dtype, calib_file, tmp_path):
     """Granite 3.x ties its embeddings and scales them (x12) and its logits (/16): the written
     lm_head is the embeddings before their scale, over the logits' (each multiplier left out of
-    the weights moves the logits by 2e-4 to 1.6 here)."""
-    src = make_model(tmp_path / "src", "granite", tied=True)
-    out = carve(
-        src, CarveConfig(experts=8, active=7, **TINY), calib_file, tmp_path / "out", progress=False
-    ).out
+    the weights moves the logits by 2e-4 to 1.6 here). A bf16 source, as Granite ships, written
+    in float32 is scaled once, in float32."""
+    src = make_model(tmp_path / "src", "granite", tied=True, dtype=dtype)
+    config = CarveConfig(experts=8, active=7, dtype="float32", calib_dtype="float32", **TINY)
+    out = carve(src, config, calib_file, tmp_path / "out", progress=False).out
     dense, moe = load(src), load(out)
     assert dense.config.tie_word_embeddings and dense.config.embedding_multiplier == 12.0
     ids = torch.randint(0, dense.config.vocab_size, (2, 40))
     torch.testing.assert_close(logits(moe, ids), logits(dense, ids), atol=2e-5, rtol=1e-5)
+
+
+def test_a_sparse_granite_carve_is_the_carve_of_its_weights_with_the_multipliers_folded(calib_file, tmp_path):
+    """The calibration follows Granite's own forward (its multipliers applied where it applies them,
+    a dense first layer's included): carving it sparse gives the carve of a Llama holding the
+    folded weights, which exactness with every expert active could not show."""
+    from safetensors.torch import load_file, save_file
+
+    granite = make_model(tmp_path / "granite", "granite")
+    config = json.loads((granite / "config.json").read_text())
+    scales = {
+        "model.embed_tokens.weight": config["embedding_multiplier"], "lm_head.weight": 1 / config["logits_scaling"],
+        "self_attn.q_proj.weight": config["attention_multiplier"] * 12**0.5,  # 12-dim heads
+        "self_attn.o_proj.weight": config["residual_multiplier"], "mlp.down_proj.weight": config["residual_multiplier"],
+    }  # fmt: skip
+    folded = {
+        name: tensor * next((v for k, v in scales.items() if name.endswith(k)), 1.0)
+        for name, tensor in load_file(granite / "model.safetensors").items()
+    }
+    llama = shutil.copytree(granite, tmp_path / "llama")
+    save_file(folded, llama / "model.safetensors", metadata={"format": "pt"})
+    config.update(model_type="llama", architectures=["LlamaForCausalLM"])
+    (llama / "config.json").write_text(json.dumps(config))
+    settings = CarveConfig(experts=8, active=2, dense_layers=1, calib_dtype="float32", **TINY)
+    ours, theirs = (
+        load(carve(src, settings, calib_file, tmp_path / f"{src.name}-out", progress=False).out)
+        for src in (granite, llama)
+    )
+    ids = torch.randint(0, config["vocab_size"], (2, 40))
+    torch.testing.assert_close(logits(ours, ids), logits(theirs, ids), atol=1e-5, rtol=1e-5)
 
 
 def test_phi4_mini_like_source_carves_exactly(calib_file, tmp_path):

@@ -186,8 +186,8 @@ def carve(
     # "training-free construction": model and calibration data already loaded, libraries imported).
     construction_started = time.perf_counter()
     embed = tensors.get("model.embed_tokens.weight")
-    if family.embedding_scale(source_config) != 1.0:
-        embed = embed * family.embedding_scale(source_config)
+    if family.embedding_scale(source_config) != 1.0:  # scaled in float32: one rounding, at the write
+        embed = embed.float() * family.embedding_scale(source_config)
     hidden = embed[calib_data.input_ids].float()  # [B, L, H]
     positions = torch.arange(hidden.shape[1])[None]
     calib_dtype = calibration_dtype(config.calib_dtype)
@@ -219,11 +219,11 @@ def carve(
         writer.add({"model.embed_tokens.weight": embed})
         lm_head = embed if source_config.tie_word_embeddings else tensors.get("lm_head.weight").to(dtype)
         del embed
-        scales = family.embedding_scale(source_config), family.logits_scale(source_config)
-        if scales != (1.0, 1.0):  # the tied lm_head is the embeddings before their scale
-            unscaled = source_config.tie_word_embeddings and scales[0] != 1.0
-            head = tensors.get("model.embed_tokens.weight") if unscaled else lm_head
-            lm_head = (head.float() * scales[1]).to(dtype)
+        if (family.embedding_scale(source_config), family.logits_scale(source_config)) != (1.0, 1.0):
+            # the source's head, scaled in float32 (a tied one is the embeddings before their scale)
+            tied = source_config.tie_word_embeddings
+            head = tensors.get("model.embed_tokens.weight" if tied else "lm_head.weight").float()
+            lm_head = (head * family.logits_scale(source_config)).to(dtype)
         writer.add(
             {
                 "lm_head.weight": lm_head,  # explicit: vLLM's glm4_moe does not tie

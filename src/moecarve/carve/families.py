@@ -103,9 +103,13 @@ def _no_sliding_window(config: PretrainedConfig) -> str | None:
     return None
 
 
+def head_dim(config: PretrainedConfig) -> int:
+    """An attention head's width: the config's, else hidden size / heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
 def _phi3_fused(config: PretrainedConfig) -> Fused:
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    q, kv = config.num_attention_heads * head_dim(config), config.num_key_value_heads * head_dim(config)
     return {
         "self_attn.qkv_proj.weight": (
             ("self_attn.q_proj.weight", q), ("self_attn.k_proj.weight", kv), ("self_attn.v_proj.weight", kv)
@@ -117,8 +121,7 @@ def _phi3_fused(config: PretrainedConfig) -> Fused:
 
 
 def _granite_query_scale(config: PretrainedConfig) -> float:
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return config.attention_multiplier * head_dim**0.5
+    return config.attention_multiplier * head_dim(config) ** 0.5
 
 
 # Llama and Qwen3 put `attention_bias` on all four projections, Qwen2 on q/k/v only.

@@ -13,7 +13,7 @@ import torch
 from transformers import Glm4MoeConfig, PretrainedConfig
 
 from moecarve.carve.config import CarveConfig
-from moecarve.carve.families import Family
+from moecarve.carve.families import Family, head_dim
 
 # Router logits are scaled so |logit| <= this on the calibration tokens: sigmoid stays within
 # 0.5 +- 2.5e-3, so with norm_topk_prob and routed_scaling_factor = A each gate is 1 +- 5e-3,
@@ -27,7 +27,6 @@ def glm4_moe_config(
 ) -> Glm4MoeConfig:
     rope = dict(source.rope_parameters or {"rope_type": "default", "rope_theta": source.rope_theta})
     rope["partial_rotary_factor"] = family.rotary_fraction(source)  # glm4_moe's default is 0.5
-    head_dim = getattr(source, "head_dim", None) or source.hidden_size // source.num_attention_heads
     return Glm4MoeConfig(
         architectures=["Glm4MoeForCausalLM"],  # vLLM picks its model class from this, not model_type
         vocab_size=source.vocab_size,
@@ -36,7 +35,7 @@ def glm4_moe_config(
         num_hidden_layers=source.num_hidden_layers,
         num_attention_heads=source.num_attention_heads,
         num_key_value_heads=source.num_key_value_heads,
-        head_dim=head_dim,
+        head_dim=head_dim(source),
         hidden_act="silu",
         max_position_embeddings=source.max_position_embeddings,
         rms_norm_eps=source.rms_norm_eps,

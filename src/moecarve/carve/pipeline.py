@@ -217,13 +217,13 @@ def carve(
         # The vocabulary-sized tensors first: each is written and freed before any layer is loaded.
         embed = embed.to(dtype)
         writer.add({"model.embed_tokens.weight": embed})
-        lm_head = embed if source_config.tie_word_embeddings else tensors.get("lm_head.weight").to(dtype)
-        del embed
-        if (family.embedding_scale(source_config), family.logits_scale(source_config)) != (1.0, 1.0):
-            # the source's head, scaled in float32 (a tied one is the embeddings before their scale)
-            tied = source_config.tie_word_embeddings
+        tied = source_config.tie_word_embeddings
+        if (family.embedding_scale(source_config), family.logits_scale(source_config)) == (1.0, 1.0):
+            lm_head = embed if tied else tensors.get("lm_head.weight").to(dtype)
+        else:  # the source's head, scaled in float32 (a tied one is the embeddings before their scale)
             head = tensors.get("model.embed_tokens.weight" if tied else "lm_head.weight").float()
             lm_head = (head * family.logits_scale(source_config)).to(dtype)
+        del embed
         writer.add(
             {
                 "lm_head.weight": lm_head,  # explicit: vLLM's glm4_moe does not tie

@@ -153,12 +153,16 @@ def _fraction(batch: Batch, job: Job) -> str:
 
 def _local_model(batch: Batch, job: Job) -> Path | None:
     """The job's model where it is a directory already on disk (a tiny one once built), else None."""
-    spec = job.model
-    if spec.tiny is not None:
-        local = batch.output / "models" / f"tiny-{spec.tiny}"
-    else:
-        local = batch.loaded.root / Path(spec.path).expanduser()
+    local = _model_path(batch, job.model)
     return local if (local / "config.json").is_file() else None
+
+
+def _model_path(batch: Batch, spec) -> Path:
+    """Where a recipe model lies on disk, or would: a tiny one in the output, others relative to
+    the recipe file (a hub id or `bundled` names no existing path)."""
+    if spec.tiny is not None:
+        return batch.output / "models" / f"tiny-{spec.tiny}"
+    return batch.loaded.root / Path(spec.path).expanduser()
 
 
 def select(batch: Batch, only: str | None) -> list[Job]:
@@ -214,10 +218,9 @@ def resolve_model(batch: Batch, job: Job) -> Path:
     from moecarve.batch.tiny import ensure_tiny_model
     from moecarve.carve.source import resolve_source
 
-    spec = job.model
+    spec, local = job.model, _model_path(batch, job.model)
     if spec.tiny is not None:
-        return ensure_tiny_model(batch.output / "models" / f"tiny-{spec.tiny}", spec.tiny)
-    local = batch.loaded.root / Path(spec.path).expanduser()
+        return ensure_tiny_model(local, spec.tiny)
     return resolve_source(local if local.exists() else spec.path)
 
 
@@ -228,7 +231,7 @@ def check_models(batch: Batch) -> None:
     for spec in batch.loaded.recipe.models:
         if spec.tiny is not None:
             continue
-        local = (batch.loaded.root / Path(spec.path).expanduser()).resolve()
+        local = _model_path(batch, spec).resolve()
         if local.exists():
             if within(batch.output, local):
                 raise ValueError(

@@ -90,9 +90,8 @@ def test_a_partial_rotary_factor_the_source_ignores_is_not_carried(family, calib
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_granite_with_tied_embeddings_carves_exactly(dtype, calib_file, tmp_path):
     """Granite 3.x ties its embeddings and scales them (x12) and its logits (/16): the written
-    lm_head is the embeddings before their scale, over the logits' (each multiplier left out of
-    the weights moves the logits by 2e-4 to 1.6 here). A bf16 source, as Granite ships, written
-    in float32 is scaled once, in float32."""
+    lm_head is the embeddings before their scale, over the logits'. A bf16 source, as Granite
+    ships, written in float32 is scaled once, in float32."""
     src = make_model(tmp_path / "src", "granite", tied=True, dtype=dtype)
     config = CarveConfig(experts=8, active=7, dtype="float32", calib_dtype="float32", **TINY)
     out = carve(src, config, calib_file, tmp_path / "out", progress=False).out

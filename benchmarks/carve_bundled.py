@@ -171,7 +171,7 @@ def main() -> None:
 
     import transformers
 
-    from moecarve.eval.common import source_commit
+    from moecarve.eval.common import child_result, source_commit
     from moecarve.eval.ppl import protocol_ppl
     from moecarve.resources import bundled_model_dir
 
@@ -214,7 +214,7 @@ def main() -> None:
                 target=_carve_child, args=(name, overrides, calib, Path(tmp) / name, queue, args.threads)
             )
             child.start()
-            stats = queue.get()
+            stats = child_result(child, queue)
             child.join()
             ppl = protocol_ppl(Path(tmp) / name, windows=args.windows)
             cfg = parse(name)

@@ -9,6 +9,9 @@ seconds per stage summed over layers.
     # the same with the fast preset
     python benchmarks/carve_streaming.py --hidden 4096 --intermediate 11008 --layers 2 --heads 32 \
         --kv-heads 32 --preset fast --out results/carve/scale_7b_layers_fast.json
+    # on a GPU, without the bundled packages (a tiny tokenizer and made-up text: the timing does not
+    # depend on the words): scripts/gpu-carve-check.sh runs it there beside --device cpu
+    python benchmarks/carve_streaming.py ... --calib-tokens 16384 --device cuda --synthetic-text
 """
 
 from __future__ import annotations
@@ -38,11 +41,12 @@ SHAPE = {
 RECORDED = ("preset", "calib_tokens", "calib_length", "cluster_iters", "refine_iters", "refit_ridge")
 
 
-def write_random_llama(directory: Path, shape: dict) -> int:
-    """A random bf16 Llama of `shape` written tensor by tensor (never whole in memory); returns its
-    parameter count."""
+def write_random_llama(directory: Path, shape: dict, synthetic_text: bool = False) -> int:
+    """A random bf16 Llama of `shape` written tensor by tensor (never whole in memory), with the
+    bundled model's tokenizer or (`synthetic_text`) the tiny test one; returns its parameter count."""
     from transformers import AutoTokenizer, LlamaConfig
 
+    from moecarve.batch.tiny import make_tokenizer
     from moecarve.carve.writer import ShardWriter
     from moecarve.resources import bundled_model_dir
 
@@ -50,7 +54,10 @@ def write_random_llama(directory: Path, shape: dict) -> int:
         **shape, max_position_embeddings=4096, tie_word_embeddings=False, dtype=torch.bfloat16
     )
     config.save_pretrained(directory)
-    AutoTokenizer.from_pretrained(bundled_model_dir()).save_pretrained(directory)
+    if synthetic_text:
+        make_tokenizer(directory)
+    else:
+        AutoTokenizer.from_pretrained(bundled_model_dir()).save_pretrained(directory)
     h, i = config.hidden_size, config.intermediate_size
     kv = config.num_key_value_heads * (h // config.num_attention_heads)  # k/v projection rows
     writer = ShardWriter(directory, 500 * 1024**2)
@@ -86,14 +93,14 @@ def write_random_llama(directory: Path, shape: dict) -> int:
     return count
 
 
-def _carve(src, out, settings, queue):
-    torch.set_num_threads(2)
+def _carve(src, out, settings, queue, calib=None, device="cpu", threads=2):
+    torch.set_num_threads(threads)
     from moecarve import CarveConfig, carve
     from moecarve.eval.common import peak_rss_gib
 
     config = CarveConfig(experts=8, active=2, max_shard_size=256 * 1024**2, **settings)
     started = time.perf_counter()
-    result = carve(src, config, None, out, progress=True)
+    result = carve(src, config, calib, out, progress=True, device=device)
     queue.put(
         {
             "resolved_config": {k: result.record["config"][k] for k in RECORDED},
@@ -101,6 +108,9 @@ def _carve(src, out, settings, queue):
             "construction_seconds": result.record["construction_seconds"],
             "calib_dtype": result.record["resolved"]["calib_dtype"],
             "peak_rss_gib": peak_rss_gib(),
+            "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 1024**3, 2)
+            if device != "cpu"
+            else None,
             "stage_seconds": stage_seconds(result.record["layers"]),
         }
     )
@@ -115,7 +125,7 @@ def stage_seconds(layers: list[dict]) -> dict[str, float]:
     return total
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -135,7 +145,14 @@ def main() -> None:
     parser.add_argument(
         "--workdir", default=None, help="where the 2.4 GB synthetic model goes (default: a temp dir)"
     )
-    args = parser.parse_args()
+    parser.add_argument("--device", default="cpu", help="where the carve runs: cpu, cuda or cuda:N")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the carve")
+    parser.add_argument(
+        "--synthetic-text",
+        action="store_true",
+        help="calibrate on made-up text with a tiny tokenizer: no bundled packages needed (a GPU machine)",
+    )
+    args = parser.parse_args(argv)
     shape = {
         **SHAPE,
         "hidden_size": args.hidden,
@@ -144,24 +161,35 @@ def main() -> None:
         "num_attention_heads": args.heads,
         "num_key_value_heads": args.kv_heads,
     }
+    from moecarve.devices import resolve_device
+    from moecarve.eval.common import child_result, source_commit
+
+    resolve_device(args.device, "carve")  # before the model is written
     work = Path(tempfile.mkdtemp(dir=args.workdir))
     try:
-        params = write_random_llama(work / "dense", shape)
+        params = write_random_llama(work / "dense", shape, args.synthetic_text)
+        calib = None
+        if args.synthetic_text:  # at least a token a word: enough for --calib-tokens up to 80k
+            from moecarve.batch.tiny import sample_text
+
+            calib = work / "calib.txt"
+            calib.write_text(sample_text(80_000, seed=0))
         size = sum(f.stat().st_size for f in (work / "dense").glob("*.safetensors"))
         ctx = mp.get_context("spawn")
         queue = ctx.Queue()
         settings = {"preset": args.preset}
         if args.calib_tokens is not None or args.preset == "quality":
             settings["calib_tokens"] = args.calib_tokens or 2 * 512
-        child = ctx.Process(target=_carve, args=(work / "dense", work / "moe", settings, queue))
+        child = ctx.Process(
+            target=_carve,
+            args=(work / "dense", work / "moe", settings, queue, calib, args.device, args.threads),
+        )
         child.start()
-        stats = queue.get()
+        stats = child_result(child, queue)
         child.join()
         out_size = sum(f.stat().st_size for f in (work / "moe").glob("*.safetensors"))
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    from moecarve.eval.common import source_commit
-
     report = {
         "benchmark": "carve_streaming",
         "shape": shape,
@@ -175,6 +203,10 @@ def main() -> None:
         **stats,
         "peak_rss_over_checkpoint": round(stats["peak_rss_gib"] / (size / 1024**3), 3),
         "machine": platform.platform(),
+        "device": args.device,
+        "gpu": torch.cuda.get_device_name(args.device) if args.device != "cpu" else None,
+        "threads": args.threads,
+        "text": "made-up words, tiny tokenizer" if args.synthetic_text else "the default calibration text",
         "torch": torch.__version__,
         "commit": source_commit(),
     }

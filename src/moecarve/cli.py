@@ -82,13 +82,20 @@ def _preset_defaults(name: str) -> str:
 @click.option("--balance", type=float, default=0.0, show_default=True, help=_field_help("balance"))
 @click.option("--eval-ppl", is_flag=True, help="measure protocol perplexity of the source and the carve")
 @click.option(
+    "--device",
+    default="cpu",
+    show_default=True,
+    help="where the calibration and the fits run: cpu, cuda or cuda:N (weights stream through the CPU "
+    "either way)",
+)
+@click.option(
     "--set",
     "extra",
     multiple=True,
     metavar="KEY=VALUE",
     help="any other CarveConfig field (see docs/carve.md)",
 )
-def carve_command(model, calib, out, overwrite, eval_ppl, extra, **options):
+def carve_command(model, calib, out, overwrite, eval_ppl, device, extra, **options):
     """Carve a dense Hugging Face decoder MODEL into a glm4_moe Mixture-of-Experts checkpoint.
 
     MODEL is a local model directory, a .gguf file, a hub id, or `bundled` (SmolLM2-135M-Instruct).
@@ -102,7 +109,7 @@ def carve_command(model, calib, out, overwrite, eval_ppl, extra, **options):
         + (f" in the MoE layers (the first {config.dense_layers} dense)" if config.dense_layers else "")
         + f" ({config.preset} preset)"
     )
-    result = carve(model, config, calib, out, overwrite=overwrite, evaluate=eval_ppl)
+    result = carve(model, config, calib, out, overwrite=overwrite, evaluate=eval_ppl, device=device)
     resolved = result.record["resolved"]
     if config.dense_layers:
         click.echo(

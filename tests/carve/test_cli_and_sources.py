@@ -249,7 +249,7 @@ def test_phi3_gguf_is_refused_before_dequantizing(tmp_path, monkeypatch):
     assert not (tmp_path / "cache" / "gguf").exists() or not any((tmp_path / "cache" / "gguf").iterdir())
 
 
-def test_calibration_dtype_is_bfloat16_only_where_the_cpu_multiplies_it_natively(monkeypatch):
+def test_calibration_dtype_is_bfloat16_only_where_the_device_multiplies_it_natively(monkeypatch):
     from moecarve.carve.pipeline import calibration_dtype
 
     assert calibration_dtype("float32") is torch.float32
@@ -264,3 +264,11 @@ def test_calibration_dtype_is_bfloat16_only_where_the_cpu_multiplies_it_natively
         assert calibration_dtype("auto") is expected
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")  # a torch without the probe
     assert calibration_dtype("auto") is torch.float32
+    for native, expected in [(True, torch.bfloat16), (False, torch.float32)]:  # from Ampere on; before
+        # emulated bfloat16 counts as supported unless asked otherwise, as in torch
+        monkeypatch.setattr(
+            torch.cuda,
+            "is_bf16_supported",
+            lambda including_emulation=True, v=native: v or including_emulation,
+        )
+        assert calibration_dtype("auto", "cuda:0") is expected

@@ -1,14 +1,20 @@
-"""Benchmarks run each measurement in a spawned child: its peak memory must be its own."""
+"""Benchmarks run each measurement in a spawned child: its peak memory must be its own, and its
+failure must end the benchmark."""
 
 import multiprocessing as mp
 
+import pytest
 import torch
 
-from moecarve.eval.common import peak_rss_gib
+from moecarve.eval.common import child_result, peak_rss_gib
 
 
 def _child_peak(queue) -> None:
     queue.put(peak_rss_gib())
+
+
+def _child_fails(queue) -> None:
+    raise ValueError("a carve that failed")
 
 
 def test_a_spawned_child_does_not_report_its_parents_memory():
@@ -22,3 +28,16 @@ def test_a_spawned_child_does_not_report_its_parents_memory():
     assert peak_rss_gib() > 1.0
     assert peak < peak_rss_gib() - 0.9  # getrusage's ru_maxrss would include the parent's 1 GiB
     del held
+
+
+def test_a_benchmark_whose_child_failed_stops_instead_of_waiting():
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    child = context.Process(target=_child_fails, args=(queue,))
+    child.start()
+    with pytest.raises(RuntimeError, match="the child process failed \\(exit code 1\\)"):
+        child_result(child, queue)
+    child = context.Process(target=_child_peak, args=(queue,))
+    child.start()
+    assert child_result(child, queue) > 0
+    child.join()

@@ -59,10 +59,18 @@ class CarvedFFN:
 @contextmanager
 def timed(stats: dict, stage: str):
     """Add the block's wall seconds to stats["seconds"][stage]: carve.json says where the time went."""
+    _synchronize()
     started = time.perf_counter()
     yield
+    _synchronize()
     seconds = stats.setdefault("seconds", {})
     seconds[stage] = round(seconds.get(stage, 0.0) + time.perf_counter() - started, 3)
+
+
+def _synchronize() -> None:
+    """Wait for queued CUDA work, so that a stage's seconds are its own, not the next stage's."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def carve_ffn(
@@ -99,7 +107,7 @@ def carve_ffn(
     stats["cluster_iterations"], stats["refine_iterations"] = part.iterations, part.refine_iterations
     R, A = config.routed, config.active
     if A == R:  # every routed expert is selected: zero router, gates exactly 1, the dense FFN exactly
-        weight, bias = torch.zeros(R, x.shape[1]), torch.zeros(R)
+        weight, bias = x.new_zeros(R, x.shape[1]), x.new_zeros(R)
     else:
         with timed(stats, "router"):
             weight, bias = _fit_router(
@@ -202,7 +210,7 @@ def refit_down(
         solution = _refit_in_token_space(kept, target, ridge, prior)  # [I, H], block order
     else:
         solution = _refit_in_neuron_space(kept, gates, carved, target, ridge, prior)
-    w_down = torch.empty(target.shape[1], neurons)
+    w_down = target.new_empty(target.shape[1], neurons)
     w_down[:, carved.neuron_order] = solution.T.float()
     return w_down
 
@@ -212,8 +220,9 @@ def _refit_in_neuron_space(kept, gates, carved, target, ridge, prior) -> torch.T
     expert's blocks of K^T K need only the tokens that select it, and its block against another
     routed expert only the tokens that select both (none at A = 1)."""
     neurons, shared, m = kept.shape[1], carved.shared.numel(), carved.experts.shape[1]
-    gram = torch.zeros(neurons, neurons, dtype=torch.float64)  # [I, I], block order
-    cross = torch.empty(target.shape[1], neurons, dtype=torch.float64).T  # [I, H], column-major for LAPACK
+    gram = kept.new_zeros(neurons, neurons, dtype=torch.float64)  # [I, I], block order
+    # [I, H], column-major for LAPACK
+    cross = target.new_empty(target.shape[1], neurons, dtype=torch.float64).T
     rows = kept[:, :shared]
     gram[:shared, :shared] = rows.T @ rows
     cross[:shared] = rows.T @ target
@@ -234,12 +243,8 @@ def _refit_in_neuron_space(kept, gates, carved, target, ridge, prior) -> torch.T
     penalty = (ridge * gram.diagonal().mean()).item()
     gram.diagonal().add_(penalty)
     cross.add_(prior.T, alpha=penalty)
-    # Symmetric positive definite: Cholesky and solve in place, no second copy of either (LAPACK takes
-    # column-major arrays: the gram's transpose is itself, `cross` is made column-major above).
-    factor = scipy.linalg.cho_factor(gram.numpy().T, overwrite_a=True, check_finite=False)  # F-order view
-    return torch.from_numpy(
-        scipy.linalg.cho_solve(factor, cross.numpy(), overwrite_b=True, check_finite=False)
-    )
+    # LAPACK takes column-major arrays: the gram's transpose is itself, `cross` is made column-major above.
+    return _solve_positive_definite(gram.T, cross)
 
 
 def _refit_in_token_space(kept, target, ridge, prior) -> torch.Tensor:
@@ -250,9 +255,18 @@ def _refit_in_token_space(kept, target, ridge, prior) -> torch.Tensor:
     penalty = (ridge * gram.diagonal().sum() / kept.shape[1]).item()  # the same p: trace(K^T K) / I
     gram.diagonal().add_(penalty)
     residual = (target - kept @ prior.T).double()  # [T, H]
+    weights = _solve_positive_definite(gram, residual)
+    return prior.T + kept.T @ weights.float()  # [I, H]
+
+
+def _solve_positive_definite(gram: torch.Tensor, rhs: torch.Tensor) -> torch.Tensor:
+    """gram^-1 rhs by Cholesky, for a symmetric positive definite float64 `gram`; both may be
+    overwritten. On CPU LAPACK factors and solves in place, with no second copy of either (the [I, I]
+    gram is 0.9 GiB at I = 11,008); on a GPU torch's Cholesky does it."""
+    if gram.device.type != "cpu":
+        return torch.cholesky_solve(rhs, torch.linalg.cholesky(gram))
     factor = scipy.linalg.cho_factor(gram.numpy(), overwrite_a=True, check_finite=False)
-    weights = scipy.linalg.cho_solve(factor, residual.numpy(), overwrite_b=True, check_finite=False)
-    return prior.T + kept.T @ torch.from_numpy(weights).float()  # [I, H]
+    return torch.from_numpy(scipy.linalg.cho_solve(factor, rhs.numpy(), overwrite_b=True, check_finite=False))
 
 
 def pad_neurons(w_gate: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, total: int):

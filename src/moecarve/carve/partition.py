@@ -134,8 +134,7 @@ def balanced_kmeans(
     for step in range(1, iters + 1):
         # ||f - c||^2 = ||f||^2 - 2 f.c + ||c||^2; the first term is the same for every column of a row.
         cost = centroids.pow(2).sum(1)[None, :] - 2 * feats @ centroids.T  # [n, R]
-        start = None if labels is None else labels.numpy()
-        new = torch.from_numpy(balanced_assignment(cost.double().numpy(), size, start))
+        new = _assign(cost, size, labels)
         new_objective = (norms + cost.gather(1, new[:, None]).squeeze(1)).sum().item()
         if labels is not None and (
             torch.equal(new, labels) or objective - new_objective < tol * abs(new_objective)
@@ -167,9 +166,7 @@ def refine_for_routing(
     """
     best, best_captured = labels, -float("inf")
     for step in range(1, iters + 2):
-        # [T, R] each expert's sum of its neurons' columns (an index_add: a [T, n] x [n, R] one-hot
-        # product takes twice as long on CPU)
-        per_expert = score.new_zeros(score.shape[0], clusters).index_add_(1, labels, score)
+        per_expert = _expert_sums(score, labels, clusters)  # [T, R]
         chosen = select(per_expert)  # [T, R]
         captured = (per_expert * chosen).sum().item()
         if captured > best_captured:
@@ -177,11 +174,27 @@ def refine_for_routing(
         if step > iters:
             break
         gain = _skinny_product(chosen, score).T  # [n, R] what neuron i adds to expert j
-        new = torch.from_numpy(balanced_assignment((-gain).double().numpy(), size, labels.numpy()))
+        new = _assign(-gain, size, labels)
         if torch.equal(new, labels):
             return best, step
         labels = new
     return best, iters
+
+
+def _expert_sums(score: torch.Tensor, labels: torch.Tensor, clusters: int) -> torch.Tensor:
+    """[T, R] each expert's sum of its neurons' columns of `score` [T, n]. On CPU an index_add (a
+    [T, n] x [n, R] one-hot product takes twice as long there); elsewhere the product, since CUDA's
+    index_add adds in no fixed order and the carve must be deterministic."""
+    if score.device.type == "cpu":
+        return score.new_zeros(score.shape[0], clusters).index_add_(1, labels, score)
+    return score @ F.one_hot(labels, clusters).to(score.dtype)
+
+
+def _assign(cost: torch.Tensor, size: int, start: torch.Tensor | None) -> torch.Tensor:
+    """`balanced_assignment` of torch tensors on any device (the solver runs on the CPU)."""
+    start = None if start is None else start.cpu().numpy()
+    labels = balanced_assignment(cost.double().cpu().numpy(), size, start)
+    return torch.from_numpy(labels).to(cost.device)
 
 
 def _skinny_product(a: torch.Tensor, b: torch.Tensor, chunk: int = 1024) -> torch.Tensor:

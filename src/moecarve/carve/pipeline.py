@@ -27,6 +27,7 @@ from moecarve.carve.layer import carve_ffn, pad_neurons, timed
 from moecarve.carve.source import SourceError, TensorSource, resolve_source
 from moecarve.carve.target import glm4_moe_config, write_rotary_at_top_level
 from moecarve.carve.writer import ShardWriter, atomic_directory, check_apart, check_output
+from moecarve.devices import resolve_device
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENS_PER_PASS = 4096  # calibration tokens pushed through a layer at once (whole sequences, at least one)
@@ -57,12 +58,14 @@ def neurons_per_expert(intermediate: int, experts: int) -> int:
     return math.ceil(intermediate / experts / 8) * 8
 
 
-def calibration_dtype(setting: str) -> torch.dtype:
-    """`calib_dtype`: bfloat16 on "auto" where the CPU has native bfloat16 dot products
-    (AVX512-BF16 or AMX: a calibration pass took half float32's time, results/carve/floor.json);
-    elsewhere float32, since emulated bfloat16 is slower than float32."""
+def calibration_dtype(setting: str, device: str = "cpu") -> torch.dtype:
+    """`calib_dtype`: bfloat16 on "auto" where the device multiplies it natively (a GPU from Ampere
+    on; a CPU with AVX512-BF16 or AMX, where a calibration pass took half float32's time,
+    results/carve/floor.json); elsewhere float32, since emulated bfloat16 is slower than float32."""
     if setting != "auto":
         return DTYPES[setting]
+    if torch.device(device).type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float32
     try:
         native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     except AttributeError:  # a torch without the probes
@@ -158,10 +161,14 @@ def carve(
     overwrite: bool = False,
     evaluate: bool = False,
     progress: bool = True,
+    device: str = "cpu",
 ) -> CarveResult:
-    """Carve `model` into a glm4_moe checkpoint at `out`; see CarveConfig for the options."""
+    """Carve `model` into a glm4_moe checkpoint at `out`; see CarveConfig for the options. `device`
+    (cpu, cuda, cuda:N) is where the calibration and the fits run; weights are read and written on
+    the CPU, one layer at a time either way."""
     config = CarveConfig.model_validate(config) if isinstance(config, dict) else config or CarveConfig()
     started = time.perf_counter()
+    device = resolve_device(device, "carve")
     src, source_config, family, out = plan(model, config, out, overwrite)
     if evaluate:
         from moecarve.eval.ppl import PROTOCOL_LENGTH, check_positions
@@ -181,16 +188,16 @@ def carve(
     source_config._attn_implementation = "sdpa"
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(source_config, dtype=torch.float32)
-    rotary = type(skeleton.model.rotary_emb)(config=source_config)
+    rotary = type(skeleton.model.rotary_emb)(config=source_config).to(device)
     # From here to the last layer's shard is what the CMoE reference's own timer covers (its
     # "training-free construction": model and calibration data already loaded, libraries imported).
     construction_started = time.perf_counter()
     embed = tensors.get("model.embed_tokens.weight")
     if family.embedding_scale(source_config) != 1.0:  # scaled in float32: one rounding, at the write
         embed = embed.float() * family.embedding_scale(source_config)
-    hidden = embed[calib_data.input_ids].float()  # [B, L, H]
-    positions = torch.arange(hidden.shape[1])[None]
-    calib_dtype = calibration_dtype(config.calib_dtype)
+    hidden = embed[calib_data.input_ids].float().to(device)  # [B, L, H]
+    positions = torch.arange(hidden.shape[1], device=device)[None]
+    calib_dtype = calibration_dtype(config.calib_dtype, device)
     position_embeddings = rotary(hidden[:1].to(calib_dtype), positions)
 
     per_pass = max(1, TOKENS_PER_PASS // config.calib_length)
@@ -210,7 +217,7 @@ def carve(
     # the old stream as soon as it has the new one.
     streams = {"carved": hidden, "dense": hidden if stream else None}
     del hidden
-    layer_setup = _LayerSetup(config, family, source_config, calib_dtype, dtype, m)
+    layer_setup = _LayerSetup(config, family, source_config, calib_dtype, dtype, m, device)
     layers = []
     with atomic_directory(out) as tmp, reused_heap():
         writer = ShardWriter(tmp, config.max_shard_size)
@@ -254,13 +261,18 @@ def carve(
             m,
             intermediate,
             calib_dtype,
+            device,
             time.perf_counter() - started,
             construction_seconds,
         )
         if evaluate:
             from moecarve.eval.ppl import protocol_ppl
 
-            record["quality"] = {"protocol_ppl": {"dense": protocol_ppl(src), "carved": protocol_ppl(tmp)}}
+            record["quality"] = {
+                "protocol_ppl": {
+                    key: protocol_ppl(path, device=device) for key, path in (("dense", src), ("carved", tmp))
+                }
+            }
         (tmp / "carve.json").write_text(json.dumps(record, indent=2) + "\n")
     return CarveResult(out=out.resolve(), record=record)
 
@@ -275,6 +287,7 @@ class _LayerSetup:
     calib_dtype: torch.dtype
     dtype: torch.dtype
     m: int
+    device: str
 
 
 def _carve_layer(index, skeleton, tensors, streams: dict, run, setup: _LayerSetup):
@@ -289,6 +302,7 @@ def _carve_layer(index, skeleton, tensors, streams: dict, run, setup: _LayerSetu
     state = setup.family.to_target(layer.state_dict(), setup.source_config)  # float32: what is written
     if calib_dtype != torch.float32:  # a second copy, for the calibration forward
         tensors.load_into(layer, prefix, calib_dtype)
+    layer.to(setup.device)
     mlp, capture, timing = layer.mlp, _CaptureInput(), {}
     dense_hidden = streams.pop("dense")
     if dense_hidden is not None:  # the dense model's own residual stream after this layer
@@ -302,7 +316,7 @@ def _carve_layer(index, skeleton, tensors, streams: dict, run, setup: _LayerSetu
     del capture
     attention = setup.family.attention_tensors(setup.source_config)
     out_tensors = {prefix + n: state.pop(n).to(dtype) for n in attention}
-    weights = tuple(state.pop(f"mlp.{name}_proj.weight") for name in ("gate", "up", "down"))
+    weights = tuple(state.pop(f"mlp.{name}_proj.weight") for name in ("gate", "up", "down"))  # on the CPU
     del state, layer
     if index < config.dense_layers:
         with torch.no_grad():  # the source module, with the block's scale as the source applies it
@@ -312,7 +326,7 @@ def _carve_layer(index, skeleton, tensors, streams: dict, run, setup: _LayerSetu
         streams["carved"] = residual + ffn.view_as(residual)
         return out_tensors, {"layer": index, "dense": True, **timing}
     del mlp
-    padded = pad_neurons(*weights, setup.m * config.experts)
+    padded = pad_neurons(*(w.to(setup.device) for w in weights), setup.m * config.experts)
     del weights
     target = (dense_hidden - residual).flatten(0, 1) if dense_hidden is not None else None
     carved, ffn = carve_ffn(x, *padded, config, setup.m, dtype, target, calib_dtype)
@@ -335,7 +349,7 @@ def _generation_config(src: Path) -> GenerationConfig:
 
 
 def _record(
-    model, src, config, calib_data, layers, m, intermediate, calib_dtype, seconds, construction
+    model, src, config, calib_data, layers, m, intermediate, calib_dtype, device, seconds, construction
 ) -> dict:
     import transformers
 
@@ -352,6 +366,7 @@ def _record(
             # is config.active_fraction)
             "active_fraction": config.overall_fraction(len(layers)),
             "calib_dtype": str(calib_dtype).removeprefix("torch."),
+            "device": device,
         },
         "calibration": {
             "source": calib_data.source,

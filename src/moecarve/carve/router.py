@@ -100,7 +100,7 @@ class RidgeInputs:
 def _sum64(x: torch.Tensor, chunk: int = 1024) -> torch.Tensor:
     """x.sum(0) in float64, from float32 sums of chunks of rows: 30x faster than a float64 copy."""
     return sum(
-        (part.sum(0).double() for part in x.split(chunk)), torch.zeros(x.shape[1], dtype=torch.float64)
+        (part.sum(0).double() for part in x.split(chunk)), x.new_zeros(x.shape[1], dtype=torch.float64)
     )
 
 
@@ -130,7 +130,7 @@ def balancing_bias(scores: torch.Tensor, active: int, strength: float, steps: in
 
     Returns `strength` times the bias that balances the load, in the units of `scores` [T, R].
     """
-    bias = torch.zeros(scores.shape[1], dtype=scores.dtype)
+    bias = scores.new_zeros(scores.shape[1])
     if strength == 0:
         return bias
     gamma = scores.std() * 0.05

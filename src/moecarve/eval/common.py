@@ -115,10 +115,6 @@ def parse_dtype(name: str) -> torch.dtype:
     return DTYPES[name]
 
 
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
 def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -173,6 +169,21 @@ def machine(device: str = "cpu") -> dict:
     return record
 
 
+def child_result(child, queue):
+    """What a benchmark's spawned `child` put on `queue`; raises once the child has died without
+    putting anything (a plain queue.get() would wait forever on a carve that failed)."""
+    import queue as queues
+
+    while True:
+        try:
+            return queue.get(timeout=1)
+        except queues.Empty:
+            if not child.is_alive():
+                raise RuntimeError(
+                    f"the child process failed (exit code {child.exitcode}); its error is above"
+                ) from None
+
+
 def peak_rss_gib() -> float:
     """This process's peak resident memory in GiB.
 
@@ -206,26 +217,6 @@ def check_output(out: str | Path | None, models: list[Path], data: str | Path | 
         data = None  # of a directory only the .txt files are read: a record may go inside it
     check_apart({"--out": out}, {"--data": data})
     return check_output_file(out)
-
-
-def resolve_device(device: str | None) -> str:
-    """The device to run on, checked before any model loads: CUDA where present unless given."""
-    if device is None:
-        return default_device()
-    try:
-        parsed = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"--device {device!r}: expected cpu, cuda or cuda:N") from None
-    if parsed.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
-        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise ValueError(
-                f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
-            )
-    elif parsed.type != "cpu":
-        raise ValueError(f"--device {device}: eval runs on cpu or cuda")
-    return device
 
 
 def write_json(record: dict, out: Path | None) -> None:

@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from moecarve.carve.calib import read_text, tokenize_stream
+from moecarve.devices import resolve_device
 from moecarve.eval import common
 from moecarve.eval.ppl import _tail_windows, check_positions
 
@@ -85,7 +86,7 @@ def evaluate_load(
     check_positions(path, length)
     out = common.check_output(out, [path], data)
     torch_dtype = common.parse_dtype(dtype)
-    device = common.resolve_device(device)
+    device = resolve_device(device)
     from transformers import AutoConfig, AutoTokenizer
 
     from moecarve.moe import meta_model

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from moecarve.carve.calib import read_text, tokenize_stream
+from moecarve.devices import resolve_device
 from moecarve.eval import common
 
 PROTOCOL_WINDOWS, PROTOCOL_LENGTH = 16, 2048  # EVAL_PROTOCOL.md
@@ -79,14 +80,18 @@ def perplexity(model, windows: torch.Tensor, progress: bool = True) -> dict:
 
 
 def protocol_ppl(
-    model_dir: str | Path, windows: int = PROTOCOL_WINDOWS, length: int = PROTOCOL_LENGTH, data=None
+    model_dir: str | Path,
+    windows: int = PROTOCOL_WINDOWS,
+    length: int = PROTOCOL_LENGTH,
+    data=None,
+    device: str = "cpu",
 ) -> dict:
     """Protocol PPL of a saved model directory, loaded in fp32 with stock transformers."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_positions(model_dir, length, "the protocol's window length")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval().to(device)
     result = perplexity(model, evaluation_windows(tokenizer, windows, length, data))
     return {**result, "windows": windows, "length": length}
 
@@ -123,7 +128,7 @@ def evaluate_ppl(
         check_positions(path, length)
     out = common.check_output(out, paths, data)
     torch_dtype = common.parse_dtype(dtype)
-    device = common.resolve_device(device)
+    device = resolve_device(device)
     text, description = read_text(data, "--data")
 
     shared: dict[str, torch.Tensor] = {}  # tokenizer fingerprint -> windows

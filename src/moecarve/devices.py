@@ -9,8 +9,9 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def resolve_device(device: str | None, stage: str = "eval") -> str:
-    """`device` (cpu, cuda or cuda:N) checked against this machine; None: CUDA where present."""
+def resolve_device(device: str | torch.device | None, stage: str = "eval") -> str:
+    """`device` (cpu, cuda or cuda:N) checked against this machine, as a string; None: CUDA where
+    present."""
     if device is None:
         return default_device()
     try:
@@ -26,4 +27,4 @@ def resolve_device(device: str | None, stage: str = "eval") -> str:
             )
     elif parsed.type != "cpu":
         raise ValueError(f"--device {device}: {stage} runs on cpu or cuda")
-    return device
+    return str(parsed)

@@ -7,12 +7,12 @@ Only the current layer's weights are in memory; output shards are written as lay
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import math
 import platform
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -73,7 +73,7 @@ def calibration_dtype(setting: str, device: str = "cpu") -> torch.dtype:
     return torch.bfloat16 if native else torch.float32
 
 
-@contextmanager
+@contextlib.contextmanager
 def reused_heap():
     """While carving, glibc serves large blocks from its heap, reusing freed ones, instead of mapping
     fresh pages for each of the many [T, I] temporaries (first-touch page faults cost about as much
@@ -161,14 +161,20 @@ def carve(
     overwrite: bool = False,
     evaluate: bool = False,
     progress: bool = True,
-    device: str = "cpu",
+    device: str | torch.device | None = "cpu",
 ) -> CarveResult:
     """Carve `model` into a glm4_moe checkpoint at `out`; see CarveConfig for the options. `device`
-    (cpu, cuda, cuda:N) is where the calibration and the fits run; weights are read and written on
-    the CPU, one layer at a time either way."""
+    (cpu, cuda, cuda:N; None: CUDA where present) is where the calibration and the fits run; weights
+    are read and written on the CPU, one layer at a time either way."""
+    device = resolve_device(device, "carve")
+    # cuda:N made current: the stage timings' synchronize and the bf16 probe act on that GPU
+    with torch.cuda.device(device) if torch.device(device).type == "cuda" else contextlib.nullcontext():
+        return _carve(model, config, calib, out, overwrite, evaluate, progress, device)
+
+
+def _carve(model, config, calib, out, overwrite: bool, evaluate: bool, progress: bool, device: str):
     config = CarveConfig.model_validate(config) if isinstance(config, dict) else config or CarveConfig()
     started = time.perf_counter()
-    device = resolve_device(device, "carve")
     src, source_config, family, out = plan(model, config, out, overwrite)
     if evaluate:
         from moecarve.eval.ppl import PROTOCOL_LENGTH, check_positions

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from moecarve.batch.recipe import RecipeError, load_recipe
 
@@ -64,6 +65,16 @@ BAD = {
         "configs[0].calib: not found: texts/missing.txt",
     ),
     "calibration not a path": (("{experts: 8, active: 2}", "{experts: 8, active: 2, calib: 5}"), 7, "got 5"),
+    "unknown device": (
+        ("output: out", "output: out\ndevice: tpu"),
+        3,
+        "device: expected cpu, cuda or cuda:N",
+    ),
+    "device no batch runs on": (
+        ("output: out", "output: out\ndevice: mps"),
+        3,
+        "device: a batch runs on cpu or cuda",
+    ),
     "missing ppl text": (
         ("{windows: 4, length: 128}", "{windows: 4, length: 128, data: ./gone.txt}"),
         9,
@@ -111,6 +122,8 @@ def test_fingerprint_follows_the_settings(tmp_path):
     changed = load_recipe(write(tmp_path, GOOD.replace("length: 128", "length: 64"))).jobs
     assert [j.fingerprint for j in first] == [j.fingerprint for j in again]
     assert all(a.fingerprint != b.fingerprint for a, b in zip(first, changed, strict=True))
+    elsewhere = load_recipe(write(tmp_path, GOOD + "device: cpu\n")).jobs  # where it runs: no result
+    assert [j.fingerprint for j in first] == [j.fingerprint for j in elsewhere]
 
 
 def test_a_preset_is_spelled_out_at_its_level_and_its_name_is_not_fingerprinted(tmp_path):
@@ -130,6 +143,14 @@ def test_a_preset_is_spelled_out_at_its_level_and_its_name_is_not_fingerprinted(
     quality, fast_too = load_recipe(write(tmp_path, undone + "carve: {preset: fast}\n")).jobs
     assert (quality.carve.calib_tokens, quality.carve.refine_iters) == (16384, 6)
     assert (fast_too.carve.calib_tokens, fast_too.carve.preset) == (2048, "fast")
+
+
+if not torch.cuda.is_available():
+    BAD["device this machine lacks"] = (
+        ("output: out", "output: out\ndevice: cuda"),
+        3,
+        "device: CUDA is not available on this machine; use device: cpu",
+    )
 
 
 @pytest.mark.parametrize("case", list(BAD))

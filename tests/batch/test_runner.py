@@ -322,3 +322,33 @@ def test_ppl_text_named_by_protocol_or_hub_name_is_checked_as_the_stage_reads_it
         runner.check_ppl_windows(
             tiny_models["llama"], {"windows": 8, "length": 128, "data": "org/texts"}, tmp_path
         )
+
+
+@pytest.mark.parametrize(
+    ("setting", "carve_device", "eval_device"), [("", "cpu", None), ("device: cpu\n", "cpu", "cpu")]
+)
+def test_the_recipes_device_reaches_the_carve_and_the_eval(
+    setting, carve_device, eval_device, make_recipe, tmp_path, monkeypatch
+):
+    """Without `device` the carve runs on the CPU and the evals where they default to (CUDA where present)."""
+    from moecarve.carve import pipeline
+    from moecarve.eval import ppl
+
+    seen = {}
+
+    def recording(name, real):
+        def run(*args, **kwargs):
+            seen[name] = kwargs["device"]
+            return real(*args, **kwargs)
+
+        return run
+
+    for module, name in ((pipeline, "carve"), (ppl, "evaluate_ppl")):
+        monkeypatch.setattr(module, name, recording(name, getattr(module, name)))
+    recipe = make_recipe(tmp_path)
+    recipe.write_text(recipe.read_text() + setting)
+    batch = runner.open_batch(recipe)
+    job = next(j for j in batch.jobs if j.name == "llama-S1A2E8")
+    runner.run(batch, [job], progress=False)
+    assert batch.result(job)["status"] == "ok"
+    assert seen == {"carve": carve_device, "evaluate_ppl": eval_device}

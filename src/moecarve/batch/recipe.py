@@ -81,6 +81,23 @@ class Recipe(_Strict):
     eval_ppl: PplOptions | None = None
     eval_tasks: TasksOptions | None = None
     keep_models: bool = Field(True, description="keep each carved checkpoint in its job directory")
+    device: str | None = Field(
+        None,
+        description="where the carves and evals run: cpu, cuda, cuda:N (default: carves on the CPU, "
+        "evals on CUDA where present); where a job runs decides no result it is rerun for",
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _usable_here(cls, value: str | None) -> str | None:
+        from moecarve.devices import resolve_device
+
+        if value is None:
+            return None
+        try:
+            return resolve_device(value, "a batch")
+        except ValueError as err:  # "--device X: why" as the recipe's key names it
+            raise ValueError(str(err).partition(": ")[2].replace("--device cpu", "device: cpu")) from None
 
     @model_validator(mode="after")
     def _check_stages(self) -> Recipe:

@@ -305,7 +305,9 @@ def run_job(batch: Batch, job: Job, progress: bool = True) -> dict | None:
                 record["inputs"] = job_inputs(batch, job, _local_model(batch, job))
                 if "eval_ppl" in job.stages:  # a carve keeps its source's positions and tokenizer
                     check_ppl_windows(source, job.options["eval_ppl"], batch.loaded.root)
-                ctx = stage_registry.Context(job, work, source, source, batch.loaded.root, progress)
+                ctx = stage_registry.Context(
+                    job, work, source, source, batch.loaded.root, progress, batch.loaded.recipe.device
+                )
                 for name in job.stages:
                     stage_record, stage_columns = stage_registry.STAGES[name](ctx, job.options.get(name, {}))
                     record["stages"][name] = stage_record

@@ -24,6 +24,7 @@ class Context:
     model_dir: Path  # what the next stage evaluates
     root: Path  # the recipe's directory: relative paths in the recipe are relative to it
     progress: bool
+    device: str | None = None  # the recipe's: None runs each stage where it runs by default
 
     def path(self, value: str | None) -> str | None:
         return recipe_path(self.root, value)
@@ -54,7 +55,10 @@ def carve(ctx: Context, options: dict) -> StageResult:
     from moecarve.carve import pipeline
 
     out = ctx.work / "model"
-    result = pipeline.carve(ctx.source, ctx.job.carve, ctx.path(ctx.job.calib), out, progress=ctx.progress)
+    calib = ctx.path(ctx.job.calib)
+    result = pipeline.carve(
+        ctx.source, ctx.job.carve, calib, out, progress=ctx.progress, device=ctx.device or "cpu"
+    )
     shutil.copy(out / "carve.json", ctx.work / "carve.json")  # kept when the checkpoint is not
     ctx.model_dir = out
     record = result.record
@@ -83,6 +87,7 @@ def eval_ppl(ctx: Context, options: dict) -> StageResult:
         length=options["length"],
         out=ctx.work / "ppl.json",
         progress=ctx.progress,
+        device=ctx.device,
     )
     result = record["results"][0]
     columns = {"ppl": result["ppl"], "ppl_tokens": result["tokens_scored"]}
@@ -99,6 +104,7 @@ def eval_tasks(ctx: Context, options: dict) -> StageResult:
         limit=options["limit"],
         batch_size=options["batch_size"],
         out=ctx.work / "tasks.json",
+        device=ctx.device,
     )
     scores = record["tasks"]
     columns = {}

@@ -84,7 +84,7 @@ class Recipe(_Strict):
     device: str | None = Field(
         None,
         description="where the carves and evals run: cpu, cuda, cuda:N (default: carves on the CPU, "
-        "evals on CUDA where present); where a job runs decides no result it is rerun for",
+        "evals on CUDA where present); not in a job's fingerprint, so moving a recipe reruns nothing",
     )
 
     @field_validator("device")

@@ -25,6 +25,7 @@ from moecarve.carve.source import damaged_weights_named, model_identity
 from moecarve.carve.target import write_rotary_at_top_level
 from moecarve.carve.writer import atomic_directory, check_apart, check_output
 from moecarve.eval.ppl import PROTOCOL_LENGTH, check_positions
+from moecarve.moe import declared_dtype
 from moecarve.tune.adapters import DEFAULT_LORA_TARGETS, trainable_model
 from moecarve.tune.balance import LoadTracker
 from moecarve.tune.data import training_blocks
@@ -162,7 +163,7 @@ def recover(
     with damaged_weights_named(src):
         base = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     set_seed(config.seed)  # LoRA's initialisation: a resumed run rebuilds the same adapter
-    save_dtype = getattr(torch, carved_config.get("dtype") or carved_config.get("torch_dtype") or "float32")
+    save_dtype = declared_dtype(src) or torch.float32
     model_ = trainable_model(base, config)
     tracker = LoadTracker(model_, config.bias_rate)
     trainable = sum(p.numel() for p in model_.parameters() if p.requires_grad)

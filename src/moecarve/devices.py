@@ -5,8 +5,28 @@ from __future__ import annotations
 import torch
 
 
+class DeviceError(ValueError):
+    """A device this stage or machine cannot use; `why` is the reason without the option's name."""
+
+    def __init__(self, device, why: str):
+        super().__init__(f"--device {device}: {why}")
+        self.why = why
+
+
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def parse_device(device: str | torch.device, stage: str = "eval") -> torch.device:
+    """`device` as cpu, cuda or cuda:N, whatever this machine has (a recipe written for a GPU
+    machine is read on a login node too)."""
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise DeviceError(repr(device), "expected cpu, cuda or cuda:N") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise DeviceError(device, f"{stage} runs on cpu or cuda")
+    return parsed
 
 
 def resolve_device(device: str | torch.device | None, stage: str = "eval") -> str:
@@ -14,17 +34,10 @@ def resolve_device(device: str | torch.device | None, stage: str = "eval") -> st
     present."""
     if device is None:
         return default_device()
-    try:
-        parsed = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"--device {device!r}: expected cpu, cuda or cuda:N") from None
+    parsed = parse_device(device, stage)
     if parsed.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu")
+            raise DeviceError(device, "CUDA is not available on this machine; use cpu")
         if parsed.index is not None and parsed.index >= torch.cuda.device_count():
-            raise ValueError(
-                f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
-            )
-    elif parsed.type != "cpu":
-        raise ValueError(f"--device {device}: {stage} runs on cpu or cuda")
+            raise DeviceError(device, f"this machine has {torch.cuda.device_count()} CUDA device(s)")
     return str(parsed)

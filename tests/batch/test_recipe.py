@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import torch
 
 from moecarve.batch.recipe import RecipeError, load_recipe
 
@@ -143,14 +142,6 @@ def test_a_preset_is_spelled_out_at_its_level_and_its_name_is_not_fingerprinted(
     quality, fast_too = load_recipe(write(tmp_path, undone + "carve: {preset: fast}\n")).jobs
     assert (quality.carve.calib_tokens, quality.carve.refine_iters) == (16384, 6)
     assert (fast_too.carve.calib_tokens, fast_too.carve.preset) == (2048, "fast")
-
-
-if not torch.cuda.is_available():
-    BAD["device this machine lacks"] = (
-        ("output: out", "output: out\ndevice: cuda"),
-        3,
-        "device: CUDA is not available on this machine; use device: cpu",
-    )
 
 
 @pytest.mark.parametrize("case", list(BAD))

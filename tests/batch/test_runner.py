@@ -14,10 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from moecarve.batch import runner
 from moecarve.batch.cli import batch_command
+from moecarve.batch.recipe import RecipeError
 from tests.batch.conftest import JOBS
 
 TIMINGS = "seconds"  # columns ending so are timings: the only cells two identical runs may differ in
@@ -325,21 +327,25 @@ def test_ppl_text_named_by_protocol_or_hub_name_is_checked_as_the_stage_reads_it
 
 
 @pytest.mark.parametrize(
-    ("setting", "carve_device", "eval_device"), [("", "cpu", None), ("device: cpu\n", "cpu", "cpu")]
+    ("setting", "carve_device", "eval_device"), [("", "cpu", None), ("device: cuda:0\n", "cuda:0", "cuda:0")]
 )
-def test_the_recipes_device_reaches_the_carve_and_the_eval(
+def test_the_recipes_device_reaches_the_carve_and_the_evals(
     setting, carve_device, eval_device, make_recipe, tmp_path, monkeypatch
 ):
-    """Without `device` the carve runs on the CPU and the evals where they default to (CUDA where present)."""
+    """Without `device` the carve runs on the CPU and the evals where they default to (CUDA where
+    present). The stages are handed the recipe's device and run here on the CPU."""
+    from moecarve import devices
+    from moecarve.batch import stages
     from moecarve.carve import pipeline
-    from moecarve.eval import ppl
+    from moecarve.eval import ppl, tasks
 
+    monkeypatch.setattr(devices, "resolve_device", lambda device, stage: str(device))  # "this machine has it"
     seen = {}
 
     def recording(name, real):
         def run(*args, **kwargs):
             seen[name] = kwargs["device"]
-            return real(*args, **kwargs)
+            return real(*args, **{**kwargs, "device": "cpu"})
 
         return run
 
@@ -352,3 +358,78 @@ def test_the_recipes_device_reaches_the_carve_and_the_eval(
     runner.run(batch, [job], progress=False)
     assert batch.result(job)["status"] == "ok"
     assert seen == {"carve": carve_device, "evaluate_ppl": eval_device}
+    # the tasks stage, on its own: lm-eval's run is not needed to see what it is handed
+    monkeypatch.setattr(
+        tasks, "evaluate_tasks", lambda *args, **kwargs: seen.update(tasks=kwargs["device"]) or {"tasks": {}}
+    )
+    ctx = stages.Context(job, tmp_path, tmp_path, tmp_path, tmp_path, False, batch.loaded.recipe.device)
+    stages.STAGES["eval_tasks"](ctx, {"tasks": ["piqa"], "limit": 1, "batch_size": 1})
+    assert seen["tasks"] == eval_device
+
+
+def test_a_gpu_recipe_is_planned_anywhere_and_refused_at_its_run_where_there_is_no_gpu(make_recipe, tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+    recipe = make_recipe(tmp_path)
+    recipe.write_text(recipe.read_text() + "device: cuda\n")
+    line = recipe.read_text().splitlines().index("device: cuda") + 1
+    batch = runner.open_batch(recipe)
+    assert "device cuda" in runner.plan_text(batch, list(batch.jobs))  # --dry-run on a login node
+    with pytest.raises(
+        RecipeError, match=rf"recipe.yaml:{line}: device: CUDA is not available on this machine; use cpu$"
+    ):
+        runner.run(batch, list(batch.jobs), progress=False)
+    assert not batch.output.exists()
+
+
+def test_jobs_processes_share_the_gpus_of_a_cuda_recipe_out(make_recipe, tmp_path, monkeypatch):
+    """`--jobs N` with `device: cuda` on a machine of several GPUs gives each job process one GPU (the
+    one fewest running jobs use); with one GPU, or a recipe naming cuda:N, the processes are left alone."""
+    recipe = make_recipe(tmp_path)
+    recipe.write_text(recipe.read_text() + "device: cuda\n")
+    batch = runner.open_batch(recipe)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert runner.gpu_slots(batch) == ["0", "1"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,6")  # the user's own choice of GPUs is shared out
+    assert runner.gpu_slots(batch) == ["4", "6"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5")
+    assert runner.gpu_slots(batch) is None
+
+    class Process:  # the first job runs for a while, the others end at once (as busy elsewhere: 3)
+        def __init__(self, polls):
+            self.polls = polls
+
+        def poll(self):
+            self.polls -= 1
+            return None if self.polls > 0 else 3
+
+    spawned = []
+
+    def spawn(batch, job, gpu=None):
+        spawned.append(gpu)
+        return Process(polls=4 if len(spawned) == 1 else 1)
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    monkeypatch.setattr(runner, "_spawn", spawn)
+    summary = runner.Summary([], [], [], [])
+    runner._drive(batch, list(batch.jobs), {}, 2, summary, type("Bar", (), {"update": lambda self: None})())
+    assert spawned == ["0", "1", "1", "1"] and len(summary.busy) == 4  # the first kept GPU 0 throughout
+    spawned.clear()
+    recipe.write_text(recipe.read_text().replace("device: cuda\n", "device: cuda:1\n"))
+    runner._drive(
+        runner.open_batch(recipe),
+        list(batch.jobs),
+        {},
+        2,
+        summary,
+        type("Bar", (), {"update": lambda self: None})(),
+    )
+    assert spawned == [None] * 4
+    monkeypatch.undo()  # the real _spawn, with Popen recorded
+    popen = []
+    monkeypatch.setattr(runner.subprocess, "Popen", lambda command, **kwargs: popen.append(kwargs.get("env")))
+    (batch.output / "logs").mkdir(parents=True)
+    runner._spawn(batch, batch.jobs[0], "1")
+    runner._spawn(batch, batch.jobs[0])
+    assert popen[0]["CUDA_VISIBLE_DEVICES"] == "1" and popen[1] is None

@@ -22,7 +22,9 @@ REFUSED = [
     ("tpu", "--device 'tpu': expected cpu, cuda or cuda:N"),
     ("mps", "--device mps: carve runs on cpu or cuda"),
 ] + (
-    [] if torch.cuda.is_available() else [("cuda", "CUDA is not available on this machine; use --device cpu")]
+    []
+    if torch.cuda.is_available()
+    else [("cuda", "--device cuda: CUDA is not available on this machine; use cpu")]
 )
 
 

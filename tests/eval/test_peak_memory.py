@@ -17,6 +17,10 @@ def _child_fails(queue) -> None:
     raise ValueError("a carve that failed")
 
 
+def _child_puts_nothing(queue) -> None:
+    pass
+
+
 def test_a_spawned_child_does_not_report_its_parents_memory():
     held = torch.ones(1024**3 // 4)  # 1 GiB, every page written, held while the child runs
     context = mp.get_context("spawn")
@@ -37,7 +41,11 @@ def test_a_benchmark_whose_child_failed_stops_instead_of_waiting():
     child.start()
     with pytest.raises(RuntimeError, match="the child process failed \\(exit code 1\\)"):
         child_result(child, queue)
+    child = context.Process(target=_child_puts_nothing, args=(queue,))
+    child.start()
+    with pytest.raises(RuntimeError, match="the child process ended without a result"):
+        child_result(child, queue)
     child = context.Process(target=_child_peak, args=(queue,))
     child.start()
+    child.join()  # ended before its result is read: the result still counts
     assert child_result(child, queue) > 0
-    child.join()

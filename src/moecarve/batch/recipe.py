@@ -89,15 +89,17 @@ class Recipe(_Strict):
 
     @field_validator("device")
     @classmethod
-    def _usable_here(cls, value: str | None) -> str | None:
-        from moecarve.devices import resolve_device
+    def _a_device(cls, value: str | None) -> str | None:
+        """Its form only: whether this machine has it is checked when jobs run (`check_device`), so
+        that a GPU recipe's --dry-run works on a login node."""
+        from moecarve.devices import DeviceError, parse_device
 
         if value is None:
             return None
         try:
-            return resolve_device(value, "a batch")
-        except ValueError as err:  # "--device X: why" as the recipe's key names it
-            raise ValueError(str(err).partition(": ")[2].replace("--device cpu", "device: cpu")) from None
+            return str(parse_device(value, "a batch"))
+        except DeviceError as err:
+            raise ValueError(err.why) from None
 
     @model_validator(mode="after")
     def _check_stages(self) -> Recipe:
@@ -163,6 +165,7 @@ class LoadedRecipe:
     recipe: Recipe
     path: Path
     jobs: tuple[Job, ...]
+    device_line: int = 1  # where the recipe names its device, for the error when this machine lacks it
 
     @property
     def root(self) -> Path:
@@ -170,6 +173,17 @@ class LoadedRecipe:
 
     def output(self, override: str | Path | None = None) -> Path:
         return Path(override).expanduser() if override is not None else self.root / self.recipe.output
+
+    def check_device(self) -> None:
+        """The recipe's device is one this machine has: checked before any job runs."""
+        from moecarve.devices import DeviceError, resolve_device
+
+        if self.recipe.device is None:
+            return
+        try:
+            resolve_device(self.recipe.device, "a batch")
+        except DeviceError as err:
+            raise RecipeError(f"{self.path}:{self.device_line}: device: {err.why}") from None
 
 
 def load_recipe(path: str | Path) -> LoadedRecipe:
@@ -192,7 +206,8 @@ def load_recipe(path: str | Path) -> LoadedRecipe:
         recipe = Recipe.model_validate(data)
     except ValidationError as err:
         raise _located(err, node, path, ()) from err
-    return LoadedRecipe(recipe, path.resolve(), tuple(_expand(recipe, node, path)))
+    jobs = tuple(_expand(recipe, node, path))
+    return LoadedRecipe(recipe, path.resolve(), jobs, _line(node, ("device",)))
 
 
 def _expand(recipe: Recipe, node, path: Path) -> list[Job]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -189,6 +190,7 @@ def plan_text(batch: Batch, jobs: list[Job]) -> str:
         f"recipe {batch.name} ({batch.loaded.path}): {len(batch.jobs)} jobs = {len(recipe.models)} model(s) x "
         f"{len(recipe.configs)} configuration(s){' + dense' if recipe.dense else ''}",
         f"output {batch.output}",
+        f"device {recipe.device or 'not given: carves on the CPU, evals on CUDA where present'}",
         f"{'#':>3}  {'job':<32} {'stages':<30} {'active':>7}  now",
     ]
     for job in jobs:
@@ -383,6 +385,7 @@ class Summary:
 
 def run(batch: Batch, jobs: list[Job], workers: int = 1, progress: bool = True) -> Summary:
     """Run the jobs not yet done, `workers` at a time (in-process for 1, else one process per job)."""
+    batch.loaded.check_device()
     summary = Summary([], [], [], [])
     todo = []
     for job in jobs:
@@ -414,20 +417,23 @@ def _run_processes(batch: Batch, todo: list[Job], workers: int, summary: Summary
     try:
         _drive(batch, waiting, running, workers, summary, bar)
     finally:  # stopped (SIGTERM, Ctrl-C, an error): the jobs unwind and remove their temporary output
-        for _, process in running.values():
+        for _, process, _ in running.values():
             process.terminate()
-        for _, process in running.values():
+        for _, process, _ in running.values():
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=60)
 
 
 def _drive(batch: Batch, waiting: list[Job], running: dict, workers: int, summary: Summary, bar) -> None:
+    gpus = gpu_slots(batch)
     while waiting or running:
         while waiting and len(running) < workers:
             job = waiting.pop(0)
-            running[job.name] = (job, _spawn(batch, job))
+            # the GPU fewest running jobs use, where `device: cuda` has several to share out
+            gpu = min(gpus, key=lambda g: sum(r[2] == g for r in running.values())) if gpus else None
+            running[job.name] = (job, _spawn(batch, job, gpu), gpu)
         time.sleep(0.2)
-        for name, (job, process) in list(running.items()):
+        for name, (job, process, _) in list(running.items()):
             code = process.poll()
             if code is None:
                 continue
@@ -442,7 +448,21 @@ def _drive(batch: Batch, waiting: list[Job], running: dict, workers: int, summar
             bar.update()
 
 
-def _spawn(batch: Batch, job: Job) -> subprocess.Popen:
+def gpu_slots(batch: Batch) -> list[str] | None:
+    """The GPUs that `--jobs N` shares its job processes over: with `device: cuda` (no index) on a
+    machine of several, each process sees one of them (CUDA_VISIBLE_DEVICES), which it calls cuda;
+    None where there is nothing to share out."""
+    if batch.loaded.recipe.device != "cuda":
+        return None
+    import torch
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = [g.strip() for g in visible.split(",") if g.strip()] if visible else []
+    gpus = gpus or [str(i) for i in range(torch.cuda.device_count())]
+    return gpus if len(gpus) > 1 else None
+
+
+def _spawn(batch: Batch, job: Job, gpu: str | None = None) -> subprocess.Popen:
     command = [
         sys.executable,
         "-m",
@@ -455,7 +475,10 @@ def _spawn(batch: Batch, job: Job) -> subprocess.Popen:
         "--no-progress",
     ]
     log = (batch.output / "logs" / f"{job.name}.log").open("w")
-    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+    env = None if gpu is None else {**os.environ, "CUDA_VISIBLE_DEVICES": gpu}
+    return subprocess.Popen(
+        command, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent
+    )
 
 
 def _die_with_parent() -> None:

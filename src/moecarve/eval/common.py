@@ -174,14 +174,19 @@ def child_result(child, queue):
     putting anything (a plain queue.get() would wait forever on a carve that failed)."""
     import queue as queues
 
-    while True:
+    while child.is_alive():
         try:
             return queue.get(timeout=1)
         except queues.Empty:
-            if not child.is_alive():
-                raise RuntimeError(
-                    f"the child process failed (exit code {child.exitcode}); its error is above"
-                ) from None
+            pass
+    try:  # what it put just before it ended
+        return queue.get(timeout=1)
+    except queues.Empty:
+        if child.exitcode == 0:
+            raise RuntimeError("the child process ended without a result") from None
+        raise RuntimeError(
+            f"the child process failed (exit code {child.exitcode}); its error is above"
+        ) from None
 
 
 def peak_rss_gib() -> float:

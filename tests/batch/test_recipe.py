@@ -74,6 +74,31 @@ BAD = {
         3,
         "device: a batch runs on cpu or cuda",
     ),
+    "recover without its section": (
+        ("[carve, eval_ppl]", "[carve, recover, eval_ppl]"),
+        1,
+        "needs carve in stages and a `recover:` section",
+    ),
+    "recover settings without the stage": (
+        ("eval_ppl: {windows", "recover: {steps: 2}\neval_ppl: {windows"),
+        1,
+        "recover is not in stages",
+    ),
+    "bad recover setting": (
+        ("[carve, eval_ppl]", "[carve, recover, eval_ppl]\nrecover: {steps: 0}"),
+        6,
+        "recover.steps",
+    ),
+    "unknown recover setting": (
+        ("[carve, eval_ppl]", "[carve, recover, eval_ppl]\nrecover: {steps: 2, step: 5}"),
+        6,
+        "recover.step: unknown key",
+    ),
+    "missing recover text": (
+        ("[carve, eval_ppl]", "[carve, recover, eval_ppl]\nrecover: {steps: 2, data: gone.txt}"),
+        6,
+        "recover.data: not found",
+    ),
     "missing ppl text": (
         ("{windows: 4, length: 128}", "{windows: 4, length: 128, data: ./gone.txt}"),
         9,

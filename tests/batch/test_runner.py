@@ -433,3 +433,24 @@ def test_jobs_processes_share_the_gpus_of_a_cuda_recipe_out(make_recipe, tmp_pat
     runner._spawn(batch, batch.jobs[0], "1")
     runner._spawn(batch, batch.jobs[0])
     assert popen[0]["CUDA_VISIBLE_DEVICES"] == "1" and popen[1] is None
+
+
+def test_a_recover_stage_trains_each_carve_and_the_evals_score_what_it_trained(make_recipe, tmp_path):
+    text = make_recipe(tmp_path).read_text()
+    text = text.replace("stages: [carve, eval_ppl]", "stages: [carve, recover, eval_ppl]")
+    text += "recover: {steps: 2, batch_size: 2, length: 32, data: eval.txt}\nkeep_models: false\n"
+    recipe = make_recipe(tmp_path, text=text)
+    batch = runner.open_batch(recipe)
+    assert [job.stages for job in batch.jobs][:2] == [("eval_ppl",), ("carve", "recover", "eval_ppl")]
+    job = next(j for j in batch.jobs if j.name == "llama-S1A2E8")
+    runner.run(batch, [job], progress=False)
+    result = batch.result(job)
+    assert result["status"] == "ok", result["error"]
+    assert result["columns"]["recover_steps"] == 2 and result["columns"]["recover_loss"] > 0
+    ppl = json.loads((batch.job_dir(job) / "ppl.json").read_text())["results"][0]
+    assert ppl["name"] == "S1A2E8+recover"  # the recovered model, as carve.json's tune list names it
+    assert not any(
+        (batch.job_dir(job) / name).exists() for name in ("model", "recovered", "recover-checkpoints")
+    )
+    row = next(r for r in rows(batch.output) if r["job"] == job.name)
+    assert row["recover_loss"] == result["columns"]["recover_loss"]

@@ -20,7 +20,7 @@ from moecarve.carve.calib import read_utf8
 from moecarve.carve.config import CarveConfig, expand_preset
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # a plain file name: job directories are named after it
-STAGE_ORDER = ("carve", "eval_ppl", "eval_tasks")
+STAGE_ORDER = ("carve", "recover", "eval_ppl", "eval_tasks")
 TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite")
 
 
@@ -78,6 +78,9 @@ class Recipe(_Strict):
     dense: bool = Field(False, description="also run the eval stages on each source model")
     stages: list[Literal[STAGE_ORDER]] = Field(min_length=1)  # type: ignore[valid-type]
     carve: dict[str, Any] = Field(default_factory=dict, description="carve settings shared by all")
+    recover: dict[str, Any] | None = Field(
+        None, description="`moecarve tune recover`'s settings (RecoverConfig fields) and its `data`"
+    )
     eval_ppl: PplOptions | None = None
     eval_tasks: TasksOptions | None = None
     keep_models: bool = Field(True, description="keep each carved checkpoint in its job directory")
@@ -107,11 +110,15 @@ class Recipe(_Strict):
             raise ValueError(f"stages repeat: {self.stages}")
         if list(self.stages) != sorted(self.stages, key=STAGE_ORDER.index):
             raise ValueError(f"stages run in the order {list(STAGE_ORDER)}; got {self.stages}")
-        for section in ("eval_ppl", "eval_tasks"):
+        for section in ("recover", "eval_ppl", "eval_tasks"):
             if getattr(self, section) is not None and section not in self.stages:
                 raise ValueError(f"`{section}` settings are given but {section} is not in stages")
         if "eval_tasks" in self.stages and self.eval_tasks is None:
             raise ValueError("stage eval_tasks needs an `eval_tasks:` section with its `tasks`")
+        if "recover" in self.stages and (self.recover is None or "carve" not in self.stages):
+            raise ValueError(
+                "stage recover trains each carve: it needs carve in stages and a `recover:` section"
+            )
         if self.configs and "carve" not in self.stages:
             raise ValueError("configs are carve configurations: add carve to stages (or drop configs)")
         if not self.configs and not self.dense:
@@ -221,6 +228,8 @@ def _expand(recipe: Recipe, node, path: Path) -> list[Job]:
         _check_text_source(recipe.eval_ppl.data, ("eval_ppl", "data"), node, path)
     stages = tuple(recipe.stages)
     options = {s: getattr(recipe, s).model_dump() for s in ("eval_ppl", "eval_tasks") if getattr(recipe, s)}
+    if recipe.recover is not None:
+        options["recover"] = _recover_options(recipe.recover, node, path)
     jobs, model_names = [], set()
     for m, model in enumerate(recipe.models):
         if model.name in model_names:
@@ -228,7 +237,7 @@ def _expand(recipe: Recipe, node, path: Path) -> list[Job]:
             raise RecipeError(f"{path}:{_line(node, loc)}: models[{m}].name: {model.name!r} is used twice")
         model_names.add(model.name)
         if recipe.dense:
-            eval_stages = tuple(s for s in stages if s != "carve")
+            eval_stages = tuple(s for s in stages if s not in ("carve", "recover"))
             jobs.append(Job(f"{model.name}-dense", model, "dense", None, None, eval_stages, options))
         config_names = set()
         for c, entry in enumerate(recipe.configs):
@@ -259,6 +268,19 @@ def _expand(recipe: Recipe, node, path: Path) -> list[Job]:
             raise RecipeError(f"{path}: two jobs are named {job.name!r} (model-configuration); rename one")
         seen.add(job.name)
     return jobs
+
+
+def _recover_options(section: dict, node, path: Path) -> dict:
+    """The recover stage's settings, validated as `moecarve tune recover` takes them, in plain data."""
+    from moecarve.tune.recover import RecoverConfig
+
+    settings = {key: value for key, value in section.items() if key != "data"}
+    try:
+        config = RecoverConfig(**settings)
+    except ValidationError as err:
+        raise _located(err, node, path, ("recover",)) from err
+    _check_text_source(section.get("data"), ("recover", "data"), node, path)
+    return {**config.model_dump(mode="json"), "data": section.get("data")}
 
 
 def _check_carve_keys(section: dict, loc: tuple, node, path: Path, allow_name: bool = False) -> None:

@@ -319,7 +319,7 @@ def run_job(batch: Batch, job: Job, progress: bool = True) -> dict | None:
             except Exception as err:  # recorded; the batch goes on with the next job
                 record.update(status="failed", error=error_line(err))
                 if not job.options.get("carve", {}).get("keep_model", True):
-                    shutil.rmtree(work / "model", ignore_errors=True)
+                    stage_registry.drop_models(work)
                 (work / "error.txt").write_text(traceback.format_exc(), encoding="utf-8")
             record.update(columns=columns, seconds=round(time.perf_counter() - started, 2))
             (work / "result.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")

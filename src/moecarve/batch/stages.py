@@ -1,9 +1,9 @@
-"""The stages a batch job runs, one registry entry each: carve, eval_ppl, eval_tasks.
+"""The stages a batch job runs, one registry entry each: carve, recover, eval_ppl, eval_tasks.
 
 A stage reads `ctx.model_dir` (the source, or the model an earlier stage wrote), may set it, writes
 its files into the job's working directory and returns (record, columns): the record goes into the
-job's result.json, the columns into the results table. Adding a stage (recover, esft) is one
-function here, its options model in recipe.py and its name in STAGE_ORDER.
+job's result.json, the columns into the results table. Adding a stage (esft) is one function here,
+its options model in recipe.py and its name in STAGE_ORDER.
 """
 
 from __future__ import annotations
@@ -76,6 +76,26 @@ def carve(ctx: Context, options: dict) -> StageResult:
     }, columns
 
 
+@stage("recover")
+def recover(ctx: Context, options: dict) -> StageResult:
+    """`moecarve tune recover` of the job's carve: the evals after it score the recovered model."""
+    from moecarve.tune.recover import RecoverConfig
+    from moecarve.tune.recover import recover as run_recover
+
+    settings = dict(options)
+    data = ctx.path(settings.pop("data"))
+    out = ctx.work / "recovered"
+    result = run_recover(
+        ctx.model_dir, RecoverConfig(**settings), data, out, checkpoints=ctx.work / "recover-checkpoints"
+    )
+    ctx.model_dir = out
+    record = {k: result.record[k] for k in ("config", "data", "trainable_parameters", "final_train_loss")}
+    columns = {"recover_steps": settings["steps"], "recover_loss": record["final_train_loss"]}
+    columns["recover_seconds"] = result.record["seconds"]
+    kept = ctx.job.options.get("carve", {}).get("keep_model", True)
+    return {**record, "seconds": result.record["seconds"], "model": "recovered" if kept else None}, columns
+
+
 @stage("eval_ppl")
 def eval_ppl(ctx: Context, options: dict) -> StageResult:
     from moecarve.eval.ppl import evaluate_ppl
@@ -114,10 +134,16 @@ def eval_tasks(ctx: Context, options: dict) -> StageResult:
     return {"tasks": scores, "file": "tasks.json"}, columns
 
 
+def drop_models(work: Path) -> None:
+    """The checkpoints a job wrote: its carve's and its recovery's."""
+    for name in ("model", "recovered"):
+        shutil.rmtree(work / name, ignore_errors=True)
+
+
 def finish(ctx: Context, final: Path, keep_model: bool) -> None:
     """Drop the checkpoint if the recipe does not keep it; point the eval files at the final path."""
-    if not keep_model and (ctx.work / "model").exists():
-        shutil.rmtree(ctx.work / "model")
+    if not keep_model:
+        drop_models(ctx.work)
     for path in ctx.work.glob("*.json"):
         text = path.read_text(encoding="utf-8")
         if str(ctx.work) in text:  # eval records name the model they read: its place after the rename

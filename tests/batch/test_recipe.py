@@ -195,3 +195,36 @@ def test_shipped_recipes_validate(name, jobs):
     loaded = load_recipe(Path(__file__).parents[2] / "recipes" / f"{name}.yaml")
     assert len(loaded.jobs) == jobs
     assert all(job.stages[-2:] == ("eval_ppl", "eval_tasks") for job in loaded.jobs)
+
+
+@pytest.mark.parametrize(
+    ("recover", "eval_ppl", "message"),
+    [
+        (
+            "{steps: 2, data: hub_texts}",
+            "{windows: 4, length: 128, data: hub_texts}",
+            "the text eval_ppl scores",
+        ),
+        ("{steps: 2}", "{windows: 32, length: 2048}", "last 65536 tokens, the recovery holds out only 32768"),
+    ],
+    ids=["same_text", "passages_beyond_the_hold_out"],
+)
+def test_a_recovery_that_would_train_on_the_scored_tokens_is_refused(tmp_path, recover, eval_ppl, message):
+    text = GOOD.replace("[carve, eval_ppl]", "[carve, recover, eval_ppl]")
+    text = text.replace("eval_ppl: {windows: 4, length: 128}", f"eval_ppl: {eval_ppl}\nrecover: {recover}")
+    path = write(tmp_path, text)
+    with pytest.raises(RecipeError, match=rf"^{path}:10: recover.data: .*{message}"):
+        load_recipe(path)
+    apart = text.replace(f"recover: {recover}", "recover: {steps: 2, data: other_texts}")
+    assert load_recipe(write(tmp_path, apart)).jobs  # another text: accepted
+
+
+def test_recover_settings_leave_the_dense_jobs_fingerprints_alone(tmp_path):
+    text = (
+        GOOD.replace("[carve, eval_ppl]", "[carve, recover, eval_ppl]") + "dense: true\nrecover: {steps: 2}\n"
+    )
+    two = load_recipe(write(tmp_path, text)).jobs
+    three = load_recipe(write(tmp_path, text.replace("steps: 2", "steps: 3"))).jobs
+    assert two[0].name == "m-dense" and two[0].stages == ("eval_ppl",)
+    assert two[0].fingerprint == three[0].fingerprint
+    assert all(a.fingerprint != b.fingerprint for a, b in zip(two[1:], three[1:], strict=True))

@@ -435,10 +435,12 @@ def test_jobs_processes_share_the_gpus_of_a_cuda_recipe_out(make_recipe, tmp_pat
     assert popen[0]["CUDA_VISIBLE_DEVICES"] == "1" and popen[1] is None
 
 
-def test_a_recover_stage_trains_each_carve_and_the_evals_score_what_it_trained(make_recipe, tmp_path):
+def test_a_recover_stage_trains_each_carve_and_the_evals_score_what_it_trained(
+    make_recipe, calib_file, tmp_path
+):
     text = make_recipe(tmp_path).read_text()
     text = text.replace("stages: [carve, eval_ppl]", "stages: [carve, recover, eval_ppl]")
-    text += "recover: {steps: 2, batch_size: 2, length: 32, data: eval.txt}\nkeep_models: false\n"
+    text += f"recover: {{steps: 2, batch_size: 2, length: 32, data: {calib_file}}}\nkeep_models: false\n"
     recipe = make_recipe(tmp_path, text=text)
     batch = runner.open_batch(recipe)
     assert [job.stages for job in batch.jobs][:2] == [("eval_ppl",), ("carve", "recover", "eval_ppl")]
@@ -454,3 +456,12 @@ def test_a_recover_stage_trains_each_carve_and_the_evals_score_what_it_trained(m
     )
     row = next(r for r in rows(batch.output) if r["job"] == job.name)
     assert row["recover_loss"] == result["columns"]["recover_loss"]
+    assert len(result["stages"]["recover"]["train_loss"]) >= 1 and "recover.data" in result["inputs"]
+    # sequences longer than the model's positions fail the job before its carve, naming the setting
+    recipe.write_text(recipe.read_text().replace("length: 32, data", "length: 512, data"))
+    batch = runner.open_batch(recipe, tmp_path / "too-long")
+    job = next(j for j in batch.jobs if j.name == "llama-S1A2E8")
+    runner.run(batch, [job], progress=False)
+    result = batch.result(job)
+    assert result["status"] == "failed" and result["stages"] == {}
+    assert "recover.length 512 exceeds the 256 positions" in result["error"]

@@ -230,6 +230,8 @@ def _expand(recipe: Recipe, node, path: Path) -> list[Job]:
     options = {s: getattr(recipe, s).model_dump() for s in ("eval_ppl", "eval_tasks") if getattr(recipe, s)}
     if recipe.recover is not None:
         options["recover"] = _recover_options(recipe.recover, node, path)
+        if recipe.eval_ppl is not None:
+            _check_recovery_apart(options["recover"]["data"], recipe.eval_ppl, node, path)
     jobs, model_names = [], set()
     for m, model in enumerate(recipe.models):
         if model.name in model_names:
@@ -238,7 +240,8 @@ def _expand(recipe: Recipe, node, path: Path) -> list[Job]:
         model_names.add(model.name)
         if recipe.dense:
             eval_stages = tuple(s for s in stages if s not in ("carve", "recover"))
-            jobs.append(Job(f"{model.name}-dense", model, "dense", None, None, eval_stages, options))
+            dense_options = {key: value for key, value in options.items() if key in eval_stages}
+            jobs.append(Job(f"{model.name}-dense", model, "dense", None, None, eval_stages, dense_options))
         config_names = set()
         for c, entry in enumerate(recipe.configs):
             # each level's preset is spelled out there, so a later level overrides it field by field
@@ -281,6 +284,29 @@ def _recover_options(section: dict, node, path: Path) -> dict:
         raise _located(err, node, path, ("recover",)) from err
     _check_text_source(section.get("data"), ("recover", "data"), node, path)
     return {**config.model_dump(mode="json"), "data": section.get("data")}
+
+
+def _check_recovery_apart(data, eval_ppl: PplOptions, node, path: Path) -> None:
+    """The recovery must not train on the tokens eval_ppl scores: the tail of the same text. Of the
+    BoolQ passages it holds out the protocol's tail; of any other text, nothing."""
+    from moecarve import resources
+    from moecarve.tune.data import PROTOCOL_TOKENS
+
+    def text(value):
+        protocol = value is None or value == resources.PROTOCOL_TEXT
+        return "protocol" if protocol else str((path.parent / Path(value).expanduser()).resolve())
+
+    if text(data) != text(eval_ppl.data):
+        return
+    where = f"{path}:{_line(node, ('recover', 'data'))}: recover.data"
+    scored = eval_ppl.windows * eval_ppl.length
+    if text(data) != "protocol":
+        raise RecipeError(f"{where}: the text eval_ppl scores: the recovery would train on its scored tail")
+    if scored > PROTOCOL_TOKENS:
+        raise RecipeError(
+            f"{where}: eval_ppl scores the passages' last {scored} tokens, the recovery holds out only "
+            f"{PROTOCOL_TOKENS}: give the recovery another text"
+        )
 
 
 def _check_carve_keys(section: dict, loc: tuple, node, path: Path, allow_name: bool = False) -> None:

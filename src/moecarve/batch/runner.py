@@ -128,6 +128,8 @@ def job_inputs(batch: Batch, job: Job, model: Path | None, identities: dict | No
     sources = {"model": model} if model is not None else {}
     if "carve" in job.stages:
         sources["calib"] = stage_registry.recipe_path(root, job.calib)
+    if "recover" in job.stages:
+        sources["recover.data"] = stage_registry.recipe_path(root, job.options["recover"]["data"])
     if "eval_ppl" in job.stages:
         sources["eval_ppl.data"] = stage_registry.recipe_path(root, job.options["eval_ppl"].get("data"))
     for name, source in sources.items():
@@ -191,7 +193,7 @@ def plan_text(batch: Batch, jobs: list[Job]) -> str:
         f"{len(recipe.configs)} configuration(s){' + dense' if recipe.dense else ''}",
         f"output {batch.output}",
         f"device {recipe.device or 'not given: carves on the CPU, evals on CUDA where present'}",
-        f"{'#':>3}  {'job':<32} {'stages':<30} {'active':>7}  now",
+        f"{'#':>3}  {'job':<32} {'stages':<36} {'active':>7}  now",
     ]
     for job in jobs:
         index = batch.jobs.index(job)
@@ -200,7 +202,7 @@ def plan_text(batch: Batch, jobs: list[Job]) -> str:
         if status != "ok" and _running_elsewhere(batch, job):
             action = "running in another process"
         lines.append(
-            f"{index:>3}  {job.name:<32} {', '.join(job.stages):<30} {_fraction(batch, job):>7}  {action}"
+            f"{index:>3}  {job.name:<32} {', '.join(job.stages):<36} {_fraction(batch, job):>7}  {action}"
         )
     todo = sum(batch.status(job) != "ok" for job in jobs)
     lines.append(f"{todo} of {len(jobs)} job(s) to run")
@@ -305,7 +307,10 @@ def run_job(batch: Batch, job: Job, progress: bool = True) -> dict | None:
             try:
                 source = resolve_model(batch, job)
                 record["inputs"] = job_inputs(batch, job, _local_model(batch, job))
-                if "eval_ppl" in job.stages:  # a carve keeps its source's positions and tokenizer
+                # a carve keeps its source's positions and tokenizer: checked on the source, before it
+                if "recover" in job.stages:
+                    check_recover_text(source, job.options["recover"], batch.loaded.root)
+                if "eval_ppl" in job.stages:
                     check_ppl_windows(source, job.options["eval_ppl"], batch.loaded.root)
                 ctx = stage_registry.Context(
                     job, work, source, source, batch.loaded.root, progress, batch.loaded.recipe.device
@@ -318,6 +323,9 @@ def run_job(batch: Batch, job: Job, progress: bool = True) -> dict | None:
                 record.update(status="ok", error=None)
             except Exception as err:  # recorded; the batch goes on with the next job
                 record.update(status="failed", error=error_line(err))
+                shutil.rmtree(
+                    work / "recover-checkpoints", ignore_errors=True
+                )  # a new run never resumes them
                 if not job.options.get("carve", {}).get("keep_model", True):
                     stage_registry.drop_models(work)
                 (work / "error.txt").write_text(traceback.format_exc(), encoding="utf-8")
@@ -325,6 +333,28 @@ def run_job(batch: Batch, job: Job, progress: bool = True) -> dict | None:
             (work / "result.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     update_table(batch)
     return record
+
+
+def check_recover_text(source: Path, options: dict, root: Path) -> None:
+    """The recover stage's sequences, checked on the source before its carve: within its positions,
+    and one step's worth of them in the text."""
+    from transformers import AutoTokenizer
+
+    from moecarve.eval.ppl import check_positions
+    from moecarve.tune.data import training_blocks
+
+    check_positions(source, options["length"], "recover.length")
+    per_step = options["batch_size"] * options["grad_accum"]
+    try:
+        text = training_blocks(AutoTokenizer.from_pretrained(source), stage_registry.recipe_path(root, options["data"]),
+                               options["length"], per_step)  # fmt: skip
+    except ValueError as err:
+        raise ValueError(f"recover: {err}") from None
+    if text.blocks.shape[0] < per_step:
+        raise ValueError(
+            f"recover: the text gives {text.blocks.shape[0]} sequences of {options['length']} tokens, one step "
+            f"needs {per_step} (batch_size x grad_accum)"
+        )
 
 
 def check_ppl_windows(source: Path, options: dict, root: Path) -> None:
@@ -456,9 +486,10 @@ def gpu_slots(batch: Batch) -> list[str] | None:
         return None
     import torch
 
+    count = torch.cuda.device_count()  # CUDA stops at the first id it does not have
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    gpus = [g.strip() for g in visible.split(",") if g.strip()] if visible else []
-    gpus = gpus or [str(i) for i in range(torch.cuda.device_count())]
+    gpus = [g.strip() for g in visible.split(",") if g.strip()][:count] if visible else []
+    gpus = gpus or [str(i) for i in range(count)]
     return gpus if len(gpus) > 1 else None
 
 

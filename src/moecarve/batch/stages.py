@@ -89,7 +89,8 @@ def recover(ctx: Context, options: dict) -> StageResult:
         ctx.model_dir, RecoverConfig(**settings), data, out, checkpoints=ctx.work / "recover-checkpoints"
     )
     ctx.model_dir = out
-    record = {k: result.record[k] for k in ("config", "data", "trainable_parameters", "final_train_loss")}
+    keys = ("config", "data", "trainable_parameters", "train_loss", "final_train_loss", "teacher")
+    record = {k: result.record[k] for k in keys}  # kept when the checkpoint is not
     columns = {"recover_steps": settings["steps"], "recover_loss": record["final_train_loss"]}
     columns["recover_seconds"] = result.record["seconds"]
     kept = ctx.job.options.get("carve", {}).get("keep_model", True)
@@ -136,7 +137,7 @@ def eval_tasks(ctx: Context, options: dict) -> StageResult:
 
 def drop_models(work: Path) -> None:
     """The checkpoints a job wrote: its carve's and its recovery's."""
-    for name in ("model", "recovered"):
+    for name in ("model", "recovered", "recover-checkpoints"):
         shutil.rmtree(work / name, ignore_errors=True)
 
 
@@ -144,7 +145,7 @@ def finish(ctx: Context, final: Path, keep_model: bool) -> None:
     """Drop the checkpoint if the recipe does not keep it; point the eval files at the final path."""
     if not keep_model:
         drop_models(ctx.work)
-    for path in ctx.work.glob("*.json"):
+    for path in [*ctx.work.glob("*.json"), *ctx.work.glob("recovered/carve.json")]:
         text = path.read_text(encoding="utf-8")
         if str(ctx.work) in text:  # eval records name the model they read: its place after the rename
             path.write_text(text.replace(str(ctx.work), str(final)), encoding="utf-8")

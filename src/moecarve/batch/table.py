@@ -19,7 +19,8 @@ from moecarve.batch.recipe import Job
 from moecarve.carve.writer import write_atomically
 
 FIRST = ["job", "model", "config", "shared", "active", "experts", "active_fraction", "status"]
-STAGE_COLUMNS = ["neurons_per_expert", "calib_tokens", "ppl", "ppl_tokens"]  # then tasks, as they come
+# then tasks, as they come
+STAGE_COLUMNS = ["neurons_per_expert", "calib_tokens", "recover_steps", "recover_loss", "ppl", "ppl_tokens"]
 LAST = ["error"]
 
 

@@ -465,3 +465,12 @@ def test_a_recover_stage_trains_each_carve_and_the_evals_score_what_it_trained(
     result = batch.result(job)
     assert result["status"] == "failed" and result["stages"] == {}
     assert "recover.length 512 exceeds the 256 positions" in result["error"]
+    # a kept recovered checkpoint's record names where its carve lies after the job, not before
+    recipe.write_text(
+        recipe.read_text().replace("length: 512, data", "length: 32, data").replace("keep_models: false", "")
+    )
+    batch = runner.open_batch(recipe, tmp_path / "kept")
+    job = next(j for j in batch.jobs if j.name == "llama-S1A2E8")
+    runner.run(batch, [job], progress=False)
+    recorded = json.loads((batch.job_dir(job) / "recovered" / "carve.json").read_text())["tune"][0]["model"]
+    assert recorded == str(batch.job_dir(job) / "model") and Path(recorded).is_dir()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -98,6 +99,21 @@ BAD = {
         ("[carve, eval_ppl]", "[carve, recover, eval_ppl]\nrecover: {steps: 2, data: gone.txt}"),
         6,
         "recover.data: not found",
+    ),
+    "esft without its data": (
+        ("[carve, eval_ppl]", "[carve, esft, eval_ppl]\nesft: {steps: 2}"),
+        6,
+        "esft.data: missing",
+    ),
+    "esft data not a file": (
+        ("[carve, eval_ppl]", "[carve, esft, eval_ppl]\nesft: {data: task.jsonl}"),
+        6,
+        "esft.data: not a file: task.jsonl",
+    ),
+    "esft without its section": (
+        ("[carve, eval_ppl]", "[carve, esft, eval_ppl]"),
+        1,
+        "needs carve in stages and a `esft:` section",
     ),
     "missing ppl text": (
         ("{windows: 4, length: 128}", "{windows: 4, length: 128, data: ./gone.txt}"),
@@ -228,3 +244,19 @@ def test_recover_settings_leave_the_dense_jobs_fingerprints_alone(tmp_path):
     assert two[0].name == "m-dense" and two[0].stages == ("eval_ppl",)
     assert two[0].fingerprint == three[0].fingerprint
     assert all(a.fingerprint != b.fingerprint for a, b in zip(two[1:], three[1:], strict=True))
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [("score: weight", "esft.score: one of token, gate"), ("p: 0", "esft.p: a fraction in (0, 1]"),
+     ("tokens: 0", "esft.tokens: a positive whole number"), ("steps: 0", "esft.steps"), ("lrate: 1", "esft.lrate: unknown key")],
+)  # fmt: skip
+def test_bad_esft_settings_name_their_key(tmp_path, setting, message):
+    (tmp_path / "task.jsonl").write_text('{"text": "a b c"}\n')
+    text = (
+        GOOD.replace("[carve, eval_ppl]", "[carve, esft, eval_ppl]")
+        + f"esft: {{data: task.jsonl, {setting}}}\n"
+    )
+    path = write(tmp_path, text)
+    with pytest.raises(RecipeError, match=rf"^{path}:10: {re.escape(message)}"):
+        load_recipe(path)

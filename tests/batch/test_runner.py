@@ -474,3 +474,54 @@ def test_a_recover_stage_trains_each_carve_and_the_evals_score_what_it_trained(
     runner.run(batch, [job], progress=False)
     recorded = json.loads((batch.job_dir(job) / "recovered" / "carve.json").read_text())["tune"][0]["model"]
     assert recorded == str(batch.job_dir(job) / "model") and Path(recorded).is_dir()
+
+
+def test_an_esft_stage_after_the_recovery_specialises_the_model_the_evals_score(
+    make_recipe, calib_file, tmp_path
+):
+    from tests.conftest import sample_text
+
+    task = tmp_path / "task.jsonl"
+    rows = [
+        {"prompt": sample_text(12, seed=100 + i) + " ?", "response": " " + sample_text(4, seed=200 + i)}
+        for i in range(16)
+    ]
+    task.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    text = (
+        make_recipe(tmp_path)
+        .read_text()
+        .replace("stages: [carve, eval_ppl]", "stages: [carve, recover, esft, eval_ppl]")
+    )
+    text += f"recover: {{steps: 2, batch_size: 2, length: 32, data: {calib_file}}}\n"
+    text += "esft: {data: task.jsonl, steps: 2, batch_size: 2, max_length: 64, tokens: 512, p: 0.5}\nkeep_models: false\n"
+    recipe = make_recipe(tmp_path, text=text)
+    batch = runner.open_batch(recipe)
+    job = next(j for j in batch.jobs if j.name == "llama-S1A2E8")
+    assert batch.jobs[0].stages == ("eval_ppl",)  # the dense job evaluates the source only
+    runner.run(batch, [job], progress=False)
+    result = batch.result(job)
+    assert result["status"] == "ok", result["error"]
+    columns, record = result["columns"], result["stages"]["esft"]
+    assert 0 < columns["esft_experts"] == record["selected"] and 0 < columns["esft_fraction"] < 1
+    assert "esft.data" in result["inputs"] and record["training"]["steps"] == 2
+    ppl = json.loads((batch.job_dir(job) / "ppl.json").read_text())["results"][0]
+    assert ppl["name"] == "S1A2E8+recover+esft"  # what the evals scored: the carve, recovered, specialised
+    left = sorted(p.name for p in batch.job_dir(job).iterdir())
+    assert left == [
+        "carve.json",
+        "esft-experts.json",
+        "esft-scores.json",
+        "esft-scores.png",
+        "ppl.json",
+        "result.json",
+    ]
+    # task data that does not parse fails the job before its carve
+    task.write_text("{not json\n")
+    batch = runner.open_batch(recipe, tmp_path / "bad-task")
+    runner.run(batch, [job], progress=False)
+    result = batch.result(job)
+    assert (
+        result["status"] == "failed"
+        and result["stages"] == {}
+        and result["error"].startswith("ValueError: esft.data:")
+    )

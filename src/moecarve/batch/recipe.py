@@ -20,7 +20,8 @@ from moecarve.carve.calib import read_utf8
 from moecarve.carve.config import CarveConfig, expand_preset
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"  # a plain file name: job directories are named after it
-STAGE_ORDER = ("carve", "recover", "eval_ppl", "eval_tasks")
+STAGE_ORDER = ("carve", "recover", "esft", "eval_ppl", "eval_tasks")
+TRAINING_STAGES = ("carve", "recover", "esft")  # what the dense jobs skip: they evaluate the source
 TINY_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "granite")
 
 
@@ -81,6 +82,11 @@ class Recipe(_Strict):
     recover: dict[str, Any] | None = Field(
         None, description="`moecarve tune recover`'s settings (RecoverConfig fields) and its `data`"
     )
+    esft: dict[str, Any] | None = Field(
+        None,
+        description="ESFT of each model: its task `data` (required), `score` (token|gate), `p`, `tokens` "
+        "and EsftConfig fields",
+    )
     eval_ppl: PplOptions | None = None
     eval_tasks: TasksOptions | None = None
     keep_models: bool = Field(True, description="keep each carved checkpoint in its job directory")
@@ -110,15 +116,16 @@ class Recipe(_Strict):
             raise ValueError(f"stages repeat: {self.stages}")
         if list(self.stages) != sorted(self.stages, key=STAGE_ORDER.index):
             raise ValueError(f"stages run in the order {list(STAGE_ORDER)}; got {self.stages}")
-        for section in ("recover", "eval_ppl", "eval_tasks"):
+        for section in ("recover", "esft", "eval_ppl", "eval_tasks"):
             if getattr(self, section) is not None and section not in self.stages:
                 raise ValueError(f"`{section}` settings are given but {section} is not in stages")
         if "eval_tasks" in self.stages and self.eval_tasks is None:
             raise ValueError("stage eval_tasks needs an `eval_tasks:` section with its `tasks`")
-        if "recover" in self.stages and (self.recover is None or "carve" not in self.stages):
-            raise ValueError(
-                "stage recover trains each carve: it needs carve in stages and a `recover:` section"
-            )
+        for section in ("recover", "esft"):
+            if section in self.stages and (getattr(self, section) is None or "carve" not in self.stages):
+                raise ValueError(
+                    f"stage {section} trains each carve: it needs carve in stages and a `{section}:` section"
+                )
         if self.configs and "carve" not in self.stages:
             raise ValueError("configs are carve configurations: add carve to stages (or drop configs)")
         if not self.configs and not self.dense:
@@ -232,6 +239,8 @@ def _expand(recipe: Recipe, node, path: Path) -> list[Job]:
         options["recover"] = _recover_options(recipe.recover, node, path)
         if recipe.eval_ppl is not None:
             _check_recovery_apart(options["recover"]["data"], recipe.eval_ppl, node, path)
+    if recipe.esft is not None:
+        options["esft"] = _esft_options(recipe.esft, node, path)
     jobs, model_names = [], set()
     for m, model in enumerate(recipe.models):
         if model.name in model_names:
@@ -239,7 +248,7 @@ def _expand(recipe: Recipe, node, path: Path) -> list[Job]:
             raise RecipeError(f"{path}:{_line(node, loc)}: models[{m}].name: {model.name!r} is used twice")
         model_names.add(model.name)
         if recipe.dense:
-            eval_stages = tuple(s for s in stages if s not in ("carve", "recover"))
+            eval_stages = tuple(s for s in stages if s not in TRAINING_STAGES)
             dense_options = {key: value for key, value in options.items() if key in eval_stages}
             jobs.append(Job(f"{model.name}-dense", model, "dense", None, None, eval_stages, dense_options))
         config_names = set()
@@ -284,6 +293,38 @@ def _recover_options(section: dict, node, path: Path) -> dict:
         raise _located(err, node, path, ("recover",)) from err
     _check_text_source(section.get("data"), ("recover", "data"), node, path)
     return {**config.model_dump(mode="json"), "data": section.get("data")}
+
+
+def _esft_options(section: dict, node, path: Path) -> dict:
+    """The esft stage's settings: `moecarve esft score / select / train`'s, validated, in plain data."""
+    from moecarve.esft.score import SCORES
+    from moecarve.esft.train import EsftConfig
+
+    where = f"{path}:{_line(node, ('esft',))}: esft"
+    if not section.get("data"):
+        raise RecipeError(f"{where}.data: missing (required): the task's JSONL or text file")
+    data = section["data"]
+    if not isinstance(data, str) or not (path.parent / Path(data).expanduser()).is_file():
+        where_data = f"{path}:{_line(node, ('esft', 'data'))}: esft.data"
+        raise RecipeError(f"{where_data}: not a file: {data} (relative to {path.parent})")
+    selection = {
+        "score": section.get("score", "token"),
+        "p": section.get("p", 0.2),
+        "tokens": section.get("tokens", 131072),
+    }
+    if selection["score"] not in SCORES:
+        raise RecipeError(f"{where}.score: one of {', '.join(SCORES)}, got {selection['score']!r}")
+    p, tokens = selection["p"], selection["tokens"]
+    if isinstance(p, bool) or not isinstance(p, int | float) or not 0 < p <= 1:
+        raise RecipeError(f"{where}.p: a fraction in (0, 1], got {p!r}")
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+        raise RecipeError(f"{where}.tokens: a positive whole number, got {tokens!r}")
+    settings = {key: value for key, value in section.items() if key not in ("data", *selection)}
+    try:
+        config = EsftConfig(**settings)
+    except ValidationError as err:
+        raise _located(err, node, path, ("esft",)) from err
+    return {**config.model_dump(mode="json"), **selection, "data": section["data"]}
 
 
 def _check_recovery_apart(data, eval_ppl: PplOptions, node, path: Path) -> None:

@@ -14,6 +14,7 @@ run of that job deletes before starting it clean; finished jobs are skipped.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -128,15 +129,23 @@ def job_inputs(batch: Batch, job: Job, model: Path | None, identities: dict | No
     sources = {"model": model} if model is not None else {}
     if "carve" in job.stages:
         sources["calib"] = stage_registry.recipe_path(root, job.calib)
-    if "recover" in job.stages:
-        sources["recover.data"] = stage_registry.recipe_path(root, job.options["recover"]["data"])
+    for stage in ("recover", "esft"):
+        if stage in job.stages:
+            sources[f"{stage}.data"] = stage_registry.recipe_path(root, job.options[stage]["data"])
     if "eval_ppl" in job.stages:
         sources["eval_ppl.data"] = stage_registry.recipe_path(root, job.options["eval_ppl"].get("data"))
-    for name, source in sources.items():
-        if (name == "model", source) not in identities:
-            identity = model_identity(source) if name == "model" else text_identity(source)
-            identities[name == "model", source] = identity.partition(" sha256:")[2] or identity
-    return {name: identities[name == "model", source] for name, source in sources.items()}
+    kinds = {"model": model_identity, "esft.data": _file_identity}  # else a text source
+    keys = {name: (kinds.get(name, text_identity), source) for name, source in sources.items()}
+    for kind, source in keys.values():
+        if (kind, source) not in identities:
+            identity = kind(source)
+            identities[kind, source] = identity.partition(" sha256:")[2] or identity
+    return {name: identities[key] for name, key in keys.items()}
+
+
+def _file_identity(path) -> str:
+    """A task file by its bytes: ESFT's JSONL holds prompts and responses, not a `text` field."""
+    return hashlib.sha256(Path(path).expanduser().read_bytes()).hexdigest()
 
 
 def _fraction(batch: Batch, job: Job) -> str:
@@ -188,12 +197,13 @@ def select(batch: Batch, only: str | None) -> list[Job]:
 def plan_text(batch: Batch, jobs: list[Job]) -> str:
     """The plan as `--dry-run` prints it: one line per job, with what a run would do to it."""
     recipe = batch.loaded.recipe
+    width = max([6, *(len(", ".join(job.stages)) for job in jobs)])
     lines = [
         f"recipe {batch.name} ({batch.loaded.path}): {len(batch.jobs)} jobs = {len(recipe.models)} model(s) x "
         f"{len(recipe.configs)} configuration(s){' + dense' if recipe.dense else ''}",
         f"output {batch.output}",
         f"device {recipe.device or 'not given: carves on the CPU, evals on CUDA where present'}",
-        f"{'#':>3}  {'job':<32} {'stages':<36} {'active':>7}  now",
+        f"{'#':>3}  {'job':<32} {'stages':<{width}} {'active':>7}  now",
     ]
     for job in jobs:
         index = batch.jobs.index(job)
@@ -202,7 +212,7 @@ def plan_text(batch: Batch, jobs: list[Job]) -> str:
         if status != "ok" and _running_elsewhere(batch, job):
             action = "running in another process"
         lines.append(
-            f"{index:>3}  {job.name:<32} {', '.join(job.stages):<36} {_fraction(batch, job):>7}  {action}"
+            f"{index:>3}  {job.name:<32} {', '.join(job.stages):<{width}} {_fraction(batch, job):>7}  {action}"
         )
     todo = sum(batch.status(job) != "ok" for job in jobs)
     lines.append(f"{todo} of {len(jobs)} job(s) to run")
@@ -310,6 +320,8 @@ def run_job(batch: Batch, job: Job, progress: bool = True) -> dict | None:
                 # a carve keeps its source's positions and tokenizer: checked on the source, before it
                 if "recover" in job.stages:
                     check_recover_text(source, job.options["recover"], batch.loaded.root)
+                if "esft" in job.stages:
+                    check_esft_data(source, job.options["esft"], batch.loaded.root)
                 if "eval_ppl" in job.stages:
                     check_ppl_windows(source, job.options["eval_ppl"], batch.loaded.root)
                 ctx = stage_registry.Context(
@@ -355,6 +367,19 @@ def check_recover_text(source: Path, options: dict, root: Path) -> None:
             f"recover: the text gives {text.blocks.shape[0]} sequences of {options['length']} tokens, one step "
             f"needs {per_step} (batch_size x grad_accum)"
         )
+
+
+def check_esft_data(source: Path, options: dict, root: Path) -> None:
+    """The esft stage's task data parses into examples in the source's tokenizer, before its carve."""
+    from transformers import AutoTokenizer
+
+    from moecarve.esft.data import load_examples
+
+    try:
+        load_examples(stage_registry.recipe_path(root, options["data"]), AutoTokenizer.from_pretrained(source),
+                      options["max_length"])  # fmt: skip
+    except (ValueError, OSError) as err:
+        raise ValueError(f"esft.data: {err}") from None
 
 
 def check_ppl_windows(source: Path, options: dict, root: Path) -> None:

@@ -1,9 +1,9 @@
-"""The stages a batch job runs, one registry entry each: carve, recover, eval_ppl, eval_tasks.
+"""The stages a batch job runs, one registry entry each: carve, recover, esft, eval_ppl, eval_tasks.
 
 A stage reads `ctx.model_dir` (the source, or the model an earlier stage wrote), may set it, writes
 its files into the job's working directory and returns (record, columns): the record goes into the
-job's result.json, the columns into the results table. Adding a stage (esft) is one function here,
-its options model in recipe.py and its name in STAGE_ORDER.
+job's result.json, the columns into the results table. Adding a stage is one function here, its
+options in recipe.py and its name in STAGE_ORDER.
 """
 
 from __future__ import annotations
@@ -97,6 +97,41 @@ def recover(ctx: Context, options: dict) -> StageResult:
     return {**record, "seconds": result.record["seconds"], "model": "recovered" if kept else None}, columns
 
 
+@stage("esft")
+def esft(ctx: Context, options: dict) -> StageResult:
+    """ESFT of the job's model (its carve, or the carve's recovery): score the routed experts on the
+    task, select, train the selected ones, merge. The evals after it score the merged model."""
+    from moecarve.esft.merge import merge
+    from moecarve.esft.score import score
+    from moecarve.esft.select import select
+    from moecarve.esft.train import EsftConfig, train
+
+    settings = dict(options)
+    data = ctx.path(settings.pop("data"))
+    kind, p, tokens = settings.pop("score"), settings.pop("p"), settings.pop("tokens")
+    config = EsftConfig(**settings)
+    scores, experts = ctx.work / "esft-scores.json", ctx.work / "esft-experts.json"
+    score(ctx.model_dir, data, scores, tokens=tokens, max_length=config.max_length)
+    chosen = select(scores, kind, p, experts)
+    trained = train(ctx.model_dir, experts, data, ctx.work / "esft-adapter", config)
+    ctx.model_dir = merge(ctx.model_dir, ctx.work / "esft-adapter", ctx.work / "esft-merged")
+    kept = ctx.job.options.get("carve", {}).get("keep_model", True)
+    columns = {
+        "esft_experts": chosen["selected"],
+        "esft_fraction": chosen["fraction_of_model"],
+        "esft_loss": trained["training"]["train_loss"],
+        "esft_seconds": trained["training"]["seconds"],
+    }
+    record = {key: chosen[key] for key in ("score", "p", "experts", "selected", "fraction_of_model")}
+    return {
+        **record,
+        "config": trained["config"],
+        "training": trained["training"],
+        "files": ["esft-scores.json", "esft-scores.png", "esft-experts.json"],
+        "model": "esft-merged" if kept else None,
+    }, columns
+
+
 @stage("eval_ppl")
 def eval_ppl(ctx: Context, options: dict) -> StageResult:
     from moecarve.eval.ppl import evaluate_ppl
@@ -137,7 +172,7 @@ def eval_tasks(ctx: Context, options: dict) -> StageResult:
 
 def drop_models(work: Path) -> None:
     """The checkpoints a job wrote: its carve's and its recovery's."""
-    for name in ("model", "recovered", "recover-checkpoints"):
+    for name in ("model", "recovered", "recover-checkpoints", "esft-adapter", "esft-merged"):
         shutil.rmtree(work / name, ignore_errors=True)
 
 
@@ -145,7 +180,8 @@ def finish(ctx: Context, final: Path, keep_model: bool) -> None:
     """Drop the checkpoint if the recipe does not keep it; point the eval files at the final path."""
     if not keep_model:
         drop_models(ctx.work)
-    for path in [*ctx.work.glob("*.json"), *ctx.work.glob("recovered/carve.json")]:
+    records = ("carve.json", "esft.json", "esft_config.json")  # of the checkpoints a job wrote
+    for path in [*ctx.work.glob("*.json"), *(p for p in ctx.work.glob("*/*.json") if p.name in records)]:
         text = path.read_text(encoding="utf-8")
         if str(ctx.work) in text:  # eval records name the model they read: its place after the rename
             path.write_text(text.replace(str(ctx.work), str(final)), encoding="utf-8")

@@ -20,7 +20,10 @@ from moecarve.carve.writer import write_atomically
 
 FIRST = ["job", "model", "config", "shared", "active", "experts", "active_fraction", "status"]
 # then tasks, as they come
-STAGE_COLUMNS = ["neurons_per_expert", "calib_tokens", "recover_steps", "recover_loss", "ppl", "ppl_tokens"]
+STAGE_COLUMNS = [
+    "neurons_per_expert", "calib_tokens", "recover_steps", "recover_loss", "esft_experts", "esft_fraction",
+    "esft_loss", "ppl", "ppl_tokens",
+]  # fmt: skip
 LAST = ["error"]
 
 

@@ -78,7 +78,7 @@ BAD = {
     "recover without its section": (
         ("[carve, eval_ppl]", "[carve, recover, eval_ppl]"),
         1,
-        "needs carve in stages and a `recover:` section",
+        "needs carve in stages and its `recover:` section",
     ),
     "recover settings without the stage": (
         ("eval_ppl: {windows", "recover: {steps: 2}\neval_ppl: {windows"),
@@ -113,7 +113,7 @@ BAD = {
     "esft without its section": (
         ("[carve, eval_ppl]", "[carve, esft, eval_ppl]"),
         1,
-        "needs carve in stages and a `esft:` section",
+        "needs carve in stages and its `esft:` section",
     ),
     "missing ppl text": (
         ("{windows: 4, length: 128}", "{windows: 4, length: 128, data: ./gone.txt}"),
@@ -249,7 +249,10 @@ def test_recover_settings_leave_the_dense_jobs_fingerprints_alone(tmp_path):
 @pytest.mark.parametrize(
     ("setting", "message"),
     [("score: weight", "esft.score: one of token, gate"), ("p: 0", "esft.p: a fraction in (0, 1]"),
-     ("tokens: 0", "esft.tokens: a positive whole number"), ("steps: 0", "esft.steps"), ("lrate: 1", "esft.lrate: unknown key")],
+     ("tokens: 0", "esft.tokens: a positive whole number"), ("steps: 0", "esft.steps"), ("lrate: 1", "esft.lrate: unknown key"),
+     ("mix_general: protocol", "esft.mix_general: esft.mix_general and esft.mix_ratio go together"),
+     ("mix_ratio: 0.2", "esft.mix_ratio: esft.mix_general and esft.mix_ratio go together"),
+     ("mix_general: gone.txt, mix_ratio: 0.2", "esft.mix_general: not found: gone.txt")],
 )  # fmt: skip
 def test_bad_esft_settings_name_their_key(tmp_path, setting, message):
     (tmp_path / "task.jsonl").write_text('{"text": "a b c"}\n')
@@ -259,4 +262,15 @@ def test_bad_esft_settings_name_their_key(tmp_path, setting, message):
     )
     path = write(tmp_path, text)
     with pytest.raises(RecipeError, match=rf"^{path}:10: {re.escape(message)}"):
+        load_recipe(path)
+
+
+def test_esft_on_the_text_eval_ppl_scores_is_refused(tmp_path):
+    (tmp_path / "task.txt").write_text("a b c")
+    text = GOOD.replace("[carve, eval_ppl]", "[carve, esft, eval_ppl]")
+    text = text.replace(
+        "eval_ppl: {windows: 4, length: 128}", "eval_ppl: {windows: 4, length: 128, data: task.txt}"
+    )
+    path = write(tmp_path, text + "esft: {data: ./task.txt}\n")
+    with pytest.raises(RecipeError, match=rf"^{path}:10: esft.data: the text eval_ppl scores"):
         load_recipe(path)

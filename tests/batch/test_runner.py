@@ -477,7 +477,7 @@ def test_a_recover_stage_trains_each_carve_and_the_evals_score_what_it_trained(
 
 
 def test_an_esft_stage_after_the_recovery_specialises_the_model_the_evals_score(
-    make_recipe, calib_file, tmp_path
+    make_recipe, calib_file, tmp_path, monkeypatch
 ):
     from tests.conftest import sample_text
 
@@ -493,8 +493,12 @@ def test_an_esft_stage_after_the_recovery_specialises_the_model_the_evals_score(
         .replace("stages: [carve, eval_ppl]", "stages: [carve, recover, esft, eval_ppl]")
     )
     text += f"recover: {{steps: 2, batch_size: 2, length: 32, data: {calib_file}}}\n"
-    text += "esft: {data: task.jsonl, steps: 2, batch_size: 2, max_length: 64, tokens: 512, p: 0.5}\nkeep_models: false\n"
+    text += "esft: {data: task.jsonl, steps: 2, batch_size: 2, max_length: 64, tokens: 512, p: 0.5, "
+    text += "train_shared: true, mix_general: general.txt, mix_ratio: 0.2}\nkeep_models: false\n"
+    (tmp_path / "general.txt").write_text(sample_text(2000, seed=5))
     recipe = make_recipe(tmp_path, text=text)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")  # the recipe's files are found beside it, not here
     batch = runner.open_batch(recipe)
     job = next(j for j in batch.jobs if j.name == "llama-S1A2E8")
     assert batch.jobs[0].stages == ("eval_ppl",)  # the dense job evaluates the source only
@@ -502,8 +506,10 @@ def test_an_esft_stage_after_the_recovery_specialises_the_model_the_evals_score(
     result = batch.result(job)
     assert result["status"] == "ok", result["error"]
     columns, record = result["columns"], result["stages"]["esft"]
-    assert 0 < columns["esft_experts"] == record["selected"] and 0 < columns["esft_fraction"] < 1
-    assert "esft.data" in result["inputs"] and record["training"]["steps"] == 2
+    assert 0 < columns["esft_experts"] == record["selected"]
+    # the fraction counts all that trained: here the shared experts too, beyond the selected ones
+    assert record["fraction_of_model"] < columns["esft_fraction"] < 1
+    assert {"esft.data", "esft.mix_general"} <= set(result["inputs"]) and record["training"]["steps"] == 2
     ppl = json.loads((batch.job_dir(job) / "ppl.json").read_text())["results"][0]
     assert ppl["name"] == "S1A2E8+recover+esft"  # what the evals scored: the carve, recovered, specialised
     left = sorted(p.name for p in batch.job_dir(job).iterdir())
@@ -523,5 +529,13 @@ def test_an_esft_stage_after_the_recovery_specialises_the_model_the_evals_score(
     assert (
         result["status"] == "failed"
         and result["stages"] == {}
-        and result["error"].startswith("ValueError: esft.data:")
+        and result["error"].startswith("ValueError: esft: ")
     )
+    # sequences beyond the model's positions, too: named by their setting
+    task.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    recipe.write_text(recipe.read_text().replace("max_length: 64", "max_length: 100000"))
+    batch = runner.open_batch(recipe, tmp_path / "too-long")
+    job = next(j for j in batch.jobs if j.name == "llama-S1A2E8")
+    runner.run(batch, [job], progress=False)
+    result = batch.result(job)
+    assert result["stages"] == {} and "esft.max_length 100000 exceeds the 256 positions" in result["error"]

@@ -124,7 +124,7 @@ class Recipe(_Strict):
         for section in ("recover", "esft"):
             if section in self.stages and (getattr(self, section) is None or "carve" not in self.stages):
                 raise ValueError(
-                    f"stage {section} trains each carve: it needs carve in stages and a `{section}:` section"
+                    f"stage {section} trains each carve: it needs carve in stages and its `{section}:` section"
                 )
         if self.configs and "carve" not in self.stages:
             raise ValueError("configs are carve configurations: add carve to stages (or drop configs)")
@@ -241,6 +241,8 @@ def _expand(recipe: Recipe, node, path: Path) -> list[Job]:
             _check_recovery_apart(options["recover"]["data"], recipe.eval_ppl, node, path)
     if recipe.esft is not None:
         options["esft"] = _esft_options(recipe.esft, node, path)
+        if recipe.eval_ppl is not None:
+            _check_esft_apart(options["esft"]["data"], recipe.eval_ppl, node, path)
     jobs, model_names = [], set()
     for m, model in enumerate(recipe.models):
         if model.name in model_names:
@@ -320,11 +322,39 @@ def _esft_options(section: dict, node, path: Path) -> dict:
     if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
         raise RecipeError(f"{where}.tokens: a positive whole number, got {tokens!r}")
     settings = {key: value for key, value in section.items() if key not in ("data", *selection)}
+    mix, ratio = settings.get("mix_general"), settings.get("mix_ratio", 0)
+    if isinstance(ratio, int | float) and bool(mix) != (ratio > 0):
+        key = "mix_general" if mix else "mix_ratio"
+        raise RecipeError(
+            f"{path}:{_line(node, ('esft', key))}: esft.{key}: esft.mix_general and esft.mix_ratio go "
+            "together: a text (a file relative to the recipe, or protocol) and a ratio in (0, 1)"
+        )
+    if (
+        mix
+        and mix != "protocol"
+        and not (isinstance(mix, str) and (path.parent / Path(mix).expanduser()).exists())
+    ):
+        raise RecipeError(
+            f"{path}:{_line(node, ('esft', 'mix_general'))}: esft.mix_general: not found: {mix} "
+            f"(relative to {path.parent}; or protocol)"
+        )
     try:
         config = EsftConfig(**settings)
     except ValidationError as err:
         raise _located(err, node, path, ("esft",)) from err
     return {**config.model_dump(mode="json"), **selection, "data": section["data"]}
+
+
+def _check_esft_apart(data: str, eval_ppl: PplOptions, node, path: Path) -> None:
+    """ESFT must not train on the text eval_ppl scores (it holds nothing of a task file out)."""
+    if eval_ppl.data is None:
+        return
+    here = [(path.parent / Path(value).expanduser()).resolve() for value in (data, eval_ppl.data)]
+    if here[0] == here[1]:
+        raise RecipeError(
+            f"{path}:{_line(node, ('esft', 'data'))}: esft.data: the text eval_ppl scores: ESFT would "
+            "train on its scored tail"
+        )
 
 
 def _check_recovery_apart(data, eval_ppl: PplOptions, node, path: Path) -> None:

@@ -2,7 +2,8 @@
 
     OUTPUT/batch.json            which recipe owns this output (another recipe's run is refused)
     OUTPUT/results.{json,csv,md} the table, rebuilt from the job directories as each job ends
-    OUTPUT/jobs/JOB/             result.json (+ carve.json, ppl.json, tasks.json, model/, error.txt)
+    OUTPUT/jobs/JOB/             result.json (+ carve.json, ppl.json, tasks.json, esft-*.json, error.txt,
+                                 model/, recovered/, esft-adapter/, esft-merged/)
     OUTPUT/models/               tiny models built for `tiny:` recipe entries
     OUTPUT/logs/JOB.log          output of jobs run as separate processes (--jobs N > 1)
 
@@ -132,6 +133,8 @@ def job_inputs(batch: Batch, job: Job, model: Path | None, identities: dict | No
     for stage in ("recover", "esft"):
         if stage in job.stages:
             sources[f"{stage}.data"] = stage_registry.recipe_path(root, job.options[stage]["data"])
+    if "esft" in job.stages and job.options["esft"]["mix_general"] not in (None, "protocol"):
+        sources["esft.mix_general"] = stage_registry.recipe_path(root, job.options["esft"]["mix_general"])
     if "eval_ppl" in job.stages:
         sources["eval_ppl.data"] = stage_registry.recipe_path(root, job.options["eval_ppl"].get("data"))
     kinds = {"model": model_identity, "esft.data": _file_identity}  # else a text source
@@ -370,16 +373,19 @@ def check_recover_text(source: Path, options: dict, root: Path) -> None:
 
 
 def check_esft_data(source: Path, options: dict, root: Path) -> None:
-    """The esft stage's task data parses into examples in the source's tokenizer, before its carve."""
+    """The esft stage's training set, built in the source's tokenizer before its carve: the task
+    data parses, and the general text makes up its share; its sequences within the positions."""
     from transformers import AutoTokenizer
 
-    from moecarve.esft.data import load_examples
+    from moecarve.esft.train import training_set
+    from moecarve.eval.ppl import check_positions
 
+    check_positions(source, options["max_length"], "esft.max_length")
+    data, _, _, _, config = stage_registry.esft_settings(options, root)
     try:
-        load_examples(stage_registry.recipe_path(root, options["data"]), AutoTokenizer.from_pretrained(source),
-                      options["max_length"])  # fmt: skip
+        training_set(source, data, AutoTokenizer.from_pretrained(source), config)
     except (ValueError, OSError) as err:
-        raise ValueError(f"esft.data: {err}") from None
+        raise ValueError(f"esft: {err}") from None
 
 
 def check_ppl_windows(source: Path, options: dict, root: Path) -> None:

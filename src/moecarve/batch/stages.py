@@ -8,7 +8,9 @@ options in recipe.py and its name in STAGE_ORDER.
 
 from __future__ import annotations
 
+import json
 import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,35 +103,52 @@ def recover(ctx: Context, options: dict) -> StageResult:
 def esft(ctx: Context, options: dict) -> StageResult:
     """ESFT of the job's model (its carve, or the carve's recovery): score the routed experts on the
     task, select, train the selected ones, merge. The evals after it score the merged model."""
+    from moecarve.devices import resolve_device
     from moecarve.esft.merge import merge
     from moecarve.esft.score import score
     from moecarve.esft.select import select
-    from moecarve.esft.train import EsftConfig, train
+    from moecarve.esft.train import train
 
-    settings = dict(options)
-    data = ctx.path(settings.pop("data"))
-    kind, p, tokens = settings.pop("score"), settings.pop("p"), settings.pop("tokens")
-    config = EsftConfig(**settings)
+    started = time.perf_counter()
+    data, kind, p, tokens, config = esft_settings(options, ctx.root)
     scores, experts = ctx.work / "esft-scores.json", ctx.work / "esft-experts.json"
-    score(ctx.model_dir, data, scores, tokens=tokens, max_length=config.max_length)
+    device = resolve_device(ctx.device)  # scoring is forward passes, as an eval's
+    score(ctx.model_dir, data, scores, tokens, config.max_length, device=device, progress=ctx.progress)
     chosen = select(scores, kind, p, experts)
     trained = train(ctx.model_dir, experts, data, ctx.work / "esft-adapter", config)
     ctx.model_dir = merge(ctx.model_dir, ctx.work / "esft-adapter", ctx.work / "esft-merged")
     kept = ctx.job.options.get("carve", {}).get("keep_model", True)
+    losses = trained["training"]["losses"]
     columns = {
         "esft_experts": chosen["selected"],
-        "esft_fraction": chosen["fraction_of_model"],
-        "esft_loss": trained["training"]["train_loss"],
-        "esft_seconds": trained["training"]["seconds"],
+        # of the model's parameters, all that trained (shared experts and more where the settings say)
+        "esft_fraction": trained["trainable_parameters"] / chosen["total_parameters"],
+        "esft_loss": losses[-1]
+        if losses
+        else trained["training"]["train_loss"],  # the last logged, as recover's
+        "esft_seconds": round(time.perf_counter() - started, 2),  # score, select, train and merge
     }
     record = {key: chosen[key] for key in ("score", "p", "experts", "selected", "fraction_of_model")}
     return {
         **record,
+        "trainable_parameters": trained["trainable_parameters"],
         "config": trained["config"],
         "training": trained["training"],
         "files": ["esft-scores.json", "esft-scores.png", "esft-experts.json"],
         "model": "esft-merged" if kept else None,
     }, columns
+
+
+def esft_settings(options: dict, root: Path):
+    """The esft stage's (task data, score kind, p, tokens, EsftConfig), its files relative to the recipe."""
+    from moecarve.esft.train import EsftConfig
+
+    settings = dict(options)
+    data = recipe_path(root, settings.pop("data"))
+    kind, p, tokens = settings.pop("score"), settings.pop("p"), settings.pop("tokens")
+    if settings.get("mix_general") not in (None, "protocol"):
+        settings["mix_general"] = recipe_path(root, settings["mix_general"])
+    return data, kind, p, tokens, EsftConfig(**settings)
 
 
 @stage("eval_ppl")
@@ -171,7 +190,7 @@ def eval_tasks(ctx: Context, options: dict) -> StageResult:
 
 
 def drop_models(work: Path) -> None:
-    """The checkpoints a job wrote: its carve's and its recovery's."""
+    """The checkpoints a job wrote: its carve's, its recovery's and its ESFT's."""
     for name in ("model", "recovered", "recover-checkpoints", "esft-adapter", "esft-merged"):
         shutil.rmtree(work / name, ignore_errors=True)
 
@@ -181,7 +200,11 @@ def finish(ctx: Context, final: Path, keep_model: bool) -> None:
     if not keep_model:
         drop_models(ctx.work)
     records = ("carve.json", "esft.json", "esft_config.json")  # of the checkpoints a job wrote
+    # as written, and as JSON escapes it (a name beyond ASCII)
+    spellings = [(str(ctx.work), str(final)), (json.dumps(str(ctx.work))[1:-1], json.dumps(str(final))[1:-1])]
     for path in [*ctx.work.glob("*.json"), *(p for p in ctx.work.glob("*/*.json") if p.name in records)]:
-        text = path.read_text(encoding="utf-8")
-        if str(ctx.work) in text:  # eval records name the model they read: its place after the rename
-            path.write_text(text.replace(str(ctx.work), str(final)), encoding="utf-8")
+        text = original = path.read_text(encoding="utf-8")
+        for old, new in spellings:  # records name the models they read: their place after the rename
+            text = text.replace(old, new)
+        if text != original:
+            path.write_text(text, encoding="utf-8")

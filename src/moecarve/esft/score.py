@@ -47,7 +47,13 @@ def normalise(values: torch.Tensor) -> list[float]:
 
 @torch.no_grad()
 def score(
-    model_dir: str | Path, data: str | Path, out: str | Path, tokens: int = 131072, max_length: int = 512
+    model_dir: str | Path,
+    data: str | Path,
+    out: str | Path,
+    tokens: int = 131072,
+    max_length: int = 512,
+    device: str = "cpu",
+    progress: bool = True,
 ) -> dict:
     """Score every routed expert on the task data; writes `out` (JSON) and a heatmap beside it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -65,15 +71,22 @@ def score(
     max_length = length_cap(model_dir, max_length)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     examples = load_examples(data, tokenizer, max_length)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype="auto", **moe.experts_loading(model_dir, "auto")
-    ).eval()
+    model = (
+        AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype="auto", **moe.experts_loading(model_dir, "auto")
+        )
+        .eval()
+        .to(device)
+    )
     sums = {
         kind: {index: torch.zeros(shape.num_experts, dtype=torch.float64) for index in shape.moe_layers}
         for kind in SCORES
     }
     used_tokens, sequences = 0, 0
-    with moe.record_routing(model) as log, tqdm(total=tokens, desc="esft score", leave=False) as bar:
+    with (
+        moe.record_routing(model) as log,
+        tqdm(total=tokens, desc="esft score", leave=False, disable=not progress) as bar,
+    ):
         for example in examples:
             if used_tokens >= tokens:
                 break

@@ -539,3 +539,16 @@ def test_an_esft_stage_after_the_recovery_specialises_the_model_the_evals_score(
     runner.run(batch, [job], progress=False)
     result = batch.result(job)
     assert result["stages"] == {} and "esft.max_length 100000 exceeds the 256 positions" in result["error"]
+
+
+def test_records_name_the_final_directory_also_where_json_escapes_its_name(tmp_path):
+    from moecarve.batch import stages
+
+    work, final = tmp_path / ".job-é.tmp-1", tmp_path / "job-é"
+    (work / "esft-merged").mkdir(parents=True)
+    for path in (work / "ppl.json", work / "esft-merged" / "esft.json"):
+        path.write_text(json.dumps({"model": str(work / "model")}))  # ensure_ascii: "\u00e9"
+    ctx = stages.Context(None, work, work, work, tmp_path, False)
+    stages.finish(ctx, final, keep_model=True)
+    for path in (work / "ppl.json", work / "esft-merged" / "esft.json"):
+        assert json.loads(path.read_text()) == {"model": str(final / "model")}

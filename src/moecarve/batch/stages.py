@@ -93,8 +93,11 @@ def recover(ctx: Context, options: dict) -> StageResult:
     ctx.model_dir = out
     keys = ("config", "data", "trainable_parameters", "train_loss", "final_train_loss", "teacher")
     record = {k: result.record[k] for k in keys}  # kept when the checkpoint is not
-    columns = {"recover_steps": settings["steps"], "recover_loss": record["final_train_loss"]}
-    columns["recover_seconds"] = result.record["seconds"]
+    columns = {
+        "recover_steps": settings["steps"],
+        "recover_loss": record["final_train_loss"],
+        "recover_seconds": result.record["seconds"],
+    }
     kept = ctx.job.options.get("carve", {}).get("keep_model", True)
     return {**record, "seconds": result.record["seconds"], "model": "recovered" if kept else None}, columns
 
@@ -118,14 +121,12 @@ def esft(ctx: Context, options: dict) -> StageResult:
     trained = train(ctx.model_dir, experts, data, ctx.work / "esft-adapter", config)
     ctx.model_dir = merge(ctx.model_dir, ctx.work / "esft-adapter", ctx.work / "esft-merged")
     kept = ctx.job.options.get("carve", {}).get("keep_model", True)
-    losses = trained["training"]["losses"]
+    losses = trained["training"]["losses"]  # the last logged loss, as recover's column
     columns = {
         "esft_experts": chosen["selected"],
         # of the model's parameters, all that trained (shared experts and more where the settings say)
         "esft_fraction": trained["trainable_parameters"] / chosen["total_parameters"],
-        "esft_loss": losses[-1]
-        if losses
-        else trained["training"]["train_loss"],  # the last logged, as recover's
+        "esft_loss": losses[-1] if losses else trained["training"]["train_loss"],
         "esft_seconds": round(time.perf_counter() - started, 2),  # score, select, train and merge
     }
     record = {key: chosen[key] for key in ("score", "p", "experts", "selected", "fraction_of_model")}

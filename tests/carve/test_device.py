@@ -58,6 +58,7 @@ def test_the_cli_refuses_a_device_in_one_line(tiny_models, tmp_path):
     result = subprocess.run([*cmd, "--out", str(tmp_path / "out")], capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: --device mps: carve runs on cpu or cuda"]
+    assert result.stdout == ""  # refused before the configuration is announced
     assert not (tmp_path / "out").exists()
 
 

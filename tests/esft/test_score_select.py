@@ -114,7 +114,11 @@ def test_score_refuses_data_without_examples(tiny_carved, tmp_path):
 
 @pytest.mark.parametrize(
     "out, options, message",
-    [("s.png", {}, "the scores are JSON"), ("s.json", {"max_length": 0}, "--max-length must be at least 2")],
+    [
+        ("s.png", {}, "the scores are JSON"),
+        ("s.json", {"max_length": 0}, "--max-length must be at least 2"),
+        ("s.json", {"device": "mps"}, "--device mps: esft score runs on cpu or cuda"),
+    ],
 )
 def test_score_refuses_bad_options_before_work(tiny_carved, tmp_path, out, options, message):
     with pytest.raises(ValueError, match=message):

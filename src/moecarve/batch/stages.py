@@ -106,7 +106,6 @@ def recover(ctx: Context, options: dict) -> StageResult:
 def esft(ctx: Context, options: dict) -> StageResult:
     """ESFT of the job's model (its carve, or the carve's recovery): score the routed experts on the
     task, select, train the selected ones, merge. The evals after it score the merged model."""
-    from moecarve.devices import resolve_device
     from moecarve.esft.merge import merge
     from moecarve.esft.score import score
     from moecarve.esft.select import select
@@ -115,8 +114,8 @@ def esft(ctx: Context, options: dict) -> StageResult:
     started = time.perf_counter()
     data, kind, p, tokens, config = esft_settings(options, ctx.root)
     scores, experts = ctx.work / "esft-scores.json", ctx.work / "esft-experts.json"
-    device = resolve_device(ctx.device)  # scoring is forward passes, as an eval's
-    score(ctx.model_dir, data, scores, tokens, config.max_length, device=device, progress=ctx.progress)
+    # scoring is forward passes: where the evals run (the recipe's device, else CUDA where present)
+    score(ctx.model_dir, data, scores, tokens, config.max_length, device=ctx.device, progress=ctx.progress)
     chosen = select(scores, kind, p, experts)
     trained = train(ctx.model_dir, experts, data, ctx.work / "esft-adapter", config)
     ctx.model_dir = merge(ctx.model_dir, ctx.work / "esft-adapter", ctx.work / "esft-merged")

@@ -26,11 +26,12 @@ def group():
 @click.option("--out", "-o", required=True, help="scores JSON (a heatmap PNG is written beside it)")
 @click.option("--tokens", type=int, default=131072, show_default=True, help="task tokens to route")
 @click.option("--max-length", type=int, default=512, show_default=True, help="tokens per sequence")
-def score_command(model, data, out, tokens, max_length):
+@click.option("--device", default=None, help="cpu, cuda or cuda:N [default: cuda if present]")
+def score_command(model, data, out, tokens, max_length, device):
     """Gate and token-selection scores of every routed expert of MODEL on the task."""
     from moecarve.esft.score import score
 
-    record = score(model, data, out, tokens=tokens, max_length=max_length)
+    record = score(model, data, out, tokens=tokens, max_length=max_length, device=device)
     click.echo(f"scored {record['tokens']} tokens in {record['sequences']} sequences; wrote {out}")
 
 

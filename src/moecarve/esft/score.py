@@ -52,16 +52,20 @@ def score(
     out: str | Path,
     tokens: int = 131072,
     max_length: int = 512,
-    device: str = "cpu",
+    device: str | None = None,
     progress: bool = True,
 ) -> dict:
-    """Score every routed expert on the task data; writes `out` (JSON) and a heatmap beside it."""
+    """Score every routed expert on the task data; writes `out` (JSON) and a heatmap beside it.
+    `device`: cpu, cuda or cuda:N (None: CUDA where present)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from moecarve.devices import resolve_device
 
     if tokens < 1:
         raise ValueError(f"--tokens must be positive, got {tokens}")
     if max_length < 2:
         raise ValueError(f"--max-length must be at least 2, got {max_length}")
+    device = resolve_device(device, "esft score")
     if Path(out).suffix.lower() == ".png":
         raise ValueError(f"--out {out}: the scores are JSON; the heatmap is written beside them as .png")
     out = check_output_file(out)

@@ -318,11 +318,15 @@ def test_ppl_text_named_by_protocol_or_hub_name_is_checked_as_the_stage_reads_it
         load_dataset=lambda name, split, streaming: iter([{"text": "the router " * 400}])
     )
     monkeypatch.setitem(sys.modules, "datasets", stub)
+    from transformers import AutoTokenizer
+
+    model = tiny_models["llama"]
+    tokenizer = AutoTokenizer.from_pretrained(model)
     for data in ("boolq-passages", "org/texts", None):
-        runner.check_ppl_windows(tiny_models["llama"], {"windows": 2, "length": 128, "data": data}, tmp_path)
+        runner.check_ppl_windows(model, tokenizer, {"windows": 2, "length": 128, "data": data}, tmp_path)
     with pytest.raises(ValueError, match="8 x 128 needed"):
         runner.check_ppl_windows(
-            tiny_models["llama"], {"windows": 8, "length": 128, "data": "org/texts"}, tmp_path
+            model, tokenizer, {"windows": 8, "length": 128, "data": "org/texts"}, tmp_path
         )
 
 

@@ -320,13 +320,7 @@ def run_job(batch: Batch, job: Job, progress: bool = True) -> dict | None:
             try:
                 source = resolve_model(batch, job)
                 record["inputs"] = job_inputs(batch, job, _local_model(batch, job))
-                # a carve keeps its source's positions and tokenizer: checked on the source, before it
-                if "recover" in job.stages:
-                    check_recover_text(source, job.options["recover"], batch.loaded.root)
-                if "esft" in job.stages:
-                    check_esft_data(source, job.options["esft"], batch.loaded.root)
-                if "eval_ppl" in job.stages:
-                    check_ppl_windows(source, job.options["eval_ppl"], batch.loaded.root)
+                check_texts(source, job, batch.loaded.root)
                 ctx = stage_registry.Context(
                     job, work, source, source, batch.loaded.root, progress, batch.loaded.recipe.device
                 )
@@ -338,9 +332,8 @@ def run_job(batch: Batch, job: Job, progress: bool = True) -> dict | None:
                 record.update(status="ok", error=None)
             except Exception as err:  # recorded; the batch goes on with the next job
                 record.update(status="failed", error=error_line(err))
-                shutil.rmtree(
-                    work / "recover-checkpoints", ignore_errors=True
-                )  # a new run never resumes them
+                # a rerun never resumes a recovery's checkpoints: they go whatever keep_models says
+                shutil.rmtree(work / "recover-checkpoints", ignore_errors=True)
                 if not job.options.get("carve", {}).get("keep_model", True):
                     stage_registry.drop_models(work)
                 (work / "error.txt").write_text(traceback.format_exc(), encoding="utf-8")
@@ -350,56 +343,56 @@ def run_job(batch: Batch, job: Job, progress: bool = True) -> dict | None:
     return record
 
 
-def check_recover_text(source: Path, options: dict, root: Path) -> None:
-    """The recover stage's sequences, checked on the source before its carve: within its positions,
-    and one step's worth of them in the text."""
+def check_texts(source: Path, job: Job, root: Path) -> None:
+    """What the job's stages after its carve will read, checked on the source before the carve (a
+    carve keeps its source's positions and tokenizer), the tokenizer loaded once for them all."""
     from transformers import AutoTokenizer
 
+    checks = [(name, check) for name, check in TEXT_CHECKS.items() if name in job.stages]
+    if checks:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        for name, check in checks:
+            check(source, tokenizer, job.options[name], root)
+
+
+def check_recover_text(source: Path, tokenizer, options: dict, root: Path) -> None:
+    """The recover stage's sequences: within the source's positions, one step's worth in the text."""
     from moecarve.eval.ppl import check_positions
-    from moecarve.tune.data import training_blocks
+    from moecarve.tune.recover import RecoverConfig, training_text
 
     check_positions(source, options["length"], "recover.length")
-    per_step = options["batch_size"] * options["grad_accum"]
+    settings = {key: value for key, value in options.items() if key != "data"}
     try:
-        text = training_blocks(AutoTokenizer.from_pretrained(source), stage_registry.recipe_path(root, options["data"]),
-                               options["length"], per_step)  # fmt: skip
+        training_text(tokenizer, stage_registry.recipe_path(root, options["data"]), RecoverConfig(**settings))
     except ValueError as err:
         raise ValueError(f"recover: {err}") from None
-    if text.blocks.shape[0] < per_step:
-        raise ValueError(
-            f"recover: the text gives {text.blocks.shape[0]} sequences of {options['length']} tokens, one step "
-            f"needs {per_step} (batch_size x grad_accum)"
-        )
 
 
-def check_esft_data(source: Path, options: dict, root: Path) -> None:
-    """The esft stage's training set, built in the source's tokenizer before its carve: the task
-    data parses, and the general text makes up its share; its sequences within the positions."""
-    from transformers import AutoTokenizer
-
+def check_esft_data(source: Path, tokenizer, options: dict, root: Path) -> None:
+    """The esft stage's training set: the task data parses, and the general text makes up its
+    share; its sequences within the source's positions."""
     from moecarve.esft.train import training_set
     from moecarve.eval.ppl import check_positions
 
     check_positions(source, options["max_length"], "esft.max_length")
     data, _, _, _, config = stage_registry.esft_settings(options, root)
     try:
-        training_set(source, data, AutoTokenizer.from_pretrained(source), config)
+        training_set(source, data, tokenizer, config)
     except (ValueError, OSError) as err:
         raise ValueError(f"esft: {err}") from None
 
 
-def check_ppl_windows(source: Path, options: dict, root: Path) -> None:
-    """eval_ppl's windows, checked on the source before its carve: within its positions, and the
-    text long enough in its tokenizer (the carve keeps both)."""
-    from transformers import AutoTokenizer
-
+def check_ppl_windows(source: Path, tokenizer, options: dict, root: Path) -> None:
+    """eval_ppl's windows: within the source's positions, and the text long enough in its tokenizer."""
     from moecarve.carve.calib import read_text, tokenize_stream
     from moecarve.eval.ppl import _tail_windows, check_positions
 
     check_positions(source, options["length"], "eval_ppl.length")
     text, description = read_text(stage_registry.recipe_path(root, options.get("data")), "eval_ppl.data")
-    _tail_windows(tokenize_stream(AutoTokenizer.from_pretrained(source), text), options["windows"],
-                  options["length"], description)  # fmt: skip
+    _tail_windows(tokenize_stream(tokenizer, text), options["windows"], options["length"], description)
+
+
+TEXT_CHECKS = {"recover": check_recover_text, "esft": check_esft_data, "eval_ppl": check_ppl_windows}
 
 
 def clear_leftovers(final: Path) -> None:

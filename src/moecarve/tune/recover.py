@@ -28,7 +28,7 @@ from moecarve.eval.ppl import PROTOCOL_LENGTH, check_positions
 from moecarve.moe import declared_dtype
 from moecarve.tune.adapters import DEFAULT_LORA_TARGETS, trainable_model
 from moecarve.tune.balance import LoadTracker
-from moecarve.tune.data import training_blocks
+from moecarve.tune.data import TrainingText, training_blocks
 from moecarve.tune.trainer import (
     BalanceCallback,
     Blocks,
@@ -96,6 +96,19 @@ class RecoverResult:
     model: torch.nn.Module  # the merged model as saved
 
 
+def training_text(tokenizer, data, config: RecoverConfig, processes: int = 1) -> TrainingText:
+    """The blocks `config` trains on (`processes` of them each taking a share of a step); refuses a
+    text without one step's worth."""
+    per_step = config.batch_size * config.grad_accum * processes
+    text = training_blocks(tokenizer, data, config.length, config.steps * per_step)
+    if text.blocks.shape[0] < per_step:
+        raise ValueError(
+            f"training text gives {text.blocks.shape[0]} sequences of {config.length} tokens, one step needs "
+            f"{per_step}: give more text or lower --batch-size/--length"
+        )
+    return text
+
+
 def check_carved(model_dir: Path) -> dict:
     """The model's config.json, refusing anything that is not a carved (glm4_moe) checkpoint."""
     config_path = model_dir / "config.json"
@@ -152,13 +165,7 @@ def recover(
 
     tokenizer = AutoTokenizer.from_pretrained(src)
     state = PartialState()  # under `accelerate launch`: every process reads its share, one writes
-    per_step = config.batch_size * config.grad_accum * state.num_processes
-    text = training_blocks(tokenizer, data, config.length, config.steps * per_step)
-    if text.blocks.shape[0] < per_step:
-        raise ValueError(
-            f"training text gives {text.blocks.shape[0]} sequences of {config.length} tokens, one step needs "
-            f"{per_step}: give more text or lower --batch-size/--length"
-        )
+    text = training_text(tokenizer, data, config, state.num_processes)
 
     with damaged_weights_named(src):
         base = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)

@@ -306,7 +306,7 @@ def _esft_options(section: dict, node, path: Path) -> dict:
     if not section.get("data"):
         raise RecipeError(f"{where}.data: missing (required): the task's JSONL or text file")
     data = section["data"]
-    if not isinstance(data, str) or not (path.parent / Path(data).expanduser()).is_file():
+    if not isinstance(data, str) or not _beside(path, data).is_file():
         where_data = f"{path}:{_line(node, ('esft', 'data'))}: esft.data"
         raise RecipeError(f"{where_data}: not a file: {data} (relative to {path.parent})")
     selection = {
@@ -329,11 +329,7 @@ def _esft_options(section: dict, node, path: Path) -> dict:
             f"{path}:{_line(node, ('esft', key))}: esft.{key}: esft.mix_general and esft.mix_ratio go "
             "together: a text (a file relative to the recipe, or protocol) and a ratio in (0, 1)"
         )
-    if (
-        mix
-        and mix != "protocol"
-        and not (isinstance(mix, str) and (path.parent / Path(mix).expanduser()).exists())
-    ):
+    if mix and mix != "protocol" and not (isinstance(mix, str) and _beside(path, mix).exists()):
         raise RecipeError(
             f"{path}:{_line(node, ('esft', 'mix_general'))}: esft.mix_general: not found: {mix} "
             f"(relative to {path.parent}; or protocol)"
@@ -349,7 +345,7 @@ def _check_esft_apart(data: str, eval_ppl: PplOptions, node, path: Path) -> None
     """ESFT must not train on the text eval_ppl scores (it holds nothing of a task file out)."""
     if eval_ppl.data is None:
         return
-    here = [(path.parent / Path(value).expanduser()).resolve() for value in (data, eval_ppl.data)]
+    here = [_beside(path, value).resolve() for value in (data, eval_ppl.data)]
     if here[0] == here[1]:
         raise RecipeError(
             f"{path}:{_line(node, ('esft', 'data'))}: esft.data: the text eval_ppl scores: ESFT would "
@@ -365,7 +361,7 @@ def _check_recovery_apart(data, eval_ppl: PplOptions, node, path: Path) -> None:
 
     def text(value):
         protocol = value is None or value == resources.PROTOCOL_TEXT
-        return "protocol" if protocol else str((path.parent / Path(value).expanduser()).resolve())
+        return "protocol" if protocol else str(_beside(path, value).resolve())
 
     if text(data) != text(eval_ppl.data):
         return
@@ -404,9 +400,14 @@ def _check_text_source(value, loc: tuple, node, path: Path) -> None:
         return
     if not isinstance(value, str):
         raise RecipeError(f"{where}: a file, a directory or a hub dataset name, got {value!r}")
-    local = path.parent / Path(value).expanduser()
+    local = _beside(path, value)
     if not local.exists() and looks_like_path(value):
         raise RecipeError(f"{where}: not found: {value} (relative to {path.parent})")
+
+
+def _beside(recipe: Path, value: str) -> Path:
+    """A path the recipe names: relative to the recipe file."""
+    return recipe.parent / Path(value).expanduser()
 
 
 def _dotted(loc: tuple) -> str:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The carve on a GPU (docs/carve.md, "On a GPU"), as one command sized for a device session: the
 # gpu-marked carve tests (exact with every expert active, deterministic, the CPU's carve up to
-# rounding), then two Llama-2-7B-shaped layers carved at the default 16,384 calibration tokens on
+# rounding) and training-device tests (recovery and ESFT on one GPU, docs/tune.md), then two Llama-2-7B-shaped layers carved at the default 16,384 calibration tokens on
 # the GPU and, in the same call, on the machine's 16 CPU cores, for the ratio. Each step has its own
 # time limit and writes as it goes. The GPU image lacks pydantic, so first, here:
 #
@@ -38,7 +38,7 @@ transformers.__version__, "pydantic", pydantic.__version__)'
     git rev-parse --short HEAD 2>/dev/null || true
 } >"$log" 2>&1
 
-step 90 python3 -m pytest -m gpu tests/carve -q -p no:cacheprovider
+step 120 python3 -m pytest -m gpu tests/carve tests/esft/test_training_device.py -q -p no:cacheprovider
 step 100 python3 benchmarks/carve_streaming.py --hidden 4096 --intermediate 11008 --layers 2 --heads 32 \
     --kv-heads 32 --calib-tokens 16384 --synthetic-text --device cuda --threads 16 \
     --out "$out/scale_7b_layers_cuda.json"

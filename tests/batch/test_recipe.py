@@ -221,7 +221,7 @@ def test_shipped_recipes_validate(name, jobs):
             "{windows: 4, length: 128, data: hub_texts}",
             "the text eval_ppl scores",
         ),
-        ("{steps: 2}", "{windows: 32, length: 2048}", "last 65536 tokens, the recovery holds out only 32768"),
+        ("{steps: 2}", "{windows: 32, length: 2048}", "last 65536 tokens, training holds out only 32768"),
     ],
     ids=["same_text", "passages_beyond_the_hold_out"],
 )
@@ -274,3 +274,24 @@ def test_esft_on_the_text_eval_ppl_scores_is_refused(tmp_path):
     path = write(tmp_path, text + "esft: {data: ./task.txt}\n")
     with pytest.raises(RecipeError, match=rf"^{path}:10: esft.data: the text eval_ppl scores"):
         load_recipe(path)
+
+
+@pytest.mark.parametrize(
+    ("general", "eval_ppl", "message"),
+    [
+        ("general.txt", "{windows: 4, length: 128, data: general.txt}", "the text eval_ppl scores"),
+        ("protocol", "{windows: 32, length: 2048}", "last 65536 tokens, training holds out only 32768"),
+    ],
+    ids=["same_text", "passages_beyond_the_hold_out"],
+)
+def test_esft_general_text_that_reaches_the_scored_tokens_is_refused(tmp_path, general, eval_ppl, message):
+    for name in ("task.jsonl", "general.txt", "other.txt"):
+        (tmp_path / name).write_text('{"text": "a b c"}\n')
+    text = GOOD.replace("[carve, eval_ppl]", "[carve, esft, eval_ppl]")
+    text = text.replace("eval_ppl: {windows: 4, length: 128}", f"eval_ppl: {eval_ppl}")
+    text += f"esft: {{data: task.jsonl, mix_general: {general}, mix_ratio: 0.2}}\n"
+    path = write(tmp_path, text)
+    with pytest.raises(RecipeError, match=rf"^{path}:10: esft.mix_general: .*{message}"):
+        load_recipe(path)
+    apart = text.replace(f"mix_general: {general}", "mix_general: other.txt")
+    assert load_recipe(write(tmp_path, apart)).jobs  # another text: accepted

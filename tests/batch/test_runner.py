@@ -369,6 +369,32 @@ def test_the_recipes_device_reaches_the_carve_and_the_evals(
     ctx = stages.Context(job, tmp_path, tmp_path, tmp_path, tmp_path, False, batch.loaded.recipe.device)
     stages.STAGES["eval_tasks"](ctx, {"tasks": ["piqa"], "limit": 1, "batch_size": 1})
     assert seen["tasks"] == eval_device
+    # the training stages, on their own: each hands the device to its trainer (and ESFT to its scoring)
+    from moecarve.esft import score, select, train
+    from moecarve.tune import recover
+
+    class Handed(Exception):
+        pass
+
+    def handed(name):
+        def run(*args, **kwargs):
+            seen[name] = kwargs["device"]
+            raise Handed
+
+        return run
+
+    monkeypatch.setattr(recover, "recover", handed("recover"))
+    monkeypatch.setattr(score, "score", lambda *args, **kwargs: seen.update(esft_score=kwargs["device"]))
+    monkeypatch.setattr(select, "select", lambda *args: {})
+    monkeypatch.setattr(train, "train", handed("esft_train"))
+    with pytest.raises(Handed):
+        stages.STAGES["recover"](ctx, {"data": None, "steps": 1})
+    (tmp_path / "task.jsonl").write_text('{"text": "a b"}\n')
+    with pytest.raises(Handed):
+        stages.STAGES["esft"](
+            ctx, {"data": "task.jsonl", "score": "token", "p": 0.5, "tokens": 8, "steps": 1}
+        )
+    assert (seen["recover"], seen["esft_score"], seen["esft_train"]) == (eval_device,) * 3
 
 
 def test_a_gpu_recipe_is_planned_anywhere_and_refused_at_its_run_where_there_is_no_gpu(make_recipe, tmp_path):

@@ -92,8 +92,8 @@ class Recipe(_Strict):
     keep_models: bool = Field(True, description="keep each carved checkpoint in its job directory")
     device: str | None = Field(
         None,
-        description="where the carves and evals run: cpu, cuda, cuda:N (default: carves on the CPU, "
-        "evals on CUDA where present); not in a job's fingerprint, so moving a recipe reruns nothing",
+        description="where every stage runs: cpu, cuda, cuda:N (default: carves on the CPU, the rest on "
+        "CUDA where present); not in a job's fingerprint, so moving a recipe reruns nothing",
     )
 
     @field_validator("device")
@@ -238,11 +238,15 @@ def _expand(recipe: Recipe, node, path: Path) -> list[Job]:
     if recipe.recover is not None:
         options["recover"] = _recover_options(recipe.recover, node, path)
         if recipe.eval_ppl is not None:
-            _check_recovery_apart(options["recover"]["data"], recipe.eval_ppl, node, path)
+            _check_text_apart(options["recover"]["data"], ("recover", "data"), recipe.eval_ppl, node, path)
     if recipe.esft is not None:
         options["esft"] = _esft_options(recipe.esft, node, path)
         if recipe.eval_ppl is not None:
             _check_esft_apart(options["esft"]["data"], recipe.eval_ppl, node, path)
+            general = options["esft"].get("mix_general")
+            if general:  # its `protocol` is the BoolQ passages, as recover's default
+                general = None if general == "protocol" else general
+                _check_text_apart(general, ("esft", "mix_general"), recipe.eval_ppl, node, path)
     jobs, model_names = [], set()
     for m, model in enumerate(recipe.models):
         if model.name in model_names:
@@ -353,9 +357,10 @@ def _check_esft_apart(data: str, eval_ppl: PplOptions, node, path: Path) -> None
         )
 
 
-def _check_recovery_apart(data, eval_ppl: PplOptions, node, path: Path) -> None:
-    """The recovery must not train on the tokens eval_ppl scores: the tail of the same text. Of the
-    BoolQ passages it holds out the protocol's tail; of any other text, nothing."""
+def _check_text_apart(data, key: tuple, eval_ppl: PplOptions, node, path: Path) -> None:
+    """A general training text (recover.data, esft.mix_general) must not reach the tokens eval_ppl
+    scores, the tail of the same text: of the BoolQ passages training holds out the protocol's
+    tail; of any other text, nothing."""
     from moecarve import resources
     from moecarve.tune.data import PROTOCOL_TOKENS
 
@@ -365,14 +370,14 @@ def _check_recovery_apart(data, eval_ppl: PplOptions, node, path: Path) -> None:
 
     if text(data) != text(eval_ppl.data):
         return
-    where = f"{path}:{_line(node, ('recover', 'data'))}: recover.data"
+    where = f"{path}:{_line(node, key)}: {_dotted(key)}"
     scored = eval_ppl.windows * eval_ppl.length
     if text(data) != "protocol":
-        raise RecipeError(f"{where}: the text eval_ppl scores: the recovery would train on its scored tail")
+        raise RecipeError(f"{where}: the text eval_ppl scores: training would read its scored tail")
     if scored > PROTOCOL_TOKENS:
         raise RecipeError(
-            f"{where}: eval_ppl scores the passages' last {scored} tokens, the recovery holds out only "
-            f"{PROTOCOL_TOKENS}: give the recovery another text"
+            f"{where}: eval_ppl scores the passages' last {scored} tokens, training holds out only "
+            f"{PROTOCOL_TOKENS}: give {_dotted(key)} another text"
         )
 
 

@@ -88,10 +88,15 @@ def recover(ctx: Context, options: dict) -> StageResult:
     data = ctx.path(settings.pop("data"))
     out = ctx.work / "recovered"
     result = run_recover(
-        ctx.model_dir, RecoverConfig(**settings), data, out, checkpoints=ctx.work / "recover-checkpoints"
+        ctx.model_dir,
+        RecoverConfig(**settings),
+        data,
+        out,
+        checkpoints=ctx.work / "recover-checkpoints",
+        device=ctx.device,
     )
     ctx.model_dir = out
-    keys = ("config", "data", "trainable_parameters", "train_loss", "final_train_loss", "teacher")
+    keys = ("config", "data", "trainable_parameters", "train_loss", "final_train_loss", "teacher", "device")
     record = {k: result.record[k] for k in keys}  # kept when the checkpoint is not
     columns = {
         "recover_steps": settings["steps"],
@@ -114,10 +119,10 @@ def esft(ctx: Context, options: dict) -> StageResult:
     started = time.perf_counter()
     data, kind, p, tokens, config = esft_settings(options, ctx.root)
     scores, experts = ctx.work / "esft-scores.json", ctx.work / "esft-experts.json"
-    # scoring is forward passes: where the evals run (the recipe's device, else CUDA where present)
+    # scoring and training on the recipe's device; without one, each where it runs by default
     score(ctx.model_dir, data, scores, tokens, config.max_length, device=ctx.device, progress=ctx.progress)
     chosen = select(scores, kind, p, experts)
-    trained = train(ctx.model_dir, experts, data, ctx.work / "esft-adapter", config)
+    trained = train(ctx.model_dir, experts, data, ctx.work / "esft-adapter", config, device=ctx.device)
     ctx.model_dir = merge(ctx.model_dir, ctx.work / "esft-adapter", ctx.work / "esft-merged")
     kept = ctx.job.options.get("carve", {}).get("keep_model", True)
     losses = trained["training"]["losses"]  # the last logged loss, as recover's column

@@ -84,13 +84,14 @@ def _mix(value: str | None) -> tuple[str | None, float]:
 )
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="replace an earlier adapter")
-def train_command(model, experts_file, data, out, overwrite, mix_general, **options):
+@click.option("--device", default=None, help="cpu, cuda or cuda:N [default: CUDA where present, every GPU]")
+def train_command(model, experts_file, data, out, overwrite, mix_general, device, **options):
     """Train only the selected experts of MODEL; saves only the trained tensors."""
     from moecarve.esft.train import train
 
     text, ratio = _mix(mix_general)
     config = EsftConfig(mix_general=text, mix_ratio=ratio, **options)
-    r = train(model, experts_file, data, out, config, overwrite=overwrite)
+    r = train(model, experts_file, data, out, config, overwrite=overwrite, device=device)
     click.echo(
         f"trained {r['trainable_parameters']:,} parameters for {config.steps} steps "
         f"({r['training']['seconds']:.0f} s, mean loss {r['training']['train_loss']:.4f}); wrote {out}"

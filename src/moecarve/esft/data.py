@@ -84,7 +84,10 @@ def _pair(tokenizer, prompt, response, max_length, add_eos: bool, special: bool 
 
 def text_examples(text: str, tokenizer, max_length: int) -> list[Example]:
     """Plain text cut into max_length pieces, loss on every token (pieces of < 2 tokens dropped)."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return token_examples(tokenizer(text, add_special_tokens=False)["input_ids"], max_length)
+
+
+def token_examples(ids: list[int], max_length: int) -> list[Example]:
     pieces = [ids[i : i + max_length] for i in range(0, len(ids), max_length)]
     return [Example(piece, list(piece)) for piece in pieces if len(piece) > 1]
 

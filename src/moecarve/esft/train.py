@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import save_file
 
 from moecarve import moe
-from moecarve.esft.data import Collator, as_dataset, load_examples, pad_id, text_examples
+from moecarve.esft.data import Collator, as_dataset, load_examples, pad_id, text_examples, token_examples
 from moecarve.esft.merge import base_digest
 from moecarve.esft.optim import SliceAdamW, mask_gradient
 from moecarve.esft.score import length_cap
@@ -98,17 +98,21 @@ def count_trainable(groups: list[dict]) -> int:
     )
 
 
-def fit(model, dataset: list[dict], collator, config: EsftConfig, optimizer=None) -> dict:
-    """Run the transformers Trainer for config.steps; returns time, losses and steps.
+def fit(
+    model, dataset: list[dict], collator, config: EsftConfig, optimizer=None, device: str | None = None
+) -> dict:
+    """Run the transformers Trainer for config.steps on `device` (None: transformers' choice);
+    returns time, losses and steps.
 
     `optimizer` None lets the Trainer build its AdamW (used by the full and LoRA baselines).
     """
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
 
-    from moecarve.tune.trainer import check_trained_weights  # imports transformers' Trainer
+    # imports transformers' Trainer
+    from moecarve.tune.trainer import OneDeviceArguments, check_trained_weights, device_arguments, trained_on
 
     with tempfile.TemporaryDirectory(prefix="esft-trainer-") as work:
-        args = TrainingArguments(
+        args = OneDeviceArguments(
             output_dir=work,
             max_steps=config.steps,
             per_device_train_batch_size=config.batch_size,
@@ -128,6 +132,7 @@ def fit(model, dataset: list[dict], collator, config: EsftConfig, optimizer=None
             dataloader_num_workers=0,
             seed=config.seed,
             data_seed=config.seed,
+            **device_arguments(device),
         )
         trainer = Trainer(
             model=model,
@@ -141,7 +146,13 @@ def fit(model, dataset: list[dict], collator, config: EsftConfig, optimizer=None
         seconds = time.perf_counter() - start
         check_trained_weights(model)
         losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
-    return {"seconds": seconds, "train_loss": output.training_loss, "losses": losses, "steps": config.steps}
+    return {
+        "seconds": seconds,
+        "train_loss": output.training_loss,
+        "losses": losses,
+        "steps": config.steps,
+        "device": trained_on(args),
+    }
 
 
 def training_set(model_dir, data, tokenizer, config: EsftConfig) -> list[dict]:
@@ -149,6 +160,7 @@ def training_set(model_dir, data, tokenizer, config: EsftConfig) -> list[dict]:
     examples = load_examples(data, tokenizer, config.max_length)
     if config.mix_general:
         from moecarve.carve.calib import read_text
+        from moecarve.tune.data import usable_stream
 
         source = None if config.mix_general == "protocol" else Path(config.mix_general).expanduser()
         if source is not None and not source.exists():
@@ -156,9 +168,13 @@ def training_set(model_dir, data, tokenizer, config: EsftConfig) -> list[dict]:
                 f"--mix-general {config.mix_general}: no such file or directory "
                 "(a text or JSONL file, a directory of .txt files, or 'protocol')"
             )
-        text, _ = read_text(source, "--mix-general")
         wanted = math.ceil(len(examples) * config.mix_ratio / (1 - config.mix_ratio))
-        general = text_examples(text[: 8 * wanted * config.max_length], tokenizer, config.max_length)
+        if source is None:  # the passages without the tail the perplexity protocol scores
+            ids, _, _ = usable_stream(tokenizer, None, "--mix-general")
+            general = token_examples(ids.tolist(), config.max_length)
+        else:  # the start of the text, cut before tokenizing: a general corpus can be large
+            text, _ = read_text(source, "--mix-general")
+            general = text_examples(text[: 8 * wanted * config.max_length], tokenizer, config.max_length)
         if len(general) < wanted:
             raise ValueError(
                 f"general text gives {len(general)} sequences, {wanted} needed for the mix ratio"
@@ -167,7 +183,9 @@ def training_set(model_dir, data, tokenizer, config: EsftConfig) -> list[dict]:
     return as_dataset(examples)
 
 
-def train_experts(model, experts: dict[int, list[int]], dataset, collator, config: EsftConfig, declared=None):
+def train_experts(
+    model, experts: dict[int, list[int]], dataset, collator, config: EsftConfig, declared=None, device=None
+):
     """Train a loaded model in place, only its selected slices (plus what config adds); returns
     the optimiser groups, the training stats and the digest of the base values they replaced
     (rounded to `declared`, the checkpoint's declared dtype, as merge will load them)."""
@@ -179,7 +197,7 @@ def train_experts(model, experts: dict[int, list[int]], dataset, collator, confi
         betas=(config.beta1, config.beta2),
         weight_decay=config.weight_decay,
     )
-    return groups, fit(model, dataset, collator, config, optimizer), digest
+    return groups, fit(model, dataset, collator, config, optimizer, device), digest
 
 
 def plan(groups: list[dict]) -> dict[str, list[int] | None]:
@@ -188,14 +206,23 @@ def plan(groups: list[dict]) -> dict[str, list[int] | None]:
 
 
 def train(
-    model_dir, experts_file, data, out, config: EsftConfig | None = None, overwrite: bool = False
+    model_dir,
+    experts_file,
+    data,
+    out,
+    config: EsftConfig | None = None,
+    overwrite: bool = False,
+    device: str | None = None,
 ) -> dict:
-    """ESFT: train the selected experts of MODEL on the task data, save the adapter to `out`."""
+    """ESFT: train the selected experts of MODEL on the task data, save the adapter to `out`.
+    `device`: cpu, cuda or cuda:N (None: transformers' choice, CUDA where present)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from moecarve.carve.writer import atomic_directory, check_apart, check_output
+    from moecarve.tune.trainer import training_device
 
     config = config or EsftConfig()
+    device = training_device(device, "esft train")
     out = Path(out).expanduser()
     check_output(out, Path(model_dir), overwrite, marker="esft_config.json")
     check_apart(
@@ -216,7 +243,7 @@ def train(
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.config.use_cache = False
     groups, stats, digest = train_experts(
-        model, experts, dataset, Collator(pad_id(tokenizer)), config, moe.declared_dtype(model_dir)
+        model, experts, dataset, Collator(pad_id(tokenizer)), config, moe.declared_dtype(model_dir), device
     )
     tensors = {
         g["name"]: (p.detach() if g["rows"] is None else p.detach().index_select(0, g["rows"]))

@@ -52,12 +52,15 @@ def group():
 @click.option("--overwrite", is_flag=True, help="replace an earlier moecarve output at OUT")
 @click.option("--adapter-out", default=None, help="also save the LoRA adapter alone here")
 @click.option("--eval-ppl", is_flag=True, help="measure protocol perplexity before and after")
+@click.option("--device", default=None, help="cpu, cuda or cuda:N [default: CUDA where present, every GPU]")
 def recover_command(
-    carved, data, out, checkpoints, resume, overwrite, adapter_out, eval_ppl, teacher, **options
+    carved, data, out, checkpoints, resume, overwrite, adapter_out, eval_ppl, teacher, device, **options
 ):
     """Recover the quality of a CARVED checkpoint with a light fine-tune; writes a merged glm4_moe model."""
     from moecarve.tune.recover import recover
+    from moecarve.tune.trainer import training_device
 
+    device = training_device(device, "tune recover")  # refused before the run is announced
     options["lora_targets"] = tuple(t.strip() for t in options["lora_targets"].split(",") if t.strip())
     config = RecoverConfig(**options)
     click.echo(f"training {'+'.join(config.train)} for {config.steps} steps")
@@ -72,6 +75,7 @@ def recover_command(
         evaluate=eval_ppl,
         adapter_out=adapter_out,
         teacher=teacher,
+        device=device,
     )
     record = result.record
     click.echo(

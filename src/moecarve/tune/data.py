@@ -29,13 +29,19 @@ class TrainingText:
         return self.blocks.numel()
 
 
+def usable_stream(tokenizer, source, what: str = "--data") -> tuple[torch.Tensor, str, int]:
+    """The source's tokens that training may read, its description and how many were held out: of
+    the protocol's passages, all but the scored tail; of any other text, all of it."""
+    text, description = read_text(source, what)
+    stream = tokenize_stream(tokenizer, text)
+    held_out = PROTOCOL_TOKENS if source is None or str(source) == resources.PROTOCOL_TEXT else 0
+    return (stream[: stream.numel() - held_out] if held_out else stream), description, held_out
+
+
 def training_blocks(tokenizer, source, length: int, count: int) -> TrainingText:
     """`count` blocks of `length` tokens from the start of the source; fewer when it is short, an
     error when not even one block fits."""
-    text, description = read_text(source, "--data")
-    stream = tokenize_stream(tokenizer, text)
-    held_out = PROTOCOL_TOKENS if source is None or str(source) == resources.PROTOCOL_TEXT else 0
-    usable = stream[: stream.numel() - held_out] if held_out else stream
+    usable, description, held_out = usable_stream(tokenizer, source)
     available = usable.numel() // length
     if available < 1:
         raise ValueError(

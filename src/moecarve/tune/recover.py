@@ -35,7 +35,9 @@ from moecarve.tune.trainer import (
     RecoverTrainer,
     TrainingDiverged,
     check_trained_weights,
+    trained_on,
     training_arguments,
+    training_device,
 )
 
 
@@ -136,9 +138,12 @@ def recover(
     adapter_out: str | Path | None = None,
     teacher: str | Path | None = None,
     callbacks: tuple[TrainerCallback, ...] = (),
+    device: str | None = None,
 ) -> RecoverResult:
-    """Fine-tune the carved checkpoint `model` on `data` and write the merged model to `out`."""
+    """Fine-tune the carved checkpoint `model` on `data` and write the merged model to `out`.
+    `device`: cpu, cuda or cuda:N (None: transformers' choice, CUDA where present)."""
     started = time.perf_counter()
+    device = training_device(device, "tune recover")
     src = Path(model).expanduser()
     carved_config = check_carved(src)
     check_positions(src, config.length)  # blocks of exactly --length tokens
@@ -182,7 +187,7 @@ def recover(
         (checkpoints / IDENTITY).write_text(json.dumps(identity, indent=2) + "\n")
     trainer = RecoverTrainer(
         model=model_,
-        args=training_arguments(config, checkpoints),
+        args=training_arguments(config, checkpoints, device),
         train_dataset=Blocks(text.blocks),
         callbacks=[BalanceCallback(tracker), *callbacks],
         router_lr=config.router_lr,
@@ -312,6 +317,7 @@ def _record(src, config, text, trainable, trainer, output, started, resumed_from
         # the last logged step's (a mean over logging_steps steps), not the mean of the whole run
         "final_train_loss": history[-1]["loss"] if history else output.training_loss,
         "seconds": round(time.perf_counter() - started, 2),  # this process's: a resumed run's only
+        "device": trained_on(trainer.args),
         "resumed_from_step": resumed_from,
         "teacher": str(teacher) if teacher else None,
         "source_quality": carve_quality(src),

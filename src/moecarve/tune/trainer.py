@@ -3,6 +3,8 @@ distillation from the dense source, and the balancing rule after every optimiser
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -39,8 +41,57 @@ def check_trained_weights(model) -> None:
         )
 
 
-def training_arguments(config, checkpoints: Path) -> TrainingArguments:
-    return TrainingArguments(
+@dataclass
+class OneDeviceArguments(TrainingArguments):
+    """TrainingArguments that train on `train_device` (cpu, cuda or cuda:N) alone. Left to itself
+    the Trainer takes cuda:0 and, seeing several GPUs, wraps the model in DataParallel over them all."""
+
+    train_device: str | None = None
+
+    @cached_property
+    def _setup_devices(self) -> torch.device:
+        device = TrainingArguments._setup_devices.func(self)
+        if self.train_device is None or device.type != "cuda":
+            return device
+        self._n_gpu = 1  # no DataParallel: as transformers does for a model placed across GPUs
+        target = torch.device(self.train_device)
+        if target.index is None:
+            return device
+        torch.cuda.set_device(target)  # accelerate places the model and the batches on the current GPU
+        return target
+
+
+def training_device(device, stage: str) -> str | None:
+    """`device` checked before any model loads; None stays None (transformers' choice). Refused
+    under `accelerate launch`, where each process trains on the GPU the launcher gave it."""
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType
+
+    from moecarve.devices import DeviceError, resolve_device
+
+    if device is None:
+        return None
+    resolved = resolve_device(device, stage)
+    if PartialState().distributed_type != DistributedType.NO:  # torchrun with one process too
+        raise DeviceError(device, "under accelerate launch each process trains on its own GPU; leave it out")
+    return resolved
+
+
+def trained_on(args: TrainingArguments) -> str:
+    """Where a Trainer with these arguments trained, as its record says: a device, or DataParallel's GPUs."""
+    return f"{args.n_gpu} GPUs (DataParallel)" if args.n_gpu > 1 else str(args.device)
+
+
+def device_arguments(device: str | None) -> dict:
+    """TrainingArguments' fields for a device resolved by `moecarve.devices.resolve_device`; None
+    keeps transformers' choice (CUDA where present, every GPU the process sees)."""
+    if device is None:
+        return {"use_cpu": not torch.cuda.is_available()}
+    return {"use_cpu": torch.device(device).type == "cpu", "train_device": device}
+
+
+def training_arguments(config, checkpoints: Path, device: str | None = None) -> TrainingArguments:
+    return OneDeviceArguments(
         output_dir=str(checkpoints),
         max_steps=config.steps,
         per_device_train_batch_size=config.batch_size,
@@ -60,7 +111,7 @@ def training_arguments(config, checkpoints: Path) -> TrainingArguments:
         report_to=[],
         remove_unused_columns=False,
         dataloader_num_workers=0,
-        use_cpu=not torch.cuda.is_available(),
+        **device_arguments(device),
     )
 
 

@@ -1,0 +1,137 @@
+"""Where recovery and ESFT train: `--device` reaches transformers' Trainer, one device alone, and a
+device this machine lacks is refused before any model loads or output is written."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from transformers import Trainer
+
+from moecarve.devices import DeviceError
+from moecarve.esft import train as esft_train
+from moecarve.tune import trainer as trainer_module
+from moecarve.tune.recover import RecoverConfig, recover
+
+RECOVER = RecoverConfig(steps=1, batch_size=2, length=64, lr=1e-3)
+ESFT = esft_train.EsftConfig(steps=1, batch_size=4, max_length=64)
+
+
+@pytest.fixture
+def experts_file(tiny_carved, tmp_path):
+    from moecarve.esft.shape import model_shape
+
+    path = tmp_path / "experts.json"
+    path.write_text(json.dumps({**model_shape(tiny_carved).record(), "experts": {"0": [1], "1": [2]}}))
+    return path
+
+
+def run_both(tiny_carved, calib_file, task_file, experts_file, out, device):
+    """The recovery and the ESFT training of the tiny carve on `device`; their recorded devices."""
+    recovered = recover(tiny_carved, RECOVER, calib_file, out / "recovered", device=device)
+    trained = esft_train.train(tiny_carved, experts_file, task_file, out / "adapter", ESFT, device=device)
+    return recovered.record["device"], trained["training"]["device"]
+
+
+def test_cpu_is_where_training_runs_when_asked(tiny_carved, calib_file, task_file, experts_file, tmp_path):
+    """On a CUDA machine too: the Trainer would otherwise take the GPU."""
+    assert run_both(tiny_carved, calib_file, task_file, experts_file, tmp_path, "cpu") == ("cpu", "cpu")
+    args = trainer_module.training_arguments(RECOVER, tmp_path / "c", "cpu")
+    assert args.device == torch.device("cpu") and args.n_gpu == 0
+
+
+def test_on_a_machine_of_two_gpus_the_trainer_gets_one(tmp_path, monkeypatch):
+    """CUDA mocked as two GPUs: transformers' own choice is DataParallel over both from cuda:0;
+    `cuda` keeps cuda:0 alone, `cuda:1` moves the Trainer (and accelerate's current GPU) to GPU 1."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls.append(str(device)))
+    seen = {}
+    try:
+        for device in (None, "cuda", "cuda:1"):
+            calls.clear()
+            args = trainer_module.training_arguments(RECOVER, tmp_path / "c", device)
+            seen[device] = (str(args.device), args.n_gpu, calls[-1], trainer_module.trained_on(args))
+    finally:  # accelerate's process-wide state, made while CUDA was mocked
+        AcceleratorState._reset_state(reset_partial_state=True)
+    assert seen == {
+        None: ("cuda:0", 2, "cuda:0", "2 GPUs (DataParallel)"),
+        "cuda": ("cuda:0", 1, "cuda:0", "cuda:0"),
+        "cuda:1": ("cuda:1", 1, "cuda:1", "cuda:1"),
+    }
+
+
+@pytest.mark.parametrize(
+    ("device", "message"),
+    [
+        ("meta", "runs on cpu or cuda"),
+        ("cuda", "CUDA is not available"),
+        ("tpu", "expected cpu, cuda or cuda:N"),
+    ],
+)
+def test_a_device_it_cannot_use_is_refused_before_any_work(
+    device, message, tiny_carved, calib_file, task_file, experts_file, tmp_path, monkeypatch
+):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA")
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(Trainer, "train", no_training)
+    with pytest.raises(DeviceError, match=message):
+        recover(tiny_carved, RECOVER, calib_file, tmp_path / "recovered", device=device)
+    with pytest.raises(DeviceError, match=message):
+        esft_train.train(tiny_carved, experts_file, task_file, tmp_path / "adapter", ESFT, device=device)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["experts.json"]  # nothing written
+
+
+def test_a_device_under_accelerate_launch_is_refused(tiny_carved, calib_file, tmp_path, monkeypatch):
+    """There the launcher gives each process its GPU; a --device would put them all on one."""
+    import accelerate
+
+    class Launched:  # torchrun with one process is distributed too
+        distributed_type = accelerate.utils.DistributedType.MULTI_GPU
+
+    monkeypatch.setattr(accelerate, "PartialState", Launched)
+    with pytest.raises(DeviceError, match="under accelerate launch each process trains on its own GPU"):
+        recover(tiny_carved, RECOVER, calib_file, tmp_path / "recovered", device="cpu")
+    assert not (tmp_path / "recovered").exists()
+
+
+def test_cli_takes_the_device(
+    tiny_carved, calib_file, task_file, experts_file, tmp_path, monkeypatch, capsys
+):
+    from moecarve import cli
+
+    def run(*args):
+        monkeypatch.setattr(sys, "argv", ["moecarve", *map(str, args)])
+        try:
+            cli._run(cli.cli)
+        except SystemExit as exit_info:
+            return exit_info.code, capsys.readouterr()
+        return 0, capsys.readouterr()
+
+    code, out = run("tune", "recover", tiny_carved, "--data", calib_file, "--steps", 1, "--length", 64,
+                    "--out", tmp_path / "r", "--device", "meta")  # fmt: skip
+    assert (
+        code == 2 and out.out == "" and out.err == "error: --device meta: tune recover runs on cpu or cuda\n"
+    )
+    code, out = run("esft", "train", tiny_carved, "--experts", experts_file, "--data", task_file, "--steps", 1,
+                    "--max-length", 64, "--out", tmp_path / "a", "--device", "cpu")  # fmt: skip
+    assert code == 0, out.err
+    assert json.loads((tmp_path / "a" / esft_train.CONFIG_FILE).read_text())["training"]["device"] == "cpu"
+
+
+@pytest.mark.gpu
+def test_cuda_trains_on_one_gpu(tiny_carved, calib_file, task_file, experts_file, tmp_path):
+    """`cuda` and `cuda:0` train on that GPU alone (no DataParallel over the others)."""
+    for device in ("cuda", "cuda:0"):
+        out = tmp_path / device.replace(":", "-")
+        assert run_both(tiny_carved, calib_file, task_file, experts_file, out, device) == ("cuda:0", "cuda:0")
+        args = trainer_module.training_arguments(RECOVER, out / "c", device)
+        assert args.device == torch.device("cuda:0") and args.n_gpu == 1

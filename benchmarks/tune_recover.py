@@ -6,11 +6,15 @@ start and end use all 16. Training seconds exclude the time spent on curve evalu
 
     python benchmarks/tune_recover.py --carved S1A2E8=DIR --modes router,lora --steps 120
     python benchmarks/tune_recover.py --table results/tune/recover.json
+    python benchmarks/tune_recover.py --carved S1A2E8=DIR --steps 20 --compute fp32,bf16,fp32+checkpointing \
+        --out results/tune/compute.json
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import itertools
 import json
 import math
 import platform
@@ -21,7 +25,7 @@ from pathlib import Path
 import torch
 from transformers import AutoTokenizer, TrainerCallback
 
-from moecarve.eval.common import source_commit
+from moecarve.eval.common import peak_rss_gib, source_commit
 from moecarve.eval.ppl import evaluation_windows, perplexity, protocol_ppl
 from moecarve.eval.tasks import evaluate_tasks
 from moecarve.tune.recover import RecoverConfig, recover
@@ -47,7 +51,9 @@ class CurveCallback(TrainerCallback):
             self.points.append({"step": state.global_step, "ppl": ppl})
 
 
-def run(name: str, carved: Path, mode: str, args, windows: torch.Tensor, tasks_before: dict | None) -> dict:
+def run(
+    name: str, carved: Path, mode: str, compute: str, args, windows: torch.Tensor, tasks_before: dict | None
+) -> dict:
     config = RecoverConfig(
         steps=args.steps,
         train=mode,
@@ -61,15 +67,19 @@ def run(name: str, carved: Path, mode: str, args, windows: torch.Tensor, tasks_b
         distill=args.distill,
         lora_rank=args.lora_rank,
         lora_alpha=args.lora_alpha,
+        precision=compute.removesuffix("+checkpointing"),
+        gradient_checkpointing=compute.endswith("+checkpointing"),
     )
     curve = CurveCallback(windows, args.eval_every)
     carve_record = json.loads((carved / "carve.json").read_text())
     before = carve_record.get("quality", {}).get("protocol_ppl", {})
     before = before.get("carved") or protocol_ppl(carved)
     with tempfile.TemporaryDirectory(dir=args.work) as work:
+        reset_peak_rss()
         started = time.perf_counter()
         result = recover(carved, config, None, Path(work) / "out", callbacks=(curve,))
         seconds = time.perf_counter() - started - curve.eval_seconds
+        peak = peak_rss_gib()  # loading, training and writing the recovery (and its curve points)
         start = perplexity(_load(carved), windows, progress=False)["ppl"]
         end = perplexity(result.model.float().eval(), windows, progress=False)["ppl"]
         after = protocol_ppl(result.out)
@@ -90,6 +100,8 @@ def run(name: str, carved: Path, mode: str, args, windows: torch.Tensor, tasks_b
         "dense_ppl": DENSE_PPL,
         "gap_closed": gap_closed,  # of log PPL, carved -> dense
         "train_seconds": round(seconds, 1),
+        "compute": compute,
+        "recover_peak_rss_gib": round(peak, 2),
         "curve_windows": windows.shape[0],
         "curve": [{"step": 0, "ppl": start}, *curve.points, {"step": args.steps, "ppl": end}],
         "train_loss": result.record["train_loss"],
@@ -103,6 +115,28 @@ def run(name: str, carved: Path, mode: str, args, windows: torch.Tensor, tasks_b
             else {}
         ),
     }
+
+
+def compute_table(paths: list[str]) -> str:
+    """Runs that differ in precision and gradient checkpointing: quality, time and memory side by side."""
+    lines = [
+        "| carve | trained | steps | compute | PPL before | PPL after | train s | peak RSS GiB | commit |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for path in paths:
+        for r in json.loads(Path(path).read_text())["runs"]:
+            lines.append(
+                f"| {r['config']} | {r['mode']} | {r['steps']} | {r.get('compute', 'fp32')} | "
+                f"{r['protocol_ppl_before']:.2f} | {r['protocol_ppl_after']:.2f} | {r['train_seconds']:.0f} | "
+                f"{r.get('recover_peak_rss_gib', '-')} | {r['commit']} |"
+            )
+    return "\n".join(lines)
+
+
+def reset_peak_rss() -> None:
+    """Linux: start this process's peak resident memory (VmHWM) afresh, so it measures what follows."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
 
 
 def task_accuracy(model: Path, args) -> dict:
@@ -159,6 +193,11 @@ def main() -> None:
     parser.add_argument("--distill", type=float, default=0.0, help="weight of KL to the dense source")
     parser.add_argument("--lora-rank", type=int, default=32)
     parser.add_argument("--lora-alpha", type=float, default=128.0)
+    parser.add_argument(
+        "--compute",
+        default="fp32",
+        help="','-separated PRECISION[+checkpointing] (fp32, bf16), each run in turn, e.g. fp32,bf16,fp32+checkpointing",
+    )
     parser.add_argument("--eval-every", type=int, default=30)
     parser.add_argument("--curve-windows", type=int, default=4)
     parser.add_argument(
@@ -170,10 +209,18 @@ def main() -> None:
     parser.add_argument("--work", default=None, help="scratch directory for the recovered models")
     parser.add_argument("--out", default="results/tune/recover.json")
     parser.add_argument("--table", nargs="*", help="print the docs table of these results files")
+    parser.add_argument(
+        "--compute-table", nargs="*", help="print the precision / checkpointing table of these files"
+    )
     args = parser.parse_args()
     if args.table:
         print(table(args.table))
         return
+    if args.compute_table:
+        print(compute_table(args.compute_table))
+        return
+    for compute in args.compute.split(","):  # refused before any run
+        RecoverConfig(steps=1, precision=compute.removesuffix("+checkpointing"))
     torch.manual_seed(0)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -185,8 +232,8 @@ def main() -> None:
         tokenizer = AutoTokenizer.from_pretrained(carved)
         windows = evaluation_windows(tokenizer)[-args.curve_windows :]
         tasks_before = task_accuracy(carved, args) if args.tasks else None
-        for mode in args.modes.split(";"):
-            result = run(name, carved, mode, args, windows, tasks_before)
+        for mode, compute in itertools.product(args.modes.split(";"), args.compute.split(",")):
+            result = run(name, carved, mode, compute, args, windows, tasks_before)
             result["commit"] = machine["commit"]
             runs = [r for r in runs if _key(r) != _key(result)]
             runs.append(result)
@@ -197,7 +244,7 @@ def main() -> None:
 def _key(run: dict) -> tuple:
     """A rerun of the same setting replaces its row; other settings add rows."""
     rank = run.get("recover_config", {}).get("lora_rank", 8)
-    return run["config"], run["mode"], run["steps"], run.get("distill", 0.0), rank
+    return run["config"], run["mode"], run["steps"], run.get("distill", 0.0), rank, run.get("compute", "fp32")
 
 
 def _machine() -> dict:

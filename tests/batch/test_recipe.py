@@ -246,6 +246,23 @@ def test_recover_settings_leave_the_dense_jobs_fingerprints_alone(tmp_path):
     assert all(a.fingerprint != b.fingerprint for a, b in zip(two[1:], three[1:], strict=True))
 
 
+def test_training_settings_that_decide_no_result_leave_the_fingerprints_alone(tmp_path):
+    """Gradient checkpointing recomputes the same values; precision fp32 is what jobs run before the
+    setting existed trained in: neither makes a finished job stale. bf16 does."""
+    (tmp_path / "task.jsonl").write_text('{"text": "a b c"}\n')
+    text = GOOD.replace("[carve, eval_ppl]", "[carve, recover, esft, eval_ppl]")
+    text += "recover: {steps: 2%s}\nesft: {data: task.jsonl, steps: 2%s}\n"
+
+    def fingerprints(recover="", esft=""):
+        return [job.fingerprint for job in load_recipe(write(tmp_path, text % (recover, esft))).jobs]
+
+    plain = fingerprints()
+    for setting in (", precision: fp32", ", gradient_checkpointing: true"):
+        assert fingerprints(setting, setting) == plain
+    for recover, esft in ((", precision: bf16", ""), ("", ", precision: bf16")):
+        assert all(a != b for a, b in zip(fingerprints(recover, esft), plain, strict=True))
+
+
 @pytest.mark.parametrize(
     ("setting", "message"),
     [("score: weight", "esft.score: one of token, gate"), ("p: 0", "esft.p: a fraction in (0, 1]"),

@@ -1,15 +1,17 @@
-"""Where recovery and ESFT train: `--device` reaches transformers' Trainer, one device alone, and a
-device this machine lacks is refused before any model loads or output is written."""
+"""Where and how recovery and ESFT train: `--device` reaches transformers' Trainer, one device alone,
+and a device this machine lacks is refused before any model loads or output is written;
+`--precision bf16` and `--gradient-checkpointing`."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 
 import pytest
 import torch
 from accelerate.state import AcceleratorState
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from moecarve.devices import DeviceError
 from moecarve.esft import train as esft_train
@@ -135,3 +137,66 @@ def test_cuda_trains_on_one_gpu(tiny_carved, calib_file, task_file, experts_file
         assert run_both(tiny_carved, calib_file, task_file, experts_file, out, device) == ("cuda:0", "cuda:0")
         args = trainer_module.training_arguments(RECOVER, out / "c", device)
         assert args.device == torch.device("cuda:0") and args.n_gpu == 1
+
+
+def test_gradient_checkpointing_trains_the_same_weights(
+    tiny_carved, calib_file, task_file, experts_file, tmp_path
+):
+    """It recomputes the forward in the backward pass: the same values, so the same training."""
+    from safetensors.torch import load_file
+
+    seen = []
+
+    class Checkpointing(TrainerCallback):
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            seen.append(model.is_gradient_checkpointing)
+
+    runs = {}
+    for on in (False, True):
+        update = {"gradient_checkpointing": on}
+        out = tmp_path / str(on)
+        recovered = recover(
+            tiny_carved,
+            RECOVER.model_copy(update=update),
+            calib_file,
+            out / "r",
+            callbacks=(Checkpointing(),),
+        )
+        esft_train.train(tiny_carved, experts_file, task_file, out / "a", ESFT.model_copy(update=update))
+        runs[on] = (recovered.model.state_dict(), load_file(out / "a" / esft_train.TENSORS_FILE))
+    assert seen == [False, True]
+    for without, with_ in zip(runs[False], runs[True], strict=True):
+        assert without.keys() == with_.keys() and all(torch.equal(without[k], with_[k]) for k in without)
+
+
+def test_bf16_autocasts_over_fp32_weights(tiny_carved, calib_file, task_file, experts_file, tmp_path):
+    """bf16 changes the losses a little (the products are rounded) and the saved dtype not at all."""
+    losses, dtypes = {}, {}
+    for precision in ("fp32", "bf16"):
+        out = tmp_path / precision
+        recovered = recover(
+            tiny_carved, RECOVER.model_copy(update={"precision": precision}), calib_file, out / "r"
+        )
+        trained = esft_train.train(
+            tiny_carved, experts_file, task_file, out / "a", ESFT.model_copy(update={"precision": precision})
+        )
+        losses[precision] = (recovered.record["final_train_loss"], trained["training"]["train_loss"])
+        dtypes[precision] = {p.dtype for p in recovered.model.parameters()}
+    assert dtypes == {"fp32": {torch.float32}, "bf16": {torch.float32}}
+    for fp32, bf16 in zip(losses["fp32"], losses["bf16"], strict=True):
+        assert fp32 != bf16 and bf16 == pytest.approx(fp32, rel=0.05)
+
+
+def test_bf16_on_a_gpu_without_it_is_refused_before_any_work(tiny_carved, calib_file, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-16GB")
+    bf16 = RECOVER.model_copy(update={"precision": "bf16"})
+    for device in (None, "cuda"):
+        with pytest.raises(
+            ValueError, match="--precision bf16: Tesla V100-SXM2-16GB has no bfloat16; use fp32"
+        ):
+            recover(tiny_carved, bf16, calib_file, tmp_path / "r", device=device)
+    assert not (tmp_path / "r").exists()

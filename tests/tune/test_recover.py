@@ -67,6 +67,11 @@ def test_recovery_learns_saves_natively_and_trains_the_router(tiny_carved, calib
     assert not (tmp_path / "out.checkpoints").exists()  # removed once the model is written
     written = json.loads((result.out / "config.json").read_text())  # where vLLM's glm4_moe reads it
     assert written["partial_rotary_factor"] == written["rope_parameters"]["partial_rotary_factor"] == 1.0
+    # the carve's config otherwise: transformers' Trainer sets use_cache false on the model it trains
+    carved = json.loads((tiny_carved / "config.json").read_text())
+    assert carved["use_cache"] is True and {k: v for k, v in written.items() if k != "dtype"} == {
+        k: v for k, v in carved.items() if k != "dtype"
+    }
 
 
 @pytest.mark.parametrize("train", ["router", "lora"])

@@ -160,7 +160,10 @@ class Job:
         return {self._hash(keep_model=True), self._hash(keep_model=False)}
 
     def _hash(self, keep_model: bool) -> str:
-        options = self.options
+        options = {
+            stage: _hashed_training(settings) if stage in ("recover", "esft") else settings
+            for stage, settings in self.options.items()
+        }
         if "carve" in options:
             options = {**options, "carve": {**options["carve"], "keep_model": keep_model}}
         spec = {
@@ -355,6 +358,16 @@ def _check_esft_apart(data: str, eval_ppl: PplOptions, node, path: Path) -> None
             f"{path}:{_line(node, ('esft', 'data'))}: esft.data: the text eval_ppl scores: ESFT would "
             "train on its scored tail"
         )
+
+
+def _hashed_training(settings: dict) -> dict:
+    """A training stage's settings as its job's fingerprint takes them: gradient checkpointing
+    decides no result, and precision (added later) only when it is not fp32, so that jobs finished
+    before either existed stay done."""
+    settings = {key: value for key, value in settings.items() if key != "gradient_checkpointing"}
+    if settings.get("precision") == "fp32":
+        del settings["precision"]
+    return settings
 
 
 def _check_text_apart(data, key: tuple, eval_ppl: PplOptions, node, path: Path) -> None:

@@ -82,6 +82,14 @@ def _mix(value: str | None) -> tuple[str | None, float]:
     metavar="TEXT:RATIO",
     help="general text (file or 'protocol') and its share",
 )
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "bf16"]),
+    default="fp32",
+    show_default=True,
+    help=_help("precision"),
+)
+@click.option("--gradient-checkpointing", is_flag=True, help=_help("gradient_checkpointing"))
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="replace an earlier adapter")
 @click.option("--device", default=None, help="cpu, cuda or cuda:N [default: CUDA where present, every GPU]")

@@ -51,6 +51,13 @@ class EsftConfig(BaseModel):
     train_non_expert: bool = Field(False, description="also train attention, norms, embeddings, routers")
     mix_general: str | None = Field(None, description="general text mixed into training (file or 'protocol')")
     mix_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of training sequences from mix_general")
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="bf16: autocast to bfloat16 over fp32 weights (GPUs from Ampere on, CPUs with AVX512-BF16)",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass: less memory, more time"
+    )
     seed: int = 0
 
     @model_validator(mode="after")
@@ -109,7 +116,13 @@ def fit(
     from transformers import Trainer
 
     # imports transformers' Trainer
-    from moecarve.tune.trainer import OneDeviceArguments, check_trained_weights, device_arguments, trained_on
+    from moecarve.tune.trainer import (
+        OneDeviceArguments,
+        check_trained_weights,
+        compute_arguments,
+        device_arguments,
+        trained_on,
+    )
 
     with tempfile.TemporaryDirectory(prefix="esft-trainer-") as work:
         args = OneDeviceArguments(
@@ -133,6 +146,7 @@ def fit(
             seed=config.seed,
             data_seed=config.seed,
             **device_arguments(device),
+            **compute_arguments(config),
         )
         trainer = Trainer(
             model=model,
@@ -222,7 +236,7 @@ def train(
     from moecarve.tune.trainer import training_device
 
     config = config or EsftConfig()
-    device = training_device(device, "esft train")
+    device = training_device(device, "esft train", config.precision)
     out = Path(out).expanduser()
     check_output(out, Path(model_dir), overwrite, marker="esft_config.json")
     check_apart(

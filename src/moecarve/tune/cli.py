@@ -45,6 +45,14 @@ def group():
 @click.option("--save-every", type=int, default=50, show_default=True, help=_help("save_every"))
 @click.option("--distill", type=float, default=0.0, show_default=True, help=_help("distill"))
 @click.option("--teacher", default=None, help="dense model to distil from [default: the carve's source]")
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "bf16"]),
+    default="fp32",
+    show_default=True,
+    help=_help("precision"),
+)
+@click.option("--gradient-checkpointing", is_flag=True, help=_help("gradient_checkpointing"))
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", "-o", required=True, help="output directory (a native glm4_moe checkpoint)")
 @click.option("--checkpoints", default=None, help="checkpoint directory [default: OUT.checkpoints]")
@@ -60,9 +68,9 @@ def recover_command(
     from moecarve.tune.recover import recover
     from moecarve.tune.trainer import training_device
 
-    device = training_device(device, "tune recover")  # refused before the run is announced
     options["lora_targets"] = tuple(t.strip() for t in options["lora_targets"].split(",") if t.strip())
     config = RecoverConfig(**options)
+    device = training_device(device, "tune recover", config.precision)  # refused before the announcement
     click.echo(f"training {'+'.join(config.train)} for {config.steps} steps")
     result = recover(
         carved,

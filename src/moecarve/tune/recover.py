@@ -76,6 +76,13 @@ class RecoverConfig(BaseModel):
         le=1,
         description="weight of distillation (KL to the dense source's next-token distribution) in the loss",
     )
+    precision: Literal["fp32", "bf16"] = Field(
+        "fp32",
+        description="bf16: autocast to bfloat16 over fp32 weights (GPUs from Ampere on, CPUs with AVX512-BF16)",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="recompute activations in the backward pass: less memory, more time"
+    )
     seed: int = 0
 
     @field_validator("train", mode="before")
@@ -143,7 +150,7 @@ def recover(
     """Fine-tune the carved checkpoint `model` on `data` and write the merged model to `out`.
     `device`: cpu, cuda or cuda:N (None: transformers' choice, CUDA where present)."""
     started = time.perf_counter()
-    device = training_device(device, "tune recover")
+    device = training_device(device, "tune recover", config.precision)
     src = Path(model).expanduser()
     carved_config = check_carved(src)
     check_positions(src, config.length)  # blocks of exactly --length tokens
@@ -212,6 +219,7 @@ def recover(
     if not state.is_main_process:
         return RecoverResult(out=out.resolve(), record={}, model=trained)
     _cast_parameters(trained, save_dtype)
+    trained.config.use_cache = carved_config.get("use_cache", True)  # the Trainer turns it off
     resumed_from = int(last.name.split("-")[1]) if last else None
     record = _record(src, config, text, trainable, trainer, output, started, resumed_from, teacher_dir)
     with atomic_directory(out) as tmp:

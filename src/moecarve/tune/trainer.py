@@ -61,19 +61,25 @@ class OneDeviceArguments(TrainingArguments):
         return target
 
 
-def training_device(device, stage: str) -> str | None:
+def training_device(device, stage: str, precision: str = "fp32") -> str | None:
     """`device` checked before any model loads; None stays None (transformers' choice). Refused
-    under `accelerate launch`, where each process trains on the GPU the launcher gave it."""
+    under `accelerate launch`, where each process trains on the GPU the launcher gave it. bf16 is
+    refused on a GPU without it, where the Trainer would stop only once the model is loaded."""
     from accelerate import PartialState
     from accelerate.utils import DistributedType
 
     from moecarve.devices import DeviceError, resolve_device
 
-    if device is None:
-        return None
-    resolved = resolve_device(device, stage)
-    if PartialState().distributed_type != DistributedType.NO:  # torchrun with one process too
+    resolved = None if device is None else resolve_device(device, stage)
+    if resolved is not None and PartialState().distributed_type != DistributedType.NO:  # torchrun's one too
         raise DeviceError(device, "under accelerate launch each process trains on its own GPU; leave it out")
+    on_cuda = torch.device(resolved).type == "cuda" if resolved else torch.cuda.is_available()
+    if precision == "bf16" and on_cuda:
+        with torch.cuda.device(torch.device(resolved or "cuda")):
+            if not torch.cuda.is_bf16_supported(including_emulation=False):
+                raise ValueError(
+                    f"--precision bf16: {torch.cuda.get_device_name()} has no bfloat16; use fp32"
+                )
     return resolved
 
 
@@ -88,6 +94,18 @@ def device_arguments(device: str | None) -> dict:
     if device is None:
         return {"use_cpu": not torch.cuda.is_available()}
     return {"use_cpu": torch.device(device).type == "cpu", "train_device": device}
+
+
+def compute_arguments(config) -> dict:
+    """TrainingArguments' fields for a config's `precision` and `gradient_checkpointing` (recover's
+    and ESFT's): bf16 autocast over fp32 weights, and recomputing each layer's activations in the
+    backward pass (non-reentrant, so frozen inputs need no gradient)."""
+    checkpointing = {"use_reentrant": False} if config.gradient_checkpointing else None
+    return {
+        "bf16": config.precision == "bf16",
+        "gradient_checkpointing": config.gradient_checkpointing,
+        "gradient_checkpointing_kwargs": checkpointing,
+    }
 
 
 def training_arguments(config, checkpoints: Path, device: str | None = None) -> TrainingArguments:
@@ -112,6 +130,7 @@ def training_arguments(config, checkpoints: Path, device: str | None = None) -> 
         remove_unused_columns=False,
         dataloader_num_workers=0,
         **device_arguments(device),
+        **compute_arguments(config),
     )
 
 

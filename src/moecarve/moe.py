@@ -13,6 +13,7 @@ The API, used by ESFT and by the recovery fine-tune's expert-load logging:
   routed expert parameters with their expert dimension, shared expert parameters).
 - `record_routing(model)`: a context manager; during it every router forward appends the
   selected experts and their gate values ([T, K] each, T = tokens of the call) per layer.
+- `routers_in_fp32(model)`: a context manager; during it every router computes outside autocast.
 """
 
 from __future__ import annotations
@@ -201,3 +202,29 @@ def record_routing(model: nn.Module) -> Iterator[RoutingLog]:
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextmanager
+def routers_in_fp32(model: nn.Module) -> Iterator[None]:
+    """Every router's forward outside autocast while this lasts (bf16 training). The routers cast
+    to fp32 themselves, but autocast overrides them: a carve's glm4_moe router (logits within
+    +-1e-2) would score every expert 0.5 +- 0.0025 in bf16, whose steps there are 0.002-0.004, and
+    its top-k would choose among ties."""
+    model = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model's
+    gates = [layer.block.gate for layer in moe_layers(model)]  # under peft, the wrapper of the copies
+    own = [gate.__dict__.get("forward") for gate in gates]
+    for gate in gates:
+
+        def forward(hidden_states, *args, _forward=gate.forward, **kwargs):
+            with torch.autocast(hidden_states.device.type, enabled=False):
+                return _forward(hidden_states, *args, **kwargs)
+
+        gate.forward = forward
+    try:
+        yield
+    finally:
+        for gate, earlier in zip(gates, own, strict=True):
+            if earlier is None:
+                del gate.forward
+            else:
+                gate.forward = earlier

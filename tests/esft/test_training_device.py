@@ -200,3 +200,22 @@ def test_bf16_on_a_gpu_without_it_is_refused_before_any_work(tiny_carved, calib_
         ):
             recover(tiny_carved, bf16, calib_file, tmp_path / "r", device=device)
     assert not (tmp_path / "r").exists()
+
+
+def test_under_bf16_autocast_the_routers_choose_as_in_fp32(tiny_carved):
+    """A carve's router scores every expert 0.5 +- 0.0025: in bf16 (autocast overrides the router's
+    own fp32) the top-k would choose among ties; bf16 training keeps the routers out of autocast."""
+    from transformers import AutoModelForCausalLM
+
+    from moecarve import moe
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_carved, dtype=torch.float32)
+    gate = model.model.layers[1].mlp.gate
+    x = torch.randn(200, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    chosen = gate(x)[2].sort(-1).values
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rounded = gate(x)[2].sort(-1).values
+        with moe.routers_in_fp32(model):
+            kept = gate(x)[2].sort(-1).values
+    assert (rounded != chosen).any(-1).float().mean() > 0.2  # what bf16 training would have routed
+    assert torch.equal(kept, chosen) and "forward" not in gate.__dict__  # the class's forward again

@@ -156,7 +156,8 @@ def fit(
             optimizers=(optimizer, None),
         )
         start = time.perf_counter()
-        output = trainer.train()
+        with moe.routers_in_fp32(model):
+            output = trainer.train()
         seconds = time.perf_counter() - start
         check_trained_weights(model)
         losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]

@@ -25,7 +25,7 @@ from moecarve.carve.source import damaged_weights_named, model_identity
 from moecarve.carve.target import write_rotary_at_top_level
 from moecarve.carve.writer import atomic_directory, check_apart, check_output
 from moecarve.eval.ppl import PROTOCOL_LENGTH, check_positions
-from moecarve.moe import declared_dtype
+from moecarve.moe import declared_dtype, routers_in_fp32
 from moecarve.tune.adapters import DEFAULT_LORA_TARGETS, trainable_model
 from moecarve.tune.balance import LoadTracker
 from moecarve.tune.data import TrainingText, training_blocks
@@ -202,7 +202,8 @@ def recover(
         distill=config.distill,
     )
     last = _last_checkpoint(checkpoints) if resume else None
-    output = trainer.train(resume_from_checkpoint=str(last) if last else None)
+    with routers_in_fp32(model_):
+        output = trainer.train(resume_from_checkpoint=str(last) if last else None)
     tracker.remove()
     try:
         check_trained_weights(model_)

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
+import gc
 import itertools
 import json
 import math
@@ -76,6 +78,7 @@ def run(
     before = before.get("carved") or protocol_ppl(carved)
     with tempfile.TemporaryDirectory(dir=args.work) as work:
         reset_peak_rss()
+        resident = peak_rss_gib()  # where the peak starts from
         started = time.perf_counter()
         result = recover(carved, config, None, Path(work) / "out", callbacks=(curve,))
         seconds = time.perf_counter() - started - curve.eval_seconds
@@ -102,6 +105,7 @@ def run(
         "train_seconds": round(seconds, 1),
         "compute": compute,
         "recover_peak_rss_gib": round(peak, 2),
+        "resident_before_gib": round(resident, 2),
         "curve_windows": windows.shape[0],
         "curve": [{"step": 0, "ppl": start}, *curve.points, {"step": args.steps, "ppl": end}],
         "train_loss": result.record["train_loss"],
@@ -134,7 +138,12 @@ def compute_table(paths: list[str]) -> str:
 
 
 def reset_peak_rss() -> None:
-    """Linux: start this process's peak resident memory (VmHWM) afresh, so it measures what follows."""
+    """Linux: start this process's peak resident memory (VmHWM) afresh, so it measures what follows,
+    after handing back what earlier runs freed (glibc keeps freed heap resident; the peak would
+    start from there)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
     with contextlib.suppress(OSError):
         Path("/proc/self/clear_refs").write_text("5")
 

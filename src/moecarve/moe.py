@@ -206,25 +206,34 @@ def record_routing(model: nn.Module) -> Iterator[RoutingLog]:
 
 @contextmanager
 def routers_in_fp32(model: nn.Module) -> Iterator[None]:
-    """Every router's forward outside autocast while this lasts (bf16 training). The routers cast
+    """Every router computes outside autocast while this lasts (bf16 training). The routers cast
     to fp32 themselves, but autocast overrides them: a carve's glm4_moe router (logits within
     +-1e-2) would score every expert 0.5 +- 0.0025 in bf16, whose steps there are 0.002-0.004, and
-    its top-k would choose among ties."""
+    its top-k would choose among ties. The gates change class, not instance attributes, so the
+    copies DataParallel makes of them keep it."""
     model = model.get_base_model() if hasattr(model, "get_base_model") else model  # a peft model's
     gates = [layer.block.gate for layer in moe_layers(model)]  # under peft, the wrapper of the copies
-    own = [gate.__dict__.get("forward") for gate in gates]
-    for gate in gates:
-
-        def forward(hidden_states, *args, _forward=gate.forward, **kwargs):
-            with torch.autocast(hidden_states.device.type, enabled=False):
-                return _forward(hidden_states, *args, **kwargs)
-
-        gate.forward = forward
+    classes = [type(gate) for gate in gates]
+    for gate, cls in zip(gates, classes, strict=True):
+        gate.__class__ = _outside_autocast(cls)
     try:
         yield
     finally:
-        for gate, earlier in zip(gates, own, strict=True):
-            if earlier is None:
-                del gate.forward
-            else:
-                gate.forward = earlier
+        for gate, cls in zip(gates, classes, strict=True):
+            gate.__class__ = cls
+
+
+_OUTSIDE_AUTOCAST: dict[type, type] = {}
+
+
+def _outside_autocast(cls: type) -> type:
+    """`cls` with its forward run outside autocast (one subclass per class)."""
+    if cls not in _OUTSIDE_AUTOCAST:
+
+        def forward(self, hidden_states, *args, **kwargs):
+            with torch.autocast(hidden_states.device.type, enabled=False):
+                return cls.forward(self, hidden_states, *args, **kwargs)
+
+        name = f"{cls.__name__}OutsideAutocast"
+        _OUTSIDE_AUTOCAST[cls] = type(name, (cls,), {"forward": forward, "__module__": cls.__module__})
+    return _OUTSIDE_AUTOCAST[cls]

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 from accelerate.state import AcceleratorState
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer
 
 from moecarve.devices import DeviceError
 from moecarve.esft import train as esft_train
@@ -139,83 +139,128 @@ def test_cuda_trains_on_one_gpu(tiny_carved, calib_file, task_file, experts_file
         assert args.device == torch.device("cuda:0") and args.n_gpu == 1
 
 
+@pytest.fixture
+def training_steps(monkeypatch):
+    """What each training step of recover's and ESFT's Trainer ran with: gradient checkpointing, and
+    the class of every router (`...OutsideAutocast` while bf16 keeps it out of autocast)."""
+    from moecarve import moe
+
+    seen = []
+    step = Trainer.training_step
+
+    def recording(self, model, *args, **kwargs):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        gates = {type(layer.block.gate).__name__ for layer in moe.moe_layers(base)}
+        seen.append((base.is_gradient_checkpointing, gates))
+        return step(self, model, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "training_step", recording)
+    return seen
+
+
 def test_gradient_checkpointing_trains_the_same_weights(
-    tiny_carved, calib_file, task_file, experts_file, tmp_path
+    tiny_carved, calib_file, task_file, experts_file, tmp_path, training_steps
 ):
     """It recomputes the forward in the backward pass: the same values, so the same training."""
     from safetensors.torch import load_file
-
-    seen = []
-
-    class Checkpointing(TrainerCallback):
-        def on_train_begin(self, args, state, control, model=None, **kwargs):
-            seen.append(model.is_gradient_checkpointing)
 
     runs = {}
     for on in (False, True):
         update = {"gradient_checkpointing": on}
         out = tmp_path / str(on)
-        recovered = recover(
-            tiny_carved,
-            RECOVER.model_copy(update=update),
-            calib_file,
-            out / "r",
-            callbacks=(Checkpointing(),),
-        )
+        recovered = recover(tiny_carved, RECOVER.model_copy(update=update), calib_file, out / "r")
         esft_train.train(tiny_carved, experts_file, task_file, out / "a", ESFT.model_copy(update=update))
         runs[on] = (recovered.model.state_dict(), load_file(out / "a" / esft_train.TENSORS_FILE))
-    assert seen == [False, True]
+    assert [on for on, _ in training_steps] == [False, False, True, True]  # recover's step, ESFT's step
     for without, with_ in zip(runs[False], runs[True], strict=True):
         assert without.keys() == with_.keys() and all(torch.equal(without[k], with_[k]) for k in without)
 
 
-def test_bf16_autocasts_over_fp32_weights(tiny_carved, calib_file, task_file, experts_file, tmp_path):
-    """bf16 changes the losses a little (the products are rounded) and the saved dtype not at all."""
-    losses, dtypes = {}, {}
+@pytest.mark.parametrize("train", ["router,lora", "router"])
+def test_bf16_autocasts_with_the_routers_outside(
+    train, tiny_carved, calib_file, task_file, experts_file, tmp_path, training_steps
+):
+    """bf16 changes the losses a little (the products are rounded), keeps the routers outside
+    autocast while training, and hands back a model that computes in fp32 as the one saved."""
+    from transformers import AutoModelForCausalLM
+
+    losses = {}
     for precision in ("fp32", "bf16"):
         out = tmp_path / precision
-        recovered = recover(
-            tiny_carved, RECOVER.model_copy(update={"precision": precision}), calib_file, out / "r"
+        config = RecoverConfig.model_validate(
+            {**RECOVER.model_dump(), "precision": precision, "train": train}
         )
+        recovered = recover(tiny_carved, config, calib_file, out / "r")
         trained = esft_train.train(
             tiny_carved, experts_file, task_file, out / "a", ESFT.model_copy(update={"precision": precision})
         )
         losses[precision] = (recovered.record["final_train_loss"], trained["training"]["train_loss"])
-        dtypes[precision] = {p.dtype for p in recovered.model.parameters()}
-    assert dtypes == {"fp32": {torch.float32}, "bf16": {torch.float32}}
     for fp32, bf16 in zip(losses["fp32"], losses["bf16"], strict=True):
         assert fp32 != bf16 and bf16 == pytest.approx(fp32, rel=0.05)
+    outside = [all(name.endswith("OutsideAutocast") for name in gates) for _, gates in training_steps]
+    assert outside == [False, False, True, True]  # fp32's recover and ESFT steps, then bf16's
+    ids = torch.arange(40)[None] % 300
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16" / "r", dtype=torch.float32).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            recovered.model.eval()(ids).logits, saved(ids).logits, rtol=1e-5, atol=1e-5
+        )
 
 
-def test_bf16_on_a_gpu_without_it_is_refused_before_any_work(tiny_carved, calib_file, tmp_path, monkeypatch):
+def test_bf16_where_the_trainer_cannot_autocast_it_is_refused_before_any_work(
+    tiny_carved, calib_file, tmp_path, monkeypatch
+):
+    """A GPU without bf16 (transformers would emulate it), and DataParallel over several GPUs (no
+    --device), which the Trainer does not autocast."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-16GB")
     bf16 = RECOVER.model_copy(update={"precision": "bf16"})
-    for device in (None, "cuda"):
-        with pytest.raises(
-            ValueError, match="--precision bf16: Tesla V100-SXM2-16GB has no bfloat16; use fp32"
-        ):
+    for gpus, device, message in [
+        (1, None, "Tesla V100-SXM2-16GB has no bfloat16; use fp32"),
+        (1, "cuda", "Tesla V100-SXM2-16GB has no bfloat16; use fp32"),
+        (2, None, "DataParallel, which it does not autocast; give --device cuda"),
+    ]:
+        monkeypatch.setattr(torch.cuda, "device_count", lambda gpus=gpus: gpus)
+        with pytest.raises(ValueError, match=rf"--precision bf16: .*{message}"):
             recover(tiny_carved, bf16, calib_file, tmp_path / "r", device=device)
     assert not (tmp_path / "r").exists()
 
 
 def test_under_bf16_autocast_the_routers_choose_as_in_fp32(tiny_carved):
     """A carve's router scores every expert 0.5 +- 0.0025: in bf16 (autocast overrides the router's
-    own fp32) the top-k would choose among ties; bf16 training keeps the routers out of autocast."""
+    own fp32) the top-k would choose among ties; bf16 training keeps the routers out of autocast,
+    in the copies DataParallel makes of them too."""
     from transformers import AutoModelForCausalLM
 
     from moecarve import moe
 
     model = AutoModelForCausalLM.from_pretrained(tiny_carved, dtype=torch.float32)
     gate = model.model.layers[1].mlp.gate
+    router = type(gate)
     x = torch.randn(200, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
     chosen = gate(x)[2].sort(-1).values
     with torch.autocast("cpu", dtype=torch.bfloat16):
         rounded = gate(x)[2].sort(-1).values
         with moe.routers_in_fp32(model):
             kept = gate(x)[2].sort(-1).values
+            replica = gate._replicate_for_data_parallel()  # what DataParallel's replicate makes
+            replica._parameters = gate._parameters
+            copied = replica(x)[2].sort(-1).values
     assert (rounded != chosen).any(-1).float().mean() > 0.2  # what bf16 training would have routed
-    assert torch.equal(kept, chosen) and "forward" not in gate.__dict__  # the class's forward again
+    assert torch.equal(kept, chosen) and torch.equal(copied, chosen)
+    assert type(gate) is router and not gate.__dict__.get("forward")  # as it was
+
+
+def test_a_recovery_resumes_across_settings_that_decide_no_result(tiny_carved):
+    """Checkpoints written before precision and gradient checkpointing were settings, or with
+    checkpointing toggled (the fix for running out of memory), are the same run's; bf16's are not."""
+    from moecarve.tune.recover import _identity
+
+    plain = _identity(tiny_carved, RECOVER)
+    before = {key: value for key, value in RECOVER.model_dump(mode="json").items()
+              if key not in ("precision", "gradient_checkpointing")}  # fmt: skip
+    assert plain["config"] == before
+    assert _identity(tiny_carved, RECOVER.model_copy(update={"gradient_checkpointing": True})) == plain
+    assert _identity(tiny_carved, RECOVER.model_copy(update={"precision": "bf16"})) != plain

@@ -160,10 +160,11 @@ class Job:
         return {self._hash(keep_model=True), self._hash(keep_model=False)}
 
     def _hash(self, keep_model: bool) -> str:
-        options = {
-            stage: _hashed_training(settings) if stage in ("recover", "esft") else settings
-            for stage, settings in self.options.items()
-        }
+        options = dict(self.options)
+        for stage in {"recover", "esft"} & set(options):  # without settings that decide no result
+            from moecarve.tune.trainer import result_settings
+
+            options[stage] = result_settings(options[stage])
         if "carve" in options:
             options = {**options, "carve": {**options["carve"], "keep_model": keep_model}}
         spec = {
@@ -192,15 +193,23 @@ class LoadedRecipe:
         return Path(override).expanduser() if override is not None else self.root / self.recipe.output
 
     def check_device(self) -> None:
-        """The recipe's device is one this machine has: checked before any job runs."""
+        """The recipe's device is one this machine has, and trains in bf16 where the recipe asks it
+        to: checked before any job runs."""
         from moecarve.devices import DeviceError, resolve_device
 
-        if self.recipe.device is None:
-            return
-        try:
-            resolve_device(self.recipe.device, "a batch")
-        except DeviceError as err:
-            raise RecipeError(f"{self.path}:{self.device_line}: device: {err.why}") from None
+        if self.recipe.device is not None:
+            try:
+                resolve_device(self.recipe.device, "a batch")
+            except DeviceError as err:
+                raise RecipeError(f"{self.path}:{self.device_line}: device: {err.why}") from None
+        for stage in ("recover", "esft"):
+            if (getattr(self.recipe, stage) or {}).get("precision") == "bf16":
+                from moecarve.tune.trainer import training_device
+
+                try:
+                    training_device(self.recipe.device, stage, "bf16")
+                except ValueError as err:
+                    raise RecipeError(f"{self.path}:{self.device_line}: {stage}.precision: {err}") from None
 
 
 def load_recipe(path: str | Path) -> LoadedRecipe:
@@ -358,16 +367,6 @@ def _check_esft_apart(data: str, eval_ppl: PplOptions, node, path: Path) -> None
             f"{path}:{_line(node, ('esft', 'data'))}: esft.data: the text eval_ppl scores: ESFT would "
             "train on its scored tail"
         )
-
-
-def _hashed_training(settings: dict) -> dict:
-    """A training stage's settings as its job's fingerprint takes them: gradient checkpointing
-    decides no result, and precision (added later) only when it is not fp32, so that jobs finished
-    before either existed stay done."""
-    settings = {key: value for key, value in settings.items() if key != "gradient_checkpointing"}
-    if settings.get("precision") == "fp32":
-        del settings["precision"]
-    return settings
 
 
 def _check_text_apart(data, key: tuple, eval_ppl: PplOptions, node, path: Path) -> None:

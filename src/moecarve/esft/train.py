@@ -8,6 +8,7 @@ FSDP/DeepSpeed are not supported: the slice optimiser indexes whole tensors).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import tempfile
@@ -53,7 +54,7 @@ class EsftConfig(BaseModel):
     mix_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of training sequences from mix_general")
     precision: Literal["fp32", "bf16"] = Field(
         "fp32",
-        description="bf16: autocast to bfloat16 over fp32 weights (GPUs from Ampere on, CPUs with AVX512-BF16)",
+        description="bf16: autocast to bfloat16 over fp32 weights (on GPUs from Ampere on; fast on CPUs with AVX512-BF16)",
     )
     gradient_checkpointing: bool = Field(
         False, description="recompute activations in the backward pass: less memory, more time"
@@ -156,7 +157,7 @@ def fit(
             optimizers=(optimizer, None),
         )
         start = time.perf_counter()
-        with moe.routers_in_fp32(model):
+        with moe.routers_in_fp32(model) if config.precision == "bf16" else contextlib.nullcontext():
             output = trainer.train()
         seconds = time.perf_counter() - start
         check_trained_weights(model)

@@ -8,6 +8,7 @@ checkpoint with the LoRA merged, written atomically; checkpoints live beside it 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import time
@@ -17,6 +18,7 @@ from typing import Literal
 
 import torch
 from accelerate import PartialState
+from accelerate.utils import extract_model_from_parallel
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, set_seed
 
@@ -35,6 +37,7 @@ from moecarve.tune.trainer import (
     RecoverTrainer,
     TrainingDiverged,
     check_trained_weights,
+    result_settings,
     trained_on,
     training_arguments,
     training_device,
@@ -78,7 +81,7 @@ class RecoverConfig(BaseModel):
     )
     precision: Literal["fp32", "bf16"] = Field(
         "fp32",
-        description="bf16: autocast to bfloat16 over fp32 weights (GPUs from Ampere on, CPUs with AVX512-BF16)",
+        description="bf16: autocast to bfloat16 over fp32 weights (on GPUs from Ampere on; fast on CPUs with AVX512-BF16)",
     )
     gradient_checkpointing: bool = Field(
         False, description="recompute activations in the backward pass: less memory, more time"
@@ -202,8 +205,9 @@ def recover(
         distill=config.distill,
     )
     last = _last_checkpoint(checkpoints) if resume else None
-    with routers_in_fp32(model_):
+    with routers_in_fp32(model_) if config.precision == "bf16" else contextlib.nullcontext():
         output = trainer.train(resume_from_checkpoint=str(last) if last else None)
+    extract_model_from_parallel(model_, keep_fp32_wrapper=False)  # the forward accelerate autocast
     tracker.remove()
     try:
         check_trained_weights(model_)
@@ -299,7 +303,7 @@ def _check_checkpoints(checkpoints: Path, identity: dict, resume: bool) -> None:
 
 
 def _identity(src: Path, config: RecoverConfig) -> dict:
-    return {"model": model_identity(src), "config": config.model_dump(mode="json")}
+    return {"model": model_identity(src), "config": result_settings(config.model_dump(mode="json"))}
 
 
 def _last_checkpoint(checkpoints: Path) -> Path | None:

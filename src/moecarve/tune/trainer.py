@@ -64,22 +64,28 @@ class OneDeviceArguments(TrainingArguments):
 def training_device(device, stage: str, precision: str = "fp32") -> str | None:
     """`device` checked before any model loads; None stays None (transformers' choice). Refused
     under `accelerate launch`, where each process trains on the GPU the launcher gave it. bf16 is
-    refused on a GPU without it, where the Trainer would stop only once the model is loaded."""
+    refused on a GPU without it (transformers would emulate it, slower than fp32) and under
+    DataParallel (no --device on a machine of several GPUs), where the Trainer would not autocast."""
     from accelerate import PartialState
     from accelerate.utils import DistributedType
 
     from moecarve.devices import DeviceError, resolve_device
 
     resolved = None if device is None else resolve_device(device, stage)
-    if resolved is not None and PartialState().distributed_type != DistributedType.NO:  # torchrun's one too
+    distributed = PartialState().distributed_type != DistributedType.NO  # torchrun's one process too
+    if resolved is not None and distributed:
         raise DeviceError(device, "under accelerate launch each process trains on its own GPU; leave it out")
     on_cuda = torch.device(resolved).type == "cuda" if resolved else torch.cuda.is_available()
-    if precision == "bf16" and on_cuda:
-        with torch.cuda.device(torch.device(resolved or "cuda")):
-            if not torch.cuda.is_bf16_supported(including_emulation=False):
-                raise ValueError(
-                    f"--precision bf16: {torch.cuda.get_device_name()} has no bfloat16; use fp32"
-                )
+    if precision != "bf16" or not on_cuda:
+        return resolved
+    if resolved is None and not distributed and torch.cuda.device_count() > 1:
+        raise ValueError(
+            "--precision bf16: without --device the Trainer spreads training over every GPU with "
+            "DataParallel, which it does not autocast; give --device cuda (one GPU) or use accelerate launch"
+        )
+    with torch.cuda.device(torch.device(resolved or "cuda")):
+        if not torch.cuda.is_bf16_supported(including_emulation=False):
+            raise ValueError(f"--precision bf16: {torch.cuda.get_device_name()} has no bfloat16; use fp32")
     return resolved
 
 
@@ -100,12 +106,21 @@ def compute_arguments(config) -> dict:
     """TrainingArguments' fields for a config's `precision` and `gradient_checkpointing` (recover's
     and ESFT's): bf16 autocast over fp32 weights, and recomputing each layer's activations in the
     backward pass (non-reentrant, so frozen inputs need no gradient)."""
-    checkpointing = {"use_reentrant": False} if config.gradient_checkpointing else None
-    return {
-        "bf16": config.precision == "bf16",
-        "gradient_checkpointing": config.gradient_checkpointing,
-        "gradient_checkpointing_kwargs": checkpointing,
-    }
+    compute = {"bf16": config.precision == "bf16"}
+    if config.gradient_checkpointing:  # only when on: transformers warns of an explicit False
+        compute.update(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
+    return compute
+
+
+def result_settings(settings: dict) -> dict:
+    """A training's settings (recover's or ESFT's, as plain data) without those that decide no
+    result, as runs before them recorded theirs: gradient checkpointing (it recomputes the same
+    values), and the precision when it is fp32 (what every run trained in before it was a setting).
+    Batch fingerprints and recover's resume identity take them so."""
+    settings = {key: value for key, value in settings.items() if key != "gradient_checkpointing"}
+    if settings.get("precision") == "fp32":
+        del settings["precision"]
+    return settings
 
 
 def training_arguments(config, checkpoints: Path, device: str | None = None) -> TrainingArguments:

@@ -412,6 +412,24 @@ def test_a_gpu_recipe_is_planned_anywhere_and_refused_at_its_run_where_there_is_
     assert not batch.output.exists()
 
 
+def test_bf16_training_the_trainer_cannot_autocast_is_refused_before_any_job(
+    make_recipe, tmp_path, monkeypatch
+):
+    """Without `device` on a machine of two GPUs the Trainer would train under DataParallel, which it
+    does not autocast: refused when the batch runs, before any job (its carve) starts."""
+    recipe = make_recipe(tmp_path)
+    text = recipe.read_text().replace("[carve, eval_ppl]", "[carve, recover, eval_ppl]")
+    recipe.write_text(text + "recover: {steps: 1, precision: bf16}\n")
+    batch = runner.open_batch(recipe)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(
+        RecipeError, match=r"recipe.yaml:\d+: recover.precision: --precision bf16: .*DataParallel"
+    ):
+        runner.run(batch, list(batch.jobs), progress=False)
+    assert not batch.output.exists()
+
+
 def test_jobs_processes_share_the_gpus_of_a_cuda_recipe_out(make_recipe, tmp_path, monkeypatch):
     """`--jobs N` with `device: cuda` on a machine of several GPUs gives each job process one GPU (the
     one fewest running jobs use); with one GPU, or a recipe naming cuda:N, the processes are left alone."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from moecarve.esft.train import EsftConfig
+from moecarve.tune.cli import compute_options
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
@@ -82,17 +83,9 @@ def _mix(value: str | None) -> tuple[str | None, float]:
     metavar="TEXT:RATIO",
     help="general text (file or 'protocol') and its share",
 )
-@click.option(
-    "--precision",
-    type=click.Choice(["fp32", "bf16"]),
-    default="fp32",
-    show_default=True,
-    help=_help("precision"),
-)
-@click.option("--gradient-checkpointing", is_flag=True, help=_help("gradient_checkpointing"))
+@compute_options
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--overwrite", is_flag=True, help="replace an earlier adapter")
-@click.option("--device", default=None, help="cpu, cuda or cuda:N [default: CUDA where present, every GPU]")
 def train_command(model, experts_file, data, out, overwrite, mix_general, device, **options):
     """Train only the selected experts of MODEL; saves only the trained tensors."""
     from moecarve.esft.train import train

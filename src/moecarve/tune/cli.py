@@ -13,6 +13,21 @@ def _help(name: str) -> str:
     return RecoverConfig.model_fields[name].description or ""
 
 
+def compute_options(command):
+    """Where and how a training runs: `tune recover`'s and `esft train`'s --device, --precision and
+    --gradient-checkpointing (the two settings are fields of both configs)."""
+    for option in reversed(
+        [
+            click.option("--device", default=None, help="cpu, cuda or cuda:N [default: CUDA where present, every GPU]"),
+            click.option("--precision", type=click.Choice(["fp32", "bf16"]), default="fp32", show_default=True,
+                         help=_help("precision")),
+            click.option("--gradient-checkpointing", is_flag=True, help=_help("gradient_checkpointing")),
+        ]
+    ):  # fmt: skip
+        command = option(command)
+    return command
+
+
 @click.group("tune", context_settings=CONTEXT)
 def group():
     """Fine-tune carved checkpoints (see docs/tune.md)."""
@@ -45,14 +60,7 @@ def group():
 @click.option("--save-every", type=int, default=50, show_default=True, help=_help("save_every"))
 @click.option("--distill", type=float, default=0.0, show_default=True, help=_help("distill"))
 @click.option("--teacher", default=None, help="dense model to distil from [default: the carve's source]")
-@click.option(
-    "--precision",
-    type=click.Choice(["fp32", "bf16"]),
-    default="fp32",
-    show_default=True,
-    help=_help("precision"),
-)
-@click.option("--gradient-checkpointing", is_flag=True, help=_help("gradient_checkpointing"))
+@compute_options
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", "-o", required=True, help="output directory (a native glm4_moe checkpoint)")
 @click.option("--checkpoints", default=None, help="checkpoint directory [default: OUT.checkpoints]")
@@ -60,7 +68,6 @@ def group():
 @click.option("--overwrite", is_flag=True, help="replace an earlier moecarve output at OUT")
 @click.option("--adapter-out", default=None, help="also save the LoRA adapter alone here")
 @click.option("--eval-ppl", is_flag=True, help="measure protocol perplexity before and after")
-@click.option("--device", default=None, help="cpu, cuda or cuda:N [default: CUDA where present, every GPU]")
 def recover_command(
     carved, data, out, checkpoints, resume, overwrite, adapter_out, eval_ppl, teacher, device, **options
 ):

@@ -254,7 +254,7 @@ def _expand(recipe: Recipe, node, path: Path) -> list[Job]:
     if recipe.esft is not None:
         options["esft"] = _esft_options(recipe.esft, node, path)
         if recipe.eval_ppl is not None:
-            _check_esft_apart(options["esft"]["data"], recipe.eval_ppl, node, path)
+            _check_text_apart(options["esft"]["data"], ("esft", "data"), recipe.eval_ppl, node, path)
             general = options["esft"].get("mix_general")
             if general:  # its `protocol` is the BoolQ passages, as recover's default
                 general = None if general == "protocol" else general
@@ -357,22 +357,10 @@ def _esft_options(section: dict, node, path: Path) -> dict:
     return {**config.model_dump(mode="json"), **selection, "data": section["data"]}
 
 
-def _check_esft_apart(data: str, eval_ppl: PplOptions, node, path: Path) -> None:
-    """ESFT must not train on the text eval_ppl scores (it holds nothing of a task file out)."""
-    if eval_ppl.data is None:
-        return
-    here = [_beside(path, value).resolve() for value in (data, eval_ppl.data)]
-    if here[0] == here[1]:
-        raise RecipeError(
-            f"{path}:{_line(node, ('esft', 'data'))}: esft.data: the text eval_ppl scores: ESFT would "
-            "train on its scored tail"
-        )
-
-
 def _check_text_apart(data, key: tuple, eval_ppl: PplOptions, node, path: Path) -> None:
-    """A general training text (recover.data, esft.mix_general) must not reach the tokens eval_ppl
+    """A training text (recover.data, esft.data, esft.mix_general) must not reach the tokens eval_ppl
     scores, the tail of the same text: of the BoolQ passages training holds out the protocol's
-    tail; of any other text, nothing."""
+    tail; of any other text (a task file among them), nothing."""
     from moecarve import resources
     from moecarve.tune.data import PROTOCOL_TOKENS
 

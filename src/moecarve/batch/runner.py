@@ -205,7 +205,7 @@ def plan_text(batch: Batch, jobs: list[Job]) -> str:
         f"recipe {batch.name} ({batch.loaded.path}): {len(batch.jobs)} jobs = {len(recipe.models)} model(s) x "
         f"{len(recipe.configs)} configuration(s){' + dense' if recipe.dense else ''}",
         f"output {batch.output}",
-        f"device {recipe.device or 'not given: carves on the CPU, evals on CUDA where present'}",
+        f"device {recipe.device or 'not given: carves on the CPU, the rest on CUDA where present'}",
         f"{'#':>3}  {'job':<32} {'stages':<{width}} {'active':>7}  now",
     ]
     for job in jobs:

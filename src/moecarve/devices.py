@@ -41,3 +41,15 @@ def resolve_device(device: str | torch.device | None, stage: str = "eval") -> st
         if parsed.index is not None and parsed.index >= torch.cuda.device_count():
             raise DeviceError(device, f"this machine has {torch.cuda.device_count()} CUDA device(s)")
     return str(parsed)
+
+
+def native_bf16(device: str | torch.device) -> bool:
+    """Whether `device` multiplies bfloat16 natively: a GPU from Ampere on, a CPU with AVX512-BF16
+    or AMX. Elsewhere bfloat16 is emulated, slower than float32."""
+    if torch.device(device).type == "cuda":
+        with torch.cuda.device(torch.device(device)):
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+    try:
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    except AttributeError:  # a torch without the probes
+        return False

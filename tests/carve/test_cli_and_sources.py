@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 
@@ -264,6 +265,7 @@ def test_calibration_dtype_is_bfloat16_only_where_the_device_multiplies_it_nativ
         assert calibration_dtype("auto") is expected
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")  # a torch without the probe
     assert calibration_dtype("auto") is torch.float32
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     for native, expected in [(True, torch.bfloat16), (False, torch.float32)]:  # from Ampere on; before
         # emulated bfloat16 counts as supported unless asked otherwise, as in torch
         monkeypatch.setattr(

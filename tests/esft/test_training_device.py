@@ -210,21 +210,25 @@ def test_bf16_autocasts_with_the_routers_outside(
 def test_bf16_where_the_trainer_cannot_autocast_it_is_refused_before_any_work(
     tiny_carved, calib_file, tmp_path, monkeypatch
 ):
-    """A GPU without bf16 (transformers would emulate it), and DataParallel over several GPUs (no
-    --device), which the Trainer does not autocast."""
+    """A GPU or CPU without native bf16 (it would be emulated), and DataParallel over several GPUs
+    (no --device), which the Trainer does not autocast."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-16GB")
     bf16 = RECOVER.model_copy(update={"precision": "bf16"})
     for gpus, device, message in [
-        (1, None, "Tesla V100-SXM2-16GB has no bfloat16; use fp32"),
-        (1, "cuda", "Tesla V100-SXM2-16GB has no bfloat16; use fp32"),
+        (1, None, "Tesla V100-SXM2-16GB has no native bfloat16 .*; use fp32"),
+        (1, "cuda", "Tesla V100-SXM2-16GB has no native bfloat16 .*; use fp32"),
         (2, None, "DataParallel, which it does not autocast; give --device cuda"),
     ]:
         monkeypatch.setattr(torch.cuda, "device_count", lambda gpus=gpus: gpus)
         with pytest.raises(ValueError, match=rf"--precision bf16: .*{message}"):
             recover(tiny_carved, bf16, calib_file, tmp_path / "r", device=device)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    with pytest.raises(ValueError, match="--precision bf16: this CPU has no native bfloat16 .*; use fp32"):
+        recover(tiny_carved, bf16, calib_file, tmp_path / "r", device="cpu")
     assert not (tmp_path / "r").exists()
 
 

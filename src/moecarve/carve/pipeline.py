@@ -64,13 +64,9 @@ def calibration_dtype(setting: str, device: str = "cpu") -> torch.dtype:
     results/carve/floor.json); elsewhere float32, since emulated bfloat16 is slower than float32."""
     if setting != "auto":
         return DTYPES[setting]
-    if torch.device(device).type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float32
-    try:
-        native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    except AttributeError:  # a torch without the probes
-        native = False
-    return torch.bfloat16 if native else torch.float32
+    from moecarve.devices import native_bf16
+
+    return torch.bfloat16 if native_bf16(device) else torch.float32
 
 
 @contextlib.contextmanager

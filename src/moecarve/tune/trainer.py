@@ -64,28 +64,28 @@ class OneDeviceArguments(TrainingArguments):
 def training_device(device, stage: str, precision: str = "fp32") -> str | None:
     """`device` checked before any model loads; None stays None (transformers' choice). Refused
     under `accelerate launch`, where each process trains on the GPU the launcher gave it. bf16 is
-    refused on a GPU without it (transformers would emulate it, slower than fp32) and under
+    refused on a GPU or CPU without it (it would be emulated, slower than fp32) and under
     DataParallel (no --device on a machine of several GPUs), where the Trainer would not autocast."""
     from accelerate import PartialState
     from accelerate.utils import DistributedType
 
-    from moecarve.devices import DeviceError, resolve_device
+    from moecarve.devices import DeviceError, default_device, native_bf16, resolve_device
 
     resolved = None if device is None else resolve_device(device, stage)
     distributed = PartialState().distributed_type != DistributedType.NO  # torchrun's one process too
     if resolved is not None and distributed:
         raise DeviceError(device, "under accelerate launch each process trains on its own GPU; leave it out")
-    on_cuda = torch.device(resolved).type == "cuda" if resolved else torch.cuda.is_available()
-    if precision != "bf16" or not on_cuda:
+    if precision != "bf16":
         return resolved
+    target = resolved or default_device()
     if resolved is None and not distributed and torch.cuda.device_count() > 1:
         raise ValueError(
             "--precision bf16: without --device the Trainer spreads training over every GPU with "
             "DataParallel, which it does not autocast; give --device cuda (one GPU) or use accelerate launch"
         )
-    with torch.cuda.device(torch.device(resolved or "cuda")):
-        if not torch.cuda.is_bf16_supported(including_emulation=False):
-            raise ValueError(f"--precision bf16: {torch.cuda.get_device_name()} has no bfloat16; use fp32")
+    if not native_bf16(target):
+        name = torch.cuda.get_device_name(torch.device(target)) if target.startswith("cuda") else "this CPU"
+        raise ValueError(f"--precision bf16: {name} has no native bfloat16 (it would be emulated); use fp32")
     return resolved
 
 

@@ -228,6 +228,10 @@ def test_one_router_per_layer_under_peft_and_adapter_saved_alone(tiny_carved, ca
     assert all(count.sum().item() == 30 * top_k for count in tracker.counts.values())
     model.eval()(torch.arange(30)[None])  # evaluations are not counted
     assert all(count.sum().item() == 30 * top_k for count in tracker.counts.values())
+    tracker.counts.clear()
+    model.train().gradient_checkpointing_enable({"use_reentrant": False})
+    model(torch.arange(30)[None]).logits.sum().backward()  # the backward's recompute is not counted
+    assert all(count.sum().item() == 30 * top_k for count in tracker.counts.values())
 
     config = RecoverConfig(steps=2, **FAST)
     result = recover(tiny_carved, config, calib_file, tmp_path / "o", adapter_out=tmp_path / "adapter")

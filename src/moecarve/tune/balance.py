@@ -38,6 +38,8 @@ class LoadTracker:
     def _record(self, module, args, output) -> None:
         if not module.training:  # evaluations during training must not steer the bias
             return
+        if torch._C._current_graph_task_id() != -1:  # gradient checkpointing's recompute, in backward
+            return
         selected = output[-1].detach().reshape(-1)
         experts = module.e_score_correction_bias.numel()
         count = torch.bincount(selected, minlength=experts).float()

@@ -173,7 +173,7 @@ def train_method(method: str, lr: float, seed: int, args) -> dict:
         dataset = train.training_set(args.model, data, tokenizer, config)
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-        model.config.use_cache = False
+        use_cache, model.config.use_cache = model.config.use_cache, False
         if method == "lora":  # recover's LoRA targets, at the rank 8 the documented runs used
             from moecarve.tune.adapters import trainable_model
             from moecarve.tune.recover import RecoverConfig
@@ -186,6 +186,7 @@ def train_method(method: str, lr: float, seed: int, args) -> dict:
         seconds, losses = stats["seconds"], stats["losses"]
         if method == "lora":
             model = model.merge_and_unload()
+        model.config.use_cache = use_cache  # the Trainer turned it off in the saved config too
         model.save_pretrained(out / "model")
         tokenizer.save_pretrained(out / "model")
     return {

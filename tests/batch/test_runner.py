@@ -525,8 +525,10 @@ def test_a_recover_stage_trains_each_carve_and_the_evals_score_what_it_trained(
 
 
 def test_an_esft_stage_after_the_recovery_specialises_the_model_the_evals_score(
-    make_recipe, calib_file, tmp_path, monkeypatch
+    make_recipe, calib_file, tmp_path, monkeypatch, capfd
 ):
+    from transformers.utils import logging as hf_logging
+
     from tests.conftest import sample_text
 
     task = tmp_path / "task.jsonl"
@@ -550,9 +552,13 @@ def test_an_esft_stage_after_the_recovery_specialises_the_model_the_evals_score(
     batch = runner.open_batch(recipe)
     job = next(j for j in batch.jobs if j.name == "llama-S1A2E8")
     assert batch.jobs[0].stages == ("eval_ppl",)  # the dense job evaluates the source only
+    capfd.readouterr()
     runner.run(batch, [job], progress=False)
     result = batch.result(job)
     assert result["status"] == "ok", result["error"]
+    # --no-progress: no bar from loading or writing weights, nor the Trainer's; afterwards as before
+    bars = [line for line in capfd.readouterr().err.splitlines() if "|" in line and "%" in line]
+    assert bars == [] and hf_logging.is_progress_bar_enabled()
     columns, record = result["columns"], result["stages"]["esft"]
     assert 0 < columns["esft_experts"] == record["selected"]
     # the fraction counts all that trained: here the shared experts too, beyond the selected ones

@@ -304,6 +304,21 @@ def update_table(batch: Batch) -> None:
         write_table(batch.output, batch.name, [job_row(job, batch.result(job)) for job in batch.jobs])
 
 
+@contextlib.contextmanager
+def transformers_bars_off():
+    """transformers' own progress bars (loading and writing weights, the hub's downloads and, through
+    OneDeviceArguments, the Trainer's) off while it lasts, as --no-progress asks."""
+    from transformers.utils import logging as hf_logging
+
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+
+
 def run_job(batch: Batch, job: Job, progress: bool = True) -> dict | None:
     """Run one job in-process; None when another process holds it. Failures are recorded, not raised."""
     final = batch.job_dir(job)
@@ -325,7 +340,10 @@ def run_job(batch: Batch, job: Job, progress: bool = True) -> dict | None:
                     job, work, source, source, batch.loaded.root, progress, batch.loaded.recipe.device
                 )
                 for name in job.stages:
-                    stage_record, stage_columns = stage_registry.STAGES[name](ctx, job.options.get(name, {}))
+                    with contextlib.nullcontext() if progress else transformers_bars_off():
+                        stage_record, stage_columns = stage_registry.STAGES[name](
+                            ctx, job.options.get(name, {})
+                        )
                     record["stages"][name] = stage_record
                     columns.update(stage_columns)
                 stage_registry.finish(ctx, final, job.options.get("carve", {}).get("keep_model", True))

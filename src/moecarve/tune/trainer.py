@@ -48,6 +48,15 @@ class OneDeviceArguments(TrainingArguments):
 
     train_device: str | None = None
 
+    def __post_init__(self):
+        if (
+            self.disable_tqdm is None
+        ):  # the Trainer's bar follows transformers' (a quiet batch turns them off)
+            from transformers.utils.logging import is_progress_bar_enabled
+
+            self.disable_tqdm = not is_progress_bar_enabled()
+        super().__post_init__()
+
     @cached_property
     def _setup_devices(self) -> torch.device:
         device = TrainingArguments._setup_devices.func(self)

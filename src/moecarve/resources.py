@@ -23,6 +23,16 @@ class ResourceMissing(FileNotFoundError):
     """A bundled resource's package is not installed."""
 
 
+def refuse_bundled(model, command: str) -> None:
+    """`bundled` is the dense source model: a stage that needs a carve says so, instead of finding
+    no model of that name (a local directory called bundled is still taken)."""
+    if str(model) == BUNDLED_MODEL and not Path(BUNDLED_MODEL).exists():
+        raise ValueError(
+            f"{command}: `bundled` is the dense SmolLM2-135M; carve it first "
+            f"(`carve bundled --experts 8 --active 2 --out DIR`) and give DIR"
+        )
+
+
 def package_dir(name: str, pip_name: str) -> Path:
     """Directory of an installed package, found without importing it (some pull heavy deps)."""
     spec = importlib.util.find_spec(name)

@@ -98,9 +98,11 @@ def test_select_refuses_other_files(tmp_path):
         select.select(bad, "token", 0.2)
 
 
-def test_score_refuses_dense_model_before_reading_data(tiny_models, tmp_path):
-    with pytest.raises(ValueError, match="carve it first"):
-        score.score(tiny_models["llama"], tmp_path / "no-such-task.jsonl", tmp_path / "s.json")
+def test_score_refuses_dense_model_before_reading_data(tiny_models, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for dense in (tiny_models["llama"], "bundled"):  # the bundled model is dense too
+        with pytest.raises(ValueError, match="carve it first"):
+            score.score(dense, tmp_path / "no-such-task.jsonl", tmp_path / "s.json")
     assert not (tmp_path / "s.json").exists()
 
 

@@ -404,8 +404,11 @@ def test_cpu_is_refused_without_the_interpreter(monkeypatch):
     with pytest.raises(ValueError, match=r"cannot tune on cpu: .*TRITON_INTERPRET=1"):
         check_device("cpu", "float32")
     for device in ("mps", "xpu", "meta"):  # no probe tensor is made on them: the same one line
-        with pytest.raises(ValueError, match=f"tuning times the kernels on a CUDA GPU; {device} is not one"):
+        with pytest.raises(ValueError, match=f"--device {device}: tuning times the kernels on a CUDA GPU"):
             check_device(device, "float32")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="--device cuda: this machine has no CUDA GPU"):
+        check_device("cuda", "float32")
 
 
 def test_tune_command_refuses_models_it_cannot_tune(tmp_path, monkeypatch, capsys):
@@ -421,6 +424,9 @@ def test_tune_command_refuses_models_it_cannot_tune(tmp_path, monkeypatch, capsy
         code, out = run_cli(monkeypatch, capsys, "tune", missing, "--out", tmp_path / "out")
         assert code == 2 and "config.json missing" in out.err, missing
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a hub ID's lookup fails as it does without a network
+    monkeypatch.chdir(tmp_path)
+    code, out = run_cli(monkeypatch, capsys, "tune", "bundled", "--out", tmp_path / "out")
+    assert code == 2 and "`bundled` is the dense SmolLM2-135M; carve it first" in out.err
     code, out = run_cli(monkeypatch, capsys, "tune", "no-such-model", "--out", tmp_path / "out")
     assert code == 2 and "model not found: no-such-model is no local directory" in out.err
     from transformers import Glm4MoeConfig

@@ -330,11 +330,17 @@ def test_paths_that_overlap_are_refused_and_nothing_is_deleted(
 
 def test_cli_reports_a_dense_model_in_one_line(tiny_models, tmp_path):
     code = "from moecarve.cli import main; main()"
-    args = ["tune", "recover", str(tiny_models["llama"]), "--steps", "1", "--out", str(tmp_path / "o")]
-    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
-    assert result.returncode == 2
-    (line,) = result.stderr.strip().splitlines()
-    assert line.startswith("error: ") and "not a carved MoE checkpoint" in line and "carve" in line
+    for dense, message in [
+        (str(tiny_models["llama"]), "not a carved MoE checkpoint"),
+        ("bundled", "carve it first"),
+    ]:
+        args = ["tune", "recover", dense, "--steps", "1", "--out", str(tmp_path / "o")]
+        result = subprocess.run(
+            [sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=tmp_path
+        )
+        assert result.returncode == 2
+        (line,) = result.stderr.strip().splitlines()
+        assert line.startswith("error: ") and message in line and "carve" in line
 
 
 @torch.no_grad()

@@ -36,6 +36,9 @@ def model_shape(model_dir: str | Path) -> ModelShape:
     """The layout of a local model directory (config.json only; raises for dense models)."""
     from transformers import AutoConfig
 
+    from moecarve.resources import refuse_bundled
+
+    refuse_bundled(model_dir, "esft")
     path = Path(model_dir).expanduser()
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"no model at {path} (config.json missing)")

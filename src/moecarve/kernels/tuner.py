@@ -300,8 +300,10 @@ def model_shapes(model: str, dtype: str | None = None) -> list[MoeShape]:
     from transformers import AutoConfig
 
     from ..moe import meta_model
+    from ..resources import refuse_bundled
     from .integration import unsupported_block_reason
 
+    refuse_bundled(model, "kernels tune")
     local = Path(model).expanduser()
     looks_local = model.startswith((".", "/", "~")) or model.count("/") > 1
     if (local.exists() or looks_local) and not (local / "config.json").is_file():
@@ -345,8 +347,15 @@ def check_device(device: str, dtype: str) -> torch.device:
         dev = torch.device(device)
     except RuntimeError as err:
         raise ValueError(f"--device {device!r}: {err}") from None
-    if dev.type not in ("cuda", "cpu") or (dev.type == "cuda" and not torch.cuda.is_available()):
-        raise ValueError(f"tuning times the kernels on a CUDA GPU; {device} is not one")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"--device {device}: this machine has no CUDA GPU, which tuning times the kernels on "
+            "(--device cpu only checks the command)"
+        )
+    if dev.type not in ("cuda", "cpu"):
+        raise ValueError(
+            f"--device {device}: tuning times the kernels on a CUDA GPU (or cpu, to check the command)"
+        )
     probe = torch.empty(1, device=dev, dtype=getattr(torch, dtype))
     reason = triton_unsupported_reason(probe, [probe])
     if reason is not None:

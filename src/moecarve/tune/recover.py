@@ -123,6 +123,9 @@ def training_text(tokenizer, data, config: RecoverConfig, processes: int = 1) ->
 
 def check_carved(model_dir: Path) -> dict:
     """The model's config.json, refusing anything that is not a carved (glm4_moe) checkpoint."""
+    from moecarve.resources import refuse_bundled
+
+    refuse_bundled(model_dir, "tune recover")
     config_path = model_dir / "config.json"
     if not config_path.is_file():
         raise FileNotFoundError(f"no model at {model_dir} (config.json missing)")

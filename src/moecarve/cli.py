@@ -78,6 +78,7 @@ def _preset_defaults(name: str) -> str:
     type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
     default="auto",
     show_default=True,
+    help=_field_help("dtype"),
 )
 @click.option("--balance", type=float, default=0.0, show_default=True, help=_field_help("balance"))
 @click.option("--eval-ppl", is_flag=True, help="measure protocol perplexity of the source and the carve")

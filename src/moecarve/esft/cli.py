@@ -76,7 +76,7 @@ def _mix(value: str | None) -> tuple[str | None, float]:
 @click.option("--batch-size", type=int, default=4, show_default=True, help=_help("batch_size"))
 @click.option("--grad-accum", type=int, default=1, show_default=True, help=_help("grad_accum"))
 @click.option("--max-length", type=int, default=512, show_default=True, help=_help("max_length"))
-@click.option("--weight-decay", type=float, default=0.1, show_default=True)
+@click.option("--weight-decay", type=float, default=0.1, show_default=True, help=_help("weight_decay"))
 @click.option(
     "--mix-general",
     default=None,
@@ -84,7 +84,7 @@ def _mix(value: str | None) -> tuple[str | None, float]:
     help="general text (file or 'protocol') and its share",
 )
 @compute_options
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help=_help("seed"))
 @click.option("--overwrite", is_flag=True, help="replace an earlier adapter")
 def train_command(model, experts_file, data, out, overwrite, mix_general, device, **options):
     """Train only the selected experts of MODEL; saves only the trained tensors."""

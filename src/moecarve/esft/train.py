@@ -42,7 +42,7 @@ class EsftConfig(BaseModel):
     batch_size: int = Field(4, ge=1, description="sequences per device per micro-batch")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimiser step")
     max_length: int = Field(512, ge=2, description="tokens per sequence (longer prompts lose their start)")
-    weight_decay: float = Field(0.1, ge=0)
+    weight_decay: float = Field(0.1, ge=0, description="AdamW's decoupled weight decay")
     beta1: float = 0.9
     beta2: float = 0.95
     warmup_steps: int = Field(0, ge=0)
@@ -59,7 +59,7 @@ class EsftConfig(BaseModel):
     gradient_checkpointing: bool = Field(
         False, description="recompute activations in the backward pass: less memory, more time"
     )
-    seed: int = 0
+    seed: int = Field(0, description="seeds the order of the training sequences")
 
     @model_validator(mode="after")
     def _mix_needs_both(self):

@@ -60,7 +60,9 @@ def ppl_command(models, data, windows, length, dtype, device, out):
     help="comma-separated lm-eval task names",
 )
 @click.option("--limit", type=int, default=None, help="first N validation questions per task [default: all]")
-@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option(
+    "--batch-size", type=int, default=8, show_default=True, help="lm-eval requests per forward pass"
+)
 @dtype_option
 @device_option
 @out_option
@@ -81,8 +83,20 @@ def tasks_command(model, tasks, limit, batch_size, dtype, device, out):
 @click.argument("model")
 @click.option("--baseline", default=None, help="dense model measured side by side (ratios MODEL/BASELINE)")
 @click.option("--batch-sizes", default="1,2,4,8", show_default=True, help="comma-separated")
-@click.option("--prompt-length", type=int, default=128, show_default=True)
-@click.option("--decode-tokens", type=int, default=32, show_default=True)
+@click.option(
+    "--prompt-length",
+    type=int,
+    default=128,
+    show_default=True,
+    help="prompt tokens per sequence (timed as prefill)",
+)
+@click.option(
+    "--decode-tokens",
+    type=int,
+    default=32,
+    show_default=True,
+    help="tokens generated per sequence after the prompt (timed as decode)",
+)
 @click.option("--repeats", type=int, default=3, show_default=True, help="median of this many runs")
 @click.option("--kernels", is_flag=True, help="run MODEL's MoE blocks through moecarve.kernels (GPU)")
 @click.option(
@@ -136,8 +150,8 @@ def speed_command(
 @group.command("load")
 @click.argument("model")
 @data_option
-@click.option("--windows", type=int, default=4, show_default=True)
-@click.option("--length", type=int, default=2048, show_default=True)
+@click.option("--windows", type=int, default=4, show_default=True, help="number of windows routed")
+@click.option("--length", type=int, default=2048, show_default=True, help="tokens per window")
 @dtype_option
 @device_option
 @out_option

@@ -42,8 +42,8 @@ def group():
 )
 @click.option("--steps", type=int, required=True, help=_help("steps"))
 @click.option("--train", default="router,lora", show_default=True, help=_help("train"))
-@click.option("--lora-rank", type=int, default=32, show_default=True)
-@click.option("--lora-alpha", type=float, default=128.0, show_default=True)
+@click.option("--lora-rank", type=int, default=32, show_default=True, help=_help("lora_rank"))
+@click.option("--lora-alpha", type=float, default=128.0, show_default=True, help=_help("lora_alpha"))
 @click.option(
     "--lora-targets",
     default=",".join(DEFAULT_LORA_TARGETS),
@@ -54,14 +54,14 @@ def group():
 @click.option("--router-lr", type=float, default=1e-2, show_default=True, help=_help("router_lr"))
 @click.option("--bias-rate", type=float, default=1e-5, show_default=True, help=_help("bias_rate"))
 @click.option("--batch-size", type=int, default=4, show_default=True, help=_help("batch_size"))
-@click.option("--grad-accum", type=int, default=1, show_default=True)
+@click.option("--grad-accum", type=int, default=1, show_default=True, help=_help("grad_accum"))
 @click.option("--length", type=int, default=512, show_default=True, help=_help("length"))
 @click.option("--warmup", type=int, default=0, show_default=True, help=_help("warmup"))
 @click.option("--save-every", type=int, default=50, show_default=True, help=_help("save_every"))
 @click.option("--distill", type=float, default=0.0, show_default=True, help=_help("distill"))
 @click.option("--teacher", default=None, help="dense model to distil from [default: the carve's source]")
 @compute_options
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help=_help("seed"))
 @click.option("--out", "-o", required=True, help="output directory (a native glm4_moe checkpoint)")
 @click.option("--checkpoints", default=None, help="checkpoint directory [default: OUT.checkpoints]")
 @click.option("--resume", is_flag=True, help="continue an interrupted run from its last checkpoint")

@@ -57,7 +57,7 @@ class RecoverConfig(BaseModel):
     lora_rank: int = Field(
         32, ge=1, description="rank 32 reaches in 100 steps what 8 does in 200 (docs/tune.md)"
     )
-    lora_alpha: float = Field(128.0, gt=0)
+    lora_alpha: float = Field(128.0, gt=0, description="LoRA scale: updates are multiplied by alpha / rank")
     lora_targets: tuple[str, ...] = Field(DEFAULT_LORA_TARGETS, description="module or fused-parameter names")
     lr: float = Field(2e-4, gt=0, description="learning rate of LoRA (or of all weights with full)")
     router_lr: float = Field(
@@ -69,7 +69,7 @@ class RecoverConfig(BaseModel):
         1e-5, ge=0, description="balancing-bias change per step (router scores are ~0.5)"
     )
     batch_size: int = Field(4, ge=1, description="sequences per step and device")
-    grad_accum: int = Field(1, ge=1)
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimiser step")
     length: int = Field(512, ge=8, description="tokens per training sequence")
     warmup: int = Field(0, ge=0, description="linear warm-up steps")
     save_every: int = Field(50, ge=1, description="checkpoint every this many steps")
@@ -86,7 +86,7 @@ class RecoverConfig(BaseModel):
     gradient_checkpointing: bool = Field(
         False, description="recompute activations in the backward pass: less memory, more time"
     )
-    seed: int = 0
+    seed: int = Field(0, description="seeds LoRA's initialisation and the order of the training sequences")
 
     @field_validator("train", mode="before")
     @classmethod

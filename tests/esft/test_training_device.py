@@ -151,7 +151,8 @@ def training_steps(monkeypatch):
     def recording(self, model, *args, **kwargs):
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         gates = {type(layer.block.gate).__name__ for layer in moe.moe_layers(base)}
-        seen.append((base.is_gradient_checkpointing, gates))
+        checkpointing = getattr(type(base), "is_activation_checkpointing", None)  # transformers 5.25 on
+        seen.append(((checkpointing or type(base).is_gradient_checkpointing).fget(base), gates))
         return step(self, model, *args, **kwargs)
 
     monkeypatch.setattr(Trainer, "training_step", recording)

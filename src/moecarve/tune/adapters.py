@@ -37,6 +37,8 @@ def trainable_model(model, config):
         )
         with warnings.catch_warnings():  # peft's notes on nested parameter wrappers
             warnings.simplefilter("ignore", RuntimeWarning)
+            # peft asks transformers 5.25+ for a property it deprecates; nothing a user can change
+            warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
             model = get_peft_model(model, lora)
     for name, param in model.named_parameters():
         is_router = is_router_weight(name)

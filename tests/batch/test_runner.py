@@ -66,7 +66,18 @@ def test_cli_exit_status_and_dry_run(make_recipe, reference, tmp_path):
     # Against a finished output: the plan says what a run would skip and what it would retry.
     result = CliRunner().invoke(batch_command, [str(recipe), "--dry-run", "--out", str(reference)])
     assert "done, skipped" in result.output and "failed, runs again" in result.output
-    assert "1 of 4 job(s) to run" in result.output
+    assert "1 of 4 job(s) to run" in result.output and result.exit_code == 0
+
+    # What each job checks before its carve, on a model already on disk: its windows too long here.
+    recipe.write_text(recipe.read_text().replace("length: 128, data", "length: 100000, data"))
+    result = CliRunner().invoke(batch_command, [str(recipe), "--dry-run"])
+    assert result.exit_code == 1 and "4 of 4 job(s) to run" in result.output
+    failing = [
+        line for line in result.output.splitlines() if line.startswith("would fail before its carve: ")
+    ]
+    assert [line.split(": ")[1] for line in failing] == JOBS
+    assert all("eval_ppl.length 100000 exceeds the 256 positions" in line for line in failing)
+    assert not (tmp_path / "out").exists()
 
 
 def test_only_runs_one_job_by_name_or_index(make_recipe, reference, tmp_path):

@@ -35,7 +35,8 @@ def batch_command(recipe, out, dry_run, workers, only, progress):
     """Run every job of RECIPE (see docs/batch.md); run it again after a kill to finish the rest.
 
     Finished jobs are skipped, an interrupted one starts clean, a failed one is recorded and
-    tried again next time. Exit status: 0 all done, 1 a job failed, 2 bad input, 3 --only JOB is
+    tried again next time. Exit status: 0 all done, 1 a job failed (or with --dry-run would fail
+    before its carve), 2 bad input, 3 --only JOB is
     running in another process.
     """
     from moecarve.batch import runner
@@ -44,7 +45,10 @@ def batch_command(recipe, out, dry_run, workers, only, progress):
     jobs = runner.select(batch, only)
     if dry_run:
         click.echo(runner.plan_text(batch, jobs))
-        return
+        failures = runner.dry_run_failures(batch, jobs)
+        for line in failures:
+            click.echo(f"would fail before its carve: {line}", err=True)
+        sys.exit(1 if failures else 0)
     summary = runner.run(batch, jobs, workers=workers, progress=progress)
     click.echo(f"{runner.describe(summary)}; table: {batch.output / 'results.md'}")
     if summary.failed:

@@ -222,6 +222,27 @@ def plan_text(batch: Batch, jobs: list[Job]) -> str:
     return "\n".join(lines)
 
 
+def dry_run_failures(batch: Batch, jobs: list[Job]) -> list[str]:
+    """What `--dry-run` can tell without a download or a conversion: for each job still to run whose
+    model is a directory on disk, the checks a run makes before its carve (positions, text long
+    enough, task data), as "JOB: error" lines."""
+    failures, seen = [], {}
+    for job in jobs:
+        source = _local_model(batch, job)
+        if source is None or batch.status(job) == "ok":
+            continue
+        key = (source, job.stages, json.dumps(job.options, sort_keys=True, default=str))
+        if key not in seen:  # configurations of one model share its checks
+            try:
+                check_texts(source, job, batch.loaded.root)
+                seen[key] = None
+            except Exception as err:
+                seen[key] = error_line(err)
+        if seen[key] is not None:
+            failures.append(f"{job.name}: {seen[key]}")
+    return failures
+
+
 def _running_elsewhere(batch: Batch, job: Job) -> bool:
     lock = batch.job_dir(job).parent / f".{job.name}.lock"
     if not lock.exists():  # never ran here; and a dry run creates nothing

@@ -197,6 +197,10 @@ def _run(command) -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except click.UsageError as err:  # one line, as every other error
+        hint = f" (see `{err.ctx.command_path} --help`)" if err.ctx is not None else ""
+        click.echo(f"error: {err.format_message()}{hint}", err=True)
+        sys.exit(err.exit_code)
     except click.ClickException as err:
         err.show()
         sys.exit(err.exit_code)

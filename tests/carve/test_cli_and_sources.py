@@ -274,3 +274,24 @@ def test_calibration_dtype_is_bfloat16_only_where_the_device_multiplies_it_nativ
             lambda including_emulation=True, v=native: v or including_emulation,
         )
         assert calibration_dtype("auto", "cuda:0") is expected
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["moecarve", "esft", "train", "m", "--experts", "e", "--data", "d", "--steps", "1", "--out", "o",
+          "--mix-general", "protocol"],
+         "error: Invalid value for --mix-general: expected TEXT:RATIO, got 'protocol' (see `"),
+        (["moecarve", "carve", "m", "--experts", "x"], "error: Invalid value for '--experts'"),
+        (["moecarve", "no-such-stage"], "error: No such command 'no-such-stage'."),
+    ],
+)  # fmt: skip
+def test_usage_errors_are_one_line_too(argv, message, monkeypatch, capsys):
+    from moecarve.cli import main
+
+    monkeypatch.setattr("sys.argv", argv)
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and line.startswith(message)
+    assert line.endswith("--help`)")  # the command's help, by the program name click detects

@@ -329,3 +329,22 @@ def test_train_shared_refused_without_shared_experts(native_models, task_file, t
             model_dir, efile, task_file, tmp_path / "a", CONFIG.model_copy(update={"train_shared": True})
         )
     assert not (tmp_path / "a").exists()
+
+
+def test_a_damaged_model_is_named(tiny_carved, task_file, tmp_path):
+    """safetensors' own error names no file: score, train and merge name the model, and write nothing."""
+    from moecarve.esft import score
+
+    efile = experts_file(tiny_carved, tmp_path / "experts.json", {0: [1]})
+    train.train(tiny_carved, efile, task_file, tmp_path / "adapter", CONFIG)
+    damaged = shutil.copytree(tiny_carved, tmp_path / "damaged")
+    for weights in damaged.glob("*.safetensors"):
+        weights.write_bytes(weights.read_bytes()[:100])
+    message = f"{damaged}: a weights file is damaged"
+    with pytest.raises(ValueError, match=message):
+        score.score(damaged, task_file, tmp_path / "scores.json")
+    with pytest.raises(ValueError, match=message):
+        train.train(damaged, efile, task_file, tmp_path / "adapter2", CONFIG)
+    with pytest.raises(ValueError, match=message):
+        merge.merge(damaged, tmp_path / "adapter", tmp_path / "merged")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "damaged", "experts.json"]

@@ -117,7 +117,8 @@ def merge(model_dir: str | Path, adapter: str | Path, out: str | Path, overwrite
     record, tensors = read_adapter(adapter)
     shape.check(record, f"adapter {adapter}")
     validate_experts(record, shape.num_experts, shape.moe_layers, f"adapter {adapter}")
-    model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
+    with damaged_weights_named(base):
+        model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
     plan = copy_plan(model, record, tensors)
     check_base(model, record, adapter, base)
     apply_adapter(plan)

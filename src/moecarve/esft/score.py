@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 from moecarve import moe
 from moecarve.carve.calib import read_json
+from moecarve.carve.source import damaged_weights_named
 from moecarve.carve.writer import atomic_file, check_apart, check_output_file, write_atomically
 from moecarve.esft.data import load_examples
 from moecarve.esft.shape import model_shape
@@ -75,13 +76,11 @@ def score(
     max_length = length_cap(model_dir, max_length)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     examples = load_examples(data, tokenizer, max_length)
-    model = (
-        AutoModelForCausalLM.from_pretrained(
+    with damaged_weights_named(model_dir):
+        model = AutoModelForCausalLM.from_pretrained(
             model_dir, dtype="auto", **moe.experts_loading(model_dir, "auto")
         )
-        .eval()
-        .to(device)
-    )
+    model = model.eval().to(device)
     sums = {
         kind: {index: torch.zeros(shape.num_experts, dtype=torch.float64) for index in shape.moe_layers}
         for kind in SCORES

@@ -234,6 +234,7 @@ def train(
     `device`: cpu, cuda or cuda:N (None: transformers' choice, CUDA where present)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from moecarve.carve.source import damaged_weights_named
     from moecarve.carve.writer import atomic_directory, check_apart, check_output
     from moecarve.tune.trainer import training_device
 
@@ -256,7 +257,8 @@ def train(
     dataset = training_set(model_dir, data, tokenizer, config)
 
     torch.manual_seed(config.seed)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with damaged_weights_named(model_dir):
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.config.use_cache = False
     groups, stats, digest = train_experts(
         model, experts, dataset, Collator(pad_id(tokenizer)), config, moe.declared_dtype(model_dir), device

@@ -213,6 +213,22 @@ def _run(command) -> None:
         sys.exit(2)
 
 
+def _short_warnings() -> None:
+    """moecarve's own warnings as one `warning: ...` line, like its errors, not Python's two lines
+    quoting the source; other libraries' keep their format."""
+    import warnings
+    from pathlib import Path
+
+    package, default = str(Path(__file__).parent), warnings.formatwarning
+
+    def formatted(message, category, filename, lineno, line=None):
+        if str(filename).startswith(package):
+            return f"warning: {message}\n"
+        return default(message, category, filename, lineno, line)
+
+    warnings.formatwarning = formatted
+
+
 def _exit_on_sigterm() -> None:
     """SIGTERM (`kill`, a scheduler's stop) unwinds like Ctrl-C, so temporary outputs are removed,
     then exits with 143; without this Python dies at once and leaves them."""
@@ -226,12 +242,14 @@ def _exit_on_sigterm() -> None:
 def main() -> None:
     """Entry point of the `moecarve` script."""
     _exit_on_sigterm()
+    _short_warnings()
     _run(cli)
 
 
 def carve_main() -> None:
     """Entry point of the `carve` script."""
     _exit_on_sigterm()
+    _short_warnings()
     _run(carve_command)
 
 

@@ -295,3 +295,17 @@ def test_usage_errors_are_one_line_too(argv, message, monkeypatch, capsys):
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 2 and line.startswith(message)
     assert line.endswith("--help`)")  # the command's help, by the program name click detects
+
+
+def test_the_cli_prints_its_own_warnings_in_one_line(monkeypatch):
+    import warnings
+
+    from moecarve import cli
+    from moecarve.carve import calib
+
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # restored afterwards
+    cli._short_warnings()
+    ours = warnings.formatwarning("--calib-tokens 1000 is not a multiple", UserWarning, calib.__file__, 160)
+    assert ours == "warning: --calib-tokens 1000 is not a multiple\n"
+    theirs = warnings.formatwarning("deprecated", FutureWarning, json.__file__, 3, "line")
+    assert theirs.startswith(f"{json.__file__}:3: FutureWarning: deprecated")

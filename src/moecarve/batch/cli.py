@@ -64,7 +64,8 @@ def _index(batch, name: str) -> int:
 
 
 if __name__ == "__main__":  # how --jobs N runs each job: python -m moecarve.batch.cli RECIPE --only JOB
-    from moecarve.cli import _exit_on_sigterm, _run
+    from moecarve.cli import _exit_on_sigterm, _run, _short_warnings
 
     _exit_on_sigterm()
+    _short_warnings()
     _run(batch_command)

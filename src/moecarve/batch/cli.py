@@ -35,9 +35,8 @@ def batch_command(recipe, out, dry_run, workers, only, progress):
     """Run every job of RECIPE (see docs/batch.md); run it again after a kill to finish the rest.
 
     Finished jobs are skipped, an interrupted one starts clean, a failed one is recorded and
-    tried again next time. Exit status: 0 all done, 1 a job failed (or with --dry-run would fail
-    before its carve), 2 bad input, 3 --only JOB is
-    running in another process.
+    tried again next time. Exit status: 0 all done, 1 a job failed (with --dry-run: would fail
+    before its carve), 2 bad input, 3 --only JOB is running in another process.
     """
     from moecarve.batch import runner
 

@@ -192,16 +192,14 @@ def main() -> None:
     )
     parser.add_argument("--carved", action="append", default=[], help="NAME=DIR of a bundled-model carve")
     parser.add_argument("--modes", default="router,lora", help="';'-separated --train values")
-    parser.add_argument("--steps", type=int, default=120)
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--router-lr", type=float, default=1e-2)
-    parser.add_argument("--bias-rate", type=float, default=1e-5)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--length", type=int, default=512)
-    parser.add_argument("--warmup", type=int, default=10)
+    defaults = RecoverConfig.model_fields  # `tune recover`'s own defaults
+    parser.add_argument("--steps", type=int, default=100)
+    for name in ("lr", "router_lr", "bias_rate", "batch_size", "length", "warmup"):
+        kind = type(defaults[name].default)
+        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=defaults[name].default)
     parser.add_argument("--distill", type=float, default=0.0, help="weight of KL to the dense source")
-    parser.add_argument("--lora-rank", type=int, default=32)
-    parser.add_argument("--lora-alpha", type=float, default=128.0)
+    parser.add_argument("--lora-rank", type=int, default=defaults["lora_rank"].default)
+    parser.add_argument("--lora-alpha", type=float, default=defaults["lora_alpha"].default)
     parser.add_argument(
         "--compute",
         default="fp32",

@@ -50,13 +50,13 @@ def group():
     show_default=True,
     help=_help("lora_targets"),
 )
-@click.option("--lr", type=float, default=2e-4, show_default=True, help=_help("lr"))
+@click.option("--lr", type=float, default=None, help=f"{_help('lr')}  [default: 1e-3]")
 @click.option("--router-lr", type=float, default=1e-2, show_default=True, help=_help("router_lr"))
 @click.option("--bias-rate", type=float, default=1e-5, show_default=True, help=_help("bias_rate"))
 @click.option("--batch-size", type=int, default=4, show_default=True, help=_help("batch_size"))
 @click.option("--grad-accum", type=int, default=1, show_default=True, help=_help("grad_accum"))
 @click.option("--length", type=int, default=512, show_default=True, help=_help("length"))
-@click.option("--warmup", type=int, default=0, show_default=True, help=_help("warmup"))
+@click.option("--warmup", type=int, default=4, show_default=True, help=_help("warmup"))
 @click.option("--save-every", type=int, default=50, show_default=True, help=_help("save_every"))
 @click.option("--distill", type=float, default=0.0, show_default=True, help=_help("distill"))
 @click.option("--teacher", default=None, help="dense model to distil from [default: the carve's source]")
@@ -76,6 +76,8 @@ def recover_command(
     from moecarve.tune.trainer import training_device
 
     options["lora_targets"] = tuple(t.strip() for t in options["lora_targets"].split(",") if t.strip())
+    if options["lr"] is None:  # the config's default, which --train full does not take
+        del options["lr"]
     config = RecoverConfig(**options)
     device = training_device(device, "tune recover", config.precision)  # refused before the announcement
     click.echo(f"training {'+'.join(config.train)} for {config.steps} steps")

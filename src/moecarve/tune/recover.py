@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from accelerate import PartialState
 from accelerate.utils import extract_model_from_parallel
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, set_seed
 
 from moecarve.carve.calib import read_json, text_identity
@@ -59,7 +59,9 @@ class RecoverConfig(BaseModel):
     )
     lora_alpha: float = Field(128.0, gt=0, description="LoRA scale: updates are multiplied by alpha / rank")
     lora_targets: tuple[str, ...] = Field(DEFAULT_LORA_TARGETS, description="module or fused-parameter names")
-    lr: float = Field(2e-4, gt=0, description="learning rate of LoRA (or of all weights with full)")
+    lr: float = Field(
+        1e-3, gt=0, description="learning rate of LoRA (measured, docs/tune.md); --train full needs its own"
+    )
     router_lr: float = Field(
         1e-2,
         ge=0,
@@ -71,7 +73,7 @@ class RecoverConfig(BaseModel):
     batch_size: int = Field(4, ge=1, description="sequences per step and device")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimiser step")
     length: int = Field(512, ge=8, description="tokens per training sequence")
-    warmup: int = Field(0, ge=0, description="linear warm-up steps")
+    warmup: int = Field(4, ge=0, description="linear warm-up steps")
     save_every: int = Field(50, ge=1, description="checkpoint every this many steps")
     distill: float = Field(
         0.0,
@@ -95,6 +97,14 @@ class RecoverConfig(BaseModel):
         if "full" in names and len(names) > 1:
             raise ValueError("full trains every weight: it combines with nothing")
         return names
+
+    @model_validator(mode="after")
+    def _full_has_its_own_lr(self):
+        if self.train == ("full",) and "lr" not in self.model_fields_set:
+            raise ValueError(
+                "--train full trains every weight: give it its own --lr (the default 1e-3 is LoRA's)"
+            )
+        return self
 
     @property
     def uses_lora(self) -> bool:

@@ -4,10 +4,10 @@ Training text is the BoolQ passage stream without its last 16 x 2048 tokens (the
 evaluation windows). Curve points use the last `--curve-windows` protocol windows (cheap); the
 start and end use all 16. Training seconds exclude the time spent on curve evaluations.
 
-    python benchmarks/tune_recover.py --carved S1A2E8=DIR --modes router,lora --steps 120
+    python benchmarks/tune_recover.py --carved S1A2E8=DIR --modes router,lora --steps 100
     python benchmarks/tune_recover.py --table results/tune/recover.json
-    python benchmarks/tune_recover.py --carved S1A2E8=DIR --steps 20 --compute fp32,bf16,fp32+checkpointing \
-        --out results/tune/compute.json
+    python benchmarks/tune_recover.py --carved S1A2E8=DIR --steps 20 --lr 5e-4 --warmup 2 \
+        --compute fp32,bf16,fp32+checkpointing,bf16+checkpointing --out results/tune/compute.json
 """
 
 from __future__ import annotations

@@ -380,7 +380,7 @@ def test_tune_command_tunes_the_experts_interface_shape_too(interp_device, tiny_
         (["--batches", "1,x"], "integers from 1 to 65536"),
         (["--batches", "0,4"], "integers from 1 to 65536"),
         (["--batches", "1,70000"], "integers from 1 to 65536"),
-        (["--device", "cuda"], "on a CUDA GPU"),
+        (["--device", "cuda"], "this machine has no CUDA GPU"),
         (["--device", "gpu"], "--device 'gpu'"),
         (["--device", "cpu", "--out", "{tmp}/file/tables"], "is not a writable directory"),
         (["--device", "cpu", "--out", "{tmp}/tiny/tables"], "is in the model directory"),

@@ -194,9 +194,12 @@ def main() -> None:
     parser.add_argument("--modes", default="router,lora", help="';'-separated --train values")
     defaults = RecoverConfig.model_fields  # `tune recover`'s own defaults
     parser.add_argument("--steps", type=int, default=100)
-    for name in ("lr", "router_lr", "bias_rate", "batch_size", "length", "warmup"):
-        kind = type(defaults[name].default)
-        parser.add_argument(f"--{name.replace('_', '-')}", type=kind, default=defaults[name].default)
+    parser.add_argument("--lr", type=float, default=defaults["lr"].default)
+    parser.add_argument("--router-lr", type=float, default=defaults["router_lr"].default)
+    parser.add_argument("--bias-rate", type=float, default=defaults["bias_rate"].default)
+    parser.add_argument("--batch-size", type=int, default=defaults["batch_size"].default)
+    parser.add_argument("--length", type=int, default=defaults["length"].default)
+    parser.add_argument("--warmup", type=int, default=defaults["warmup"].default)
     parser.add_argument("--distill", type=float, default=0.0, help="weight of KL to the dense source")
     parser.add_argument("--lora-rank", type=int, default=defaults["lora_rank"].default)
     parser.add_argument("--lora-alpha", type=float, default=defaults["lora_alpha"].default)

@@ -59,7 +59,7 @@ def run(
     config = RecoverConfig(
         steps=args.steps,
         train=mode,
-        lr=args.lr,
+        **({} if args.lr is None else {"lr": args.lr}),  # full has no default: refused without one
         router_lr=args.router_lr,
         bias_rate=args.bias_rate,
         batch_size=args.batch_size,
@@ -194,7 +194,7 @@ def main() -> None:
     parser.add_argument("--modes", default="router,lora", help="';'-separated --train values")
     defaults = RecoverConfig.model_fields  # `tune recover`'s own defaults
     parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--lr", type=float, default=defaults["lr"].default)
+    parser.add_argument("--lr", type=float, default=None, help="LoRA's (or full's) [default: tune recover's]")
     parser.add_argument("--router-lr", type=float, default=defaults["router_lr"].default)
     parser.add_argument("--bias-rate", type=float, default=defaults["bias_rate"].default)
     parser.add_argument("--batch-size", type=int, default=defaults["batch_size"].default)

@@ -5,9 +5,15 @@ Imports are lazy, so `import moecarve.kernels` does not pull in transformers and
 
 from __future__ import annotations
 
-import moecarve.carve  # noqa: F401  (registers the subpackage before `carve` below takes its name)
 
-__all__ = ["CarveConfig", "carve"]
+class MoecarveWarning(UserWarning):
+    """moecarve's own warnings (a setting adjusted to what the data or model allows); its CLIs print
+    them as one `warning: ...` line. Defined before the subpackages, which import it."""
+
+
+import moecarve.carve  # noqa: F401, E402  (registers the subpackage before `carve` below takes its name)
+
+__all__ = ["CarveConfig", "MoecarveWarning", "carve"]
 
 
 def carve(model, config=None, calib=None, out=None, **options):

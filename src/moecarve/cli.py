@@ -197,6 +197,9 @@ def _run(command) -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except getattr(click.exceptions, "NoArgsIsHelpError", ()) as err:  # a group alone: its help (click 8.2+)
+        err.show()
+        sys.exit(err.exit_code)
     except click.UsageError as err:  # one line, as every other error
         hint = f" (see `{err.ctx.command_path} --help`)" if err.ctx is not None else ""
         click.echo(f"error: {err.format_message()}{hint}", err=True)
@@ -214,18 +217,22 @@ def _run(command) -> None:
 
 
 def _short_warnings() -> None:
-    """moecarve's own warnings as one `warning: ...` line, like its errors, not Python's two lines
-    quoting the source; other libraries' keep their format."""
+    """moecarve's own warnings (MoecarveWarning) as one `warning: ...` line, like its errors, not
+    Python's two lines quoting the source; other warnings keep their format."""
     import warnings
-    from pathlib import Path
 
-    package, default = str(Path(__file__).parent), warnings.formatwarning
+    from moecarve import MoecarveWarning
+
+    default = warnings.formatwarning
+    if getattr(default, "moecarve", False):  # set up already
+        return
 
     def formatted(message, category, filename, lineno, line=None):
-        if str(filename).startswith(package):
+        if issubclass(category, MoecarveWarning):
             return f"warning: {message}\n"
         return default(message, category, filename, lineno, line)
 
+    formatted.moecarve = True
     warnings.formatwarning = formatted
 
 

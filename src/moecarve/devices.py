@@ -44,9 +44,12 @@ def resolve_device(device: str | torch.device | None, stage: str = "eval") -> st
 
 
 def native_bf16(device: str | torch.device) -> bool:
-    """Whether `device` multiplies bfloat16 natively: a GPU from Ampere on, a CPU with AVX512-BF16
-    or AMX. Elsewhere bfloat16 is emulated, slower than float32."""
+    """Whether `device` multiplies bfloat16 natively: a GPU from Ampere on, an x86 CPU with
+    AVX512-BF16 or AMX. Elsewhere bfloat16 is emulated, slower than float32; torch has no probe for
+    ARM CPUs, which count as without."""
     if torch.device(device).type == "cuda":
+        if not torch.cuda.is_available():
+            return False
         with torch.cuda.device(torch.device(device)):
             return torch.cuda.is_bf16_supported(including_emulation=False)
     try:

@@ -78,6 +78,10 @@ def test_cli_exit_status_and_dry_run(make_recipe, reference, tmp_path):
     assert [line.split(": ")[1] for line in failing] == JOBS
     assert all("eval_ppl.length 100000 exceeds the 256 positions" in line for line in failing)
     assert not (tmp_path / "out").exists()
+    # a text from the hub is not fetched for a dry run: those jobs are checked when they run
+    recipe.write_text(recipe.read_text().replace("data: eval.txt", "data: someone/some-dataset"))
+    result = CliRunner().invoke(batch_command, [str(recipe), "--dry-run"])
+    assert result.exit_code == 0 and "would fail" not in result.output, result.output
 
 
 def test_only_runs_one_job_by_name_or_index(make_recipe, reference, tmp_path):

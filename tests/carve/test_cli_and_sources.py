@@ -265,6 +265,9 @@ def test_calibration_dtype_is_bfloat16_only_where_the_device_multiplies_it_nativ
         assert calibration_dtype("auto") is expected
     monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")  # a torch without the probe
     assert calibration_dtype("auto") is torch.float32
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert calibration_dtype("auto", "cuda:0") is torch.float32  # no CUDA: asked, not an error
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     for native, expected in [(True, torch.bfloat16), (False, torch.float32)]:  # from Ampere on; before
         # emulated bfloat16 counts as supported unless asked otherwise, as in torch
@@ -287,8 +290,11 @@ def test_calibration_dtype_is_bfloat16_only_where_the_device_multiplies_it_nativ
     ],
 )  # fmt: skip
 def test_usage_errors_are_one_line_too(argv, message, monkeypatch, capsys):
+    import warnings
+
     from moecarve.cli import main
 
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # main() sets its own
     monkeypatch.setattr("sys.argv", argv)
     with pytest.raises(SystemExit) as exit_:
         main()
@@ -297,15 +303,30 @@ def test_usage_errors_are_one_line_too(argv, message, monkeypatch, capsys):
     assert line.endswith("--help`)")  # the command's help, by the program name click detects
 
 
+def test_a_group_alone_prints_its_help(monkeypatch, capsys):
+    import warnings
+
+    from moecarve.cli import main
+
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)
+    monkeypatch.setattr("sys.argv", ["moecarve", "tune"])
+    with pytest.raises(SystemExit):
+        main()
+    out = capsys.readouterr()
+    help_text = out.out + out.err
+    assert help_text.startswith("Usage: ") and "recover" in help_text and "error:" not in help_text
+
+
 def test_the_cli_prints_its_own_warnings_in_one_line(monkeypatch):
     import warnings
 
-    from moecarve import cli
-    from moecarve.carve import calib
+    from moecarve import MoecarveWarning, cli
 
     monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # restored afterwards
     cli._short_warnings()
-    ours = warnings.formatwarning("--calib-tokens 1000 is not a multiple", UserWarning, calib.__file__, 160)
+    cli._short_warnings()  # once only: not wrapped twice
+    ours = warnings.formatwarning("--calib-tokens 1000 is not a multiple", MoecarveWarning, cli.__file__, 160)
     assert ours == "warning: --calib-tokens 1000 is not a multiple\n"
-    theirs = warnings.formatwarning("deprecated", FutureWarning, json.__file__, 3, "line")
-    assert theirs.startswith(f"{json.__file__}:3: FutureWarning: deprecated")
+    for category in (FutureWarning, UserWarning):  # other warnings, wherever they are reported
+        theirs = warnings.formatwarning("deprecated", category, cli.__file__, 3, "line")
+        assert theirs.startswith(f"{cli.__file__}:3: {category.__name__}: deprecated")

@@ -182,12 +182,13 @@ def test_gradient_checkpointing_trains_the_same_weights(
 
 @pytest.mark.parametrize("train", ["router,lora", "router"])
 def test_bf16_autocasts_with_the_routers_outside(
-    train, tiny_carved, calib_file, task_file, experts_file, tmp_path, training_steps
+    train, tiny_carved, calib_file, task_file, experts_file, tmp_path, training_steps, monkeypatch
 ):
     """bf16 changes the losses a little (the products are rounded), keeps the routers outside
     autocast while training, and hands back a model that computes in fp32 as the one saved."""
     from transformers import AutoModelForCausalLM
 
+    monkeypatch.setattr("moecarve.devices.native_bf16", lambda device: True)  # emulated on CPUs without
     losses = {}
     for precision in ("fp32", "bf16"):
         out = tmp_path / precision
@@ -231,8 +232,11 @@ def test_bf16_where_the_trainer_cannot_autocast_it_is_refused_before_any_work(
             recover(tiny_carved, bf16, calib_file, tmp_path / "r", device=device)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
     with pytest.raises(ValueError, match="--precision bf16: this CPU has no native bfloat16 .*; use fp32"):
         recover(tiny_carved, bf16, calib_file, tmp_path / "r", device="cpu")
+    monkeypatch.setattr("platform.machine", lambda: "aarch64")  # torch has no probe there: not refused
+    assert trainer_module.training_device("cpu", "tune recover", "bf16") == "cpu"
     assert not (tmp_path / "r").exists()
 
 

@@ -224,12 +224,12 @@ def plan_text(batch: Batch, jobs: list[Job]) -> str:
 
 def dry_run_failures(batch: Batch, jobs: list[Job]) -> list[str]:
     """What `--dry-run` can tell without a download or a conversion: for each job still to run whose
-    model is a directory on disk, the checks a run makes before its carve (positions, text long
+    model and texts are on disk, the checks a run makes before its carve (positions, text long
     enough, task data), as "JOB: error" lines."""
     failures, seen = [], {}
     for job in jobs:
         source = _local_model(batch, job)
-        if source is None or batch.status(job) == "ok":
+        if source is None or batch.status(job) == "ok" or not _texts_on_disk(batch, job):
             continue
         key = (source, job.stages, json.dumps(job.options, sort_keys=True, default=str))
         if key not in seen:  # configurations of one model share its checks
@@ -241,6 +241,21 @@ def dry_run_failures(batch: Batch, jobs: list[Job]) -> list[str]:
         if seen[key] is not None:
             failures.append(f"{job.name}: {seen[key]}")
     return failures
+
+
+def _texts_on_disk(batch: Batch, job: Job) -> bool:
+    """Whether every text the job's checks read is a file or the bundled passages (not a hub dataset)."""
+    from moecarve.resources import PROTOCOL_TEXT
+
+    texts = [(stage, "data") for stage in ("recover", "esft", "eval_ppl")] + [("esft", "mix_general")]
+    for stage, key in texts:
+        value = job.options.get(stage, {}).get(key) if stage in job.stages else None
+        if (
+            value not in (None, "protocol", PROTOCOL_TEXT)
+            and not (batch.loaded.root / Path(value).expanduser()).exists()
+        ):
+            return False
+    return True
 
 
 def _running_elsewhere(batch: Batch, job: Job) -> bool:
@@ -328,7 +343,7 @@ def update_table(batch: Batch) -> None:
 @contextlib.contextmanager
 def transformers_bars_off():
     """transformers' own progress bars (loading and writing weights, the hub's downloads and, through
-    OneDeviceArguments, the Trainer's) off while it lasts, as --no-progress asks."""
+    OneDeviceArguments, the Trainer's) off while it lasts, as --no-progress asks of a job."""
     from transformers.utils import logging as hf_logging
 
     shown = hf_logging.is_progress_bar_enabled()
@@ -352,7 +367,8 @@ def run_job(batch: Batch, job: Job, progress: bool = True) -> dict | None:
         started = time.perf_counter()
         record = {"job": job.name, "recipe": batch.name, "fingerprint": job.fingerprint, "stages": {}}
         columns: dict = {}
-        with atomic_directory(final) as work:
+        quiet = contextlib.nullcontext() if progress else transformers_bars_off()
+        with atomic_directory(final) as work, quiet:
             try:
                 source = resolve_model(batch, job)
                 record["inputs"] = job_inputs(batch, job, _local_model(batch, job))
@@ -361,10 +377,7 @@ def run_job(batch: Batch, job: Job, progress: bool = True) -> dict | None:
                     job, work, source, source, batch.loaded.root, progress, batch.loaded.recipe.device
                 )
                 for name in job.stages:
-                    with contextlib.nullcontext() if progress else transformers_bars_off():
-                        stage_record, stage_columns = stage_registry.STAGES[name](
-                            ctx, job.options.get(name, {})
-                        )
+                    stage_record, stage_columns = stage_registry.STAGES[name](ctx, job.options.get(name, {}))
                     record["stages"][name] = stage_record
                     columns.update(stage_columns)
                 stage_registry.finish(ctx, final, job.options.get("carve", {}).get("keep_model", True))

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from moecarve import MoecarveWarning
+
 # A text this much shorter than asked for is used whole (a file cut at the budget, retokenized,
 # can come out a few tokens short); anything shorter is refused.
 SHORTFALL_TOLERANCE = 0.05
@@ -160,6 +162,7 @@ def calibration(tokenizer, source, tokens: int, length: int) -> Calibration:
         warnings.warn(
             f"--calib-tokens {tokens} is not a multiple of --calib-length {length}: "
             f"{sequences * length} tokens are used",
+            MoecarveWarning,
             stacklevel=2,
         )
     if stream.numel() < tokens:

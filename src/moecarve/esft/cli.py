@@ -38,7 +38,14 @@ def score_command(model, data, out, tokens, max_length, device):
 
 @group.command("select", context_settings=CONTEXT)
 @click.argument("scores")
-@click.option("--score", "kind", type=click.Choice(["token", "gate"]), default="token", show_default=True)
+@click.option(
+    "--score",
+    "kind",
+    type=click.Choice(["token", "gate"]),
+    default="token",
+    show_default=True,
+    help="rank experts by token selection ratio or by average gate score",
+)
 @click.option("--p", type=float, default=0.2, show_default=True, help="cumulative score to reach per layer")
 @click.option("--out", "-o", required=True, help="experts JSON for `esft train`")
 def select_command(scores, kind, p, out):

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from moecarve import moe
+from moecarve import MoecarveWarning, moe
 from moecarve.carve.calib import read_json
 from moecarve.carve.source import damaged_weights_named
 from moecarve.carve.writer import atomic_file, check_apart, check_output_file, write_atomically
@@ -122,7 +122,9 @@ def length_cap(model_dir, max_length: int) -> int:
     positions = model_positions(model_dir)
     if positions and max_length > positions:
         warnings.warn(
-            f"--max-length {max_length} is lowered to the {positions} positions of {model_dir}", stacklevel=2
+            f"--max-length {max_length} is lowered to the {positions} positions of {model_dir}",
+            MoecarveWarning,
+            stacklevel=2,
         )
         return positions
     return max_length

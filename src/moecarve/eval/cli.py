@@ -11,7 +11,11 @@ import click
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
 
 dtype_option = click.option(
-    "--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True
+    "--dtype",
+    type=click.Choice(["float32", "bfloat16", "float16"]),
+    default="float32",
+    show_default=True,
+    help="dtype the model is loaded and run in",
 )
 device_option = click.option(
     "--device", default=None, help="cpu, cuda, cuda:1 ... [default: cuda if present]"

@@ -50,7 +50,12 @@ def group():
     show_default=True,
     help=_help("lora_targets"),
 )
-@click.option("--lr", type=float, default=None, help=f"{_help('lr')}  [default: 1e-3]")
+@click.option(
+    "--lr",
+    type=float,
+    default=None,
+    help=f"{_help('lr')}  [default: {RecoverConfig.model_fields['lr'].default:g}]",
+)
 @click.option("--router-lr", type=float, default=1e-2, show_default=True, help=_help("router_lr"))
 @click.option("--bias-rate", type=float, default=1e-5, show_default=True, help=_help("bias_rate"))
 @click.option("--batch-size", type=int, default=4, show_default=True, help=_help("batch_size"))

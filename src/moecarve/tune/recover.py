@@ -102,7 +102,8 @@ class RecoverConfig(BaseModel):
     def _full_has_its_own_lr(self):
         if self.train == ("full",) and "lr" not in self.model_fields_set:
             raise ValueError(
-                "--train full trains every weight: give it its own --lr (the default 1e-3 is LoRA's)"
+                "--train full trains every weight: give it a learning rate of its own (--lr, or lr in a "
+                "recipe's recover section); the default 1e-3 is LoRA's"
             )
         return self
 

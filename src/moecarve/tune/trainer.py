@@ -3,6 +3,7 @@ distillation from the dense source, and the balancing rule after every optimiser
 
 from __future__ import annotations
 
+import platform
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -49,12 +50,10 @@ class OneDeviceArguments(TrainingArguments):
     train_device: str | None = None
 
     def __post_init__(self):
-        if (
-            self.disable_tqdm is None
-        ):  # the Trainer's bar follows transformers' (a quiet batch turns them off)
-            from transformers.utils.logging import is_progress_bar_enabled
+        from transformers.utils.logging import is_progress_bar_enabled
 
-            self.disable_tqdm = not is_progress_bar_enabled()
+        if self.disable_tqdm is None and not is_progress_bar_enabled():  # a quiet batch's jobs
+            self.disable_tqdm = True
         super().__post_init__()
 
     @cached_property
@@ -92,7 +91,8 @@ def training_device(device, stage: str, precision: str = "fp32") -> str | None:
             "--precision bf16: without --device the Trainer spreads training over every GPU with "
             "DataParallel, which it does not autocast; give --device cuda (one GPU) or use accelerate launch"
         )
-    if not native_bf16(target):
+    probed = target.startswith("cuda") or platform.machine().lower() in ("x86_64", "amd64")  # no ARM probe
+    if probed and not native_bf16(target):
         name = torch.cuda.get_device_name(torch.device(target)) if target.startswith("cuda") else "this CPU"
         raise ValueError(f"--precision bf16: {name} has no native bfloat16 (it would be emulated); use fp32")
     return resolved

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import platform
+
 import torch
 
 
@@ -43,15 +45,17 @@ def resolve_device(device: str | torch.device | None, stage: str = "eval") -> st
     return str(parsed)
 
 
-def native_bf16(device: str | torch.device) -> bool:
+def native_bf16(device: str | torch.device) -> bool | None:
     """Whether `device` multiplies bfloat16 natively: a GPU from Ampere on, an x86 CPU with
-    AVX512-BF16 or AMX. Elsewhere bfloat16 is emulated, slower than float32; torch has no probe for
-    ARM CPUs, which count as without."""
+    AVX512-BF16 or AMX. Elsewhere bfloat16 is emulated, slower than float32. None where torch cannot
+    tell: it has no probe for other CPUs (ARM)."""
     if torch.device(device).type == "cuda":
         if not torch.cuda.is_available():
             return False
         with torch.cuda.device(torch.device(device)):
             return torch.cuda.is_bf16_supported(including_emulation=False)
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
     try:
         return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     except AttributeError:  # a torch without the probes

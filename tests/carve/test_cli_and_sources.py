@@ -255,6 +255,9 @@ def test_calibration_dtype_is_bfloat16_only_where_the_device_multiplies_it_nativ
 
     assert calibration_dtype("float32") is torch.float32
     assert calibration_dtype("bfloat16") is torch.bfloat16
+    monkeypatch.setattr("platform.machine", lambda: "aarch64")  # no probe there: float32
+    assert calibration_dtype("auto") is torch.float32
+    monkeypatch.setattr("platform.machine", lambda: "x86_64")
     for avx512_bf16, amx, expected in [
         (True, False, torch.bfloat16),
         (False, True, torch.bfloat16),

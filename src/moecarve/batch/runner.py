@@ -231,8 +231,9 @@ def dry_run_failures(batch: Batch, jobs: list[Job]) -> list[str]:
         source = _local_model(batch, job)
         if source is None or batch.status(job) == "ok" or not _texts_on_disk(batch, job):
             continue
-        key = (source, job.stages, json.dumps(job.options, sort_keys=True, default=str))
-        if key not in seen:  # configurations of one model share its checks
+        checked = {stage: job.options[stage] for stage in TEXT_CHECKS if stage in job.stages}
+        key = (source, json.dumps(checked, sort_keys=True, default=str))
+        if key not in seen:  # configurations of one model share its checks (their carve settings differ)
             try:
                 check_texts(source, job, batch.loaded.root)
                 seen[key] = None

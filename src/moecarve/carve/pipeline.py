@@ -66,7 +66,7 @@ def calibration_dtype(setting: str, device: str = "cpu") -> torch.dtype:
         return DTYPES[setting]
     from moecarve.devices import native_bf16
 
-    return torch.bfloat16 if native_bf16(device) else torch.float32
+    return torch.bfloat16 if native_bf16(device) is True else torch.float32  # unknown: float32
 
 
 @contextlib.contextmanager

@@ -3,7 +3,6 @@ distillation from the dense source, and the balancing rule after every optimiser
 
 from __future__ import annotations
 
-import platform
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -91,8 +90,7 @@ def training_device(device, stage: str, precision: str = "fp32") -> str | None:
             "--precision bf16: without --device the Trainer spreads training over every GPU with "
             "DataParallel, which it does not autocast; give --device cuda (one GPU) or use accelerate launch"
         )
-    probed = target.startswith("cuda") or platform.machine().lower() in ("x86_64", "amd64")  # no ARM probe
-    if probed and not native_bf16(target):
+    if native_bf16(target) is False:  # where torch cannot tell (ARM), not refused
         name = torch.cuda.get_device_name(torch.device(target)) if target.startswith("cuda") else "this CPU"
         raise ValueError(f"--precision bf16: {name} has no native bfloat16 (it would be emulated); use fp32")
     return resolved

@@ -135,6 +135,76 @@ def test_hub_id_without_hub_gives_clear_error(monkeypatch):
         resolve_source("someone/no-such-model")
 
 
+@pytest.fixture
+def hub_unresolvable(monkeypatch, tmp_path):
+    """No proxy, and the hub's host name does not resolve (as offline or behind a package mirror);
+    an empty hub cache of the test's own."""
+    import socket
+
+    import huggingface_hub.constants
+
+    def no_dns(host, *args, **kwargs):
+        raise socket.gaierror(-2, "Name or service not known")
+
+    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    return tmp_path / "hub"
+
+
+def test_unreachable_hub_is_said_at_once_not_retried(hub_unresolvable):
+    import time
+
+    started = time.perf_counter()
+    with pytest.raises(
+        SourceError,
+        match=r"hub is unreachable \(huggingface.co: Name or service not known\), "
+        "the model is not in the local hub cache",
+    ):
+        resolve_source("someone/no-such-model")
+    assert time.perf_counter() - started < 10  # huggingface_hub's own retries take about 25 s
+
+
+def test_hub_model_in_the_local_cache_is_carved_without_the_hub(
+    hub_unresolvable, tiny_models, calib_file, tmp_path
+):
+    import shutil
+
+    from moecarve.carve import CarveConfig, carve
+
+    repo = hub_unresolvable / "models--someone--tiny-llama"
+    shutil.copytree(tiny_models["llama"], repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    assert resolve_source("someone/tiny-llama") == repo / "snapshots" / ("0" * 40)
+    result = carve(
+        "someone/tiny-llama",
+        CarveConfig(calib_tokens=256, calib_length=64),
+        calib_file,
+        tmp_path / "o",
+        progress=False,
+    )
+    assert result.record["source"] == "someone/tiny-llama"
+    assert AutoModelForCausalLM.from_pretrained(result.out).config.model_type == "glm4_moe"
+
+
+def test_hub_dataset_needs_the_hub(hub_unresolvable, monkeypatch):
+    import sys
+    import types
+
+    from moecarve.carve.calib import CalibrationError, read_text
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=None))
+    with pytest.raises(
+        CalibrationError,
+        match="'org/texts' is not a file, and as a hub dataset it needs "
+        r"the Hugging Face hub, which is unreachable \(huggingface.co",
+    ):
+        read_text("org/texts")
+
+
 def test_jsonl_and_directory_calibration(tiny_models, tmp_path):
     from moecarve.carve.calib import read_text
 

@@ -112,6 +112,14 @@ def _read_hub_dataset(name: str) -> str:
         import datasets
     except ImportError as err:
         raise CalibrationError(f"{name!r} is not a file; hub datasets need `pip install datasets`") from err
+    from moecarve.carve.source import hub_unreachable
+
+    offline = hub_unreachable()  # a stream is never cached: nothing to read without the hub
+    if offline:
+        raise CalibrationError(
+            f"{name!r} is not a file, and as a hub dataset it needs the Hugging Face hub, which is "
+            f"unreachable ({offline})"
+        )
     try:
         data = datasets.load_dataset(name, split="train", streaming=True)
     except Exception as err:

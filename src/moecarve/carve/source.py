@@ -54,19 +54,54 @@ def resolve_source(model: str | Path) -> Path:
     return download_hub_model(text)
 
 
+def hub_unreachable() -> str | None:
+    """Why the Hugging Face hub cannot be reached from here, or None where it may be.
+
+    A hub host name that does not resolve (no network, or only a package mirror) fails at once
+    here; huggingface_hub would retry it for about 25 s. Behind a proxy the name is the proxy's to
+    resolve, so nothing is concluded there."""
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    host = urlparse(constants.ENDPOINT).hostname or constants.ENDPOINT
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as err:
+        return f"{host}: {err.strerror or err}"
+    return None
+
+
 def download_hub_model(repo_id: str) -> Path:
-    """Fetch a hub model's config, checks it can be carved, then its tokenizer and safetensors."""
+    """Fetch a hub model's config, checks it can be carved, then its tokenizer and safetensors;
+    from the local hub cache alone where the hub is unreachable."""
     from huggingface_hub import hf_hub_download, snapshot_download
     from transformers import AutoConfig
 
     from moecarve.carve.families import family_for
 
-    try:
-        config_dir = Path(hf_hub_download(repo_id, "config.json")).parent
-    except Exception as err:  # the hub raises many types; one clear line for all of them
-        raise SourceError(
+    offline = hub_unreachable()
+
+    def failed(err) -> SourceError:
+        if offline:
+            return SourceError(
+                f"cannot fetch {repo_id!r}: the Hugging Face hub is unreachable ({offline}), the model "
+                "is not in the local hub cache, and it is no local path"
+            )
+        return SourceError(
             f"cannot fetch {repo_id!r} from the Hugging Face hub (and it is no local path): {err}"
-        ) from err
+        )
+
+    try:
+        config_dir = Path(hf_hub_download(repo_id, "config.json", local_files_only=bool(offline))).parent
+    except Exception as err:  # the hub raises many types; one clear line for all of them
+        raise failed(err) from err
     family_for(AutoConfig.from_pretrained(config_dir))  # refuse before downloading the weights
     try:
         return Path(
@@ -74,10 +109,11 @@ def download_hub_model(repo_id: str) -> Path:
                 repo_id,
                 allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"],
                 ignore_patterns=["consolidated*"],  # Mistral's duplicate single-file weights
+                local_files_only=bool(offline),
             )
         )
     except Exception as err:
-        raise SourceError(f"cannot fetch {repo_id!r} from the Hugging Face hub: {err}") from err
+        raise failed(err) from err
 
 
 GGUF_KEY = 16  # hex digits of the content hash in a cached GGUF copy's name, FILE-KEY

@@ -60,6 +60,22 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     return {family: make_model(root / family, family) for family in FAMILIES}
 
 
+@pytest.fixture
+def hub_datasets(monkeypatch):
+    """A reachable hub whose datasets are the given rows: `hub_datasets({"org/name": [row, ...]})`."""
+    import sys
+    import types
+
+    from moecarve.carve import source
+
+    def serve(rows: dict[str, list[dict]]) -> None:
+        monkeypatch.setattr(source, "hub_unreachable", lambda: None)
+        stub = types.SimpleNamespace(load_dataset=lambda name, split, streaming: iter(rows[name]))
+        monkeypatch.setitem(sys.modules, "datasets", stub)
+
+    return serve
+
+
 @pytest.fixture(scope="session")
 def calib_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("calib") / "calib.txt"

@@ -268,6 +268,10 @@ def test_training_settings_that_decide_no_result_leave_the_fingerprints_alone(tm
         assert dataclasses.replace(job, options=options).fingerprint == fingerprint
     for setting in (", precision: fp32", ", gradient_checkpointing: true"):
         assert fingerprints(setting, setting) == plain
+    assert fingerprints(", save_every: 7") == plain  # how often recover checkpoints
+    for job in jobs:  # jobs finished before save_every was left out hashed it: still their own
+        hashed_before = job._hash(keep_model=True, save_every=True)
+        assert hashed_before != job.fingerprint and hashed_before in job.fingerprints
     for recover, esft in ((", precision: bf16", ""), ("", ", precision: bf16")):
         assert all(a != b for a, b in zip(fingerprints(recover, esft), plain, strict=True))
 

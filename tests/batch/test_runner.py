@@ -325,14 +325,9 @@ def test_a_model_inside_the_output_is_refused(make_recipe, tiny_models, tmp_path
 
 
 def test_ppl_text_named_by_protocol_or_hub_name_is_checked_as_the_stage_reads_it(
-    tiny_models, tmp_path, monkeypatch
+    tiny_models, tmp_path, hub_datasets
 ):
-    import types
-
-    stub = types.SimpleNamespace(
-        load_dataset=lambda name, split, streaming: iter([{"text": "the router " * 400}])
-    )
-    monkeypatch.setitem(sys.modules, "datasets", stub)
+    hub_datasets({"org/texts": [{"text": "the router " * 400}]})
     from transformers import AutoTokenizer
 
     model = tiny_models["llama"]

@@ -277,18 +277,12 @@ def test_output_never_replaces_the_current_directory_and_defaults_to_the_models_
     assert result.out == here / "Qwen2.5-0.5B-S1A2E8"
 
 
-def test_hub_datasets_without_a_text_column_are_refused_in_one_line(monkeypatch):
-    import sys
-    import types
-
+def test_hub_datasets_without_a_text_column_are_refused_in_one_line(hub_datasets):
     from moecarve.carve.calib import read_text
 
-    rows = {
-        "org/plain": [{"text": "the router"}, {"text": "the expert"}],
-        "org/pairs": [{"q": "a", "a": "b"}],
-    }
-    stub = types.SimpleNamespace(load_dataset=lambda name, split, streaming: iter(rows[name]))
-    monkeypatch.setitem(sys.modules, "datasets", stub)
+    hub_datasets(
+        {"org/plain": [{"text": "the router"}, {"text": "the expert"}], "org/pairs": [{"q": "a", "a": "b"}]}
+    )
     assert read_text("org/plain") == ("the router\n\nthe expert", "hub dataset org/plain")
     with pytest.raises(
         CalibrationError, match=r"hub dataset 'org/pairs' has no \"text\" string column: \['a', 'q'\]"

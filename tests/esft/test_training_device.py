@@ -267,12 +267,15 @@ def test_under_bf16_autocast_the_routers_choose_as_in_fp32(tiny_carved):
 
 def test_a_recovery_resumes_across_settings_that_decide_no_result(tiny_carved):
     """Checkpoints written before precision and gradient checkpointing were settings, or with
-    checkpointing toggled (the fix for running out of memory), are the same run's; bf16's are not."""
+    checkpointing toggled (the fix for running out of memory) or saved at another interval, are the
+    same run's; bf16's are not. (save_every, which those records hold, is dropped from a saved record
+    before the comparison: tests/tune/test_recover.py.)"""
     from moecarve.tune.recover import _identity
 
     plain = _identity(tiny_carved, RECOVER)
     before = {key: value for key, value in RECOVER.model_dump(mode="json").items()
-              if key not in ("precision", "gradient_checkpointing")}  # fmt: skip
+              if key not in ("precision", "gradient_checkpointing", "save_every")}  # fmt: skip
     assert plain["config"] == before
     assert _identity(tiny_carved, RECOVER.model_copy(update={"gradient_checkpointing": True})) == plain
+    assert _identity(tiny_carved, RECOVER.model_copy(update={"save_every": 7})) == plain
     assert _identity(tiny_carved, RECOVER.model_copy(update={"precision": "bf16"})) != plain

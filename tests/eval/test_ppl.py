@@ -195,6 +195,14 @@ def test_cli_table(tiny_models, calib_file, tmp_path):
     ppl = json.loads(out.read_text())["results"][0]["ppl"]
     assert f"{ppl:.3f}" in result.output
 
+    # Cached GGUF copies, in directories named by a hash, are named as their user knows them.
+    key = "0123456789abcdef"
+    bundled = shutil.copytree(tiny_models["llama"], tmp_path / "gguf" / f"SmolLM2-135M-Instruct.Q4_1-{key}")
+    other = shutil.copytree(tiny_models["llama"], tmp_path / "gguf" / f"other-{key}")
+    result = CliRunner().invoke(group, ["ppl", str(bundled), str(other), *args[2:]])
+    assert result.exit_code == 0, result.output
+    assert [line.split()[0] for line in result.stdout.splitlines()[-2:]] == ["bundled", "other.gguf"]
+
 
 def test_a_damaged_carve_record_fails_before_any_model_is_scored(
     tiny_models, tiny_carved, tmp_path, monkeypatch

@@ -180,6 +180,29 @@ def test_resume_refuses_other_configuration_and_restarts_after_an_early_failure(
     assert recover(tiny_carved, RecoverConfig(steps=1, **FAST), calib_file, tmp_path / "early").out.is_dir()
 
 
+def test_resume_takes_a_new_save_interval_and_a_record_made_with_the_old_one(
+    tiny_carved, calib_file, tmp_path, monkeypatch
+):
+    from transformers import TrainerCallback
+
+    interrupted(tiny_carved, RecoverConfig(steps=6, **FAST), calib_file, tmp_path / "o", monkeypatch)
+    identity = tmp_path / "o.checkpoints" / "recover.json"  # as runs recorded it before: save_every in
+    saved = json.loads(identity.read_text())
+    assert "save_every" not in saved["config"]
+    identity.write_text(json.dumps({**saved, "config": {**saved["config"], "save_every": 3}}))
+    saves = []
+
+    class Saves(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            saves.append(state.global_step)
+
+    every_2 = RecoverConfig(steps=6, **{**FAST, "save_every": 2})
+    assert recover(
+        tiny_carved, every_2, calib_file, tmp_path / "o", resume=True, callbacks=(Saves(),)
+    ).out.is_dir()
+    assert saves == [4, 6]  # the checkpoint's interval was 3: it would have saved at 6 alone
+
+
 def test_resume_refuses_checkpoints_of_a_model_carved_again_at_the_same_path(
     tiny_carved, calib_file, tmp_path, monkeypatch
 ):

@@ -156,15 +156,18 @@ class Job:
     @property
     def fingerprints(self) -> set[str]:
         """The fingerprints a finished job of these settings may carry: before keep_models was
-        hashed as kept, a job run with `keep_models: false` recorded it as such."""
-        return {self._hash(keep_model=True), self._hash(keep_model=False)}
+        hashed as kept, a job run with `keep_models: false` recorded it as such; before recover's
+        save_every was left out, it was hashed."""
+        return {self._hash(keep, save_every) for keep in (True, False) for save_every in (True, False)}
 
-    def _hash(self, keep_model: bool) -> str:
+    def _hash(self, keep_model: bool, save_every: bool = False) -> str:
+        from moecarve.tune.trainer import result_settings
+
         options = dict(self.options)
         for stage in {"recover", "esft"} & set(options):  # without settings that decide no result
-            from moecarve.tune.trainer import result_settings
-
             options[stage] = result_settings(options[stage])
+        if save_every and "recover" in options:
+            options["recover"] = {**options["recover"], "save_every": self.options["recover"]["save_every"]}
         if "carve" in options:
             options = {**options, "carve": {**options["carve"], "keep_model": keep_model}}
         spec = {

@@ -6,6 +6,8 @@ full record goes to `--out` as JSON. The library raises on bad input; `moecarve.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 110}
@@ -204,6 +206,14 @@ def _int_list(text: str, flag: str) -> tuple[int, ...]:
 
 
 def _short(path: str, width: int = 50) -> str:
+    """A model as its user named it: `bundled`, or the GGUF file, for a cached GGUF copy (a
+    directory named by a hash), else its path; cut to `width`."""
+    from moecarve import resources
+    from moecarve.carve.source import gguf_file_of
+
+    gguf = gguf_file_of(Path(path))
+    if gguf:
+        path = resources.BUNDLED_MODEL if gguf == resources.BUNDLED_GGUF else gguf
     return path if len(path) <= width else "..." + path[-(width - 3) :]
 
 

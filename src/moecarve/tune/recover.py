@@ -34,6 +34,7 @@ from moecarve.tune.data import TrainingText, training_blocks
 from moecarve.tune.trainer import (
     BalanceCallback,
     Blocks,
+    CurrentSaveInterval,
     RecoverTrainer,
     TrainingDiverged,
     check_trained_weights,
@@ -213,7 +214,7 @@ def recover(
         model=model_,
         args=training_arguments(config, checkpoints, device),
         train_dataset=Blocks(text.blocks),
-        callbacks=[BalanceCallback(tracker), *callbacks],
+        callbacks=[BalanceCallback(tracker), CurrentSaveInterval(), *callbacks],
         router_lr=config.router_lr,
         teacher=teacher_model,
         distill=config.distill,
@@ -308,6 +309,8 @@ def _check_checkpoints(checkpoints: Path, identity: dict, resume: bool) -> None:
     if last is None:
         raise ValueError(f"--resume: no complete checkpoint in {checkpoints}")
     saved = json.loads((checkpoints / IDENTITY).read_text())
+    if isinstance(saved.get("config"), dict):  # as recorded before some settings were left out of it
+        saved["config"] = result_settings(saved["config"])
     if saved != identity:
         differ = ", ".join(k for k in identity if saved.get(k) != identity[k]) or "the record"
         raise ValueError(

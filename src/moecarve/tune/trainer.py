@@ -122,9 +122,11 @@ def compute_arguments(config) -> dict:
 def result_settings(settings: dict) -> dict:
     """A training's settings (recover's or ESFT's, as plain data) without those that decide no
     result, as runs before them recorded theirs: gradient checkpointing (it recomputes the same
-    values), and the precision when it is fp32 (what every run trained in before it was a setting).
-    Batch fingerprints and recover's resume identity take them so."""
-    settings = {key: value for key, value in settings.items() if key != "gradient_checkpointing"}
+    values), how often it checkpoints, and the precision when it is fp32 (what every run trained in
+    before it was a setting). Batch fingerprints and recover's resume identity take them so."""
+    settings = {
+        key: value for key, value in settings.items() if key not in ("gradient_checkpointing", "save_every")
+    }
     if settings.get("precision") == "fp32":
         del settings["precision"]
     return settings
@@ -208,6 +210,14 @@ class RecoverTrainer(Trainer):
         if "loss" in logs:
             logs["load_imbalance"] = round(tracker.last_imbalance, 3)
         super().log(logs, *args, **kwargs)
+
+
+class CurrentSaveInterval(TrainerCallback):
+    """A resumed run takes the checkpoint's save interval with the Trainer's state; the one this run
+    was given (its `save_every`, which decides no result) is the one it keeps."""
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        state.save_steps = args.save_steps
 
 
 class BalanceCallback(TrainerCallback):

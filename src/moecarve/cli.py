@@ -102,10 +102,12 @@ def carve_command(model, calib, out, overwrite, eval_ppl, device, extra, **optio
     MODEL is a local model directory, a .gguf file, a hub id, or `bundled` (SmolLM2-135M-Instruct).
     """
     from moecarve.carve import carve
+    from moecarve.carve.source import check_source
     from moecarve.devices import resolve_device
 
     config = _build_config(options, extra)
-    device = resolve_device(device, "carve")  # refused before the configuration is announced
+    device = resolve_device(device, "carve")  # these refused before the configuration is announced
+    check_source(model)
     click.echo(
         f"{config.name}: {config.shared} shared + {config.active} of {config.routed} routed experts "
         f"active, {config.active_fraction:.1%} of the FFN neurons per token"

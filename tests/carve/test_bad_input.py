@@ -223,6 +223,7 @@ def test_cli_prints_one_line_and_exits_nonzero(tiny_models, tmp_path):
         [*cmd[:3], str(tmp_path / "missing"), "-e", "8", "-a", "2"], capture_output=True, text=True
     )
     assert result.returncode == 2 and result.stderr.startswith("error: model not found")
+    assert result.stdout == ""  # no configuration announced for a model that is not there
     result = subprocess.run([*cmd[:4], "--set", "colour=blue"], capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["error: colour: Extra inputs are not permitted"]

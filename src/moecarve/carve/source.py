@@ -33,24 +33,37 @@ def damaged_weights_named(path: str | Path) -> Iterator[None]:
         raise SourceError(f"{path}: a weights file is damaged ({err})") from None
 
 
-def resolve_source(model: str | Path) -> Path:
-    """Local Hugging Face directory for `model` (a directory, a .gguf file, `bundled` or a hub id)."""
+def check_source(model: str | Path) -> None:
+    """Refuse a MODEL argument that names no model, without converting or downloading anything."""
     from moecarve import resources
 
     text = str(model)
     if text == resources.BUNDLED_MODEL:
-        return resources.bundled_model_dir()
+        return
     path = Path(text).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
             raise SourceError(f"{path} has no config.json: not a Hugging Face model directory")
-        return path
-    if path.suffix == ".gguf":
+    elif path.suffix == ".gguf":
         if not path.is_file():
             raise SourceError(f"model file not found: {path}")
-        return cached_gguf_dir(path)
-    if path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
+    elif path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
         raise SourceError(f"model not found: {text} (expected a model directory, a .gguf file or a hub id)")
+
+
+def resolve_source(model: str | Path) -> Path:
+    """Local Hugging Face directory for `model` (a directory, a .gguf file, `bundled` or a hub id)."""
+    from moecarve import resources
+
+    check_source(model)
+    text = str(model)
+    path = Path(text).expanduser()
+    if text == resources.BUNDLED_MODEL:
+        return resources.bundled_model_dir()
+    if path.is_dir():
+        return path
+    if path.suffix == ".gguf":
+        return cached_gguf_dir(path)
     return download_hub_model(text)
 
 

@@ -106,3 +106,11 @@ def test_bad_limit_and_missing_model(tmp_path):
         evaluate_tasks(tmp_path, "piqa", batch_size=0)
     with pytest.raises(FileNotFoundError, match="model not found"):
         evaluate_tasks(tmp_path / "nope", "piqa")
+
+
+def test_no_git_message_outside_a_repository(tiny_models, tmp_path, monkeypatch, capfd):
+    """lm-eval asks git for the working directory's commit; outside a repository git said `fatal`."""
+    monkeypatch.chdir(tmp_path)
+    record = evaluate_tasks(tiny_models["llama"], ("boolq",), limit=1, device="cpu")
+    assert record["tasks"]["boolq"]["questions"] == 1
+    assert "not a git repository" not in capfd.readouterr().err

@@ -15,6 +15,7 @@ import logging
 import os
 import time
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -135,6 +136,7 @@ def evaluate_tasks(
     for name in names:
         data_dir(name)
 
+    import lm_eval.evaluator
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -145,7 +147,9 @@ def evaluate_tasks(
     loaded, tokenizer = common.load_model(path, torch_dtype, device)
     lm = HFLM(pretrained=loaded, tokenizer=tokenizer, batch_size=batch_size, device=device)
     start = time.perf_counter()
-    with torch.no_grad():
+    # lm-eval records the git commit of the working directory, which is not the model's, and prints
+    # git's `fatal: not a git repository` outside one: its hash is not asked for.
+    with torch.no_grad(), mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", lambda: None):
         raw = simple_evaluate(
             model=lm,
             tasks=configs,

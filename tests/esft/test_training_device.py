@@ -212,6 +212,26 @@ def test_bf16_autocasts_with_the_routers_outside(
         )
 
 
+def test_under_bf16_the_distillation_teacher_computes_in_bf16_too(
+    tiny_carved, calib_file, tmp_path, monkeypatch
+):
+    from moecarve.tune import recover as recover_module
+
+    monkeypatch.setattr("moecarve.devices.native_bf16", lambda device: True)  # emulated on CPUs without
+    load, seen = recover_module._load_teacher, []
+
+    def recording(path):
+        teacher = load(path)
+        teacher.lm_head.register_forward_hook(lambda module, args, out: seen.append(out.dtype))
+        return teacher
+
+    monkeypatch.setattr(recover_module, "_load_teacher", recording)
+    for precision in ("fp32", "bf16"):
+        config = RECOVER.model_copy(update={"precision": precision, "distill": 0.5, "steps": 1})
+        recover(tiny_carved, config, calib_file, tmp_path / precision)
+    assert seen == [torch.float32, torch.bfloat16]
+
+
 def test_bf16_where_the_trainer_cannot_autocast_it_is_refused_before_any_work(
     tiny_carved, calib_file, tmp_path, monkeypatch
 ):

@@ -174,7 +174,9 @@ class RecoverTrainer(Trainer):
         if self.teacher is None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         outputs = model(**inputs)
-        with torch.no_grad():
+        # Under bf16 the Trainer autocasts only the model it prepared, the student: the teacher here
+        bf16 = torch.autocast(self.args.device.type, dtype=torch.bfloat16, enabled=self.args.bf16)
+        with torch.no_grad(), bf16:
             target = self.teacher(input_ids=inputs["input_ids"]).logits[:, :-1].float().log_softmax(-1)
         student = outputs.logits[:, :-1].float().log_softmax(-1)
         kl = torch.nn.functional.kl_div(

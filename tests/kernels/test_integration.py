@@ -89,12 +89,56 @@ def test_fallback_warns_once_and_matches_reference(monkeypatch):
     x, idx, wts, w13, w2 = _inputs()
     from moecarve.kernels import _env
 
-    _env._WARNED.clear()
+    monkeypatch.setattr(_env, "_WARNED", set())
     with pytest.warns(RuntimeWarning, match="falling back to the PyTorch reference"):
         out = K.moe_ffn(x, idx, wts, w13, w2)
     torch.testing.assert_close(out, K.moe_ffn_reference(x, idx, wts, w13, w2))
     with pytest.raises(RuntimeError, match="cannot run"):
         K.moe_ffn(x, idx, wts, w13, w2, path="decode")
+
+
+def test_no_tokens_still_refuse_an_explicit_path_that_cannot_run(interp_device):
+    x, idx, wts, w13, w2 = _inputs()
+    with pytest.raises(RuntimeError, match="path 'decode' cannot run: unsupported weight dtype"):
+        K.moe_ffn(x[:0].double(), idx[:0], wts[:0], w13.double(), w2.double(), path="decode")
+
+
+def test_tiles_are_checked_and_never_ignored(interp_device):
+    from moecarve.kernels.ops.configs import DecodeConfig, DenseConfig
+
+    with pytest.raises(ValueError, match="decode tile block_i=24 is not a power of two"):
+        DecodeConfig(block_i=24)
+    with pytest.raises(ValueError, match="dense tile block_k=0 is not a power of two"):
+        DenseConfig(block_k=0)
+    x, idx, wts, w13, w2 = _inputs()
+    with pytest.raises(ValueError, match="decode_config is given, but path 'dense' does not use it"):
+        K.moe_ffn(x, idx, wts, w13, w2, path="dense", decode_config=DecodeConfig())
+    with pytest.raises(ValueError, match="dense_config must be a DenseConfig, got DecodeConfig"):
+        K.moe_ffn(x, idx, wts, w13, w2, dense_config=DecodeConfig())
+
+
+@pytest.mark.parametrize("path", ["reference", "decode", "dense"])
+def test_each_pick_counts_for_its_own_token(interp_device, path):
+    """A nan gate spoils its own token alone; a pick of weight 0 is still computed (so an expert
+    that overflows makes its token non-finite on every path, as in transformers)."""
+    x, idx, wts, w13, w2 = _inputs()
+    nan = wts.clone()
+    nan[0, 1] = float("nan")  # token 0's pick of expert 1; token 1 picks expert 1 too
+    out = K.moe_ffn(x, idx, nan, w13, w2, path=path)
+    clean = K.moe_ffn_reference(x, idx, wts, w13, w2)
+    assert out[0].isnan().all() and torch.allclose(out[1:], clean[1:], rtol=1e-4, atol=1e-5)
+    zero, inf = wts.clone(), w2.clone()
+    zero[2, 1], inf[0] = 0.0, float("inf")  # token 2 picks expert 0 with weight 0
+    out = K.moe_ffn(x, idx, zero, w13, inf, path=path)
+    assert not out[2].isfinite().all() and not out[0].isfinite().all()
+    # The dense path computes a picked expert for every token of its tile (0 x inf is nan there)
+    assert out[1].isfinite().all() == (path != "dense")
+
+
+def test_routing_on_another_device_is_refused():
+    x, idx, wts, w13, w2 = _inputs()
+    with pytest.raises(ValueError, match=r"topk_indices \(meta\) and topk_weights \(cpu\) must be on"):
+        K.moe_ffn(x, idx.to("meta"), wts, w13, w2)
 
 
 @pytest.mark.parametrize(

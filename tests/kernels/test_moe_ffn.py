@@ -25,8 +25,8 @@ class Case:
 
 
 CASES = {
-    "T1": Case(1, 64, 32, 4, 2, 32),  # batch-1 decode: FMA path, most experts skipped
-    "T_odd": Case(19, 64, 32, 4, 2, 32),  # T not a multiple of the 16-row block: dot path, masked rows
+    "T1": Case(1, 64, 32, 4, 2, 32),  # batch-1 decode, most experts skipped
+    "T_odd": Case(19, 64, 32, 4, 2, 32),  # T not a multiple of the 16-row block: masked rows
     "A1": Case(5, 64, 32, 5, 1, 32),  # one routed expert per token
     "A_all": Case(6, 64, 32, 4, 4, 32),  # A = E - S: every routed expert active for every token
     "E_prime": Case(9, 64, 32, 7, 2, 32),  # prime expert count
@@ -91,17 +91,19 @@ def check(c: Case, dtype, device, path, **cfg):
     assert rel_err(out, ref) < TOL[dtype], (path, rel_err(out, ref))
 
 
-def small_configs(max_block_t: int = 64):
+def small_configs(max_block_t: int = 64, path: str = "auto"):
+    """Small tiles of `path` (all three for auto)."""
     from moecarve.kernels.ops.configs import DecodeConfig, DenseConfig, GroupedConfig
 
     # blocks smaller than H and I so that both the unmasked main loops and the masked tails run
-    return {
+    tiles = {
         "decode_config": DecodeConfig(
             block_i=16, block_h=32, block_n=16, block_k=32, max_block_t=max_block_t
         ),
         "grouped_config": GroupedConfig(block_m=16, block_n=16, block_k=32),
         "dense_config": DenseConfig(block_m=16, block_n=16, block_k=16),
     }
+    return tiles if path == "auto" else {f"{path}_config": tiles[f"{path}_config"]}
 
 
 # decode: one token tile; decode-tiled: 16-token tiles, so T = 19 and 21 take two; grouped: sorted
@@ -126,7 +128,7 @@ INTERP = [
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case,path", INTERP)
 def test_kernels_match_reference_interpreted(interp_device, case, path, dtype):
-    check(case, dtype, interp_device, path[0], **small_configs(path[1]))
+    check(case, dtype, interp_device, path[0], **small_configs(*path[::-1]))
 
 
 def test_vector_align_is_what_every_size_allows():
@@ -222,7 +224,7 @@ def test_kernels_match_reference_cuda(cuda_device, case, path, dtype):
     ref = moe_ffn_reference(
         x.float(), idx, wts, w13.float(), w2.float(), *[s if s is None else s.float() for s in shared]
     )
-    for kw in ({}, small_configs(path[1])):
+    for kw in ({}, small_configs(*path[::-1])):
         out = moe_ffn(x, idx, wts, w13, w2, *shared, path=path[0], **kw)
         assert torch.isfinite(out).all() and rel_err(out, ref) < TOL[tol_dtype]
 
@@ -332,3 +334,14 @@ def test_router_split_spreads_small_batches_over_h(tokens, split, expected):
     from moecarve.kernels.ops.router import router_split
 
     assert router_split(tokens, 4096, 14, split) == expected
+
+
+@pytest.mark.parametrize("use_dot", [False, None], ids=["fma", "fma-up-to-4-tokens"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_fma_reductions_match_reference_interpreted(interp_device, use_dot, dtype):
+    """The decode kernels' FMA reductions (use_dot False, or None: FMA up to 4 tokens, dot above)."""
+    from moecarve.kernels.ops.configs import DecodeConfig
+
+    tiles = DecodeConfig(block_i=16, block_h=32, block_n=16, block_k=32, use_dot=use_dot)
+    for tokens in (1, 5):
+        check(Case(tokens, 48, 24, 5, 2, 40), dtype, interp_device, "decode", decode_config=tiles)

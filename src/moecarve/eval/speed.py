@@ -244,11 +244,15 @@ def _check_kernel_blocks(path: Path) -> None:
     """--kernels needs MoE blocks the kernels take: checked on the config's skeleton, before loading."""
     from transformers import AutoConfig
 
-    from moecarve.kernels.integration import is_moe_block
+    from moecarve.kernels.integration import is_moe_block, unsupported_block_reason
     from moecarve.moe import meta_model
 
-    if not any(is_moe_block(module) for module in meta_model(AutoConfig.from_pretrained(path)).modules()):
+    blocks = [m for m in meta_model(AutoConfig.from_pretrained(path)).modules() if is_moe_block(m)]
+    if not blocks:
         raise ValueError(f"--kernels: {path} has no MoE block for the kernels (a carved glm4_moe model has)")
+    reasons = [unsupported_block_reason(block) for block in blocks]
+    if all(reasons):
+        raise ValueError(f"--kernels: the kernels take none of {path}'s MoE blocks: {reasons[0]}")
 
 
 def _ratios(rows: list[dict]) -> list[dict]:

@@ -12,11 +12,13 @@ Importing this package does not import triton; the kernels load on first use and
 the PyTorch reference (one warning) where Triton cannot run. See docs/kernels.md.
 """
 
+from ._env import KernelWarning
 from .functional import moe_ffn, moe_ffn_torch, triton_unsupported_reason
 from .integration import disable, enable, experts_forward, register_experts_implementation
 from .ops.reference import moe_ffn_reference
 
 __all__ = [
+    "KernelWarning",
     "disable",
     "enable",
     "experts_forward",

@@ -9,6 +9,8 @@ import importlib.util
 import os
 import warnings
 
+from moecarve import MoecarveWarning
+
 _WARNED: set[str] = set()
 
 
@@ -22,9 +24,13 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+class KernelWarning(MoecarveWarning, RuntimeWarning):
+    """A fallback or a block left as is: a RuntimeWarning, and moecarve's own (its CLIs print one line)."""
+
+
 def warn_once(key: str, message: str) -> None:
-    """Emit `message` as a RuntimeWarning the first time `key` is seen in this process."""
+    """Emit `message` as a KernelWarning the first time `key` is seen in this process."""
     if key in _WARNED:
         return
     _WARNED.add(key)
-    warnings.warn(message, RuntimeWarning, stacklevel=3)
+    warnings.warn(message, KernelWarning, stacklevel=3)

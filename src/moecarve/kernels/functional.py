@@ -17,12 +17,14 @@ Shapes that do not fit raise ValueError; nothing is silently computed on mismatc
 
 from __future__ import annotations
 
+import contextlib
 from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
 
 from ._env import triton_available, triton_interpreting, warn_once
+from .ops.configs import DecodeConfig, DenseConfig, GroupedConfig
 from .ops.reference import moe_ffn_reference, shared_hidden
 from .tuning import tuned_choice
 
@@ -71,6 +73,11 @@ def _check_shapes(x, idx, wts, w13, w2, shared) -> None:
     if idx.dtype.is_floating_point or idx.dtype == torch.bool or not wts.dtype.is_floating_point:
         raise ValueError(
             f"topk_indices must be integer and topk_weights floating, got {idx.dtype}, {wts.dtype}"
+        )
+    if idx.device != x.device or wts.device != x.device:
+        raise ValueError(
+            f"topk_indices ({idx.device}) and topk_weights ({wts.device}) must be on hidden_states' "
+            f"device ({x.device})"
         )
     if shared is None:
         return
@@ -163,6 +170,21 @@ def _check_call(path, hidden_states, topk_indices, topk_weights, gate_up_proj, d
     return shared
 
 
+def _check_tiles(path, decode_config, grouped_config, dense_config) -> None:
+    """Tiles are of their own path, and given for the path asked for (or for `auto` to use where it
+    picks that path): never silently ignored."""
+    for name, config, cls in (
+        ("decode", decode_config, DecodeConfig), ("grouped", grouped_config, GroupedConfig),
+        ("dense", dense_config, DenseConfig),
+    ):  # fmt: skip
+        if config is None:
+            continue
+        if not isinstance(config, cls):
+            raise ValueError(f"{name}_config must be a {cls.__name__}, got {type(config).__name__}")
+        if path not in ("auto", name):
+            raise ValueError(f"{name}_config is given, but path {path!r} does not use it")
+
+
 def _moe_ffn(
     hidden_states, topk_indices, topk_weights, gate_up_proj, down_proj,
     shared_gate_proj, shared_up_proj, shared_down_proj, path, decode_config, grouped_config, dense_config,
@@ -172,18 +194,21 @@ def _moe_ffn(
     shared = _check_call(
         path, hidden_states, topk_indices, topk_weights, gate_up_proj, down_proj, shared_parts
     )
+    _check_tiles(path, decode_config, grouped_config, dense_config)
     args = (hidden_states, topk_indices, topk_weights, gate_up_proj, down_proj)
-    if path == "reference" or hidden_states.shape[0] == 0:
+    if path == "reference":
         return moe_ffn_reference(*args, *shared_parts)
     weights = [gate_up_proj, down_proj, *(shared or ())]
     reason = triton_unsupported_reason(hidden_states, weights, topk_weights)
     if path == "torch":
         return moe_ffn_torch(*args, shared)
+    if reason is not None and path != "auto":
+        raise RuntimeError(
+            f"moecarve.kernels path {path!r} cannot run: {reason}; use path='auto' or 'reference'"
+        )
+    if hidden_states.shape[0] == 0:
+        return moe_ffn_reference(*args, *shared_parts)
     if reason is not None:
-        if path != "auto":
-            raise RuntimeError(
-                f"moecarve.kernels path {path!r} cannot run: {reason}; use path='auto' or 'reference'"
-            )
         warn_once(reason, f"moecarve.kernels: {reason}; falling back to the PyTorch reference path (slower)")
         return moe_ffn_reference(*args, *shared_parts)
     from .ops import moe_ffn as ops  # imports triton: only here, on first use
@@ -200,15 +225,18 @@ def _moe_ffn(
             decode_config, grouped_config, dense_config = (
                 tiles if path == p else None for p in ("decode", "grouped", "dense")
             )
-    if path == "decode":
-        return ops.moe_ffn_decode(
-            x, topk_indices, topk_weights, gate_up_proj, down_proj, shared, decode_config
-        )
-    if path == "grouped":
-        return ops.moe_ffn_grouped(
-            x, topk_indices, topk_weights, gate_up_proj, down_proj, shared, grouped_config
-        )
-    return ops.moe_ffn_dense(x, topk_indices, topk_weights, gate_up_proj, down_proj, shared, dense_config)
+    kernel, tiles = {
+        "decode": (ops.moe_ffn_decode, decode_config),
+        "grouped": (ops.moe_ffn_grouped, grouped_config),
+        "dense": (ops.moe_ffn_dense, dense_config),
+    }[path]
+    with on_its_gpu(x):
+        return kernel(x, topk_indices, topk_weights, gate_up_proj, down_proj, shared, tiles)
+
+
+def on_its_gpu(x: torch.Tensor):
+    """Triton launches on the current CUDA device: make it the tensor's (a model placed across GPUs)."""
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
 
 
 @torch.library.custom_op(  # the schema spelled out: string annotations are inferred differently across torch releases

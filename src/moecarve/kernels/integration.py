@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from ._env import warn_once
-from .functional import moe_ffn, needs_grad, triton_unsupported_reason
+from .functional import moe_ffn, needs_grad, on_its_gpu, triton_unsupported_reason
 from .ops.reference import sigmoid_topk_reference
 
 IMPLEMENTATION_NAME = "moecarve"
@@ -30,9 +30,11 @@ def _routing(gate_out) -> tuple[torch.Tensor, torch.Tensor]:
     if len(idx) != 1:
         raise TypeError(f"cannot find the top-k indices in the router output ({len(tensors)} tensors)")
     wts = [t for t in tensors if t.dtype.is_floating_point and t.shape == idx[0].shape]
-    if len(wts) != 1:
+    if not wts:
         raise TypeError("cannot find the top-k weights (same shape as the indices) in the router output")
-    return idx[0], wts[0]
+    # With every routed expert active the logits [T, E] have the weights' shape too: transformers'
+    # routers return (logits, weights, indices), so the weights are the last of them.
+    return idx[0], wts[-1]
 
 
 def _is_silu(module: nn.Module) -> bool:
@@ -53,11 +55,25 @@ def is_moe_block(module: nn.Module) -> bool:
     )
 
 
+BLOCK_PARTS = ("gate", "experts", "shared_experts")  # what the fused forward runs, all of it
+
+
 def unsupported_block_reason(module: nn.Module) -> str | None:
-    """Why `enable` leaves this module as is (not a Glm4MoeMoE-like block, an unknown shared expert
-    layout, an activation other than SiLU), or None when it swaps it."""
+    """Why `enable` leaves this module as is (not a Glm4MoeMoE-like block, parts the fused forward
+    would skip, weights that hooks place, an unknown shared expert layout, an activation other than
+    SiLU), or None when it swaps it."""
     if not is_moe_block(module):
         return "not a MoE block with a router `gate` and fused `experts`"
+    others = [name for name, _ in module.named_children() if name not in BLOCK_PARTS]
+    others += [name for name, value in module._parameters.items() if value is not None]
+    if others:  # e.g. Qwen2-MoE's `shared_expert` and its `shared_expert_gate`
+        return f"it has parts the fused forward would skip ({', '.join(others)})"
+    hooked = [name or "the block" for name, m in module.named_modules() if hasattr(m, "_hf_hook")]
+    if hooked:
+        return f"accelerate hooks on {hooked[0]} (offloading, or dispatch across devices) would be bypassed"
+    forward = module.__dict__.get("forward")
+    if forward is not None and not _is_fused_forward(forward):
+        return "its forward is already replaced on the instance (another library's wrapper)"
     se = getattr(module, "shared_experts", None)
     if se is not None and not all(hasattr(se, p) for p in ("gate_proj", "up_proj", "down_proj")):
         return "unknown shared expert layout"
@@ -89,11 +105,18 @@ def _route(gate: nn.Module, x: torch.Tensor, fused: bool) -> tuple[torch.Tensor,
     )  # fmt: skip
     if torch.compiler.is_compiling():
         return torch.ops.moecarve.sigmoid_topk(*args)
-    if triton_unsupported_reason(x, [x]) is None:
+    if _router_runs_here(x, gate.weight, gate.e_score_correction_bias):
         from .ops.router import sigmoid_topk
 
-        return sigmoid_topk(*args)
+        with on_its_gpu(x):
+            return sigmoid_topk(*args)
     return _routing(gate(x))
+
+
+def _router_runs_here(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> bool:
+    """The router's Triton launches can take x (its dtype and device), with the router's weights
+    on x's device (their dtypes may differ: the bias is fp32)."""
+    return triton_unsupported_reason(x, [x]) is None and weight.device == bias.device == x.device
 
 
 @torch.library.custom_op(
@@ -111,10 +134,11 @@ def _sigmoid_topk_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The router as one op for `torch.compile`: the Triton launches where they can run, else the
     same routing in PyTorch; (int32 indices, float32 gates) either way."""
-    if triton_unsupported_reason(x, [x]) is None:
+    if _router_runs_here(x, weight, bias):
         from .ops.router import sigmoid_topk
 
-        return sigmoid_topk(x, weight, bias, top_k, norm_topk_prob, scaling)
+        with on_its_gpu(x):
+            return sigmoid_topk(x, weight, bias, top_k, norm_topk_prob, scaling)
     idx, wts = sigmoid_topk_reference(x, weight, bias, top_k, norm_topk_prob, scaling)
     return idx.to(torch.int32), wts.float()
 
@@ -138,15 +162,44 @@ def _sigmoid_topk_op_fake(x, weight, bias, top_k, norm_topk_prob, scaling):
     return x.new_empty(tokens, top_k, dtype=torch.int32), x.new_empty(tokens, top_k, dtype=torch.float32)
 
 
+def _plain_linear(module: nn.Module) -> bool:
+    """A bias-free nn.Linear whose weight is all it computes with (no adapter wrapping it, no hooks)."""
+    return (
+        type(module) is nn.Linear
+        and module.bias is None
+        and not (module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__)
+        and not torch.nn.utils.parametrize.is_parametrized(module)
+    )
+
+
+def _shared_weights(se: nn.Module) -> tuple[torch.Tensor, ...] | None:
+    """The shared expert's (gate, up, down) weights where they are all it computes, else None (e.g.
+    LoRA adapters added to it, or hooks): then it runs as its own module."""
+    parts = [getattr(se, name) for name in ("gate_proj", "up_proj", "down_proj")]
+    plain = all(_plain_linear(part) for part in parts) and not (se._forward_hooks or se._forward_pre_hooks)
+    return tuple(part.weight for part in parts) if plain else None
+
+
 def _fused_block_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    """Glm4MoeMoE.forward with the router in one launch and routed + shared experts in one `moe_ffn` call."""
+    """Glm4MoeMoE.forward with the router in one launch and routed + shared experts in one `moe_ffn`
+    call. A block whose experts were wrapped since `enable` (adapters added) runs its own forward."""
+    if not is_moe_block(self):
+        return type(self).forward(self, hidden_states)
     shape = hidden_states.shape
     x = hidden_states.reshape(-1, shape[-1]).contiguous()
     topk_indices, topk_weights = _route(self.gate, x, self._moecarve_fused_router)
     se = getattr(self, "shared_experts", None)
-    shared = () if se is None else (se.gate_proj.weight, se.up_proj.weight, se.down_proj.weight)
-    out = moe_ffn(x, topk_indices, topk_weights, self.experts.gate_up_proj, self.experts.down_proj, *shared)
+    shared = None if se is None else _shared_weights(se)
+    out = moe_ffn(
+        x, topk_indices, topk_weights, self.experts.gate_up_proj, self.experts.down_proj, *(shared or ())
+    )
+    if se is not None and shared is None:
+        out = out + se(x)
     return out.view(shape)
+
+
+def _is_fused_forward(forward) -> bool:
+    return isinstance(forward, types.MethodType) and forward.__func__ is _fused_block_forward
 
 
 def enable(model: nn.Module, *, fused_router: bool = True) -> int:
@@ -158,21 +211,27 @@ def enable(model: nn.Module, *, fused_router: bool = True) -> int:
     Raises ValueError when the model has no such block.
     """
     register_experts_implementation()
-    swapped = 0
+    swapped, refused = 0, []
     for name, module in model.named_modules():
         if not is_moe_block(module):
             continue
         reason = unsupported_block_reason(module)
         if reason is not None:
+            refused.append(f"{name}: {reason}")
             warn_once(f"enable-{name}", f"moecarve.kernels: {name}: {reason}, block left as is")
             continue
         module._moecarve_fused_router = fused_router and _is_sigmoid_router(module.gate)
         module.forward = types.MethodType(_fused_block_forward, module)
         swapped += 1
-    if swapped == 0:
+    if refused and not swapped:
+        raise ValueError(
+            f"moecarve.kernels.enable: no MoE block taken ({refused[0]}); the model is unchanged"
+        )
+    if not swapped:
         raise ValueError(
             "moecarve.kernels.enable: no MoE block with a router `gate`, fused `experts` (gate_up_proj "
-            "[E, 2I, H], down_proj [E, H, I]) and SiLU was found; the model is unchanged"
+            "[E, 2I, H], down_proj [E, H, I]) and SiLU was found (adapters on the routed experts hide "
+            "their weights: merge them first); the model is unchanged"
         )
     return swapped
 
@@ -181,8 +240,7 @@ def disable(model: nn.Module) -> int:
     """Undo `enable(model)`; returns how many blocks were restored."""
     restored = 0
     for module in model.modules():
-        fwd = module.__dict__.get("forward")
-        if isinstance(fwd, types.MethodType) and fwd.__func__ is _fused_block_forward:
+        if _is_fused_forward(module.__dict__.get("forward")):
             del module.forward
             del module._moecarve_fused_router
             restored += 1

@@ -93,18 +93,10 @@ def _config_from_json(path_name: str, raw: object, where: str):
         raise ValueError(
             f"{where}: {path_name} tiles must be an object with keys from {sorted(fields)}, got {unknown}; {FIX}"
         )
-    for key, value in raw.items():
-        if key == "use_dot":
-            ok = value is None or isinstance(value, bool)
-        else:
-            ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
-            ok = ok and (key == "stages" or value & (value - 1) == 0)  # Triton's blocks and warps
-        if not ok:
-            want = {"stages": "a positive integer", "use_dot": "true, false or null"}.get(
-                key, "a power of two"
-            )
-            raise ValueError(f"{where}: {path_name} tile {key}={value!r} is not {want}; {FIX}")
-    return cls(**raw)
+    try:
+        return cls(**raw)
+    except ValueError as err:  # the tiles' own check
+        raise ValueError(f"{where}: {err}; {FIX}") from None
 
 
 def parse_table(data: object, shape: MoeShape, source: str) -> dict[int, tuple[str, object]]:

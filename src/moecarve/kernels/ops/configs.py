@@ -6,12 +6,31 @@ without importing it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+
+
+class Tiles:
+    """Checks a path's tile sizes when made, in a table or by hand: Triton's blocks and warps are
+    powers of two, stages a positive integer, use_dot true, false or None."""
+
+    def __post_init__(self):
+        for field in fields(self):
+            key, value = field.name, getattr(self, field.name)
+            if key == "use_dot":
+                ok, want = value is None or isinstance(value, bool), "true, false or null"
+            else:
+                ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
+                ok = ok and (key == "stages" or value & (value - 1) == 0)
+                want = "a positive integer" if key == "stages" else "a power of two"
+            if not ok:
+                raise ValueError(f"{self.path} tile {key}={value!r} is not {want}")
 
 
 @dataclass(frozen=True)
-class DecodeConfig:
+class DecodeConfig(Tiles):
     """Tile sizes of the decode path (the benchmark's sweep picked the defaults)."""
+
+    path = "decode"
 
     block_i: int = 16  # up kernel: rows of gate (and of up) per program
     block_h: int = 256  # up kernel: reduction chunk over H
@@ -25,10 +44,12 @@ class DecodeConfig:
 
 
 @dataclass(frozen=True)
-class DenseConfig:
+class DenseConfig(Tiles):
     """Tile sizes of the dense-equivalent down kernel (not yet swept on a GPU). 8 warps: compiled for
     sm_90 they spill no registers in bf16/fp16 under Triton 3.6 or 3.9 where 4 warps did
     (results/kernels/compile_sm90_triton36.json, compile_sm90.json)."""
+
+    path = "dense"
 
     block_m: int = 64  # tokens per program (at most; fewer tokens take the next power of two >= 16)
     block_n: int = 64
@@ -51,8 +72,10 @@ def decode_config(T: int) -> DecodeConfig:
 
 
 @dataclass(frozen=True)
-class GroupedConfig:
+class GroupedConfig(Tiles):
     """Tile sizes of the grouped (sorted, padded per expert) path."""
+
+    path = "grouped"
 
     block_m: int = 64
     block_n: int = 64

@@ -14,15 +14,6 @@ import torch
 import torch.nn.functional as F
 
 
-def routing_matrix(topk_indices: torch.Tensor, topk_weights: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Dense [T, E] float32 gate matrix; indices outside [0, E) (expert-parallel sentinels) are dropped."""
-    valid = (topk_indices >= 0) & (topk_indices < num_experts)
-    idx = torch.where(valid, topk_indices, 0).long()
-    w = torch.where(valid, topk_weights.float(), 0.0)
-    dense = torch.zeros(topk_indices.shape[0], num_experts, dtype=torch.float32, device=topk_indices.device)
-    return dense.scatter_add_(1, idx, w)
-
-
 def shared_hidden(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """The shared expert's [T, SI] activations SiLU(x gate^T) * (x up^T), in x's dtype as eager
     rounds them (cuBLAS): what the Triton paths add to their routed output."""
@@ -43,13 +34,15 @@ def moe_ffn_reference(
     x = hidden_states.float()
     num_experts, two_i, _ = gate_up_proj.shape
     inter = two_i // 2
-    gates = routing_matrix(topk_indices, topk_weights, num_experts)  # [T, E]
     out = torch.zeros_like(x)
-    for e in torch.nonzero(gates.abs().sum(0) > 0).flatten().tolist():
-        tok = torch.nonzero(gates[:, e] != 0).flatten()
+    # Each pick by its index, as the kernels and transformers take them: a pick of weight 0 (or
+    # nan) is still computed and weighted, for its own token alone; other indices are dropped.
+    picked = topk_indices[(topk_indices >= 0) & (topk_indices < num_experts)]
+    for e in torch.unique(picked).tolist():
+        tok, slot = torch.nonzero(topk_indices == e, as_tuple=True)
         gu = x[tok] @ gate_up_proj[e].float().T  # [t, 2I]
         h = F.silu(gu[:, :inter]) * gu[:, inter:]
-        out.index_add_(0, tok, (h @ down_proj[e].float().T) * gates[tok, e, None])
+        out.index_add_(0, tok, (h @ down_proj[e].float().T) * topk_weights[tok, slot, None].float())
     if shared_gate_proj is not None:
         h = F.silu(x @ shared_gate_proj.float().T) * (x @ shared_up_proj.float().T)
         out += h @ shared_down_proj.float().T

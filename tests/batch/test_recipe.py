@@ -325,3 +325,12 @@ def test_esft_general_text_that_reaches_the_scored_tokens_is_refused(tmp_path, g
         load_recipe(path)
     apart = text.replace(f"mix_general: {general}", "mix_general: other.txt")
     assert load_recipe(write(tmp_path, apart)).jobs  # another text: accepted
+
+
+def test_the_eval_ppl_stage_without_its_section_takes_its_defaults(tmp_path):
+    from moecarve.batch.recipe import PplOptions
+
+    text = GOOD.split("eval_ppl:")[0]
+    assert "eval_ppl" in text  # in stages
+    jobs = load_recipe(write(tmp_path, text)).jobs
+    assert all(job.options["eval_ppl"] == PplOptions().model_dump() for job in jobs)

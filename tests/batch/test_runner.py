@@ -125,10 +125,39 @@ def test_output_inside_a_model_is_refused_and_a_failed_start_leaves_no_output(
     not_a_model.mkdir()
     (not_a_model / "notes.txt").write_text("mine")
     text = recipe.read_text().replace(str(tiny_models["llama"]), str(not_a_model))
-    batch = runner.open_batch(make_recipe(tmp_path / "s", text=text), tmp_path / "out")
-    with pytest.raises((ValueError, OSError)):
-        runner.run(batch, list(batch.jobs), progress=False)
-    assert not (tmp_path / "out").exists() and (not_a_model / "notes.txt").read_text() == "mine"
+    with pytest.raises(ValueError, match="has no config.json"):  # as the run would, and a dry run too
+        runner.open_batch(make_recipe(tmp_path / "s", text=text), tmp_path / "out")
+    # A model that fails only when read: the output this start made is removed, one the user made kept.
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"not a GGUF file")
+    text = recipe.read_text().replace(str(tiny_models["llama"]), str(broken))
+    for made_by_user in (False, True):
+        out = tmp_path / f"out-{made_by_user}"
+        if made_by_user:
+            out.mkdir()
+        batch = runner.open_batch(make_recipe(tmp_path / "t", text=text), out)
+        with pytest.raises(ValueError, match="cannot read GGUF file"):
+            runner.run(batch, list(batch.jobs), progress=False)
+        assert out.exists() == made_by_user and (not made_by_user or not any(out.iterdir()))
+    assert (not_a_model / "notes.txt").read_text() == "mine"
+
+
+def test_a_job_left_to_another_process_is_not_all_done(reference, make_recipe, tmp_path):
+    """Exit status 3 when a run leaves a job running elsewhere (the table still shows it pending)."""
+    out = shutil.copytree(reference, tmp_path / "out")
+    recipe = make_recipe(tmp_path / "r")
+    with (out / "jobs" / ".llama-S1A2E128.lock").open("a") as lock:  # the failed job, to run again
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        result = CliRunner().invoke(batch_command, [str(recipe), "--out", str(out), "--no-progress"])
+    assert result.exit_code == 3 and "running in another process (llama-S1A2E128)" in result.output
+
+
+def test_a_damaged_record_is_named(reference, make_recipe, tmp_path):
+    out = shutil.copytree(reference, tmp_path / "out")
+    result_file = out / "jobs" / "llama-dense" / "result.json"
+    result_file.write_text(result_file.read_text()[:40])
+    with pytest.raises(ValueError, match=f"{result_file} is damaged .*: remove it"):
+        runner.open_batch(make_recipe(tmp_path / "r"), out)
 
 
 def test_changed_settings_of_a_finished_job_are_refused(make_recipe, reference, tmp_path):
@@ -257,13 +286,13 @@ def test_interrupted_job_starts_clean(make_recipe, tmp_path):
 def test_a_failed_start_after_a_model_was_built_leaves_an_output_the_rerun_accepts(
     make_recipe, tiny_models, calib_file, tmp_path
 ):
-    empty = tmp_path / "nocfg"
-    empty.mkdir()
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"not a GGUF file")
     text = f"""\
 name: tiny
 output: out
 models:
-  - {{name: broken, path: {empty}}}
+  - {{name: broken, path: {broken}}}
   - {{name: built, tiny: llama}}
 stages: [carve]
 carve: {{calib: {calib_file}, calib_tokens: 512, calib_length: 128}}
@@ -274,7 +303,7 @@ configs: [{{experts: 8, active: 2}}]
     with pytest.raises((ValueError, OSError)):
         runner.run(batch, list(batch.jobs), progress=False)
     assert (batch.output / "models").is_dir()  # the tiny model built before the broken one failed
-    recipe.write_text(text.replace(f"  - {{name: broken, path: {empty}}}\n", ""))
+    recipe.write_text(text.replace(f"  - {{name: broken, path: {broken}}}\n", ""))
     batch = runner.open_batch(recipe)  # the same recipe's output: accepted
     summary = runner.run(batch, list(batch.jobs), progress=False)
     assert summary.done == ["built-S1A2E8"]

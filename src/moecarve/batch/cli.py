@@ -36,7 +36,7 @@ def batch_command(recipe, out, dry_run, workers, only, progress):
 
     Finished jobs are skipped, an interrupted one starts clean, a failed one is recorded and
     tried again next time. Exit status: 0 all done, 1 a job failed (with --dry-run: would fail
-    before its carve), 2 bad input, 3 --only JOB is running in another process.
+    before its carve), 2 bad input, 3 a job (or --only JOB) is running in another process.
     """
     from moecarve.batch import runner
 
@@ -54,7 +54,7 @@ def batch_command(recipe, out, dry_run, workers, only, progress):
         for name in summary.failed:
             click.echo(f"failed: {name}: {batch.result(batch.jobs[_index(batch, name)])['error']}", err=True)
         sys.exit(1)
-    if summary.busy and only is not None:
+    if summary.busy:  # not all done: the table still shows them pending
         sys.exit(3)
 
 

@@ -96,6 +96,15 @@ class Recipe(_Strict):
         "CUDA where present); not in a job's fingerprint, so moving a recipe reruns nothing",
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _eval_ppl_defaults(cls, data):
+        """The eval_ppl stage without its section takes its defaults, as an empty section gives."""
+        stages = data.get("stages") if isinstance(data, dict) else None
+        if isinstance(stages, list) and "eval_ppl" in stages and data.get("eval_ppl") is None:
+            data = {**data, "eval_ppl": {}}
+        return data
+
     @field_validator("device")
     @classmethod
     def _a_device(cls, value: str | None) -> str | None:

@@ -58,11 +58,22 @@ class Batch:
 
     def result(self, job: Job) -> dict | None:
         path = self.job_dir(job) / "result.json"
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+        return read_record(path) if path.is_file() else None
 
     def status(self, job: Job) -> str:
         result = self.result(job)
         return result["status"] if result else "pending"
+
+
+def read_record(path: Path) -> dict:
+    """A JSON record the batch wrote; one that was damaged since is refused by name."""
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path} is damaged ({err}): remove it (its job runs again)") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path} is damaged (not a JSON object): remove it (its job runs again)")
+    return record
 
 
 def open_batch(recipe: str | Path, out: str | Path | None = None) -> Batch:
@@ -85,7 +96,7 @@ def check_owner(batch: Batch) -> None:
     owner_file = out / OWNER_FILE
     if not owner_file.is_file():
         raise ValueError(f"batch output {out} is not empty and holds no {OWNER_FILE}: not a batch output")
-    owner = json.loads(owner_file.read_text(encoding="utf-8"))
+    owner = read_record(owner_file)
     if owner.get("recipe") != batch.name:
         raise ValueError(
             f"batch output {out} belongs to recipe {owner.get('recipe')!r} ({owner.get('recipe_file')}), "
@@ -281,12 +292,14 @@ def resolve_model(batch: Batch, job: Job) -> Path:
 def check_models(batch: Batch) -> None:
     """Without converting or downloading anything: a model that is neither here nor a hub id fails now."""
     from moecarve import resources
+    from moecarve.carve.source import check_source
 
     for spec in batch.loaded.recipe.models:
         if spec.tiny is not None:
             continue
         local = _model_path(batch, spec).resolve()
         if local.exists():
+            check_source(local)  # a directory without config.json, or a .gguf that is not a file
             if within(batch.output, local):
                 raise ValueError(
                     f"batch output {batch.output} is inside model {spec.name}'s directory {local}"
@@ -309,6 +322,7 @@ def prepare(batch: Batch, jobs: list[Job]) -> None:
 
     Under a lock, so that processes started side by side (a Slurm array) convert a model only once.
     """
+    made = not batch.output.exists()
     batch.output.mkdir(parents=True, exist_ok=True)
     try:
         with locked(batch.output / ".models.lock"):
@@ -321,19 +335,21 @@ def prepare(batch: Batch, jobs: list[Job]) -> None:
             for job in first_of_model.values():
                 resolve_model(batch, job)
     except Exception:
-        _remove_if_unused(batch.output)  # a model that cannot be read: no output left behind
+        _remove_if_unused(batch.output, made)  # a model that cannot be read: no output left behind
         raise
     update_table(batch)
 
 
-def _remove_if_unused(output: Path) -> None:
-    """Remove an output that holds nothing but the models lock and the owner file: one this failed
-    start made, which no other process (a Slurm array's) has used yet; anything else is left alone."""
+def _remove_if_unused(output: Path, made: bool) -> None:
+    """Undo what a failed start wrote into an output that holds nothing else (the models lock and
+    the owner file), which no other process (a Slurm array's) has used yet: the directory too where
+    this start `made` it; anything else is left alone."""
     with contextlib.suppress(OSError):
         if {p.name for p in output.iterdir()} <= {".models.lock", OWNER_FILE}:
             for name in (OWNER_FILE, ".models.lock"):
                 (output / name).unlink(missing_ok=True)
-            output.rmdir()  # fails, and keeps it, if another process wrote into it meanwhile
+            if made:
+                output.rmdir()  # fails, and keeps it, if another process wrote into it meanwhile
 
 
 def update_table(batch: Batch) -> None:

@@ -645,3 +645,26 @@ def test_records_name_the_final_directory_also_where_json_escapes_its_name(tmp_p
     stages.finish(ctx, final, keep_model=True)
     for path in (work / "ppl.json", work / "esft-merged" / "esft.json"):
         assert json.loads(path.read_text()) == {"model": str(final / "model")}
+
+
+def test_no_progress_prints_nothing_from_building_to_the_tasks(tmp_path, capfd, calib_file):
+    """--no-progress: no bar and no stray line from building a tiny model, the carve, the evals
+    (lm-eval's own bars too); the only output is the batch's own line."""
+    text = f"""\
+name: quiet
+output: out
+models:
+  - {{name: t, tiny: llama}}
+stages: [carve, eval_ppl, eval_tasks]
+carve: {{calib: {calib_file}, calib_tokens: 256, calib_length: 64}}
+configs: [{{experts: 8, active: 2}}]
+eval_ppl: {{windows: 2, length: 64, data: {calib_file}}}
+eval_tasks: {{tasks: [boolq], limit: 2}}
+"""
+    (tmp_path / "recipe.yaml").write_text(text)
+    capfd.readouterr()
+    result = CliRunner().invoke(batch_command, [str(tmp_path / "recipe.yaml"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == [f"1 done, 0 failed; table: {tmp_path / 'out' / 'results.md'}"]
+    printed = capfd.readouterr()
+    assert printed.out == "" and printed.err == ""

@@ -513,7 +513,8 @@ def run(batch: Batch, jobs: list[Job], workers: int = 1, progress: bool = True) 
     todo = []
     for job in jobs:
         (summary.skipped if batch.status(job) == "ok" else todo).append(job)
-    prepare(batch, todo)
+    with contextlib.nullcontext() if progress else transformers_bars_off():  # models built, converted
+        prepare(batch, todo)
     bar = tqdm(total=len(todo), desc=f"batch {batch.name}", unit="job", disable=not progress)
     if workers <= 1:
         for job in todo:

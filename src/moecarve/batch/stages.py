@@ -185,6 +185,7 @@ def eval_tasks(ctx: Context, options: dict) -> StageResult:
         batch_size=options["batch_size"],
         out=ctx.work / "tasks.json",
         device=ctx.device,
+        progress=ctx.progress,
     )
     scores = record["tasks"]
     columns = {}

@@ -10,6 +10,7 @@ integer `label`, the shipped BoolQ has the same questions with a boolean `answer
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
@@ -69,10 +70,8 @@ def _load_local(path: str, task: str, **_lm_eval_kwargs):
     import datasets
 
     docs = datasets.load_from_disk(path)
-    if task == "boolq":
-        docs = docs.map(
-            lambda doc: {"label": int(doc["answer"])}, keep_in_memory=True
-        )  # never write beside the data
+    if task == "boolq":  # in memory, never written beside the data
+        docs = docs.add_column("label", [int(answer) for answer in docs["answer"]])
     return datasets.DatasetDict({"validation": docs})
 
 
@@ -107,6 +106,35 @@ def _metrics(raw: dict) -> dict:
     return found
 
 
+@functools.cache
+def _quiet_hflm_class():
+    from lm_eval.models.huggingface import HFLM
+
+    class QuietHFLM(HFLM):
+        """lm-eval's HF model without its progress bars (the evaluator asks for them)."""
+
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood(requests, disable_tqdm=True)
+
+    return QuietHFLM
+
+
+@contextlib.contextmanager
+def _lm_eval_patched(progress: bool):
+    """lm-eval with what it prints that is not ours left out: the git commit of the working
+    directory (not the model's; git says `fatal` outside a repository) and, without progress, the
+    bar over building each task's requests (which takes no setting)."""
+    import lm_eval.api.task
+    import lm_eval.evaluator
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", lambda: None))
+        if not progress and hasattr(lm_eval.api.task, "tqdm"):
+            quiet = functools.partial(lm_eval.api.task.tqdm, disable=True)
+            stack.enter_context(mock.patch.object(lm_eval.api.task, "tqdm", quiet))
+        yield
+
+
 def evaluate_tasks(
     model: str | Path,
     tasks: str | list[str] | tuple[str, ...] = DEFAULT_TASKS,
@@ -116,6 +144,7 @@ def evaluate_tasks(
     device: str | None = None,
     out: str | Path | None = None,
     seed: int = 0,
+    progress: bool = True,
 ) -> dict:
     """Zero-shot acc / acc_norm of `model` on `tasks` (the first `limit` validation questions each).
 
@@ -136,7 +165,6 @@ def evaluate_tasks(
     for name in names:
         data_dir(name)
 
-    import lm_eval.evaluator
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -145,11 +173,10 @@ def evaluate_tasks(
     task_manager = TaskManager(include_defaults=False)  # the configs come whole, as dicts
     configs = task_configs(names)
     loaded, tokenizer = common.load_model(path, torch_dtype, device)
-    lm = HFLM(pretrained=loaded, tokenizer=tokenizer, batch_size=batch_size, device=device)
+    lm_class = HFLM if progress else _quiet_hflm_class()
+    lm = lm_class(pretrained=loaded, tokenizer=tokenizer, batch_size=batch_size, device=device)
     start = time.perf_counter()
-    # lm-eval records the git commit of the working directory, which is not the model's, and prints
-    # git's `fatal: not a git repository` outside one: its hash is not asked for.
-    with torch.no_grad(), mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", lambda: None):
+    with torch.no_grad(), _lm_eval_patched(progress):
         raw = simple_evaluate(
             model=lm,
             tasks=configs,

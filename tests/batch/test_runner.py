@@ -668,3 +668,22 @@ eval_tasks: {{tasks: [boolq], limit: 2}}
     assert result.output.splitlines() == [f"1 done, 0 failed; table: {tmp_path / 'out' / 'results.md'}"]
     printed = capfd.readouterr()
     assert printed.out == "" and printed.err == ""
+
+
+def test_a_job_process_that_refuses_its_input_says_why_in_the_table(make_recipe, tmp_path, monkeypatch):
+    """A job process reads the recipe anew: edited since the run started, it refuses (status 2), and
+    the job's recorded error quotes its one-line reason, not only the status."""
+    batch = runner.open_batch(make_recipe(tmp_path))
+    (batch.output / "logs").mkdir(parents=True)
+    job = batch.jobs[1]
+    reason = "error: job llama-dense in out was run with other settings than the recipe now gives"
+    (batch.output / "logs" / f"{job.name}.log").write_text(f"warning: something\n{reason}\n")
+    monkeypatch.setattr(
+        runner, "_spawn", lambda batch, job, gpu=None: type("P", (), {"poll": lambda self: 2})()
+    )
+    summary = runner.Summary([], [], [], [])
+    runner._drive(batch, [job], {}, 2, summary, type("Bar", (), {"update": lambda self: None})())
+    assert summary.failed == [job.name]
+    assert (
+        batch.result(job)["error"] == f"job process exited with status 2: {reason} (see logs/{job.name}.log)"
+    )

@@ -245,7 +245,9 @@ def load_recipe(path: str | Path) -> LoadedRecipe:
     except ValidationError as err:
         raise _located(err, node, path, ()) from err
     jobs = tuple(_expand(recipe, node, path))
-    return LoadedRecipe(recipe, path.resolve(), jobs, _line(node, ("device",)))
+    # Not resolved: a recipe reached through a symlink names files beside the link, in its checks
+    # as in its run
+    return LoadedRecipe(recipe, path.absolute(), jobs, _line(node, ("device",)))
 
 
 def _expand(recipe: Recipe, node, path: Path) -> list[Job]:
@@ -336,7 +338,7 @@ def _esft_options(section: dict, node, path: Path) -> dict:
     data = section["data"]
     if not isinstance(data, str) or not _beside(path, data).is_file():
         where_data = f"{path}:{_line(node, ('esft', 'data'))}: esft.data"
-        raise RecipeError(f"{where_data}: not a file: {data} (relative to {path.parent})")
+        raise RecipeError(f"{where_data}: not a file: {data} (relative to {path.parent.absolute()})")
     selection = {
         "score": section.get("score", "token"),
         "p": section.get("p", 0.2),
@@ -360,7 +362,7 @@ def _esft_options(section: dict, node, path: Path) -> dict:
     if mix and mix != "protocol" and not (isinstance(mix, str) and _beside(path, mix).exists()):
         raise RecipeError(
             f"{path}:{_line(node, ('esft', 'mix_general'))}: esft.mix_general: not found: {mix} "
-            f"(relative to {path.parent}; or protocol)"
+            f"(relative to {path.parent.absolute()}; or protocol)"
         )
     try:
         config = EsftConfig(**settings)
@@ -419,7 +421,7 @@ def _check_text_source(value, loc: tuple, node, path: Path) -> None:
         raise RecipeError(f"{where}: a file, a directory or a hub dataset name, got {value!r}")
     local = _beside(path, value)
     if not local.exists() and looks_like_path(value):
-        raise RecipeError(f"{where}: not found: {value} (relative to {path.parent})")
+        raise RecipeError(f"{where}: not found: {value} (relative to {path.parent.absolute()})")
 
 
 def _beside(recipe: Path, value: str) -> Path:

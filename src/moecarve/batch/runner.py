@@ -563,13 +563,26 @@ def _drive(batch: Batch, waiting: list[Job], running: dict, workers: int, summar
                 continue
             del running[name]
             if code not in (0, 1, 3):  # 1: the job failed and said so; 3: another process holds it
-                record_crash(batch, job, f"job process exited with status {code} (see logs/{job.name}.log)")
+                said = _error_line(batch.output / "logs" / f"{job.name}.log")
+                record_crash(
+                    batch, job, f"job process exited with status {code}{said} (see logs/{job.name}.log)"
+                )
             status = batch.status(job)
             if code == 3:
                 summary.busy.append(job.name)
             else:
                 (summary.done if status == "ok" else summary.failed).append(job.name)
             bar.update()
+
+
+def _error_line(log: Path) -> str:
+    """The one-line error a job process printed before it exited (e.g. a recipe edited since the
+    run started, which the job process reads anew), as `: error: ...`, or ''."""
+    with contextlib.suppress(OSError):
+        lines = [line for line in log.read_text(errors="replace").splitlines() if line.startswith("error: ")]
+        if lines:
+            return f": {lines[-1]}"
+    return ""
 
 
 def gpu_slots(batch: Batch) -> list[str] | None:

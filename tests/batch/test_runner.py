@@ -164,7 +164,13 @@ def test_changed_settings_of_a_finished_job_are_refused(make_recipe, reference, 
     recipe = make_recipe(tmp_path)
     runner.open_batch(recipe, reference)  # same settings: accepted
     recipe.write_text(recipe.read_text().replace("calib_tokens: 1024", "calib_tokens: 512"))
-    with pytest.raises(ValueError, match="llama-S1A2E8 .* other settings"):
+    with pytest.raises(
+        ValueError, match=r"llama-S1A2E8 .* other settings than the recipe now gives \(carve.calib_tokens\)"
+    ):
+        runner.open_batch(recipe, reference)
+    recipe.write_text(recipe.read_text().replace("calib_tokens: 512", "calib_tokens: 1024"))
+    recipe.write_text(recipe.read_text().replace("windows: 2,", "windows: 3,"))
+    with pytest.raises(ValueError, match=r"llama-dense .* gives \(options.eval_ppl.windows\)"):
         runner.open_batch(recipe, reference)
 
 

@@ -169,7 +169,17 @@ class Job:
         save_every was left out, it was hashed."""
         return {self._hash(keep, save_every) for keep in (True, False) for save_every in (True, False)}
 
+    @property
+    def settings(self) -> dict:
+        """What the fingerprint hashes, as plain data: a finished job records it, so that a refusal
+        can name the settings that changed."""
+        return json.loads(json.dumps(self._spec(keep_model=True)))  # tuples as the record has them
+
     def _hash(self, keep_model: bool, save_every: bool = False) -> str:
+        spec = self._spec(keep_model, save_every)
+        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+    def _spec(self, keep_model: bool, save_every: bool = False) -> dict:
         from moecarve.tune.trainer import result_settings
 
         options = dict(self.options)
@@ -179,7 +189,7 @@ class Job:
             options["recover"] = {**options["recover"], "save_every": self.options["recover"]["save_every"]}
         if "carve" in options:
             options = {**options, "carve": {**options["carve"], "keep_model": keep_model}}
-        spec = {
+        return {
             "model": self.model.model_dump(exclude={"name", "carve"}),
             # the preset is resolved into the other fields: its name alone decides nothing
             "carve": self.carve.model_dump(exclude={"preset"}) if self.carve else None,
@@ -187,7 +197,6 @@ class Job:
             "stages": self.stages,
             "options": options,
         }
-        return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)

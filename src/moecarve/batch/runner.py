@@ -86,6 +86,22 @@ def open_batch(recipe: str | Path, out: str | Path | None = None) -> Batch:
     return batch
 
 
+def _changed(recorded, now: dict, where: str = "") -> str:
+    """The settings that differ between a job's record and the recipe's, dotted (carve.calib_tokens,
+    options.eval_ppl.windows); '' for a record that holds none (before they were recorded)."""
+    if not isinstance(recorded, dict):
+        return ""
+    keys = sorted(set(recorded) | set(now), key=str)
+    differ = []
+    for key in keys:
+        a, b = recorded.get(key), now.get(key)
+        if a == b:
+            continue
+        name = f"{where}{key}"
+        differ.append(_changed(a, b, f"{name}.") if isinstance(a, dict) and isinstance(b, dict) else name)
+    return ", ".join(filter(None, differ))
+
+
 def check_owner(batch: Batch) -> None:
     """A non-empty output must be this recipe's: two recipes never mix their jobs in one table."""
     out = batch.output
@@ -113,9 +129,11 @@ def check_finished(batch: Batch) -> None:
         if not result or result["status"] != "ok":
             continue
         if result.get("fingerprint") not in job.fingerprints:
+            changed = _changed(result.get("settings"), job.settings)
             raise ValueError(
-                f"job {job.name} in {batch.output} was run with other settings than the recipe now gives; "
-                f"remove {batch.job_dir(job)} to run it again, or name the changed configuration anew"
+                f"job {job.name} in {batch.output} was run with other settings than the recipe now gives"
+                f"{f' ({changed})' if changed else ''}; remove {batch.job_dir(job)} to run it again, or name "
+                "the changed configuration anew"
             )
         recorded = result.get("inputs")
         if not recorded:  # results written before inputs were recorded
@@ -382,7 +400,8 @@ def run_job(batch: Batch, job: Job, progress: bool = True) -> dict | None:
             return batch.result(job)
         clear_leftovers(final)
         started = time.perf_counter()
-        record = {"job": job.name, "recipe": batch.name, "fingerprint": job.fingerprint, "stages": {}}
+        record = {"job": job.name, "recipe": batch.name, "fingerprint": job.fingerprint}
+        record.update(settings=job.settings, stages={})
         columns: dict = {}
         quiet = contextlib.nullcontext() if progress else transformers_bars_off()
         with atomic_directory(final) as work, quiet:

@@ -31,6 +31,16 @@ BAD = {
         "configs[1].activ: unknown carve setting",
     ),
     "wrong type": (("{experts: 8, active: 2}", "{experts: eight, active: 2}"), 7, "configs[0].experts"),
+    "a boolean for a number": (
+        ("windows: 4", "windows: true"),
+        9,
+        "eval_ppl.windows: Input should be a valid integer",
+    ),
+    "a word for a boolean": (
+        ("output: out", "output: out\nkeep_models: 'no'"),
+        3,
+        "keep_models: Input should be a valid boolean",
+    ),
     "impossible configuration": (
         ("{experts: 8, active: 2}", "{experts: 8, active: 8}"),
         7,

@@ -94,7 +94,13 @@ class RecoverConfig(BaseModel):
     @field_validator("train", mode="before")
     @classmethod
     def _split(cls, value):
-        names = tuple(sorted(set(value.split(",") if isinstance(value, str) else value)))
+        given = value.split(",") if isinstance(value, str) else value
+        if not isinstance(given, list | tuple):
+            return value  # the field's own check refuses it
+        unknown = [name for name in given if name not in ("router", "lora", "full")]
+        if unknown:  # named before they are sorted, which moves them
+            raise ValueError(f"unknown part {unknown[0]!r}: give router, lora (or both), or full")
+        names = tuple(sorted(set(given)))
         if "full" in names and len(names) > 1:
             raise ValueError("full trains every weight: it combines with nothing")
         return names

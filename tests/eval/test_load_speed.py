@@ -230,3 +230,16 @@ def test_speed_kernels_on_a_dense_model_are_refused_before_loading(tiny_models, 
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_loading)
     with pytest.raises(ValueError, match="--kernels: .* has no MoE block"):
         evaluate_speed(tiny_models["llama"], kernels=True, device="cpu", data=calib_file, progress=False)
+
+
+def test_speed_kernels_on_blocks_the_kernels_do_not_take_are_refused_before_loading(
+    tiny_carved, calib_file, tmp_path, monkeypatch
+):
+    import shutil
+
+    gelu = shutil.copytree(tiny_carved, tmp_path / "gelu")
+    config = json.loads((gelu / "config.json").read_text())
+    (gelu / "config.json").write_text(json.dumps({**config, "hidden_act": "gelu"}))
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("model loaded"))
+    with pytest.raises(ValueError, match="--kernels: the kernels take none of .* activation is not SiLU"):
+        evaluate_speed(gelu, kernels=True, device="cpu", data=calib_file, progress=False)

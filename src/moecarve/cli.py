@@ -240,12 +240,16 @@ def _short_warnings() -> None:
 
 def _exit_on_sigterm() -> None:
     """SIGTERM (`kill`, a scheduler's stop) unwinds like Ctrl-C, so temporary outputs are removed,
-    then exits with 143; without this Python dies at once and leaves them."""
+    then exits with 143 saying `terminated`; without this Python dies at once and leaves them."""
     import signal
     import threading
 
+    def terminated(signum, frame):
+        click.echo("terminated", err=True)
+        sys.exit(128 + signum)
+
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+        signal.signal(signal.SIGTERM, terminated)
 
 
 def main() -> None:

@@ -102,12 +102,14 @@ def test_sigterm_removes_the_temporary_output(tmp_path):
         _exit_on_sigterm()  # as the console scripts do
         _run(write)
     """)
-    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     assert process.stdout.readline() == "writing\n"
     assert [p.name.split("-")[0] for p in tmp_path.iterdir()] == [".out.tmp"]
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 128 + signal.SIGTERM
-    assert list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == [] and process.stderr.read() == "terminated\n"
 
 
 def test_temporary_outputs_of_killed_processes_are_removed_on_the_next_write(tmp_path):

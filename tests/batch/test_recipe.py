@@ -346,19 +346,20 @@ def test_the_eval_ppl_stage_without_its_section_takes_its_defaults(tmp_path):
     assert all(job.options["eval_ppl"] == PplOptions().model_dump() for job in jobs)
 
 
-def test_a_recipe_reached_through_a_symlink_names_files_beside_the_link(tmp_path, monkeypatch):
-    """One directory for the checks, the output and the run: the link's, as the user named it."""
+def test_a_recipe_reached_through_a_symlink_names_files_beside_the_file(tmp_path, monkeypatch):
+    """One directory for the checks, the output and the run: the recipe file's, not the link's."""
     from moecarve.batch.stages import recipe_path
 
     real, link = tmp_path / "real", tmp_path / "link"
     real.mkdir()
     link.mkdir()
     (real / "recipe.yaml").write_text(GOOD + "carve: {calib: calib.txt}\n")
-    (link / "calib.txt").write_text("the text")
     (link / "recipe.yaml").symlink_to(real / "recipe.yaml")
+    (link / "calib.txt").write_text("the text")
     monkeypatch.chdir(tmp_path)
-    loaded = load_recipe("link/recipe.yaml")
-    assert loaded.root == link and loaded.output() == link / "out"
-    assert recipe_path(loaded.root, loaded.jobs[0].calib) == str(link / "calib.txt")
     with pytest.raises(RecipeError, match=f"carve.calib: not found: calib.txt \\(relative to {real}\\)"):
-        load_recipe(real / "recipe.yaml")
+        load_recipe("link/recipe.yaml")
+    (link / "calib.txt").rename(real / "calib.txt")
+    loaded = load_recipe("link/recipe.yaml")
+    assert loaded.root == real and loaded.output() == real / "out"
+    assert recipe_path(loaded.root, loaded.jobs[0].calib) == str(real / "calib.txt")

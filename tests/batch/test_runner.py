@@ -158,6 +158,12 @@ def test_a_damaged_record_is_named(reference, make_recipe, tmp_path):
     result_file.write_text(result_file.read_text()[:40])
     with pytest.raises(ValueError, match=f"{result_file} is damaged .*: remove it"):
         runner.open_batch(make_recipe(tmp_path / "r"), out)
+    result_file.unlink()
+    (out / "batch.json").write_text("{")
+    with pytest.raises(ValueError, match='batch.json is damaged .*: write it again as {"recipe": "tiny"}'):
+        runner.open_batch(make_recipe(tmp_path / "r"), out)
+    (out / "batch.json").write_text('{"recipe": "tiny"}')  # as the message says: accepted again
+    runner.open_batch(make_recipe(tmp_path / "r"), out)
 
 
 def test_changed_settings_of_a_finished_job_are_refused(make_recipe, reference, tmp_path):

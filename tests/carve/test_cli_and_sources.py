@@ -146,8 +146,9 @@ def hub_unresolvable(monkeypatch, tmp_path):
     def no_dns(host, *args, **kwargs):
         raise socket.gaierror(-2, "Name or service not known")
 
-    for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
-        monkeypatch.delenv(name, raising=False)
+    for kind in ("https", "http", "all"):
+        for name in (f"{kind}_proxy", f"{kind.upper()}_PROXY"):
+            monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     monkeypatch.setattr(socket, "getaddrinfo", no_dns)

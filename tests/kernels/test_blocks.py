@@ -43,28 +43,55 @@ def test_a_block_with_parts_the_fused_forward_would_skip_is_left_as_is(interp_de
     assert "forward" not in model.model.layers[0].mlp.__dict__
 
 
-def test_blocks_whose_weights_hooks_place_are_left_as_is(interp_device):
-    """accelerate's hooks (offloading, dispatch across devices) run in the modules' forwards, which
-    the fused forward bypasses."""
+def test_blocks_whose_hooks_would_be_bypassed_are_left_as_is(interp_device, monkeypatch):
+    """A hook of its own kind, or accelerate's offloading (weights loaded at each call), runs in the
+    modules' forwards, which the fused forward bypasses."""
     from accelerate import cpu_offload
     from accelerate.hooks import ModelHook, add_hook_to_module
 
+    from moecarve.kernels import _env
+
+    monkeypatch.setattr(_env, "_WARNED", set())
     model = tiny_glm4_moe()
     add_hook_to_module(model.model.layers[0].mlp, ModelHook())
-    with pytest.warns(K.KernelWarning, match="accelerate hooks on the block"):
+    with pytest.warns(
+        K.KernelWarning, match="the block: a ModelHook hook, which the fused forward would bypass"
+    ):
         assert K.enable(model) == 1  # the other layer's block
     assert K.disable(model) == 1 and "_hf_hook" in model.model.layers[0].mlp.__dict__
     offloaded = cpu_offload(tiny_glm4_moe(), execution_device=torch.device("cpu"))
     ids = torch.randint(0, 96, (1, 4))
     eager = logits(offloaded, ids)
-    with pytest.warns(K.KernelWarning, match="accelerate hooks on experts"), pytest.raises(ValueError):
+    with pytest.warns(K.KernelWarning, match="accelerate's offloading hook"), pytest.raises(ValueError):
         K.enable(offloaded)
     torch.testing.assert_close(logits(offloaded, ids), eager)
 
 
+def test_a_model_dispatched_across_devices_is_taken(interp_device):
+    """device_map over several GPUs puts accelerate's hooks on every module; those that only move
+    inputs to where the weights are keep running (the block's hook wraps the fused forward)."""
+    from accelerate import dispatch_model
+
+    names = (
+        "model.embed_tokens",
+        "model.layers.0",
+        "model.layers.1",
+        "model.norm",
+        "model.rotary_emb",
+        "lm_head",
+    )
+    model = dispatch_model(tiny_glm4_moe(), device_map=dict.fromkeys(names, "cpu"), force_hooks=True)
+    ids = torch.randint(0, 96, (1, 4))
+    eager = logits(model, ids)
+    assert K.enable(model) == 2 and K.enable(model) == 2  # twice: harmless
+    assert rel(logits(model, ids), eager) < 1e-4
+    assert K.disable(model) == 2
+    torch.testing.assert_close(logits(model, ids), eager)
+
+
 def test_adapters_on_the_shared_expert_are_kept_and_trained(interp_device):
-    """LoRA on the shared expert's parameters (as `tune` adds it): the shared expert then runs as
-    its own module, so the adapter computes and gets its gradient."""
+    """LoRA on the shared expert's parameters (as `tune` adds it to FFN weights): the shared expert
+    then runs as its own module, so the adapter computes and gets its gradient."""
     from peft import LoraConfig, get_peft_model
 
     lora = LoraConfig(r=4, lora_alpha=8, target_parameters=["shared_experts.gate_proj.weight"],

@@ -117,7 +117,7 @@ def test_tiles_are_checked_and_never_ignored(interp_device):
         K.moe_ffn(x, idx, wts, w13, w2, dense_config=DecodeConfig())
 
 
-@pytest.mark.parametrize("path", ["reference", "decode", "dense"])
+@pytest.mark.parametrize("path", ["reference", "decode", "grouped", "dense"])
 def test_each_pick_counts_for_its_own_token(interp_device, path):
     """A nan gate spoils its own token alone; a pick of weight 0 is still computed (so an expert
     that overflows makes its token non-finite on every path, as in transformers)."""

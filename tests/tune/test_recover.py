@@ -310,6 +310,8 @@ def test_bad_input_fails_before_training(tiny_models, tiny_carved, calib_file, t
         RecoverConfig(steps=1, train=["router", "lorax"])
     with pytest.raises(ValidationError, match="valid tuple"):
         RecoverConfig(steps=1, train=5)
+    with pytest.raises(ValidationError, match="combines with nothing"):  # a set is checked as a list
+        RecoverConfig(steps=1, train={"full", "router"}, lr=1e-4)
     with pytest.raises(ValidationError, match="give it a learning rate of its own"):  # 1e-3 is LoRA's
         RecoverConfig(steps=1, train="full")
     with pytest.raises(ValueError, match="--length 4096 exceeds the 256 positions of"):

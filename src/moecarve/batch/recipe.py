@@ -254,9 +254,7 @@ def load_recipe(path: str | Path) -> LoadedRecipe:
     except ValidationError as err:
         raise _located(err, node, path, ()) from err
     jobs = tuple(_expand(recipe, node, path))
-    # Not resolved: a recipe reached through a symlink names files beside the link, in its checks
-    # as in its run
-    return LoadedRecipe(recipe, path.absolute(), jobs, _line(node, ("device",)))
+    return LoadedRecipe(recipe, path.resolve(), jobs, _line(node, ("device",)))
 
 
 def _expand(recipe: Recipe, node, path: Path) -> list[Job]:
@@ -347,7 +345,7 @@ def _esft_options(section: dict, node, path: Path) -> dict:
     data = section["data"]
     if not isinstance(data, str) or not _beside(path, data).is_file():
         where_data = f"{path}:{_line(node, ('esft', 'data'))}: esft.data"
-        raise RecipeError(f"{where_data}: not a file: {data} (relative to {path.parent.absolute()})")
+        raise RecipeError(f"{where_data}: not a file: {data} (relative to {path.resolve().parent})")
     selection = {
         "score": section.get("score", "token"),
         "p": section.get("p", 0.2),
@@ -371,7 +369,7 @@ def _esft_options(section: dict, node, path: Path) -> dict:
     if mix and mix != "protocol" and not (isinstance(mix, str) and _beside(path, mix).exists()):
         raise RecipeError(
             f"{path}:{_line(node, ('esft', 'mix_general'))}: esft.mix_general: not found: {mix} "
-            f"(relative to {path.parent.absolute()}; or protocol)"
+            f"(relative to {path.resolve().parent}; or protocol)"
         )
     try:
         config = EsftConfig(**settings)
@@ -430,12 +428,13 @@ def _check_text_source(value, loc: tuple, node, path: Path) -> None:
         raise RecipeError(f"{where}: a file, a directory or a hub dataset name, got {value!r}")
     local = _beside(path, value)
     if not local.exists() and looks_like_path(value):
-        raise RecipeError(f"{where}: not found: {value} (relative to {path.parent.absolute()})")
+        raise RecipeError(f"{where}: not found: {value} (relative to {path.resolve().parent})")
 
 
 def _beside(recipe: Path, value: str) -> Path:
-    """A path the recipe names: relative to the recipe file."""
-    return recipe.parent / Path(value).expanduser()
+    """A path the recipe names: relative to the recipe file; to the file itself, not to a symlink
+    to it, in these checks as in the run."""
+    return recipe.resolve().parent / Path(value).expanduser()
 
 
 def _dotted(loc: tuple) -> str:

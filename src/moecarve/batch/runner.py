@@ -65,14 +65,14 @@ class Batch:
         return result["status"] if result else "pending"
 
 
-def read_record(path: Path) -> dict:
-    """A JSON record the batch wrote; one that was damaged since is refused by name."""
+def read_record(path: Path, mend: str = "remove it (its job runs again)") -> dict:
+    """A JSON record the batch wrote; one damaged since is refused by name, saying how to `mend` it."""
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ValueError(f"{path} is damaged ({err}): remove it (its job runs again)") from None
+        raise ValueError(f"{path} is damaged ({err}): {mend}") from None
     if not isinstance(record, dict):
-        raise ValueError(f"{path} is damaged (not a JSON object): remove it (its job runs again)")
+        raise ValueError(f"{path} is damaged (not a JSON object): {mend}")
     return record
 
 
@@ -112,7 +112,9 @@ def check_owner(batch: Batch) -> None:
     owner_file = out / OWNER_FILE
     if not owner_file.is_file():
         raise ValueError(f"batch output {out} is not empty and holds no {OWNER_FILE}: not a batch output")
-    owner = read_record(owner_file)
+    owner = read_record(
+        owner_file, f'write it again as {{"recipe": "{batch.name}"}} if the output is this recipe\'s'
+    )
     if owner.get("recipe") != batch.name:
         raise ValueError(
             f"batch output {out} belongs to recipe {owner.get('recipe')!r} ({owner.get('recipe_file')}), "
@@ -400,8 +402,13 @@ def run_job(batch: Batch, job: Job, progress: bool = True) -> dict | None:
             return batch.result(job)
         clear_leftovers(final)
         started = time.perf_counter()
-        record = {"job": job.name, "recipe": batch.name, "fingerprint": job.fingerprint}
-        record.update(settings=job.settings, stages={})
+        record = {
+            "job": job.name,
+            "recipe": batch.name,
+            "fingerprint": job.fingerprint,
+            "settings": job.settings,
+            "stages": {},
+        }
         columns: dict = {}
         quiet = contextlib.nullcontext() if progress else transformers_bars_off()
         with atomic_directory(final) as work, quiet:
@@ -582,7 +589,7 @@ def _drive(batch: Batch, waiting: list[Job], running: dict, workers: int, summar
                 continue
             del running[name]
             if code not in (0, 1, 3):  # 1: the job failed and said so; 3: another process holds it
-                said = _error_line(batch.output / "logs" / f"{job.name}.log")
+                said = _error_line(batch.output / "logs" / f"{job.name}.log") if code == 2 else ""
                 record_crash(
                     batch, job, f"job process exited with status {code}{said} (see logs/{job.name}.log)"
                 )
@@ -595,8 +602,8 @@ def _drive(batch: Batch, waiting: list[Job], running: dict, workers: int, summar
 
 
 def _error_line(log: Path) -> str:
-    """The one-line error a job process printed before it exited (e.g. a recipe edited since the
-    run started, which the job process reads anew), as `: error: ...`, or ''."""
+    """The one-line error a job process that refused its input printed (exit status 2; e.g. a
+    recipe edited since the run started, which the job process reads anew), as `: error: ...`, or ''."""
     with contextlib.suppress(OSError):
         lines = [line for line in log.read_text(errors="replace").splitlines() if line.startswith("error: ")]
         if lines:

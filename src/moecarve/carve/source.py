@@ -47,7 +47,9 @@ def check_source(model: str | Path) -> None:
     elif path.suffix == ".gguf":
         if not path.is_file():
             raise SourceError(f"model file not found: {path}")
-    elif path.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
+    elif path.exists():
+        raise SourceError(f"{text} is a file, not a model directory or a .gguf file")
+    elif text.startswith((".", "/", "~")) or text.count("/") != 1:
         raise SourceError(f"model not found: {text} (expected a model directory, a .gguf file or a hub id)")
 
 
@@ -81,7 +83,10 @@ def hub_unreachable() -> str | None:
 
     if constants.HF_HUB_OFFLINE:
         return "HF_HUB_OFFLINE is set"
-    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+    proxies = [
+        name for kind in ("https", "http", "all") for name in (f"{kind}_proxy", f"{kind.upper()}_PROXY")
+    ]
+    if any(os.environ.get(name) for name in proxies):
         return None
     host = urlparse(constants.ENDPOINT).hostname or constants.ENDPOINT
     try:

@@ -196,7 +196,7 @@ def _moe_ffn(
     )
     _check_tiles(path, decode_config, grouped_config, dense_config)
     args = (hidden_states, topk_indices, topk_weights, gate_up_proj, down_proj)
-    if path == "reference":
+    if path == "reference" or (path == "torch" and hidden_states.shape[0] == 0):
         return moe_ffn_reference(*args, *shared_parts)
     weights = [gate_up_proj, down_proj, *(shared or ())]
     reason = triton_unsupported_reason(hidden_states, weights, topk_weights)

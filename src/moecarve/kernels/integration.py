@@ -68,17 +68,44 @@ def unsupported_block_reason(module: nn.Module) -> str | None:
     others += [name for name, value in module._parameters.items() if value is not None]
     if others:  # e.g. Qwen2-MoE's `shared_expert` and its `shared_expert_gate`
         return f"it has parts the fused forward would skip ({', '.join(others)})"
-    hooked = [name or "the block" for name, m in module.named_modules() if hasattr(m, "_hf_hook")]
-    if hooked:
-        return f"accelerate hooks on {hooked[0]} (offloading, or dispatch across devices) would be bypassed"
+    for name, part in module.named_modules():
+        problem = _hook_problem(part)
+        if problem:
+            return f"{name or 'the block'}: {problem}, which the fused forward would bypass"
     forward = module.__dict__.get("forward")
-    if forward is not None and not _is_fused_forward(forward):
+    if forward is not None and not _is_fused_forward(forward) and not _accelerate_hooked(module):
         return "its forward is already replaced on the instance (another library's wrapper)"
     se = getattr(module, "shared_experts", None)
     if se is not None and not all(hasattr(se, p) for p in ("gate_proj", "up_proj", "down_proj")):
         return "unknown shared expert layout"
     if not (_is_silu(module.experts) and (se is None or _is_silu(se))):
         return "activation is not SiLU"
+    return None
+
+
+def _accelerate_hooked(module: nn.Module) -> bool:
+    """accelerate's hook wraps the instance's forward and calls the module's `_old_forward`."""
+    return "_hf_hook" in module.__dict__ and "_old_forward" in module.__dict__
+
+
+def _hook_problem(module: nn.Module) -> str | None:
+    """What an accelerate hook on `module` does that the fused forward, reading the weights itself,
+    would skip: offloading (weights loaded at each call), or a device other than the weights'. The
+    hooks of a model dispatched across GPUs only move inputs to where the weights already are."""
+    hook = module.__dict__.get("_hf_hook")
+    if hook is None:
+        return None
+    from accelerate.hooks import AlignDevicesHook
+
+    for one in getattr(hook, "hooks", None) or (hook,):
+        if not isinstance(one, AlignDevicesHook):
+            return f"a {type(one).__name__} hook"
+        devices = {p.device for p in module.parameters(recurse=False)}
+        if one.offload or torch.device("meta") in devices:
+            return "accelerate's offloading hook"
+        target = one.execution_device
+        if target is not None and devices and devices != {torch.device(target)}:
+            return f"an accelerate hook that runs it on {target}, not where its weights are"
     return None
 
 
@@ -221,7 +248,13 @@ def enable(model: nn.Module, *, fused_router: bool = True) -> int:
             warn_once(f"enable-{name}", f"moecarve.kernels: {name}: {reason}, block left as is")
             continue
         module._moecarve_fused_router = fused_router and _is_sigmoid_router(module.gate)
-        module.forward = types.MethodType(_fused_block_forward, module)
+        fused = types.MethodType(_fused_block_forward, module)
+        if _accelerate_hooked(module):  # its hook's wrapper calls the fused forward
+            if not _is_fused_forward(module._old_forward):
+                module._moecarve_old_forward = module._old_forward
+            module._old_forward = fused
+        else:
+            module.forward = fused
         swapped += 1
     if refused and not swapped:
         raise ValueError(
@@ -242,8 +275,12 @@ def disable(model: nn.Module) -> int:
     for module in model.modules():
         if _is_fused_forward(module.__dict__.get("forward")):
             del module.forward
-            del module._moecarve_fused_router
-            restored += 1
+        elif _is_fused_forward(module.__dict__.get("_old_forward")):
+            module._old_forward = module.__dict__.pop("_moecarve_old_forward")
+        else:
+            continue
+        del module._moecarve_fused_router
+        restored += 1
     return restored
 
 

@@ -95,7 +95,7 @@ class RecoverConfig(BaseModel):
     @classmethod
     def _split(cls, value):
         given = value.split(",") if isinstance(value, str) else value
-        if not isinstance(given, list | tuple):
+        if not isinstance(given, list | tuple | set | frozenset):
             return value  # the field's own check refuses it
         unknown = [name for name in given if name not in ("router", "lora", "full")]
         if unknown:  # named before they are sorted, which moves them

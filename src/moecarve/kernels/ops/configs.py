@@ -11,13 +11,13 @@ from dataclasses import dataclass, fields
 
 class Tiles:
     """Checks a path's tile sizes when made, in a table or by hand: Triton's blocks and warps are
-    powers of two, stages a positive integer, use_dot true, false or None."""
+    powers of two, stages a positive integer, use_dot True, False or None."""
 
     def __post_init__(self):
         for field in fields(self):
             key, value = field.name, getattr(self, field.name)
             if key == "use_dot":
-                ok, want = value is None or isinstance(value, bool), "true, false or null"
+                ok, want = value is None or isinstance(value, bool), "True, False or None (null in a table)"
             else:
                 ok = isinstance(value, int) and not isinstance(value, bool) and value > 0
                 ok = ok and (key == "stages" or value & (value - 1) == 0)

@@ -185,6 +185,15 @@ def test_speed_text_too_short(tiny_models, tmp_path):
         evaluate_speed(tiny_models["llama"], batch_sizes=(8,), prompt_length=64, device="cpu", data=short)
 
 
+def test_speed_settings_the_run_cannot_take_are_refused_before_loading(tiny_models, calib_file, monkeypatch):
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail("model loaded"))
+    model = tiny_models["llama"]  # 256 positions
+    with pytest.raises(ValueError, match="--prompt-length \\+ --decode-tokens 257 exceeds the 256 positions"):
+        evaluate_speed(model, prompt_length=250, decode_tokens=7, device="cpu", data=calib_file)
+    with pytest.raises(ValueError, match="--batch-sizes repeats a size: 1,1,2"):
+        evaluate_speed(model, batch_sizes=(1, 1, 2), device="cpu", data=calib_file)
+
+
 def test_speed_baseline_with_another_tokenizer_gets_its_own_prompts(
     tiny_models, tiny_carved, calib_file, tmp_path, monkeypatch
 ):

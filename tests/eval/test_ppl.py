@@ -136,6 +136,11 @@ def test_bad_models_fail_before_work(tiny_models, tmp_path):
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(ValueError, match="truncated: a weights file is damaged"):
         evaluate_ppl([truncated], windows=1, length=16)
+    untokenized = shutil.copytree(tiny_models["llama"], tmp_path / "untokenized")
+    for tokenizer_file in untokenized.glob("tokenizer*"):
+        tokenizer_file.unlink()
+    with pytest.raises(FileNotFoundError, match="untokenized holds no tokenizer"):
+        evaluate_ppl([untokenized], windows=1, length=16)
 
 
 def test_bad_outputs_and_devices_fail_before_loading(tiny_models, calib_file, tmp_path, monkeypatch):
@@ -154,6 +159,7 @@ def test_bad_outputs_and_devices_fail_before_loading(tiny_models, calib_file, tm
         ({"out": calib_file}, "--out .* is --data"),
         ({"out": tmp_path}, "is a directory"),
         ({"out": tmp_path / "a_file" / "ppl.json"}, "is a file, not a directory"),
+        ({"out": tiny_models["qwen2"] / "sub" / "ppl.json"}, "inside the model directory"),  # another model's
         ({"device": "gpu"}, "--device 'gpu'"),
         ({"device": "meta"}, "eval runs on cpu or cuda"),
     ] + ([] if torch.cuda.is_available() else [({"device": "cuda"}, "CUDA is not available")]):

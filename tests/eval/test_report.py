@@ -65,6 +65,11 @@ def test_report_from_real_records(tiny_models, tiny_carved, calib_file, tiny_tas
     ]
 
 
+LOAD = {"kind": "load", "name": "S1A2E8", "model": "/m/c", "tokens": 4, "top_k": 2, "routed_experts": 2,
+        "summary": {"mean_max_over_mean": 1.0, "worst_max_over_mean": 1.0},
+        "layers": [{"layer": 0, "tokens_per_expert": [4, 4]}]}  # fmt: skip
+
+
 def test_report_bad_input(tmp_path):
     with pytest.raises(FileNotFoundError, match="results directory not found"):
         render_report(tmp_path / "nope")
@@ -75,6 +80,11 @@ def test_report_bad_input(tmp_path):
         {"kind": "ppl", "protocol": {}, "results": [["a"]]},
         {"kind": "tasks", "tasks": []},
         {"kind": "load", "name": "x", "layers": [{"layer": 0, "tokens_per_expert": ["many"]}]},
+        {**LOAD, "layers": []},  # no layer to draw
+        {
+            **LOAD,
+            "layers": [{"layer": 0, "tokens_per_expert": [1, 1]}, {"layer": 1, "tokens_per_expert": [2]}],
+        },
     ):
         (tmp_path / "r.json").write_text(json.dumps(record))
         with pytest.raises(ValueError, match=f"r.json: a {record['kind']} record of another shape"):
@@ -82,13 +92,23 @@ def test_report_bad_input(tmp_path):
         assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"]
 
 
-def test_report_never_writes_into_a_model(tiny_models, calib_file, tmp_path):
+def test_report_never_writes_into_a_model(tiny_models, calib_file, tmp_path, monkeypatch):
     evaluate_ppl([tiny_models["llama"]], calib_file, 2, 32, out=tmp_path / "ppl.json", progress=False)
-    before = sorted(p.name for p in tiny_models["llama"].iterdir())
-    for out in (tiny_models["llama"], tiny_models["llama"] / "report", tiny_models["llama"] / "r.md"):
+    model = shutil.copytree(tiny_models["llama"], tmp_path / "model")
+    (model / "sub").mkdir()
+    (tmp_path / "link").symlink_to(model / "sub")
+    before = sorted(p.name for p in model.rglob("*"))
+    monkeypatch.chdir(model / "sub")
+    for out in (
+        model,
+        model / "report",
+        model / "r.md",
+        "rep",
+        tmp_path / "link" / "rep",
+    ):  # relative, symlinked
         with pytest.raises(ValueError, match="is in the model directory"):
             render_report(tmp_path, out)
-    assert sorted(p.name for p in tiny_models["llama"].iterdir()) == before
+    assert sorted(p.name for p in model.rglob("*")) == before
 
 
 def test_report_to_markdown_file_with_batch_carve_times(tiny_models, tiny_carved, calib_file, tmp_path):
@@ -308,3 +328,48 @@ def test_a_carve_with_dense_layers_counts_them_in_its_active_fraction(tiny_carve
     (model / "carve.json").write_text(json.dumps(record))
     assert describe_model(model)["active_fraction"] == 11 / 16
     assert describe_model(tiny_carved)["active_fraction"] == 0.375  # no dense layers: as recorded
+
+
+def test_report_names_alike_measurements_apart(tmp_path):
+    """Two carves both named S1A2E8 get a model column; one task measured twice shows once, said so;
+    speed at two prompt settings gets a column; load records whose names would collide do not."""
+    results = tmp_path / "results"
+    (results / "a").mkdir(parents=True)
+
+    def ppl(model, value):
+        return {"model": model, "name": "S1A2E8", "active_fraction": 0.375, "ppl": value, "tokens_scored": 8,
+                "carve": {"source_path": "/m/dense"}}  # fmt: skip
+
+    protocol = {"data": "t.txt", "windows": 2, "length": 4}
+    record = {
+        "kind": "ppl",
+        "protocol": protocol,
+        "results": [ppl("/m/carve-a", 30.0), ppl("/m/carve-b", 31.0)],
+    }
+    (results / "ppl.json").write_text(json.dumps(record))
+    tasks = {"kind": "tasks", "model": "/m/carve-a", "name": "S1A2E8", "active_fraction": 0.375}
+    for name, questions, acc in (("t1", 2, 0.5), ("t2", 3, 1.0)):
+        metrics = {"arc_easy": {"acc": acc, "questions": questions}}
+        (results / f"{name}.json").write_text(json.dumps({**tasks, "tasks": metrics}))
+    for name, prompt in (("s1", 16), ("s2", 8)):
+        rows = [{"role": "model", "batch": 1, "prefill_tokens_per_s": prompt, "decode_tokens_per_s": 1.0}]
+        speed = {"kind": "speed", "cpu_figures": True, "machine": {"device": "cpu"}, "dtype": "float32",
+                 "models": {"model": {"model": "/m/carve-a", "name": "S1A2E8"}}, "rows": rows, "ratios": [],
+                 "prompt_length": prompt, "decode_tokens": 2}  # fmt: skip
+        (results / f"{name}.json").write_text(json.dumps(speed))
+    (results / "a" / "b.json").write_text(json.dumps(LOAD))
+    (results / "a_b.json").write_text(json.dumps({**LOAD, "tokens": 8}))
+
+    written = render_report(results, tmp_path / "report")
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert (
+        "| carve-a | S1A2E8 | 0.375 | 30.000 |" in markdown
+        and "| carve-b | S1A2E8 | 0.375 | 31.000 |" in markdown
+    )
+    assert "| S1A2E8 | 0.375 | 1.000 (3) |" in markdown and "(2) |" not in markdown
+    assert "1 measurement(s) repeated" in markdown
+    assert "| S1A2E8 | CPU | 16+2 | float32 | eager | 1 | 16.0 | 1.0 |" in markdown
+    assert "| S1A2E8 | CPU | 8+2 | float32 | eager | 1 | 8.0 | 1.0 |" in markdown
+    heatmaps = sorted(p.name for p in written if p.name.startswith("load_") and p.suffix == ".png")
+    assert heatmaps == ["load_a_b-2.png", "load_a_b.png"]
+    assert markdown.count("load_a_b") == 2 and "load_a_b-2.png" in markdown

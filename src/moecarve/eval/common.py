@@ -19,6 +19,8 @@ from moecarve import resources
 from moecarve.carve.calib import read_json
 from moecarve.carve.writer import write_atomically
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")  # any one
+
 
 def resolve_model(model: str | Path) -> Path:
     """A local Hugging Face model directory (or `bundled`), checked readable before any work."""
@@ -37,6 +39,8 @@ def resolve_model(model: str | Path) -> Path:
         raise ValueError(f"{path / 'config.json'} has no model_type")
     if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
         raise FileNotFoundError(f"{model} holds no weights (*.safetensors or *.bin)")
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{model} holds no tokenizer ({', '.join(TOKENIZER_FILES)})")
     path = path.resolve()  # records name a model the same way from any working directory
     describe_model(path)  # a damaged carve.json fails here, not after the scoring
     return path
@@ -218,6 +222,9 @@ def check_output(out: str | Path | None, models: list[Path], data: str | Path | 
         root = Path(model).expanduser().resolve()
         if within(out, root):
             raise ValueError(f"output {out} is inside the model directory {root}; eval never writes there")
+    inside = next((d for d in out.parents if (d / "config.json").is_file()), None)
+    if inside is not None:  # another model's directory
+        raise ValueError(f"output {out} is inside the model directory {inside}; eval never writes there")
     if data is not None and Path(data).expanduser().is_dir() and out.suffix != ".txt":
         data = None  # of a directory only the .txt files are read: a record may go inside it
     check_apart({"--out": out}, {"--data": data})

@@ -16,11 +16,12 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 def ppl_vs_active(rows: list[dict], png: Path) -> Path:
     """Perplexity (log scale) against the active FFN fraction, one line per source model (and per
-    training since the carve, text and dtype where the rows hold several). Rows without an active
-    fraction are not drawn."""
+    training since the carve, text, windows and dtype where the rows hold several). Rows without an
+    active fraction are not drawn."""
     fig, ax = plt.subplots(figsize=(6, 4))
     drawn = [r for r in rows if r["active_fraction"] is not None]
-    for label, points in lines(drawn, ("source", "trained", "text", "dtype"), always=("source",)):
+    fields = ("source", "trained", "text", "windows_x_length", "dtype")
+    for label, points in lines(drawn, fields, always=("source",)):
         points = sorted(points, key=lambda r: r["active_fraction"])
         ax.plot([r["active_fraction"] for r in points], [r["ppl"] for r in points], "o-", label=label)
         for r in points:
@@ -41,9 +42,10 @@ def ppl_vs_active(rows: list[dict], png: Path) -> Path:
 
 
 def speed_vs_batch(rows: list[dict], png: Path) -> Path:
-    """Prefill and decode tokens/s against batch size, one line per model, device, dtype and mode."""
+    """Prefill and decode tokens/s against batch size, one line per model, device (and CPU), dtype,
+    mode and prompt."""
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
-    fields = ("config", "source", "device", "dtype", "mode")
+    fields = ("config", "source", "model", "device", "cpu", "dtype", "mode", "tokens")
     for label, points in lines(rows, fields, always=("config", "device", "dtype", "mode")):
         points = sorted(points, key=lambda r: r["batch"])
         for ax, column in zip(axes, ("prefill_tokens_per_s", "decode_tokens_per_s"), strict=True):
@@ -69,7 +71,9 @@ def lines(rows: list[dict], fields: tuple[str, ...], always: tuple[str, ...]) ->
     shown = [i for i in range(len(fields)) if fields[i] in always or len({key[i] for key in keys}) > 1]
 
     def label(key, short=True):
-        parts = [Path(key[i]).name if short and fields[i] == "source" else str(key[i]) for i in shown]
+        parts = [
+            Path(key[i]).name if short and fields[i] in ("source", "model") else str(key[i]) for i in shown
+        ]
         return parts[0] + (f" ({', '.join(parts[1:])})" if parts[1:] else "")
 
     short = len({label(key) for key in keys}) == len(keys)  # else two sources share a name

@@ -9,6 +9,7 @@ checked or redrawn without this code. Other JSON files in the directory are igno
 from __future__ import annotations
 
 import csv
+import itertools
 import json
 from pathlib import Path
 
@@ -19,7 +20,7 @@ KINDS = ("ppl", "tasks", "speed", "load")
 
 def collect(results_dir: str | Path) -> dict[str, list[tuple[Path, dict]]]:
     """(file, record) of every eval record under `results_dir`, by kind, in path order."""
-    root = Path(results_dir)
+    root = Path(results_dir).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"results directory not found: {results_dir}")
     found: dict[str, list] = {kind: [] for kind in KINDS}
@@ -95,7 +96,7 @@ def task_rows(records) -> list[dict]:
     for path, record in records:
         dtype = record.get("dtype", "float32")
         for task, metrics in record["tasks"].items():
-            rows[(record["model"], dtype, task, metrics["questions"])] = {
+            rows[(record["model"], dtype, task)] = {  # one per model and task: the table's cell
                 "source": _source_of(record),
                 "model": record["model"],
                 "dtype": dtype,
@@ -118,13 +119,13 @@ def speed_rows(records) -> list[dict]:
         where = "CPU" if record["cpu_figures"] else record["machine"].get("gpu", record["machine"]["device"])
         for row in record["rows"]:
             model = record["models"][row["role"]]
-            new = {"source": _source_of(model), "config": model["name"], "device": where,
-                   "dtype": record["dtype"], "mode": speed_mode(record, row["role"]), **row,
-                   "file": str(path)}  # fmt: skip
-            prompt = (record.get("prompt_length"), record.get("decode_tokens"))
-            machine = (record["machine"].get("cpu"), record["machine"].get("cpu_count"))  # CPUs differ
+            prompt = f"{record.get('prompt_length')}+{record.get('decode_tokens')}"  # prompt + decoded
+            cpu = f"{record['machine'].get('cpu')} x{record['machine'].get('cpu_count')}"  # CPUs differ
             model_id = model.get("model", model["name"])
-            key = (model_id, row["role"], where, machine, new["dtype"], new["mode"], prompt, row["batch"])
+            new = {"source": _source_of(model), "model": model_id, "config": model["name"], "device": where,
+                   "cpu": cpu, "dtype": record["dtype"], "mode": speed_mode(record, row["role"]),
+                   "tokens": prompt, **row, "file": str(path)}  # fmt: skip
+            key = (model_id, row["role"], where, cpu, new["dtype"], new["mode"], prompt, row["batch"])
             rows[key] = new
     return list(rows.values())
 
@@ -173,6 +174,7 @@ def render_report(results_dir: str | Path, out: str | Path | None = None) -> lis
     else:
         report, assets, link = out / "report.md", out, ""
     for directory in {assets, report.parent}:
+        directory = directory.resolve()  # a relative path's parents stop at `.`; a symlink leads elsewhere
         inside = next((d for d in (directory, *directory.parents) if (d / "config.json").is_file()), None)
         if inside is not None:
             raise ValueError(
@@ -185,7 +187,7 @@ def render_report(results_dir: str | Path, out: str | Path | None = None) -> lis
         "tasks": sum(len(r["tasks"]) for _, r in found["tasks"]) - len(tasks),
         "speed": sum(len(r["rows"]) for _, r in found["speed"]) - len(speed),
     }
-    root = Path(results_dir)
+    root = Path(results_dir).expanduser()
     ratios = [
         [path.relative_to(root).as_posix(), *_pair(record), row["batch"], row["prefill"], row["decode"]]
         for path, record in found["speed"]
@@ -203,7 +205,10 @@ def render_report(results_dir: str | Path, out: str | Path | None = None) -> lis
             plots.ppl_vs_active(rows, assets / "ppl_vs_active.png"),
         ]
         timed = any(r["carve_seconds"] is not None for r in rows)
-        front, back = _varying(rows, ["source"]), _varying(rows, ["text", "dtype"])
+        front, back = (
+            _varying(rows, ["source"]) + _models_if_named_alike(rows),
+            _varying(rows, ["text", "dtype"]),
+        )
         table = [
             [_shown(r, f) for f in front]
             + [r["config"], r["active_fraction"], r["ppl"], r["tokens_scored"], r["windows_x_length"]]
@@ -236,12 +241,14 @@ def render_report(results_dir: str | Path, out: str | Path | None = None) -> lis
             _write_csv(rows, assets / "speed.csv"),
             plots.speed_vs_batch(rows, assets / "speed_vs_batch.png"),
         ]
-        front = _varying(rows, ["source"])
+        front = _varying(rows, ["source"]) + _models_if_named_alike(rows)
+        back = _varying(rows, ["cpu", "tokens"])
         table = [
             [_shown(r, f) for f in front]
             + [
                 r["config"],
                 r["device"],
+                *[r[f] for f in back],
                 r["dtype"],
                 r["mode"],
                 r["batch"],
@@ -252,7 +259,7 @@ def render_report(results_dir: str | Path, out: str | Path | None = None) -> lis
         ]
         sections += [
             "## Speed (tokens/s, median of repeats)",
-            _table(front + ["config", "device", "dtype", "mode", "batch", "prefill", "decode"], table),
+            _table(front + ["config", "device", *back, "dtype", "mode", "batch", "prefill", "decode"], table),
             *_replaced_line(replaced["speed"]),
         ]
         if ratios:
@@ -260,8 +267,14 @@ def render_report(results_dir: str | Path, out: str | Path | None = None) -> lis
             sections += ["MoE / dense:", _table(header, ratios)]
         sections.append(f"![speed vs batch size]({link}speed_vs_batch.png)")
 
+    stems: set[str] = set()
     for path, record, line in loads:
-        stem = "_".join(["load", *path.relative_to(root).with_suffix("").parts])  # unique per record
+        base = stem = "_".join(["load", *path.relative_to(root).with_suffix("").parts])
+        for n in itertools.count(2):  # a/b.json and a_b.json would both be load_a_b
+            if stem not in stems:
+                break
+            stem = f"{base}-{n}"
+        stems.add(stem)
         written += plots.load_heatmap(record, assets / f"{stem}.png", assets / f"{stem}.csv")
         sections += [
             f"## Expert load: {record['name']} ({path.relative_to(root).as_posix()})",
@@ -282,10 +295,7 @@ def _check_records(found: dict[str, list[tuple[Path, dict]]]) -> None:
             [f"{r['prefill_tokens_per_s']:.1f}{r['decode_tokens_per_s']:.1f}" for r in speed_rows([item])],
             [(row["batch"], row["prefill"], row["decode"]) for row in item[1]["ratios"]],
         ],
-        "load": lambda item: [
-            _load_line(item[1]),
-            [(r["layer"], [float(v) for v in r["tokens_per_expert"]]) for r in item[1]["layers"]],
-        ],
+        "load": lambda item: [_load_line(item[1]), _load_counts(item[1])],
     }
     for kind, items in found.items():
         for item in items:
@@ -296,6 +306,25 @@ def _check_records(found: dict[str, list[tuple[Path, dict]]]) -> None:
                     f"{item[0]}: a {kind} record of another shape than `moecarve eval` writes "
                     f"({type(err).__name__}: {err})"
                 ) from None
+
+
+def _load_counts(record: dict):
+    """Tokens per routed expert, layers x experts, as the heatmap takes them: one count per expert
+    in every layer, and at least one layer."""
+    import numpy as np
+
+    layers = record["layers"]
+    counts = np.array([[float(v) for v in r["tokens_per_expert"]] for r in layers])
+    if counts.ndim != 2 or counts.size == 0:
+        raise ValueError("its layers do not each count tokens for the same routed experts")
+    return counts
+
+
+def _models_if_named_alike(rows: list[dict]) -> list[str]:
+    """["model"] where two models of one source share a configuration name (two carves both
+    S1A2E8): the table then names each by its directory."""
+    named = {(r["source"], r["config"]) for r in rows}
+    return ["model"] if len({(r["source"], r["config"], r["model"]) for r in rows}) > len(named) else []
 
 
 def _replaced_line(count: int) -> list[str]:
@@ -314,8 +343,8 @@ def _varying(rows: list[dict], fields: list[str]) -> list[str]:
 
 
 def _shown(row: dict, field: str) -> str:
-    """A cell: a source model by its file or directory name."""
-    return Path(row[field]).name if field == "source" else row[field]
+    """A cell: a source model or a model by its file or directory name."""
+    return Path(row[field]).name if field in ("source", "model") else row[field]
 
 
 def _pair(record: dict) -> list[str]:
@@ -339,7 +368,7 @@ def _load_line(record: dict) -> str:
 def _tasks_table(rows: list[dict]) -> str:
     """Models as rows, tasks as columns: "acc / acc_norm (questions)"."""
     tasks = list(dict.fromkeys(r["task"] for r in rows))
-    front = _varying(rows, ["source"])
+    front = _varying(rows, ["source"]) + _models_if_named_alike(rows)
     back = _varying(rows, ["dtype"])
     models = list(dict.fromkeys((r["model"], r["dtype"]) for r in rows))
     cells = {(r["model"], r["dtype"], r["task"]): r for r in rows}

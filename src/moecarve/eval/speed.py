@@ -150,9 +150,15 @@ def evaluate_speed(
     """
     if not batch_sizes or min(batch_sizes) < 1 or prompt_length < 1 or decode_tokens < 1 or repeats < 1:
         raise ValueError("batch sizes, --prompt-length, --decode-tokens and --repeats must be >= 1")
+    if len(set(batch_sizes)) < len(batch_sizes):
+        raise ValueError(f"--batch-sizes repeats a size: {','.join(map(str, batch_sizes))}")
     named = {"model": common.resolve_model(model)}
     if baseline is not None:
         named["baseline"] = common.resolve_model(baseline)
+    from moecarve.eval.ppl import check_positions
+
+    for path in named.values():  # a prompt and its decoded tokens within the positions it was trained on
+        check_positions(path, prompt_length + decode_tokens, "--prompt-length + --decode-tokens")
     out = common.check_output(out, list(named.values()), data)
     torch_dtype = common.parse_dtype(dtype)
     device = resolve_device(device)

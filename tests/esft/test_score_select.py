@@ -98,6 +98,29 @@ def test_select_refuses_other_files(tmp_path):
         select.select(bad, "token", 0.2)
 
 
+def test_select_refuses_a_damaged_scores_file_by_name(carved_scores, tmp_path):
+    record, _ = carved_scores
+    layer = str(record["moe_layers"][0])
+    damaged = {
+        "no gate scores": {**record, "scores": {"token": record["scores"]["token"]}},
+        "scores as a list": {**record, "scores": []},
+        "a layer of null": {
+            **record,
+            "scores": {**record["scores"], "token": {**record["scores"]["token"], layer: None}},
+        },
+        "a word among them": {
+            **record,
+            "scores": {**record["scores"], "gate": {**record["scores"]["gate"], layer: ["x"]}},
+        },
+        "a number for the model": {**record, "model": 5},
+        "a word for a count": {**record, "expert_parameters": "x"},
+    }
+    for content in damaged.values():
+        (tmp_path / "s.json").write_text(json.dumps(content))
+        with pytest.raises(ValueError, match="s.json: this `esft score` output is damaged"):
+            select.select(tmp_path / "s.json", "token", 0.2)
+
+
 def test_score_refuses_dense_model_before_reading_data(tiny_models, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     for dense in (tiny_models["llama"], "bundled"):  # the bundled model is dense too

@@ -300,7 +300,51 @@ def test_adapter_rows_outside_the_tensor_are_refused(tiny_carved, task_file, tmp
     (tmp_path / "a" / train.CONFIG_FILE).write_text(json.dumps(record))
     with pytest.raises(ValueError, match=f"adapter tensor {name} names rows outside 0..6"):
         merge.merge(tiny_carved, tmp_path / "a", tmp_path / "m")
+    for rows, message in (([6.0], "its rows must be whole numbers"),):
+        record["tensors"][name] = rows
+        (tmp_path / "a" / train.CONFIG_FILE).write_text(json.dumps(record))
+        with pytest.raises(ValueError, match=message):
+            merge.merge(tiny_carved, tmp_path / "a", tmp_path / "m")
+    (tmp_path / "a" / train.CONFIG_FILE).write_text(json.dumps({**record, "tensors": [1]}))
+    with pytest.raises(ValueError, match="is damaged: its tensors must map names to rows"):
+        merge.merge(tiny_carved, tmp_path / "a", tmp_path / "m")
     assert not (tmp_path / "m").exists()
+
+
+def test_an_adapter_whose_weights_went_non_finite_since_is_not_merged(tiny_carved, task_file, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    efile = experts_file(tiny_carved, tmp_path / "e.json", {0: [1]})
+    train.train(tiny_carved, efile, task_file, tmp_path / "a", CONFIG.model_copy(update={"steps": 1}))
+    tensors = load_file(str(tmp_path / "a" / train.TENSORS_FILE))
+    name = next(iter(tensors))
+    tensors[name][0] = float("nan")
+    save_file(tensors, str(tmp_path / "a" / train.TENSORS_FILE), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"{name} holds nan or inf"):
+        merge.merge(tiny_carved, tmp_path / "a", tmp_path / "m")
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_step_larger_than_the_task_data_is_refused_before_loading(tiny_carved, task_file, tmp_path):
+    efile = experts_file(tiny_carved, tmp_path / "e.json", {0: [1]})
+    with pytest.raises(ValueError, match="one step takes 4000 examples .* the training set has 24"):
+        train.train(
+            tiny_carved, efile, task_file, tmp_path / "a", CONFIG.model_copy(update={"grad_accum": 1000})
+        )
+    assert not (tmp_path / "a").exists()
+
+
+def test_task_data_as_json_is_refused_and_jsonl_read_whatever_its_case(tiny_carved, task_file, tmp_path):
+    from transformers import AutoTokenizer
+
+    from moecarve.esft.data import load_examples
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_carved)
+    upper = tmp_path / "TASK.JSONL"
+    upper.write_text(task_file.read_text())
+    assert len(load_examples(upper, tokenizer)) == len(load_examples(task_file, tokenizer))
+    with pytest.raises(ValueError, match="is a .json file: give a JSONL file"):
+        load_examples(upper.rename(tmp_path / "task.json"), tokenizer)
 
 
 def test_digest_of_a_bf16_checkpoint_matches_between_train_and_merge(native_models, task_file, tmp_path):

@@ -158,7 +158,7 @@ def test_resume_refuses_other_configuration_and_restarts_after_an_early_failure(
     config = RecoverConfig(steps=6, **FAST)
     interrupted(tiny_carved, config, calib_file, tmp_path / "o", monkeypatch)
     other = RecoverConfig(steps=6, **{**FAST, "lr": 1e-4})
-    with pytest.raises(ValueError, match="another model, data or configuration"):
+    with pytest.raises(ValueError, match=r"another model, data or configuration \(differs: --lr\)"):
         recover(tiny_carved, other, calib_file, tmp_path / "o", resume=True)
 
     # The same data file named another way resumes; an edited one is other data.
@@ -235,6 +235,10 @@ def test_a_diverged_run_writes_nothing(tiny_carved, calib_file, tmp_path):
     assert not (tmp_path / "o").exists()
     assert not (tmp_path / "o.checkpoints").exists()  # nan checkpoints: a rerun starts clean
     assert recover(tiny_carved, RecoverConfig(steps=1, **FAST), calib_file, tmp_path / "o").out.is_dir()
+    # the balancing bias, a buffer the bias rule moves: an overflowing rate leaves it inf
+    with pytest.raises(TrainingDiverged, match="e_score_correction_bias"):
+        recover(tiny_carved, RecoverConfig(steps=2, bias_rate=3e38, **FAST), calib_file, tmp_path / "b")
+    assert not (tmp_path / "b").exists()
 
 
 def test_one_router_per_layer_under_peft_and_adapter_saved_alone(tiny_carved, calib_file, tmp_path):
@@ -301,6 +305,15 @@ def test_bad_input_fails_before_training(tiny_models, tiny_carved, calib_file, t
     with pytest.raises(ValueError, match="matches no module"):
         recover(
             tiny_carved, RecoverConfig(steps=2, lora_targets=("qkv",), **FAST), calib_file, tmp_path / "d"
+        )
+    from moecarve.tune.adapters import _split_targets
+
+    assert _split_targets(load(tiny_carved), ("lm_head",)) == (["lm_head"], [])  # a top-level module too
+    with pytest.raises(ValueError, match="--lora-targets names no module"):
+        recover(tiny_carved, RecoverConfig(steps=2, lora_targets=(), **FAST), calib_file, tmp_path / "d")
+    with pytest.raises(ValueError, match="--teacher is the model --distill learns from"):
+        recover(
+            tiny_carved, RecoverConfig(steps=2, **FAST), calib_file, tmp_path / "d", teacher=tmp_path / "t"
         )
     with pytest.raises(ValidationError):
         RecoverConfig(steps=0)

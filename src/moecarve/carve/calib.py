@@ -71,9 +71,9 @@ def read_text(source: str | Path | None, what: str = "calibration source") -> tu
             raise CalibrationError(f"{what} {path} is a directory holding no .txt files")
         return "\n\n".join(read_utf8(f) for f in files), f"{len(files)} .txt files in {where}"
     if path.is_file():
-        if path.suffix == ".jsonl":
+        if path.suffix.lower() == ".jsonl":
             return _read_jsonl(path), str(where)
-        if path.suffix == ".json":  # read as text it would be scored markup and escapes
+        if path.suffix.lower() == ".json":  # read as text it would be scored markup and escapes
             raise CalibrationError(
                 f'{what} {path} is a .json file; give a text file, a JSONL file with a "text" field '
                 "per line, or a directory of .txt files"

@@ -33,7 +33,11 @@ def load_examples(path: str | Path, tokenizer, max_length: int = 512) -> list[Ex
         raise ValueError(f"task data {path} is a directory: give a JSONL or text file")
     if not path.is_file():
         raise FileNotFoundError(f"task data not found: {path}")
-    if path.suffix == ".jsonl":
+    if path.suffix.lower() == ".json":  # read as text it would train on the markup
+        raise ValueError(
+            f"task data {path} is a .json file: give a JSONL file (one record per line) or a text file"
+        )
+    if path.suffix.lower() == ".jsonl":
         examples = []
         for number, record in jsonl_records(path):
             examples.extend(_from_record(record, tokenizer, max_length, f"{path}:{number}"))

@@ -36,8 +36,18 @@ def read_adapter(adapter: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     record = read_json(adapter / CONFIG_FILE)
     if not isinstance(record, dict) or record.get("format") != ADAPTER_FORMAT:
         raise ValueError(f"{adapter} is not an `esft train` output ({ADAPTER_FORMAT})")
+    if not isinstance(record.get("tensors"), dict):
+        raise ValueError(f"{adapter / CONFIG_FILE} is damaged: its tensors must map names to rows")
     with damaged_weights_named(adapter):
-        return record, load_file(str(adapter / TENSORS_FILE))
+        tensors = load_file(str(adapter / TENSORS_FILE))
+    bad = [
+        name
+        for name, value in tensors.items()
+        if value.is_floating_point() and not torch.isfinite(value).all()
+    ]
+    if bad:  # training refuses such weights; a file changed since is not merged either
+        raise ValueError(f"adapter {adapter}: {bad[0]} holds nan or inf")
+    return record, tensors
 
 
 def base_digest(model, plan: dict[str, list[int] | None], dtype: torch.dtype | None) -> str:
@@ -72,7 +82,9 @@ def copy_plan(model, record: dict, tensors: dict[str, torch.Tensor]) -> list:
             raise ValueError(
                 f"adapter tensor {name} has shape {tuple(value.shape)}, {tuple(expected)} expected"
             )
-        if rows is not None and not all(isinstance(r, int) and 0 <= r < param.shape[0] for r in rows):
+        if rows is not None and not all(isinstance(r, int) and not isinstance(r, bool) for r in rows):
+            raise ValueError(f"adapter tensor {name}: its rows must be whole numbers")
+        if rows is not None and not all(0 <= r < param.shape[0] for r in rows):
             raise ValueError(f"adapter tensor {name} names rows outside 0..{param.shape[0] - 1}")
         plan.append((param, rows, value))
     return plan

@@ -34,7 +34,30 @@ def read_scores(path: str | Path) -> dict:
     missing = [key for key in SCORES_FIELDS if key not in record]
     if missing:
         raise ValueError(f"{path}: this `esft score` output lacks {', '.join(missing)}")
+    damaged = _damaged_scores(record)
+    if damaged:
+        raise ValueError(f"{path}: this `esft score` output is damaged ({damaged})")
     return record
+
+
+def _damaged_scores(record: dict) -> str | None:
+    """What in a scores record is not as `esft score` writes it, or None."""
+    scores = record["scores"]
+    if not isinstance(scores, dict) or set(scores) != set(SCORES):
+        return f"scores must map {', '.join(SCORES)} to their layers"
+    for kind, layers in scores.items():
+        if not isinstance(layers, dict):
+            return f"scores.{kind} must map layers to scores"
+        for index, values in layers.items():
+            if not isinstance(values, list) or not all(
+                isinstance(v, int | float) and not isinstance(v, bool) for v in values
+            ):
+                return f"scores.{kind}.{index} must be a list of numbers"
+    if not isinstance(record.get("model"), str | None):
+        return "model must be a path"
+    if not isinstance(record["expert_parameters"], int) or not isinstance(record["total_parameters"], int):
+        return "expert_parameters and total_parameters must be whole numbers"
+    return None
 
 
 def choose(scores: list[float], p: float) -> list[int]:
@@ -101,6 +124,8 @@ def read_experts(path: str | Path) -> dict:
     record = read_json(path)
     if not isinstance(record, dict) or not isinstance(record.get("experts"), dict):
         raise ValueError(f'{path} is not an `esft select` output (no "experts" map)')
+    if not record["experts"]:
+        raise ValueError(f"{path} selects no experts in any layer")
     return record
 
 
@@ -114,7 +139,9 @@ def validate_experts(
             raise ValueError(
                 f"{what} names layer {key}, which is not a MoE layer of the model {list(moe_layers)}"
             )
-        if not isinstance(ids, list) or not ids:
+        if not isinstance(ids, list):
+            raise ValueError(f"{what}: layer {key} must list its experts, got {ids!r}")
+        if not ids:
             raise ValueError(f"{what}: layer {key} selects no experts")
         bad = [e for e in ids if isinstance(e, bool) or not isinstance(e, int) or not 0 <= e < num_experts]
         if bad:

@@ -114,6 +114,7 @@ def fit(
 
     `optimizer` None lets the Trainer build its AdamW (used by the full and LoRA baselines).
     """
+    from accelerate.utils import extract_model_from_parallel
     from transformers import Trainer
 
     # imports transformers' Trainer
@@ -159,6 +160,7 @@ def fit(
         start = time.perf_counter()
         with moe.routers_in_fp32(model) if config.precision == "bf16" else contextlib.nullcontext():
             output = trainer.train()
+        extract_model_from_parallel(model, keep_fp32_wrapper=False)  # the forward accelerate autocast
         seconds = time.perf_counter() - start
         check_trained_weights(model)
         losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
@@ -255,6 +257,12 @@ def train(
         raise ValueError(f"--train-shared: {shape.model_type} models have no shared experts")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     dataset = training_set(model_dir, data, tokenizer, config)
+    per_step = config.batch_size * config.grad_accum
+    if per_step > len(dataset):  # each step would see the whole set, more than once
+        raise ValueError(
+            f"one step takes {per_step} examples (--batch-size {config.batch_size} x --grad-accum "
+            f"{config.grad_accum}), the training set has {len(dataset)}: lower them"
+        )
 
     torch.manual_seed(config.seed)
     with damaged_weights_named(model_dir):
@@ -279,6 +287,7 @@ def train(
         "tensors": plan(groups),
         "trainable_parameters": count_trainable(groups),
         "examples": len(dataset),
+        "data": str(Path(data).expanduser().resolve()),
         "config": config.model_dump(),
         "training": stats,
     }

@@ -62,15 +62,21 @@ FFN_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 def _split_targets(model, targets: tuple[str, ...]) -> tuple[list[str], list[str]]:
     """LoRA targets as (module names, parameter names); a target matching nothing is refused."""
+    if not targets:
+        raise ValueError("--lora-targets names no module: give at least one, or train without lora")
     linears = {name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
     fused = {name for name, p in model.named_parameters() if p.ndim == 3}
     modules, parameters = [], []
+
+    def named(target: str, names: set[str]) -> bool:  # the whole dotted name, or its last parts
+        return any(name == target or name.endswith(f".{target}") for name in names)
+
     for target in targets:
         matched = False
-        if any(name.endswith(f".{target}") for name in fused):
+        if named(target, fused):
             parameters.append(target)
             matched = True
-        if any(name.endswith(f".{target}") for name in linears):
+        if named(target, linears):
             if target.rsplit(".", 1)[-1] in FFN_NAMES:
                 parameters.append(f"{target}.weight")
             else:

@@ -149,10 +149,15 @@ def check_carved(model_dir: Path) -> dict:
         raise FileNotFoundError(f"no model at {model_dir} (config.json missing)")
     config = read_json(config_path)
     if not isinstance(config, dict) or config.get("model_type") != "glm4_moe":
-        raise ValueError(
-            f"{model_dir} is a {config.get('model_type', 'unknown')} model, not a carved MoE checkpoint: "
-            f"run `carve {model_dir} --experts 8 --active 2 --out DIR` first and recover DIR"
+        kind = config.get("model_type", "unknown") if isinstance(config, dict) else "unknown"
+        from moecarve.carve.families import FAMILIES
+
+        advice = (
+            f": run `carve {model_dir} --experts 8 --active 2 --out DIR` first and recover DIR"
+            if kind in FAMILIES
+            else " (nor a dense model carve takes)"
         )
+        raise ValueError(f"{model_dir} is a {kind} model, not a carved MoE checkpoint{advice}")
     return config
 
 
@@ -189,6 +194,8 @@ def recover(
         if not config.uses_lora:
             raise ValueError("--adapter-out needs LoRA in --train")
         check_output(adapter_out, src, overwrite, marker="adapter_config.json")
+    if teacher is not None and not config.distill:
+        raise ValueError("--teacher is the model --distill learns from: give --distill too, or leave it out")
     checkpoints = Path(checkpoints or f"{out}.checkpoints").expanduser()
     local_teacher = Path(teacher).expanduser() if teacher is not None else None
     check_apart(
@@ -318,7 +325,11 @@ def _check_checkpoints(checkpoints: Path, identity: dict, resume: bool) -> None:
     if isinstance(saved.get("config"), dict):  # as recorded before some settings were left out of it
         saved["config"] = result_settings(saved["config"])
     if saved != identity:
-        differ = ", ".join(k for k in identity if saved.get(k) != identity[k]) or "the record"
+        settings = saved.get("config") if isinstance(saved.get("config"), dict) else {}
+        differ = [k for k in identity if k != "config" and saved.get(k) != identity[k]]
+        differ += [f"--{k.replace('_', '-')}" for k in sorted(set(settings) | set(identity["config"]))
+                   if settings.get(k) != identity["config"].get(k)]  # fmt: skip
+        differ = ", ".join(differ) or "the record"
         raise ValueError(
             f"--resume: the checkpoints in {checkpoints} are of another model, data or configuration "
             f"(differs: {differ})"

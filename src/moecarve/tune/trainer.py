@@ -34,6 +34,11 @@ def check_trained_weights(model) -> None:
     """Refuse, before any output is written, the weights of a run whose loss went to nan/inf
     (transformers' Trainer would log such a loss as the mean of the finite ones)."""
     bad = [name for name, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p).all()]
+    bad += [  # the routers' balancing bias, which the bias rule moves outside the optimiser
+        name
+        for name, b in model.named_buffers()
+        if name.endswith("e_score_correction_bias") and not torch.isfinite(b).all()
+    ]
     if bad:
         raise TrainingDiverged(
             f"training diverged: {len(bad)} trained tensor(s) hold nan or inf (first {bad[0]}); "

@@ -335,8 +335,6 @@ def test_a_step_larger_than_the_task_data_is_refused_before_loading(tiny_carved,
 
 
 def test_task_data_as_json_is_refused_and_jsonl_read_whatever_its_case(tiny_carved, task_file, tmp_path):
-    from transformers import AutoTokenizer
-
     from moecarve.esft.data import load_examples
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_carved)

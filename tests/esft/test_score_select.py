@@ -129,6 +129,15 @@ def test_score_refuses_dense_model_before_reading_data(tiny_models, tmp_path, mo
     assert not (tmp_path / "s.json").exists()
 
 
+def test_score_refuses_a_directory_where_its_heatmap_goes_before_work(carved_scores, tiny_carved, tmp_path):
+    import shutil
+
+    shutil.copy(carved_scores[1], tmp_path / "s.json")  # an earlier output, replaceable
+    (tmp_path / "s.png").mkdir()
+    with pytest.raises(ValueError, match="s.png exists and is no earlier output's"):
+        score.score(tiny_carved, tmp_path / "no-such-task.jsonl", tmp_path / "s.json")
+
+
 def test_score_refuses_data_without_examples(tiny_carved, tmp_path):
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")

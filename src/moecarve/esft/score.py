@@ -141,7 +141,7 @@ def check_own_output(out: Path, format_: str, beside: Path | None = None) -> Non
             ours = False
         if not ours:
             raise ValueError(f"output {out} exists and is not a {format_} file; remove it or name another")
-    if beside is not None and beside.exists() and not ours:
+    if beside is not None and beside.exists() and (not ours or not beside.is_file()):
         raise ValueError(f"{beside} exists and is no earlier output's; remove it or name another --out")
 
 

@@ -25,6 +25,13 @@ def within(path: Path, root: Path) -> bool:
     return path == root or root in path.parents
 
 
+def model_directory_of(path: Path) -> Path | None:
+    """The model directory (one holding config.json) that `path` is or lies in, or None; resolved
+    first, so a relative path's parents do not stop at `.` and a symlink is followed."""
+    path = path.expanduser().resolve()
+    return next((d for d in (path, *path.parents) if (d / "config.json").is_file()), None)
+
+
 def check_output(out: Path, source: Path | None, overwrite: bool, marker: str = "carve.json") -> None:
     """Refuse, before any work: an output inside the source or holding it, a non-empty output
     without `overwrite`, and overwriting anything but an earlier moecarve output (it holds `marker`)."""

@@ -210,20 +210,17 @@ def peak_rss_gib() -> float:
     return peak / 1024**3 if sys.platform == "darwin" else peak / 1024**2  # bytes on macOS, else KiB
 
 
-def check_output(out: str | Path | None, models: list[Path], data: str | Path | None = None) -> Path | None:
-    """Refuse, before loading anything, an output inside a model directory (eval never writes into a
-    model), one that is the data it reads, or one that cannot be a file (a directory, or under a file)."""
-    from moecarve.carve.writer import check_apart, check_output_file, within
+def check_output(out: str | Path | None, data: str | Path | None = None) -> Path | None:
+    """Refuse, before loading anything, an output inside a model directory (any: eval never writes
+    into a model, the measured ones included), one that is the data it reads, or one that cannot be
+    a file (a directory, or under a file)."""
+    from moecarve.carve.writer import check_apart, check_output_file, model_directory_of
 
     if out is None:
         return None
     out = Path(out).expanduser().resolve()
-    for model in models:
-        root = Path(model).expanduser().resolve()
-        if within(out, root):
-            raise ValueError(f"output {out} is inside the model directory {root}; eval never writes there")
-    inside = next((d for d in out.parents if (d / "config.json").is_file()), None)
-    if inside is not None:  # another model's directory
+    inside = model_directory_of(out)
+    if inside is not None:
         raise ValueError(f"output {out} is inside the model directory {inside}; eval never writes there")
     if data is not None and Path(data).expanduser().is_dir() and out.suffix != ".txt":
         data = None  # of a directory only the .txt files are read: a record may go inside it

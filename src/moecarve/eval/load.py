@@ -84,7 +84,7 @@ def evaluate_load(
     """
     path = common.resolve_model(model)
     check_positions(path, length)
-    out = common.check_output(out, [path], data)
+    out = common.check_output(out, data)
     torch_dtype = common.parse_dtype(dtype)
     device = resolve_device(device)
     from transformers import AutoConfig, AutoTokenizer

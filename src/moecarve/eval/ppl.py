@@ -126,7 +126,7 @@ def evaluate_ppl(
     paths = [common.resolve_model(m) for m in models]
     for path in paths:
         check_positions(path, length)
-    out = common.check_output(out, paths, data)
+    out = common.check_output(out, data)
     torch_dtype = common.parse_dtype(dtype)
     device = resolve_device(device)
     text, description = read_text(data, "--data")

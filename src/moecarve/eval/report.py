@@ -13,7 +13,7 @@ import itertools
 import json
 from pathlib import Path
 
-from moecarve.carve.writer import atomic_file, write_atomically
+from moecarve.carve.writer import atomic_file, model_directory_of, write_atomically
 
 KINDS = ("ppl", "tasks", "speed", "load")
 
@@ -174,8 +174,7 @@ def render_report(results_dir: str | Path, out: str | Path | None = None) -> lis
     else:
         report, assets, link = out / "report.md", out, ""
     for directory in {assets, report.parent}:
-        directory = directory.resolve()  # a relative path's parents stop at `.`; a symlink leads elsewhere
-        inside = next((d for d in (directory, *directory.parents) if (d / "config.json").is_file()), None)
+        inside = model_directory_of(directory)
         if inside is not None:
             raise ValueError(
                 f"output {directory} is in the model directory {inside}; the report never writes there"

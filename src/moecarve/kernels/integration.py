@@ -97,10 +97,10 @@ def _hook_problem(module: nn.Module) -> str | None:
         return None
     from accelerate.hooks import AlignDevicesHook
 
+    devices = {p.device for p in module.parameters(recurse=False)}
     for one in getattr(hook, "hooks", None) or (hook,):
         if not isinstance(one, AlignDevicesHook):
             return f"a {type(one).__name__} hook"
-        devices = {p.device for p in module.parameters(recurse=False)}
         if one.offload or torch.device("meta") in devices:
             return "accelerate's offloading hook"
         target = one.execution_device

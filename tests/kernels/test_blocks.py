@@ -155,3 +155,44 @@ def test_few_tokens_take_the_decode_kernels_in_a_model(interp_device, monkeypatc
     K.enable(model)
     assert rel(logits(model, ids), eager) < 1e-4
     assert len(calls) == 2  # both layers
+
+
+def test_hooks_on_the_router_run(interp_device):
+    """A forward hook on `gate` (routing logged, or changed) runs with the fused router as without it."""
+    model = tiny_glm4_moe()
+    calls = []
+
+    def first_expert_only(module, args, out):
+        calls.append(module)
+        logits_, weights, indices = out
+        return logits_, weights, torch.zeros_like(indices)
+
+    for layer in model.model.layers:
+        layer.mlp.gate.register_forward_hook(first_expert_only)
+    ids = torch.randint(0, 96, (1, 5))
+    eager = logits(model, ids)
+    assert len(calls) == 2
+    assert K.enable(model, fused_router=True) == 2
+    assert rel(logits(model, ids), eager) < 1e-4 and len(calls) == 4
+    K.disable(model)
+
+
+def test_jitter_noise_while_training_is_kept(interp_device):
+    """Mixtral's block scales its inputs by noise while training; the fused forward would skip it."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    cfg = MixtralConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, router_jitter_noise=0.5,
+    )  # fmt: skip
+    model = _randomised(MixtralForCausalLM(cfg)).train()
+    ids = torch.randint(0, 96, (1, 5))
+
+    def noisy_logits():
+        torch.manual_seed(1)
+        return model(input_ids=ids).logits.detach()
+
+    eager = noisy_logits()
+    assert K.enable(model) == 1
+    assert rel(noisy_logits(), eager) < 1e-5
+    K.disable(model)

@@ -123,8 +123,9 @@ def _is_sigmoid_router(gate: nn.Module) -> bool:
 
 def _route(gate: nn.Module, x: torch.Tensor, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k routing: the fused Triton launches where they can run, else the module itself.
-    Under `torch.compile`, one opaque op (`torch.ops.moecarve.sigmoid_topk`) that decides at run time."""
-    if not fused or needs_grad(x, gate.weight, gate.e_score_correction_bias):
+    Under `torch.compile`, one opaque op (`torch.ops.moecarve.sigmoid_topk`) that decides at run time.
+    A gate with hooks or a replaced forward (routing logged or changed) runs as its own module."""
+    if not fused or _wrapped(gate) or needs_grad(x, gate.weight, gate.e_score_correction_bias):
         return _routing(gate(x))
     args = (
         x, gate.weight, gate.e_score_correction_bias, gate.top_k, bool(getattr(gate, "norm_topk_prob", True)),
@@ -189,28 +190,34 @@ def _sigmoid_topk_op_fake(x, weight, bias, top_k, norm_topk_prob, scaling):
     return x.new_empty(tokens, top_k, dtype=torch.int32), x.new_empty(tokens, top_k, dtype=torch.float32)
 
 
+def _wrapped(module: nn.Module) -> bool:
+    """Hooks, an instance forward or parametrized weights: the module computes more than its weights."""
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or "forward" in module.__dict__
+        or torch.nn.utils.parametrize.is_parametrized(module)
+    )
+
+
 def _plain_linear(module: nn.Module) -> bool:
     """A bias-free nn.Linear whose weight is all it computes with (no adapter wrapping it, no hooks)."""
-    return (
-        type(module) is nn.Linear
-        and module.bias is None
-        and not (module._forward_hooks or module._forward_pre_hooks or "forward" in module.__dict__)
-        and not torch.nn.utils.parametrize.is_parametrized(module)
-    )
+    return type(module) is nn.Linear and module.bias is None and not _wrapped(module)
 
 
 def _shared_weights(se: nn.Module) -> tuple[torch.Tensor, ...] | None:
     """The shared expert's (gate, up, down) weights where they are all it computes, else None (e.g.
     LoRA adapters added to it, or hooks): then it runs as its own module."""
     parts = [getattr(se, name) for name in ("gate_proj", "up_proj", "down_proj")]
-    plain = all(_plain_linear(part) for part in parts) and not (se._forward_hooks or se._forward_pre_hooks)
+    plain = all(_plain_linear(part) for part in parts) and not _wrapped(se)
     return tuple(part.weight for part in parts) if plain else None
 
 
 def _fused_block_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     """Glm4MoeMoE.forward with the router in one launch and routed + shared experts in one `moe_ffn`
-    call. A block whose experts were wrapped since `enable` (adapters added) runs its own forward."""
-    if not is_moe_block(self):
+    call. A block whose experts were wrapped since `enable` (adapters added), or that jitters its
+    inputs while training (Mixtral's `jitter_noise`), runs its own forward."""
+    if not is_moe_block(self) or (self.training and getattr(self, "jitter_noise", 0) > 0):
         return type(self).forward(self, hidden_states)
     shape = hidden_states.shape
     x = hidden_states.reshape(-1, shape[-1]).contiguous()

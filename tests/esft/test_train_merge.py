@@ -139,6 +139,10 @@ def test_a_diverged_run_writes_no_adapter(tiny_carved, task_file, tmp_path):
         train.train(
             tiny_carved, efile, task_file, tmp_path / "adapter", CONFIG.model_copy(update={"lr": 1e8})
         )
+    with pytest.raises(TrainingDiverged, match="a step overflowed float32"):
+        train.train(
+            tiny_carved, efile, task_file, tmp_path / "adapter", CONFIG.model_copy(update={"lr": 1e300})
+        )
     assert not (tmp_path / "adapter").exists()
 
 

@@ -239,6 +239,10 @@ def test_a_diverged_run_writes_nothing(tiny_carved, calib_file, tmp_path):
     with pytest.raises(TrainingDiverged, match="e_score_correction_bias"):
         recover(tiny_carved, RecoverConfig(steps=2, bias_rate=3e38, **FAST), calib_file, tmp_path / "b")
     assert not (tmp_path / "b").exists()
+    # a step too large for float32, which torch refuses with an overflow error mid-run
+    with pytest.raises(TrainingDiverged, match="a step overflowed float32"):
+        recover(tiny_carved, RecoverConfig(steps=2, lora_alpha=1e300, **FAST), calib_file, tmp_path / "c")
+    assert not (tmp_path / "c").exists() and not (tmp_path / "c.checkpoints").exists()
 
 
 def test_one_router_per_layer_under_peft_and_adapter_saved_alone(tiny_carved, calib_file, tmp_path):

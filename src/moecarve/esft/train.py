@@ -123,6 +123,7 @@ def fit(
         check_trained_weights,
         compute_arguments,
         device_arguments,
+        overflow_as_divergence,
         trained_on,
     )
 
@@ -158,7 +159,10 @@ def fit(
             optimizers=(optimizer, None),
         )
         start = time.perf_counter()
-        with moe.routers_in_fp32(model) if config.precision == "bf16" else contextlib.nullcontext():
+        with (
+            overflow_as_divergence(),
+            moe.routers_in_fp32(model) if config.precision == "bf16" else contextlib.nullcontext(),
+        ):
             output = trainer.train()
         extract_model_from_parallel(model, keep_fp32_wrapper=False)  # the forward accelerate autocast
         seconds = time.perf_counter() - start

@@ -38,6 +38,7 @@ from moecarve.tune.trainer import (
     RecoverTrainer,
     TrainingDiverged,
     check_trained_weights,
+    overflow_as_divergence,
     result_settings,
     trained_on,
     training_arguments,
@@ -233,11 +234,14 @@ def recover(
         distill=config.distill,
     )
     last = _last_checkpoint(checkpoints) if resume else None
-    with routers_in_fp32(model_) if config.precision == "bf16" else contextlib.nullcontext():
-        output = trainer.train(resume_from_checkpoint=str(last) if last else None)
-    extract_model_from_parallel(model_, keep_fp32_wrapper=False)  # the forward accelerate autocast
-    tracker.remove()
     try:
+        with (
+            overflow_as_divergence(),
+            routers_in_fp32(model_) if config.precision == "bf16" else contextlib.nullcontext(),
+        ):
+            output = trainer.train(resume_from_checkpoint=str(last) if last else None)
+        extract_model_from_parallel(model_, keep_fp32_wrapper=False)  # the forward accelerate autocast
+        tracker.remove()
         check_trained_weights(model_)
     except TrainingDiverged:
         state.wait_for_everyone()

@@ -3,6 +3,7 @@ distillation from the dense source, and the balancing rule after every optimiser
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -44,6 +45,21 @@ def check_trained_weights(model) -> None:
             f"training diverged: {len(bad)} trained tensor(s) hold nan or inf (first {bad[0]}); "
             "lower --lr and rerun (nothing was written)"
         )
+
+
+@contextlib.contextmanager
+def overflow_as_divergence():
+    """A step too large for float32 (a huge --lr or LoRA alpha) makes torch refuse it with an
+    overflow RuntimeError: that run diverged too."""
+    try:
+        yield
+    except RuntimeError as err:
+        if "without overflow" not in str(err):
+            raise
+        raise TrainingDiverged(
+            "training diverged: a step overflowed float32; lower the learning rates (or the LoRA alpha) "
+            "and rerun (nothing was written)"
+        ) from err
 
 
 @dataclass

@@ -239,7 +239,7 @@ def _is_fused_forward(forward) -> bool:
 def enable(model: nn.Module, *, fused_router: bool = True) -> int:
     """Route every Glm4MoeMoE-like block of `model` through the kernels; returns how many were swapped.
 
-    fused_router: compute the sigmoid top-k routing in one Triton launch (where the router has one
+    fused_router: compute the sigmoid top-k routing in two Triton launches (where the router has one
     expert group), instead of the router module's ~15 small kernels.
     The swap is per instance (state dict and class untouched); `disable(model)` undoes it.
     Raises ValueError when the model has no such block.

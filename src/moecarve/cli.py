@@ -65,7 +65,11 @@ def _preset_defaults(name: str) -> str:
     help=f"{_field_help('calib_length')}  {_preset_defaults('calib_length')}",
 )
 @click.option("--out", "-o", default=None, help="output directory [default: ./<model>-S?A?E?]")
-@click.option("--overwrite", is_flag=True, help="replace a non-empty output directory")
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="replace an earlier moecarve output at OUT (other directories are refused)",
+)
 @click.option(
     "--seed",
     type=int,

@@ -136,12 +136,58 @@ def test_corrupt_checkpoint(damage, tmp_path, calib_file):
     assert not (tmp_path / "o").exists()
 
 
-def test_calibration_too_short(tiny_models, tmp_path):
+def test_calibration_too_short(tiny_models, tmp_path, monkeypatch):
+    from moecarve.carve import pipeline
+
     short = tmp_path / "short.txt"
     short.write_text("the expert router " * 5)
-    with pytest.raises(CalibrationError, match="512 requested"):
+
+    def resolved(model):
+        raise AssertionError("the source was resolved (a GGUF converted, a hub model downloaded) first")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(pipeline, "resolve_source", resolved)
+        with pytest.raises(CalibrationError, match="has 90 bytes, fewer than the 512 tokens requested"):
+            carve(tiny_models["llama"], CarveConfig(**TINY), short, tmp_path / "o")
+    short.write_text("the expert router " * 40)  # bytes enough, tokens not
+    with pytest.raises(CalibrationError, match=r"has \d+ tokens, 512 requested"):
         carve(tiny_models["llama"], CarveConfig(**TINY), short, tmp_path / "o")
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.tmp-*"))
+
+
+class WordTokenizer:
+    """One token per word."""
+
+    def __call__(self, text, add_special_tokens):
+        return {"input_ids": list(range(len(text.split())))}
+
+
+@pytest.mark.parametrize(
+    ("words", "shape"), [(1060, (4, 256)), (1030, (4, 256)), (1000, (4, 250)), (960, None)]
+)
+def test_a_text_short_of_the_budget_gives_shorter_sequences_never_longer(words, shape, tmp_path):
+    """--calib-tokens 1100 at --calib-length 256 uses 1,024 tokens: a text a few short of them is
+    cut into shorter sequences, never longer ones (which could pass the model's positions)."""
+    from moecarve.carve.calib import calibration
+
+    text = tmp_path / "t.txt"
+    text.write_text("w " * words)
+    with pytest.warns(UserWarning, match="1024 tokens are used"):
+        if shape is None:
+            with pytest.raises(CalibrationError, match="960 tokens, 1024 requested"):
+                calibration(WordTokenizer(), text, 1100, 256)
+        else:
+            assert tuple(calibration(WordTokenizer(), text, 1100, 256).input_ids.shape) == shape
+
+
+def test_calibration_sources_named_oddly(tmp_path):
+    from moecarve.carve.calib import read_text
+
+    with pytest.raises(CalibrationError, match="an empty name"):
+        read_text("")  # Path("") is the current directory: it would read every .txt below it
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "A.TXT").write_text("the router")
+    assert read_text(tmp_path / "texts")[0] == "the router"
 
 
 def test_bad_jsonl_names_the_line(tiny_models, tmp_path):
@@ -229,6 +275,22 @@ def test_cli_prints_one_line_and_exits_nonzero(tiny_models, tmp_path):
     assert result.stderr.strip().splitlines() == ["error: colour: Extra inputs are not permitted"]
 
 
+def _no_tokenizer(src, tmp_path):
+    for path in src.glob("tokenizer*"):
+        path.unlink()
+    return src, None, tmp_path / "o"
+
+
+def _tokenizer_beyond_embeddings(src, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    tokenizer.add_tokens(["expert"])  # one id past the embedding rows
+    tokenizer.save_pretrained(src)
+    (tmp_path / "c.txt").write_text("the expert router " * 200)
+    return src, tmp_path / "c.txt", tmp_path / "o"
+
+
 def _bin_only(src, tmp_path):
     (src / "model.safetensors").rename(src / "pytorch_model.bin")  # a .bin checkpoint's name
     return src, None, tmp_path / "o"
@@ -245,8 +307,10 @@ def _bin_only(src, tmp_path):
         (lambda src, tmp: (src, (tmp / "texts").mkdir() or tmp / "texts", tmp / "o"), {}, CalibrationError, "directory holding no .txt files"),
         (lambda src, tmp: (src, None, (tmp / "o").write_text("x") and tmp / "o"), {}, OutputError, "exists and is not a directory"),
         (lambda src, tmp: (src, None, (tmp / "f").write_text("x") and tmp / "f" / "sub"), {}, OutputError, "f is a file, not a directory"),
+        (_no_tokenizer, {}, SourceError, "src holds no tokenizer"),
+        (_tokenizer_beyond_embeddings, {}, SourceError, r"token id (\d+), the embeddings have \1 rows"),
     ],
-    ids=["dense_layers", "all_layers_dense", "calib_length", "bin_only", "calib_missing", "calib_dir_empty", "out_is_file", "out_under_a_file"],
+    ids=["dense_layers", "all_layers_dense", "calib_length", "bin_only", "calib_missing", "calib_dir_empty", "out_is_file", "out_under_a_file", "no_tokenizer", "tokenizer_beyond_embeddings"],
 )  # fmt: skip
 def test_more_refusals_before_work(setup, settings, error, message, tmp_path):
     """Each refusal comes before any layer is read: nothing beside the output, the source unchanged."""

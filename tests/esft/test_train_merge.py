@@ -15,6 +15,7 @@ from moecarve.esft import merge, select, train
 from moecarve.esft.data import Collator, pad_id
 from moecarve.esft.optim import SliceAdamW, mask_gradient
 from moecarve.esft.shape import model_shape
+from moecarve.eval.common import describe_model
 from tests.esft.test_data_cli import run_cli
 
 # lr large enough that every trained slice moves in fp32 after a few steps; weight decay on, so a
@@ -74,15 +75,23 @@ def test_train_and_merge_carved(tiny_carved, task_file, tmp_path):
     assert (merged / "tokenizer.json").is_file()
     carve = json.loads((merged / "carve.json").read_text())  # the carve's record, this training appended
     assert carve["resolved"] == json.loads((tiny_carved / "carve.json").read_text())["resolved"]
-    assert carve["tune"][-1] == {"stage": "esft", "model": str(tiny_carved.resolve()),
-                                 "adapter": str((tmp_path / "adapter").resolve())}  # fmt: skip
+    entry = carve["tune"][-1]
+    assert entry["stage"] == "esft" and entry["model"] == str(tiny_carved.resolve())
+    assert entry["adapter"] == str((tmp_path / "adapter").resolve())
+    adapter_record = json.loads((tmp_path / "adapter" / "esft_config.json").read_text())
+    for key in ("data", "base_digest", "experts", "config", "training"):  # what trained it, kept
+        assert entry[key] == adapter_record[key]
+    assert json.loads((merged / "esft.json").read_text())["data"] == adapter_record["data"]
     reloaded = AutoModelForCausalLM.from_pretrained(merged)  # stock transformers, no remote code
     assert reloaded.config.model_type == "glm4_moe"
     assert json.loads((merged / "config.json").read_text())["partial_rotary_factor"] == 1.0  # for vLLM
 
 
-@pytest.mark.parametrize("family", ["qwen2_moe", "qwen3_moe", "mixtral", "deepseek_v2"])
-def test_train_and_merge_native(native_models, task_file, tmp_path, family):
+@pytest.mark.parametrize(
+    ("family", "expected_layout"),
+    [("qwen2_moe", "A2E8"), ("qwen3_moe", "A2E8"), ("mixtral", "A2E8"), ("deepseek_v2", "S1A2E9")],
+)
+def test_train_and_merge_native(native_models, task_file, tmp_path, family, expected_layout):
     model_dir = native_models[family]
     layers = model_shape(model_dir).moe_layers
     experts = {layers[0]: [0, 7], layers[-1]: [3]}
@@ -93,6 +102,11 @@ def test_train_and_merge_native(native_models, task_file, tmp_path, family):
     )
     merged = merge.merge(model_dir, tmp_path / "a", tmp_path / "m")
     compare_every_tensor(state(model_dir), state(merged), expected_changes(model_dir, experts, shared=shared))
+    # no carve made it: its record holds its stages alone, and eval names it by its layout
+    (entry,) = json.loads((merged / "carve.json").read_text())["tune"]
+    assert entry["stage"] == "esft" and entry["data"] == str(task_file.resolve())
+    named = describe_model(merged)
+    assert named["name"] == f"{family}-{expected_layout}+esft" and named["active_fraction"] is None
 
 
 @pytest.mark.parametrize(
@@ -394,3 +408,14 @@ def test_a_damaged_model_is_named(tiny_carved, task_file, tmp_path):
     with pytest.raises(ValueError, match=message):
         merge.merge(damaged, tmp_path / "adapter", tmp_path / "merged")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "damaged", "experts.json"]
+
+
+def test_the_python_api_asks_for_an_output(tiny_carved, task_file, tmp_path):
+    from moecarve.esft import score
+
+    efile = experts_file(tiny_carved, tmp_path / "experts.json", {0: [1], 1: [6]})
+    for call, what in ((lambda: score.score(tiny_carved, task_file, None), "output file is needed"),
+                       (lambda: train.train(tiny_carved, efile, task_file, None), "output directory is needed"),
+                       (lambda: merge.merge(tiny_carved, tmp_path / "a", None), "output directory is needed")):  # fmt: skip
+        with pytest.raises(ValueError, match=what):
+            call()

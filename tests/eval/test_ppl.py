@@ -238,3 +238,22 @@ def test_a_json_file_is_refused_as_text(tiny_models, tmp_path):
     data.write_text(json.dumps([{"text": "the router and the expert " * 200}]))
     with pytest.raises(ValueError, match=r"data.json is a .json file; give a text file, a JSONL file"):
         evaluate_ppl([tiny_models["llama"]], data, 1, 16)
+
+
+def test_one_model_given_alone_and_moe_models_no_carve_made(tiny_models, tmp_path):
+    """evaluate_ppl takes one path as the other evaluate_* functions do; a MoE model that no carve
+    made is named by its layout, not as dense, with its stages when trained since."""
+    from moecarve.eval.common import describe_model
+
+    record = evaluate_ppl(str(tiny_models["llama"]), windows=1, length=16, progress=False)
+    assert [row["name"] for row in record["results"]] == ["dense"]
+    native = tmp_path / "native"
+    native.mkdir()
+    glm4 = {"model_type": "glm4_moe", "n_routed_experts": 7, "n_shared_experts": 1, "num_experts_per_tok": 2}
+    (native / "config.json").write_text(json.dumps(glm4))
+    assert describe_model(native)["name"] == "glm4_moe-S1A2E8"
+    (native / "carve.json").write_text(json.dumps({"tune": [{"stage": "recover"}]}))  # a recovery of it
+    assert describe_model(native) == {
+        "model": str(native), "model_type": "glm4_moe", "name": "glm4_moe-S1A2E8+recover",
+        "active_fraction": None, "trained": ["recover"],
+    }  # fmt: skip

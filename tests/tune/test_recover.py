@@ -464,3 +464,18 @@ def test_the_carves_perplexity_stands_for_the_model_only_until_it_is_trained(tmp
     for stage in ("recover", "esft"):
         (tmp_path / "carve.json").write_text(json.dumps({**record, "tune": [{"stage": stage}]}))
         assert carve_quality(tmp_path) is None
+
+
+def test_a_teacher_with_another_tokenizer_is_refused(tiny_models, tiny_carved, calib_file, tmp_path):
+    """The same vocabulary size, another split of the text: the KL would compare unrelated ids."""
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(tiny_models["llama"], other)
+    spec = json.loads((other / "tokenizer.json").read_text())
+    spec["model"]["merges"] = []  # the same 300 ids, the text split into bytes
+    (other / "tokenizer.json").write_text(json.dumps(spec))
+    config = RecoverConfig(steps=1, distill=1.0, **FAST)
+    with pytest.raises(ValueError, match="splits the training text into other tokens"):
+        recover(tiny_carved, config, calib_file, tmp_path / "o", teacher=other)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.checkpoints").exists()

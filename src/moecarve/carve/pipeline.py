@@ -20,11 +20,11 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
-from moecarve.carve.calib import calibration
+from moecarve.carve.calib import calibration, calibration_text
 from moecarve.carve.config import CarveConfig
 from moecarve.carve.families import family_for
 from moecarve.carve.layer import carve_ffn, pad_neurons, timed
-from moecarve.carve.source import SourceError, TensorSource, resolve_source
+from moecarve.carve.source import TOKENIZER_FILES, SourceError, TensorSource, check_source, resolve_source
 from moecarve.carve.target import glm4_moe_config, write_rotary_at_top_level
 from moecarve.carve.writer import ShardWriter, atomic_directory, check_apart, check_output
 from moecarve.devices import resolve_device
@@ -92,8 +92,9 @@ def reused_heap():
         trim(0)
 
 
-def plan(model, config: CarveConfig, out: Path | None, overwrite: bool):
-    """Everything checkable without reading weights or text: raises before any expensive work."""
+def plan(model, config: CarveConfig, out: Path | None, overwrite: bool, calib=None):
+    """Everything checkable without reading weights, and the calibration text read (not tokenized):
+    raises before any expensive work. Returns (source dir, its config, family, out, text)."""
     local = Path(str(model)).expanduser()
     if out is None:  # NAME-S1A2E8 in the current directory; a dotted name (Qwen2.5-0.5B) kept whole
         name = (local.resolve().name if local.exists() else local.name).removesuffix(".gguf")
@@ -101,6 +102,8 @@ def plan(model, config: CarveConfig, out: Path | None, overwrite: bool):
     out = Path(out)
     check_apart({"--out": out}, {"model": local})  # also refuses `--out .`, the current directory
     check_output(out, local if local.exists() else None, overwrite)  # before any download or conversion
+    check_source(model)
+    text = calibration_text(calib, config.calib_tokens, config.calib_length)
     src = resolve_source(model)
     check_output(out, src, overwrite)
     source_config = AutoConfig.from_pretrained(src)
@@ -124,7 +127,9 @@ def plan(model, config: CarveConfig, out: Path | None, overwrite: bool):
             f"--calib-length {config.calib_length} exceeds the model's "
             f"{source_config.max_position_embeddings} positions"
         )
-    return src, source_config, family, out
+    if not any((src / name).is_file() for name in TOKENIZER_FILES):
+        raise SourceError(f"{src} holds no tokenizer (any of {', '.join(TOKENIZER_FILES)})")
+    return src, source_config, family, out, text
 
 
 def expected_tensors(source_config, family, tensors: TensorSource) -> None:
@@ -171,7 +176,7 @@ def carve(
 def _carve(model, config, calib, out, overwrite: bool, evaluate: bool, progress: bool, device: str):
     config = CarveConfig.model_validate(config) if isinstance(config, dict) else config or CarveConfig()
     started = time.perf_counter()
-    src, source_config, family, out = plan(model, config, out, overwrite)
+    src, source_config, family, out, text = plan(model, config, out, overwrite, calib)
     if evaluate:
         from moecarve.eval.ppl import PROTOCOL_LENGTH, check_positions
 
@@ -179,7 +184,13 @@ def _carve(model, config, calib, out, overwrite: bool, evaluate: bool, progress:
     tensors = TensorSource(src)
     expected_tensors(source_config, family, tensors)
     tokenizer = AutoTokenizer.from_pretrained(src)
-    calib_data = calibration(tokenizer, calib, config.calib_tokens, config.calib_length)
+    calib_data = calibration(tokenizer, calib, config.calib_tokens, config.calib_length, text)
+    rows = tensors.shape("model.embed_tokens.weight")[0]
+    if calib_data.input_ids.max().item() >= rows:
+        raise SourceError(
+            f"the tokenizer gives token id {calib_data.input_ids.max().item()}, the embeddings have "
+            f"{rows} rows: {src}'s tokenizer does not match its weights"
+        )
     source_dtype = source_config.dtype if isinstance(source_config.dtype, torch.dtype) else None
     dtype = DTYPES.get(config.dtype) or source_dtype or tensors.dtype("model.embed_tokens.weight")
     intermediate = source_config.intermediate_size

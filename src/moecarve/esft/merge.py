@@ -25,6 +25,8 @@ from moecarve.moe import declared_dtype
 
 ADAPTER_FORMAT = "moecarve-esft-adapter/1"
 COPIED = ("generation_config.json",)  # and carve.json, with this training appended to its record
+# what a merge records of its adapter
+TRAINING_RECORD = ("data", "examples", "base_digest", "experts", "trainable_parameters", "config", "training")
 
 
 def read_adapter(adapter: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -119,6 +121,8 @@ def merge(model_dir: str | Path, adapter: str | Path, out: str | Path, overwrite
     """Write base + adapter as a full checkpoint that stock transformers loads."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if out is None:
+        raise ValueError("an output directory is needed for the merged model (--out)")
     out = Path(out).expanduser()
     base = Path(model_dir).expanduser()
     if out.resolve() == base.resolve():
@@ -141,15 +145,22 @@ def merge(model_dir: str | Path, adapter: str | Path, out: str | Path, overwrite
         for name in COPIED:
             if (base / name).is_file():
                 shutil.copy2(base / name, tmp / name)
-        carve = read_json(base / "carve.json") if (base / "carve.json").is_file() else None
-        if isinstance(carve, dict):  # the carve's record, with this training appended to it
-            entry = {"stage": "esft", "model": str(base.resolve()), "adapter": str(Path(adapter).resolve())}
+        # the carve's record (a model no carve made: a record of its stages alone), with this
+        # training appended: the task data, the experts and how they were trained
+        carve = read_json(base / "carve.json") if (base / "carve.json").is_file() else {}
+        trained = {key: record[key] for key in TRAINING_RECORD if key in record}
+        entry = {
+            "stage": "esft",
+            "model": str(base.resolve()),
+            "adapter": str(Path(adapter).resolve()),
+            **trained,
+        }
+        if isinstance(carve, dict):
             carve.setdefault("tune", []).append(entry)
             (tmp / "carve.json").write_text(json.dumps(carve, indent=2) + "\n")
-        elif (base / "carve.json").is_file():  # not a record of ours: copied as it is
+        else:  # not a record of ours: copied as it is
             shutil.copy2(base / "carve.json", tmp / "carve.json")
-        merged = {key: record[key] for key in ("base_model", "experts", "trainable_parameters", "config")}
         (tmp / "esft.json").write_text(
-            json.dumps({**merged, "adapter": str(Path(adapter).resolve())}, indent=1) + "\n"
+            json.dumps({"base_model": record["base_model"], **entry}, indent=1) + "\n"
         )
     return out

@@ -62,6 +62,8 @@ def score(
 
     from moecarve.devices import resolve_device
 
+    if out is None:
+        raise ValueError("an output file is needed for the scores (--out)")
     if tokens < 1:
         raise ValueError(f"--tokens must be positive, got {tokens}")
     if max_length < 2:

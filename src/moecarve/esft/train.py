@@ -244,6 +244,8 @@ def train(
     from moecarve.carve.writer import atomic_directory, check_apart, check_output
     from moecarve.tune.trainer import training_device
 
+    if out is None:
+        raise ValueError("an output directory is needed for the adapter (--out)")
     config = config or EsftConfig()
     device = training_device(device, "esft train", config.precision)
     out = Path(out).expanduser()

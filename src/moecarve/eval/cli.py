@@ -48,10 +48,11 @@ def ppl_command(models, data, windows, length, dtype, device, out):
     from moecarve.eval.ppl import evaluate_ppl
 
     record = evaluate_ppl(list(models), data, windows, length, dtype, device, out)
-    click.echo(f"{'model':<50} {'config':<10} {'active':>7} {'ppl':>10} {'tokens':>8}")
+    width = max(10, *(len(row["name"]) for row in record["results"]))  # S1A2E8+recover+esft
+    click.echo(f"{'model':<50} {'config':<{width}} {'active':>7} {'ppl':>10} {'tokens':>8}")
     for row in record["results"]:
         click.echo(
-            f"{_short(row['model']):<50} {row['name']:<10} {_fraction(row['active_fraction']):>7} "
+            f"{_short(row['model']):<50} {row['name']:<{width}} {_fraction(row['active_fraction']):>7} "
             f"{row['ppl']:>10.3f} {row['tokens_scored']:>8}"
         )
     _wrote(out)

@@ -17,9 +17,8 @@ import torch
 
 from moecarve import resources
 from moecarve.carve.calib import read_json
+from moecarve.carve.source import TOKENIZER_FILES
 from moecarve.carve.writer import write_atomically
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")  # any one
 
 
 def resolve_model(model: str | Path) -> Path:
@@ -52,22 +51,22 @@ def read_config(path: Path) -> dict:
 
 
 def describe_model(path: Path) -> dict:
-    """Name and active FFN fraction: from carve.json for a carve, 1.0 (dense) otherwise. A carve
-    trained since (its carve.json's `tune` list) is named with its stages: S1A2E8+recover+esft."""
+    """Name and active FFN fraction: from carve.json for a carve, 1.0 for a dense model; a MoE model
+    that no carve made is named by its layout (qwen3_moe-A2E8), its fraction unknown. A model trained
+    since (the `tune` list of its carve.json) is named with its stages: S1A2E8+recover+esft."""
     config = read_config(path)
     record = {"model": str(path), "model_type": config["model_type"], "name": "dense", "active_fraction": 1.0}
     carve_record = path / "carve.json"
-    if carve_record.is_file():
-        carve = read_json(carve_record)
-        resolved = carve.get("resolved", {}) if isinstance(carve, dict) else None
-        if not isinstance(resolved, dict):
-            raise ValueError(f'{carve_record} is not a carve record (no "resolved" object)')
-        trained = [entry.get("stage", "tune") for entry in carve.get("tune", []) if isinstance(entry, dict)]
-        if (path / "esft.json").is_file() and "esft" not in trained:  # merges before the list had them
-            trained.append("esft")
+    carve = read_json(carve_record) if carve_record.is_file() else {}
+    resolved = carve.get("resolved", {}) if isinstance(carve, dict) else None
+    if not isinstance(resolved, dict):
+        raise ValueError(f'{carve_record} is not a carve record (no "resolved" object)')
+    trained = [entry.get("stage", "tune") for entry in carve.get("tune", []) if isinstance(entry, dict)]
+    if (path / "esft.json").is_file() and "esft" not in trained:  # merges before the list had them
+        trained.append("esft")
+    if "resolved" in carve:
         record.update(
-            name="+".join([resolved.get("name", "carved"), *trained]),
-            trained=trained,
+            name=resolved.get("name", "carved"),
             active_fraction=_active_fraction(carve, resolved, config),
             carve={
                 "source": carve.get("source"),
@@ -76,7 +75,24 @@ def describe_model(path: Path) -> dict:
                 "resolved": resolved,
             },
         )
+    elif (layout := _native_layout(config)) is not None:  # a recovery or ESFT merge records its stages
+        record.update(name=layout, active_fraction=None)
+    if trained:
+        record.update(name="+".join([record["name"], *trained]), trained=trained)
     return record
+
+
+def _native_layout(config: dict) -> str | None:
+    """A MoE model's name by its layout, S shared (where its experts are all one size), A routed
+    of E experts in all: glm4_moe-S1A2E8, qwen3_moe-A2E8; None for a dense model."""
+    keys = ("n_routed_experts", "num_experts", "num_local_experts")  # as config.json spells them
+    routed = next((config[key] for key in keys if isinstance(config.get(key), int) and config[key]), None)
+    if routed is None:
+        return None
+    shared = config.get("n_shared_experts") or 0  # glm4_moe, deepseek: shared experts of the routed size
+    top_k = config.get("num_experts_per_tok", "?")
+    layout = f"S{shared}A{top_k}E{shared + routed}" if shared else f"A{top_k}E{routed}"
+    return f"{config['model_type']}-{layout}"
 
 
 def _active_fraction(carve: dict, resolved: dict, config: dict) -> float | None:

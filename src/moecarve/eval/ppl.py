@@ -104,7 +104,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
 
 
 def evaluate_ppl(
-    models: list[str | Path],
+    models: str | Path | list[str | Path],
     data: str | Path | None = None,
     windows: int = PROTOCOL_WINDOWS,
     length: int = PROTOCOL_LENGTH,
@@ -121,6 +121,8 @@ def evaluate_ppl(
     """
     from transformers import AutoTokenizer
 
+    if isinstance(models, str | Path):  # one model, as the other evaluate_* functions take it
+        models = [models]
     if not models:
         raise ValueError("no model given")
     paths = [common.resolve_model(m) for m in models]

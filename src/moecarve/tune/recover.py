@@ -210,6 +210,8 @@ def recover(
     tokenizer = AutoTokenizer.from_pretrained(src)
     state = PartialState()  # under `accelerate launch`: every process reads its share, one writes
     text = training_text(tokenizer, data, config, state.num_processes)
+    if teacher_dir is not None:
+        _check_teacher_tokenizer(teacher_dir, tokenizer, text.blocks[0], src)
 
     with damaged_weights_named(src):
         base = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
@@ -294,6 +296,22 @@ def _teacher_dir(src: Path, teacher, carved_config: dict) -> Path:
             f"teacher {path} has vocabulary {vocab}, the carved model {carved_config.get('vocab_size')}"
         )
     return path.resolve()
+
+
+def _check_teacher_tokenizer(teacher_dir: Path, tokenizer, block: torch.Tensor, src: Path) -> None:
+    """Distillation compares next-token distributions id by id: the teacher must split the training
+    text into the same tokens (a teacher of the same vocabulary size may not)."""
+    from moecarve.carve.source import TOKENIZER_FILES
+
+    if not any((teacher_dir / name).is_file() for name in TOKENIZER_FILES):
+        raise ValueError(f"teacher {teacher_dir} holds no tokenizer to check against {src}'s")
+    probe = tokenizer.decode(block.tolist())
+    theirs = AutoTokenizer.from_pretrained(teacher_dir)(probe, add_special_tokens=False)["input_ids"]
+    if theirs != tokenizer(probe, add_special_tokens=False)["input_ids"]:
+        raise ValueError(
+            f"teacher {teacher_dir} splits the training text into other tokens than {src}: distillation "
+            "needs the carve's own tokenizer (give the dense model it was carved from)"
+        )
 
 
 def _load_teacher(path: Path):

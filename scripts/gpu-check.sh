@@ -1,18 +1,25 @@
 #!/usr/bin/env bash
-# The kernel checks still owed on a GPU (docs/kernels.md), as one command sized to leave a device
-# session (15 minutes, a machine's start included) time to run it twice. Most important first:
-# the GPU tests; the router alone (split over H since the last GPU run); the FFN benchmark at batch
-# 1 (the whole block, router included); end-to-end decode at batch 1, then each model's decode step
-# split into kernels; the fastest path per batch against the dense FFN, 1 to 4096 tokens (the dense
-# path where `auto` takes it); end-to-end decode at batch 1 again with both models' steps compiled
-# by inductor (new); the block's kernels' device times at batch 1 and 8 (where the gap to the bytes
-# ideal goes); the decode tiles at batch 1 (16-row and 512-column up tiles are new); the model
-# compiled with CUDA graphs (new); then the dense path's tile sweep with what time is left. Each step
-# has its own time limit and none runs past the deadline (360 s unless given); each writes as it
-# goes, so a step cut short still leaves what it finished. From the repository root on the GPU
-# machine:
+# The kernel checks still owed on a GPU (docs/kernels.md), as one command sized to a device session
+# (15 minutes, a machine's start included). Most important first: the kernels at 7B shapes on CUDA;
+# the router alone (split over H since the last GPU run); the FFN benchmark at batch 1 (the whole
+# block, router included); end-to-end decode at batch 1, then each model's decode step split into
+# kernels; the fastest path per batch against the dense FFN, 1 to 4096 tokens (the dense path where
+# `auto` takes it); end-to-end decode at batch 1 again with both models' steps compiled by inductor
+# (new); the block's kernels' device times at batch 1 and 8 (where the gap to the bytes ideal goes);
+# the decode tiles at batch 1 (16-row and 512-column up tiles are new); the model compiled with CUDA
+# graphs (new); every kernel against the reference on the edge-case table; then the dense path's
+# tile sweep with what time is left. Each step has its own time limit and none runs past the
+# deadline (360 s unless given); each writes as it goes, so a step cut short still leaves what it
+# finished. From the repository root on the GPU machine:
 #
-#   bash scripts/gpu-check.sh [OUT_DIR [SECONDS]]   # OUT_DIR defaults to $OUT, else results/kernels/gpu-check
+#   MOECARVE_COMMIT=<commit> bash scripts/gpu-check.sh [OUT_DIR [SECONDS [FIRST_STEP]]]
+#
+# OUT_DIR defaults to $OUT, else results/kernels/gpu-check. FIRST_STEP (default 1) lets a second
+# call go on where the first stopped (the log's "=== step N" lines say where). MOECARVE_COMMIT is
+# recorded in every benchmark row (the device machine gets the working tree without .git). The
+# pytest steps run on 8 workers where pytest-xdist is installed (Triton's compiles are CPU-bound),
+# verbosely, so a step cut short still names what passed and failed. Prints the steps' exit lines
+# and exits with the worst step's status (124: a step hit its limit).
 #
 # OUT_DIR gets up to seven files (the device tool brings back at most eight): gpu-check.log (versions
 # and every step's output), the benchmarks' router / ffn_kernels / profile / decode_e2e / tune .jsonl rows,
@@ -21,24 +28,33 @@
 set -uo pipefail
 out="${1:-${OUT:-results/kernels/gpu-check}}"
 deadline=$((SECONDS + ${2:-360}))
+first=${3:-1}
 mkdir -p "$out"
 work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
 log="$out/gpu-check.log"
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET  # the kernels compile for the GPU, not the interpreter
+python3 -c 'import xdist' 2>/dev/null && export PYTEST_ADDOPTS="-n 8"
+number=0 worst=0
 
 # step LIMIT CMD...: run CMD for at most LIMIT seconds and never past the deadline, its output
 # appended to the log; then copy the rows written so far (not the .csv copies) to OUT_DIR.
 step() {
-    local limit=$1 left=$((deadline - SECONDS))
+    local limit=$1 left=$((deadline - SECONDS)) status
     shift
+    number=$((number + 1))
+    ((number < first)) && return
     ((left < limit)) && limit=$left
-    echo "=== $* (limit ${limit}s)" >>"$log"
+    echo "=== step $number: $* (limit ${limit}s)" >>"$log"
     if ((limit < 10)); then
-        echo "skipped: no time left" >>"$log"
+        echo "=== step $number skipped: no time left" >>"$log"
         return
     fi
     timeout -k 5 "$limit" "$@" >>"$log" 2>&1
-    echo "=== exit $?" >>"$log"
+    status=$?
+    echo "=== step $number exit $status" >>"$log"
+    ((status > worst)) && worst=$status
     cp "$work"/*.jsonl "$out"/ 2>/dev/null
 }
 
@@ -46,12 +62,11 @@ step() {
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
     python3 -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton",
 triton.__version__, "transformers", transformers.__version__)'
-    git rev-parse --short HEAD 2>/dev/null || true
+    echo "commit ${MOECARVE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
 } >"$log" 2>&1
 
-# 1. Every kernel against the reference on CUDA (decode, grouped, dense, router; fp32/bf16/fp16; 7B shapes);
-#    the compiled model (inductor's compile time) is step 9.
-step 120 python3 -m pytest -m gpu tests/kernels -q -p no:cacheprovider -k "not cuda_graphs"
+# 1. The kernels at 7B shapes and the tiny model's logits on CUDA (about 75 compiles).
+step 75 python3 -m pytest -m gpu tests/kernels -v -rfE -p no:cacheprovider -k "7b or tiny_model"
 # 2. The router alone: split over H (as enable runs it) vs one program per token vs transformers',
 #    16 and 32 H steps per token in the old schedule.
 step 45 python3 benchmarks/ffn_kernels.py --router --configs S2A2E16 S2A4E32 --batches 1 64 --reps 20 --out "$work"
@@ -79,9 +94,14 @@ step 45 python3 benchmarks/ffn_kernels.py --profile --intermediate 11008 --confi
 step 60 python3 benchmarks/ffn_kernels.py --tune --paths decode --configs S2A2E16 --intermediate 11008 \
     --batches 1 --reps 20 --out "$work"
 # 9. The model compiled with inductor's CUDA graphs (`torch.compile(mode="reduce-overhead")`), new.
-step 90 python3 -m pytest -m gpu tests/kernels -q -p no:cacheprovider -k "cuda_graphs"
-# 10. The dense path's tiles (never swept), with what time is left: 16 tokens first, where `auto`
+step 90 python3 -m pytest -m gpu tests/kernels -v -rfE -p no:cacheprovider -k "cuda_graphs"
+# 10. Every kernel against the reference on the edge-case table (decode, grouped, dense, router;
+#     fp32/bf16/fp16; about 240 compiles); the compiled model was step 9.
+step 150 python3 -m pytest -m gpu tests/kernels -v -rfE -p no:cacheprovider -k "match_reference"
+# 11. The dense path's tiles (never swept), with what time is left: 16 tokens first, where `auto`
 #     first takes that path and its default tiles leave half the SMs without a program.
 step 150 python3 benchmarks/ffn_kernels.py --tune --paths dense --configs S2A2E16 --intermediate 11008 \
     --batches 16 64 256 --reps 20 --out "$work"
 ls -la "$out" >>"$log"
+grep '^=== step' "$log"
+exit "$worst"

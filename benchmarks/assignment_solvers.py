@@ -20,6 +20,8 @@ from scipy.sparse import coo_matrix, vstack
 
 from moecarve.carve.partition import balanced_assignment
 
+RESULTS = Path(__file__).resolve().parents[1] / "results"  # the repository's, from any directory
+
 # (routed neurons, routed experts): SmolLM2-135M S1A2E8, a 1B-class S1A2E8, Llama-2-7B S1A2E8 and S2A2E16.
 LP_MAX_NEURONS = 5000
 SIZES = [(1344, 7), (4928, 7), (9632, 7), (9632, 14)]
@@ -44,7 +46,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--out", default="results/carve/assignment_solvers.json")
+    parser.add_argument("--out", default=str(RESULTS / "carve/assignment_solvers.json"))
     args = parser.parse_args()
     rng = np.random.default_rng(0)
     rows = []

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+RESULTS = Path(__file__).resolve().parents[1] / "results"  # the repository's, from any directory
+
 CONFIGS = ["S1A1E8", "S1A2E8", "S2A2E8", "S3A3E8", "S2A2E16"]
 REFERENCE_PPL = {
     "S1A1E8": 1318.922,
@@ -37,7 +39,10 @@ REFERENCE_SECONDS = {"S1A1E8": 82.2, "S1A2E8": 97.4, "S2A2E8": 83.1, "S3A3E8": 6
 
 
 def parse(name: str) -> dict:
-    s, a, e = map(int, re.fullmatch(r"S(\d+)A(\d+)E(\d+)", name).groups())
+    match = re.fullmatch(r"S(\d+)A(\d+)E(\d+)", name)
+    if match is None:
+        raise SystemExit(f"configuration {name!r}: give SxAyEz, as S1A2E8")
+    s, a, e = map(int, match.groups())
     return {"shared": s, "active": a, "experts": e}
 
 
@@ -153,7 +158,7 @@ def main() -> None:
         "preset may use fewer); never the scored ones",
     )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=JSON", help="CarveConfig override")
-    parser.add_argument("--out", default="results/carve/bundled.json")
+    parser.add_argument("--out", default=str(RESULTS / "carve/bundled.json"))
     args = parser.parse_args()
     if args.table:
         print(table(args.table))

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+RESULTS = Path(__file__).resolve().parents[1] / "results"  # the repository's, from any directory
+
 REPEATS = 3
 
 
@@ -25,7 +27,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--calib-length", type=int, default=None, help="default: CarveConfig's")
-    parser.add_argument("--out", default="results/carve/floor.json")
+    parser.add_argument("--out", default=str(RESULTS / "carve/floor.json"))
     args = parser.parse_args()
     torch.set_num_threads(2)
     import transformers

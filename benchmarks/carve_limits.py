@@ -29,6 +29,8 @@ from carve_bundled import CONFIGS, calibration_file, parse
 
 from moecarve.carve.layer import HELD_OUT  # the last 1/HELD_OUT of the tokens scores every choice
 
+RESULTS = Path(__file__).resolve().parents[1] / "results"  # the repository's, from any directory
+
 
 def capture_ffn_inputs(layers: list[int]) -> dict[int, dict[str, torch.Tensor]]:
     """The dense model's FFN inputs [T, H] and weights at `layers`, on the calibration tokens."""
@@ -105,7 +107,7 @@ def main() -> None:
     )
     parser.add_argument("--configs", default=",".join(CONFIGS))
     parser.add_argument("--layers", default="2,7,12,17,22,27")
-    parser.add_argument("--out", default="results/carve/limits.json")
+    parser.add_argument("--out", default=str(RESULTS / "carve/limits.json"))
     args = parser.parse_args()
     torch.set_num_threads(2)
     import transformers
@@ -113,6 +115,10 @@ def main() -> None:
     from moecarve.eval.common import machine
 
     layers = [int(index) for index in args.layers.split(",")]
+    from moecarve.carve.config import CarveConfig
+
+    for name in args.configs.split(","):  # a bad name fails here, before the capture
+        CarveConfig(**parse(name))
     captured = capture_ffn_inputs(layers)
     rows = []
     for name in args.configs.split(","):

@@ -1,4 +1,4 @@
-"""Carving streams: a synthetic random Llama of ~1.2B parameters (bf16 shards on disk) is carved
+r"""Carving streams: a synthetic random Llama of ~1.2B parameters (bf16 shards on disk) is carved
 with peak RSS well under the checkpoint's size. Writes both figures to a JSON file, with the
 seconds per stage summed over layers.
 
@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 
 from moecarve.carve.config import PRESETS
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"  # the repository's, from any directory
 
 SHAPE = {
     "hidden_size": 2048,
@@ -107,7 +109,7 @@ def _carve(src, out, settings, queue, calib=None, device="cpu", threads=2):
             "carve_seconds": round(time.perf_counter() - started, 1),
             "construction_seconds": result.record["construction_seconds"],
             "calib_dtype": result.record["resolved"]["calib_dtype"],
-            "peak_rss_gib": peak_rss_gib(),
+            "peak_rss_gib": round(peak_rss_gib(), 2),
             "peak_gpu_gib": round(torch.cuda.max_memory_allocated(device) / 1024**3, 2)
             if device != "cpu"
             else None,
@@ -129,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--out", default="results/carve/streaming.json")
+    parser.add_argument("--out", default=str(RESULTS / "carve/streaming.json"))
     parser.add_argument("--hidden", type=int, default=SHAPE["hidden_size"])
     parser.add_argument("--intermediate", type=int, default=SHAPE["intermediate_size"])
     parser.add_argument("--layers", type=int, default=SHAPE["num_hidden_layers"])

@@ -19,9 +19,12 @@ from pathlib import Path
 import torch
 import transformers
 
+RESULTS = Path(__file__).resolve().parents[1] / "results"  # the repository's, from any directory
+
 CHECK = """
 import json, sys, torch, transformers
 from transformers import AutoModelForCausalLM
+
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32, trust_remote_code=False).eval()
 ids = torch.load(sys.argv[2])
 with torch.no_grad():
@@ -40,7 +43,7 @@ def main() -> None:
     parser.add_argument(
         "versions", nargs="*", default=["5.17.0"], help="transformers releases (default 5.17.0)"
     )
-    parser.add_argument("--out", default="results/carve/compat_transformers.json")
+    parser.add_argument("--out", default=str(RESULTS / "carve/compat_transformers.json"))
     args = parser.parse_args()
     versions = args.versions
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

@@ -18,7 +18,7 @@ step loses to the dense one.
 from __future__ import annotations
 
 import argparse
-import re
+import sys
 import time
 from pathlib import Path
 
@@ -27,6 +27,11 @@ import torch
 from moecarve.eval.speed import cache_kwarg
 from moecarve.kernels import disable, enable
 from moecarve.kernels.benchutil import env_info, kernel_times, write_rows
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from ffn_kernels import config_problem, parse_config  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"  # the repository's, from any directory
 
 MODELS = ("hf_grouped_mm", "hf_eager", "moecarve")  # the carve's experts: transformers' two, and ours
 
@@ -200,9 +205,16 @@ def main(argv: list[str] | None = None) -> None:
     )  # fmt: skip
     p.add_argument("--compile", action="store_true", help="torch.compile each capturable decode step first")
     p.add_argument("--profile", action="store_true", help="also each model's decode step split into kernels")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", type=Path, default=Path("results/kernels"))
+    p.add_argument("--device", default="cuda", help="cpu: a smoke run; its timings mean nothing")
+    p.add_argument("--out", type=Path, default=RESULTS / "kernels")
     args = p.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error("decode_e2e.py needs a CUDA GPU (--device cpu only checks that it runs)")
+    if args.device == "cpu" and args.out.resolve() == (RESULTS / "kernels").resolve():
+        p.error("--device cpu times nothing worth keeping: give an --out outside results/kernels")
+    for name in args.configs:
+        if problem := config_problem(name, [args.intermediate]):
+            p.error(problem)
     if args.profile and "moecarve" not in args.models:
         p.error(
             "--profile splits the carve's decode step beside the dense one: --models must include moecarve"
@@ -221,7 +233,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.cuda.empty_cache() if torch.cuda.is_available() else None
     dense_profiles = {}  # by batch: the same dense model beside every configuration
     for name in args.configs:
-        s, a, n = map(int, re.fullmatch(r"S(\d+)A(\d+)E(\d+)", name).groups())
+        s, a, n = parse_config(name)
         moe = build("moe", args, s, a, n)
         for b in args.batches:
             # the dense row first: a run cut short in the carve's compile still leaves it in the file

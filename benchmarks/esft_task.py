@@ -236,7 +236,9 @@ def train_run(method: str, lr: float, seed: int, work: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", required=True, help="carved (or native) MoE checkpoint")
     parser.add_argument("--work", required=True, help="scratch directory for data, adapters, models")
     parser.add_argument("--task", choices=sorted(TASKS), default="boolq")
@@ -271,6 +273,8 @@ def main() -> None:
     args.out = Path(args.out or ROOT / "results" / "esft" / f"{args.task}.json")
     work = Path(args.work)
     methods = args.methods.split(",")
+    if unknown := [m for m in methods if m not in METHODS]:
+        parser.error(f"--methods {unknown[0]}: the methods are {','.join(METHODS)}")
     seeds = [int(s) for s in args.seeds.split(",")]
     if any(len(learning_rates(m, args)) > 1 for m in methods) and not args.val:
         parser.error("--lrs chooses each method's learning rate on validation questions: give --val N")

@@ -19,6 +19,8 @@ from moecarve.eval.report import render_report
 from moecarve.eval.speed import evaluate_speed
 from moecarve.eval.tasks import DEFAULT_TASKS, evaluate_tasks
 
+RESULTS = Path(__file__).resolve().parents[1] / "results"  # the repository's, from any directory
+
 STEPS = ("ppl", "tasks", "load", "speed", "report")
 
 
@@ -29,12 +31,14 @@ def main() -> None:
     parser.add_argument("--carved", required=True, help="a carve of the bundled model")
     parser.add_argument("--limit", type=int, default=100, help="questions per task")
     parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS))
-    parser.add_argument("--out", default="results/eval")
+    parser.add_argument("--out", default=str(RESULTS / "eval"))
     parser.add_argument(
         "--only", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}"
     )
     args = parser.parse_args()
     steps = set(args.only.split(","))
+    if unknown := sorted(steps - set(STEPS)):
+        parser.error(f"--only {unknown[0]}: the steps are {','.join(STEPS)}")
     out = Path(args.out)
     dense, carved = resolve_model("bundled"), resolve_model(args.carved)
     name = describe_model(carved)["name"]

@@ -25,16 +25,33 @@ import torch
 import torch.nn.functional as F
 
 from moecarve.kernels import enable, moe_ffn, moe_ffn_reference, moe_ffn_torch
+from moecarve.kernels._env import triton_interpreting
 from moecarve.kernels.benchutil import copy_bandwidth_gbps, env_info, kernel_times, time_fn, write_rows
 from moecarve.kernels.tuner import random_routing
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"  # the repository's, from any directory
 
 CONFIGS = ["S2A2E16", "S1A2E8", "S3A3E8", "S2A4E32"]
 BATCHES = [1, 2, 4, 8, 16, 32, 64, 256]
 
 
 def parse_config(name: str) -> tuple[int, int, int]:
-    s, a, n = map(int, re.fullmatch(r"S(\d+)A(\d+)E(\d+)", name).groups())
+    match = re.fullmatch(r"S(\d+)A(\d+)E(\d+)", name)
+    if match is None:
+        raise SystemExit(f"configuration {name!r}: give SxAyEz, as S2A2E16")
+    s, a, n = map(int, match.groups())
     return s, a, n
+
+
+def config_problem(name: str, intermediates: list[int]) -> str | None:
+    """Why configuration `name` cannot be built at these intermediate sizes, before any work."""
+    s, a, n = parse_config(name)
+    if not 1 <= a <= n - s:
+        return f"{name}: {a} active of {n - s} routed experts"
+    for inter in intermediates:
+        if inter % n or (inter // n) % 8:  # torch's grouped_mm (a baseline) needs 16-byte strides
+            return f"{name}: intermediate {inter} does not split into {n} experts of a multiple of 8 neurons"
+    return None
 
 
 def build_moe_block(hidden: int, inter: int, s: int, a: int, n: int, dtype: torch.dtype, device: str):
@@ -391,7 +408,7 @@ def main(argv: list[str] | None = None) -> None:
         choices=["decode", "grouped", "dense"],
         help="the paths --tune sweeps",
     )
-    p.add_argument("--out", type=Path, default=Path("results/kernels"))
+    p.add_argument("--out", type=Path, default=RESULTS / "kernels")
     p.add_argument(
         "--device", default="cuda", choices=["cuda", "cpu"],
         help="cpu: a smoke run (Triton interpreter or the reference path); its timings mean nothing",
@@ -399,6 +416,13 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("ffn_kernels.py needs a CUDA GPU (--device cpu only checks that it runs)")
+    if args.device == "cpu" and args.out.resolve() == (RESULTS / "kernels").resolve():
+        p.error("--device cpu times nothing worth keeping: give an --out outside results/kernels")
+    if args.device == "cpu" and not triton_interpreting():
+        p.error("--device cpu runs the kernels under Triton's interpreter: set TRITON_INTERPRET=1")
+    for name in args.configs:
+        if problem := config_problem(name, args.intermediate):
+            p.error(problem)
     env = env_info()
     env["copy_gbps"] = copy_bandwidth_gbps() if args.device == "cuda" else None
     peak = env["spec_hbm_gbps"]

@@ -1,4 +1,4 @@
-"""Compile every Triton kernel the FFN benchmark launches for a GPU target, on a machine without one.
+r"""Compile every Triton kernel the FFN benchmark launches for a GPU target, on a machine without one.
 
 A stand-in CUDA driver reports the target (sm_90 by default: the H100/H200), and each kernel launch
 of the host functions becomes a compile (`JITFunction.warmup`) on CPU tensors of the benchmark's
@@ -34,6 +34,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from ffn_kernels import BATCHES, CONFIGS, parse_config  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"  # the repository's, from any directory
 
 # every Triton kernel, by module of moecarve.kernels.ops
 KERNELS = {
@@ -242,7 +244,10 @@ def main() -> None:
         from moecarve.kernels.ops import moe_ffn as ops
 
         ops.vector_align = lambda *sizes, itemsize: 1
-    shapes, first_shape = compile_all([getattr(torch, name) for name in args.dtypes.split(",")])
+    names = args.dtypes.split(",")
+    if bad := [name for name in names if name not in ("bfloat16", "float16", "float32")]:
+        parser.error(f"--dtypes {bad[0]}: give bfloat16, float16 or float32")
+    shapes, first_shape = compile_all([getattr(torch, name) for name in names])
     kernels = compiled_kernels(first_shape)
     limit = SHARED_LIMIT[args.capability]
     problems = [
@@ -276,7 +281,7 @@ def main() -> None:
         "kernels": kernels,
         "problems": problems,
     }
-    out = Path(args.out or f"results/kernels/compile_sm{args.capability}.json")
+    out = Path(args.out or RESULTS / f"kernels/compile_sm{args.capability}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=2) + "\n")
     print(f"{len(kernels)} kernels compiled for sm_{args.capability} over {len(shapes)} shapes -> {out}")

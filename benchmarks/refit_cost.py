@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+RESULTS = Path(__file__).resolve().parents[1] / "results"  # the repository's, from any directory
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(
@@ -27,9 +29,14 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=16384)
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--active", type=int, default=2)
-    parser.add_argument("--out", default="results/carve/refit_cost.json")
+    parser.add_argument("--out", default=str(RESULTS / "carve/refit_cost.json"))
     args = parser.parse_args()
-    torch.set_num_threads(2)
+    if args.experts < 2 or not 1 <= args.active < args.experts:  # one shared expert, the rest routed
+        parser.error(
+            f"--active {args.active} of --experts {args.experts}: give 2+ experts, 1 to experts - 1 active"
+        )
+    if args.neurons % args.experts:
+        parser.error(f"--neurons {args.neurons} does not split into {args.experts} experts")
     from moecarve.carve.layer import CarvedFFN, kept_activations, refit_down, refit_ridge
     from moecarve.eval.common import machine, peak_rss_gib, source_commit
 

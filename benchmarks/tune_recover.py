@@ -1,4 +1,4 @@
-"""Recovery fine-tune of bundled-model carves: protocol PPL before/after and the curve in between.
+r"""Recovery fine-tune of bundled-model carves: protocol PPL before/after and the curve in between.
 
 Training text is the BoolQ passage stream without its last 16 x 2048 tokens (the protocol's
 evaluation windows). Curve points use the last `--curve-windows` protocol windows (cheap); the
@@ -31,6 +31,8 @@ from moecarve.eval.common import peak_rss_gib, source_commit
 from moecarve.eval.ppl import evaluation_windows, perplexity, protocol_ppl
 from moecarve.eval.tasks import evaluate_tasks
 from moecarve.tune.recover import RecoverConfig, recover
+
+RESULTS = Path(__file__).resolve().parents[1] / "results"  # the repository's, from any directory
 
 DENSE_PPL = 18.206  # results/carve/bundled.json: the bundled model on the protocol
 
@@ -217,18 +219,22 @@ def main() -> None:
     )
     parser.add_argument("--task-limit", type=int, default=200, help="questions per task")
     parser.add_argument("--work", default=None, help="scratch directory for the recovered models")
-    parser.add_argument("--out", default="results/tune/recover.json")
+    parser.add_argument("--out", default=str(RESULTS / "tune/recover.json"))
     parser.add_argument("--table", nargs="*", help="print the docs table of these results files")
     parser.add_argument(
         "--compute-table", nargs="*", help="print the precision / checkpointing table of these files"
     )
     args = parser.parse_args()
-    if args.table:
-        print(table(args.table))
+    if args.table is not None or args.compute_table is not None:
+        files = args.table if args.table is not None else args.compute_table
+        if not files:
+            parser.error("--table and --compute-table need results files")
+        print(table(files) if args.table is not None else compute_table(files))
         return
-    if args.compute_table:
-        print(compute_table(args.compute_table))
-        return
+    if not args.carved:
+        parser.error("give --carved NAME=DIR (a carve of the bundled model), or --table FILE ...")
+    if bad := [item for item in args.carved if "=" not in item]:
+        parser.error(f"--carved {bad[0]}: give NAME=DIR, as S1A2E8=smollm2-S1A2E8")
     for compute in args.compute.split(","):  # refused before any run
         RecoverConfig(steps=1, precision=compute.removesuffix("+checkpointing"))
     torch.manual_seed(0)
@@ -252,9 +258,14 @@ def main() -> None:
 
 
 def _key(run: dict) -> tuple:
-    """A rerun of the same setting replaces its row; other settings add rows."""
-    rank = run.get("recover_config", {}).get("lora_rank", 8)
-    return run["config"], run["mode"], run["steps"], run.get("distill", 0.0), rank, run.get("compute", "fp32")
+    """A rerun of the same setting (every recovery setting but the checkpoint interval, and the same
+    carve) replaces its row; other settings add rows."""
+    settings = {k: v for k, v in run.get("recover_config", {}).items() if k != "save_every"}
+    carve = run.get("carve", {}).get("config")
+    return (
+        run["config"], run["mode"], run["steps"], run.get("distill", 0.0), run.get("compute", "fp32"),
+        json.dumps(settings, sort_keys=True), json.dumps(carve, sort_keys=True),
+    )  # fmt: skip
 
 
 def _machine() -> dict:

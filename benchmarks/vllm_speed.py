@@ -33,8 +33,8 @@ PROMPT_TOKENS = 32
 NEW_TOKENS = 32
 REPEATS = 3
 ROUNDS = 2
-# The dense cache's config.json (from the GGUF conversion) names no architecture; vLLM then
-# serves it as an embedding model. Used only where config.json has no `architectures`.
+# A config.json without `architectures` (GGUF conversions made by older code) makes vLLM serve
+# the model as an embedding model: used only where config.json has none.
 CAUSAL_LM = {"llama": "LlamaForCausalLM", "glm4_moe": "Glm4MoeForCausalLM"}
 
 
@@ -121,12 +121,16 @@ def cpu_name() -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument(
         "--carved", type=Path, help="a carve of the bundled model (default: carve one at S1A2E8)"
     )
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
+    if args.carved is not None and not (args.carved / "carve.json").is_file():
+        parser.error(f"--carved {args.carved}: not a carve (no carve.json)")
     python = VENV / "bin" / "python"
     if not python.exists():
         sys.exit(f"no vLLM venv at {VENV}: make it with `bash scripts/vllm-venv.sh`")

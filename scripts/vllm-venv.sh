@@ -4,7 +4,7 @@
 # moecarve runs on the newest: the check carves in the main env and serves (and reloads with
 # vLLM's transformers) here, so moecarve itself is not installed in this venv.
 # torch==2.13.0 resolves to the CPU wheel on the machine's disk (pip's find-links).
-# Usage: bash scripts/vllm-venv.sh [VENV_DIR]   (about 2-5 minutes, 3 GB)
+# Usage: bash scripts/vllm-venv.sh [VENV_DIR]   (default .venv-vllm; elsewhere, set MOECARVE_VLLM_VENV for the check)
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 venv="${1:-$root/.venv-vllm}"

@@ -42,3 +42,35 @@ def test_benchmark_parses_arguments_before_work(script):
             f"{script.name}: main() calls {sorted(called - PARSER_CALLS)} before parse_args"
         )
     pytest.fail(f"{script.name}: main() never parses its arguments")
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "message"),
+    [
+        ("carve_bundled.py", ["--configs", "S1A2"], "configuration 'S1A2': give SxAyEz"),
+        ("decode_e2e.py", ["--device", "cpu"], "--device cpu times nothing worth keeping"),
+        ("ffn_kernels.py", ["--device", "cpu", "--configs", "S2A9E8", "--out", "x"], "9 active of 6 routed"),
+        ("ffn_kernels.py", ["--device", "cpu", "--configs", "S2A2E7", "--out", "x"], "11008 does not split"),
+        ("tune_recover.py", [], "give --carved NAME=DIR"),
+        ("tune_recover.py", ["--carved", "dir"], "--carved dir: give NAME=DIR"),
+        ("eval_bundled.py", ["--carved", "x", "--only", "ppls"], "--only ppls: the steps are"),
+        ("refit_cost.py", ["--neurons", "250"], "does not split into 8 experts"),
+        ("kernels_compile.py", ["--dtypes", "bf16"], "--dtypes bf16: give bfloat16"),
+    ],
+)
+def test_bad_arguments_are_refused_in_one_line_before_work(script, args, message, tmp_path):
+    """Run from another directory: the default outputs are the repository's, not the caller's."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode != 0 and message in done.stderr, done.stderr[-1500:]
+    assert "Traceback" not in done.stderr and not any(tmp_path.iterdir())

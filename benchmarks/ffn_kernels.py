@@ -411,7 +411,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=RESULTS / "kernels")
     p.add_argument(
         "--device", default="cuda", choices=["cuda", "cpu"],
-        help="cpu: a smoke run (Triton interpreter or the reference path); its timings mean nothing",
+        help="cpu: a smoke run under Triton's interpreter (TRITON_INTERPRET=1); its timings mean nothing",
     )  # fmt: skip
     args = p.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():

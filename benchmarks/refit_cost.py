@@ -37,6 +37,7 @@ def main() -> None:
         )
     if args.neurons % args.experts:
         parser.error(f"--neurons {args.neurons} does not split into {args.experts} experts")
+    torch.set_num_threads(2)
     from moecarve.carve.layer import CarvedFFN, kept_activations, refit_down, refit_ridge
     from moecarve.eval.common import machine, peak_rss_gib, source_commit
 

@@ -31,6 +31,7 @@ from moecarve.eval.common import peak_rss_gib, source_commit
 from moecarve.eval.ppl import evaluation_windows, perplexity, protocol_ppl
 from moecarve.eval.tasks import evaluate_tasks
 from moecarve.tune.recover import RecoverConfig, recover
+from moecarve.tune.trainer import result_settings
 
 RESULTS = Path(__file__).resolve().parents[1] / "results"  # the repository's, from any directory
 
@@ -251,21 +252,33 @@ def main() -> None:
         for mode, compute in itertools.product(args.modes.split(";"), args.compute.split(",")):
             result = run(name, carved, mode, compute, args, windows, tasks_before)
             result["commit"] = machine["commit"]
-            runs = [r for r in runs if _key(r) != _key(result)]
+            runs = [r for r in runs if not _same_setting(r, result)]
             runs.append(result)
             out.write_text(json.dumps({"machine": machine, "runs": runs}, indent=2) + "\n")
             print(json.dumps({k: v for k, v in result.items() if k not in ("train_loss", "curve")}))
 
 
-def _key(run: dict) -> tuple:
-    """A rerun of the same setting (every recovery setting but the checkpoint interval, and the same
-    carve) replaces its row; other settings add rows."""
-    settings = {k: v for k, v in run.get("recover_config", {}).items() if k != "save_every"}
-    carve = run.get("carve", {}).get("config")
+def _same_setting(old: dict, new: dict) -> bool:
+    """A rerun of the same setting (every recovery setting that decides a result, defaults filled in
+    for rows recorded before a setting existed, and the same carve where both rows record it)
+    replaces its row; other settings add rows."""
+    fields = RecoverConfig.model_fields
+
+    def settings(run):
+        defaults = {name: field.default for name, field in fields.items() if not field.is_required()}
+        return json.dumps(
+            result_settings({**defaults, **run.get("recover_config", {})}), sort_keys=True, default=list
+        )
+
+    def head(run):
+        return run["config"], run["mode"], run["steps"], run.get("distill", 0.0), run.get("compute", "fp32")
+
+    carves = [run.get("carve", {}).get("config") for run in (old, new)]
     return (
-        run["config"], run["mode"], run["steps"], run.get("distill", 0.0), run.get("compute", "fp32"),
-        json.dumps(settings, sort_keys=True), json.dumps(carve, sort_keys=True),
-    )  # fmt: skip
+        head(old) == head(new)
+        and settings(old) == settings(new)
+        and (None in carves or carves[0] == carves[1])
+    )
 
 
 def _machine() -> dict:

@@ -129,8 +129,10 @@ def main() -> None:
     )
     parser.add_argument("--out", type=Path, default=OUT)
     args = parser.parse_args()
-    if args.carved is not None and not (args.carved / "carve.json").is_file():
-        parser.error(f"--carved {args.carved}: not a carve (no carve.json)")
+    if args.carved is not None:
+        record = args.carved / "carve.json"
+        if not record.is_file() or '"resolved"' not in record.read_text():
+            parser.error(f"--carved {args.carved}: not a carve (no carve record in carve.json)")
     python = VENV / "bin" / "python"
     if not python.exists():
         sys.exit(f"no vLLM venv at {VENV}: make it with `bash scripts/vllm-venv.sh`")

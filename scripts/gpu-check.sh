@@ -19,7 +19,7 @@
 # recorded in every benchmark row (the device machine gets the working tree without .git). The
 # pytest steps run on 8 workers where pytest-xdist is installed (Triton's compiles are CPU-bound),
 # verbosely, so a step cut short still names what passed and failed. Prints the steps' exit lines
-# and exits with the worst step's status (124: a step hit its limit).
+# and exits with the worst step's status (124: a step hit its limit or was skipped for lack of time).
 #
 # OUT_DIR gets up to seven files (the device tool brings back at most eight): gpu-check.log (versions
 # and every step's output), the benchmarks' router / ffn_kernels / profile / decode_e2e / tune .jsonl rows,
@@ -33,6 +33,7 @@ mkdir -p "$out"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 log="$out/gpu-check.log"
+((first > 1)) || : >"$log"  # a second call (FIRST_STEP > 1) appends to the first's log
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET  # the kernels compile for the GPU, not the interpreter
 python3 -c 'import xdist' 2>/dev/null && export PYTEST_ADDOPTS="-n 8"
@@ -49,6 +50,7 @@ step() {
     echo "=== step $number: $* (limit ${limit}s)" >>"$log"
     if ((limit < 10)); then
         echo "=== step $number skipped: no time left" >>"$log"
+        ((worst < 124)) && worst=124
         return
     fi
     timeout -k 5 "$limit" "$@" >>"$log" 2>&1
@@ -58,12 +60,13 @@ step() {
     cp "$work"/*.jsonl "$out"/ 2>/dev/null
 }
 
+((first > 1)) && cp "$out"/*.jsonl "$work"/ 2>/dev/null  # a second call adds to the first's rows
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
     python3 -c 'import torch, triton, transformers; print("torch", torch.__version__, "triton",
 triton.__version__, "transformers", transformers.__version__)'
     echo "commit ${MOECARVE_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
-} >"$log" 2>&1
+} >>"$log" 2>&1
 
 # 1. The kernels at 7B shapes and the tiny model's logits on CUDA (about 75 compiles).
 step 75 python3 -m pytest -m gpu tests/kernels -v -rfE -p no:cacheprovider -k "7b or tiny_model"

@@ -145,10 +145,14 @@ def test_calibration_too_short(tiny_models, tmp_path, monkeypatch):
     def resolved(model):
         raise AssertionError("the source was resolved (a GGUF converted, a hub model downloaded) first")
 
-    with monkeypatch.context() as patched:
+    with monkeypatch.context() as patched:  # a hub model: the text is checked before the download
         patched.setattr(pipeline, "resolve_source", resolved)
         with pytest.raises(CalibrationError, match="has 90 bytes, fewer than the 512 tokens requested"):
-            carve(tiny_models["llama"], CarveConfig(**TINY), short, tmp_path / "o")
+            carve("org/model", CarveConfig(**TINY), short, tmp_path / "o")
+    with pytest.raises(ValueError, match="would hold < 1 neuron each"):  # a local one: its config first
+        carve(tiny_models["llama"], CarveConfig(**{**TINY, "experts": 500, "active": 2}), short, tmp_path / "o")
+    with pytest.raises(CalibrationError, match="has 90 bytes"):
+        carve(tiny_models["llama"], CarveConfig(**TINY), short, tmp_path / "o")
     short.write_text("the expert router " * 40)  # bytes enough, tokens not
     with pytest.raises(CalibrationError, match=r"has \d+ tokens, 512 requested"):
         carve(tiny_models["llama"], CarveConfig(**TINY), short, tmp_path / "o")

@@ -67,7 +67,7 @@ def test_blocks_whose_hooks_would_be_bypassed_are_left_as_is(interp_device, monk
     torch.testing.assert_close(logits(offloaded, ids), eager)
 
 
-def test_a_model_dispatched_across_devices_is_taken(interp_device):
+def test_a_model_dispatched_across_devices_is_taken(interp_device, monkeypatch):
     """device_map over several GPUs puts accelerate's hooks on every module; those that only move
     inputs to where the weights are keep running (the block's hook wraps the fused forward)."""
     from accelerate import dispatch_model
@@ -84,7 +84,12 @@ def test_a_model_dispatched_across_devices_is_taken(interp_device):
     ids = torch.randint(0, 96, (1, 4))
     eager = logits(model, ids)
     assert K.enable(model) == 2 and K.enable(model) == 2  # twice: harmless
+    from moecarve.kernels.ops import router
+
+    fused, calls = router.sigmoid_topk, []
+    monkeypatch.setattr(router, "sigmoid_topk", lambda *args: calls.append(1) or fused(*args))
     assert rel(logits(model, ids), eager) < 1e-4
+    assert len(calls) == 2  # the fused router ran in both layers, past the gates' own hooks
     assert K.disable(model) == 2
     torch.testing.assert_close(logits(model, ids), eager)
 

@@ -94,7 +94,9 @@ def reused_heap():
 
 def plan(model, config: CarveConfig, out: Path | None, overwrite: bool, calib=None):
     """Everything checkable without reading weights, and the calibration text read (not tokenized):
-    raises before any expensive work. Returns (source dir, its config, family, out, text)."""
+    raises before any expensive work. The text is read first where the source is not a local
+    directory (a GGUF conversion, a download), last otherwise. Returns (source dir, its config,
+    family, out, text)."""
     local = Path(str(model)).expanduser()
     if out is None:  # NAME-S1A2E8 in the current directory; a dotted name (Qwen2.5-0.5B) kept whole
         name = (local.resolve().name if local.exists() else local.name).removesuffix(".gguf")
@@ -103,7 +105,7 @@ def plan(model, config: CarveConfig, out: Path | None, overwrite: bool, calib=No
     check_apart({"--out": out}, {"model": local})  # also refuses `--out .`, the current directory
     check_output(out, local if local.exists() else None, overwrite)  # before any download or conversion
     check_source(model)
-    text = calibration_text(calib, config.calib_tokens, config.calib_length)
+    text = None if local.is_dir() else calibration_text(calib, config.calib_tokens, config.calib_length)
     src = resolve_source(model)
     check_output(out, src, overwrite)
     source_config = AutoConfig.from_pretrained(src)
@@ -129,6 +131,7 @@ def plan(model, config: CarveConfig, out: Path | None, overwrite: bool, calib=No
         )
     if not any((src / name).is_file() for name in TOKENIZER_FILES):
         raise SourceError(f"{src} holds no tokenizer (any of {', '.join(TOKENIZER_FILES)})")
+    text = text or calibration_text(calib, config.calib_tokens, config.calib_length)
     return src, source_config, family, out, text
 
 

@@ -154,9 +154,12 @@ def versions() -> dict:
 def source_commit(root: Path | None = None) -> str:
     """The checkout's commit, "+changes" when src/ or benchmarks/ differ from it, or "unknown"
     outside a git checkout: which code a results file was made with. `root`: the checkout (this
-    module's own by default)."""
+    module's own by default). `MOECARVE_COMMIT` names it where the checkout came without its .git
+    (a device machine gets the working tree alone)."""
     import subprocess
 
+    if root is None and os.environ.get("MOECARVE_COMMIT"):
+        return os.environ["MOECARVE_COMMIT"]
     root = Path(__file__).resolve().parents[3] if root is None else Path(root)
     if not (root / "src" / "moecarve").is_dir():  # an installed copy, not the checkout
         return "unknown"

@@ -11,7 +11,6 @@ import importlib.metadata
 import json
 import os
 import platform
-import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 import torch
 
 from moecarve.carve.writer import atomic_file
+from moecarve.eval.common import source_commit
 
 from .tuning import table_files
 
@@ -46,24 +46,10 @@ def env_info() -> dict:
         "cuda": torch.version.cuda,
         "spec_hbm_gbps": spec,
         "tuned_tables": table_files(name if cuda else "cpu"),  # what moe_ffn(path="auto") follows
-        "commit": os.environ.get("MOECARVE_COMMIT") or _git_commit(),
+        "commit": source_commit(),
         "utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
-
-def _git_commit() -> str | None:
-    """The checkout's commit, where it is a git checkout (a device machine gets the tree alone)."""
-    try:
-        done = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return (done.stdout.strip() or None) if done.returncode == 0 else None
 
 
 def copy_bandwidth_gbps(n_bytes: int = 2 << 30) -> float:

@@ -191,11 +191,13 @@ def _sigmoid_topk_op_fake(x, weight, bias, top_k, norm_topk_prob, scaling):
 
 
 def _wrapped(module: nn.Module) -> bool:
-    """Hooks, an instance forward or parametrized weights: the module computes more than its weights."""
+    """Hooks, an instance forward or parametrized weights: the module computes more than its weights.
+    accelerate's hooks of a model dispatched across GPUs (inputs moved to where the weights are) do not count."""
+    moves_inputs_only = _accelerate_hooked(module) and _hook_problem(module) is None
     return bool(
         module._forward_hooks
         or module._forward_pre_hooks
-        or "forward" in module.__dict__
+        or ("forward" in module.__dict__ and not moves_inputs_only)
         or torch.nn.utils.parametrize.is_parametrized(module)
     )
 

@@ -150,7 +150,9 @@ def test_calibration_too_short(tiny_models, tmp_path, monkeypatch):
         with pytest.raises(CalibrationError, match="has 90 bytes, fewer than the 512 tokens requested"):
             carve("org/model", CarveConfig(**TINY), short, tmp_path / "o")
     with pytest.raises(ValueError, match="would hold < 1 neuron each"):  # a local one: its config first
-        carve(tiny_models["llama"], CarveConfig(**{**TINY, "experts": 500, "active": 2}), short, tmp_path / "o")
+        carve(
+            tiny_models["llama"], CarveConfig(**{**TINY, "experts": 500, "active": 2}), short, tmp_path / "o"
+        )
     with pytest.raises(CalibrationError, match="has 90 bytes"):
         carve(tiny_models["llama"], CarveConfig(**TINY), short, tmp_path / "o")
     short.write_text("the expert router " * 40)  # bytes enough, tokens not

@@ -51,7 +51,6 @@ def env_info() -> dict:
     }
 
 
-
 def copy_bandwidth_gbps(n_bytes: int = 2 << 30) -> float:
     """Device-to-device copy bandwidth, counting bytes read plus written (median of 10)."""
     src = torch.empty(n_bytes // 2, dtype=torch.bfloat16, device="cuda").normal_()

@@ -285,7 +285,9 @@ def _teacher_dir(src: Path, teacher, carved_config: dict) -> Path:
         local = path is not None and Path(path).is_absolute() and (Path(path) / "config.json").is_file()
         teacher = path if local else recorded.get("source")
         if teacher is None:
-            raise ValueError(f"{src} records no dense source (no carve record in a carve.json): pass --teacher")
+            raise ValueError(
+                f"{src} records no dense source (no carve record in a carve.json): pass --teacher"
+            )
     try:
         path = resolve_source(teacher)
     except (ValueError, OSError) as err:

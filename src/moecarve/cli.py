@@ -152,6 +152,11 @@ def _build_config(options: dict, extra: tuple[str, ...]) -> CarveConfig:
     """Options left unset fall to the preset's value, then the field's default."""
     options = {key: value for key, value in options.items() if value is not None}
     options.update(parse_setting(item) for item in extra)
+    if unknown := sorted(set(options) - set(CarveConfig.model_fields)):
+        raise click.BadParameter(
+            f"{unknown[0]}: unknown carve setting; the settings are {', '.join(CarveConfig.model_fields)}",
+            param_hint="--set",
+        )
     return CarveConfig(**options)
 
 

@@ -174,6 +174,10 @@ def test_changed_settings_of_a_finished_job_are_refused(make_recipe, reference, 
         ValueError, match=r"llama-S1A2E8 .* other settings than the recipe now gives \(carve.calib_tokens\)"
     ):
         runner.open_batch(recipe, reference)
+    mistyped = recipe.read_text().replace("path: /", "path: /nonexistent/")
+    (tmp_path / "mistyped.yaml").write_text(mistyped)  # a typo is named as one, not as changed settings
+    with pytest.raises(FileNotFoundError, match="model llama: not found"):
+        runner.open_batch(tmp_path / "mistyped.yaml", reference)
     recipe.write_text(recipe.read_text().replace("calib_tokens: 512", "calib_tokens: 1024"))
     recipe.write_text(recipe.read_text().replace("windows: 2,", "windows: 3,"))
     with pytest.raises(ValueError, match=r"llama-dense .* gives \(options.eval_ppl.windows\)"):
@@ -699,3 +703,12 @@ def test_a_job_process_that_refuses_its_input_says_why_in_the_table(make_recipe,
     assert (
         batch.result(job)["error"] == f"job process exited with status 2: {reason} (see logs/{job.name}.log)"
     )
+
+
+def test_the_tables_timing_columns_keep_one_order_whichever_job_finished_first():
+    """A script reading results.csv by position sees the same columns after every run."""
+    from moecarve.batch.table import columns
+
+    dense = {"job": "d", "status": "done", "ppl": 18.0, "error": None, "seconds": 3.0}
+    carved = {"job": "c", "status": "done", "ppl": 40.0, "error": None, "carve_seconds": 2.0, "seconds": 5.0}
+    assert columns([carved, dense])[-2:] == columns([dense, carved])[-2:] == ["seconds", "carve_seconds"]

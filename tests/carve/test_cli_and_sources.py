@@ -95,6 +95,7 @@ def test_eval_ppl_scores_source_and_carve_on_the_protocol(tiny_models, calib_fil
     assert (
         short.exit_code != 0
         and "--eval-ppl's protocol window length 2048 exceeds the 256 positions" in str(short.exception)
+        and "measure with `moecarve eval ppl OUT --length 256` after" in str(short.exception)
     )
     assert not (tmp_path / "o").exists()
     model = make_model(tmp_path / "llama2048", "llama", positions=2048)

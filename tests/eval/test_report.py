@@ -344,8 +344,9 @@ def test_report_names_alike_measurements_apart(tmp_path):
     record = {
         "kind": "ppl",
         "protocol": protocol,
-        "results": [ppl("/m/carve-a", 30.0), ppl("/m/carve-b", 31.0)],
-    }
+        "results": [ppl("/m/carve-a", 30.0), ppl("/m/carve-b", 31.0),  # and two batch jobs' models
+                    ppl("/run/jobs/S1A2E8/model", 32.0), ppl("/run/jobs/S1A2E8-bal/model", 33.0)],
+    }  # fmt: skip
     (results / "ppl.json").write_text(json.dumps(record))
     tasks = {"kind": "tasks", "model": "/m/carve-a", "name": "S1A2E8", "active_fraction": 0.375}
     for name, questions, acc in (("t1", 2, 0.5), ("t2", 3, 1.0)):
@@ -365,6 +366,7 @@ def test_report_names_alike_measurements_apart(tmp_path):
     assert (
         "| carve-a | S1A2E8 | 0.375 | 30.000 |" in markdown
         and "| carve-b | S1A2E8 | 0.375 | 31.000 |" in markdown
+        and "| S1A2E8-bal/model | S1A2E8 | 0.375 | 33.000 |" in markdown
     )
     assert "| S1A2E8 | 0.375 | 1.000 (3) |" in markdown and "(2) |" not in markdown
     assert "1 measurement(s) repeated" in markdown

@@ -81,8 +81,8 @@ def open_batch(recipe: str | Path, out: str | Path | None = None) -> Batch:
     loaded = load_recipe(recipe)
     batch = Batch(loaded, loaded.output(out).resolve())
     check_owner(batch)
+    check_models(batch)  # a mistyped model path is named as such, not as changed settings
     check_finished(batch)
-    check_models(batch)
     return batch
 
 

@@ -25,6 +25,12 @@ STAGE_COLUMNS = [
     "esft_loss", "ppl", "ppl_tokens",
 ]  # fmt: skip
 LAST = ["error"]
+TIMINGS = [
+    "seconds",
+    "carve_seconds",
+    "recover_seconds",
+    "esft_seconds",
+]  # in this order, whichever finished first
 
 
 def job_row(job: Job, result: dict | None) -> dict:
@@ -55,7 +61,8 @@ def columns(rows: list[dict]) -> list[str]:
     known = [k for k in STAGE_COLUMNS if k in seen]
     rest = [k for k in dict.fromkeys(seen) if k not in FIRST + known + LAST and not k.endswith("seconds")]
     middle = known + rest
-    timings = [k for k in dict.fromkeys(seen) if k.endswith("seconds")]
+    found = [k for k in dict.fromkeys(seen) if k.endswith("seconds")]
+    timings = [k for k in TIMINGS if k in found] + [k for k in found if k not in TIMINGS]
     return FIRST + middle + LAST + timings
 
 

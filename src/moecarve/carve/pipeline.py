@@ -181,9 +181,9 @@ def _carve(model, config, calib, out, overwrite: bool, evaluate: bool, progress:
     started = time.perf_counter()
     src, source_config, family, out, text = plan(model, config, out, overwrite, calib)
     if evaluate:
-        from moecarve.eval.ppl import PROTOCOL_LENGTH, check_positions
+        from moecarve.eval.ppl import EVAL_PPL_WINDOWS, PROTOCOL_LENGTH, check_positions
 
-        check_positions(src, PROTOCOL_LENGTH, "--eval-ppl's protocol window length")
+        check_positions(src, PROTOCOL_LENGTH, EVAL_PPL_WINDOWS)
     tensors = TensorSource(src)
     expected_tensors(source_config, family, tensors)
     tokenizer = AutoTokenizer.from_pretrained(src)

@@ -90,7 +90,12 @@ def score(
     used_tokens, sequences = 0, 0
     with (
         moe.record_routing(model) as log,
-        tqdm(total=tokens, desc="esft score", leave=False, disable=not progress) as bar,
+        tqdm(
+            total=min(tokens, sum(len(e.input_ids) for e in examples)),
+            desc="esft score",
+            leave=False,
+            disable=not progress,
+        ) as bar,
     ):
         for example in examples:
             if used_tokens >= tokens:

@@ -252,3 +252,14 @@ def write_json(record: dict, out: Path | None) -> None:
     if out is None:
         return
     write_atomically(out, json.dumps(record, indent=2) + "\n")
+
+
+def distinct_suffix(path: str, paths: set[str]) -> str:
+    """The fewest trailing parts of `path` that no other of `paths` ends with: a batch output's
+    models are all named JOB/model, so the job's name tells them apart."""
+    parts = Path(path).parts
+    others = [Path(p).parts for p in paths if p != path]
+    for n in range(1, len(parts) + 1):
+        if all(other[-n:] != parts[-n:] for other in others):
+            return "/".join(parts[-n:])
+    return path

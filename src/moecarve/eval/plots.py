@@ -9,6 +9,7 @@ from pathlib import Path
 import matplotlib
 
 from moecarve.carve.writer import atomic_file
+from moecarve.eval.common import distinct_suffix
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
@@ -21,12 +22,16 @@ def ppl_vs_active(rows: list[dict], png: Path) -> Path:
     fig, ax = plt.subplots(figsize=(6, 4))
     drawn = [r for r in rows if r["active_fraction"] is not None]
     fields = ("source", "trained", "text", "windows_x_length", "dtype")
+    models = {r["model"] for r in drawn}
+    alike = {
+        c for c in (r["config"] for r in drawn) if len({r["model"] for r in drawn if r["config"] == c}) > 1
+    }
     for label, points in lines(drawn, fields, always=("source",)):
         points = sorted(points, key=lambda r: r["active_fraction"])
         ax.plot([r["active_fraction"] for r in points], [r["ppl"] for r in points], "o-", label=label)
         for r in points:
             ax.annotate(
-                r["config"],
+                distinct_suffix(r["model"], models) if r["config"] in alike else r["config"],
                 (r["active_fraction"], r["ppl"]),
                 fontsize=7,
                 xytext=(3, 3),

@@ -57,12 +57,20 @@ def model_positions(model_dir: str | Path) -> int | None:
     return positions
 
 
+EVAL_PPL_WINDOWS = "--eval-ppl's protocol window length"  # the carve's and recover's option
+
+
 def check_positions(model_dir: str | Path, length: int, what: str = "--length") -> None:
     """Refuse windows longer than the model's positions: their tail would be scored at positions
     the model was never trained on, and the figure would look like any other."""
     positions = model_positions(model_dir)
     if positions and length > positions:
-        raise ValueError(f"{what} {length} exceeds the {positions} positions of {model_dir}")
+        instead = (
+            f"; leave it out and measure with `moecarve eval ppl OUT --length {positions}` after"
+            if what == EVAL_PPL_WINDOWS
+            else ""
+        )
+        raise ValueError(f"{what} {length} exceeds the {positions} positions of {model_dir}{instead}")
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from moecarve.carve.writer import atomic_file, model_directory_of, write_atomically
+from moecarve.eval.common import distinct_suffix
 
 KINDS = ("ppl", "tasks", "speed", "load")
 
@@ -209,7 +210,7 @@ def render_report(results_dir: str | Path, out: str | Path | None = None) -> lis
             _varying(rows, ["text", "dtype"]),
         )
         table = [
-            [_shown(r, f) for f in front]
+            [_shown(r, f, rows) for f in front]
             + [r["config"], r["active_fraction"], r["ppl"], r["tokens_scored"], r["windows_x_length"]]
             + [r[f] for f in back]
             + ([r["carve_seconds"]] if timed else [])
@@ -243,7 +244,7 @@ def render_report(results_dir: str | Path, out: str | Path | None = None) -> lis
         front = _varying(rows, ["source"]) + _models_if_named_alike(rows)
         back = _varying(rows, ["cpu", "tokens"])
         table = [
-            [_shown(r, f) for f in front]
+            [_shown(r, f, rows) for f in front]
             + [
                 r["config"],
                 r["device"],
@@ -341,9 +342,12 @@ def _varying(rows: list[dict], fields: list[str]) -> list[str]:
     return [f for f in fields if len({r[f] for r in rows}) > 1]
 
 
-def _shown(row: dict, field: str) -> str:
-    """A cell: a source model or a model by its file or directory name."""
-    return Path(row[field]).name if field in ("source", "model") else row[field]
+def _shown(row: dict, field: str, rows: list[dict]) -> str:
+    """A cell: a source model by its file or directory name, a model by as much of its path as tells
+    it from the table's other models (a batch job's `JOB/model`)."""
+    if field == "model":
+        return distinct_suffix(row["model"], {r["model"] for r in rows})
+    return Path(row[field]).name if field == "source" else row[field]
 
 
 def _pair(record: dict) -> list[str]:
@@ -374,7 +378,7 @@ def _tasks_table(rows: list[dict]) -> str:
     body = []
     for model in models:
         first = next(r for r in rows if (r["model"], r["dtype"]) == model)
-        line = [_shown(first, f) for f in front] + [first["config"], first["active_fraction"]]
+        line = [_shown(first, f, rows) for f in front] + [first["config"], first["active_fraction"]]
         line += [first[f] for f in back]
         for task in tasks:
             r = cells.get((*model, task))

@@ -26,7 +26,7 @@ from moecarve.carve.calib import read_json, text_identity
 from moecarve.carve.source import damaged_weights_named, model_identity
 from moecarve.carve.target import write_rotary_at_top_level
 from moecarve.carve.writer import atomic_directory, check_apart, check_output
-from moecarve.eval.ppl import PROTOCOL_LENGTH, check_positions
+from moecarve.eval.ppl import EVAL_PPL_WINDOWS, PROTOCOL_LENGTH, check_positions
 from moecarve.moe import declared_dtype, routers_in_fp32
 from moecarve.tune.adapters import DEFAULT_LORA_TARGETS, trainable_model
 from moecarve.tune.balance import LoadTracker
@@ -185,7 +185,7 @@ def recover(
     carved_config = check_carved(src)
     check_positions(src, config.length)  # blocks of exactly --length tokens
     if evaluate:  # scored after training, but refused now
-        check_positions(src, PROTOCOL_LENGTH, "--eval-ppl's protocol window length")
+        check_positions(src, PROTOCOL_LENGTH, EVAL_PPL_WINDOWS)
     if out is None:
         raise ValueError("an output directory is needed (--out)")
     out = Path(out).expanduser()

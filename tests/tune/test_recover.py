@@ -390,7 +390,7 @@ def test_cli_reports_a_dense_model_in_one_line(tiny_models, tmp_path):
         result = subprocess.run(
             [sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=tmp_path
         )
-        assert result.returncode == 2
+        assert result.returncode == 2 and result.stdout == ""  # no announcement of a refused run
         (line,) = result.stderr.strip().splitlines()
         assert line.startswith("error: ") and message in line and "carve" in line
 

@@ -78,14 +78,12 @@ def recover_command(
 ):
     """Recover the quality of a CARVED checkpoint with a light fine-tune; writes a merged glm4_moe model."""
     from moecarve.tune.recover import recover
-    from moecarve.tune.trainer import training_device
+    from moecarve.tune.trainer import Announce
 
     options["lora_targets"] = tuple(t.strip() for t in options["lora_targets"].split(",") if t.strip())
     if options["lr"] is None:  # the config's default, which --train full does not take
         del options["lr"]
     config = RecoverConfig(**options)
-    device = training_device(device, "tune recover", config.precision)  # refused before the announcement
-    click.echo(f"training {'+'.join(config.train)} for {config.steps} steps")
     result = recover(
         carved,
         config,
@@ -98,6 +96,7 @@ def recover_command(
         adapter_out=adapter_out,
         teacher=teacher,
         device=device,
+        callbacks=(Announce(f"training {'+'.join(config.train)} for {config.steps} steps"),),
     )
     record = result.record
     click.echo(

@@ -47,6 +47,18 @@ def check_trained_weights(model) -> None:
         )
 
 
+class Announce(TrainerCallback):
+    """Print `line` once training begins: after every check and load, so a refused run prints only
+    its error (one process of several)."""
+
+    def __init__(self, line: str):
+        self.line = line
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            print(self.line, flush=True)
+
+
 @contextlib.contextmanager
 def overflow_as_divergence():
     """A step too large for float32 (a huge --lr or LoRA alpha) makes torch refuse it with an

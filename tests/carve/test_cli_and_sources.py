@@ -405,3 +405,20 @@ def test_the_cli_prints_its_own_warnings_in_one_line(monkeypatch):
     for category in (FutureWarning, UserWarning):  # other warnings, wherever they are reported
         theirs = warnings.formatwarning("deprecated", category, cli.__file__, 3, "line")
         assert theirs.startswith(f"{cli.__file__}:3: {category.__name__}: deprecated")
+
+
+def test_paths_with_a_tilde_and_configs_of_the_wrong_type(tiny_models, calib_file, tmp_path, monkeypatch):
+    """`~` is the home directory in every path, the returned output included; a config that is
+    neither a CarveConfig nor a dict of its fields is refused by type."""
+    import shutil
+
+    from moecarve import CarveConfig, carve
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_models["llama"], tmp_path / "llama")
+    config = CarveConfig(experts=8, active=2, calib_tokens=512, calib_length=64)
+    result = carve("~/llama", config, str(calib_file), "~/carved", progress=False)
+    assert result.out == tmp_path / "carved" and (result.out / "carve.json").is_file()
+    with pytest.raises(TypeError, match="config must be a CarveConfig or a dict of its fields, got str"):
+        carve("~/llama", "S1A2E8", str(calib_file), "~/other", progress=False)

@@ -419,3 +419,19 @@ def test_the_python_api_asks_for_an_output(tiny_carved, task_file, tmp_path):
                        (lambda: merge.merge(tiny_carved, tmp_path / "a", None), "output directory is needed")):  # fmt: skip
         with pytest.raises(ValueError, match=what):
             call()
+
+
+def test_a_model_named_with_a_tilde_and_a_config_given_as_a_dict(
+    tiny_carved, task_file, tmp_path, monkeypatch
+):
+    from moecarve.esft import score
+
+    monkeypatch.setenv("HOME", str(tiny_carved.parent))
+    home_model = f"~/{tiny_carved.name}"
+    record = score.score(home_model, task_file, tmp_path / "s.json", tokens=64, max_length=32, progress=False)
+    assert record["model"] == str(tiny_carved.resolve())
+    efile = experts_file(tiny_carved, tmp_path / "experts.json", {0: [1], 1: [6]})
+    result = train.train(home_model, efile, task_file, tmp_path / "a", {**CONFIG.model_dump(), "steps": 1})
+    assert result["config"]["steps"] == 1 and (tmp_path / "a" / "esft_config.json").is_file()
+    with pytest.raises(TypeError, match="config must be an EsftConfig or a dict of its fields, got str"):
+        train.train(tiny_carved, efile, task_file, tmp_path / "b", "fast")

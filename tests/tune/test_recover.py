@@ -479,3 +479,12 @@ def test_a_teacher_with_another_tokenizer_is_refused(tiny_models, tiny_carved, c
     with pytest.raises(ValueError, match="splits the training text into other tokens"):
         recover(tiny_carved, config, calib_file, tmp_path / "o", teacher=other)
     assert not (tmp_path / "o").exists() and not (tmp_path / "o.checkpoints").exists()
+
+
+def test_a_config_given_as_a_dict_or_of_the_wrong_type(tiny_carved, calib_file, tmp_path):
+    result = recover(tiny_carved, {"steps": 1, **FAST}, calib_file, tmp_path / "o")
+    assert result.record["config"]["steps"] == 1
+    with pytest.raises(
+        TypeError, match="config must be a RecoverConfig or a dict of its fields, got NoneType"
+    ):
+        recover(tiny_carved, None, calib_file, tmp_path / "p")

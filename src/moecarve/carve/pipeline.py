@@ -101,7 +101,7 @@ def plan(model, config: CarveConfig, out: Path | None, overwrite: bool, calib=No
     if out is None:  # NAME-S1A2E8 in the current directory; a dotted name (Qwen2.5-0.5B) kept whole
         name = (local.resolve().name if local.exists() else local.name).removesuffix(".gguf")
         out = Path(f"{name}-{config.name}")
-    out = Path(out)
+    out = Path(out).expanduser()
     check_apart({"--out": out}, {"model": local})  # also refuses `--out .`, the current directory
     check_output(out, local if local.exists() else None, overwrite)  # before any download or conversion
     check_source(model)
@@ -178,6 +178,8 @@ def carve(
 
 def _carve(model, config, calib, out, overwrite: bool, evaluate: bool, progress: bool, device: str):
     config = CarveConfig.model_validate(config) if isinstance(config, dict) else config or CarveConfig()
+    if not isinstance(config, CarveConfig):
+        raise TypeError(f"config must be a CarveConfig or a dict of its fields, got {type(config).__name__}")
     started = time.perf_counter()
     src, source_config, family, out, text = plan(model, config, out, overwrite, calib)
     if evaluate:

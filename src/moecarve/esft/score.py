@@ -64,6 +64,7 @@ def score(
 
     if out is None:
         raise ValueError("an output file is needed for the scores (--out)")
+    model_dir = Path(model_dir).expanduser()
     if tokens < 1:
         raise ValueError(f"--tokens must be positive, got {tokens}")
     if max_length < 2:

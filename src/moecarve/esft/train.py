@@ -246,7 +246,10 @@ def train(
 
     if out is None:
         raise ValueError("an output directory is needed for the adapter (--out)")
-    config = config or EsftConfig()
+    model_dir = Path(model_dir).expanduser()
+    config = EsftConfig.model_validate(config) if isinstance(config, dict) else config or EsftConfig()
+    if not isinstance(config, EsftConfig):
+        raise TypeError(f"config must be an EsftConfig or a dict of its fields, got {type(config).__name__}")
     device = training_device(device, "esft train", config.precision)
     out = Path(out).expanduser()
     check_output(out, Path(model_dir), overwrite, marker="esft_config.json")

@@ -45,9 +45,9 @@ def model_positions(model_dir: str | Path) -> int | None:
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(model_dir).get_text_config()
+        config = AutoConfig.from_pretrained(Path(model_dir).expanduser()).get_text_config()
     except (OSError, ValueError, KeyError):  # a model type this transformers does not know
-        return common.read_config(Path(model_dir)).get("max_position_embeddings")
+        return common.read_config(Path(model_dir).expanduser()).get("max_position_embeddings")
     positions = getattr(config, "max_position_embeddings", None)
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
     scaled = isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) not in (None, "default")
@@ -97,6 +97,7 @@ def protocol_ppl(
     """Protocol PPL of a saved model directory, loaded in fp32 with stock transformers."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    model_dir, device = common.resolve_model(model_dir), resolve_device(device)
     check_positions(model_dir, length, "the protocol's window length")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval().to(device)

@@ -180,6 +180,11 @@ def recover(
     """Fine-tune the carved checkpoint `model` on `data` and write the merged model to `out`.
     `device`: cpu, cuda or cuda:N (None: transformers' choice, CUDA where present)."""
     started = time.perf_counter()
+    config = RecoverConfig.model_validate(config) if isinstance(config, dict) else config
+    if not isinstance(config, RecoverConfig):
+        raise TypeError(
+            f"config must be a RecoverConfig or a dict of its fields, got {type(config).__name__}"
+        )
     device = training_device(device, "tune recover", config.precision)
     src = Path(model).expanduser()
     carved_config = check_carved(src)

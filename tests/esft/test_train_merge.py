@@ -149,15 +149,12 @@ def test_a_diverged_run_writes_no_adapter(tiny_carved, task_file, tmp_path):
     from moecarve.tune.trainer import TrainingDiverged
 
     efile = experts_file(tiny_carved, tmp_path / "experts.json", {0: [1, 4], 1: [6]})
-    with pytest.raises(TrainingDiverged, match="training diverged"):
-        train.train(
-            tiny_carved, efile, task_file, tmp_path / "adapter", CONFIG.model_copy(update={"lr": 1e8})
-        )
-    with pytest.raises(TrainingDiverged, match="a step overflowed float32"):
-        train.train(
-            tiny_carved, efile, task_file, tmp_path / "adapter", CONFIG.model_copy(update={"lr": 1e300})
-        )
-    assert not (tmp_path / "adapter").exists()
+    for lr, message in ((1e8, "training diverged"), (1e300, "a step overflowed float32")):
+        with pytest.raises(TrainingDiverged, match=message):
+            train.train(
+                tiny_carved, efile, task_file, tmp_path / "adapter", CONFIG.model_copy(update={"lr": lr})
+            )
+        assert not (tmp_path / "adapter").exists()
 
 
 def test_mix_general(tiny_carved, task_file, tmp_path):

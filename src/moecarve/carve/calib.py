@@ -167,12 +167,13 @@ def calibration_text(source, tokens: int, length: int) -> tuple[str, str]:
     """(text, description) of the source, refused at once where it is surely too short for the
     budget: read before the model is resolved (a GGUF conversion, a download) and tokenized."""
     text, description = read_text(source)
-    needed = (tokens // length) * length * (1 - SHORTFALL_TOLERANCE)
-    size = len(text.encode("utf-8"))
-    if size + 1 < needed:  # no tokenizer gives more tokens than bytes (+1: SentencePiece's prefix)
+    used, size = (tokens // length) * length, len(text.encode("utf-8"))
+    if size + 1 < used * (
+        1 - SHORTFALL_TOLERANCE
+    ):  # no tokenizer gives more tokens than bytes (+1: SentencePiece's prefix)
         raise CalibrationError(
-            f"calibration text has {size} bytes, fewer than the {(tokens // length) * length} tokens "
-            f"requested ({description}); give more text or fewer --calib-tokens"
+            f"calibration text has {size} bytes, fewer than the {used} tokens requested ({description}); "
+            "give more text or fewer --calib-tokens"
         )
     return text, description
 

@@ -30,6 +30,21 @@ def expand_preset(settings: dict) -> dict:
     return {**spelled, **settings}
 
 
+def settings_of(model: type[BaseModel], given, defaults: bool = True):
+    """A stage's settings given as `model`, a dict of its fields, or None for `model`'s defaults
+    (where it has them); anything else is refused by type. carve, tune recover and esft train take
+    their configs so."""
+    if given is None and defaults:
+        return model()
+    given = model.model_validate(given) if isinstance(given, dict) else given
+    if not isinstance(given, model):
+        article = "an" if model.__name__[0] in "AEIOU" else "a"
+        raise TypeError(
+            f"config must be {article} {model.__name__} or a dict of its fields, got {type(given).__name__}"
+        )
+    return given
+
+
 class CarveConfig(BaseModel):
     """S{shared}A{active}E{experts}: `experts` counts every expert of d_h / experts neurons, shared included."""
 

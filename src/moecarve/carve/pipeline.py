@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
 from moecarve.carve.calib import calibration, calibration_text
-from moecarve.carve.config import CarveConfig
+from moecarve.carve.config import CarveConfig, settings_of
 from moecarve.carve.families import family_for
 from moecarve.carve.layer import carve_ffn, pad_neurons, timed
 from moecarve.carve.source import TOKENIZER_FILES, SourceError, TensorSource, check_source, resolve_source
@@ -177,24 +177,22 @@ def carve(
 
 
 def _carve(model, config, calib, out, overwrite: bool, evaluate: bool, progress: bool, device: str):
-    config = CarveConfig.model_validate(config) if isinstance(config, dict) else config or CarveConfig()
-    if not isinstance(config, CarveConfig):
-        raise TypeError(f"config must be a CarveConfig or a dict of its fields, got {type(config).__name__}")
+    config = settings_of(CarveConfig, config)
     started = time.perf_counter()
     src, source_config, family, out, text = plan(model, config, out, overwrite, calib)
     if evaluate:
-        from moecarve.eval.ppl import EVAL_PPL_WINDOWS, PROTOCOL_LENGTH, check_positions
+        from moecarve.eval.ppl import check_eval_ppl_positions
 
-        check_positions(src, PROTOCOL_LENGTH, EVAL_PPL_WINDOWS)
+        check_eval_ppl_positions(src)
     tensors = TensorSource(src)
     expected_tensors(source_config, family, tensors)
     tokenizer = AutoTokenizer.from_pretrained(src)
     calib_data = calibration(tokenizer, calib, config.calib_tokens, config.calib_length, text)
-    rows = tensors.shape("model.embed_tokens.weight")[0]
-    if calib_data.input_ids.max().item() >= rows:
+    rows, largest = tensors.shape("model.embed_tokens.weight")[0], calib_data.input_ids.max().item()
+    if largest >= rows:
         raise SourceError(
-            f"the tokenizer gives token id {calib_data.input_ids.max().item()}, the embeddings have "
-            f"{rows} rows: {src}'s tokenizer does not match its weights"
+            f"the tokenizer gives token id {largest}, the embeddings have {rows} rows: {src}'s tokenizer "
+            "does not match its weights"
         )
     source_dtype = source_config.dtype if isinstance(source_config.dtype, torch.dtype) else None
     dtype = DTYPES.get(config.dtype) or source_dtype or tensors.dtype("model.embed_tokens.weight")

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from safetensors.torch import save_file
 
 from moecarve import moe
+from moecarve.carve.config import settings_of
 from moecarve.esft.data import Collator, as_dataset, load_examples, pad_id, text_examples, token_examples
 from moecarve.esft.merge import base_digest
 from moecarve.esft.optim import SliceAdamW, mask_gradient
@@ -247,12 +248,10 @@ def train(
     if out is None:
         raise ValueError("an output directory is needed for the adapter (--out)")
     model_dir = Path(model_dir).expanduser()
-    config = EsftConfig.model_validate(config) if isinstance(config, dict) else config or EsftConfig()
-    if not isinstance(config, EsftConfig):
-        raise TypeError(f"config must be an EsftConfig or a dict of its fields, got {type(config).__name__}")
+    config = settings_of(EsftConfig, config)
     device = training_device(device, "esft train", config.precision)
     out = Path(out).expanduser()
-    check_output(out, Path(model_dir), overwrite, marker="esft_config.json")
+    check_output(out, model_dir, overwrite, marker="esft_config.json")
     check_apart(
         {"--out": out},
         {"model": model_dir, "--experts": experts_file, "--data": data, "--mix-general": config.mix_general},

@@ -44,10 +44,11 @@ def model_positions(model_dir: str | Path) -> int | None:
     at the original length); None when the config names neither."""
     from transformers import AutoConfig
 
+    model_dir = Path(model_dir).expanduser()
     try:
-        config = AutoConfig.from_pretrained(Path(model_dir).expanduser()).get_text_config()
+        config = AutoConfig.from_pretrained(model_dir).get_text_config()
     except (OSError, ValueError, KeyError):  # a model type this transformers does not know
-        return common.read_config(Path(model_dir).expanduser()).get("max_position_embeddings")
+        return common.read_config(model_dir).get("max_position_embeddings")
     positions = getattr(config, "max_position_embeddings", None)
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
     scaled = isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) not in (None, "default")
@@ -57,20 +58,25 @@ def model_positions(model_dir: str | Path) -> int | None:
     return positions
 
 
-EVAL_PPL_WINDOWS = "--eval-ppl's protocol window length"  # the carve's and recover's option
-
-
-def check_positions(model_dir: str | Path, length: int, what: str = "--length") -> None:
+def check_positions(model_dir: str | Path, length: int, what: str = "--length", instead: str = "") -> None:
     """Refuse windows longer than the model's positions: their tail would be scored at positions
-    the model was never trained on, and the figure would look like any other."""
+    the model was never trained on, and the figure would look like any other. `instead`: what to
+    do then, formatted with the model's `positions`."""
     positions = model_positions(model_dir)
     if positions and length > positions:
-        instead = (
-            f"; leave it out and measure with `moecarve eval ppl OUT --length {positions}` after"
-            if what == EVAL_PPL_WINDOWS
-            else ""
-        )
-        raise ValueError(f"{what} {length} exceeds the {positions} positions of {model_dir}{instead}")
+        advice = f"; {instead.format(positions=positions)}" if instead else ""
+        raise ValueError(f"{what} {length} exceeds the {positions} positions of {model_dir}{advice}")
+
+
+def check_eval_ppl_positions(model_dir: str | Path) -> None:
+    """`--eval-ppl` (carve's, recover's) scores the protocol's windows: refused, before any work, on
+    a model too short for them, with how to measure it instead."""
+    check_positions(
+        model_dir,
+        PROTOCOL_LENGTH,
+        "--eval-ppl's protocol window length",
+        "leave it out and measure with `moecarve eval ppl OUT --length {positions}` after",
+    )
 
 
 @torch.no_grad()

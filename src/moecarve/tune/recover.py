@@ -23,10 +23,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, set_seed
 
 from moecarve.carve.calib import read_json, text_identity
+from moecarve.carve.config import settings_of
 from moecarve.carve.source import damaged_weights_named, model_identity
 from moecarve.carve.target import write_rotary_at_top_level
 from moecarve.carve.writer import atomic_directory, check_apart, check_output
-from moecarve.eval.ppl import EVAL_PPL_WINDOWS, PROTOCOL_LENGTH, check_positions
+from moecarve.eval.ppl import check_eval_ppl_positions, check_positions
 from moecarve.moe import declared_dtype, routers_in_fp32
 from moecarve.tune.adapters import DEFAULT_LORA_TARGETS, trainable_model
 from moecarve.tune.balance import LoadTracker
@@ -180,17 +181,13 @@ def recover(
     """Fine-tune the carved checkpoint `model` on `data` and write the merged model to `out`.
     `device`: cpu, cuda or cuda:N (None: transformers' choice, CUDA where present)."""
     started = time.perf_counter()
-    config = RecoverConfig.model_validate(config) if isinstance(config, dict) else config
-    if not isinstance(config, RecoverConfig):
-        raise TypeError(
-            f"config must be a RecoverConfig or a dict of its fields, got {type(config).__name__}"
-        )
+    config = settings_of(RecoverConfig, config, defaults=False)  # steps has none
     device = training_device(device, "tune recover", config.precision)
     src = Path(model).expanduser()
     carved_config = check_carved(src)
     check_positions(src, config.length)  # blocks of exactly --length tokens
     if evaluate:  # scored after training, but refused now
-        check_positions(src, PROTOCOL_LENGTH, EVAL_PPL_WINDOWS)
+        check_eval_ppl_positions(src)
     if out is None:
         raise ValueError("an output directory is needed (--out)")
     out = Path(out).expanduser()

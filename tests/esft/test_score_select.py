@@ -222,3 +222,19 @@ def test_models_with_unaligned_experts_load_with_the_eager_experts(tmp_path):
             json.dumps({"moe_intermediate_size": width, "dtype": "bfloat16"})
         )
         assert experts_loading(tmp_path, dtype) == expected, (width, dtype)
+
+
+def test_examples_are_sampled_whole_and_at_random_when_over_the_budget():
+    """The paper scores a random sample of the task data. In file order a sorted file gave its first
+    slice, and the example cut at the budget weighed as much as a whole one in the per-sequence mean."""
+    from types import SimpleNamespace
+
+    examples = [SimpleNamespace(input_ids=[i] * (10 + i)) for i in range(40)]  # sorted by length
+    assert score.sample_examples(examples, 10_000, seed=0) == [e.input_ids for e in examples]
+    drawn = score.sample_examples(examples, 200, seed=0)
+    assert drawn == score.sample_examples(examples, 200, seed=0)  # the seed decides it
+    assert drawn != score.sample_examples(examples, 200, seed=1)
+    assert all(ids in [e.input_ids for e in examples] for ids in drawn)  # whole examples only
+    assert sum(map(len, drawn)) <= 200 and drawn != [e.input_ids for e in examples[: len(drawn)]]
+    (cut,) = score.sample_examples(examples[30:], 12, seed=0)  # one example over the budget by itself
+    assert len(cut) == 12

@@ -133,6 +133,22 @@ def test_training_changes_only_what_it_trains(tiny_carved, native_models, task_f
     compare_every_tensor(before, model.state_dict(), changes)
 
 
+def test_a_model_trained_twice_trains_its_second_selection(tiny_carved, task_file):
+    """Python API: the gradient masks of a first training are removed with it. Kept, they zeroed the
+    second selection's gradients (weight decay alone still moved its rows: it is off here)."""
+    config = CONFIG.model_copy(update={"weight_decay": 0.0})
+    layer = model_shape(tiny_carved).moe_layers[0]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_carved)
+    model = AutoModelForCausalLM.from_pretrained(tiny_carved)
+    dataset = train.training_set(tiny_carved, task_file, tokenizer, config)
+    train.train_experts(model, {layer: [0]}, dataset, Collator(pad_id(tokenizer)), config)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train.train_experts(model, {layer: [3]}, dataset, Collator(pad_id(tokenizer)), config)
+    compare_every_tensor(
+        before, model.state_dict(), expected_changes(tiny_carved, {layer: [3]}, shared=False)
+    )
+
+
 def test_cli_train_and_merge(tiny_carved, task_file, tmp_path, monkeypatch, capsys):
     efile = experts_file(tiny_carved, tmp_path / "e.json", {0: [3]})
     args = ["train", tiny_carved, "--experts", efile, "--data", task_file, "--steps", 1, "--max-length", 32]

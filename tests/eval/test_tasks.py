@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import datasets
 import pytest
@@ -114,3 +115,30 @@ def test_no_git_message_outside_a_repository(tiny_models, tmp_path, monkeypatch,
     record = evaluate_tasks(tiny_models["llama"], ("boolq",), limit=1, device="cpu")
     assert record["tasks"]["boolq"]["questions"] == 1
     assert "not a git repository" not in capfd.readouterr().err
+
+
+def test_offline_only_while_evaluating(tiny_models, monkeypatch):
+    """The hub and datasets are offline while lm-eval reads the documents, and as they were afterwards:
+    an earlier version left both offline for the rest of the process (and, once datasets was imported,
+    its own flag was never set at all)."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    from moecarve.eval import tasks
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    seen = []
+    real_load = tasks._load_local
+
+    def load(*args, **kwargs):
+        seen.append((huggingface_hub.constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(tasks, "_load_local", load)
+    evaluate_tasks(tiny_models["llama"], ("piqa",), limit=1, device="cpu", progress=False)
+    assert seen == [(True, True)]
+    assert huggingface_hub.constants.HF_HUB_OFFLINE is False and datasets.config.HF_HUB_OFFLINE is False
+    assert "HF_HUB_OFFLINE" not in os.environ and "HF_DATASETS_OFFLINE" not in os.environ

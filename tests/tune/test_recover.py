@@ -9,8 +9,9 @@ import sys
 import pytest
 import torch
 from pydantic import ValidationError
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
+from moecarve import MoecarveWarning
 from moecarve.tune import trainer as trainer_module
 from moecarve.tune.data import training_blocks
 from moecarve.tune.recover import RecoverConfig, recover
@@ -243,6 +244,29 @@ def test_a_diverged_run_writes_nothing(tiny_carved, calib_file, tmp_path):
     with pytest.raises(TrainingDiverged, match="a step overflowed float32"):
         recover(tiny_carved, RecoverConfig(steps=2, lora_alpha=1e300, **FAST), calib_file, tmp_path / "c")
     assert not (tmp_path / "c").exists() and not (tmp_path / "c.checkpoints").exists()
+
+
+class RisingLoss(TrainerCallback):
+    """Logs a loss that climbs step by step, as a run flattening its predictions to uniform does."""
+
+    def on_log(self, args, state, control, **kwargs):
+        state.log_history[-1]["loss"] = 5.0 + state.global_step
+
+
+def test_a_run_whose_loss_rose_is_written_with_a_warning(tiny_carved, calib_file, tmp_path, recwarn):
+    from moecarve.tune.trainer import warn_if_loss_rose
+
+    result = recover(
+        tiny_carved, RecoverConfig(steps=8, **FAST), calib_file, tmp_path / "o", callbacks=(RisingLoss(),)
+    )
+    rose = [w for w in recwarn if issubclass(w.category, MoecarveWarning)]
+    assert len(rose) == 1 and "the training loss rose from 6.0000 (first logged) to 13.0000" in str(
+        rose[0].message
+    )
+    assert result.out.is_dir()  # finite weights: written, and the user told
+    for quiet in ([6.0, 5.0, 4.0, 3.0], [6.0, 7.0, 8.0], [6.0, 6.5, 5.5, 5.9]):  # falling, too few, noise
+        warn_if_loss_rose(quiet)
+    assert len([w for w in recwarn if issubclass(w.category, MoecarveWarning)]) == 1
 
 
 def test_one_router_per_layer_under_peft_and_adapter_saved_alone(tiny_carved, calib_file, tmp_path):

@@ -120,7 +120,16 @@ def esft(ctx: Context, options: dict) -> StageResult:
     data, kind, p, tokens, config = esft_settings(options, ctx.root)
     scores, experts = ctx.work / "esft-scores.json", ctx.work / "esft-experts.json"
     # scoring and training on the recipe's device; without one, each where it runs by default
-    score(ctx.model_dir, data, scores, tokens, config.max_length, device=ctx.device, progress=ctx.progress)
+    score(
+        ctx.model_dir,
+        data,
+        scores,
+        tokens,
+        config.max_length,
+        device=ctx.device,
+        progress=ctx.progress,
+        seed=config.seed,
+    )
     chosen = select(scores, kind, p, experts)
     trained = train(ctx.model_dir, experts, data, ctx.work / "esft-adapter", config, device=ctx.device)
     ctx.model_dir = merge(ctx.model_dir, ctx.work / "esft-adapter", ctx.work / "esft-merged")

@@ -28,12 +28,21 @@ def group():
 @click.option("--tokens", type=int, default=131072, show_default=True, help="task tokens to route")
 @click.option("--max-length", type=int, default=512, show_default=True, help="tokens per sequence")
 @click.option("--device", default=None, help="cpu, cuda or cuda:N [default: cuda if present]")
-def score_command(model, data, out, tokens, max_length, device):
+@click.option(
+    "--seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="draws the examples scored when the data exceed --tokens",
+)
+def score_command(model, data, out, tokens, max_length, device, seed):
     """Gate and token-selection scores of every routed expert of MODEL on the task."""
     from moecarve.esft.score import score
 
-    record = score(model, data, out, tokens=tokens, max_length=max_length, device=device)
-    click.echo(f"scored {record['tokens']} tokens in {record['sequences']} sequences; wrote {out}")
+    record = score(model, data, out, tokens=tokens, max_length=max_length, device=device, seed=seed)
+    click.echo(
+        f"scored {record['tokens']} tokens in {record['sequences']} of {record['examples']} examples; wrote {out}"
+    )
 
 
 @group.command("select", context_settings=CONTEXT)

@@ -4,12 +4,14 @@ Per MoE layer and routed expert i, over the task's tokens:
 - gate:  g_i = mean over tokens of the gate value of i (0 where i is not selected);
 - token: r_i = mean over tokens of 1[i selected] / K.
 Averaged per sequence, then over sequences, then normalised to sum 1 within each layer, so a
-threshold p means the same with and without top-k renormalisation.
+threshold p means the same with and without top-k renormalisation. Task data larger than the
+budget are sampled at random (the paper's D_s), whole examples only.
 """
 
 from __future__ import annotations
 
 import json
+import random
 import warnings
 from pathlib import Path
 
@@ -39,6 +41,25 @@ def sequence_scores(routing: moe.Routing, num_experts: int) -> dict[str, torch.T
     return {"token": selected / (tokens * k), "gate": gates / tokens}
 
 
+def sample_examples(examples: list, tokens: int, seed: int) -> list[list[int]]:
+    """The token ids to score within a budget of `tokens`: every example where they all fit, else a
+    seeded random sample (the paper's D_s; in file order, a file sorted by topic or length would give
+    its first slice), of whole examples: in the per-sequence average a cut-off fragment would weigh
+    as much as a whole example. Only an example over the budget by itself, drawn first, is cut."""
+    if sum(len(e.input_ids) for e in examples) <= tokens:
+        return [e.input_ids for e in examples]
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    chosen, used = [], 0
+    for index in order:
+        ids = examples[index].input_ids
+        if used + len(ids) > tokens:
+            break
+        chosen.append(ids)
+        used += len(ids)
+    return chosen or [examples[order[0]].input_ids[:tokens]]
+
+
 def normalise(values: torch.Tensor) -> list[float]:
     total = values.sum()
     if total <= 0:
@@ -55,9 +76,11 @@ def score(
     max_length: int = 512,
     device: str | None = None,
     progress: bool = True,
+    seed: int = 0,
 ) -> dict:
     """Score every routed expert on the task data; writes `out` (JSON) and a heatmap beside it.
-    `device`: cpu, cuda or cuda:N (None: CUDA where present)."""
+    `device`: cpu, cuda or cuda:N (None: CUDA where present); `seed` draws the examples scored
+    where the data hold more than `tokens`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from moecarve.devices import resolve_device
@@ -79,6 +102,7 @@ def score(
     max_length = length_cap(model_dir, max_length)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     examples = load_examples(data, tokenizer, max_length)
+    chosen = sample_examples(examples, tokens, seed)
     with damaged_weights_named(model_dir):
         model = AutoModelForCausalLM.from_pretrained(
             model_dir, dtype="auto", **moe.experts_loading(model_dir, "auto")
@@ -91,17 +115,10 @@ def score(
     used_tokens, sequences = 0, 0
     with (
         moe.record_routing(model) as log,
-        tqdm(
-            total=min(tokens, sum(len(e.input_ids) for e in examples)),
-            desc="esft score",
-            leave=False,
-            disable=not progress,
-        ) as bar,
+        tqdm(total=sum(map(len, chosen)), desc="esft score", leave=False, disable=not progress) as bar,
     ):
-        for example in examples:
-            if used_tokens >= tokens:
-                break
-            ids = torch.tensor([example.input_ids[: tokens - used_tokens]], device=model.device)
+        for input_ids in chosen:
+            ids = torch.tensor([input_ids], device=model.device)
             log.clear()
             model(ids)
             for index, calls in log.layers.items():
@@ -117,6 +134,8 @@ def score(
         **shape.record(),
         "sequences": sequences,
         "tokens": used_tokens,
+        "examples": len(examples),  # in the data; `sequences` of them scored
+        "seed": seed,
         "scores": {kind: {str(i): normalise(v) for i, v in layers.items()} for kind, layers in sums.items()},
     }
     heatmap(record, out.with_suffix(".png"))  # first: a failure leaves no scores

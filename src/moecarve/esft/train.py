@@ -72,7 +72,8 @@ class EsftConfig(BaseModel):
 def trainable_parameters(model, experts: dict[int, list[int]], config: EsftConfig) -> list[dict]:
     """Optimiser groups: each trained tensor with `rows` (selected expert slices) or None (whole).
 
-    Sets requires_grad accordingly and masks gradients of unselected slices.
+    Sets requires_grad accordingly and masks gradients of unselected slices; each sliced group's
+    `mask` is the handle that removes its mask (train_experts removes them once trained).
     """
     layers = {layer.index: layer for layer in moe.moe_layers(model)}
     for param in model.parameters():
@@ -89,8 +90,8 @@ def trainable_parameters(model, experts: dict[int, list[int]], config: EsftConfi
         rows = torch.tensor(experts[layer.index], dtype=torch.long)
         for name, param in expert_params.items():
             param.requires_grad_(True)
-            mask_gradient(param, rows)
-            groups.append({"params": [param], "rows": rows, "name": name})
+            mask = mask_gradient(param, rows)
+            groups.append({"params": [param], "rows": rows, "name": name, "mask": mask})
     names = {id(p): n for n, p in model.named_parameters()}
     sliced = {id(g["params"][0]) for g in groups}
     groups += [
@@ -126,6 +127,7 @@ def fit(
         device_arguments,
         overflow_as_divergence,
         trained_on,
+        warn_if_loss_rose,
     )
 
     with tempfile.TemporaryDirectory(prefix="esft-trainer-") as work:
@@ -169,6 +171,7 @@ def fit(
         seconds = time.perf_counter() - start
         check_trained_weights(model)
         losses = [row["loss"] for row in trainer.state.log_history if "loss" in row]
+        warn_if_loss_rose(losses)
     return {
         "seconds": seconds,
         "train_loss": output.training_loss,
@@ -220,7 +223,13 @@ def train_experts(
         betas=(config.beta1, config.beta2),
         weight_decay=config.weight_decay,
     )
-    return groups, fit(model, dataset, collator, config, optimizer, device), digest
+    try:
+        stats = fit(model, dataset, collator, config, optimizer, device)
+    finally:  # a model trained again (or on) in this process must not keep this selection's masks
+        for group in groups:
+            if "mask" in group:
+                group.pop("mask").remove()
+    return groups, stats, digest
 
 
 def plan(groups: list[dict]) -> dict[str, list[int] | None]:

@@ -120,6 +120,22 @@ def _quiet_hflm_class():
 
 
 @contextlib.contextmanager
+def _offline():
+    """The hub and datasets offline for this evaluation only: its model and documents are local, and
+    a lookup would wait on a network that may not answer. Both libraries read the environment when
+    first imported, so their flags are set as well, and everything is put back afterwards."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(mock.patch.dict(os.environ, {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}))
+        stack.enter_context(mock.patch.object(huggingface_hub.constants, "HF_HUB_OFFLINE", True))
+        for flag in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+            stack.enter_context(mock.patch.object(datasets.config, flag, True))
+        yield
+
+
+@contextlib.contextmanager
 def _lm_eval_patched(progress: bool):
     """lm-eval with what it prints that is not ours left out: the git commit of the working
     directory (not the model's; git says `fatal` outside a repository) and, without progress, the
@@ -151,8 +167,6 @@ def evaluate_tasks(
     Returns (and writes to `out` as JSON) per task the metrics lm-eval reports, the number of
     questions scored and available, plus lm-eval's task versions, the seed and the machine.
     """
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
-    os.environ["HF_HUB_OFFLINE"] = "1"
     names = parse_tasks(tasks)
     if limit is not None and limit < 1:
         raise ValueError(f"--limit must be at least 1, got {limit}")
@@ -174,9 +188,9 @@ def evaluate_tasks(
     configs = task_configs(names)
     loaded, tokenizer = common.load_model(path, torch_dtype, device)
     lm_class = HFLM if progress else _quiet_hflm_class()
-    lm = lm_class(pretrained=loaded, tokenizer=tokenizer, batch_size=batch_size, device=device)
-    start = time.perf_counter()
-    with torch.no_grad(), _lm_eval_patched(progress):
+    with torch.no_grad(), _offline(), _lm_eval_patched(progress):
+        lm = lm_class(pretrained=loaded, tokenizer=tokenizer, batch_size=batch_size, device=device)
+        start = time.perf_counter()
         raw = simple_evaluate(
             model=lm,
             tasks=configs,

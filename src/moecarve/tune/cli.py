@@ -99,9 +99,11 @@ def recover_command(
         callbacks=(Announce(f"training {'+'.join(config.train)} for {config.steps} steps"),),
     )
     record = result.record
+    first = record["train_loss"][0]["loss"] if record["train_loss"] else record["final_train_loss"]
     click.echo(
         f"trained {record['trainable_parameters']:,} parameters on {record['data']['tokens']:,} tokens "
-        f"in {record['seconds']} s; last logged train loss {record['final_train_loss']:.4f}"
+        f"in {record['seconds']} s; train loss {first:.4f} -> {record['final_train_loss']:.4f} "
+        "(first and last logged)"
     )
     if "protocol_ppl" in record:
         ppl = record["protocol_ppl"]

@@ -44,6 +44,7 @@ from moecarve.tune.trainer import (
     trained_on,
     training_arguments,
     training_device,
+    warn_if_loss_rose,
 )
 
 
@@ -263,6 +264,7 @@ def recover(
     trained.config.use_cache = carved_config.get("use_cache", True)  # the Trainer turns it off
     resumed_from = int(last.name.split("-")[1]) if last else None
     record = _record(src, config, text, trainable, trainer, output, started, resumed_from, teacher_dir)
+    warn_if_loss_rose([row["loss"] for row in record["train_loss"]])
     with atomic_directory(out) as tmp:
         trained.save_pretrained(tmp)
         write_rotary_at_top_level(tmp)

@@ -4,6 +4,7 @@ distillation from the dense source, and the balancing rule after every optimiser
 from __future__ import annotations
 
 import contextlib
+import warnings
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -11,6 +12,7 @@ from pathlib import Path
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from moecarve import MoecarveWarning
 from moecarve.tune.adapters import is_router_weight
 from moecarve.tune.balance import LoadTracker
 
@@ -44,6 +46,23 @@ def check_trained_weights(model) -> None:
         raise TrainingDiverged(
             f"training diverged: {len(bad)} trained tensor(s) hold nan or inf (first {bad[0]}); "
             "lower --lr and rerun (nothing was written)"
+        )
+
+
+def warn_if_loss_rose(losses: list[float]) -> None:
+    """Warn when a run ends at a higher training loss than it began (its last quarter of logged
+    losses against its first): a learning rate too high can flatten a model's predictions towards
+    uniform (loss ln(vocab)) with every weight finite, which no divergence check refuses."""
+    if len(losses) < 4:  # too few logs to tell a trend from the noise of one batch
+        return
+    tail = losses[-(len(losses) // 4) :]
+    if sum(tail) / len(tail) > losses[0]:
+        warnings.warn(
+            f"the training loss rose from {losses[0]:.4f} (first logged) to {sum(tail) / len(tail):.4f} "
+            f"(mean of the last {len(tail)} logged): the run may have diverged; evaluate the model "
+            "before using it, or rerun with a lower learning rate",
+            MoecarveWarning,
+            stacklevel=2,
         )
 
 

@@ -182,6 +182,61 @@ def test_hooks_on_the_router_run(interp_device):
     K.disable(model)
 
 
+@pytest.mark.parametrize("wrap", ["forward hook", "pre-hook", "forward replaced", "hook after enable"])
+def test_routed_experts_that_compute_more_than_their_weights_run_as_their_own_module(interp_device, wrap):
+    """The fused forward reads the experts' weights; hooks on the experts, or a forward another
+    library replaced, were skipped with no warning (relative logit error 0.3-0.6)."""
+    model = tiny_glm4_moe()
+    ids = torch.randint(0, 96, (1, 6))
+    experts = model.model.layers[0].mlp.experts
+
+    def apply():
+        if wrap in ("forward hook", "hook after enable"):
+            experts.register_forward_hook(lambda module, args, out: out * 0.5)
+        elif wrap == "pre-hook":
+            experts.register_forward_pre_hook(lambda module, args: (args[0] * 0.5, *args[1:]))
+        else:
+            stock = experts.forward
+            experts.forward = lambda *args: stock(*args) * 0.5
+
+    if wrap != "hook after enable":
+        apply()
+    else:
+        K.enable(model)
+        apply()
+    eager = logits(model, ids)
+    if wrap == "hook after enable":
+        K.disable(model)
+        eager = logits(model, ids)
+        K.enable(model)
+    else:
+        K.enable(model)
+    assert rel(logits(model, ids), eager) < 1e-4
+    K.disable(model)
+
+
+def test_an_idle_output_capture_keeps_the_fused_router(interp_device, monkeypatch):
+    """transformers installs its output-capturing hook on the router at the first call that asks for
+    router logits (or hidden states), and keeps it: after that call, the fused router stayed off."""
+    from moecarve.kernels.ops import router
+
+    model = tiny_glm4_moe()
+    ids = torch.randint(0, 96, (1, 5))
+    calls = []
+    fused = router.sigmoid_topk
+    monkeypatch.setattr(router, "sigmoid_topk", lambda *a: calls.append(1) or fused(*a))
+    eager = model(input_ids=ids, output_router_logits=True).router_logits
+    K.enable(model)
+    with torch.no_grad():
+        captured = model(input_ids=ids, output_router_logits=True).router_logits
+    assert not calls and len(captured) == len(eager) == 2  # captured from the router modules
+    for got, want in zip(captured, eager, strict=True):  # layer 1's input is the kernels' output
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+    logits(model, ids)
+    assert len(calls) == 2  # both layers' routers fused again once nothing is captured
+    K.disable(model)
+
+
 def test_jitter_noise_while_training_is_kept(interp_device):
     """Mixtral's block scales its inputs by noise while training; the fused forward would skip it."""
     from transformers import MixtralConfig, MixtralForCausalLM

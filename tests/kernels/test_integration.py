@@ -135,6 +135,21 @@ def test_each_pick_counts_for_its_own_token(interp_device, path):
     assert out[1].isfinite().all() == (path != "dense")
 
 
+@pytest.mark.parametrize("bad", [-1, 6])
+def test_expert_ids_of_another_model_are_refused(interp_device, bad):
+    """E is transformers' sentinel (no expert); an id below 0 or above E is routing of another model,
+    which transformers' experts refuse too: every path dropped its pick with no error."""
+    torch.manual_seed(0)
+    x, w13, w2 = torch.randn(3, 16), torch.randn(5, 24, 16), torch.randn(5, 16, 12)
+    idx, wts = torch.tensor([[0, 1], [2, 5], [3, 4]]), torch.rand(3, 2)
+    kept = K.moe_ffn(x, idx, wts, w13, w2, path="reference")  # id 5 == E: no expert for that pick
+    masked = torch.tensor([[1.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
+    torch.testing.assert_close(kept, K.moe_ffn(x, idx.clamp(max=4), wts * masked, w13, w2, path="reference"))
+    for path in ("reference", "decode", "grouped", "dense", "auto"):
+        with pytest.raises(ValueError, match=rf"expert ids must lie in \[0, 5\].*got {bad}"):
+            K.moe_ffn(x, torch.tensor([[0, 1], [2, bad], [3, 4]]), wts, w13, w2, path=path)
+
+
 def test_routing_on_another_device_is_refused():
     x, idx, wts, w13, w2 = _inputs()
     with pytest.raises(ValueError, match=r"topk_indices \(meta\) and topk_weights \(cpu\) must be on"):

@@ -170,6 +170,17 @@ def _check_call(path, hidden_states, topk_indices, topk_weights, gate_up_proj, d
     return shared
 
 
+def _check_expert_ids(topk_indices: torch.Tensor, experts: int) -> None:
+    """Ids in [0, E]: E is transformers' expert-parallel sentinel (no expert); below 0 or above E is
+    routing of another model, which transformers' experts refuse too (and the kernels would drop)."""
+    bad = topk_indices[(topk_indices < 0) | (topk_indices > experts)]
+    if bad.numel():
+        raise ValueError(
+            f"expert ids must lie in [0, {experts}] ({experts} meaning no expert) for {experts} experts; "
+            f"got {bad[0].item()} (routing of another model?)"
+        )
+
+
 def _check_tiles(path, decode_config, grouped_config, dense_config) -> None:
     """Tiles are of their own path, and given for the path asked for (or for `auto` to use where it
     picks that path): never silently ignored."""
@@ -195,6 +206,8 @@ def _moe_ffn(
         path, hidden_states, topk_indices, topk_weights, gate_up_proj, down_proj, shared_parts
     )
     _check_tiles(path, decode_config, grouped_config, dense_config)
+    if topk_indices.device.type == "cpu":  # on a GPU the check would need a host sync (see docs)
+        _check_expert_ids(topk_indices, gate_up_proj.shape[0])
     args = (hidden_states, topk_indices, topk_weights, gate_up_proj, down_proj)
     if path == "reference" or (path == "torch" and hidden_states.shape[0] == 0):
         return moe_ffn_reference(*args, *shared_parts)

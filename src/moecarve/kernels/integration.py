@@ -11,6 +11,7 @@ Two ways, same numbers:
 
 from __future__ import annotations
 
+import sys
 import types
 
 import torch
@@ -192,14 +193,30 @@ def _sigmoid_topk_op_fake(x, weight, bias, top_k, norm_topk_prob, scaling):
 
 def _wrapped(module: nn.Module) -> bool:
     """Hooks, an instance forward or parametrized weights: the module computes more than its weights.
-    accelerate's hooks of a model dispatched across GPUs (inputs moved to where the weights are) do not count."""
+    accelerate's hooks of a model dispatched across GPUs (inputs moved to where the weights are) do not
+    count, nor do transformers' output-capturing hooks while no output is being captured."""
     moves_inputs_only = _accelerate_hooked(module) and _hook_problem(module) is None
     return bool(
-        module._forward_hooks
-        or module._forward_pre_hooks
+        module._forward_pre_hooks
+        or any(not _idle_capture_hook(hook) for hook in module._forward_hooks.values())
         or ("forward" in module.__dict__ and not moves_inputs_only)
         or torch.nn.utils.parametrize.is_parametrized(module)
     )
+
+
+def _idle_capture_hook(hook) -> bool:
+    """transformers' output-capturing hook (installed on the router at the first call asking for
+    `output_router_logits`, and kept) while this call does not capture its output: it does nothing
+    then, and counting it would turn the fused router off for good. Anything else about the hook than
+    transformers 5's layout counts it as working."""
+    if getattr(hook, "__name__", None) != "output_capturing_hook" or hook.__closure__ is None:
+        return False
+    collector = getattr(sys.modules.get(hook.__module__), "_active_collector", None)
+    free = dict(zip(hook.__code__.co_freevars, hook.__closure__, strict=True))
+    if collector is None or "key" not in free:
+        return False
+    collecting = collector.get()
+    return collecting is None or free["key"].cell_contents not in collecting
 
 
 def _plain_linear(module: nn.Module) -> bool:
@@ -217,9 +234,14 @@ def _shared_weights(se: nn.Module) -> tuple[torch.Tensor, ...] | None:
 
 def _fused_block_forward(self: nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
     """Glm4MoeMoE.forward with the router in one launch and routed + shared experts in one `moe_ffn`
-    call. A block whose experts were wrapped since `enable` (adapters added), or that jitters its
-    inputs while training (Mixtral's `jitter_noise`), runs its own forward."""
-    if not is_moe_block(self) or (self.training and getattr(self, "jitter_noise", 0) > 0):
+    call. A block whose experts are wrapped (adapters, hooks, a replaced forward: they compute more
+    than their weights), or that jitters its inputs while training (Mixtral's `jitter_noise`), runs
+    its own forward."""
+    if (
+        not is_moe_block(self)
+        or _wrapped(self.experts)
+        or (self.training and getattr(self, "jitter_noise", 0) > 0)
+    ):
         return type(self).forward(self, hidden_states)
     shape = hidden_states.shape
     x = hidden_states.reshape(-1, shape[-1]).contiguous()

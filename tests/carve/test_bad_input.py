@@ -232,6 +232,11 @@ def test_output_not_empty_or_inside_source(tiny_models, calib_file, tmp_path):
     (out / "stale.txt").write_text("from the earlier carve")
     carve(tiny_models["llama"], CarveConfig(**TINY), calib_file, out, overwrite=True, progress=False)
     assert not (out / "stale.txt").exists() and (out / "carve.json").exists()
+    # a calibration text inside the output it replaces: it was read, then deleted with the old output
+    (out / "text.txt").write_text(calib_file.read_text())
+    with pytest.raises(OutputError, match="--out .* holds --calib"):
+        carve(tiny_models["llama"], CarveConfig(**TINY), out / "text.txt", out, overwrite=True)
+    assert (out / "text.txt").is_file()
 
 
 def test_failure_mid_carve_leaves_nothing_and_source_untouched(

@@ -422,3 +422,26 @@ def test_paths_with_a_tilde_and_configs_of_the_wrong_type(tiny_models, calib_fil
     assert result.out == tmp_path / "carved" and (result.out / "carve.json").is_file()
     with pytest.raises(TypeError, match="config must be a CarveConfig or a dict of its fields, got str"):
         carve("~/llama", "S1A2E8", str(calib_file), "~/other", progress=False)
+
+
+def test_a_source_without_generation_config_keeps_its_special_tokens(tiny_models, calib_file, tmp_path):
+    """Without the source's generation_config.json the carve wrote an empty one, which transformers
+    then used instead of config.json's ids: generate() never stopped at EOS."""
+    import shutil
+
+    from moecarve.carve import pipeline
+    from moecarve.carve.config import CarveConfig
+
+    source = tmp_path / "llama"
+    shutil.copytree(tiny_models["llama"], source)
+    (source / "generation_config.json").unlink()
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "eos_token_id": [0, 3], "pad_token_id": 2}))
+    out = tmp_path / "carved"
+    pipeline.carve(
+        source, CarveConfig(experts=4, active=2, calib_tokens=512, calib_length=128), str(calib_file), out
+    )
+    want = AutoModelForCausalLM.from_pretrained(source).generation_config
+    got = AutoModelForCausalLM.from_pretrained(out).generation_config
+    assert (got.eos_token_id, got.bos_token_id, got.pad_token_id) == (want.eos_token_id, want.bos_token_id, 2)
+    assert got.eos_token_id == [0, 3]

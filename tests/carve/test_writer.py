@@ -123,13 +123,35 @@ def test_temporary_outputs_of_killed_processes_are_removed_on_the_next_write(tmp
     elsewhere = tmp_path / f".out.tmp-{dead}@another-host-x3abcdef"  # a run on another host of a shared disk
     longer_host = tmp_path / f".out.tmp-{dead}@{host}-2-x4abcdef"  # host "vm-2" beside host "vm"
     other = tmp_path / f".output.tmp-{dead}@{host}-x5abcdef"  # another output's
-    for path in (orphan, live, elsewhere, longer_host, other):
+    # the earlier output a run killed between its two renames had moved aside, and a live run's
+    moved_aside, live_aside = (
+        tmp_path / f".out.old-{dead}@{host}",
+        tmp_path / f".out.old-{os.getpid()}@{host}",
+    )
+    for path in (orphan, live, elsewhere, longer_host, other, moved_aside, live_aside):
         path.mkdir()
     with writer.atomic_directory(tmp_path / "out") as tmp:
         (tmp / "done").write_text("")
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
-        [live.name, elsewhere.name, longer_host.name, other.name, "out"]
+        [live.name, elsewhere.name, longer_host.name, other.name, live_aside.name, "out"]
     )
+
+
+def test_an_output_another_process_wrote_meanwhile_is_not_replaced(tmp_path):
+    """Checked absent when the run began, present at its end: two runs to one new output both said
+    they wrote it, the later silently replacing the earlier."""
+    out = tmp_path / "out"
+    with (
+        pytest.raises(writer.OutputError, match="written by another process while this one ran"),
+        writer.atomic_directory(out) as tmp,
+    ):
+        (tmp / "mine").write_text("")
+        out.mkdir()
+        (out / "theirs").write_text("")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in out.iterdir()] == ["theirs"]
+    with writer.atomic_directory(out) as tmp:  # present from the start (a replacing run): replaced
+        (tmp / "mine").write_text("")
+    assert [p.name for p in out.iterdir()] == ["mine"]
 
 
 def test_results_files_replace_whole_or_not_at_all_and_killed_ones_are_swept(tmp_path):

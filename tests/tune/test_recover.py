@@ -140,6 +140,35 @@ def test_interrupted_run_resumes_to_the_same_model(tiny_carved, calib_file, tmp_
         torch.testing.assert_close(a[name], b[name], msg=name)
 
 
+def test_a_checkpoint_cut_short_is_passed_over_and_a_failed_write_leaves_no_lone_adapter(
+    tiny_carved, calib_file, tmp_path, monkeypatch
+):
+    """A kill while the Trainer writes trainer_state.json (in place) left a checkpoint that stopped
+    --resume with a bare JSON error; a kill while the merged model was written left the adapter,
+    whose directory then refused the --resume."""
+    from moecarve.tune import recover as recover_module
+
+    config = RecoverConfig(steps=8, **FAST)
+
+    def fail_at_step_7(self, args, state, control, **kwargs):
+        if state.global_step == 7:
+            raise RuntimeError("killed")
+
+    monkeypatch.setattr(trainer_module.BalanceCallback, "on_step_end", fail_at_step_7)
+    with pytest.raises(RuntimeError):
+        recover(tiny_carved, config, calib_file, tmp_path / "o")
+    monkeypatch.undo()
+    state = tmp_path / "o.checkpoints" / "checkpoint-6" / "trainer_state.json"
+    state.write_text(state.read_text()[:40])  # cut short mid-write
+    monkeypatch.setattr(recover_module, "write_rotary_at_top_level", lambda path: 1 / 0)
+    with pytest.warns(MoecarveWarning, match="checkpoint-6 is incomplete"), pytest.raises(ZeroDivisionError):
+        recover(tiny_carved, config, calib_file, tmp_path / "o", resume=True, adapter_out=tmp_path / "a")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "o").exists()
+    monkeypatch.undo()
+    recover(tiny_carved, config, calib_file, tmp_path / "o", resume=True, adapter_out=tmp_path / "a")
+    assert (tmp_path / "a" / "adapter_config.json").is_file() and (tmp_path / "o" / "carve.json").is_file()
+
+
 def fail_at_step_4(self, args, state, control, **kwargs):
     if state.global_step == 4:
         raise RuntimeError("killed")
@@ -269,7 +298,9 @@ def test_a_run_whose_loss_rose_is_written_with_a_warning(tiny_carved, calib_file
     assert len([w for w in recwarn if issubclass(w.category, MoecarveWarning)]) == 1
 
 
-def test_one_router_per_layer_under_peft_and_adapter_saved_alone(tiny_carved, calib_file, tmp_path):
+def test_one_router_per_layer_under_peft_and_adapter_saved_alone(
+    tiny_carved, calib_file, tmp_path, monkeypatch
+):
     from peft import PeftModel
 
     from moecarve.tune.adapters import trainable_model
@@ -293,7 +324,11 @@ def test_one_router_per_layer_under_peft_and_adapter_saved_alone(tiny_carved, ca
     assert all(count.sum().item() == 30 * top_k for count in tracker.counts.values())
 
     config = RecoverConfig(steps=2, **FAST)
-    result = recover(tiny_carved, config, calib_file, tmp_path / "o", adapter_out=tmp_path / "adapter")
+    monkeypatch.chdir(tiny_carved.parent)  # the model named relative to the working directory
+    result = recover(tiny_carved.name, config, calib_file, tmp_path / "o", adapter_out=tmp_path / "adapter")
+    # the adapter names its base absolutely: AutoPeftModel finds it from any directory, not on the hub
+    base = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base == str(tiny_carved.resolve())
     adapted = PeftModel.from_pretrained(load(tiny_carved), tmp_path / "adapter").eval()
     ids = torch.arange(40)[None] % 300
     torch.testing.assert_close(adapted(ids).logits, load(result.out)(ids).logits, rtol=1e-4, atol=1e-4)

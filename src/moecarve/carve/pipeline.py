@@ -102,7 +102,8 @@ def plan(model, config: CarveConfig, out: Path | None, overwrite: bool, calib=No
         name = (local.resolve().name if local.exists() else local.name).removesuffix(".gguf")
         out = Path(f"{name}-{config.name}")
     out = Path(out).expanduser()
-    check_apart({"--out": out}, {"model": local})  # also refuses `--out .`, the current directory
+    # also refuses `--out .`, the current directory; a --calib file inside --out would go with it
+    check_apart({"--out": out}, {"model": local, "--calib": calib or None})
     check_output(out, local if local.exists() else None, overwrite)  # before any download or conversion
     check_source(model)
     text = None if local.is_dir() else calibration_text(calib, config.calib_tokens, config.calib_length)
@@ -266,7 +267,8 @@ def _carve(model, config, calib, out, overwrite: bool, evaluate: bool, progress:
         writer.close()
         construction_seconds = time.perf_counter() - construction_started
         _save_target_config(target_config, tmp)
-        _generation_config(src).save_pretrained(tmp)
+        if (src / "generation_config.json").is_file():  # else transformers derives it from config.json
+            GenerationConfig.from_pretrained(src).save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         record = _record(
             model,
@@ -355,13 +357,6 @@ def _carve_layer(index, skeleton, tensors, streams: dict, run, setup: _LayerSetu
 def _save_target_config(config, directory: Path) -> None:
     config.save_pretrained(directory)
     write_rotary_at_top_level(directory)
-
-
-def _generation_config(src: Path) -> GenerationConfig:
-    try:
-        return GenerationConfig.from_pretrained(src)
-    except OSError:
-        return GenerationConfig()
 
 
 def _record(

@@ -117,6 +117,7 @@ def atomic_directory(out: Path) -> Iterator[Path]:
     out = out.expanduser().resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_orphans(out)
+    existed = out.exists()
     tmp = Path(tempfile.mkdtemp(prefix=_temporary_prefix(out), dir=out.parent))
     tmp.chmod(0o777 & ~_umask())  # mkdtemp's 0700 would make the output private to its maker
     try:
@@ -125,7 +126,12 @@ def atomic_directory(out: Path) -> Iterator[Path]:
         with _termination_deferred():  # between the renames, a SIGTERM would lose both outputs
             old = None
             if out.exists():
-                old = out.parent / f".{out.name}.old-{os.getpid()}"
+                if not existed:  # checked absent before this run: another process wrote it since
+                    raise OutputError(
+                        f"{out} was written by another process while this one ran; it is left as "
+                        "that process wrote it (pass --overwrite and rerun to replace it)"
+                    )
+                old = out.parent / f".{_short(out.name)}.old-{os.getpid()}@{socket.gethostname()}"
                 out.rename(old)
             tmp.rename(out)
         if old is not None:
@@ -196,15 +202,18 @@ def _default_modes(directory: Path) -> None:
 
 def remove_orphans(out: Path) -> None:
     """Remove `out`'s temporary directories and files (`.NAME.tmp-PID@HOST-*`) that a process of
-    this host left and that no longer runs."""
+    this host left and that no longer runs, and the earlier output such a process had moved aside
+    to replace it (`.NAME.old-PID@HOST`, left by a kill between its two renames): this write
+    replaces `out` too."""
+    host = re.escape(socket.gethostname())
     # tempfile's 8 random characters, then a file's suffix: host "vm" never matches host "vm-2"'s
     pattern = re.compile(
-        rf"\.{re.escape(_short(out.name))}\.tmp-(\d+)@{re.escape(socket.gethostname())}-[a-z0-9_]{{8}}"
-        rf"({re.escape(out.suffix)})?"
+        rf"\.{re.escape(_short(out.name))}\.(?:tmp-(\d+)@{host}-[a-z0-9_]{{8}}({re.escape(out.suffix)})?"
+        rf"|old-(\d+)@{host})"
     )
     for path in out.parent.iterdir():
         found = pattern.fullmatch(path.name)
-        if not found or path.is_symlink() or _running(int(found[1])):
+        if not found or path.is_symlink() or _running(int(found[1] or found[3])):
             continue
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)

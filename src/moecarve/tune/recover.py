@@ -12,6 +12,7 @@ import contextlib
 import json
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -22,6 +23,7 @@ from accelerate.utils import extract_model_from_parallel
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, set_seed
 
+from moecarve import MoecarveWarning
 from moecarve.carve.calib import read_json, text_identity
 from moecarve.carve.config import settings_of
 from moecarve.carve.source import damaged_weights_named, model_identity
@@ -217,7 +219,7 @@ def recover(
         _check_teacher_tokenizer(teacher_dir, tokenizer, text.blocks[0], src)
 
     with damaged_weights_named(src):
-        base = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+        base = AutoModelForCausalLM.from_pretrained(src.resolve(), dtype=torch.float32)
     set_seed(config.seed)  # LoRA's initialisation: a resumed run rebuilds the same adapter
     save_dtype = declared_dtype(src) or torch.float32
     model_ = trainable_model(base, config)
@@ -254,27 +256,30 @@ def recover(
             shutil.rmtree(checkpoints, ignore_errors=True)
         raise
 
-    if adapter_out is not None and state.is_main_process:
-        with atomic_directory(adapter_out) as tmp:  # before merging, which removes the adapters
-            model_.save_pretrained(tmp)
-    trained = model_.merge_and_unload() if config.uses_lora else model_
-    if not state.is_main_process:
-        return RecoverResult(out=out.resolve(), record={}, model=trained)
-    _cast_parameters(trained, save_dtype)
-    trained.config.use_cache = carved_config.get("use_cache", True)  # the Trainer turns it off
-    resumed_from = int(last.name.split("-")[1]) if last else None
-    record = _record(src, config, text, trainable, trainer, output, started, resumed_from, teacher_dir)
-    warn_if_loss_rose([row["loss"] for row in record["train_loss"]])
-    with atomic_directory(out) as tmp:
-        trained.save_pretrained(tmp)
-        write_rotary_at_top_level(tmp)
-        tokenizer.save_pretrained(tmp)
-        if evaluate:
-            from moecarve.eval.ppl import protocol_ppl
+    # the adapter is renamed into place just after OUT: a kill while the model is merged and written
+    # left a lone adapter, whose directory then refused the --resume that the checkpoints allowed
+    with contextlib.ExitStack() as outputs:
+        if adapter_out is not None and state.is_main_process:
+            adapter_tmp = outputs.enter_context(atomic_directory(adapter_out))
+            model_.save_pretrained(adapter_tmp)  # before merging, which removes the adapters
+        trained = model_.merge_and_unload() if config.uses_lora else model_
+        if not state.is_main_process:
+            return RecoverResult(out=out.resolve(), record={}, model=trained)
+        _cast_parameters(trained, save_dtype)
+        trained.config.use_cache = carved_config.get("use_cache", True)  # the Trainer turns it off
+        resumed_from = int(last.name.split("-")[1]) if last else None
+        record = _record(src, config, text, trainable, trainer, output, started, resumed_from, teacher_dir)
+        warn_if_loss_rose([row["loss"] for row in record["train_loss"]])
+        with atomic_directory(out) as tmp:
+            trained.save_pretrained(tmp)
+            write_rotary_at_top_level(tmp)
+            tokenizer.save_pretrained(tmp)
+            if evaluate:
+                from moecarve.eval.ppl import protocol_ppl
 
-            before = record["source_quality"] or protocol_ppl(src)
-            record["protocol_ppl"] = {"before": before, "after": protocol_ppl(tmp)}
-        (tmp / "carve.json").write_text(json.dumps(_carve_json(src, record), indent=2) + "\n")
+                before = record["source_quality"] or protocol_ppl(src)
+                record["protocol_ppl"] = {"before": before, "after": protocol_ppl(tmp)}
+            (tmp / "carve.json").write_text(json.dumps(_carve_json(src, record), indent=2) + "\n")
     shutil.rmtree(checkpoints)
     return RecoverResult(out=out.resolve(), record=record, model=trained)
 
@@ -369,9 +374,22 @@ def _identity(src: Path, config: RecoverConfig) -> dict:
 
 
 def _last_checkpoint(checkpoints: Path) -> Path | None:
-    """The newest checkpoint the Trainer finished writing (trainer_state.json is written last)."""
+    """The newest checkpoint the Trainer finished writing (trainer_state.json is written last, in
+    place: a kill while writing it leaves a checkpoint it cannot resume, passed over with a warning)."""
     complete = [p for p in checkpoints.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
-    return max(complete, key=lambda p: int(p.name.split("-")[1]), default=None)
+    for checkpoint in sorted(complete, key=lambda p: int(p.name.split("-")[1]), reverse=True):
+        try:
+            json.loads((checkpoint / "trainer_state.json").read_text())
+        except (ValueError, OSError):
+            warnings.warn(
+                f"{checkpoint} is incomplete (its trainer_state.json does not parse): resuming from "
+                "the one before it",
+                MoecarveWarning,
+                stacklevel=2,
+            )
+            continue
+        return checkpoint
+    return None
 
 
 def _cast_parameters(model, dtype: torch.dtype) -> None:

@@ -11,6 +11,7 @@ import torch
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
+from moecarve import MoecarveWarning
 from moecarve.carve.source import SourceError, resolve_source
 from moecarve.cli import carve_command, cli
 
@@ -445,3 +446,14 @@ def test_a_source_without_generation_config_keeps_its_special_tokens(tiny_models
     got = AutoModelForCausalLM.from_pretrained(out).generation_config
     assert (got.eos_token_id, got.bos_token_id, got.pad_token_id) == (want.eos_token_id, want.bos_token_id, 2)
     assert got.eos_token_id == [0, 3]
+    # one transformers cannot read: as transformers loads such a source, from config.json (it failed
+    # the carve at its very end)
+    (source / "generation_config.json").write_text("{not json")
+    with pytest.warns(MoecarveWarning, match="generation_config.json is unreadable"):
+        pipeline.carve(
+            source,
+            CarveConfig(experts=4, active=2, calib_tokens=512, calib_length=128),
+            str(calib_file),
+            tmp_path / "c2",
+        )
+    assert not (tmp_path / "c2" / "generation_config.json").exists()

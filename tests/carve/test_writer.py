@@ -2,6 +2,7 @@
 
 import importlib
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -135,6 +136,12 @@ def test_temporary_outputs_of_killed_processes_are_removed_on_the_next_write(tmp
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
         [live.name, elsewhere.name, longer_host.name, other.name, live_aside.name, "out"]
     )
+    # the only whole copy of an earlier output stays until a write of it succeeds
+    shutil.rmtree(tmp_path / "out")
+    moved_aside.mkdir()
+    with pytest.raises(RuntimeError), writer.atomic_directory(tmp_path / "out"):
+        raise RuntimeError("the write failed")
+    assert moved_aside.is_dir() and not (tmp_path / "out").exists()
 
 
 def test_an_output_another_process_wrote_meanwhile_is_not_replaced(tmp_path):
@@ -152,6 +159,11 @@ def test_an_output_another_process_wrote_meanwhile_is_not_replaced(tmp_path):
     with writer.atomic_directory(out) as tmp:  # present from the start (a replacing run): replaced
         (tmp / "mine").write_text("")
     assert [p.name for p in out.iterdir()] == ["mine"]
+    cache = tmp_path / "cache"  # a cache whose writers all write the same: the last one wins, as before
+    with writer.atomic_directory(cache, exclusive=False) as tmp:
+        (tmp / "last").write_text("")
+        cache.mkdir()
+    assert [p.name for p in cache.iterdir()] == ["last"]
 
 
 def test_results_files_replace_whole_or_not_at_all_and_killed_ones_are_swept(tmp_path):

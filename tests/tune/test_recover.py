@@ -160,8 +160,10 @@ def test_a_checkpoint_cut_short_is_passed_over_and_a_failed_write_leaves_no_lone
     monkeypatch.undo()
     state = tmp_path / "o.checkpoints" / "checkpoint-6" / "trainer_state.json"
     state.write_text(state.read_text()[:40])  # cut short mid-write
+    with pytest.raises(ValueError, match="pass --resume"):  # a cut-short checkpoint is still refused
+        recover(tiny_carved, config, calib_file, tmp_path / "o")
     monkeypatch.setattr(recover_module, "write_rotary_at_top_level", lambda path: 1 / 0)
-    with pytest.warns(MoecarveWarning, match="checkpoint-6 is incomplete"), pytest.raises(ZeroDivisionError):
+    with pytest.warns(MoecarveWarning, match="checkpoint-6 was cut short"), pytest.raises(ZeroDivisionError):
         recover(tiny_carved, config, calib_file, tmp_path / "o", resume=True, adapter_out=tmp_path / "a")
     assert not (tmp_path / "a").exists() and not (tmp_path / "o").exists()
     monkeypatch.undo()

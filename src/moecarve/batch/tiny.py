@@ -91,7 +91,7 @@ def build_tiny_model(
     if family not in FAMILY_OVERRIDES:
         raise ValueError(f"no tiny model for family {family!r}; choose one of {', '.join(FAMILY_OVERRIDES)}")
     directory = Path(directory)
-    with atomic_directory(directory) as tmp:
+    with atomic_directory(directory, exclusive=False) as tmp:  # a concurrent builder writes the same
         tokenizer = make_tokenizer(tmp)
         config = AutoConfig.for_model(
             family,

@@ -13,6 +13,7 @@ import json
 import math
 import platform
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+from moecarve import MoecarveWarning
 from moecarve.carve.calib import calibration, calibration_text
 from moecarve.carve.config import CarveConfig, settings_of
 from moecarve.carve.families import family_for
@@ -267,8 +269,7 @@ def _carve(model, config, calib, out, overwrite: bool, evaluate: bool, progress:
         writer.close()
         construction_seconds = time.perf_counter() - construction_started
         _save_target_config(target_config, tmp)
-        if (src / "generation_config.json").is_file():  # else transformers derives it from config.json
-            GenerationConfig.from_pretrained(src).save_pretrained(tmp)
+        _copy_generation_config(src, tmp)
         tokenizer.save_pretrained(tmp)
         record = _record(
             model,
@@ -357,6 +358,25 @@ def _carve_layer(index, skeleton, tensors, streams: dict, run, setup: _LayerSetu
 def _save_target_config(config, directory: Path) -> None:
     config.save_pretrained(directory)
     write_rotary_at_top_level(directory)
+
+
+def _copy_generation_config(src: Path, out: Path) -> None:
+    """The source's generation_config.json; none where it has none (an empty one would hide
+    config.json's token ids, from which transformers derives it) or one transformers cannot read
+    (as transformers loads such a source: from config.json, with a warning here)."""
+    if not (src / "generation_config.json").is_file():
+        return
+    try:
+        generation = GenerationConfig.from_pretrained(src)
+    except (OSError, TypeError, ValueError) as err:
+        warnings.warn(
+            f"{src}'s generation_config.json is unreadable ({err}); the carve has none, so transformers "
+            "derives one from config.json",
+            MoecarveWarning,
+            stacklevel=2,
+        )
+        return
+    generation.save_pretrained(out)
 
 
 def _record(

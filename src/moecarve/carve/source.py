@@ -177,7 +177,7 @@ def cached_gguf_dir(path: Path) -> Path:
         raise SourceError(
             f"cannot carve {path} exactly: {family.gguf_refusal}; carve its Hugging Face checkpoint"
         )
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, exclusive=False) as tmp:  # every converter of this file writes the same
         gguf_to_hf_dir(path, tmp)
     return out
 

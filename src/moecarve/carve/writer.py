@@ -108,12 +108,14 @@ def _umask() -> int:
 
 
 @contextmanager
-def atomic_directory(out: Path) -> Iterator[Path]:
+def atomic_directory(out: Path, exclusive: bool = True) -> Iterator[Path]:
     """Yield a temporary directory beside `out`; on success it replaces `out`, on error it vanishes.
 
     Its name holds this process's id and host, so the temporary directories of `out` that a killed
     process of this host left (SIGKILL runs no cleanup) are removed here, never one whose process
-    still runs, nor one of another host (a shared file system's)."""
+    still runs, nor one of another host (a shared file system's). `exclusive`: an `out` absent at
+    the start that another process wrote meanwhile is left as it is, with an error (a cache whose
+    writers all write the same thing passes False)."""
     out = out.expanduser().resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     remove_orphans(out)
@@ -126,7 +128,7 @@ def atomic_directory(out: Path) -> Iterator[Path]:
         with _termination_deferred():  # between the renames, a SIGTERM would lose both outputs
             old = None
             if out.exists():
-                if not existed:  # checked absent before this run: another process wrote it since
+                if exclusive and not existed:  # absent when this run began: another process wrote it since
                     raise OutputError(
                         f"{out} was written by another process while this one ran; it is left as "
                         "that process wrote it (pass --overwrite and rerun to replace it)"
@@ -136,6 +138,7 @@ def atomic_directory(out: Path) -> Iterator[Path]:
             tmp.rename(out)
         if old is not None:
             shutil.rmtree(old)
+        remove_orphans(out, moved_aside=True)  # only now: such an output was the only whole copy
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -200,16 +203,16 @@ def _default_modes(directory: Path) -> None:
             path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
 
 
-def remove_orphans(out: Path) -> None:
+def remove_orphans(out: Path, moved_aside: bool = False) -> None:
     """Remove `out`'s temporary directories and files (`.NAME.tmp-PID@HOST-*`) that a process of
-    this host left and that no longer runs, and the earlier output such a process had moved aside
-    to replace it (`.NAME.old-PID@HOST`, left by a kill between its two renames): this write
-    replaces `out` too."""
+    this host left and that no longer runs; with `moved_aside`, once `out` is written, also the
+    earlier output such a process had moved aside to replace it (`.NAME.old-PID@HOST`, left by a
+    kill between its two renames)."""
     host = re.escape(socket.gethostname())
     # tempfile's 8 random characters, then a file's suffix: host "vm" never matches host "vm-2"'s
+    old = rf"|old-(\d+)@{host}" if moved_aside else ""
     pattern = re.compile(
-        rf"\.{re.escape(_short(out.name))}\.(?:tmp-(\d+)@{host}-[a-z0-9_]{{8}}({re.escape(out.suffix)})?"
-        rf"|old-(\d+)@{host})"
+        rf"\.{re.escape(_short(out.name))}\.(?:tmp-(\d+)@{host}-[a-z0-9_]{{8}}({re.escape(out.suffix)})?{old})"
     )
     for path in out.parent.iterdir():
         found = pattern.fullmatch(path.name)

@@ -345,14 +345,13 @@ def _check_checkpoints(checkpoints: Path, identity: dict, resume: bool) -> None:
             f"--checkpoints {checkpoints} exists and holds no {IDENTITY}: it is not a recover run's "
             "checkpoint directory (it is deleted when the run ends); name a new one"
         )
-    last = _last_checkpoint(checkpoints) if checkpoints.is_dir() else None
     if not resume:
-        if last is not None:
+        if checkpoints.is_dir() and _written_checkpoints(checkpoints):
             raise ValueError(
                 f"{checkpoints} holds checkpoints of an interrupted run: pass --resume, or remove it"
             )
         return
-    if last is None:
+    if not checkpoints.is_dir() or _last_checkpoint(checkpoints, warn=False) is None:
         raise ValueError(f"--resume: no complete checkpoint in {checkpoints}")
     saved = json.loads((checkpoints / IDENTITY).read_text())
     if isinstance(saved.get("config"), dict):  # as recorded before some settings were left out of it
@@ -373,20 +372,25 @@ def _identity(src: Path, config: RecoverConfig) -> dict:
     return {"model": model_identity(src), "config": result_settings(config.model_dump(mode="json"))}
 
 
-def _last_checkpoint(checkpoints: Path) -> Path | None:
-    """The newest checkpoint the Trainer finished writing (trainer_state.json is written last, in
-    place: a kill while writing it leaves a checkpoint it cannot resume, passed over with a warning)."""
-    complete = [p for p in checkpoints.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
-    for checkpoint in sorted(complete, key=lambda p: int(p.name.split("-")[1]), reverse=True):
+def _written_checkpoints(checkpoints: Path) -> list[Path]:
+    """Checkpoints the Trainer got as far as writing trainer_state.json into (it writes it last), newest first."""
+    written = [p for p in checkpoints.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+    return sorted(written, key=lambda p: int(p.name.split("-")[1]), reverse=True)
+
+
+def _last_checkpoint(checkpoints: Path, warn: bool = True) -> Path | None:
+    """The newest complete checkpoint. trainer_state.json is written in place: a kill while writing it
+    leaves a checkpoint that cannot resume, passed over (with a warning where `warn`)."""
+    for checkpoint in _written_checkpoints(checkpoints):
         try:
             json.loads((checkpoint / "trainer_state.json").read_text())
         except (ValueError, OSError):
-            warnings.warn(
-                f"{checkpoint} is incomplete (its trainer_state.json does not parse): resuming from "
-                "the one before it",
-                MoecarveWarning,
-                stacklevel=2,
-            )
+            if warn:
+                warnings.warn(
+                    f"{checkpoint} was cut short (its trainer_state.json does not parse): passed over",
+                    MoecarveWarning,
+                    stacklevel=2,
+                )
             continue
         return checkpoint
     return None

@@ -212,6 +212,31 @@ def test_resume_refuses_other_configuration_and_restarts_after_an_early_failure(
     assert recover(tiny_carved, RecoverConfig(steps=1, **FAST), calib_file, tmp_path / "early").out.is_dir()
 
 
+def test_a_second_run_to_the_same_output_is_refused_while_the_first_runs(tiny_carved, calib_file, tmp_path):
+    """Two runs to one OUT shared OUT.checkpoints: one deleted the other's checkpoints under it and the
+    other failed after training, naming a missing checkpoint."""
+    import fcntl
+    import os
+
+    checkpoints = tmp_path / "o.checkpoints"
+    checkpoints.mkdir()
+    first = os.open(checkpoints, os.O_RDONLY)  # a first run's lock, as it holds it while it trains
+    fcntl.flock(first, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(ValueError, match="another tune recover is running with the checkpoints"):
+            recover(tiny_carved, RecoverConfig(steps=1, **FAST), calib_file, tmp_path / "o")
+    finally:
+        os.close(first)
+    assert not (tmp_path / "o").exists() and not any(checkpoints.iterdir())
+    checkpoints.rmdir()
+    # --resume with nothing to resume: refused, and the directory made for the lock is gone again
+    with pytest.raises(ValueError, match="no complete checkpoint"):
+        recover(tiny_carved, RecoverConfig(steps=1, **FAST), calib_file, tmp_path / "o", resume=True)
+    assert not checkpoints.exists()
+    assert recover(tiny_carved, RecoverConfig(steps=1, **FAST), calib_file, tmp_path / "o").out.is_dir()
+    assert not checkpoints.exists()
+
+
 def test_resume_takes_a_new_save_interval_and_a_record_made_with_the_old_one(
     tiny_carved, calib_file, tmp_path, monkeypatch
 ):

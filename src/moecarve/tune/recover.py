@@ -9,7 +9,9 @@ checkpoint with the LoRA merged, written atomically; checkpoints live beside it 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
+import os
 import shutil
 import time
 import warnings
@@ -210,78 +212,81 @@ def recover(
     )  # the checkpoints are deleted at the end, the outputs replaced; before any teacher download
     teacher_dir = _teacher_dir(src, teacher, carved_config) if config.distill else None
     identity = {**_identity(src, config), "data": text_identity(data), "teacher": str(teacher_dir)}
-    _check_checkpoints(checkpoints, identity, resume)
-
-    tokenizer = AutoTokenizer.from_pretrained(src)
     state = PartialState()  # under `accelerate launch`: every process reads its share, one writes
-    text = training_text(tokenizer, data, config, state.num_processes)
-    if teacher_dir is not None:
-        _check_teacher_tokenizer(teacher_dir, tokenizer, text.blocks[0], src)
+    with _running_alone(checkpoints, state.is_main_process):
+        _check_checkpoints(checkpoints, identity, resume)
 
-    with damaged_weights_named(src):
-        base = AutoModelForCausalLM.from_pretrained(src.resolve(), dtype=torch.float32)
-    set_seed(config.seed)  # LoRA's initialisation: a resumed run rebuilds the same adapter
-    save_dtype = declared_dtype(src) or torch.float32
-    model_ = trainable_model(base, config)
-    tracker = LoadTracker(model_, config.bias_rate)
-    trainable = sum(p.numel() for p in model_.parameters() if p.requires_grad)
+        tokenizer = AutoTokenizer.from_pretrained(src)
+        text = training_text(tokenizer, data, config, state.num_processes)
+        if teacher_dir is not None:
+            _check_teacher_tokenizer(teacher_dir, tokenizer, text.blocks[0], src)
 
-    teacher_model = _load_teacher(teacher_dir) if teacher_dir else None  # a damaged one fails here
-    state.wait_for_everyone()  # every process has checked the checkpoints before one writes
-    if state.is_main_process:
-        checkpoints.mkdir(parents=True, exist_ok=True)
-        (checkpoints / IDENTITY).write_text(json.dumps(identity, indent=2) + "\n")
-    trainer = RecoverTrainer(
-        model=model_,
-        args=training_arguments(config, checkpoints, device),
-        train_dataset=Blocks(text.blocks),
-        callbacks=[BalanceCallback(tracker), CurrentSaveInterval(), *callbacks],
-        router_lr=config.router_lr,
-        teacher=teacher_model,
-        distill=config.distill,
-    )
-    last = _last_checkpoint(checkpoints) if resume else None
-    try:
-        with (
-            overflow_as_divergence(),
-            routers_in_fp32(model_) if config.precision == "bf16" else contextlib.nullcontext(),
-        ):
-            output = trainer.train(resume_from_checkpoint=str(last) if last else None)
-        extract_model_from_parallel(model_, keep_fp32_wrapper=False)  # the forward accelerate autocast
-        tracker.remove()
-        check_trained_weights(model_)
-    except TrainingDiverged:
-        state.wait_for_everyone()
-        if state.is_main_process:  # nan weights: nothing to resume, and a rerun must start clean
-            shutil.rmtree(checkpoints, ignore_errors=True)
-        raise
+        with damaged_weights_named(src):
+            base = AutoModelForCausalLM.from_pretrained(src.resolve(), dtype=torch.float32)
+        set_seed(config.seed)  # LoRA's initialisation: a resumed run rebuilds the same adapter
+        save_dtype = declared_dtype(src) or torch.float32
+        model_ = trainable_model(base, config)
+        tracker = LoadTracker(model_, config.bias_rate)
+        trainable = sum(p.numel() for p in model_.parameters() if p.requires_grad)
 
-    # the adapter is renamed into place just after OUT: a kill while the model is merged and written
-    # left a lone adapter, whose directory then refused the --resume that the checkpoints allowed
-    with contextlib.ExitStack() as outputs:
-        if adapter_out is not None and state.is_main_process:
-            adapter_tmp = outputs.enter_context(atomic_directory(adapter_out))
-            model_.save_pretrained(adapter_tmp)  # before merging, which removes the adapters
-        trained = model_.merge_and_unload() if config.uses_lora else model_
-        if not state.is_main_process:
-            return RecoverResult(out=out.resolve(), record={}, model=trained)
-        _cast_parameters(trained, save_dtype)
-        trained.config.use_cache = carved_config.get("use_cache", True)  # the Trainer turns it off
-        resumed_from = int(last.name.split("-")[1]) if last else None
-        record = _record(src, config, text, trainable, trainer, output, started, resumed_from, teacher_dir)
-        warn_if_loss_rose([row["loss"] for row in record["train_loss"]])
-        with atomic_directory(out) as tmp:
-            trained.save_pretrained(tmp)
-            write_rotary_at_top_level(tmp)
-            tokenizer.save_pretrained(tmp)
-            if evaluate:
-                from moecarve.eval.ppl import protocol_ppl
+        teacher_model = _load_teacher(teacher_dir) if teacher_dir else None  # a damaged one fails here
+        state.wait_for_everyone()  # every process has checked the checkpoints before one writes
+        if state.is_main_process:
+            checkpoints.mkdir(parents=True, exist_ok=True)
+            (checkpoints / IDENTITY).write_text(json.dumps(identity, indent=2) + "\n")
+        trainer = RecoverTrainer(
+            model=model_,
+            args=training_arguments(config, checkpoints, device),
+            train_dataset=Blocks(text.blocks),
+            callbacks=[BalanceCallback(tracker), CurrentSaveInterval(), *callbacks],
+            router_lr=config.router_lr,
+            teacher=teacher_model,
+            distill=config.distill,
+        )
+        last = _last_checkpoint(checkpoints) if resume else None
+        try:
+            with (
+                overflow_as_divergence(),
+                routers_in_fp32(model_) if config.precision == "bf16" else contextlib.nullcontext(),
+            ):
+                output = trainer.train(resume_from_checkpoint=str(last) if last else None)
+            extract_model_from_parallel(model_, keep_fp32_wrapper=False)  # the forward accelerate autocast
+            tracker.remove()
+            check_trained_weights(model_)
+        except TrainingDiverged:
+            state.wait_for_everyone()
+            if state.is_main_process:  # nan weights: nothing to resume, and a rerun must start clean
+                shutil.rmtree(checkpoints, ignore_errors=True)
+            raise
 
-                before = record["source_quality"] or protocol_ppl(src)
-                record["protocol_ppl"] = {"before": before, "after": protocol_ppl(tmp)}
-            (tmp / "carve.json").write_text(json.dumps(_carve_json(src, record), indent=2) + "\n")
-    shutil.rmtree(checkpoints)
-    return RecoverResult(out=out.resolve(), record=record, model=trained)
+        # the adapter is renamed into place just after OUT: a kill while the model is merged and written
+        # left a lone adapter, whose directory then refused the --resume that the checkpoints allowed
+        with contextlib.ExitStack() as outputs:
+            if adapter_out is not None and state.is_main_process:
+                adapter_tmp = outputs.enter_context(atomic_directory(adapter_out))
+                model_.save_pretrained(adapter_tmp)  # before merging, which removes the adapters
+            trained = model_.merge_and_unload() if config.uses_lora else model_
+            if not state.is_main_process:
+                return RecoverResult(out=out.resolve(), record={}, model=trained)
+            _cast_parameters(trained, save_dtype)
+            trained.config.use_cache = carved_config.get("use_cache", True)  # the Trainer turns it off
+            resumed_from = int(last.name.split("-")[1]) if last else None
+            record = _record(
+                src, config, text, trainable, trainer, output, started, resumed_from, teacher_dir
+            )
+            warn_if_loss_rose([row["loss"] for row in record["train_loss"]])
+            with atomic_directory(out) as tmp:
+                trained.save_pretrained(tmp)
+                write_rotary_at_top_level(tmp)
+                tokenizer.save_pretrained(tmp)
+                if evaluate:
+                    from moecarve.eval.ppl import protocol_ppl
+
+                    before = record["source_quality"] or protocol_ppl(src)
+                    record["protocol_ppl"] = {"before": before, "after": protocol_ppl(tmp)}
+                (tmp / "carve.json").write_text(json.dumps(_carve_json(src, record), indent=2) + "\n")
+        shutil.rmtree(checkpoints)
+        return RecoverResult(out=out.resolve(), record=record, model=trained)
 
 
 def _teacher_dir(src: Path, teacher, carved_config: dict) -> Path:
@@ -333,6 +338,33 @@ def _load_teacher(path: Path):
 
 
 IDENTITY = "recover.json"  # in the checkpoint directory: what the checkpoints are of
+
+
+@contextlib.contextmanager
+def _running_alone(checkpoints: Path, main: bool):
+    """One run at a time per checkpoint directory (that is, per --out): a second run would take the
+    first's checkpoints for an interrupted run's, resume them or delete them under it. An flock on
+    the directory itself, which the kernel drops when its process dies; a directory made here only
+    for the lock goes when the run ends with nothing in it. One process of `accelerate launch` locks."""
+    if not main or (checkpoints.exists() and not checkpoints.is_dir()):  # the latter: refused next
+        yield
+        return
+    made = not checkpoints.exists()
+    checkpoints.mkdir(parents=True, exist_ok=True)
+    handle = os.open(checkpoints, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ValueError(
+                f"another tune recover is running with the checkpoints {checkpoints} (the same --out "
+                "or --checkpoints): let it finish, or name another"
+            ) from None
+        yield
+    finally:
+        os.close(handle)
+        if made and checkpoints.is_dir() and not any(checkpoints.iterdir()):
+            checkpoints.rmdir()
 
 
 def _check_checkpoints(checkpoints: Path, identity: dict, resume: bool) -> None:

@@ -361,6 +361,19 @@ def test_one_router_per_layer_under_peft_and_adapter_saved_alone(
     torch.testing.assert_close(adapted(ids).logits, load(result.out)(ids).logits, rtol=1e-4, atol=1e-4)
 
 
+def test_each_model_copy_takes_its_own_blocks(tiny_carved, calib_file):
+    """DataParallel (several GPUs, no --device) takes batch x n_gpu blocks per micro-step: counting
+    processes alone built 1/n_gpu of the blocks the steps need, and the Trainer cycled them."""
+    from moecarve.tune.recover import replicas, training_text
+
+    assert replicas(1, 0) == 1 and replicas(1, 1) == 1  # CPU; one GPU
+    assert replicas(1, 4) == 4 and replicas(2, 1) == 2  # DataParallel over 4; accelerate launch of 2
+    tokenizer = AutoTokenizer.from_pretrained(tiny_carved)
+    config = RecoverConfig(steps=3, batch_size=2, length=32)
+    one, four = (training_text(tokenizer, calib_file, config, replicas(1, n)) for n in (1, 4))
+    assert one.blocks.shape[0] == 6 and four.blocks.shape[0] == 24
+
+
 def test_default_text_holds_out_the_protocol_windows(tiny_carved):
     from moecarve.carve.calib import read_text, tokenize_stream
     from moecarve.tune.data import PROTOCOL_TOKENS

@@ -133,6 +133,14 @@ class RecoverResult:
     model: torch.nn.Module  # the merged model as saved
 
 
+def replicas(processes: int, n_gpu: int) -> int:
+    """Model copies that each take a batch per micro-step: the processes of `accelerate launch`,
+    times the GPUs DataParallel spreads one process over (no --device on a machine of several; the
+    Trainer's n_gpu, 0 on CPU). Counting the processes alone, DataParallel ran out of blocks after
+    1/n_gpu of the steps and cycled them."""
+    return processes * max(1, n_gpu)
+
+
 def training_text(tokenizer, data, config: RecoverConfig, processes: int = 1) -> TrainingText:
     """The blocks `config` trains on (`processes` of them each taking a share of a step); refuses a
     text without one step's worth."""
@@ -217,7 +225,8 @@ def recover(
         _check_checkpoints(checkpoints, identity, resume)
 
         tokenizer = AutoTokenizer.from_pretrained(src)
-        text = training_text(tokenizer, data, config, state.num_processes)
+        args = training_arguments(config, checkpoints, device)
+        text = training_text(tokenizer, data, config, replicas(state.num_processes, args.n_gpu))
         if teacher_dir is not None:
             _check_teacher_tokenizer(teacher_dir, tokenizer, text.blocks[0], src)
 
@@ -236,7 +245,7 @@ def recover(
             (checkpoints / IDENTITY).write_text(json.dumps(identity, indent=2) + "\n")
         trainer = RecoverTrainer(
             model=model_,
-            args=training_arguments(config, checkpoints, device),
+            args=args,
             train_dataset=Blocks(text.blocks),
             callbacks=[BalanceCallback(tracker), CurrentSaveInterval(), *callbacks],
             router_lr=config.router_lr,

@@ -375,3 +375,28 @@ def test_report_names_alike_measurements_apart(tmp_path):
     heatmaps = sorted(p.name for p in written if p.name.startswith("load_") and p.suffix == ".png")
     assert heatmaps == ["load_a_b-2.png", "load_a_b.png"]
     assert markdown.count("load_a_b") == 2 and "load_a_b-2.png" in markdown
+
+
+def test_sources_of_one_name_in_two_directories_are_named_apart(tmp_path):
+    """Two source models both called `llama` (in a/ and b/) were both shown as `llama`: two rows of
+    one name and configuration, and nothing to tell which figure is whose."""
+    results = tmp_path / "results"
+    results.mkdir()
+    rows = [
+        {
+            "model": f"/m/{where}/llama",
+            "name": "dense",
+            "active_fraction": 1.0,
+            "ppl": ppl,
+            "tokens_scored": 8,
+        }
+        for where, ppl in (("a", 30.0), ("b", 31.0))
+    ]
+    record = {"kind": "ppl", "protocol": {"data": "t.txt", "windows": 2, "length": 4}, "results": rows}
+    (results / "ppl.json").write_text(json.dumps(record))
+    render_report(results, tmp_path / "report")
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    assert (
+        "| a/llama | dense | 1.000 | 30.000 |" in markdown
+        and "| b/llama | dense | 1.000 | 31.000 |" in markdown
+    )

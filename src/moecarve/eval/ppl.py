@@ -100,13 +100,11 @@ def protocol_ppl(
     data=None,
     device: str = "cpu",
 ) -> dict:
-    """Protocol PPL of a saved model directory, loaded in fp32 with stock transformers."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    """Protocol PPL of a saved model directory, loaded in fp32 with stock transformers, as
+    `eval ppl` loads it (a damaged file named; experts of unaligned widths with the eager experts)."""
     model_dir, device = common.resolve_model(model_dir), resolve_device(device)
     check_positions(model_dir, length, "the protocol's window length")
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval().to(device)
+    model, tokenizer = common.load_model(model_dir, torch.float32, device)
     result = perplexity(model, evaluation_windows(tokenizer, windows, length, data))
     return {**result, "windows": windows, "length": length}
 

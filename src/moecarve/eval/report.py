@@ -343,11 +343,11 @@ def _varying(rows: list[dict], fields: list[str]) -> list[str]:
 
 
 def _shown(row: dict, field: str, rows: list[dict]) -> str:
-    """A cell: a source model by its file or directory name, a model by as much of its path as tells
-    it from the table's other models (a batch job's `JOB/model`)."""
-    if field == "model":
-        return distinct_suffix(row["model"], {r["model"] for r in rows})
-    return Path(row[field]).name if field == "source" else row[field]
+    """A cell: a source model or a model by as much of its path as tells it from the table's others
+    (a batch job's `JOB/model`; two sources both called `llama`, in `a/` and `b/`)."""
+    if field in ("model", "source"):
+        return distinct_suffix(row[field], {r[field] for r in rows})
+    return row[field]
 
 
 def _pair(record: dict) -> list[str]:

@@ -36,6 +36,21 @@ BAD = {
         9,
         "eval_ppl.windows: Input should be a valid integer",
     ),
+    "a boolean for a carve count": (
+        ("{experts: 8, active: 2}", "{experts: 8, active: true}"),
+        7,
+        "configs[0].active: Input should be a valid integer",
+    ),
+    "a float for a carve count": (
+        ("{experts: 8, active: 2}", "{experts: 8.0, active: 2}"),
+        7,
+        "configs[0].experts",
+    ),
+    "a float in the shared carve section, named there": (
+        ("configs:\n", "carve: {calib_tokens: 5.12e2}\nconfigs:\n"),
+        6,
+        "carve.calib_tokens: Input should be a valid integer",
+    ),
     "a word for a boolean": (
         ("output: out", "output: out\nkeep_models: 'no'"),
         3,
@@ -146,6 +161,8 @@ def test_good_recipe_expands_models_x_configs(tmp_path):
     assert loaded.jobs[0].stages == ("eval_ppl",) and loaded.jobs[0].carve is None
     assert loaded.jobs[2].carve.active_fraction == 6 / 16
     assert loaded.output() == tmp_path / "out"  # relative to the recipe file, not the working directory
+    home = load_recipe(write(tmp_path, GOOD.replace("output: out", "output: ~/sweep")))
+    assert home.output() == Path.home() / "sweep"  # was a directory named `~` beside the recipe
 
 
 def test_text_settings_found_relative_to_the_recipe_or_named_as_hub_datasets(tmp_path):
@@ -284,6 +301,11 @@ def test_training_settings_that_decide_no_result_leave_the_fingerprints_alone(tm
         assert hashed_before != job.fingerprint and hashed_before in job.fingerprints
     for recover, esft in ((", precision: bf16", ""), ("", ", precision: bf16")):
         assert all(a != b for a, b in zip(fingerprints(recover, esft), plain, strict=True))
+    # recover's default parts written out, in either order: the same jobs (the default was stored
+    # router, lora and given ones sorted, so writing it out made finished jobs stale)
+    assert fingerprints(", train: [router, lora]") == plain == fingerprints(", train: [lora, router]")
+    for job in jobs:  # jobs finished with the default stored in its old order: still their own
+        assert job._hash(keep_model=True, old_train_order=True) in job.fingerprints
 
 
 @pytest.mark.parametrize(

@@ -224,8 +224,9 @@ def test_missing_model_fails_before_work(make_recipe, tmp_path):
     [
         (("length: 128, data", "length: 512, data"), "eval_ppl.length 512 exceeds the 256 positions"),
         (("windows: 2, length: 128", "windows: 1000, length: 128"), "1000 x 128 needed"),  # text too short
+        (("calib_length: 128", "calib_length: 512"), "carve.calib_length 512 exceeds the 256 positions"),
     ],
-    ids=["beyond_positions", "text_too_short"],
+    ids=["beyond_positions", "text_too_short", "calibration_beyond_positions"],
 )
 def test_ppl_windows_the_model_cannot_score_fail_the_job_before_its_carve(make_recipe, tmp_path, edit, error):
     recipe = make_recipe(tmp_path)
@@ -712,3 +713,29 @@ def test_the_tables_timing_columns_keep_one_order_whichever_job_finished_first()
     dense = {"job": "d", "status": "done", "ppl": 18.0, "error": None, "seconds": 3.0}
     carved = {"job": "c", "status": "done", "ppl": 40.0, "error": None, "carve_seconds": 2.0, "seconds": 5.0}
     assert columns([carved, dense])[-2:] == columns([dense, carved])[-2:] == ["seconds", "carve_seconds"]
+
+
+def test_paths_found_only_from_the_working_directory_are_refused(
+    make_recipe, tiny_models, tmp_path, monkeypatch
+):
+    """`m/tiny` looks like a hub id: not found beside the recipe, it was opened from the working
+    directory (never fingerprinted as a local model), and a text without a suffix likewise."""
+    import shutil
+
+    from moecarve.batch.recipe import RecipeError
+
+    recipe = make_recipe(tmp_path / "rec")
+    elsewhere = tmp_path / "cwd"
+    shutil.copytree(tiny_models["llama"], elsewhere / "m" / "tiny")
+    monkeypatch.chdir(elsewhere)
+    text = recipe.read_text()
+    (tmp_path / "rec" / "model.yaml").write_text(
+        text.replace(f"path: {tiny_models['llama']}", "path: m/tiny")
+    )
+    with pytest.raises(FileNotFoundError, match="model llama: not found: m/tiny .*relative to the recipe"):
+        runner.open_batch(tmp_path / "rec" / "model.yaml")
+    (elsewhere / "m" / "text").write_text("words")
+    (tmp_path / "rec" / "text.yaml").write_text(text.replace("data: eval.txt", "data: m/text"))
+    with pytest.raises(RecipeError, match="eval_ppl.data: not found: m/text .*relative to the recipe"):
+        runner.open_batch(tmp_path / "rec" / "text.yaml")
+    assert not (tmp_path / "rec" / "out").exists()

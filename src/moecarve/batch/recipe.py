@@ -166,8 +166,10 @@ class Job:
     def fingerprints(self) -> set[str]:
         """The fingerprints a finished job of these settings may carry: before keep_models was
         hashed as kept, a job run with `keep_models: false` recorded it as such; before recover's
-        save_every was left out, it was hashed."""
-        return {self._hash(keep, save_every) for keep in (True, False) for save_every in (True, False)}
+        save_every was left out, it was hashed; before recover's default `train` was sorted as
+        given ones are, it was router, lora."""
+        flags = (True, False)
+        return {self._hash(keep, every, old) for keep in flags for every in flags for old in flags}
 
     @property
     def settings(self) -> dict:
@@ -175,16 +177,18 @@ class Job:
         can name the settings that changed."""
         return json.loads(json.dumps(self._spec(keep_model=True)))  # tuples as the record has them
 
-    def _hash(self, keep_model: bool, save_every: bool = False) -> str:
-        spec = self._spec(keep_model, save_every)
+    def _hash(self, keep_model: bool, save_every: bool = False, old_train_order: bool = False) -> str:
+        spec = self._spec(keep_model, save_every, old_train_order)
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
-    def _spec(self, keep_model: bool, save_every: bool = False) -> dict:
+    def _spec(self, keep_model: bool, save_every: bool = False, old_train_order: bool = False) -> dict:
         from moecarve.tune.trainer import result_settings
 
         options = dict(self.options)
         for stage in {"recover", "esft"} & set(options):  # without settings that decide no result
             options[stage] = result_settings(options[stage])
+        if old_train_order and options.get("recover", {}).get("train") == ["lora", "router"]:
+            options["recover"] = {**options["recover"], "train": ["router", "lora"]}
         if save_every and "recover" in options:
             options["recover"] = {**options["recover"], "save_every": self.options["recover"]["save_every"]}
         if "carve" in options:
@@ -211,7 +215,11 @@ class LoadedRecipe:
         return self.path.parent
 
     def output(self, override: str | Path | None = None) -> Path:
-        return Path(override).expanduser() if override is not None else self.root / self.recipe.output
+        return (
+            Path(override).expanduser()
+            if override is not None
+            else self.root / Path(self.recipe.output).expanduser()
+        )
 
     def check_device(self) -> None:
         """The recipe's device is one this machine has, and trains in bf16 where the recipe asks it
@@ -296,9 +304,18 @@ def _expand(recipe: Recipe, node, path: Path) -> list[Job]:
             settings = {**expand_preset(recipe.carve), **expand_preset(model.carve), **expand_preset(entry)}
             name, calib = settings.pop("name", None), settings.pop("calib", None)
             try:
-                config = CarveConfig(**settings)
-            except ValidationError as err:
-                raise _located(err, node, path, ("configs", c)) from err
+                config = CarveConfig.model_validate(settings, strict=True)  # true is no count
+            except ValidationError as err:  # named where the failing setting is written
+                key = err.errors()[0]["loc"][:1]
+                levels = (
+                    (entry, ("configs", c)),
+                    (model.carve, ("models", m, "carve")),
+                    (recipe.carve, ("carve",)),
+                )
+                written = next(
+                    (loc for level, loc in levels if key and key[0] in (level or {})), ("configs", c)
+                )
+                raise _located(err, node, path, written) from err
             name = str(name or config.name)
             where = f"{path}:{_line(node, ('configs', c))}: configs[{c}]"
             if name in config_names:
@@ -327,7 +344,7 @@ def _recover_options(section: dict, node, path: Path) -> dict:
 
     settings = {key: value for key, value in section.items() if key != "data"}
     try:
-        config = RecoverConfig(**settings)
+        config = RecoverConfig.model_validate(settings, strict=True)
     except ValidationError as err:
         raise _located(err, node, path, ("recover",)) from err
     _check_text_source(section.get("data"), ("recover", "data"), node, path)
@@ -372,7 +389,7 @@ def _esft_options(section: dict, node, path: Path) -> dict:
             f"(relative to {path.resolve().parent}; or protocol)"
         )
     try:
-        config = EsftConfig(**settings)
+        config = EsftConfig.model_validate(settings, strict=True)
     except ValidationError as err:
         raise _located(err, node, path, ("esft",)) from err
     return {**config.model_dump(mode="json"), **selection, "data": section["data"]}
@@ -427,8 +444,13 @@ def _check_text_source(value, loc: tuple, node, path: Path) -> None:
     if not isinstance(value, str):
         raise RecipeError(f"{where}: a file, a directory or a hub dataset name, got {value!r}")
     local = _beside(path, value)
-    if not local.exists() and looks_like_path(value):
-        raise RecipeError(f"{where}: not found: {value} (relative to {path.resolve().parent})")
+    # a name found from the working directory only would be read from there (as a hub name, it is
+    # looked for there first): recipe paths are relative to the recipe
+    if not local.exists() and (looks_like_path(value) or Path(value).expanduser().exists()):
+        raise RecipeError(
+            f"{where}: not found: {value} (relative to {path.resolve().parent}): recipe paths are "
+            "relative to the recipe, not to the working directory"
+        )
 
 
 def _beside(recipe: Path, value: str) -> Path:

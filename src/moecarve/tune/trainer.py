@@ -175,10 +175,13 @@ def result_settings(settings: dict) -> dict:
     """A training's settings (recover's or ESFT's, as plain data) without those that decide no
     result, as runs before them recorded theirs: gradient checkpointing (it recomputes the same
     values), how often it checkpoints, and the precision when it is fp32 (what every run trained in
-    before it was a setting). Batch fingerprints and recover's resume identity take them so."""
+    before it was a setting); recover's `train` parts in sorted order (its default was once
+    router, lora). Batch fingerprints and recover's resume identity take them so."""
     settings = {
         key: value for key, value in settings.items() if key not in ("gradient_checkpointing", "save_every")
     }
+    if isinstance(settings.get("train"), list | tuple):
+        settings["train"] = sorted(settings["train"])
     if settings.get("precision") == "fp32":
         del settings["precision"]
     return settings

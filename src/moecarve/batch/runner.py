@@ -124,19 +124,16 @@ def check_owner(batch: Batch) -> None:
 
 def check_finished(batch: Batch) -> None:
     """A finished job run with other settings than the recipe's now, or on a text or local model
-    that has changed since, is refused, never silently kept."""
+    that has changed since, is refused, never silently kept; every such job is named at once."""
     identities: dict = {}  # many jobs read the same texts and model: each is read once
+    settings, inputs = [], []  # (job, what changed)
     for job in batch.jobs:
         result = batch.result(job)
         if not result or result["status"] != "ok":
             continue
         if result.get("fingerprint") not in job.fingerprints:
-            changed = _changed(result.get("settings"), job.settings)
-            raise ValueError(
-                f"job {job.name} in {batch.output} was run with other settings than the recipe now gives"
-                f"{f' ({changed})' if changed else ''}; remove {batch.job_dir(job)} to run it again, or name "
-                "the changed configuration anew"
-            )
+            settings.append((job, _changed(result.get("settings"), job.settings)))
+            continue
         recorded = result.get("inputs")
         if not recorded:  # results written before inputs were recorded
             continue
@@ -146,10 +143,28 @@ def check_finished(batch: Batch) -> None:
             continue
         changed = [name for name in now if name in recorded and recorded[name] != now[name]]
         if changed:
-            raise ValueError(
-                f"job {job.name} in {batch.output} was run on inputs that have changed since "
-                f"({', '.join(changed)}); remove {batch.job_dir(job)} to run it again"
-            )
+            inputs.append((job, ", ".join(changed)))
+    if settings:
+        (job, changed), more = settings[0], _also(settings[1:])
+        raise ValueError(
+            f"job {job.name} in {batch.output} was run with other settings than the recipe now gives"
+            f"{f' ({changed})' if changed else ''}; remove {batch.job_dir(job)} to run it again, or name "
+            f"the changed configuration anew{more}"
+        )
+    if inputs:
+        (job, changed), more = inputs[0], _also(inputs[1:])
+        raise ValueError(
+            f"job {job.name} in {batch.output} was run on inputs that have changed since "
+            f"({changed}); remove {batch.job_dir(job)} to run it again{more}"
+        )
+
+
+def _also(stale: list) -> str:
+    """The other stale jobs, so that one round of removals mends them all."""
+    if not stale:
+        return ""
+    named = ", ".join(f"{job.name} ({changed})" if changed else job.name for job, changed in stale)
+    return f". So were {len(stale)} more, whose directories go too: {named}"
 
 
 def job_inputs(batch: Batch, job: Job, model: Path | None, identities: dict | None = None) -> dict[str, str]:

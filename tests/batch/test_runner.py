@@ -78,6 +78,19 @@ def test_cli_exit_status_and_dry_run(make_recipe, reference, tmp_path):
     assert [line.split(": ")[1] for line in failing] == JOBS
     assert all("eval_ppl.length 100000 exceeds the 256 positions" in line for line in failing)
     assert not (tmp_path / "out").exists()
+    # one configuration's calibration beyond the positions: that job alone (the dense job and the
+    # other configurations, checked first, shared one result with it)
+    recipe.write_text(
+        recipe.read_text()
+        .replace("length: 100000, data", "length: 128, data")
+        .replace("{experts: 8, active: 7}", "{experts: 8, active: 7, calib_length: 512}")
+    )
+    result = CliRunner().invoke(batch_command, [str(recipe), "--dry-run"])
+    failing = [
+        line for line in result.output.splitlines() if line.startswith("would fail before its carve: ")
+    ]
+    assert result.exit_code == 1 and len(failing) == 1
+    assert "llama-S1A7E8: ValueError: carve.calib_length 512 exceeds the 256 positions" in failing[0]
     # a text from the hub is not fetched for a dry run: those jobs are checked when they run
     recipe.write_text(recipe.read_text().replace("data: eval.txt", "data: someone/some-dataset"))
     result = CliRunner().invoke(batch_command, [str(recipe), "--dry-run"])

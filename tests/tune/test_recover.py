@@ -216,25 +216,24 @@ def test_a_second_run_to_the_same_output_is_refused_while_the_first_runs(tiny_ca
     """Two runs to one OUT shared OUT.checkpoints: one deleted the other's checkpoints under it and the
     other failed after training, naming a missing checkpoint."""
     import fcntl
-    import os
+
+    from moecarve.tune.recover import LOCK
 
     checkpoints = tmp_path / "o.checkpoints"
     checkpoints.mkdir()
-    first = os.open(checkpoints, os.O_RDONLY)  # a first run's lock, as it holds it while it trains
-    fcntl.flock(first, fcntl.LOCK_EX)
-    try:
+    with (checkpoints / LOCK).open("a") as first:  # a first run's lock, as it holds it while it trains
+        fcntl.flock(first, fcntl.LOCK_EX)
         with pytest.raises(ValueError, match="another tune recover is running with the checkpoints"):
             recover(tiny_carved, RecoverConfig(steps=1, **FAST), calib_file, tmp_path / "o")
-    finally:
-        os.close(first)
-    assert not (tmp_path / "o").exists() and not any(checkpoints.iterdir())
-    checkpoints.rmdir()
-    # --resume with nothing to resume: refused, and the directory made for the lock is gone again
-    with pytest.raises(ValueError, match="no complete checkpoint"):
-        recover(tiny_carved, RecoverConfig(steps=1, **FAST), calib_file, tmp_path / "o", resume=True)
-    assert not checkpoints.exists()
+    assert not (tmp_path / "o").exists() and [p.name for p in checkpoints.iterdir()] == [LOCK]
+    # a checkpoint directory holding only a lock is no foreign directory: taken, and the run goes on
     assert recover(tiny_carved, RecoverConfig(steps=1, **FAST), calib_file, tmp_path / "o").out.is_dir()
     assert not checkpoints.exists()
+    # --resume with nothing to resume: refused, and what was made for the lock is gone again
+    nested = tmp_path / "new" / "deeper"
+    with pytest.raises(ValueError, match="no complete checkpoint"):
+        recover(tiny_carved, RecoverConfig(steps=1, **FAST), calib_file, nested / "o", resume=True)
+    assert not (tmp_path / "new").exists()
 
 
 def test_resume_takes_a_new_save_interval_and_a_record_made_with_the_old_one(
@@ -372,6 +371,22 @@ def test_each_model_copy_takes_its_own_blocks(tiny_carved, calib_file):
     config = RecoverConfig(steps=3, batch_size=2, length=32)
     one, four = (training_text(tokenizer, calib_file, config, replicas(1, n)) for n in (1, 4))
     assert one.blocks.shape[0] == 6 and four.blocks.shape[0] == 24
+
+
+def test_recover_counts_the_trainers_gpus(tiny_carved, calib_file, tmp_path, monkeypatch):
+    """recover asks for blocks per model copy with the Trainer's own n_gpu (0 on this CPU)."""
+    from moecarve.tune import recover as recover_module
+
+    class Asked(Exception):
+        pass
+
+    def record(processes, n_gpu):
+        raise Asked((processes, n_gpu))
+
+    monkeypatch.setattr(recover_module, "replicas", record)
+    with pytest.raises(Asked) as asked:
+        recover(tiny_carved, RecoverConfig(steps=1, **FAST), calib_file, tmp_path / "o")
+    assert asked.value.args[0] == (1, 0)
 
 
 def test_default_text_holds_out_the_protocol_windows(tiny_carved):

@@ -95,8 +95,10 @@ def _changed(recorded, now: dict, where: str = "") -> str:
     differ = []
     for key in keys:
         a, b = recorded.get(key), now.get(key)
-        if a == b:
-            continue
+        if a == b or (
+            isinstance(a, list) and isinstance(b, list) and sorted(map(str, a)) == sorted(map(str, b))
+        ):
+            continue  # lists of the same members (recover's parts, once stored in another order) decide alike
         name = f"{where}{key}"
         differ.append(_changed(a, b, f"{name}.") if isinstance(a, dict) and isinstance(b, dict) else name)
     return ", ".join(filter(None, differ))
@@ -143,9 +145,9 @@ def check_finished(batch: Batch) -> None:
             continue
         changed = [name for name in now if name in recorded and recorded[name] != now[name]]
         if changed:
-            inputs.append((job, ", ".join(changed)))
+            inputs.append((job, f"changed inputs: {', '.join(changed)}"))
     if settings:
-        (job, changed), more = settings[0], _also(settings[1:])
+        (job, changed), more = settings[0], _also(settings[1:] + inputs)
         raise ValueError(
             f"job {job.name} in {batch.output} was run with other settings than the recipe now gives"
             f"{f' ({changed})' if changed else ''}; remove {batch.job_dir(job)} to run it again, or name "
@@ -155,7 +157,7 @@ def check_finished(batch: Batch) -> None:
         (job, changed), more = inputs[0], _also(inputs[1:])
         raise ValueError(
             f"job {job.name} in {batch.output} was run on inputs that have changed since "
-            f"({changed}); remove {batch.job_dir(job)} to run it again{more}"
+            f"({changed.removeprefix('changed inputs: ')}); remove {batch.job_dir(job)} to run it again{more}"
         )
 
 
@@ -278,8 +280,9 @@ def dry_run_failures(batch: Batch, jobs: list[Job]) -> list[str]:
         if source is None or batch.status(job) == "ok" or not _texts_on_disk(batch, job):
             continue
         checked = {stage: job.options[stage] for stage in TEXT_CHECKS if stage in job.stages}
+        checked["calib_length"] = job.carve.calib_length if job.carve is not None else None
         key = (source, json.dumps(checked, sort_keys=True, default=str))
-        if key not in seen:  # configurations of one model share its checks (their carve settings differ)
+        if key not in seen:  # configurations of one model share its checks where they take the same
             try:
                 check_texts(source, job, batch.loaded.root)
                 seen[key] = None

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
-import os
 import shutil
 import time
 import warnings
@@ -348,21 +347,23 @@ def _load_teacher(path: Path):
 
 
 IDENTITY = "recover.json"  # in the checkpoint directory: what the checkpoints are of
+LOCK = ".lock"  # in it too, while a run holds it
 
 
 @contextlib.contextmanager
 def _running_alone(checkpoints: Path, main: bool):
     """One run at a time per checkpoint directory (that is, per --out): a second run would take the
-    first's checkpoints for an interrupted run's, resume them or delete them under it. An flock on
-    the directory itself, which the kernel drops when its process dies; a directory made here only
-    for the lock goes when the run ends with nothing in it. One process of `accelerate launch` locks."""
+    first's checkpoints for an interrupted run's, resume them or delete them under it. An flock on a
+    lock file in it (the kernel drops it when its process dies; a file system without flock runs
+    unlocked, as before). Directories made here for it go again when the run leaves nothing in them.
+    One process of `accelerate launch` locks."""
     if not main or (checkpoints.exists() and not checkpoints.is_dir()):  # the latter: refused next
         yield
         return
-    made = not checkpoints.exists()
+    made = [p for p in (checkpoints, *checkpoints.parents) if not p.exists()]  # deepest first
     checkpoints.mkdir(parents=True, exist_ok=True)
-    handle = os.open(checkpoints, os.O_RDONLY)
-    try:
+    lock = checkpoints / LOCK
+    with lock.open("a") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -370,18 +371,33 @@ def _running_alone(checkpoints: Path, main: bool):
                 f"another tune recover is running with the checkpoints {checkpoints} (the same --out "
                 "or --checkpoints): let it finish, or name another"
             ) from None
-        yield
-    finally:
-        os.close(handle)
-        if made and checkpoints.is_dir() and not any(checkpoints.iterdir()):
-            checkpoints.rmdir()
+        except OSError:  # no flock on this file system (some NFS, Lustre)
+            pass
+        try:
+            yield
+        finally:  # ours only: the lock of a run still going is never removed
+            _remove_made(checkpoints, lock, made)
+
+
+def _remove_made(checkpoints: Path, lock: Path, made: list[Path]) -> None:
+    """The lock and the directories made for it, where the run left nothing else in them."""
+    if checkpoints.is_dir() and [p.name for p in checkpoints.iterdir()] == [LOCK]:
+        lock.unlink()
+    for directory in made:
+        if not directory.exists():  # removed with the finished run's checkpoints
+            continue
+        try:
+            directory.rmdir()  # only while empty
+        except OSError:
+            break
 
 
 def _check_checkpoints(checkpoints: Path, identity: dict, resume: bool) -> None:
     """A run resumes only its own checkpoints, never silently restarts over them, and never takes
     (and at its end deletes) a directory that is not its checkpoints'."""
     if checkpoints.exists() and (
-        not checkpoints.is_dir() or (any(checkpoints.iterdir()) and not (checkpoints / IDENTITY).is_file())
+        not checkpoints.is_dir()
+        or (any(p.name != LOCK for p in checkpoints.iterdir()) and not (checkpoints / IDENTITY).is_file())
     ):
         raise ValueError(
             f"--checkpoints {checkpoints} exists and holds no {IDENTITY}: it is not a recover run's "

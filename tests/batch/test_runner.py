@@ -195,8 +195,9 @@ def test_changed_settings_of_a_finished_job_are_refused(make_recipe, reference, 
         runner.open_batch(tmp_path / "mistyped.yaml", reference)
     recipe.write_text(recipe.read_text().replace("calib_tokens: 512", "calib_tokens: 1024"))
     recipe.write_text(recipe.read_text().replace("windows: 2,", "windows: 3,"))
-    with pytest.raises(ValueError, match=r"llama-dense .* gives \(options.eval_ppl.windows\)"):
+    with pytest.raises(ValueError, match=r"llama-dense .* gives \(options.eval_ppl.windows\)") as refused:
         runner.open_batch(recipe, reference)
+    assert "name the changed configuration anew" not in str(refused.value).split(". So were")[0]  # none
 
 
 def test_finished_jobs_whose_text_or_model_changed_since_are_refused(

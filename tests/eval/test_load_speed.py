@@ -60,6 +60,9 @@ def test_load_refuses_dense_before_loading_it(tiny_models, calib_file, monkeypat
     monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_loading)
     with pytest.raises(ValueError, match="has no routed experts"):
         evaluate_load(tiny_models["llama"], calib_file, windows=1, length=16, progress=False)
+    # the bundled model, named as such (not by the path of its dequantized copy in the cache)
+    with pytest.raises(ValueError, match="eval load: `bundled` is the dense SmolLM2-135M; carve it first"):
+        evaluate_load("bundled", calib_file, windows=1, length=16, progress=False)
 
 
 def test_decode_is_incremental(tiny_models):
@@ -112,6 +115,9 @@ def test_speed_with_kernels_records_the_tuned_tables(tiny_carved, calib_file, tm
     table.parent.mkdir(parents=True)
     table.write_text("{}")  # listed, not read: no block of this shape runs here
     monkeypatch.setenv("MOECARVE_KERNEL_CONFIGS", str(tmp_path / "tables"))
+    with pytest.raises(ValueError, match="would time Triton's Python interpreter"):  # the tests set it
+        evaluate_speed(tiny_carved, None, (1,), device="cpu", data=calib_file, kernels=True, progress=False)
+    monkeypatch.delenv("TRITON_INTERPRET")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # without the interpreter: the reference path
         record = evaluate_speed(tiny_carved, None, (1,), prompt_length=4, decode_tokens=1, repeats=1,

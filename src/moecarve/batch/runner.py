@@ -150,8 +150,8 @@ def check_finished(batch: Batch) -> None:
         (job, changed), more = settings[0], _also(settings[1:] + inputs)
         raise ValueError(
             f"job {job.name} in {batch.output} was run with other settings than the recipe now gives"
-            f"{f' ({changed})' if changed else ''}; remove {batch.job_dir(job)} to run it again, or name "
-            f"the changed configuration anew{more}"
+            f"{f' ({changed})' if changed else ''}; remove {batch.job_dir(job)} to run it again"
+            f"{', or name the changed configuration anew' if job.carve is not None else ''}{more}"
         )
     if inputs:
         (job, changed), more = inputs[0], _also(inputs[1:])

@@ -82,6 +82,9 @@ def evaluate_load(
     Returns (and writes to `out` as JSON) the counts matrix [layers x experts], per-layer
     imbalance, and the summary (mean and worst max/mean over layers).
     """
+    from moecarve.resources import refuse_bundled
+
+    refuse_bundled(model, "eval load")  # dense: said so, not by its GGUF cache's path
     path = common.resolve_model(model)
     check_positions(path, length)
     out = common.check_output(out, data)

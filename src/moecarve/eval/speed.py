@@ -166,6 +166,14 @@ def evaluate_speed(
 
     if kernels:
         _check_kernel_blocks(named["model"])
+        from moecarve.kernels._env import triton_interpreting
+
+        if triton_interpreting() and not str(device).startswith("cuda"):
+            raise ValueError(
+                "--kernels under TRITON_INTERPRET=1 would time Triton's Python interpreter (for tests, "
+                "minutes a token), not the kernels: unset it (on a CPU the kernels then take their "
+                "PyTorch reference)"
+            )
     text, description = read_text(data, "--data")
     need = max(batch_sizes) * prompt_length
     by_tokenizer, streams = {}, {}  # each model's prompts in its own tokenizer's ids

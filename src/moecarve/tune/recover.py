@@ -195,6 +195,13 @@ def recover(
     `device`: cpu, cuda or cuda:N (None: transformers' choice, CUDA where present)."""
     started = time.perf_counter()
     config = settings_of(RecoverConfig, config, defaults=False)  # steps has none
+    if 0 < config.steps <= config.warmup:
+        warnings.warn(
+            f"--warmup {config.warmup} is not below --steps {config.steps}: the learning rate never "
+            f"reaches --lr {config.lr:g} (the first step runs at 0); lower --warmup",
+            MoecarveWarning,
+            stacklevel=2,
+        )
     device = training_device(device, "tune recover", config.precision)
     src = Path(model).expanduser()
     carved_config = check_carved(src)

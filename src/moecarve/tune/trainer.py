@@ -50,17 +50,19 @@ def check_trained_weights(model) -> None:
 
 
 def warn_if_loss_rose(losses: list[float]) -> None:
-    """Warn when a run ends at a higher training loss than it began (its last quarter of logged
-    losses against its first): a learning rate too high can flatten a model's predictions towards
-    uniform (loss ln(vocab)) with every weight finite, which no divergence check refuses."""
-    if len(losses) < 4:  # too few logs to tell a trend from the noise of one batch
+    """Warn when a run ends well above where it began (the mean of its last quarter of logged losses
+    10% over that of its first): a learning rate too high can flatten a model's predictions towards
+    uniform (loss ln(vocab)) with every weight finite, which no divergence check refuses. Quarters
+    and the margin keep one batch's noise in a short run from setting it off."""
+    if len(losses) < 8:
         return
-    tail = losses[-(len(losses) // 4) :]
-    if sum(tail) / len(tail) > losses[0]:
+    quarter = len(losses) // 4
+    first, last = (sum(part) / quarter for part in (losses[:quarter], losses[-quarter:]))
+    if last > 1.1 * first:
         warnings.warn(
-            f"the training loss rose from {losses[0]:.4f} (first logged) to {sum(tail) / len(tail):.4f} "
-            f"(mean of the last {len(tail)} logged): the run may have diverged; evaluate the model "
-            "before using it, or rerun with a lower learning rate",
+            f"the training loss rose from {first:.4f} to {last:.4f} (means of the first and last {quarter} "
+            "logged): the run may have diverged; evaluate the model before using it, or rerun with a "
+            "lower learning rate",
             MoecarveWarning,
             stacklevel=2,
         )

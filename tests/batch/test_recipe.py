@@ -41,6 +41,14 @@ BAD = {
         7,
         "configs[0].active: Input should be a valid integer",
     ),
+    "a word for a stage's switch": (
+        (
+            "[carve, eval_ppl]",
+            "[carve, recover, eval_ppl]\nrecover: {steps: 2, gradient_checkpointing: 'no'}",
+        ),
+        6,
+        "recover.gradient_checkpointing: Input should be a valid boolean",
+    ),
     "a boolean in the shared carve section, named there": (
         ("configs:\n", "carve: {router_ridge: true}\nconfigs:\n"),
         6,

@@ -491,6 +491,7 @@ def test_paths_that_overlap_are_refused_and_nothing_is_deleted(
         with pytest.raises(ValueError, match=message):
             recover(tiny_carved, config, data, out, **kwargs)
     assert (precious / "notes.txt").read_text() == "mine" and data.exists()
+    assert [p.name for p in precious.iterdir()] == ["notes.txt"]  # no lock left in someone else's directory
     assert {p.name: p.read_bytes() for p in tiny_carved.iterdir() if p.is_file()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "precious"]
 

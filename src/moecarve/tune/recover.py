@@ -364,13 +364,18 @@ def _running_alone(checkpoints: Path, main: bool):
     lock file in it (the kernel drops it when its process dies; a file system without flock runs
     unlocked, as before). Directories made here for it go again when the run leaves nothing in them.
     One process of `accelerate launch` locks."""
-    if not main or (checkpoints.exists() and not checkpoints.is_dir()):  # the latter: refused next
+    if not main or _foreign(checkpoints):  # the latter: refused next, with nothing written into it
         yield
         return
     made = [p for p in (checkpoints, *checkpoints.parents) if not p.exists()]  # deepest first
     checkpoints.mkdir(parents=True, exist_ok=True)
     lock = checkpoints / LOCK
-    with lock.open("a") as handle:
+    try:
+        handle = lock.open("a")
+    except OSError:  # a directory this run cannot write: its first checkpoint says so
+        yield
+        return
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -399,13 +404,18 @@ def _remove_made(checkpoints: Path, lock: Path, made: list[Path]) -> None:
             break
 
 
+def _foreign(checkpoints: Path) -> bool:
+    """A --checkpoints path that is no recover run's directory (it is deleted when the run ends)."""
+    return checkpoints.exists() and (
+        not checkpoints.is_dir()
+        or (any(p.name != LOCK for p in checkpoints.iterdir()) and not (checkpoints / IDENTITY).is_file())
+    )
+
+
 def _check_checkpoints(checkpoints: Path, identity: dict, resume: bool) -> None:
     """A run resumes only its own checkpoints, never silently restarts over them, and never takes
     (and at its end deletes) a directory that is not its checkpoints'."""
-    if checkpoints.exists() and (
-        not checkpoints.is_dir()
-        or (any(p.name != LOCK for p in checkpoints.iterdir()) and not (checkpoints / IDENTITY).is_file())
-    ):
+    if _foreign(checkpoints):
         raise ValueError(
             f"--checkpoints {checkpoints} exists and holds no {IDENTITY}: it is not a recover run's "
             "checkpoint directory (it is deleted when the run ends); name a new one"

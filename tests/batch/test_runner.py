@@ -755,3 +755,11 @@ def test_paths_found_only_from_the_working_directory_are_refused(
     with pytest.raises(RecipeError, match="eval_ppl.data: not found: m/text .*relative to the recipe"):
         runner.open_batch(tmp_path / "rec" / "text.yaml")
     assert not (tmp_path / "rec" / "out").exists()
+
+
+def test_a_reordered_list_is_a_changed_setting_but_recovers_parts():
+    """recover's default parts were once stored router, lora: the same training, not named. Other
+    lists (LoRA targets, tasks) change the fingerprint when reordered, so they are named."""
+    recorded = {"options": {"recover": {"train": ["router", "lora"], "lora_targets": ["q_proj", "v_proj"]}}}
+    now = {"options": {"recover": {"train": ["lora", "router"], "lora_targets": ["v_proj", "q_proj"]}}}
+    assert runner._changed(recorded, now) == "options.recover.lora_targets"

@@ -96,9 +96,9 @@ def _changed(recorded, now: dict, where: str = "") -> str:
     for key in keys:
         a, b = recorded.get(key), now.get(key)
         if a == b or (
-            isinstance(a, list) and isinstance(b, list) and sorted(map(str, a)) == sorted(map(str, b))
+            key == "train" and isinstance(a, list) and isinstance(b, list) and sorted(a) == sorted(b)
         ):
-            continue  # lists of the same members (recover's parts, once stored in another order) decide alike
+            continue  # recover's parts, its default once stored in another order: the same training
         name = f"{where}{key}"
         differ.append(_changed(a, b, f"{name}.") if isinstance(a, dict) and isinstance(b, dict) else name)
     return ", ".join(filter(None, differ))

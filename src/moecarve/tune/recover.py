@@ -195,13 +195,6 @@ def recover(
     `device`: cpu, cuda or cuda:N (None: transformers' choice, CUDA where present)."""
     started = time.perf_counter()
     config = settings_of(RecoverConfig, config, defaults=False)  # steps has none
-    if 0 < config.steps <= config.warmup:
-        warnings.warn(
-            f"--warmup {config.warmup} is not below --steps {config.steps}: the learning rate never "
-            f"reaches --lr {config.lr:g} (the first step runs at 0); lower --warmup",
-            MoecarveWarning,
-            stacklevel=2,
-        )
     device = training_device(device, "tune recover", config.precision)
     src = Path(model).expanduser()
     carved_config = check_carved(src)
@@ -250,6 +243,14 @@ def recover(
         if state.is_main_process:
             checkpoints.mkdir(parents=True, exist_ok=True)
             (checkpoints / IDENTITY).write_text(json.dumps(identity, indent=2) + "\n")
+        # said once every check and load has passed: a refused run prints its error alone
+        if 0 < config.steps <= config.warmup:
+            warnings.warn(
+                f"--warmup {config.warmup} is not below --steps {config.steps}: the learning rate never "
+                f"reaches --lr {config.lr:g} (the first step runs at 0); lower --warmup",
+                MoecarveWarning,
+                stacklevel=2,
+            )
         trainer = RecoverTrainer(
             model=model_,
             args=args,

@@ -145,19 +145,20 @@ def check_finished(batch: Batch) -> None:
             continue
         changed = [name for name in now if name in recorded and recorded[name] != now[name]]
         if changed:
-            inputs.append((job, f"changed inputs: {', '.join(changed)}"))
+            inputs.append((job, ", ".join(changed)))
+    named = [(job, f"changed inputs: {changed}") for job, changed in inputs]  # beside other settings
     if settings:
-        (job, changed), more = settings[0], _also(settings[1:] + inputs)
+        (job, changed), more = settings[0], _also(settings[1:] + named)
         raise ValueError(
             f"job {job.name} in {batch.output} was run with other settings than the recipe now gives"
             f"{f' ({changed})' if changed else ''}; remove {batch.job_dir(job)} to run it again"
             f"{', or name the changed configuration anew' if job.carve is not None else ''}{more}"
         )
     if inputs:
-        (job, changed), more = inputs[0], _also(inputs[1:])
+        (job, changed), more = inputs[0], _also(named[1:])
         raise ValueError(
             f"job {job.name} in {batch.output} was run on inputs that have changed since "
-            f"({changed.removeprefix('changed inputs: ')}); remove {batch.job_dir(job)} to run it again{more}"
+            f"({changed}); remove {batch.job_dir(job)} to run it again{more}"
         )
 
 

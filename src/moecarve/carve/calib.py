@@ -168,9 +168,8 @@ def calibration_text(source, tokens: int, length: int) -> tuple[str, str]:
     budget: read before the model is resolved (a GGUF conversion, a download) and tokenized."""
     text, description = read_text(source)
     used, size = (tokens // length) * length, len(text.encode("utf-8"))
-    if size + 1 < used * (
-        1 - SHORTFALL_TOLERANCE
-    ):  # no tokenizer gives more tokens than bytes (+1: SentencePiece's prefix)
+    # no tokenizer gives more tokens than bytes (+1: SentencePiece's prefix)
+    if size + 1 < used * (1 - SHORTFALL_TOLERANCE):
         raise CalibrationError(
             f"calibration text has {size} bytes, fewer than the {used} tokens requested ({description}); "
             "give more text or fewer --calib-tokens"

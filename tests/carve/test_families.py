@@ -274,6 +274,24 @@ def test_auto_refit_ridge_grows_as_tokens_per_neuron_fall(tiny_models, calib_fil
     assert ridges == {128: {(neurons / 128) ** 2}, 512: {(neurons / 512) ** 2}}
 
 
+def test_balance_evens_the_load_of_every_layer(tiny_models, calib_file, tmp_path):
+    """--balance 1 biases the router towards equal loads on the calibration tokens (recorded per layer)."""
+    imbalance = {}
+    for balance in (0.0, 1.0):
+        result = carve(
+            tiny_models["llama"],
+            CarveConfig(experts=8, active=2, calib_tokens=512, calib_length=64, balance=balance),
+            calib_file,
+            tmp_path / str(balance),
+            progress=False,
+        )
+        imbalance[balance] = [layer["load_imbalance"] for layer in result.record["layers"]]
+    assert all(after < before for before, after in zip(imbalance[0.0], imbalance[1.0], strict=True)), (
+        imbalance
+    )
+    assert max(imbalance[1.0]) < 1.2, imbalance
+
+
 def test_config_names_the_causal_lm_class(tiny_carved):
     """vLLM picks its model class from `architectures`; without it, it serves an embedding model."""
     config = json.loads((tiny_carved / "config.json").read_text())

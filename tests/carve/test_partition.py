@@ -154,6 +154,19 @@ def test_linear_selector_chooses_what_a_linear_router_predicts():
     assert torch.equal(chosen.sum(1), torch.full((500,), 2.0))
 
 
+def test_balancing_bias_evens_a_skewed_load_in_proportion_to_its_strength():
+    torch.manual_seed(0)
+    scores = torch.randn(2000, 8) + torch.tensor([2.0, 1.0, 0.5, 0, 0, 0, -0.5, -1.0])  # expert 0 favoured
+    assert torch.equal(router.balancing_bias(scores, 2, 0.0), torch.zeros(8))
+    full = router.balancing_bias(scores, 2, 1.0)
+    assert torch.allclose(router.balancing_bias(scores, 2, 0.5), 0.5 * full)
+    before = router.top_experts(scores, 2).sum(0)
+    after = router.top_experts(scores + full, 2).sum(0)
+    assert before.max() / before.mean() > 2  # skewed: expert 0 takes over twice its share
+    assert after.max() / after.mean() < 1.1
+    assert full[0] < 0 < full[-1]  # the favoured expert is pushed down, the shunned one up
+
+
 def ridge_fit_float64(x: torch.Tensor, target: torch.Tensor, ridge: float) -> torch.Tensor:
     """The router's ridge fit of per-token-centred targets, float64 throughout: [T, R] scores on x."""
     x64 = x.double() - x.double().mean(0)

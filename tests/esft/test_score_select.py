@@ -238,3 +238,43 @@ def test_examples_are_sampled_whole_and_at_random_when_over_the_budget():
     assert sum(map(len, drawn)) <= 200 and drawn != [e.input_ids for e in examples[: len(drawn)]]
     (cut,) = score.sample_examples(examples[30:], 12, seed=0)  # one example over the budget by itself
     assert len(cut) == 12
+
+
+def test_scores_are_per_sequence_means_normalised_per_layer(tiny_carved, task_file, tmp_path):
+    """Each expert's score is its share of selections (or of gate mass) per token, averaged within
+    each example, then over the examples, then normalised within its layer: recomputed here from
+    every example's routing."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from moecarve import moe
+    from moecarve.esft.data import load_examples
+
+    record = score.score(
+        tiny_carved, task_file, tmp_path / "s.json", tokens=10**6, max_length=64, progress=False
+    )
+    examples = load_examples(task_file, AutoTokenizer.from_pretrained(tiny_carved), 64)
+    assert record["sequences"] == len(examples) > 1
+    model = AutoModelForCausalLM.from_pretrained(tiny_carved, dtype=torch.float32).eval()
+    num_experts = record["num_experts"]
+    totals = {kind: {} for kind in score.SCORES}
+    with torch.no_grad(), moe.record_routing(model) as log:
+        for example in examples:
+            log.clear()
+            model(torch.tensor([example.input_ids]))
+            for index, (routing,) in log.layers.items():
+                picks = torch.nn.functional.one_hot(routing.indices, num_experts).double()  # [T, K, E]
+                per_token = {
+                    "token": picks.sum(1) / routing.indices.shape[1],
+                    "gate": (picks * routing.weights.double()[..., None]).sum(1),
+                }
+                for kind, values in per_token.items():
+                    totals[kind][index] = totals[kind].get(index, 0) + values.mean(0)
+    for kind, layers in totals.items():
+        assert sorted(layers) == record["moe_layers"]
+        for index, values in layers.items():
+            assert record["scores"][kind][str(index)] == pytest.approx(
+                (values / values.sum()).tolist(), abs=1e-9
+            )
+    token_scores = torch.tensor(record["scores"]["token"][str(record["moe_layers"][0])])
+    assert token_scores.max() > 1.5 * token_scores.min()  # unequal: a uniform vector would not pass

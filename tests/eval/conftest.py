@@ -1,4 +1,5 @@
-"""Helpers for the eval tests: a snapshot of a model directory, to prove eval never writes there."""
+"""Helpers for the eval tests: a snapshot of a model directory, to prove eval never writes there, and
+the tiny Llama with another tokenizer."""
 
 from __future__ import annotations
 
@@ -38,3 +39,21 @@ def tiny_tasks_record(tiny_models, tmp_path_factory) -> tuple[Path, dict, bool]:
     out = tmp_path_factory.mktemp("tasks") / "tasks.json"
     record = evaluate_tasks(model, DEFAULT_TASKS, limit=4, device="cpu", out=out)
     return out, record, snapshot(model) == before
+
+
+@pytest.fixture(scope="session")
+def other_tokenizer_model(tiny_models, tmp_path_factory) -> Path:
+    """The tiny Llama's weights with a byte-level tokenizer of no merges: the same text, other token ids."""
+    import shutil
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    model = shutil.copytree(tiny_models["llama"], tmp_path_factory.mktemp("other") / "other-tokenizer")
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (model / name).unlink(missing_ok=True)
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.add_tokens(list(pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(model)
+    return model

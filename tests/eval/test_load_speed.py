@@ -202,25 +202,15 @@ def test_speed_settings_the_run_cannot_take_are_refused_before_loading(tiny_mode
 
 
 def test_speed_baseline_with_another_tokenizer_gets_its_own_prompts(
-    tiny_models, tiny_carved, calib_file, tmp_path, monkeypatch
+    tiny_carved, other_tokenizer_model, calib_file, monkeypatch
 ):
     """A baseline whose tokenizer differs is timed on the same text in its own token ids, never on
     ids of the model's tokenizer (which may lie outside its vocabulary)."""
-    import shutil
-
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import AutoTokenizer
 
     from moecarve.eval import speed
 
-    baseline = shutil.copytree(tiny_models["llama"], tmp_path / "other-tokenizer")
-    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
-        (baseline / name).unlink(missing_ok=True)
-    tok = Tokenizer(models.BPE(unk_token=None))  # bytes only, no merges: another split of the text
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.add_tokens(list(pre_tokenizers.ByteLevel.alphabet()))
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>").save_pretrained(baseline)
-
+    baseline = other_tokenizer_model
     seen = {}
     timed = speed.time_generation
 

@@ -47,6 +47,21 @@ def test_models_share_windows_and_match_transformers_loss(
     assert {"torch", "transformers", "moecarve"} <= set(record["versions"]) and record["seed"] == 0
 
 
+def test_models_with_other_tokenizers_are_scored_on_their_own_ids(
+    tiny_models, other_tokenizer_model, calib_file, tmp_path
+):
+    """The text is tokenized once per distinct tokenizer: a model with another tokenizer is scored
+    on its own ids of the same text, and its windows are its own."""
+    record = evaluate_ppl(
+        [tiny_models["llama"], other_tokenizer_model], calib_file, windows=2, length=32,
+        out=tmp_path / "ppl.json", progress=False,
+    )  # fmt: skip
+    text = calib_file.read_text()
+    for row, model_dir in zip(record["results"], (tiny_models["llama"], other_tokenizer_model), strict=True):
+        assert row["ppl"] == pytest.approx(_reference_ppl(model_dir, text, 2, 32), rel=1e-5)
+    assert record["results"][0]["ppl"] != record["results"][1]["ppl"]
+
+
 def test_protocol_ppl_signature_kept(tiny_models, calib_file):
     result = protocol_ppl(tiny_models["qwen2"], windows=2, length=32, data=calib_file)
     assert result["tokens_scored"] == 2 * 31 and result["windows"] == 2 and result["length"] == 32

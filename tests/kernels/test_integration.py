@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -93,6 +94,9 @@ def test_fallback_warns_once_and_matches_reference(monkeypatch):
     with pytest.warns(RuntimeWarning, match="falling back to the PyTorch reference"):
         out = K.moe_ffn(x, idx, wts, w13, w2)
     torch.testing.assert_close(out, K.moe_ffn_reference(x, idx, wts, w13, w2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the same fallback again: silent
+        torch.testing.assert_close(K.moe_ffn(x, idx, wts, w13, w2), out)
     with pytest.raises(RuntimeError, match="cannot run"):
         K.moe_ffn(x, idx, wts, w13, w2, path="decode")
 

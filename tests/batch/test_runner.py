@@ -20,6 +20,7 @@ from click.testing import CliRunner
 from moecarve.batch import runner
 from moecarve.batch.cli import batch_command
 from moecarve.batch.recipe import RecipeError
+from moecarve.eval.common import source_commit
 from tests.batch.conftest import JOBS
 
 TIMINGS = "seconds"  # columns ending so are timings: the only cells two identical runs may differ in
@@ -49,6 +50,9 @@ def test_table_records_results_and_the_failure(reference):
     )  # 96 / 8, padded to 8-aligned
     assert "neuron" in failed["error"] and failed["ppl"] is None  # recorded, and the batch went on
     assert (reference / "jobs" / "llama-S1A2E128" / "error.txt").read_text().startswith("Traceback")
+    for job in ("llama-S1A2E8", "llama-S1A2E128"):  # the code that ran it, also where it failed
+        record = json.loads((reference / "jobs" / job / "result.json").read_text())
+        assert record["versions"]["moecarve_commit"] == source_commit()
     assert (reference / "jobs" / "llama-S1A2E8" / "model" / "config.json").is_file()
     ppl_record = json.loads((reference / "jobs" / "llama-S1A2E8" / "ppl.json").read_text())
     assert ppl_record["results"][0]["model"] == str(reference / "jobs" / "llama-S1A2E8" / "model")

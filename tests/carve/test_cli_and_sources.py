@@ -12,8 +12,9 @@ from click.testing import CliRunner
 from transformers import AutoModelForCausalLM
 
 from moecarve import MoecarveWarning
-from moecarve.carve.source import SourceError, resolve_source
+from moecarve.carve.source import SourceError, model_identity, resolve_source
 from moecarve.cli import carve_command, cli
+from moecarve.eval.common import source_commit
 
 
 @pytest.mark.parametrize("command", [["carve"], []])
@@ -48,6 +49,10 @@ def test_cli_carves_and_reports(command, tiny_models, calib_file, tmp_path):
     assert "neurons per expert: 24" in result.output and "s carving the layers)" in result.output
     record = json.loads((tmp_path / "o" / "carve.json").read_text())
     assert record["config"]["cluster_iters"] == 3 and record["calibration"]["tokens"] == 256
+    # what reproduces it: the text's and the source's content, the code's commit
+    assert record["calibration"]["sha256"] == hashlib.sha256(calib_file.read_bytes()).hexdigest()
+    assert record["source_identity"] == model_identity(tiny_models["qwen2"])
+    assert record["versions"]["moecarve_commit"] == source_commit()
     assert 0 < record["construction_seconds"] < record["carve_seconds"]
     stages = {"attention", "activations", "partition", "router", "forward", "refit"}
     assert all(set(layer["seconds"]) == stages for layer in record["layers"])  # where the time went

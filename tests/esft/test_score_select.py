@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -255,6 +256,8 @@ def test_scores_are_per_sequence_means_normalised_per_layer(tiny_carved, task_fi
     )
     examples = load_examples(task_file, AutoTokenizer.from_pretrained(tiny_carved), 64)
     assert record["sequences"] == len(examples) > 1
+    assert record["token_budget"] == 10**6 and record["max_length"] == 64 and record["device"] == "cpu"
+    assert record["data_sha256"] == hashlib.sha256(task_file.read_bytes()).hexdigest()
     model = AutoModelForCausalLM.from_pretrained(tiny_carved, dtype=torch.float32).eval()
     num_experts = record["num_experts"]
     totals = {kind: {} for kind in score.SCORES}

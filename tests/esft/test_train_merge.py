@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 
@@ -79,8 +80,9 @@ def test_train_and_merge_carved(tiny_carved, task_file, tmp_path):
     assert entry["stage"] == "esft" and entry["model"] == str(tiny_carved.resolve())
     assert entry["adapter"] == str((tmp_path / "adapter").resolve())
     adapter_record = json.loads((tmp_path / "adapter" / "esft_config.json").read_text())
-    for key in ("data", "base_digest", "experts", "config", "training"):  # what trained it, kept
-        assert entry[key] == adapter_record[key]
+    assert adapter_record["data_sha256"] == hashlib.sha256(task_file.read_bytes()).hexdigest()
+    for key in ("data", "data_sha256", "base_digest", "experts", "config", "training", "versions"):
+        assert entry[key] == adapter_record[key]  # what trained it, kept
     assert json.loads((merged / "esft.json").read_text())["data"] == adapter_record["data"]
     reloaded = AutoModelForCausalLM.from_pretrained(merged)  # stock transformers, no remote code
     assert reloaded.config.model_type == "glm4_moe"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -44,6 +45,7 @@ def test_models_share_windows_and_match_transformers_loss(
         assert row["ppl"] == pytest.approx(_reference_ppl(model_dir, text, 3, 64), rel=1e-5)
     assert dense["ppl"] != carved["ppl"]
     assert record["protocol"]["windows"] == 3 and record["protocol"]["length"] == 64
+    assert record["protocol"]["sha256"] == hashlib.sha256(calib_file.read_bytes()).hexdigest()
     assert {"torch", "transformers", "moecarve"} <= set(record["versions"]) and record["seed"] == 0
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from pydantic import ValidationError
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 from moecarve import MoecarveWarning
+from moecarve.eval.common import source_commit
 from moecarve.tune import trainer as trainer_module
 from moecarve.tune.data import training_blocks
 from moecarve.tune.recover import RecoverConfig, recover
@@ -62,6 +64,8 @@ def test_recovery_learns_saves_natively_and_trains_the_router(tiny_carved, calib
     assert record["resolved"]["name"] == "S1A2E8"  # the carve's record is kept
     (tune,) = record["tune"]
     assert tune["stage"] == "recover" and tune["data"]["tokens"] == 8 * 2 * 64
+    assert tune["data"]["sha256"] == hashlib.sha256(calib_file.read_bytes()).hexdigest()
+    assert tune["versions"]["moecarve_commit"] == source_commit() and "peft" in tune["versions"]
     assert [h["step"] for h in tune["train_loss"]] == list(range(1, 9))
     assert tune["final_train_loss"] == tune["train_loss"][-1]["loss"]  # the last step's, not the mean
     assert tune["resumed_from_step"] is None and tune["teacher"] is None

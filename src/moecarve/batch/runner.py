@@ -34,6 +34,7 @@ from moecarve.batch.table import job_row, locked, write_table
 from moecarve.carve.calib import text_identity
 from moecarve.carve.source import model_identity
 from moecarve.carve.writer import atomic_directory, within, write_atomically
+from moecarve.eval.common import versions
 
 OWNER_FILE = "batch.json"
 
@@ -428,6 +429,7 @@ def run_job(batch: Batch, job: Job, progress: bool = True) -> dict | None:
             "fingerprint": job.fingerprint,
             "settings": job.settings,
             "stages": {},
+            "versions": versions(),
         }
         columns: dict = {}
         quiet = contextlib.nullcontext() if progress else transformers_bars_off()

@@ -51,6 +51,7 @@ def looks_like_path(source: str | Path) -> bool:
 class Calibration:
     input_ids: torch.Tensor  # [sequences, length]
     source: str
+    sha256: str  # of the whole text read: its name alone would not tell an edited file
 
     @property
     def tokens(self) -> int:
@@ -200,7 +201,11 @@ def calibration(
             )
         length = stream.numel() // sequences  # a few tokens short: shorter sequences, the text whole
     ids = stream[: sequences * length].reshape(sequences, length).clone()  # not a view of the stream
-    return Calibration(input_ids=ids, source=description)
+    return Calibration(input_ids=ids, source=description, sha256=text_sha256(text))
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def text_identity(data) -> str:
@@ -210,4 +215,4 @@ def text_identity(data) -> str:
     if data is None or not looks_like_path(data) and not Path(data).expanduser().exists():
         return str(data)  # the default text, or a hub dataset's name
     text, _ = read_text(data, "--data")
-    return f"{Path(data).expanduser().resolve()} sha256:{hashlib.sha256(text.encode()).hexdigest()}"
+    return f"{Path(data).expanduser().resolve()} sha256:{text_sha256(text)}"

@@ -11,7 +11,6 @@ import contextlib
 import ctypes
 import json
 import math
-import platform
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -382,11 +381,13 @@ def _copy_generation_config(src: Path, out: Path) -> None:
 def _record(
     model, src, config, calib_data, layers, m, intermediate, calib_dtype, device, seconds, construction
 ) -> dict:
-    import transformers
+    from moecarve.carve.source import model_identity
+    from moecarve.eval.common import versions
 
     return {
         "source": str(model),
         "source_path": str(Path(src).resolve()),
+        "source_identity": model_identity(Path(src)),  # path, sha256 of config and (sampled) weights
         "config": config.model_dump(),
         "resolved": {
             "name": config.name,
@@ -401,26 +402,13 @@ def _record(
         },
         "calibration": {
             "source": calib_data.source,
+            "sha256": calib_data.sha256,
             "tokens": calib_data.tokens,
             "sequences": list(calib_data.input_ids.shape),
         },
         "seed": config.seed,
         "carve_seconds": round(seconds, 2),  # the whole call: imports, loading, writing
         "construction_seconds": round(construction, 2),  # the layers' carve, streamed reads and writes
-        "versions": {
-            "moecarve": _version(),
-            "torch": torch.__version__,
-            "transformers": transformers.__version__,
-            "python": platform.python_version(),
-        },
+        "versions": versions(),
         "layers": layers,
     }
-
-
-def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("moecarve")
-    except PackageNotFoundError:
-        return "unknown"

@@ -10,6 +10,7 @@ Accepted files:
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,12 @@ IGNORE = -100  # label of tokens without loss (transformers' convention)
 class Example:
     input_ids: list[int]
     labels: list[int]  # IGNORE where there is no loss
+
+
+def file_sha256(path: str | Path) -> str:
+    """A task file's sha256, for the records: its path alone would not tell an edited file."""
+    with Path(path).expanduser().open("rb") as file:
+        return hashlib.file_digest(file, "sha256").hexdigest()
 
 
 def load_examples(path: str | Path, tokenizer, max_length: int = 512) -> list[Example]:

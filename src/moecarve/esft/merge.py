@@ -26,7 +26,10 @@ from moecarve.moe import declared_dtype
 ADAPTER_FORMAT = "moecarve-esft-adapter/1"
 COPIED = ("generation_config.json",)  # and carve.json, with this training appended to its record
 # what a merge records of its adapter
-TRAINING_RECORD = ("data", "examples", "base_digest", "experts", "trainable_parameters", "config", "training")
+TRAINING_RECORD = (
+    "data", "data_sha256", "examples", "base_digest", "experts", "trainable_parameters", "config", "training",
+    "versions",
+)  # fmt: skip
 
 
 def read_adapter(adapter: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:

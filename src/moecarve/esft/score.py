@@ -22,8 +22,9 @@ from moecarve import MoecarveWarning, moe
 from moecarve.carve.calib import read_json
 from moecarve.carve.source import damaged_weights_named
 from moecarve.carve.writer import atomic_file, check_apart, check_output_file, write_atomically
-from moecarve.esft.data import load_examples
+from moecarve.esft.data import file_sha256, load_examples
 from moecarve.esft.shape import model_shape
+from moecarve.eval.common import versions
 from moecarve.eval.ppl import model_positions
 
 FORMAT = "moecarve-esft-scores/1"
@@ -131,11 +132,16 @@ def score(
         "format": FORMAT,
         "model": str(Path(model_dir).expanduser().resolve()),
         "data": str(Path(data).expanduser().resolve()),
+        "data_sha256": file_sha256(data),
         **shape.record(),
         "sequences": sequences,
         "tokens": used_tokens,
         "examples": len(examples),  # in the data; `sequences` of them scored
         "seed": seed,
+        "token_budget": tokens,  # --tokens
+        "max_length": max_length,  # as capped to the model's positions
+        "device": str(device),
+        "versions": versions(),
         "scores": {kind: {str(i): normalise(v) for i, v in layers.items()} for kind, layers in sums.items()},
     }
     heatmap(record, out.with_suffix(".png"))  # first: a failure leaves no scores

@@ -22,12 +22,21 @@ from safetensors.torch import save_file
 
 from moecarve import moe
 from moecarve.carve.config import settings_of
-from moecarve.esft.data import Collator, as_dataset, load_examples, pad_id, text_examples, token_examples
+from moecarve.esft.data import (
+    Collator,
+    as_dataset,
+    file_sha256,
+    load_examples,
+    pad_id,
+    text_examples,
+    token_examples,
+)
 from moecarve.esft.merge import base_digest
 from moecarve.esft.optim import SliceAdamW, mask_gradient
 from moecarve.esft.score import length_cap
 from moecarve.esft.select import read_experts, validate_experts
 from moecarve.esft.shape import model_shape
+from moecarve.eval.common import versions
 
 FORMAT = "moecarve-esft-adapter/1"
 CONFIG_FILE, TENSORS_FILE = "esft_config.json", "esft.safetensors"
@@ -196,7 +205,7 @@ def training_set(model_dir, data, tokenizer, config: EsftConfig) -> list[dict]:
             )
         wanted = math.ceil(len(examples) * config.mix_ratio / (1 - config.mix_ratio))
         if source is None:  # the passages without the tail the perplexity protocol scores
-            ids, _, _ = usable_stream(tokenizer, None, "--mix-general")
+            ids, *_ = usable_stream(tokenizer, None, "--mix-general")
             general = token_examples(ids.tolist(), config.max_length)
         else:  # the start of the text, cut before tokenizing: a general corpus can be large
             text, _ = read_text(source, "--mix-general")
@@ -305,8 +314,10 @@ def train(
         "trainable_parameters": count_trainable(groups),
         "examples": len(dataset),
         "data": str(Path(data).expanduser().resolve()),
+        "data_sha256": file_sha256(data),
         "config": config.model_dump(),
         "training": stats,
+        "versions": versions(),
     }
     from accelerate import PartialState
 

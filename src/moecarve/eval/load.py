@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from moecarve.carve.calib import read_text, tokenize_stream
+from moecarve.carve.calib import read_text, text_sha256, tokenize_stream
 from moecarve.devices import resolve_device
 from moecarve.eval import common
 from moecarve.eval.ppl import _tail_windows, check_positions
@@ -111,6 +111,7 @@ def evaluate_load(
         "kind": "load",
         **common.describe_model(path),
         "data": description,
+        "data_sha256": text_sha256(text),
         "windows": windows,
         "length": length,
         "tokens": ids.numel(),

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from moecarve.carve.calib import read_text, tokenize_stream
+from moecarve.carve.calib import read_text, text_sha256, tokenize_stream
 from moecarve.devices import resolve_device
 from moecarve.eval import common
 
@@ -170,6 +170,7 @@ def evaluate_ppl(
         "kind": "ppl",
         "protocol": {
             "data": description,
+            "sha256": text_sha256(text),
             "windows": windows,
             "length": length,
             "tokens": "the last windows x length tokens of the stream, no special tokens",

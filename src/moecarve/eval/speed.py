@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from moecarve.carve.calib import read_text, tokenize_prefix
+from moecarve.carve.calib import read_text, text_sha256, tokenize_prefix
 from moecarve.devices import resolve_device
 from moecarve.eval import common
 from moecarve.eval.ppl import tokenizer_fingerprint
@@ -247,6 +247,7 @@ def evaluate_speed(
         "compiled": compile,
         "kernel_tables": _kernel_tables(device) if kernels else [],
         "prompts": f"first batch x prompt_length tokens of {description}",
+        "prompts_sha256": text_sha256(text),
         "versions": common.versions(),
         "machine": common.machine(device),
     }

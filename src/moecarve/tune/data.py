@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from moecarve import resources
-from moecarve.carve.calib import read_text, tokenize_stream
+from moecarve.carve.calib import read_text, text_sha256, tokenize_stream
 
 # The protocol's evaluation windows (EVAL_PROTOCOL.md; moecarve.eval.ppl defaults): the tail of
 # the default stream that training must not see.
@@ -23,25 +23,27 @@ class TrainingText:
     blocks: torch.Tensor  # [count, length]
     source: str
     held_out_tokens: int  # tokens cut from the end of the stream (the protocol's windows)
+    sha256: str  # of the whole text read
 
     @property
     def tokens(self) -> int:
         return self.blocks.numel()
 
 
-def usable_stream(tokenizer, source, what: str = "--data") -> tuple[torch.Tensor, str, int]:
-    """The source's tokens that training may read, its description and how many were held out: of
-    the protocol's passages, all but the scored tail; of any other text, all of it."""
+def usable_stream(tokenizer, source, what: str = "--data") -> tuple[torch.Tensor, str, int, str]:
+    """The source's tokens that training may read, its description, how many were held out (of
+    the protocol's passages, the scored tail; of any other text, none) and the text's sha256."""
     text, description = read_text(source, what)
     stream = tokenize_stream(tokenizer, text)
     held_out = PROTOCOL_TOKENS if source is None or str(source) == resources.PROTOCOL_TEXT else 0
-    return (stream[: stream.numel() - held_out] if held_out else stream), description, held_out
+    usable = stream[: stream.numel() - held_out] if held_out else stream
+    return usable, description, held_out, text_sha256(text)
 
 
 def training_blocks(tokenizer, source, length: int, count: int) -> TrainingText:
     """`count` blocks of `length` tokens from the start of the source; fewer when it is short, an
     error when not even one block fits."""
-    usable, description, held_out = usable_stream(tokenizer, source)
+    usable, description, held_out, sha256 = usable_stream(tokenizer, source)
     available = usable.numel() // length
     if available < 1:
         raise ValueError(
@@ -49,4 +51,4 @@ def training_blocks(tokenizer, source, length: int, count: int) -> TrainingText:
             f"({description}); give more text or a shorter --length"
         )
     count = min(count, available)
-    return TrainingText(usable[: count * length].view(count, length), description, held_out)
+    return TrainingText(usable[: count * length].view(count, length), description, held_out, sha256)

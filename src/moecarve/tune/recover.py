@@ -30,6 +30,7 @@ from moecarve.carve.config import settings_of
 from moecarve.carve.source import damaged_weights_named, model_identity
 from moecarve.carve.target import write_rotary_at_top_level
 from moecarve.carve.writer import atomic_directory, check_apart, check_output
+from moecarve.eval.common import versions
 from moecarve.eval.ppl import check_eval_ppl_positions, check_positions
 from moecarve.moe import declared_dtype, routers_in_fp32
 from moecarve.tune.adapters import DEFAULT_LORA_TARGETS, trainable_model
@@ -482,7 +483,12 @@ def _record(src, config, text, trainable, trainer, output, started, resumed_from
     history = [h for h in trainer.state.log_history if "loss" in h]  # a resumed run's includes the first's
     return {
         "config": config.model_dump(mode="json"),
-        "data": {"source": text.source, "tokens": text.tokens, "held_out_tail_tokens": text.held_out_tokens},
+        "data": {
+            "source": text.source,
+            "sha256": text.sha256,
+            "tokens": text.tokens,
+            "held_out_tail_tokens": text.held_out_tokens,
+        },
         "trainable_parameters": trainable,
         "train_loss": [
             {"step": h["step"], "loss": h["loss"], "load_imbalance": h.get("load_imbalance")} for h in history
@@ -494,6 +500,7 @@ def _record(src, config, text, trainable, trainer, output, started, resumed_from
         "resumed_from_step": resumed_from,
         "teacher": str(teacher) if teacher else None,
         "source_quality": carve_quality(src),
+        "versions": versions(),
     }
 
 

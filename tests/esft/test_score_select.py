@@ -89,8 +89,10 @@ def test_select_refuses_other_files(tmp_path):
     bad.write_text('{"a": 1}')
     with pytest.raises(ValueError, match="not an `esft score` output"):
         select.select(bad, "token", 0.2)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(FileNotFoundError, match="scores file not found"):
         select.select(tmp_path / "missing.json", "token", 0.2)
+    with pytest.raises(ValueError, match="is a directory: give the JSON `esft score` wrote"):
+        select.select(tmp_path, "token", 0.2)
     bad.write_text(json.dumps({"format": score.FORMAT, "scores": {}}))
     with pytest.raises(ValueError, match="lacks model_type, .*expert_parameters"):
         select.select(bad, "token", 0.2)

@@ -158,8 +158,11 @@ def test_cli_train_and_merge(tiny_carved, task_file, tmp_path, monkeypatch, caps
     assert code == 0 and "trained" in out.out, out.err[-300:]
     code, out = run_cli(monkeypatch, capsys, "merge", tiny_carved, tmp_path / "a", "--out", tmp_path / "m")
     assert code == 0 and AutoModelForCausalLM.from_pretrained(tmp_path / "m").config.model_type == "glm4_moe"
-    code, out = run_cli(monkeypatch, capsys, *args, "--out", tmp_path / "b", "--mix-general", "t.txt:0")
-    assert code != 0 and "--mix-general needs a text source and a ratio" in out.err
+    for ratio in ("0", "2", "nan"):
+        code, out = run_cli(
+            monkeypatch, capsys, *args, "--out", tmp_path / "b", "--mix-general", f"t.txt:{ratio}"
+        )
+        assert code != 0 and "--mix-general: RATIO is the general text's share" in out.err, out.err
     assert not (tmp_path / "b").exists()
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import shutil
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -62,6 +64,8 @@ def test_models_with_other_tokenizers_are_scored_on_their_own_ids(
     for row, model_dir in zip(record["results"], (tiny_models["llama"], other_tokenizer_model), strict=True):
         assert row["ppl"] == pytest.approx(_reference_ppl(model_dir, text, 2, 32), rel=1e-5)
     assert record["results"][0]["ppl"] != record["results"][1]["ppl"]
+    again = evaluate_ppl([other_tokenizer_model], calib_file, windows=2, length=32, out=tmp_path / "ppl.json")
+    assert json.loads((tmp_path / "ppl.json").read_text()) == again  # an earlier ppl record: replaced
 
 
 def test_protocol_ppl_signature_kept(tiny_models, calib_file):
@@ -151,7 +155,7 @@ def test_bad_models_fail_before_work(tiny_models, tmp_path):
     truncated = shutil.copytree(tiny_models["llama"], tmp_path / "truncated")
     weights = truncated / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    with pytest.raises(ValueError, match="truncated: a weights file is damaged"):
+    with pytest.raises(ValueError, match="corrupt safetensors file .*truncated/model.safetensors"):
         evaluate_ppl([truncated], windows=1, length=16)
     untokenized = shutil.copytree(tiny_models["llama"], tmp_path / "untokenized")
     for tokenizer_file in untokenized.glob("tokenizer*"):
@@ -171,11 +175,20 @@ def test_bad_outputs_and_devices_fail_before_loading(tiny_models, calib_file, tm
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", no_loading)
     before = calib_file.read_bytes()
     (tmp_path / "a_file").write_text("x")
+    (tmp_path / "load.json").write_text('{"kind": "load"}')
+    (tmp_path / "locked").mkdir()
+    access = os.access  # a directory this user cannot write (root could write any under chmod)
+    monkeypatch.setattr(
+        os, "access", lambda p, mode, **kw: Path(p).name != "locked" and access(p, mode, **kw)
+    )
     model = tiny_models["llama"]
     for options, message in [
         ({"out": calib_file}, "--out .* is --data"),
         ({"out": tmp_path}, "is a directory"),
         ({"out": tmp_path / "a_file" / "ppl.json"}, "is a file, not a directory"),
+        ({"out": tmp_path / "a_file"}, "exists and is no earlier `eval ppl` record"),  # a user's file
+        ({"out": tmp_path / "load.json"}, "exists and is no earlier `eval ppl` record"),  # another command's
+        ({"out": tmp_path / "locked" / "new" / "ppl.json"}, "locked is not writable by this user"),
         ({"out": tiny_models["qwen2"] / "sub" / "ppl.json"}, "inside the model directory"),  # another model's
         ({"device": "gpu"}, "--device 'gpu'"),
         ({"device": "meta"}, "eval runs on cpu or cuda"),
@@ -185,7 +198,8 @@ def test_bad_outputs_and_devices_fail_before_loading(tiny_models, calib_file, tm
     with pytest.raises(ValueError, match="--data not found"):
         evaluate_ppl([model], tmp_path / "missing.txt", windows=2, length=32)
     assert calib_file.read_bytes() == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file", "load.json", "locked"]
+    assert (tmp_path / "a_file").read_text() == "x"
 
 
 def test_refuses_to_write_into_the_model(tiny_models, calib_file, unchanged):
@@ -241,6 +255,11 @@ def test_a_damaged_carve_record_fails_before_any_model_is_scored(
         (broken / "carve.json").write_text(content)
         with pytest.raises(ValueError, match=error):
             evaluate_ppl([tiny_models["llama"], broken], windows=1, length=16)
+    cut = shutil.copytree(tiny_carved, tmp_path / "cut")  # a shard's header whole, its last tensor cut short
+    shard = sorted(cut.glob("*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-64])
+    with pytest.raises(ValueError, match=f"corrupt safetensors file .*cut/{shard.name}: .*not fully covered"):
+        evaluate_ppl([tiny_models["llama"], cut], windows=1, length=16)
 
 
 def test_records_name_models_by_absolute_path(tiny_models, calib_file, tmp_path, monkeypatch):

@@ -73,6 +73,10 @@ LOAD = {"kind": "load", "name": "S1A2E8", "model": "/m/c", "tokens": 4, "top_k":
 def test_report_bad_input(tmp_path):
     with pytest.raises(FileNotFoundError, match="results directory not found"):
         render_report(tmp_path / "nope")
+    (tmp_path / "a.txt").write_text("")
+    with pytest.raises(ValueError, match="a.txt is a file: give the directory"):
+        render_report(tmp_path / "a.txt")
+    (tmp_path / "a.txt").unlink()
     with pytest.raises(ValueError, match="no eval results"):
         render_report(tmp_path)
     for record in (  # records of another shape: each named, before anything is written
@@ -400,3 +404,29 @@ def test_sources_of_one_name_in_two_directories_are_named_apart(tmp_path):
         "| a/llama | dense | 1.000 | 30.000 |" in markdown
         and "| b/llama | dense | 1.000 | 31.000 |" in markdown
     )
+
+
+def test_report_refuses_a_place_it_cannot_write_before_writing(tmp_path):
+    """A non-markdown --out that is a file, a report.md that is a directory, and a markdown file that
+    is no earlier report are refused before any plot is written; an earlier report is replaced."""
+    results = tmp_path / "results"
+    results.mkdir()
+    (results / "load.json").write_text(json.dumps(LOAD))
+    (tmp_path / "notes.md").write_text("# my notes\n")
+    (tmp_path / "file").write_text("")
+    (tmp_path / "rep" / "report.md").mkdir(parents=True)
+    cases = {
+        "notes.md": "exists and is no earlier report",
+        "file": "exists and is not a directory",
+        "file/r.md": "is a file, not a directory",
+        "rep": "report.md is a directory",
+    }
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    for out, message in cases.items():
+        with pytest.raises(ValueError, match=message):
+            render_report(results, tmp_path / out)
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
+    assert (tmp_path / "notes.md").read_text() == "# my notes\n"
+    render_report(results, tmp_path / "r.md")
+    render_report(results, tmp_path / "r.md")  # its own earlier report: replaced
+    assert (tmp_path / "r.md").read_text().startswith("# Evaluation report")

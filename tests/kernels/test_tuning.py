@@ -381,9 +381,10 @@ def test_tune_command_tunes_the_experts_interface_shape_too(interp_device, tiny_
         (["--batches", "0,4"], "integers from 1 to 65536"),
         (["--batches", "1,70000"], "integers from 1 to 65536"),
         (["--device", "cuda"], "this machine has no CUDA GPU"),
-        (["--device", "gpu"], "--device 'gpu'"),
+        (["--device", "gpu"], "--device 'gpu': expected cpu, cuda or cuda:N"),
         (["--device", "cpu", "--out", "{tmp}/file/tables"], "is not a writable directory"),
         (["--device", "cpu", "--out", "{tmp}/tiny/tables"], "is in the model directory"),
+        (["--device", "cpu", "--out", "{tmp}/other"], "is in the model directory"),  # another model's
     ],
 )
 def test_tune_command_refuses_before_any_work(tiny_model, tmp_path, monkeypatch, capsys, args, message):
@@ -391,10 +392,13 @@ def test_tune_command_refuses_before_any_work(tiny_model, tmp_path, monkeypatch,
         pytest.skip("a GPU is present")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     (tmp_path / "file").write_text("")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "config.json").write_text("{}")
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     code, out = run_cli(monkeypatch, capsys, "tune", tiny_model, "--out", tmp_path / "out", *args)
     assert code == 2 and message in out.err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "tiny"]  # nothing made
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "other", "tiny"]  # nothing made
+    assert [p.name for p in (tmp_path / "other").iterdir()] == ["config.json"]
 
 
 def test_cpu_is_refused_without_the_interpreter(monkeypatch):
@@ -404,7 +408,9 @@ def test_cpu_is_refused_without_the_interpreter(monkeypatch):
     with pytest.raises(ValueError, match=r"cannot tune on cpu: .*TRITON_INTERPRET=1"):
         check_device("cpu", "float32")
     for device in ("mps", "xpu", "meta"):  # no probe tensor is made on them: the same one line
-        with pytest.raises(ValueError, match=f"--device {device}: tuning times the kernels on a CUDA GPU"):
+        with pytest.raises(
+            ValueError, match=f"--device {device}: kernels tune runs on cpu or cuda \\(a CUDA GPU"
+        ):
             check_device(device, "float32")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match="--device cuda: this machine has no CUDA GPU"):

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -459,6 +461,12 @@ def test_bad_input_fails_before_training(tiny_models, tiny_carved, calib_file, t
     for rate in ("lr", "router_lr"):  # an infinite step trains NaN weights
         with pytest.raises(ValidationError, match="finite number"):
             RecoverConfig(steps=1, **{rate: float("inf")})
+    locked = tmp_path / "c"  # as a directory this user cannot write (root could write any under chmod)
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != locked and access(p, mode, **kw))
+    for out, adapter in ((locked / "f", None), (tmp_path / "f", locked / "adapter")):
+        with pytest.raises(ValueError, match=f"cannot be written: {locked} is not writable by this user"):
+            recover(tiny_carved, config, calib_file, out, adapter_out=adapter)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c", "short.txt"]  # nothing else written
 
 

@@ -362,7 +362,7 @@ def _esft_options(section: dict, node, path: Path) -> dict:
     data = section["data"]
     if not isinstance(data, str) or not _beside(path, data).is_file():
         where_data = f"{path}:{_line(node, ('esft', 'data'))}: esft.data"
-        raise RecipeError(f"{where_data}: not a file: {data} (relative to {path.resolve().parent})")
+        raise RecipeError(f"{where_data}: not a file: {data}{relative_to(data, path.resolve().parent)}")
     selection = {
         "score": section.get("score", "token"),
         "p": section.get("p", 0.2),
@@ -385,8 +385,8 @@ def _esft_options(section: dict, node, path: Path) -> dict:
         )
     if mix and mix != "protocol" and not (isinstance(mix, str) and _beside(path, mix).exists()):
         raise RecipeError(
-            f"{path}:{_line(node, ('esft', 'mix_general'))}: esft.mix_general: not found: {mix} "
-            f"(relative to {path.resolve().parent}; or protocol)"
+            f"{path}:{_line(node, ('esft', 'mix_general'))}: esft.mix_general: not found: {mix}"
+            f"{relative_to(str(mix), path.resolve().parent)} (a text, or protocol)"
         )
     try:
         config = EsftConfig(**_flags_and_numbers_apart(EsftConfig, settings))
@@ -447,10 +447,16 @@ def _check_text_source(value, loc: tuple, node, path: Path) -> None:
     # a name found from the working directory only would be read from there (as a hub name, it is
     # looked for there first): recipe paths are relative to the recipe
     if not local.exists() and (looks_like_path(value) or Path(value).expanduser().exists()):
-        raise RecipeError(
-            f"{where}: not found: {value} (relative to {path.resolve().parent}): recipe paths are "
-            "relative to the recipe, not to the working directory"
-        )
+        raise RecipeError(f"{where}: not found: {value}{relative_to(value, path.resolve().parent, why=True)}")
+
+
+def relative_to(value: str, root: Path, why: bool = False) -> str:
+    """How an error places a recipe path that is not there: a relative one by the directory it was
+    looked for in (`why`: saying that recipe paths are relative to the recipe); an absolute one not."""
+    if Path(value).expanduser().is_absolute():
+        return ""
+    note = f" (relative to {root})"
+    return note + ": recipe paths are relative to the recipe, not to the working directory" if why else note
 
 
 def _beside(recipe: Path, value: str) -> Path:

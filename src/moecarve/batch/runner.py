@@ -29,11 +29,11 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from moecarve.batch import stages as stage_registry
-from moecarve.batch.recipe import Job, LoadedRecipe, RecipeError, load_recipe
+from moecarve.batch.recipe import Job, LoadedRecipe, RecipeError, load_recipe, relative_to
 from moecarve.batch.table import job_row, locked, write_table
 from moecarve.carve.calib import text_identity
 from moecarve.carve.source import model_identity
-from moecarve.carve.writer import atomic_directory, within, write_atomically
+from moecarve.carve.writer import atomic_directory, check_can_make, within, write_atomically
 from moecarve.eval.common import versions
 
 OWNER_FILE = "batch.json"
@@ -110,6 +110,7 @@ def check_owner(batch: Batch) -> None:
     out = batch.output
     if out.exists() and not out.is_dir():
         raise ValueError(f"batch output {out} exists and is not a directory")
+    check_can_make(out / OWNER_FILE)  # under a file, or an unwritable directory
     if not out.is_dir() or not any(out.iterdir()):
         return
     owner_file = out / OWNER_FILE
@@ -353,8 +354,7 @@ def check_models(batch: Batch) -> None:
         hub_like = spec.path.count("/") == 1 and not spec.path.startswith((".", "/", "~"))
         if not hub_like or spec.path.endswith(".gguf") or Path(spec.path).exists():
             raise FileNotFoundError(  # the last: a hub-like name found only from the working directory
-                f"model {spec.name}: not found: {spec.path} (relative to {batch.loaded.root}): recipe "
-                "paths are relative to the recipe, not to the working directory"
+                f"model {spec.name}: not found: {spec.path}{relative_to(spec.path, batch.loaded.root, why=True)}"
             )
 
 

@@ -44,12 +44,14 @@ def check_output(out: Path, source: Path | None, overwrite: bool, marker: str = 
             raise OutputError(f"output {out} contains the source model {src}")
     if out.exists() and not out.is_dir():
         raise OutputError(f"output {out} exists and is not a directory")
-    _refuse_a_file_above(out)
+    check_can_make(out)
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
             raise OutputError(f"output directory {out} is not empty (pass --overwrite to replace it)")
         if not (out / marker).exists():
-            raise OutputError(f"--overwrite replaces only an earlier moecarve output; {out} has no {marker}")
+            raise OutputError(
+                f"--overwrite replaces only an earlier output of this command; {out} has no {marker}"
+            )
 
 
 def check_apart(outputs: dict[str, str | Path | None], inputs: dict[str, str | Path | None]) -> None:
@@ -79,11 +81,15 @@ def check_apart(outputs: dict[str, str | Path | None], inputs: dict[str, str | P
                 raise OutputError(f"{name} {out} {relation} {other} {path}: give them separate paths")
 
 
-def _refuse_a_file_above(out: Path) -> None:
-    """An output under an existing file cannot be made: refused before any work."""
+def check_can_make(out: Path) -> None:
+    """An output under an existing file, or in a directory this process cannot write, cannot be
+    made: refused before any work, not once the work is done."""
     blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise OutputError(f"output {out}: {blocking} is a file, not a directory")
+    above = next(p for p in out.parents if p.exists())  # where its temporary copy is made, or its parents
+    if not os.access(above, os.W_OK | os.X_OK):
+        raise OutputError(f"output {out} cannot be written: {above} is not writable by this user")
 
 
 def check_output_file(out: str | Path) -> Path:
@@ -92,7 +98,7 @@ def check_output_file(out: str | Path) -> Path:
     out = Path(out).expanduser().resolve()
     if out.is_dir():
         raise OutputError(f"output {out} is a directory; name a file")
-    _refuse_a_file_above(out)
+    check_can_make(out)
     return out
 
 

@@ -75,9 +75,15 @@ def _mix(value: str | None) -> tuple[str | None, float]:
     try:
         if not sep or not text:
             raise ValueError
-        return text, float(ratio)
+        share = float(ratio)
     except ValueError:
         raise click.BadParameter(f"expected TEXT:RATIO, got {value!r}", param_hint="--mix-general") from None
+    if not 0 < share < 1:  # a NaN fails too
+        raise click.BadParameter(
+            f"RATIO is the general text's share of the training set, between 0 and 1 (exclusive), got {ratio}",
+            param_hint="--mix-general",
+        )
+    return text, share
 
 
 @group.command("train", context_settings=CONTEXT)

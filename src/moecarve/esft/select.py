@@ -26,6 +26,8 @@ SCORES_FIELDS = (
 
 def read_scores(path: str | Path) -> dict:
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise ValueError(f"scores file {path} is a directory: give the JSON `esft score` wrote")
     if not path.is_file():
         raise FileNotFoundError(f"scores file not found: {path}")
     record = read_json(path)

@@ -64,7 +64,7 @@ def ppl_command(models, data, windows, length, dtype, device, out):
     "--tasks",
     default="arc_easy,arc_challenge,piqa,hellaswag,winogrande,boolq",
     show_default=True,
-    help="comma-separated lm-eval task names",
+    help="comma-separated, of the lm-eval tasks whose data are bundled offline: those of the default",
 )
 @click.option("--limit", type=int, default=None, help="first N validation questions per task [default: all]")
 @click.option(

@@ -17,7 +17,7 @@ import torch
 
 from moecarve import resources
 from moecarve.carve.calib import read_json
-from moecarve.carve.source import TOKENIZER_FILES
+from moecarve.carve.source import TOKENIZER_FILES, TensorSource
 from moecarve.carve.writer import write_atomically
 
 
@@ -42,6 +42,8 @@ def resolve_model(model: str | Path) -> Path:
         raise FileNotFoundError(f"{model} holds no tokenizer ({', '.join(TOKENIZER_FILES)})")
     path = path.resolve()  # records name a model the same way from any working directory
     describe_model(path)  # a damaged carve.json fails here, not after the scoring
+    if (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file():
+        TensorSource(path)  # every shard's header and length: a damaged one is named before any scoring
     return path
 
 
@@ -231,10 +233,11 @@ def peak_rss_gib() -> float:
     return peak / 1024**3 if sys.platform == "darwin" else peak / 1024**2  # bytes on macOS, else KiB
 
 
-def check_output(out: str | Path | None, data: str | Path | None = None) -> Path | None:
+def check_output(out: str | Path | None, kind: str, data: str | Path | None = None) -> Path | None:
     """Refuse, before loading anything, an output inside a model directory (any: eval never writes
-    into a model, the measured ones included), one that is the data it reads, or one that cannot be
-    a file (a directory, or under a file)."""
+    into a model, the measured ones included), one that is the data it reads, one that cannot be
+    written (a directory, under a file, an unwritable directory), and an existing file that is not
+    an earlier record of this `kind`, which only is replaced."""
     from moecarve.carve.writer import check_apart, check_output_file, model_directory_of
 
     if out is None:
@@ -246,7 +249,20 @@ def check_output(out: str | Path | None, data: str | Path | None = None) -> Path
     if data is not None and Path(data).expanduser().is_dir() and out.suffix != ".txt":
         data = None  # of a directory only the .txt files are read: a record may go inside it
     check_apart({"--out": out}, {"--data": data})
-    return check_output_file(out)
+    out = check_output_file(out)
+    if out.exists() and _record_kind(out) != kind:
+        raise ValueError(
+            f"output {out} exists and is no earlier `eval {kind}` record; remove it or name another"
+        )
+    return out
+
+
+def _record_kind(path: Path) -> str | None:
+    try:
+        record = read_json(path)
+    except (ValueError, OSError):
+        return None
+    return record.get("kind") if isinstance(record, dict) else None
 
 
 def write_json(record: dict, out: Path | None) -> None:

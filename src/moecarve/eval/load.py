@@ -87,7 +87,7 @@ def evaluate_load(
     refuse_bundled(model, "eval load")  # dense: said so, not by its GGUF cache's path
     path = common.resolve_model(model)
     check_positions(path, length)
-    out = common.check_output(out, data)
+    out = common.check_output(out, "load", data)
     torch_dtype = common.parse_dtype(dtype)
     device = resolve_device(device)
     from transformers import AutoConfig, AutoTokenizer

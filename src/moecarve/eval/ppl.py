@@ -141,7 +141,7 @@ def evaluate_ppl(
     paths = [common.resolve_model(m) for m in models]
     for path in paths:
         check_positions(path, length)
-    out = common.check_output(out, data)
+    out = common.check_output(out, "ppl", data)
     torch_dtype = common.parse_dtype(dtype)
     device = resolve_device(device)
     text, description = read_text(data, "--data")

@@ -159,7 +159,7 @@ def evaluate_speed(
 
     for path in named.values():  # a prompt and its decoded tokens within the positions it was trained on
         check_positions(path, prompt_length + decode_tokens, "--prompt-length + --decode-tokens")
-    out = common.check_output(out, data)
+    out = common.check_output(out, "speed", data)
     torch_dtype = common.parse_dtype(dtype)
     device = resolve_device(device)
     from transformers import AutoTokenizer

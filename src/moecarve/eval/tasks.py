@@ -173,7 +173,7 @@ def evaluate_tasks(
     if batch_size < 1:
         raise ValueError(f"--batch-size must be at least 1, got {batch_size}")
     path = common.resolve_model(model)
-    out = common.check_output(out)
+    out = common.check_output(out, "tasks")
     torch_dtype = common.parse_dtype(dtype)
     device = resolve_device(device)
     for name in names:

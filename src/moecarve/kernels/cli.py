@@ -53,7 +53,7 @@ def group():
 def tune_command(model, batches, dtype, quick, reps, out, device, experts_interface):
     """Time the decode, dense and grouped paths and their tiles for MODEL's MoE blocks over batch
     sizes on this GPU (random weights of MODEL's shape), and write the fastest per batch."""
-    from moecarve.carve.writer import within
+    from moecarve.carve.writer import model_directory_of
 
     from .tuner import check_device, model_shapes, save_table, tune
     from .tuning import config_dirs, default_dir, device_name
@@ -77,10 +77,10 @@ def tune_command(model, batches, dtype, quick, reps, out, device, experts_interf
     dirs = config_dirs()
     out_dir = Path(out).expanduser() if out else dirs[0] if dirs else default_dir()
     _check_writable(out_dir)
-    model_dir = Path(model).expanduser().resolve()
-    if model_dir.is_dir() and within(out_dir.resolve(), model_dir):
+    inside = model_directory_of(out_dir)  # this model's or any other's
+    if inside is not None:
         raise ValueError(
-            f"tables directory {out_dir} is in the model directory {model_dir}; give --out elsewhere"
+            f"tables directory {out_dir} is in the model directory {inside}; give --out elsewhere"
         )
     if out_dir.resolve() not in [d.resolve() for d in dirs]:
         click.echo(

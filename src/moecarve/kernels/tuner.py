@@ -341,20 +341,18 @@ def model_shapes(model: str, dtype: str | None = None) -> list[MoeShape]:
 
 def check_device(device: str, dtype: str) -> torch.device:
     """Refuse, before any work, a device the tuner cannot time on: the kernels' own support check."""
+    from moecarve.devices import DeviceError, parse_device
+
     from .functional import triton_unsupported_reason
 
     try:
-        dev = torch.device(device)
-    except RuntimeError as err:
-        raise ValueError(f"--device {device!r}: {err}") from None
+        dev = parse_device(device, "kernels tune")
+    except DeviceError as err:
+        raise ValueError(f"{err} (a CUDA GPU to time on, or cpu to check the command)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(
             f"--device {device}: this machine has no CUDA GPU, which tuning times the kernels on "
             "(--device cpu only checks the command)"
-        )
-    if dev.type not in ("cuda", "cpu"):
-        raise ValueError(
-            f"--device {device}: tuning times the kernels on a CUDA GPU (or cpu, to check the command)"
         )
     probe = torch.empty(1, device=dev, dtype=getattr(torch, dtype))
     reason = triton_unsupported_reason(probe, [probe])

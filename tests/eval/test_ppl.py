@@ -293,3 +293,17 @@ def test_one_model_given_alone_and_moe_models_no_carve_made(tiny_models, tmp_pat
         "model": str(native), "model_type": "glm4_moe", "name": "glm4_moe-S1A2E8+recover",
         "active_fraction": None, "trained": ["recover"],
     }  # fmt: skip
+
+
+def test_a_stale_index_beside_the_single_weights_file_is_not_read(tiny_models, calib_file, tmp_path):
+    """transformers reads model.safetensors before an index left from an earlier sharded save; so
+    does the up-front check, which would otherwise refuse a model that loads."""
+    model = shutil.copytree(tiny_models["llama"], tmp_path / "resaved")
+    index = {"weight_map": {"lm_head.weight": "model-00001-of-00002.safetensors"}}
+    (model / "model.safetensors.index.json").write_text(json.dumps(index))
+    out = tmp_path / "ppl.json"
+    out.touch()  # an empty file, as mktemp leaves: nothing in it to lose
+    record = evaluate_ppl([model], calib_file, windows=1, length=16, out=out, progress=False)
+    assert record["results"][0]["ppl"] == pytest.approx(
+        _reference_ppl(tiny_models["llama"], calib_file.read_text(), 1, 16)
+    )

@@ -394,11 +394,12 @@ def test_tune_command_refuses_before_any_work(tiny_model, tmp_path, monkeypatch,
     (tmp_path / "file").write_text("")
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "config.json").write_text("{}")
+    (tmp_path / "other" / "model.safetensors").write_text("")
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     code, out = run_cli(monkeypatch, capsys, "tune", tiny_model, "--out", tmp_path / "out", *args)
     assert code == 2 and message in out.err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "other", "tiny"]  # nothing made
-    assert [p.name for p in (tmp_path / "other").iterdir()] == ["config.json"]
+    assert sorted(p.name for p in (tmp_path / "other").iterdir()) == ["config.json", "model.safetensors"]
 
 
 def test_cpu_is_refused_without_the_interpreter(monkeypatch):

@@ -463,7 +463,9 @@ def test_bad_input_fails_before_training(tiny_models, tiny_carved, calib_file, t
             RecoverConfig(steps=1, **{rate: float("inf")})
     locked = tmp_path / "c"  # as a directory this user cannot write (root could write any under chmod)
     access = os.access
-    monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != locked and access(p, mode, **kw))
+    monkeypatch.setattr(
+        os, "access", lambda p, mode, **kw: Path(p).resolve() != locked.resolve() and access(p, mode, **kw)
+    )
     for out, adapter in ((locked / "f", None), (tmp_path / "f", locked / "adapter")):
         with pytest.raises(ValueError, match=f"cannot be written: {locked} is not writable by this user"):
             recover(tiny_carved, config, calib_file, out, adapter_out=adapter)

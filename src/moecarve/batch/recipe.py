@@ -362,7 +362,7 @@ def _esft_options(section: dict, node, path: Path) -> dict:
     data = section["data"]
     if not isinstance(data, str) or not _beside(path, data).is_file():
         where_data = f"{path}:{_line(node, ('esft', 'data'))}: esft.data"
-        raise RecipeError(f"{where_data}: not a file: {data}{relative_to(data, path.resolve().parent)}")
+        raise RecipeError(f"{where_data}: not a file: {data}{relative_to(str(data), path.resolve().parent)}")
     selection = {
         "score": section.get("score", "token"),
         "p": section.get("p", 0.2),

@@ -110,7 +110,6 @@ def check_owner(batch: Batch) -> None:
     out = batch.output
     if out.exists() and not out.is_dir():
         raise ValueError(f"batch output {out} exists and is not a directory")
-    check_can_make(out / OWNER_FILE)  # under a file, or an unwritable directory
     if not out.is_dir() or not any(out.iterdir()):
         return
     owner_file = out / OWNER_FILE
@@ -535,6 +534,7 @@ def record_crash(batch: Batch, job: Job, message: str) -> None:
             "recipe": batch.name,
             "fingerprint": job.fingerprint,
             "stages": {},
+            "versions": versions(),
             "status": "failed",
             "error": message,
             "columns": {},
@@ -561,6 +561,7 @@ class Summary:
 def run(batch: Batch, jobs: list[Job], workers: int = 1, progress: bool = True) -> Summary:
     """Run the jobs not yet done, `workers` at a time (in-process for 1, else one process per job)."""
     batch.loaded.check_device()
+    check_can_make(batch.output / OWNER_FILE)  # under a file, or unwritable: before any job
     summary = Summary([], [], [], [])
     todo = []
     for job in jobs:

@@ -213,10 +213,10 @@ class TensorSource:
     def __init__(self, directory: Path):
         self.directory = Path(directory)
         index = self.directory / "model.safetensors.index.json"
-        if index.exists():
+        if (self.directory / "model.safetensors").exists():  # first, as transformers reads it: an index
+            weight_map = None  # left beside it from an earlier sharded save is not read
+        elif index.exists():
             weight_map = json.loads(index.read_text())["weight_map"]
-        elif (self.directory / "model.safetensors").exists():
-            weight_map = None
         else:
             raise SourceError(
                 f"{self.directory} has no model.safetensors or model.safetensors.index.json "

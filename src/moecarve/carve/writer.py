@@ -87,7 +87,7 @@ def check_can_make(out: Path) -> None:
     blocking = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
     if blocking is not None:
         raise OutputError(f"output {out}: {blocking} is a file, not a directory")
-    above = next(p for p in out.parents if p.exists())  # where its temporary copy is made, or its parents
+    above = next((p for p in out.parents if p.exists()), out)  # where its temporary copy goes, or its parents
     if not os.access(above, os.W_OK | os.X_OK):
         raise OutputError(f"output {out} cannot be written: {above} is not writable by this user")
 

@@ -29,8 +29,11 @@ class Example:
 
 def file_sha256(path: str | Path) -> str:
     """A task file's sha256, for the records: its path alone would not tell an edited file."""
+    digest = hashlib.sha256()
     with Path(path).expanduser().open("rb") as file:
-        return hashlib.file_digest(file, "sha256").hexdigest()
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def load_examples(path: str | Path, tokenizer, max_length: int = 512) -> list[Example]:

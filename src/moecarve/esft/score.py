@@ -102,7 +102,7 @@ def score(
     shape = model_shape(model_dir)  # dense / unsupported / missing model: refused before loading
     max_length = length_cap(model_dir, max_length)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    examples = load_examples(data, tokenizer, max_length)
+    examples, data_sha256 = load_examples(data, tokenizer, max_length), file_sha256(data)
     chosen = sample_examples(examples, tokens, seed)
     with damaged_weights_named(model_dir):
         model = AutoModelForCausalLM.from_pretrained(
@@ -132,7 +132,7 @@ def score(
         "format": FORMAT,
         "model": str(Path(model_dir).expanduser().resolve()),
         "data": str(Path(data).expanduser().resolve()),
-        "data_sha256": file_sha256(data),
+        "data_sha256": data_sha256,
         **shape.record(),
         "sequences": sequences,
         "tokens": used_tokens,

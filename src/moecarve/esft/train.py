@@ -282,7 +282,7 @@ def train(
     if config.train_shared and not moe.FAMILIES[shape.model_type].shared:
         raise ValueError(f"--train-shared: {shape.model_type} models have no shared experts")
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    dataset = training_set(model_dir, data, tokenizer, config)
+    dataset, data_sha256 = training_set(model_dir, data, tokenizer, config), file_sha256(data)
     per_step = config.batch_size * config.grad_accum
     if per_step > len(dataset):  # each step would see the whole set, more than once
         raise ValueError(
@@ -314,7 +314,7 @@ def train(
         "trainable_parameters": count_trainable(groups),
         "examples": len(dataset),
         "data": str(Path(data).expanduser().resolve()),
-        "data_sha256": file_sha256(data),
+        "data_sha256": data_sha256,
         "config": config.model_dump(),
         "training": stats,
         "versions": versions(),

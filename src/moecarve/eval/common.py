@@ -250,7 +250,7 @@ def check_output(out: str | Path | None, kind: str, data: str | Path | None = No
         data = None  # of a directory only the .txt files are read: a record may go inside it
     check_apart({"--out": out}, {"--data": data})
     out = check_output_file(out)
-    if out.exists() and _record_kind(out) != kind:
+    if out.exists() and out.stat().st_size and _record_kind(out) != kind:  # an empty file holds nothing
         raise ValueError(
             f"output {out} exists and is no earlier `eval {kind}` record; remove it or name another"
         )

@@ -177,7 +177,7 @@ def _check_place(out: Path, report: Path, assets: Path) -> None:
         raise OutputError(f"output {report} is a directory; the report is a file")
     check_can_make(report)
     check_can_make(assets / "ppl.csv")  # the plots' directory: made, or a writable directory
-    if report.exists() and not report.read_text(errors="replace").startswith(TITLE):
+    if report.exists() and report.stat().st_size and not report.read_text(errors="replace").startswith(TITLE):
         raise OutputError(f"output {report} exists and is no earlier report; remove it or name another")
 
 

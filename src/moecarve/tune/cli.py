@@ -99,11 +99,14 @@ def recover_command(
         callbacks=(Announce(f"training {'+'.join(config.train)} for {config.steps} steps"),),
     )
     record = result.record
+    if not record:  # another process of `accelerate launch`: the main one reports and writes
+        return
     first = record["train_loss"][0]["loss"] if record["train_loss"] else record["final_train_loss"]
+    resumed = record["resumed_from_step"]
+    seconds = f"{record['seconds']} s" + (f" (from step {resumed} on, in this run)" if resumed else "")
     click.echo(
         f"trained {record['trainable_parameters']:,} parameters on {record['data']['tokens']:,} tokens "
-        f"in {record['seconds']} s; train loss {first:.4f} -> {record['final_train_loss']:.4f} "
-        "(first and last logged)"
+        f"in {seconds}; train loss {first:.4f} -> {record['final_train_loss']:.4f} (first and last logged)"
     )
     if "protocol_ppl" in record:
         ppl = record["protocol_ppl"]

@@ -11,16 +11,9 @@ class MoecarveWarning(UserWarning):
     them as one `warning: ...` line. Defined before the subpackages, which import it."""
 
 
-import moecarve.carve  # noqa: F401, E402  (registers the subpackage before `carve` below takes its name)
+from moecarve import carve  # noqa: E402  (the subpackage, callable as the carve itself)
 
 __all__ = ["CarveConfig", "MoecarveWarning", "carve"]
-
-
-def carve(model, config=None, calib=None, out=None, **options):
-    """Carve `model` into a glm4_moe checkpoint: see moecarve.carve.pipeline.carve."""
-    from moecarve.carve.pipeline import carve as run
-
-    return run(model, config, calib, out, **options)
 
 
 def __getattr__(name: str):

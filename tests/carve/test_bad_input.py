@@ -390,3 +390,47 @@ def test_calibration_tokens_not_a_multiple_of_the_length_warn(tiny_models, calib
     tokenizer = AutoTokenizer.from_pretrained(tiny_models["llama"])
     with pytest.warns(UserWarning, match="--calib-tokens 1000 is not a multiple of --calib-length 128: 896"):
         assert calibration(tokenizer, calib_file, 1000, 128).tokens == 896
+
+
+def test_settings_refuse_a_flag_for_a_number_and_a_word_for_a_flag():
+    """pydantic's lax mode took `active=True` as 1 (a carve of one routed expert) and `"no"` as
+    false; every stage's settings refuse both, from Python as from a recipe."""
+
+    from moecarve.esft.train import EsftConfig
+    from moecarve.tune.recover import RecoverConfig
+
+    for make, message in (
+        (lambda: CarveConfig(active=True), "active\n  Input should be a valid integer"),
+        (lambda: CarveConfig(balance=False), "balance\n  Input should be a valid number"),
+        (lambda: RecoverConfig(steps=True), "steps\n  Input should be a valid integer"),
+        (lambda: RecoverConfig(steps=2, gradient_checkpointing="no"), "Input should be a valid boolean"),
+        (lambda: EsftConfig(lr=True), "lr\n  Input should be a valid number"),
+        (lambda: EsftConfig(beta1=2.0), "beta1\n  Input should be less than 1"),
+        (lambda: EsftConfig(max_grad_norm=-1), "max_grad_norm\n  Input should be greater than or equal to 0"),
+    ):
+        with pytest.raises(ValidationError, match=message):
+            make()
+    assert CarveConfig(active=2, balance="0.5").balance == 0.5  # numbers as strings, as the CLI gives them
+
+
+def test_the_python_api_names_an_argument_of_the_wrong_kind(tiny_models, calib_file, tmp_path):
+    import torch
+
+    import moecarve.kernels
+    from moecarve.eval.ppl import evaluate_ppl
+
+    loaded = torch.nn.Linear(2, 2)  # a loaded model where a path belongs: its repr was taken as a file name
+    with pytest.raises(TypeError, match="model must be a directory, a .gguf file or a hub id, got a Linear"):
+        carve(loaded, out=tmp_path / "a")
+    with pytest.raises(TypeError, match="a model is given as its directory .*, got a Linear"):
+        evaluate_ppl(loaded)
+    with pytest.raises(TypeError, match="enable takes a loaded model .*, got a str"):
+        moecarve.kernels.enable(str(tiny_models["llama"]))
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "carve.json").write_text("{}")
+    with pytest.raises(TypeError, match="overwrite must be True or False, got 'no'"):  # "no" is truthy
+        carve(
+            tiny_models["llama"], CarveConfig(experts=4, active=2), calib_file, tmp_path / "b", overwrite="no"
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
+    assert [p.name for p in (tmp_path / "b").iterdir()] == ["carve.json"]

@@ -462,3 +462,17 @@ def test_a_source_without_generation_config_keeps_its_special_tokens(tiny_models
             tmp_path / "c2",
         )
     assert not (tmp_path / "c2" / "generation_config.json").exists()
+
+
+def test_the_carve_subpackage_imports_and_calls():
+    """`moecarve.carve(...)` is the carve and `import moecarve.carve.pipeline` the subpackage's module
+    (a function of the same name once hid the subpackage from `import ... as`)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import moecarve.carve.pipeline as p, moecarve\n"
+        "from moecarve import carve\n"
+        "assert moecarve.carve.pipeline is p and carve is moecarve.carve and callable(carve)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

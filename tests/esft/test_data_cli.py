@@ -146,5 +146,5 @@ def test_cli_select_and_bad_p(tiny_carved, task_file, tmp_path, monkeypatch, cap
     code, out = run_cli(
         monkeypatch, capsys, "select", tmp_path / "s.json", "--p", 2, "--out", tmp_path / "x.json"
     )
-    assert code == 2 and out.err.strip() == "error: --p must be in (0, 1], got 2.0"
+    assert code == 2 and out.err.strip() == "error: --p must be a number in (0, 1], got 2.0"
     assert not (tmp_path / "x.json").exists()

@@ -78,9 +78,9 @@ def test_select_minimum_one():
     assert select.choose([0.4, 0.3, 0.3], 0.5) == [0, 1]
 
 
-@pytest.mark.parametrize("p", [0, -0.1, 1.5])
+@pytest.mark.parametrize("p", [0, -0.1, 1.5, True])  # True would be 1.0: every expert
 def test_select_refuses_p(carved_scores, p):
-    with pytest.raises(ValueError, match=r"--p must be in \(0, 1\]"):
+    with pytest.raises(ValueError, match=r"--p must be a number in \(0, 1\]"):
         select.select(carved_scores[0], "token", p)
 
 
@@ -153,7 +153,8 @@ def test_score_refuses_data_without_examples(tiny_carved, tmp_path):
     "out, options, message",
     [
         ("s.png", {}, "the scores are JSON"),
-        ("s.json", {"max_length": 0}, "--max-length must be at least 2"),
+        ("s.json", {"max_length": 0}, "--max-length must be a whole number of at least 2"),
+        ("s.json", {"tokens": True}, "--tokens must be a whole number of at least 1, got True"),
         ("s.json", {"device": "mps"}, "--device mps: esft score runs on cpu or cuda"),
     ],
 )

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from moecarve import moe
+from moecarve import MoecarveWarning, moe
 from moecarve.esft import merge, select, train
 from moecarve.esft.data import Collator, pad_id
 from moecarve.esft.optim import SliceAdamW, mask_gradient
@@ -368,6 +368,22 @@ def test_a_step_larger_than_the_task_data_is_refused_before_loading(tiny_carved,
             tiny_carved, efile, task_file, tmp_path / "a", CONFIG.model_copy(update={"grad_accum": 1000})
         )
     assert not (tmp_path / "a").exists()
+
+
+def test_a_warmup_as_long_as_the_run_is_warned_of_before_loading(
+    tiny_carved, task_file, tmp_path, monkeypatch
+):
+    def no_loading(*args, **kwargs):
+        raise RuntimeError("model loaded")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_loading)
+    efile = experts_file(tiny_carved, tmp_path / "e.json", {0: [1]})
+    config = CONFIG.model_copy(update={"steps": 2, "warmup_steps": 2})
+    with (
+        pytest.warns(MoecarveWarning, match="warmup_steps 2 is not below steps 2"),
+        pytest.raises(RuntimeError),
+    ):
+        train.train(tiny_carved, efile, task_file, tmp_path / "a", config)
 
 
 def test_task_data_as_json_is_refused_and_jsonl_read_whatever_its_case(tiny_carved, task_file, tmp_path):

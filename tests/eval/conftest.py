@@ -29,16 +29,20 @@ def unchanged():
 
 
 @pytest.fixture(scope="session")
-def tiny_tasks_record(tiny_models, tmp_path_factory) -> tuple[Path, dict, bool]:
+def tiny_tasks_record(tiny_models, tmp_path_factory) -> tuple[Path, dict, dict]:
     """One lm-eval run on the tiny Llama (every task x 4 questions), shared by the tasks and report tests:
-    (JSON path, returned record, whether the model directory stayed unchanged)."""
+    (JSON path, returned record, whether the model directory and lm-eval's logging level stayed as
+    they were)."""
+    import logging
+
     from moecarve.eval.tasks import DEFAULT_TASKS, evaluate_tasks
 
     model = tiny_models["llama"]
-    before = snapshot(model)
+    before, level = snapshot(model), logging.getLogger("lm_eval").level
     out = tmp_path_factory.mktemp("tasks") / "tasks.json"
     record = evaluate_tasks(model, DEFAULT_TASKS, limit=4, device="cpu", out=out)
-    return out, record, snapshot(model) == before
+    kept = {"model": snapshot(model) == before, "logging": logging.getLogger("lm_eval").level == level}
+    return out, record, kept
 
 
 @pytest.fixture(scope="session")

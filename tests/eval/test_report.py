@@ -430,3 +430,23 @@ def test_report_refuses_a_place_it_cannot_write_before_writing(tmp_path):
     render_report(results, tmp_path / "r.md")
     render_report(results, tmp_path / "r.md")  # its own earlier report: replaced
     assert (tmp_path / "r.md").read_text().startswith("# Evaluation report")
+
+
+def test_plots_leave_the_process_matplotlib_backend_as_it_is(tmp_path):
+    """A notebook's backend stays its own: the plots are drawn without pyplot."""
+    import matplotlib
+
+    from moecarve.esft.score import SCORES, heatmap
+
+    (tmp_path / "load.json").write_text(json.dumps(LOAD))
+    before = matplotlib.get_backend()
+    matplotlib.use("pdf")
+    try:
+        written = render_report(tmp_path, tmp_path / "report")
+        heatmap(
+            {"moe_layers": [0], "scores": {kind: {"0": [0.5, 0.5]} for kind in SCORES}}, tmp_path / "h.png"
+        )
+        assert matplotlib.get_backend() == "pdf"
+    finally:
+        matplotlib.use(before)
+    assert any(p.suffix == ".png" and p.read_bytes().startswith(b"\x89PNG") for p in written)

@@ -67,9 +67,10 @@ def _by_hand(model_dir, task: str, limit: int) -> dict:
 def test_lm_eval_offline_matches_hand_scorer(tiny_models, tiny_tasks_record):
     model = tiny_models["llama"]
     # the fixture ran evaluate_tasks(model, every task, limit=4)
-    out, record, model_unchanged = tiny_tasks_record
+    out, record, kept = tiny_tasks_record
     assert json.loads(out.read_text()) == record
-    assert model_unchanged, "eval wrote into the model directory"
+    assert kept["model"], "eval wrote into the model directory"
+    assert kept["logging"], "lm-eval's logging level was left changed"
     assert not [p for p in data_dir("boolq").iterdir() if p.name.startswith("cache-")], (
         "wrote beside the data"
     )

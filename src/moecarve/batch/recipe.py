@@ -304,7 +304,7 @@ def _expand(recipe: Recipe, node, path: Path) -> list[Job]:
             settings = {**expand_preset(recipe.carve), **expand_preset(model.carve), **expand_preset(entry)}
             name, calib = settings.pop("name", None), settings.pop("calib", None)
             try:
-                config = CarveConfig(**_flags_and_numbers_apart(CarveConfig, settings))
+                config = CarveConfig(**settings)
             except ValidationError as err:  # named where the failing setting is written
                 key = err.errors()[0]["loc"][:1]
                 levels = (
@@ -344,7 +344,7 @@ def _recover_options(section: dict, node, path: Path) -> dict:
 
     settings = {key: value for key, value in section.items() if key != "data"}
     try:
-        config = RecoverConfig(**_flags_and_numbers_apart(RecoverConfig, settings))
+        config = RecoverConfig(**settings)
     except ValidationError as err:
         raise _located(err, node, path, ("recover",)) from err
     _check_text_source(section.get("data"), ("recover", "data"), node, path)
@@ -389,7 +389,7 @@ def _esft_options(section: dict, node, path: Path) -> dict:
             f"{relative_to(str(mix), path.resolve().parent)} (a text, or protocol)"
         )
     try:
-        config = EsftConfig(**_flags_and_numbers_apart(EsftConfig, settings))
+        config = EsftConfig(**settings)
     except ValidationError as err:
         raise _located(err, node, path, ("esft",)) from err
     return {**config.model_dump(mode="json"), **selection, "data": section["data"]}
@@ -468,36 +468,6 @@ def _beside(recipe: Path, value: str) -> Path:
 def _dotted(loc: tuple) -> str:
     """A key's location as the error names it: configs[1].activ."""
     return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
-
-
-def _flags_and_numbers_apart(model: type[BaseModel], settings: dict) -> dict:
-    """`settings`, with a true/false given for a number, or anything but true/false for a switch,
-    refused the way pydantic refuses a wrong type (pydantic would take `active: true` as 1, carving
-    one expert, and `train_shared: 'no'` as false). Numbers written as strings (YAML reads `1e-4` as
-    one) and whole floats stay accepted, as the CLI takes them."""
-    types = {key: _types(field.annotation) for key, field in model.model_fields.items()}
-    errors = []
-    for key, value in settings.items():
-        admitted = types.get(key, set())
-        if isinstance(value, bool) and admitted & {int, float}:
-            errors.append(
-                {"type": "int_type" if int in admitted else "float_type", "loc": (key,), "input": value}
-            )
-        elif admitted == {bool} and not isinstance(value, bool):
-            errors.append({"type": "bool_type", "loc": (key,), "input": value})
-    if errors:
-        raise ValidationError.from_exception_data(model.__name__, errors)
-    return settings
-
-
-def _types(annotation) -> set:
-    """The plain types an annotation admits (through unions and Literal's values' types)."""
-    import typing
-
-    args = typing.get_args(annotation)
-    if typing.get_origin(annotation) is typing.Literal:
-        return {type(arg) for arg in args}
-    return set().union(*map(_types, args)) if args else {annotation}
 
 
 def _located(err: ValidationError, node, path: Path, prefix: tuple) -> RecipeError:

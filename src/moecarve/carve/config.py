@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import typing
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticKnownError
 
 # Named sets of defaults for the fields not given explicitly. "fast" calibrates on an eighth of the
 # default tokens in short sequences, with one k-means step and two refine steps: on the bundled
@@ -45,7 +47,32 @@ def settings_of(model: type[BaseModel], given, defaults: bool = True):
     return given
 
 
-class CarveConfig(BaseModel):
+def field_types(annotation) -> set:
+    """The plain types an annotation admits (through unions and Literal's values' types)."""
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is Literal:
+        return {type(arg) for arg in args}
+    return set().union(*map(field_types, args)) if args else {annotation}
+
+
+class Settings(BaseModel):
+    """A stage's settings: a true/false given for a number is refused (pydantic's lax mode takes
+    `active=True` as 1, carving one routed expert), and so is anything but true/false for a switch
+    (it takes `"no"` as false). Numbers written as strings (YAML reads `1e-4` as one) and whole
+    floats stay accepted, as the CLI takes them."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _flags_and_numbers_apart(cls, value, info: ValidationInfo):
+        admitted = field_types(cls.model_fields[info.field_name].annotation)
+        if isinstance(value, bool) and admitted & {int, float} and bool not in admitted:
+            raise PydanticKnownError("int_type" if int in admitted else "float_type")
+        if admitted == {bool} and not isinstance(value, bool):
+            raise PydanticKnownError("bool_type")
+        return value
+
+
+class CarveConfig(Settings):
     """S{shared}A{active}E{experts}: `experts` counts every expert of d_h / experts neurons, shared included."""
 
     # allow_inf_nan: an infinite ridge or K_a fails mid-carve or writes a router of zeros

@@ -39,6 +39,8 @@ def check_source(model: str | Path) -> None:
     """Refuse a MODEL argument that names no model, without converting or downloading anything."""
     from moecarve import resources
 
+    if not isinstance(model, str | Path):  # a loaded model's repr would be taken as a file name
+        raise TypeError(f"model must be a directory, a .gguf file or a hub id, got a {type(model).__name__}")
     text = str(model)
     if text == resources.BUNDLED_MODEL:
         return

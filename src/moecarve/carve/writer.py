@@ -35,6 +35,8 @@ def model_directory_of(path: Path) -> Path | None:
 def check_output(out: Path, source: Path | None, overwrite: bool, marker: str = "carve.json") -> None:
     """Refuse, before any work: an output inside the source or holding it, a non-empty output
     without `overwrite`, and overwriting anything but an earlier moecarve output (it holds `marker`)."""
+    if not isinstance(overwrite, bool):  # "no" would replace
+        raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
     out = out.expanduser().resolve()
     if source is not None:
         src = source.expanduser().resolve()

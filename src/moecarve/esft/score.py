@@ -89,10 +89,9 @@ def score(
     if out is None:
         raise ValueError("an output file is needed for the scores (--out)")
     model_dir = Path(model_dir).expanduser()
-    if tokens < 1:
-        raise ValueError(f"--tokens must be positive, got {tokens}")
-    if max_length < 2:
-        raise ValueError(f"--max-length must be at least 2, got {max_length}")
+    for name, value, least in (("--tokens", tokens, 1), ("--max-length", max_length, 2)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:  # True would be 1
+            raise ValueError(f"{name} must be a whole number of at least {least}, got {value!r}")
     device = resolve_device(device, "esft score")
     if Path(out).suffix.lower() == ".png":
         raise ValueError(f"--out {out}: the scores are JSON; the heatmap is written beside them as .png")
@@ -185,14 +184,10 @@ def write_json(path: Path, record: dict) -> None:
 
 def heatmap(record: dict, path: Path) -> None:
     """Layers x experts, one panel per score."""
-    import matplotlib
+    from matplotlib.figure import Figure  # not pyplot: the process's backend is left as it is
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(
-        1, len(SCORES), figsize=(12, 0.25 * len(record["moe_layers"]) + 2), squeeze=False
-    )
+    fig = Figure(figsize=(12, 0.25 * len(record["moe_layers"]) + 2))
+    axes = fig.subplots(1, len(SCORES), squeeze=False)
     for ax, kind in zip(axes[0], SCORES, strict=True):
         grid = [record["scores"][kind][str(i)] for i in record["moe_layers"]]
         image = ax.imshow(grid, aspect="auto", cmap="viridis", interpolation="nearest")
@@ -201,5 +196,4 @@ def heatmap(record: dict, path: Path) -> None:
         fig.colorbar(image, ax=ax)
     fig.tight_layout()
     with atomic_file(path) as tmp:
-        fig.savefig(tmp, dpi=100)
-    plt.close(fig)
+        fig.savefig(tmp, dpi=100, format="png")

@@ -80,8 +80,8 @@ def select(
     """The experts record for a scores record (or file); written to `out` when given."""
     if score not in SCORES:
         raise ValueError(f"--score must be one of {', '.join(SCORES)}, got {score!r}")
-    if not (isinstance(p, (int, float)) and 0 < p <= 1):
-        raise ValueError(f"--p must be in (0, 1], got {p}")
+    if isinstance(p, bool) or not (isinstance(p, (int, float)) and 0 < p <= 1):  # True would be 1.0
+        raise ValueError(f"--p must be a number in (0, 1], got {p!r}")
     record = scores if isinstance(scores, dict) else read_scores(scores)
     if out is not None:  # never over the scores, nor into the model they were made on
         out = check_output_file(out)

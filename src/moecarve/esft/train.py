@@ -13,15 +13,16 @@ import json
 import math
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, model_validator
 from safetensors.torch import save_file
 
-from moecarve import moe
-from moecarve.carve.config import settings_of
+from moecarve import MoecarveWarning, moe
+from moecarve.carve.config import Settings, settings_of
 from moecarve.esft.data import (
     Collator,
     as_dataset,
@@ -42,7 +43,7 @@ FORMAT = "moecarve-esft-adapter/1"
 CONFIG_FILE, TENSORS_FILE = "esft_config.json", "esft.safetensors"
 
 
-class EsftConfig(BaseModel):
+class EsftConfig(Settings):
     """Training settings (paper: lr 1e-5, AdamW (0.9, 0.95), weight decay 0.1)."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # an inf lr trains NaN weights
@@ -53,11 +54,11 @@ class EsftConfig(BaseModel):
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimiser step")
     max_length: int = Field(512, ge=2, description="tokens per sequence (longer prompts lose their start)")
     weight_decay: float = Field(0.1, ge=0, description="AdamW's decoupled weight decay")
-    beta1: float = 0.9
-    beta2: float = 0.95
+    beta1: float = Field(0.9, ge=0, lt=1, description="AdamW's first-moment decay")
+    beta2: float = Field(0.95, ge=0, lt=1, description="AdamW's second-moment decay")
     warmup_steps: int = Field(0, ge=0)
     schedule: Literal["constant", "linear", "cosine"] = "constant"
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping norm (0: none)")
     train_shared: bool = Field(False, description="also train the shared experts")
     train_non_expert: bool = Field(False, description="also train attention, norms, embeddings, routers")
     mix_general: str | None = Field(None, description="general text mixed into training (file or 'protocol')")
@@ -288,6 +289,13 @@ def train(
         raise ValueError(
             f"one step takes {per_step} examples (--batch-size {config.batch_size} x --grad-accum "
             f"{config.grad_accum}), the training set has {len(dataset)}: lower them"
+        )
+    if 0 < config.steps <= config.warmup_steps:  # said once every check has passed
+        warnings.warn(
+            f"warmup_steps {config.warmup_steps} is not below steps {config.steps}: the learning rate "
+            f"never reaches lr {config.lr:g}; lower warmup_steps",
+            MoecarveWarning,
+            stacklevel=2,
         )
 
     torch.manual_seed(config.seed)

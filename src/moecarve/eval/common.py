@@ -23,6 +23,8 @@ from moecarve.carve.writer import write_atomically
 
 def resolve_model(model: str | Path) -> Path:
     """A local Hugging Face model directory (or `bundled`), checked readable before any work."""
+    if not isinstance(model, str | Path):
+        raise TypeError(f"a model is given as its directory (or bundled), got a {type(model).__name__}")
     if str(model) == resources.BUNDLED_MODEL:
         return resources.bundled_model_dir()
     path = Path(model).expanduser()

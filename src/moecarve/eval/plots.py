@@ -1,25 +1,24 @@
 """The report's three plots. Each takes the rows it draws (already written as CSV by the caller, or
-written here for the heatmap) and returns the PNG path. Agg backend: no display needed."""
+written here for the heatmap) and returns the PNG path. Figures are made without pyplot, so no
+display is needed and the process's matplotlib backend (a notebook's) is left as it is."""
 
 from __future__ import annotations
 
 import csv
 from pathlib import Path
 
-import matplotlib
+from matplotlib.figure import Figure
 
 from moecarve.carve.writer import atomic_file
 from moecarve.eval.common import distinct_suffix
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
 
 def ppl_vs_active(rows: list[dict], png: Path) -> Path:
     """Perplexity (log scale) against the active FFN fraction, one line per source model (and per
     training since the carve, text, windows and dtype where the rows hold several). Rows without an
     active fraction are not drawn."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     drawn = [r for r in rows if r["active_fraction"] is not None]
     fields = ("source", "trained", "text", "windows_x_length", "dtype")
     models = {r["model"] for r in drawn}
@@ -49,7 +48,8 @@ def ppl_vs_active(rows: list[dict], png: Path) -> Path:
 def speed_vs_batch(rows: list[dict], png: Path) -> Path:
     """Prefill and decode tokens/s against batch size, one line per model, device (and CPU), dtype,
     mode and prompt."""
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.8))
+    fig = Figure(figsize=(9, 3.8))
+    axes = fig.subplots(1, 2)
     fields = ("config", "source", "model", "device", "cpu", "dtype", "mode", "tokens")
     for label, points in lines(rows, fields, always=("config", "device", "dtype", "mode")):
         points = sorted(points, key=lambda r: r["batch"])
@@ -96,7 +96,8 @@ def load_heatmap(record: dict, png: Path, data: Path) -> list[Path]:
         writer = csv.writer(handle)
         writer.writerow(["layer", *[f"expert_{e}" for e in range(counts.shape[1])]])
         writer.writerows([layer, *map(int, row)] for layer, row in zip(layers, counts, strict=True))
-    fig, ax = plt.subplots(figsize=(max(4, 0.35 * counts.shape[1] + 2), max(3, 0.18 * len(layers) + 1)))
+    fig = Figure(figsize=(max(4, 0.35 * counts.shape[1] + 2), max(3, 0.18 * len(layers) + 1)))
+    ax = fig.subplots()
     image = ax.imshow(relative, aspect="auto", cmap="viridis", interpolation="nearest")
     ax.set_xlabel("routed expert")
     ax.set_ylabel("layer")
@@ -109,6 +110,5 @@ def load_heatmap(record: dict, png: Path, data: Path) -> list[Path]:
 def _save(fig, png: Path) -> Path:
     fig.tight_layout()
     with atomic_file(png) as tmp:
-        fig.savefig(tmp, dpi=120)
-    plt.close(fig)
+        fig.savefig(tmp, dpi=120, format="png")
     return png

@@ -134,7 +134,7 @@ def evaluate_ppl(
     """
     from transformers import AutoTokenizer
 
-    if isinstance(models, str | Path):  # one model, as the other evaluate_* functions take it
+    if not isinstance(models, list | tuple):  # one model, as the other evaluate_* functions take it
         models = [models]
     if not models:
         raise ValueError("no model given")

@@ -120,6 +120,18 @@ def _quiet_hflm_class():
 
 
 @contextlib.contextmanager
+def _lm_eval_errors_only():
+    """lm-eval's info and warnings off while it runs; the caller's logging level back afterwards."""
+    logger = logging.getLogger("lm_eval")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+@contextlib.contextmanager
 def _offline():
     """The hub and datasets offline for this evaluation only: its model and documents are local, and
     a lookup would wait on a network that may not answer. Both libraries read the environment when
@@ -183,12 +195,12 @@ def evaluate_tasks(
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    task_manager = TaskManager(include_defaults=False)  # the configs come whole, as dicts
-    configs = task_configs(names)
+    with _lm_eval_errors_only():
+        task_manager = TaskManager(include_defaults=False)  # the configs come whole, as dicts
+        configs = task_configs(names)
     loaded, tokenizer = common.load_model(path, torch_dtype, device)
     lm_class = HFLM if progress else _quiet_hflm_class()
-    with torch.no_grad(), _offline(), _lm_eval_patched(progress):
+    with torch.no_grad(), _offline(), _lm_eval_patched(progress), _lm_eval_errors_only():
         lm = lm_class(pretrained=loaded, tokenizer=tokenizer, batch_size=batch_size, device=device)
         start = time.perf_counter()
         raw = simple_evaluate(

@@ -268,6 +268,8 @@ def enable(model: nn.Module, *, fused_router: bool = True) -> int:
     The swap is per instance (state dict and class untouched); `disable(model)` undoes it.
     Raises ValueError when the model has no such block.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"enable takes a loaded model (a torch.nn.Module), got a {type(model).__name__}")
     register_experts_implementation()
     swapped, refused = 0, []
     for name, module in model.named_modules():

@@ -21,12 +21,12 @@ from typing import Literal
 import torch
 from accelerate import PartialState
 from accelerate.utils import extract_model_from_parallel
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, set_seed
 
 from moecarve import MoecarveWarning
 from moecarve.carve.calib import read_json, text_identity
-from moecarve.carve.config import settings_of
+from moecarve.carve.config import Settings, settings_of
 from moecarve.carve.source import damaged_weights_named, model_identity
 from moecarve.carve.target import write_rotary_at_top_level
 from moecarve.carve.writer import atomic_directory, check_apart, check_output
@@ -52,7 +52,7 @@ from moecarve.tune.trainer import (
 )
 
 
-class RecoverConfig(BaseModel):
+class RecoverConfig(Settings):
     """What `moecarve tune recover` trains, and how."""
 
     # allow_inf_nan: an infinite learning rate would train NaN weights

@@ -9,7 +9,7 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from moecarve import CarveConfig, carve
+from moecarve import CarveConfig, MoecarveWarning, carve
 from moecarve.carve.calib import CalibrationError
 from moecarve.carve.families import UnsupportedModel
 from moecarve.carve.source import SourceError
@@ -434,3 +434,19 @@ def test_the_python_api_names_an_argument_of_the_wrong_kind(tiny_models, calib_f
         )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b"]
     assert [p.name for p in (tmp_path / "b").iterdir()] == ["carve.json"]
+
+
+def test_experts_of_padding_only_are_refused_and_much_padding_is_warned_of(tiny_models, calib_file, tmp_path):
+    """Experts round up to multiples of 8 neurons and the zero padding goes to routed experts: a
+    routed expert of padding alone (never useful, never chosen) is refused before any work, and
+    padding over a tenth of the FFN is warned of, as the active fraction counts it."""
+    llama = tiny_models["llama"]  # d_h 96
+    for settings, left in (({"experts": 16, "shared": 12}, "leave 0 neuron\\(s\\) for 4"),  # 12 x 8 = 96
+                           ({"experts": 96}, "leave 88 neuron\\(s\\) for 95")):  # fmt: skip
+        with pytest.raises(ValueError, match=f"experts of 8 neurons .* {left} routed experts"):
+            carve(llama, CarveConfig(**{**TINY, "active": 2, **settings}), calib_file, tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+    with pytest.warns(MoecarveWarning, match="S1A2E8: 32 of the 128 expert neurons are zero padding"):
+        carve(llama, CarveConfig(**{**TINY, "experts": 8, "active": 2}), calib_file, tmp_path / "o")
+    with pytest.raises(ValueError, match="use --experts >= 3"):  # --shared 0 is no way out
+        CarveConfig(experts=2, active=1)

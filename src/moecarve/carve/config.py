@@ -199,9 +199,10 @@ class CarveConfig(Settings):
                 f"at most {routed} routed experts can be active"
             )
         if routed < 2:
+            fix = f"use --shared <= {self.experts - 2}" if self.experts >= 3 else "use --experts >= 3"
             raise ValueError(
-                f"{routed} routed expert(s) is not a mixture: use --shared <= {self.experts - 2} "
-                "(glm4_moe routing needs at least 2 routed experts)"
+                f"{routed} routed expert(s) is not a mixture: {fix} (glm4_moe routing needs at least "
+                "2 routed experts beside at least 1 shared one)"
             )
         if self.calib_tokens < self.calib_length:
             raise ValueError(

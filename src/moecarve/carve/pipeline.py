@@ -59,6 +59,31 @@ def neurons_per_expert(intermediate: int, experts: int) -> int:
     return math.ceil(intermediate / experts / 8) * 8
 
 
+def check_padding(intermediate: int, config: CarveConfig) -> None:
+    """The zero neurons that round each expert up to a multiple of 8 all go to routed experts (the
+    shared ones are chosen neurons): refused where a routed expert would hold nothing else (never
+    useful, never chosen) or the shared experts every neuron; warned of where they are over a tenth
+    of the FFN, since the active fraction counts them as neurons."""
+    m = neurons_per_expert(intermediate, config.experts)
+    real_routed = intermediate - config.shared * m
+    if real_routed < config.routed:
+        raise ValueError(
+            f"{config.name}: experts of {m} neurons (d_h {intermediate} / {config.experts}, rounded up to a "
+            f"multiple of 8) leave {max(real_routed, 0)} neuron(s) for {config.routed} routed experts, so "
+            "some would hold only zero padding: use fewer --experts or fewer --shared"
+        )
+    padding = m * config.experts - intermediate
+    if padding > intermediate / 10:
+        warnings.warn(
+            f"{config.name}: {padding} of the {m * config.experts} expert neurons are zero padding (d_h "
+            f"{intermediate} / {config.experts} rounded up to {m}); the {config.active_fraction:.1%} active "
+            "fraction counts them, so the carve keeps more of the real FFN than it says: use --experts "
+            f"that divide {intermediate} into multiples of 8",
+            MoecarveWarning,
+            stacklevel=3,
+        )
+
+
 def calibration_dtype(setting: str, device: str = "cpu") -> torch.dtype:
     """`calib_dtype`: bfloat16 on "auto" where the device multiplies it natively (a GPU from Ampere
     on; a CPU with AVX512-BF16 or AMX, where a calibration pass took half float32's time,
@@ -117,6 +142,7 @@ def plan(model, config: CarveConfig, out: Path | None, overwrite: bool, calib=No
         raise ValueError(
             f"--experts {config.experts} would hold < 1 neuron each (the FFN has {intermediate})"
         )
+    check_padding(intermediate, config)
     if config.top_k_activation > intermediate:
         raise ValueError(
             f"top_k_activation {config.top_k_activation:g} exceeds the FFN's {intermediate} neurons"

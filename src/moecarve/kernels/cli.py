@@ -77,10 +77,11 @@ def tune_command(model, batches, dtype, quick, reps, out, device, experts_interf
     dirs = config_dirs()
     out_dir = Path(out).expanduser() if out else dirs[0] if dirs else default_dir()
     _check_writable(out_dir)
-    inside = model_directory_of(out_dir)  # this model's or any other's: a config.json beside weights
-    if inside is not None and any(
-        next(inside.glob(f"*.{kind}"), None) for kind in ("safetensors", "bin", "gguf")
-    ):
+    inside = model_directory_of(out_dir)  # this model's, or another's: a config.json beside weights
+    weights = inside is not None and any(
+        next(inside.glob(f"*.{k}"), None) for k in ("safetensors", "bin", "gguf")
+    )
+    if inside is not None and (inside == Path(model).expanduser().resolve() or weights):
         raise ValueError(
             f"tables directory {out_dir} is in the model directory {inside}; give --out elsewhere"
         )

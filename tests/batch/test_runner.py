@@ -333,7 +333,7 @@ models:
   - {{name: built, tiny: llama}}
 stages: [carve]
 carve: {{calib: {calib_file}, calib_tokens: 512, calib_length: 128}}
-configs: [{{experts: 4, active: 2}}]  # no padding (96 / 4 = 24): its warning would be a line too
+configs: [{{experts: 8, active: 2}}]
 """
     recipe = make_recipe(tmp_path / "r", text=text)
     batch = runner.open_batch(recipe)

@@ -380,10 +380,13 @@ def test_a_warmup_as_long_as_the_run_is_warned_of_before_loading(
     efile = experts_file(tiny_carved, tmp_path / "e.json", {0: [1]})
     config = CONFIG.model_copy(update={"steps": 2, "warmup_steps": 2})
     with (
-        pytest.warns(MoecarveWarning, match="warmup_steps 2 is not below steps 2"),
+        pytest.warns(
+            MoecarveWarning, match="warmup_steps 2 is not below steps 2: the learning rate never"
+        ) as said,
         pytest.raises(RuntimeError),
     ):
         train.train(tiny_carved, efile, task_file, tmp_path / "a", config)
+    assert said[0].filename == __file__  # pointed at the caller's line
 
 
 def test_task_data_as_json_is_refused_and_jsonl_read_whatever_its_case(tiny_carved, task_file, tmp_path):

@@ -382,7 +382,7 @@ def test_tune_command_tunes_the_experts_interface_shape_too(interp_device, tiny_
         (["--batches", "1,70000"], "integers from 1 to 65536"),
         (["--device", "cuda"], "this machine has no CUDA GPU"),
         (["--device", "gpu"], "--device 'gpu': expected cpu, cuda or cuda:N"),
-        (["--device", "cpu", "--out", "{tmp}/file/tables"], "is not a writable directory"),
+        (["--device", "cpu", "--out", "{tmp}/file/tables"], "is a file, not a directory"),
         (["--device", "cpu", "--out", "{tmp}/tiny/tables"], "is in the model directory"),
         (["--device", "cpu", "--out", "{tmp}/other"], "is in the model directory"),  # another model's
     ],

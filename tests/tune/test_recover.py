@@ -323,8 +323,11 @@ def test_a_run_whose_loss_rose_is_written_with_a_warning(tiny_carved, calib_file
     rose = [w for w in recwarn if issubclass(w.category, MoecarveWarning)]
     assert len(rose) == 1 and "the training loss rose from 6.5000 to 13.0000" in str(rose[0].message)
     assert result.out.is_dir()  # finite weights: written, and the user told
-    with pytest.warns(MoecarveWarning, match="--warmup 4 is not below --steps 2: the learning rate never"):
+    with pytest.warns(
+        MoecarveWarning, match="--warmup 4 is not below --steps 2: the learning rate never"
+    ) as said:
         recover(tiny_carved, RecoverConfig(steps=2, warmup=4, **FAST), calib_file, tmp_path / "w")
+    assert said[0].filename == __file__  # pointed at the caller's line
     noise = [3.86, 3.5, 3.44, 3.6, 3.3, 3.5, 3.9, 3.97]  # a short run's batches, as a user met them
     for quiet in ([6.0 - i / 4 for i in range(8)], [6.0, 7.0, 8.0, 9.0, 10.0], noise):  # falling, too few
         warn_if_loss_rose(quiet)

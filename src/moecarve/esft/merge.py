@@ -120,7 +120,7 @@ def apply_adapter(plan: list) -> None:
                 param.index_copy_(0, torch.tensor(rows, device=param.device), value)
 
 
-def merge(model_dir: str | Path, adapter: str | Path, out: str | Path, overwrite: bool = False) -> Path:
+def merge(model_dir: str | Path, adapter: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
     """Write base + adapter as a full checkpoint that stock transformers loads."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

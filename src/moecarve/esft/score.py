@@ -73,6 +73,7 @@ def score(
     model_dir: str | Path,
     data: str | Path,
     out: str | Path,
+    *,
     tokens: int = 131072,
     max_length: int = 512,
     device: str | None = None,

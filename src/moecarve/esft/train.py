@@ -13,7 +13,6 @@ import json
 import math
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -21,7 +20,7 @@ import torch
 from pydantic import ConfigDict, Field, model_validator
 from safetensors.torch import save_file
 
-from moecarve import MoecarveWarning, moe
+from moecarve import moe
 from moecarve.carve.config import Settings, settings_of
 from moecarve.esft.data import (
     Collator,
@@ -253,6 +252,7 @@ def train(
     data,
     out,
     config: EsftConfig | None = None,
+    *,
     overwrite: bool = False,
     device: str | None = None,
 ) -> dict:
@@ -290,13 +290,10 @@ def train(
             f"one step takes {per_step} examples (--batch-size {config.batch_size} x --grad-accum "
             f"{config.grad_accum}), the training set has {len(dataset)}: lower them"
         )
-    if 0 < config.steps <= config.warmup_steps:  # said once every check has passed
-        warnings.warn(
-            f"warmup_steps {config.warmup_steps} is not below steps {config.steps}: the learning rate "
-            f"never reaches lr {config.lr:g}; lower warmup_steps",
-            MoecarveWarning,
-            stacklevel=2,
-        )
+    from moecarve.tune.trainer import warn_if_warmup_fills
+
+    # said once every check has passed
+    warn_if_warmup_fills(config.steps, config.warmup_steps, config.lr, ("steps", "warmup_steps", "lr"))
 
     torch.manual_seed(config.seed)
     with damaged_weights_named(model_dir):

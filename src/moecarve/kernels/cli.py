@@ -4,7 +4,6 @@ table that `moe_ffn(path="auto")` follows there (tuning.py)."""
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 
 import click
@@ -53,7 +52,7 @@ def group():
 def tune_command(model, batches, dtype, quick, reps, out, device, experts_interface):
     """Time the decode, dense and grouped paths and their tiles for MODEL's MoE blocks over batch
     sizes on this GPU (random weights of MODEL's shape), and write the fastest per batch."""
-    from moecarve.carve.writer import model_directory_of
+    from moecarve.carve.writer import check_can_make, model_directory_of
 
     from .tuner import check_device, model_shapes, save_table, tune
     from .tuning import config_dirs, default_dir, device_name
@@ -76,7 +75,7 @@ def tune_command(model, batches, dtype, quick, reps, out, device, experts_interf
     dev = check_device(device, dtype)
     dirs = config_dirs()
     out_dir = Path(out).expanduser() if out else dirs[0] if dirs else default_dir()
-    _check_writable(out_dir)
+    check_can_make(out_dir / "table.json")  # refused before the timing; nothing is created
     inside = model_directory_of(out_dir)  # this model's, or another's: a config.json beside weights
     weights = inside is not None and any(
         next(inside.glob(f"*.{k}"), None) for k in ("safetensors", "bin", "gguf")
@@ -111,12 +110,3 @@ def tune_command(model, batches, dtype, quick, reps, out, device, experts_interf
                 f"{b:>6} {e['path']:<8} {e['median_us']:>9.1f} {e['dense_ffn_us']:>13.1f} {ratio:>8.2f}"
             )
         click.echo(f"wrote {save_table(table, shape, out_dir, dev, made_by)}")
-
-
-def _check_writable(directory: Path) -> None:
-    """Refuse, before the timing, a table directory that cannot be made or written (nothing is created)."""
-    existing = directory
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise OSError(f"cannot write tables under {directory} ({existing} is not a writable directory)")

@@ -49,6 +49,7 @@ from moecarve.tune.trainer import (
     training_arguments,
     training_device,
     warn_if_loss_rose,
+    warn_if_warmup_fills,
 )
 
 
@@ -245,13 +246,7 @@ def recover(
             checkpoints.mkdir(parents=True, exist_ok=True)
             (checkpoints / IDENTITY).write_text(json.dumps(identity, indent=2) + "\n")
         # said once every check and load has passed: a refused run prints its error alone
-        if 0 < config.steps <= config.warmup:
-            warnings.warn(
-                f"--warmup {config.warmup} is not below --steps {config.steps}: the learning rate never "
-                f"reaches --lr {config.lr:g} (the first step runs at 0); lower --warmup",
-                MoecarveWarning,
-                stacklevel=2,
-            )
+        warn_if_warmup_fills(config.steps, config.warmup, config.lr, ("--steps", "--warmup", "--lr"))
         trainer = RecoverTrainer(
             model=model_,
             args=args,

@@ -49,6 +49,19 @@ def check_trained_weights(model) -> None:
         )
 
 
+def warn_if_warmup_fills(steps: int, warmup: int, lr: float, names: tuple[str, str, str]) -> None:
+    """Warn of a warm-up as long as the run: its learning rate never reaches the one asked for.
+    `names` are how the caller's user spells steps, warm-up and learning rate."""
+    if 0 < steps <= warmup:
+        steps_name, warmup_name, lr_name = names
+        warnings.warn(
+            f"{warmup_name} {warmup} is not below {steps_name} {steps}: the learning rate never reaches "
+            f"{lr_name} {lr:g} (the first step runs at 0); lower {warmup_name}",
+            MoecarveWarning,
+            stacklevel=3,
+        )
+
+
 def warn_if_loss_rose(losses: list[float]) -> None:
     """Warn when a run ends well above where it began (the mean of its last quarter of logged losses
     10% over that of its first): a learning rate too high can flatten a model's predictions towards

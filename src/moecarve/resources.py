@@ -17,6 +17,12 @@ from pathlib import Path
 BUNDLED_MODEL = "bundled"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROTOCOL_TEXT = "boolq-passages"
+PROTOCOL_NAMES = (PROTOCOL_TEXT, "protocol")  # either names the bundled passages wherever a text goes
+
+
+def is_protocol_text(source) -> bool:
+    """Whether a text setting means the bundled BoolQ passages: left out, or one of their names."""
+    return source is None or str(source) in PROTOCOL_NAMES
 
 
 class ResourceMissing(FileNotFoundError):

@@ -351,8 +351,9 @@ def test_esft_on_the_text_eval_ppl_scores_is_refused(tmp_path):
     [
         ("general.txt", "{windows: 4, length: 128, data: general.txt}", "the text eval_ppl scores"),
         ("protocol", "{windows: 32, length: 2048}", "last 65536 tokens, training holds out only 32768"),
+        ("boolq-passages", "{windows: 32, length: 2048}", "last 65536 tokens, training holds out only 32768"),
     ],
-    ids=["same_text", "passages_beyond_the_hold_out"],
+    ids=["same_text", "passages_beyond_the_hold_out", "passages_by_their_other_name"],
 )
 def test_esft_general_text_that_reaches_the_scored_tokens_is_refused(tmp_path, general, eval_ppl, message):
     for name in ("task.jsonl", "general.txt", "other.txt"):

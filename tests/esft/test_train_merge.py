@@ -203,8 +203,9 @@ def test_mix_general(tiny_carved, task_file, tmp_path):
         )
 
 
-def test_protocol_general_text_holds_out_the_scored_tail(tiny_carved, task_file):
-    """`--mix-general protocol` reads the BoolQ passages as recovery does: never the last 16 x 2,048
+@pytest.mark.parametrize("name", ["protocol", "boolq-passages"])
+def test_protocol_general_text_holds_out_the_scored_tail(tiny_carved, task_file, name):
+    """`--mix-general protocol` (or the passages' other name) reads the BoolQ passages as recovery does: never the last 16 x 2,048
     tokens, which the perplexity protocol scores."""
     from moecarve.carve.calib import read_text, tokenize_stream
     from moecarve.tune.data import PROTOCOL_TOKENS
@@ -216,7 +217,7 @@ def test_protocol_general_text_holds_out_the_scored_tail(tiny_carved, task_file)
         tiny_carved,
         task_file,
         tokenizer,
-        CONFIG.model_copy(update={"mix_general": "protocol", "mix_ratio": 0.5}),
+        CONFIG.model_copy(update={"mix_general": name, "mix_ratio": 0.5}),
     )
     general = [row["input_ids"] for row in mixed[len(task) :]]
     assert len(general) == len(task)
@@ -224,7 +225,7 @@ def test_protocol_general_text_holds_out_the_scored_tail(tiny_carved, task_file)
     # all the passages but the tail, in pieces of 64 tokens (a last piece of one token dropped)
     pieces = len([start for start in range(0, usable.numel(), 64) if usable.numel() - start > 1])
     ratio = (pieces + 0.5) / (pieces + 0.5 + len(task))  # wants one sequence more than it holds
-    more = CONFIG.model_copy(update={"mix_general": "protocol", "mix_ratio": ratio})
+    more = CONFIG.model_copy(update={"mix_general": name, "mix_ratio": ratio})
     with pytest.raises(ValueError, match=rf"general text gives {pieces} sequences, {pieces + 1} needed"):
         train.training_set(tiny_carved, task_file, tokenizer, more)
 

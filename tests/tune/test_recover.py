@@ -405,7 +405,8 @@ def test_default_text_holds_out_the_protocol_windows(tiny_carved):
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_carved)
     stream = tokenize_stream(tokenizer, read_text(None)[0])
-    for source in (None, "boolq-passages"):
+    for source in (None, "boolq-passages", "protocol"):  # the passages' two names, as everywhere
+        assert read_text(source)[0] == read_text(None)[0]
         text = training_blocks(tokenizer, source, 4096, 10**6)
         assert text.held_out_tokens == PROTOCOL_TOKENS
         assert text.tokens <= stream.numel() - PROTOCOL_TOKENS

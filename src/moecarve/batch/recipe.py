@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from moecarve import resources
 from moecarve.carve.calib import read_utf8
 from moecarve.carve.config import CarveConfig, expand_preset
 
@@ -286,7 +287,7 @@ def _expand(recipe: Recipe, node, path: Path) -> list[Job]:
             _check_text_apart(options["esft"]["data"], ("esft", "data"), recipe.eval_ppl, node, path)
             general = options["esft"].get("mix_general")
             if general:  # its `protocol` is the BoolQ passages, as recover's default
-                general = None if general == "protocol" else general
+                general = None if resources.is_protocol_text(general) else general
                 _check_text_apart(general, ("esft", "mix_general"), recipe.eval_ppl, node, path)
     jobs, model_names = [], set()
     for m, model in enumerate(recipe.models):
@@ -383,7 +384,11 @@ def _esft_options(section: dict, node, path: Path) -> dict:
             f"{path}:{_line(node, ('esft', key))}: esft.{key}: esft.mix_general and esft.mix_ratio go "
             "together: a text (a file relative to the recipe, or protocol) and a ratio in (0, 1)"
         )
-    if mix and mix != "protocol" and not (isinstance(mix, str) and _beside(path, mix).exists()):
+    if (
+        mix
+        and not resources.is_protocol_text(mix)
+        and not (isinstance(mix, str) and _beside(path, mix).exists())
+    ):
         raise RecipeError(
             f"{path}:{_line(node, ('esft', 'mix_general'))}: esft.mix_general: not found: {mix}"
             f"{relative_to(str(mix), path.resolve().parent)} (a text, or protocol)"
@@ -399,11 +404,10 @@ def _check_text_apart(data, key: tuple, eval_ppl: PplOptions, node, path: Path) 
     """A training text (recover.data, esft.data, esft.mix_general) must not reach the tokens eval_ppl
     scores, the tail of the same text: of the BoolQ passages training holds out the protocol's
     tail; of any other text (a task file among them), nothing."""
-    from moecarve import resources
     from moecarve.tune.data import PROTOCOL_TOKENS
 
     def text(value):
-        protocol = value is None or value == resources.PROTOCOL_TEXT
+        protocol = resources.is_protocol_text(value)
         return "protocol" if protocol else str(_beside(path, value).resolve())
 
     if text(data) != text(eval_ppl.data):
@@ -435,11 +439,10 @@ def _check_carve_keys(section: dict, loc: tuple, node, path: Path, allow_name: b
 def _check_text_source(value, loc: tuple, node, path: Path) -> None:
     """A text setting (calib, eval_ppl.data) names a file or directory that exists relative to the
     recipe, or a hub dataset (a bare name): a path that is not there fails now, not after a carve."""
-    from moecarve import resources
     from moecarve.carve.calib import looks_like_path
 
     where = f"{path}:{_line(node, loc)}: {_dotted(loc)}"
-    if value is None or value == resources.PROTOCOL_TEXT:
+    if resources.is_protocol_text(value):
         return
     if not isinstance(value, str):
         raise RecipeError(f"{where}: a file, a directory or a hub dataset name, got {value!r}")

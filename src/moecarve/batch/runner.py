@@ -35,6 +35,7 @@ from moecarve.carve.calib import text_identity
 from moecarve.carve.source import model_identity
 from moecarve.carve.writer import atomic_directory, check_can_make, within, write_atomically
 from moecarve.eval.common import versions
+from moecarve.resources import is_protocol_text
 
 OWNER_FILE = "batch.json"
 
@@ -183,7 +184,7 @@ def job_inputs(batch: Batch, job: Job, model: Path | None, identities: dict | No
     for stage in ("recover", "esft"):
         if stage in job.stages:
             sources[f"{stage}.data"] = stage_registry.recipe_path(root, job.options[stage]["data"])
-    if "esft" in job.stages and job.options["esft"]["mix_general"] not in (None, "protocol"):
+    if "esft" in job.stages and not is_protocol_text(job.options["esft"]["mix_general"]):
         sources["esft.mix_general"] = stage_registry.recipe_path(root, job.options["esft"]["mix_general"])
     if "eval_ppl" in job.stages:
         sources["eval_ppl.data"] = stage_registry.recipe_path(root, job.options["eval_ppl"].get("data"))
@@ -297,15 +298,10 @@ def dry_run_failures(batch: Batch, jobs: list[Job]) -> list[str]:
 
 def _texts_on_disk(batch: Batch, job: Job) -> bool:
     """Whether every text the job's checks read is a file or the bundled passages (not a hub dataset)."""
-    from moecarve.resources import PROTOCOL_TEXT
-
     texts = [(stage, "data") for stage in ("recover", "esft", "eval_ppl")] + [("esft", "mix_general")]
     for stage, key in texts:
         value = job.options.get(stage, {}).get(key) if stage in job.stages else None
-        if (
-            value not in (None, "protocol", PROTOCOL_TEXT)
-            and not (batch.loaded.root / Path(value).expanduser()).exists()
-        ):
+        if not is_protocol_text(value) and not (batch.loaded.root / Path(value).expanduser()).exists():
             return False
     return True
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from moecarve.batch.recipe import Job
+from moecarve.resources import is_protocol_text
 
 
 @dataclass
@@ -160,7 +161,7 @@ def esft_settings(options: dict, root: Path):
     settings = dict(options)
     data = recipe_path(root, settings.pop("data"))
     kind, p, tokens = settings.pop("score"), settings.pop("p"), settings.pop("tokens")
-    if settings.get("mix_general") not in (None, "protocol"):
+    if not is_protocol_text(settings.get("mix_general")):
         settings["mix_general"] = recipe_path(root, settings["mix_general"])
     return data, kind, p, tokens, EsftConfig(**settings)
 

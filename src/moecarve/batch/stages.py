@@ -3,7 +3,8 @@
 A stage reads `ctx.model_dir` (the source, or the model an earlier stage wrote), may set it, writes
 its files into the job's working directory and returns (record, columns): the record goes into the
 job's result.json, the columns into the results table. Adding a stage is one function here, its
-options in recipe.py and its name in STAGE_ORDER.
+options in recipe.py and its name in STAGE_ORDER (and, if it reads a text, its checks in runner.py's
+TEXT_CHECKS and job_inputs).
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def carve(ctx: Context, options: dict) -> StageResult:
     return {
         **summary,
         "file": "carve.json",
-        "model": "model" if options.get("keep_model", True) else None,
+        "model": "model" if ctx.job.keep_model else None,
     }, columns
 
 
@@ -104,7 +105,7 @@ def recover(ctx: Context, options: dict) -> StageResult:
         "recover_loss": record["final_train_loss"],
         "recover_seconds": result.record["seconds"],
     }
-    kept = ctx.job.options.get("carve", {}).get("keep_model", True)
+    kept = ctx.job.keep_model
     return {**record, "seconds": result.record["seconds"], "model": "recovered" if kept else None}, columns
 
 
@@ -134,7 +135,7 @@ def esft(ctx: Context, options: dict) -> StageResult:
     chosen = select(scores, kind, p, experts)
     trained = train(ctx.model_dir, experts, data, ctx.work / "esft-adapter", config, device=ctx.device)
     ctx.model_dir = merge(ctx.model_dir, ctx.work / "esft-adapter", ctx.work / "esft-merged")
-    kept = ctx.job.options.get("carve", {}).get("keep_model", True)
+    kept = ctx.job.keep_model
     losses = trained["training"]["losses"]  # the last logged loss, as recover's column
     columns = {
         "esft_experts": chosen["selected"],

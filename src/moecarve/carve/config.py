@@ -153,7 +153,8 @@ class CarveConfig(Settings):
     calib_dtype: Literal["auto", "float32", "bfloat16"] = Field(
         "auto",
         description="dtype of the calibration forward passes and neuron activations (auto: bfloat16 "
-        "where the CPU multiplies it natively, else float32); the router fit and refit stay float32",
+        "where the device multiplies it natively, a CPU with AVX512-BF16 or AMX or a GPU from Ampere on, "
+        "else float32); the router fit and refit stay float32",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="dtype of the written checkpoint (auto: the source's)"

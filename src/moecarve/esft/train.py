@@ -56,8 +56,10 @@ class EsftConfig(Settings):
     weight_decay: float = Field(0.1, ge=0, description="AdamW's decoupled weight decay")
     beta1: float = Field(0.9, ge=0, lt=1, description="AdamW's first-moment decay")
     beta2: float = Field(0.95, ge=0, lt=1, description="AdamW's second-moment decay")
-    warmup_steps: int = Field(0, ge=0)
-    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
+    schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="how the learning rate moves after the warm-up"
+    )
     max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping norm (0: none)")
     train_shared: bool = Field(False, description="also train the shared experts")
     train_non_expert: bool = Field(False, description="also train attention, norms, embeddings, routers")

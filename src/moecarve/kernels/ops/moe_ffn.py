@@ -196,7 +196,7 @@ def _down(
 def _decode_up_kernel(
     x_ptr, idx_ptr, w13_ptr, sg_ptr, su_ptr, h_ptr,
     T, H, I, SI, E, K,  # noqa: E741
-    stride_xt, stride_we, stride_wr, stride_sg, stride_su, stride_ht,
+    stride_xt, stride_we, stride_wr, stride_s, stride_ht,
     HAS_SHARED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_I: tl.constexpr, BLOCK_H: tl.constexpr, USE_DOT: tl.constexpr, PREC: tl.constexpr,
     I_ALIGN: tl.constexpr,
@@ -204,8 +204,9 @@ def _decode_up_kernel(
     """h[t, e*I + i] = SiLU(x[t] @ gate_e[i]) * (x[t] @ up_e[i]) for experts hit in this token tile.
 
     program_id(0): (expert, block of I rows), then the shared expert's row blocks; program_id(1):
-    tile of BLOCK_T tokens. The shared expert's activations go to columns E*I onwards. I_ALIGN
-    divides I, SI and h's row stride (`vector_align`).
+    tile of BLOCK_T tokens. The shared expert's activations go to columns E*I onwards; its gate and
+    up weights share one row stride (both contiguous [SI, H]). I_ALIGN divides I, SI and h's row
+    stride (`vector_align`).
     """
     I = I // I_ALIGN * I_ALIGN  # noqa: E741
     SI = SI // I_ALIGN * I_ALIGN
@@ -235,7 +236,7 @@ def _decode_up_kernel(
     elif HAS_SHARED:
         i0 = (pid - E * n_iblk) * BLOCK_I
         acc_g, acc_u = _gate_up(
-            x_ptr, rows, row_mask, stride_xt, 0, H, sg_ptr, su_ptr, stride_sg, SI, i0,
+            x_ptr, rows, row_mask, stride_xt, 0, H, sg_ptr, su_ptr, stride_s, SI, i0,
             BLOCK_T, BLOCK_I, BLOCK_H, USE_DOT, PREC,
         )  # fmt: skip
         offs_i = i0 + tl.arange(0, BLOCK_I)
@@ -515,7 +516,7 @@ def moe_ffn_decode(
     _decode_up_kernel[(E * triton.cdiv(I, cfg.block_i) + triton.cdiv(SI, cfg.block_i), n_tiles)](
         x, idx, gate_up_proj, sg, su, h,
         T, H, I, SI, E, K,
-        x.stride(0), gate_up_proj.stride(0), gate_up_proj.stride(1), sg.stride(0), su.stride(0), h.stride(0),
+        x.stride(0), gate_up_proj.stride(0), gate_up_proj.stride(1), sg.stride(0), h.stride(0),
         HAS_SHARED=shared is not None, BLOCK_T=block_t, BLOCK_R=block_r, BLOCK_I=cfg.block_i,
         BLOCK_H=cfg.block_h, USE_DOT=use_dot, PREC=prec, I_ALIGN=up_align, num_warps=cfg.warps_up,
         num_stages=stages,

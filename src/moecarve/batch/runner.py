@@ -397,15 +397,18 @@ def update_table(batch: Batch) -> None:
 def transformers_bars_off():
     """transformers' own progress bars (loading and writing weights, the hub's downloads and, through
     OneDeviceArguments, the Trainer's) off while it lasts, as --no-progress asks of a job."""
+    from huggingface_hub import utils as hub_utils
     from transformers.utils import logging as hf_logging
 
-    shown = hf_logging.is_progress_bar_enabled()
+    shown, hub_off = hf_logging.is_progress_bar_enabled(), hub_utils.are_progress_bars_disabled()
     hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         if shown:
-            hf_logging.enable_progress_bar()
+            hf_logging.enable_progress_bar()  # which turns the hub's on too
+        if hub_off:
+            hub_utils.disable_progress_bars()
 
 
 def run_job(batch: Batch, job: Job, progress: bool = True) -> dict | None:

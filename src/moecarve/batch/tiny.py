@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from moecarve.carve.writer import atomic_directory
+from moecarve.isolation import kept_random_state
 
 WORDS = [
     "the",
@@ -75,6 +76,7 @@ def make_tokenizer(directory: Path):
     return tokenizer
 
 
+@kept_random_state()
 def build_tiny_model(
     directory: Path,
     family: str,

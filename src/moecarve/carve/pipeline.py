@@ -29,6 +29,7 @@ from moecarve.carve.source import TOKENIZER_FILES, SourceError, TensorSource, ch
 from moecarve.carve.target import glm4_moe_config, write_rotary_at_top_level
 from moecarve.carve.writer import ShardWriter, atomic_directory, check_apart, check_output
 from moecarve.devices import resolve_device
+from moecarve.isolation import kept_random_state
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOKENS_PER_PASS = 4096  # calibration tokens pushed through a layer at once (whole sequences, at least one)
@@ -100,7 +101,8 @@ def reused_heap():
     """While carving, glibc serves large blocks from its heap, reusing freed ones, instead of mapping
     fresh pages for each of the many [T, I] temporaries (first-touch page faults cost about as much
     as the arithmetic on them). Process-wide while it lasts; afterwards both settings go back to
-    glibc's defaults and the free memory is returned. A no-op off glibc."""
+    glibc's defaults and the free memory is returned, but glibc's dynamic mmap threshold, which
+    either setting turns off, stays off (glibc cannot turn it back on). A no-op off glibc."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         mallopt, trim = libc.mallopt, libc.malloc_trim
@@ -184,6 +186,7 @@ def expected_tensors(source_config, family, tensors: TensorSource) -> None:
             )
 
 
+@kept_random_state()
 def carve(
     model: str | Path,
     config: CarveConfig | dict | None = None,

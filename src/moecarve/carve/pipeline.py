@@ -186,7 +186,6 @@ def expected_tensors(source_config, family, tensors: TensorSource) -> None:
             )
 
 
-@kept_random_state()
 def carve(
     model: str | Path,
     config: CarveConfig | dict | None = None,
@@ -203,7 +202,10 @@ def carve(
     are read and written on the CPU, one layer at a time either way."""
     device = resolve_device(device, "carve")
     # cuda:N made current: the stage timings' synchronize and the bf16 probe act on that GPU
-    with torch.cuda.device(device) if torch.device(device).type == "cuda" else contextlib.nullcontext():
+    cuda_current = (
+        torch.cuda.device(device) if torch.device(device).type == "cuda" else contextlib.nullcontext()
+    )
+    with cuda_current, kept_random_state():  # the seed is the carve's; the caller's generators come back
         return _carve(model, config, calib, out, overwrite, evaluate, progress, device)
 
 

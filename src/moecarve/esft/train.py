@@ -250,8 +250,6 @@ def plan(groups: list[dict]) -> dict[str, list[int] | None]:
     return {g["name"]: None if g["rows"] is None else g["rows"].tolist() for g in groups}
 
 
-@released_accelerate_state()
-@kept_random_state()
 def train(
     model_dir,
     experts_file,
@@ -301,40 +299,47 @@ def train(
     # said once every check has passed
     warn_if_warmup_fills(config.steps, config.warmup_steps, config.lr, ("steps", "warmup_steps", "lr"))
 
-    torch.manual_seed(config.seed)
-    with damaged_weights_named(model_dir):
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    model.config.use_cache = False
-    groups, stats, digest = train_experts(
-        model, experts, dataset, Collator(pad_id(tokenizer)), config, moe.declared_dtype(model_dir), device
-    )
-    tensors = {
-        g["name"]: (p.detach() if g["rows"] is None else p.detach().index_select(0, g["rows"]))
-        .contiguous()
-        .cpu()
-        for g in groups
-        for p in g["params"]
-    }
-    result = {
-        "format": FORMAT,
-        "base_model": str(Path(model_dir).expanduser().resolve()),
-        "base_digest": digest,
-        **shape.record(),
-        "experts": {str(k): v for k, v in experts.items()},
-        "tensors": plan(groups),
-        "trainable_parameters": count_trainable(groups),
-        "examples": len(dataset),
-        "data": str(Path(data).expanduser().resolve()),
-        "data_sha256": data_sha256,
-        "config": config.model_dump(),
-        "training": stats,
-        "versions": versions(),
-    }
-    from accelerate import PartialState
+    with released_accelerate_state(), kept_random_state():  # given back as the caller had them
+        torch.manual_seed(config.seed)
+        with damaged_weights_named(model_dir):
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        model.config.use_cache = False
+        groups, stats, digest = train_experts(
+            model,
+            experts,
+            dataset,
+            Collator(pad_id(tokenizer)),
+            config,
+            moe.declared_dtype(model_dir),
+            device,
+        )
+        tensors = {
+            g["name"]: (p.detach() if g["rows"] is None else p.detach().index_select(0, g["rows"]))
+            .contiguous()
+            .cpu()
+            for g in groups
+            for p in g["params"]
+        }
+        result = {
+            "format": FORMAT,
+            "base_model": str(Path(model_dir).expanduser().resolve()),
+            "base_digest": digest,
+            **shape.record(),
+            "experts": {str(k): v for k, v in experts.items()},
+            "tensors": plan(groups),
+            "trainable_parameters": count_trainable(groups),
+            "examples": len(dataset),
+            "data": str(Path(data).expanduser().resolve()),
+            "data_sha256": data_sha256,
+            "config": config.model_dump(),
+            "training": stats,
+            "versions": versions(),
+        }
+        from accelerate import PartialState
 
-    if not PartialState().is_main_process:  # under `accelerate launch`, one process writes
+        if not PartialState().is_main_process:  # under `accelerate launch`, one process writes
+            return result
+        with atomic_directory(out) as tmp:
+            save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": "pt"})
+            (tmp / CONFIG_FILE).write_text(json.dumps(result, indent=1) + "\n")
         return result
-    with atomic_directory(out) as tmp:
-        save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": "pt"})
-        (tmp / CONFIG_FILE).write_text(json.dumps(result, indent=1) + "\n")
-    return result

@@ -117,7 +117,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
     return hashlib.sha256(content.encode()).hexdigest()
 
 
-@kept_random_state()
 def evaluate_ppl(
     models: str | Path | list[str | Path],
     data: str | Path | None = None,
@@ -159,15 +158,16 @@ def evaluate_ppl(
         per_model.append(key)
 
     results = []
-    for path, key in zip(paths, per_model, strict=True):
-        torch.manual_seed(seed)
-        start = time.perf_counter()
-        model, _ = common.load_model(path, torch_dtype, device)
-        scored = perplexity(model, shared[key], progress=progress)
-        results.append(
-            {**common.describe_model(path), **scored, "seconds": round(time.perf_counter() - start, 2)}
-        )
-        del model
+    with kept_random_state():  # seeded per model, then given back as the caller had it
+        for path, key in zip(paths, per_model, strict=True):
+            torch.manual_seed(seed)
+            start = time.perf_counter()
+            model, _ = common.load_model(path, torch_dtype, device)
+            scored = perplexity(model, shared[key], progress=progress)
+            results.append(
+                {**common.describe_model(path), **scored, "seconds": round(time.perf_counter() - start, 2)}
+            )
+            del model
     record = {
         "kind": "ppl",
         "protocol": {

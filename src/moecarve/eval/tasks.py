@@ -164,7 +164,6 @@ def _lm_eval_patched(progress: bool):
         yield
 
 
-@kept_random_state()
 def evaluate_tasks(
     model: str | Path,
     tasks: str | list[str] | tuple[str, ...] = DEFAULT_TASKS,
@@ -203,7 +202,13 @@ def evaluate_tasks(
         configs = task_configs(names)
     loaded, tokenizer = common.load_model(path, torch_dtype, device)
     lm_class = HFLM if progress else _quiet_hflm_class()
-    with torch.no_grad(), _offline(), _lm_eval_patched(progress), _lm_eval_errors_only():
+    with (
+        torch.no_grad(),
+        _offline(),
+        _lm_eval_patched(progress),
+        _lm_eval_errors_only(),
+        kept_random_state(),  # lm-eval seeds python, numpy and torch; given back as they were
+    ):
         lm = lm_class(pretrained=loaded, tokenizer=tokenizer, batch_size=batch_size, device=device)
         start = time.perf_counter()
         raw = simple_evaluate(

@@ -179,8 +179,6 @@ def check_carved(model_dir: Path) -> dict:
     return config
 
 
-@released_accelerate_state()
-@kept_random_state()
 def recover(
     model: str | Path,
     config: RecoverConfig,
@@ -225,84 +223,87 @@ def recover(
     )  # the checkpoints are deleted at the end, the outputs replaced; before any teacher download
     teacher_dir = _teacher_dir(src, teacher, carved_config) if config.distill else None
     identity = {**_identity(src, config), "data": text_identity(data), "teacher": str(teacher_dir)}
-    state = PartialState()  # under `accelerate launch`: every process reads its share, one writes
-    with _running_alone(checkpoints, state.is_main_process):
-        _check_checkpoints(checkpoints, identity, resume)
+    with released_accelerate_state(), kept_random_state():  # given back as the caller had them
+        state = PartialState()  # under `accelerate launch`: every process reads its share, one writes
+        with _running_alone(checkpoints, state.is_main_process):
+            _check_checkpoints(checkpoints, identity, resume)
 
-        tokenizer = AutoTokenizer.from_pretrained(src)
-        args = training_arguments(config, checkpoints, device)
-        text = training_text(tokenizer, data, config, replicas(state.num_processes, args.n_gpu))
-        if teacher_dir is not None:
-            _check_teacher_tokenizer(teacher_dir, tokenizer, text.blocks[0], src)
+            tokenizer = AutoTokenizer.from_pretrained(src)
+            args = training_arguments(config, checkpoints, device)
+            text = training_text(tokenizer, data, config, replicas(state.num_processes, args.n_gpu))
+            if teacher_dir is not None:
+                _check_teacher_tokenizer(teacher_dir, tokenizer, text.blocks[0], src)
 
-        with damaged_weights_named(src):
-            base = AutoModelForCausalLM.from_pretrained(src.resolve(), dtype=torch.float32)
-        set_seed(config.seed)  # LoRA's initialisation: a resumed run rebuilds the same adapter
-        save_dtype = declared_dtype(src) or torch.float32
-        model_ = trainable_model(base, config)
-        tracker = LoadTracker(model_, config.bias_rate)
-        trainable = sum(p.numel() for p in model_.parameters() if p.requires_grad)
+            with damaged_weights_named(src):
+                base = AutoModelForCausalLM.from_pretrained(src.resolve(), dtype=torch.float32)
+            set_seed(config.seed)  # LoRA's initialisation: a resumed run rebuilds the same adapter
+            save_dtype = declared_dtype(src) or torch.float32
+            model_ = trainable_model(base, config)
+            tracker = LoadTracker(model_, config.bias_rate)
+            trainable = sum(p.numel() for p in model_.parameters() if p.requires_grad)
 
-        teacher_model = _load_teacher(teacher_dir) if teacher_dir else None  # a damaged one fails here
-        state.wait_for_everyone()  # every process has checked the checkpoints before one writes
-        if state.is_main_process:
-            checkpoints.mkdir(parents=True, exist_ok=True)
-            (checkpoints / IDENTITY).write_text(json.dumps(identity, indent=2) + "\n")
-        # said once every check and load has passed: a refused run prints its error alone
-        warn_if_warmup_fills(config.steps, config.warmup, config.lr, ("--steps", "--warmup", "--lr"))
-        trainer = RecoverTrainer(
-            model=model_,
-            args=args,
-            train_dataset=Blocks(text.blocks),
-            callbacks=[BalanceCallback(tracker), CurrentSaveInterval(), *callbacks],
-            router_lr=config.router_lr,
-            teacher=teacher_model,
-            distill=config.distill,
-        )
-        last = _last_checkpoint(checkpoints) if resume else None
-        try:
-            with (
-                overflow_as_divergence(),
-                routers_in_fp32(model_) if config.precision == "bf16" else contextlib.nullcontext(),
-            ):
-                output = trainer.train(resume_from_checkpoint=str(last) if last else None)
-            extract_model_from_parallel(model_, keep_fp32_wrapper=False)  # the forward accelerate autocast
-            tracker.remove()
-            check_trained_weights(model_)
-        except TrainingDiverged:
-            state.wait_for_everyone()
-            if state.is_main_process:  # nan weights: nothing to resume, and a rerun must start clean
-                shutil.rmtree(checkpoints, ignore_errors=True)
-            raise
-
-        # the adapter is renamed into place just after OUT: a kill while the model is merged and written
-        # left a lone adapter, whose directory then refused the --resume that the checkpoints allowed
-        with contextlib.ExitStack() as outputs:
-            if adapter_out is not None and state.is_main_process:
-                adapter_tmp = outputs.enter_context(atomic_directory(adapter_out))
-                model_.save_pretrained(adapter_tmp)  # before merging, which removes the adapters
-            trained = model_.merge_and_unload() if config.uses_lora else model_
-            if not state.is_main_process:
-                return RecoverResult(out=out.resolve(), record={}, model=trained)
-            _cast_parameters(trained, save_dtype)
-            trained.config.use_cache = carved_config.get("use_cache", True)  # the Trainer turns it off
-            resumed_from = int(last.name.split("-")[1]) if last else None
-            record = _record(
-                src, config, text, trainable, trainer, output, started, resumed_from, teacher_dir
+            teacher_model = _load_teacher(teacher_dir) if teacher_dir else None  # a damaged one fails here
+            state.wait_for_everyone()  # every process has checked the checkpoints before one writes
+            if state.is_main_process:
+                checkpoints.mkdir(parents=True, exist_ok=True)
+                (checkpoints / IDENTITY).write_text(json.dumps(identity, indent=2) + "\n")
+            # said once every check and load has passed: a refused run prints its error alone
+            warn_if_warmup_fills(config.steps, config.warmup, config.lr, ("--steps", "--warmup", "--lr"))
+            trainer = RecoverTrainer(
+                model=model_,
+                args=args,
+                train_dataset=Blocks(text.blocks),
+                callbacks=[BalanceCallback(tracker), CurrentSaveInterval(), *callbacks],
+                router_lr=config.router_lr,
+                teacher=teacher_model,
+                distill=config.distill,
             )
-            warn_if_loss_rose([row["loss"] for row in record["train_loss"]])
-            with atomic_directory(out) as tmp:
-                trained.save_pretrained(tmp)
-                write_rotary_at_top_level(tmp)
-                tokenizer.save_pretrained(tmp)
-                if evaluate:
-                    from moecarve.eval.ppl import protocol_ppl
+            last = _last_checkpoint(checkpoints) if resume else None
+            try:
+                with (
+                    overflow_as_divergence(),
+                    routers_in_fp32(model_) if config.precision == "bf16" else contextlib.nullcontext(),
+                ):
+                    output = trainer.train(resume_from_checkpoint=str(last) if last else None)
+                extract_model_from_parallel(
+                    model_, keep_fp32_wrapper=False
+                )  # the forward accelerate autocast
+                tracker.remove()
+                check_trained_weights(model_)
+            except TrainingDiverged:
+                state.wait_for_everyone()
+                if state.is_main_process:  # nan weights: nothing to resume, and a rerun must start clean
+                    shutil.rmtree(checkpoints, ignore_errors=True)
+                raise
 
-                    before = record["source_quality"] or protocol_ppl(src)
-                    record["protocol_ppl"] = {"before": before, "after": protocol_ppl(tmp)}
-                (tmp / "carve.json").write_text(json.dumps(_carve_json(src, record), indent=2) + "\n")
-        shutil.rmtree(checkpoints)
-        return RecoverResult(out=out.resolve(), record=record, model=trained)
+            # the adapter is renamed into place just after OUT: a kill while the model is merged and written
+            # left a lone adapter, whose directory then refused the --resume that the checkpoints allowed
+            with contextlib.ExitStack() as outputs:
+                if adapter_out is not None and state.is_main_process:
+                    adapter_tmp = outputs.enter_context(atomic_directory(adapter_out))
+                    model_.save_pretrained(adapter_tmp)  # before merging, which removes the adapters
+                trained = model_.merge_and_unload() if config.uses_lora else model_
+                if not state.is_main_process:
+                    return RecoverResult(out=out.resolve(), record={}, model=trained)
+                _cast_parameters(trained, save_dtype)
+                trained.config.use_cache = carved_config.get("use_cache", True)  # the Trainer turns it off
+                resumed_from = int(last.name.split("-")[1]) if last else None
+                record = _record(
+                    src, config, text, trainable, trainer, output, started, resumed_from, teacher_dir
+                )
+                warn_if_loss_rose([row["loss"] for row in record["train_loss"]])
+                with atomic_directory(out) as tmp:
+                    trained.save_pretrained(tmp)
+                    write_rotary_at_top_level(tmp)
+                    tokenizer.save_pretrained(tmp)
+                    if evaluate:
+                        from moecarve.eval.ppl import protocol_ppl
+
+                        before = record["source_quality"] or protocol_ppl(src)
+                        record["protocol_ppl"] = {"before": before, "after": protocol_ppl(tmp)}
+                    (tmp / "carve.json").write_text(json.dumps(_carve_json(src, record), indent=2) + "\n")
+            shutil.rmtree(checkpoints)
+            return RecoverResult(out=out.resolve(), record=record, model=trained)
 
 
 def _teacher_dir(src: Path, teacher, carved_config: dict) -> Path:

@@ -146,7 +146,10 @@ def training_device(device, stage: str, precision: str = "fp32") -> str | None:
     from moecarve.devices import DeviceError, default_device, native_bf16, resolve_device
 
     resolved = None if device is None else resolve_device(device, stage)
+    unset = not PartialState._shared_state  # a check leaves accelerate's process-wide state as it was
     distributed = PartialState().distributed_type != DistributedType.NO  # torchrun's one process too
+    if unset:
+        PartialState._reset_state()
     if resolved is not None and distributed:
         raise DeviceError(device, "under accelerate launch each process trains on its own GPU; leave it out")
     if precision != "bf16":

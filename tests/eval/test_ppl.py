@@ -182,17 +182,32 @@ def test_bad_outputs_and_devices_fail_before_loading(tiny_models, calib_file, tm
         os, "access", lambda p, mode, **kw: Path(p).name != "locked" and access(p, mode, **kw)
     )
     model = tiny_models["llama"]
-    for options, message in [
-        ({"out": calib_file}, "--out .* is --data"),
-        ({"out": tmp_path}, "is a directory"),
-        ({"out": tmp_path / "a_file" / "ppl.json"}, "is a file, not a directory"),
-        ({"out": tmp_path / "a_file"}, "exists and is no earlier `eval ppl` record"),  # a user's file
-        ({"out": tmp_path / "load.json"}, "exists and is no earlier `eval ppl` record"),  # another command's
-        ({"out": tmp_path / "locked" / "new" / "ppl.json"}, "locked is not writable by this user"),
-        ({"out": tiny_models["qwen2"] / "sub" / "ppl.json"}, "inside the model directory"),  # another model's
-        ({"device": "gpu"}, "--device 'gpu'"),
-        ({"device": "meta"}, "eval runs on cpu or cuda"),
-    ] + ([] if torch.cuda.is_available() else [({"device": "cuda"}, "CUDA is not available")]):
+    for options, message in (
+        [
+            ({"out": calib_file}, "--out .* is --data"),
+            ({"out": tmp_path}, "is a directory"),
+            ({"out": tmp_path / "a_file" / "ppl.json"}, "is a file, not a directory"),
+            ({"out": tmp_path / "a_file"}, "exists and is no earlier `eval ppl` record"),  # a user's file
+            (
+                {"out": tmp_path / "load.json"},
+                "exists and is no earlier `eval ppl` record",
+            ),  # another command's
+            ({"out": tmp_path / "locked" / "new" / "ppl.json"}, "locked is not writable by this user"),
+            (
+                {"out": tiny_models["qwen2"] / "sub" / "ppl.json"},
+                "inside the model directory",
+            ),  # another model's
+            ({"device": "gpu"}, "--device 'gpu'"),
+            ({"device": "meta"}, "eval runs on cpu or cuda"),
+        ]
+        + ([] if torch.cuda.is_available() else [({"device": "cuda"}, "CUDA is not available")])
+        + (
+            # no file can be made in /proc, though access() grants root everything
+            [({"out": Path("/proc/ppl.json")}, "/proc is not writable by this user")]
+            if Path("/proc").is_dir()
+            else []
+        )
+    ):
         with pytest.raises(ValueError, match=message):
             evaluate_ppl([model], calib_file, windows=2, length=32, **options)
     with pytest.raises(ValueError, match="--data not found"):

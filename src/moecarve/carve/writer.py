@@ -90,8 +90,20 @@ def check_can_make(out: Path) -> None:
     if blocking is not None:
         raise OutputError(f"output {out}: {blocking} is a file, not a directory")
     above = next((p for p in out.parents if p.exists()), out)  # where its temporary copy goes, or its parents
-    if not os.access(above, os.W_OK | os.X_OK):
+    if not _can_create_in(above):
         raise OutputError(f"output {out} cannot be written: {above} is not writable by this user")
+
+
+def _can_create_in(directory: Path) -> bool:
+    """Whether a file can be made in `directory`: os.access first, then a file made and removed at
+    once, since access() grants root everything (/proc, a root-squashed NFS mount)."""
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return False
+    try:
+        with tempfile.TemporaryFile(dir=directory):
+            return True
+    except OSError:
+        return False
 
 
 def check_output_file(out: str | Path) -> Path:

@@ -136,9 +136,8 @@ def fit(
     from moecarve.tune.trainer import (
         OneDeviceArguments,
         check_trained_weights,
-        compute_arguments,
-        device_arguments,
         overflow_as_divergence,
+        shared_arguments,
         trained_on,
         warn_if_loss_rose,
     )
@@ -157,15 +156,8 @@ def fit(
             lr_scheduler_type=config.schedule,
             max_grad_norm=config.max_grad_norm,
             logging_steps=max(1, config.steps // 20),
-            logging_nan_inf_filter=False,  # a diverged loss is logged as nan, not hidden
             save_strategy="no",
-            report_to="none",
-            remove_unused_columns=False,
-            dataloader_num_workers=0,
-            seed=config.seed,
-            data_seed=config.seed,
-            **device_arguments(device),
-            **compute_arguments(config),
+            **shared_arguments(config, device),
         )
         trainer = Trainer(
             model=model,

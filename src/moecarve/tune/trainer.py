@@ -205,6 +205,21 @@ def result_settings(settings: dict) -> dict:
     return settings
 
 
+def shared_arguments(config, device: str | None) -> dict:
+    """The TrainingArguments that recover and esft train share: seeded data order, no reporting, a
+    diverged loss logged as nan (not hidden), the device and the compute settings."""
+    return {
+        "seed": config.seed,
+        "data_seed": config.seed,
+        "logging_nan_inf_filter": False,
+        "report_to": [],
+        "remove_unused_columns": False,
+        "dataloader_num_workers": 0,
+        **device_arguments(device),
+        **compute_arguments(config),
+    }
+
+
 def training_arguments(config, checkpoints: Path, device: str | None = None) -> TrainingArguments:
     return OneDeviceArguments(
         output_dir=str(checkpoints),
@@ -218,16 +233,9 @@ def training_arguments(config, checkpoints: Path, device: str | None = None) -> 
         adam_beta2=0.95,
         weight_decay=0.0,
         logging_steps=max(1, min(10, config.steps // 10)),
-        logging_nan_inf_filter=False,  # a diverged loss is logged as nan, not hidden
         save_steps=config.save_every,
         save_total_limit=2,
-        seed=config.seed,
-        data_seed=config.seed,
-        report_to=[],
-        remove_unused_columns=False,
-        dataloader_num_workers=0,
-        **device_arguments(device),
-        **compute_arguments(config),
+        **shared_arguments(config, device),
     )
 
 

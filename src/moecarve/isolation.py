@@ -14,11 +14,15 @@ import torch
 @contextlib.contextmanager
 def kept_random_state():
     """Seed freely inside (carve, training, lm-eval do, for runs that repeat bit for bit); the
-    python, numpy and torch generators (CUDA's too, where in use) are put back afterwards, so the
-    caller's next draws are the ones it would have made."""
+    python, numpy and torch generators are put back afterwards, so the caller's next draws are the
+    ones it would have made. CUDA's: its states where CUDA was in use; where it was not, the seeds
+    torch queues for its start (the caller's come back, the stage's go), replayed where the stage
+    started it. A caller that never seeded CUDA then finds it as the stage seeded it."""
     python, numpy = random.getstate(), np.random.get_state()
     cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-    with torch.random.fork_rng(devices=[]):  # the CPU generator; CUDA's below, only where in use
+    queued = getattr(torch.cuda, "_lazy_seed_tracker", None)  # seeds torch.manual_seed left for CUDA's start
+    queued_calls = dict(vars(queued)) if queued is not None and cuda is None else None
+    with torch.random.fork_rng(devices=[]):  # the CPU generator; CUDA's below
         try:
             yield
         finally:
@@ -26,21 +30,29 @@ def kept_random_state():
             np.random.set_state(numpy)
             if cuda is not None:
                 torch.cuda.set_rng_state_all(cuda)
+            elif queued_calls is not None and not torch.cuda.is_initialized():
+                vars(queued).update(queued_calls)
+            elif queued_calls is not None:  # started inside: seeded as the caller had asked
+                for call in queued_calls["call_order"]:
+                    if call is not None:
+                        call[0]()
 
 
 @contextlib.contextmanager
 def released_accelerate_state():
     """accelerate keeps its settings (mixed precision, device) in a process-wide singleton that a
-    later `Accelerator` with other settings refuses to change. Training here sets it; where the caller
-    had none, it is cleared afterwards, as if the training had run in a process of its own."""
-    from accelerate.state import AcceleratorState, PartialState
+    later `Accelerator` with other settings refuses to change. Training here sets it (and the
+    gradient state, which holds the last dataloader); each of them the caller did not have is cleared
+    afterwards, as if the training had run in a process of its own."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
 
-    had = bool(AcceleratorState._shared_state) or bool(PartialState._shared_state)
+    singletons = (AcceleratorState, GradientState, PartialState)
+    unset = [state for state in singletons if not state._shared_state]
     try:
         yield
     finally:
-        if not had:
-            AcceleratorState._reset_state(reset_partial_state=True)
+        for state in unset:
+            state._shared_state.clear()
 
 
 @contextlib.contextmanager

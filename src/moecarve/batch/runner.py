@@ -401,14 +401,14 @@ def transformers_bars_off():
     from transformers.utils import logging as hf_logging
 
     shown, hub_off = hf_logging.is_progress_bar_enabled(), hub_utils.are_progress_bars_disabled()
-    hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()  # the hub's too
     try:
         yield
     finally:
         if shown:
-            hf_logging.enable_progress_bar()  # which turns the hub's on too
-        if hub_off:
-            hub_utils.disable_progress_bars()
+            hf_logging.enable_progress_bar()  # the hub's too
+        if hub_utils.are_progress_bars_disabled() != hub_off:  # the hub's as they were
+            (hub_utils.disable_progress_bars if hub_off else hub_utils.enable_progress_bars)()
 
 
 def run_job(batch: Batch, job: Job, progress: bool = True) -> dict | None:

@@ -35,9 +35,10 @@ class Context:
 
 
 def recipe_path(root: Path, value: str | None) -> str | None:
-    """A recipe path relative to the recipe file (`root`); other values (hub names, None) as given."""
-    if value is None:
-        return None
+    """A recipe path relative to the recipe file (`root`); other values (hub names, the bundled
+    passages' names, None) as given."""
+    if is_protocol_text(value):
+        return value
     local = root / Path(value).expanduser()
     return str(local) if local.exists() else value
 

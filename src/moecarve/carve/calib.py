@@ -211,8 +211,12 @@ def text_sha256(text: str) -> str:
 def text_identity(data) -> str:
     """A text source as `tune recover --resume` and batch reruns compare it: a local file or
     directory by its resolved path and the sha256 of its text (the same file named another way is
-    the same text; an edited one is not)."""
-    if data is None or not looks_like_path(data) and not Path(data).expanduser().exists():
+    the same text; an edited one is not). The bundled passages are one text whichever way named."""
+    from moecarve import resources
+
+    if resources.is_protocol_text(data):
+        return str(None)  # as every record made before the passages had names
+    if not looks_like_path(data) and not Path(data).expanduser().exists():
         return str(data)  # the default text, or a hub dataset's name
     text, _ = read_text(data, "--data")
     return f"{Path(data).expanduser().resolve()} sha256:{text_sha256(text)}"

@@ -98,7 +98,6 @@ def test_a_device_under_accelerate_launch_is_refused(tiny_carved, calib_file, tm
     import accelerate
 
     class Launched:  # torchrun with one process is distributed too
-        _shared_state = {"distributed_type": "set up by the launcher"}
         distributed_type = accelerate.utils.DistributedType.MULTI_GPU
 
     monkeypatch.setattr(accelerate, "PartialState", Launched)

@@ -144,12 +144,11 @@ def training_device(device, stage: str, precision: str = "fp32") -> str | None:
     from accelerate.utils import DistributedType
 
     from moecarve.devices import DeviceError, default_device, native_bf16, resolve_device
+    from moecarve.isolation import released_accelerate_state
 
     resolved = None if device is None else resolve_device(device, stage)
-    unset = not PartialState._shared_state  # a check leaves accelerate's process-wide state as it was
-    distributed = PartialState().distributed_type != DistributedType.NO  # torchrun's one process too
-    if unset:
-        PartialState._reset_state()
+    with released_accelerate_state():  # a check leaves accelerate's process-wide state as it was
+        distributed = PartialState().distributed_type != DistributedType.NO  # torchrun's one process too
     if resolved is not None and distributed:
         raise DeviceError(device, "under accelerate launch each process trains on its own GPU; leave it out")
     if precision != "bf16":

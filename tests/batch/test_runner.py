@@ -278,6 +278,12 @@ def _locks_free(jobs_dir: Path, timeout: float = 20) -> bool:
     return False
 
 
+def job_results(out: Path) -> list[Path]:
+    """The jobs' result.json files, not those of temporaries (`.JOB.tmp-...`) still being written:
+    pathlib's glob matches hidden names."""
+    return [p for p in (out / "jobs").glob("*/result.json") if not p.parent.name.startswith(".")]
+
+
 def test_killed_run_resumes_to_the_uninterrupted_table(make_recipe, reference, tmp_path):
     """SIGKILL `moecarve batch --jobs 2` once its first job is done, run it again: same table."""
     recipe = make_recipe(tmp_path)
@@ -285,7 +291,7 @@ def test_killed_run_resumes_to_the_uninterrupted_table(make_recipe, reference, t
     command = [sys.executable, "-m", "moecarve.batch.cli", str(recipe), "--jobs", "2", "--no-progress"]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 120
-    while not any((out / "jobs").glob("*/result.json")):
+    while not job_results(out):
         assert process.poll() is None, process.stderr.read().decode()
         assert time.time() < deadline, "no job finished in 120 s"
         time.sleep(0.05)
@@ -295,7 +301,7 @@ def test_killed_run_resumes_to_the_uninterrupted_table(make_recipe, reference, t
     assert _locks_free(out / "jobs"), "a job process outlived the killed batch"
     interrupted = [row["status"] for row in rows(out)]
     assert "pending" in interrupted, "the kill came after the last job: nothing was interrupted"
-    done = [p for p in (out / "jobs").glob("*/result.json") if json.loads(p.read_text())["status"] == "ok"]
+    done = [p for p in job_results(out) if json.loads(p.read_text())["status"] == "ok"]
     finished = {path: path.stat().st_mtime_ns for path in done}
     assert finished
 

@@ -287,9 +287,12 @@ def test_bundled_gguf_all_experts_active_is_exact(tmp_path):
     src = resolve_source(bundled_gguf())
     dense = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     moe = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
-    ids = torch.randint(0, 49152, (1, 64))
+    ids = torch.randint(0, 49152, (1, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        torch.testing.assert_close(moe(ids).logits, dense(ids).logits, atol=1e-4, rtol=1e-4)
+        expected = dense(ids).logits
+        # fp32 sums re-associated over 30 layers: seen up to 1.6e-5 of the logits' scale over 12 draws
+        scale = expected.abs().max().item()
+        torch.testing.assert_close(moe(ids).logits, expected, atol=1e-4 * scale, rtol=1e-4)
 
 
 def test_gguf_cache_is_keyed_by_content(tmp_path, monkeypatch):

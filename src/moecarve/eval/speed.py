@@ -164,21 +164,58 @@ def evaluate_speed(
     out = common.check_output(out, "speed", data)
     torch_dtype = common.parse_dtype(dtype)
     device = resolve_device(device)
+    if kernels:
+        _check_kernels_can_time(named["model"], device)
+    text, description = read_text(data, "--data")
+    streams = _prompt_streams(named, text, max(batch_sizes) * prompt_length, description)
+    loaded = {role: common.load_model(path, torch_dtype, device)[0] for role, path in named.items()}
+    if kernels:
+        import moecarve.kernels
+
+        moecarve.kernels.enable(loaded["model"])
+    rows = _timed_rows(loaded, streams, batch_sizes, prompt_length, decode_tokens, repeats, compile, progress)
+    record = {
+        "kind": "speed",
+        "cpu_figures": not device.startswith("cuda"),
+        "models": {role: common.describe_model(path) for role, path in named.items()},
+        "rows": rows,
+        "ratios": _ratios(rows),
+        "prompt_length": prompt_length,
+        "decode_tokens": decode_tokens,
+        "repeats": repeats,
+        "statistic": "median over repeats",
+        "dtype": dtype,
+        "kernels": kernels,
+        "compiled": compile,
+        "kernel_tables": _kernel_tables(device) if kernels else [],
+        "prompts": f"first batch x prompt_length tokens of {description}",
+        "prompts_sha256": text_sha256(text),
+        "versions": common.versions(),
+        "machine": common.machine(device),
+    }
+    common.write_json(record, out)
+    return record
+
+
+def _check_kernels_can_time(path: Path, device: str) -> None:
+    """--kernels: blocks the kernels take, and kernels that would run compiled, not interpreted."""
+    _check_kernel_blocks(path)
+    from moecarve.kernels._env import triton_interpreting
+
+    if triton_interpreting() and not str(device).startswith("cuda"):
+        raise ValueError(
+            "--kernels under TRITON_INTERPRET=1 would time Triton's Python interpreter (for tests, "
+            "minutes a token), not the kernels: unset it (on a CPU the kernels then take their "
+            "PyTorch reference)"
+        )
+
+
+def _prompt_streams(named: dict[str, Path], text: str, need: int, description: str) -> dict:
+    """Each model's prompt tokens, `need` of them, in its own tokenizer's ids (tokenized once per
+    distinct tokenizer)."""
     from transformers import AutoTokenizer
 
-    if kernels:
-        _check_kernel_blocks(named["model"])
-        from moecarve.kernels._env import triton_interpreting
-
-        if triton_interpreting() and not str(device).startswith("cuda"):
-            raise ValueError(
-                "--kernels under TRITON_INTERPRET=1 would time Triton's Python interpreter (for tests, "
-                "minutes a token), not the kernels: unset it (on a CPU the kernels then take their "
-                "PyTorch reference)"
-            )
-    text, description = read_text(data, "--data")
-    need = max(batch_sizes) * prompt_length
-    by_tokenizer, streams = {}, {}  # each model's prompts in its own tokenizer's ids
+    by_tokenizer, streams = {}, {}
     for role, path in named.items():
         tokenizer = AutoTokenizer.from_pretrained(path)
         key = tokenizer_fingerprint(tokenizer)
@@ -190,16 +227,14 @@ def evaluate_speed(
                     f"needed for the largest batch ({description})"
                 )
         streams[role] = by_tokenizer[key]
+    return streams
 
-    loaded = {role: common.load_model(path, torch_dtype, device)[0] for role, path in named.items()}
-    if kernels:
-        import moecarve.kernels
 
-        moecarve.kernels.enable(loaded["model"])
+def _timed_rows(loaded, streams, batch_sizes, prompt_length, decode_tokens, repeats, compile, progress):
+    """Median prefill and decode tokens/s per model and batch size, the models in alternation."""
     if not compile:  # warm-up: allocations, kernels (compiled runs warm up per batch size, below)
         for role, net in loaded.items():
             time_generation(net, streams[role][:prompt_length][None], 2)
-
     rows = []
     # compiled: a decode graph per batch size for each model (both share the code when of one class)
     limit = max(torch._dynamo.config.recompile_limit, 4 * len(batch_sizes))
@@ -234,27 +269,7 @@ def evaluate_speed(
                         "decode_tokens_per_s": batch * decode_tokens / decode,
                     }
                 )
-    record = {
-        "kind": "speed",
-        "cpu_figures": not device.startswith("cuda"),
-        "models": {role: common.describe_model(path) for role, path in named.items()},
-        "rows": rows,
-        "ratios": _ratios(rows),
-        "prompt_length": prompt_length,
-        "decode_tokens": decode_tokens,
-        "repeats": repeats,
-        "statistic": "median over repeats",
-        "dtype": dtype,
-        "kernels": kernels,
-        "compiled": compile,
-        "kernel_tables": _kernel_tables(device) if kernels else [],
-        "prompts": f"first batch x prompt_length tokens of {description}",
-        "prompts_sha256": text_sha256(text),
-        "versions": common.versions(),
-        "machine": common.machine(device),
-    }
-    common.write_json(record, out)
-    return record
+    return rows
 
 
 def _check_kernel_blocks(path: Path) -> None:

@@ -259,22 +259,7 @@ def recover(
                 distill=config.distill,
             )
             last = _last_checkpoint(checkpoints) if resume else None
-            try:
-                with (
-                    overflow_as_divergence(),
-                    routers_in_fp32(model_) if config.precision == "bf16" else contextlib.nullcontext(),
-                ):
-                    output = trainer.train(resume_from_checkpoint=str(last) if last else None)
-                extract_model_from_parallel(
-                    model_, keep_fp32_wrapper=False
-                )  # the forward accelerate autocast
-                tracker.remove()
-                check_trained_weights(model_)
-            except TrainingDiverged:
-                state.wait_for_everyone()
-                if state.is_main_process:  # nan weights: nothing to resume, and a rerun must start clean
-                    shutil.rmtree(checkpoints, ignore_errors=True)
-                raise
+            output = _train(trainer, model_, tracker, config.precision, last, checkpoints, state)
 
             # the adapter is renamed into place just after OUT: a kill while the model is merged and written
             # left a lone adapter, whose directory then refused the --resume that the checkpoints allowed
@@ -304,6 +289,26 @@ def recover(
                     (tmp / "carve.json").write_text(json.dumps(_carve_json(src, record), indent=2) + "\n")
             shutil.rmtree(checkpoints)
             return RecoverResult(out=out.resolve(), record=record, model=trained)
+
+
+def _train(trainer, model_, tracker, precision: str, last: Path | None, checkpoints: Path, state) -> object:
+    """trainer.train, from `last` where resumed; a run that diverges removes its checkpoints (nan
+    weights: nothing to resume, and a rerun must start clean)."""
+    try:
+        with (
+            overflow_as_divergence(),
+            routers_in_fp32(model_) if precision == "bf16" else contextlib.nullcontext(),
+        ):
+            output = trainer.train(resume_from_checkpoint=str(last) if last else None)
+        extract_model_from_parallel(model_, keep_fp32_wrapper=False)  # the forward accelerate autocast
+        tracker.remove()
+        check_trained_weights(model_)
+    except TrainingDiverged:
+        state.wait_for_everyone()
+        if state.is_main_process:
+            shutil.rmtree(checkpoints, ignore_errors=True)
+        raise
+    return output
 
 
 def _teacher_dir(src: Path, teacher, carved_config: dict) -> Path:

@@ -270,23 +270,8 @@ def _carve(model, config, calib, out, overwrite: bool, evaluate: bool, progress:
     layers = []
     with atomic_directory(out) as tmp, reused_heap():
         writer = ShardWriter(tmp, config.max_shard_size)
-        # The vocabulary-sized tensors first: each is written and freed before any layer is loaded.
-        embed = embed.to(dtype)
-        writer.add({"model.embed_tokens.weight": embed})
-        tied = source_config.tie_word_embeddings
-        if (family.embedding_scale(source_config), family.logits_scale(source_config)) == (1.0, 1.0):
-            lm_head = embed if tied else tensors.get("lm_head.weight").to(dtype)
-        else:  # the source's head, scaled in float32 (a tied one is the embeddings before their scale)
-            head = tensors.get("model.embed_tokens.weight" if tied else "lm_head.weight").float()
-            lm_head = (head * family.logits_scale(source_config)).to(dtype)
-        del embed
-        writer.add(
-            {
-                "lm_head.weight": lm_head,  # explicit: vLLM's glm4_moe does not tie
-                "model.norm.weight": tensors.get("model.norm.weight").to(dtype),
-            }
-        )
-        del lm_head
+        _write_vocabulary_tensors(writer, embed, tensors, family, source_config, dtype)
+        del embed  # written and freed before any layer is loaded
         bar = tqdm(range(source_config.num_hidden_layers), desc=f"carve {config.name}", disable=not progress)
         for index in bar:
             # In a function so that the layer's tensors are freed before the next layer is loaded.
@@ -324,6 +309,26 @@ def _carve(model, config, calib, out, overwrite: bool, evaluate: bool, progress:
             }
         (tmp / "carve.json").write_text(json.dumps(record, indent=2) + "\n")
     return CarveResult(out=out.resolve(), record=record)
+
+
+def _write_vocabulary_tensors(writer, embed, tensors, family, source_config, dtype) -> None:
+    """The embeddings (`embed`, already scaled where the family scales them), the LM head and the
+    final norm, in `dtype`."""
+    embed = embed.to(dtype)
+    writer.add({"model.embed_tokens.weight": embed})
+    tied = source_config.tie_word_embeddings
+    if (family.embedding_scale(source_config), family.logits_scale(source_config)) == (1.0, 1.0):
+        lm_head = embed if tied else tensors.get("lm_head.weight").to(dtype)
+    else:  # the source's head, scaled in float32 (a tied one is the embeddings before their scale)
+        head = tensors.get("model.embed_tokens.weight" if tied else "lm_head.weight").float()
+        lm_head = (head * family.logits_scale(source_config)).to(dtype)
+    del embed
+    writer.add(
+        {
+            "lm_head.weight": lm_head,  # explicit: vLLM's glm4_moe does not tie
+            "model.norm.weight": tensors.get("model.norm.weight").to(dtype),
+        }
+    )
 
 
 @dataclass(frozen=True)

@@ -270,6 +270,7 @@ def _carve(model, config, calib, out, overwrite: bool, evaluate: bool, progress:
     layers = []
     with atomic_directory(out) as tmp, reused_heap():
         writer = ShardWriter(tmp, config.max_shard_size)
+        embed = embed.to(dtype)  # the source's copy freed here, not held while the head is made
         _write_vocabulary_tensors(writer, embed, tensors, family, source_config, dtype)
         del embed  # written and freed before any layer is loaded
         bar = tqdm(range(source_config.num_hidden_layers), desc=f"carve {config.name}", disable=not progress)
@@ -312,9 +313,8 @@ def _carve(model, config, calib, out, overwrite: bool, evaluate: bool, progress:
 
 
 def _write_vocabulary_tensors(writer, embed, tensors, family, source_config, dtype) -> None:
-    """The embeddings (`embed`, already scaled where the family scales them), the LM head and the
-    final norm, in `dtype`."""
-    embed = embed.to(dtype)
+    """The embeddings (`embed`, in `dtype`, already scaled where the family scales them), the LM
+    head and the final norm."""
     writer.add({"model.embed_tokens.weight": embed})
     tied = source_config.tie_word_embeddings
     if (family.embedding_scale(source_config), family.logits_scale(source_config)) == (1.0, 1.0):
@@ -322,7 +322,6 @@ def _write_vocabulary_tensors(writer, embed, tensors, family, source_config, dty
     else:  # the source's head, scaled in float32 (a tied one is the embeddings before their scale)
         head = tensors.get("model.embed_tokens.weight" if tied else "lm_head.weight").float()
         lm_head = (head * family.logits_scale(source_config)).to(dtype)
-    del embed
     writer.add(
         {
             "lm_head.weight": lm_head,  # explicit: vLLM's glm4_moe does not tie

@@ -385,3 +385,32 @@ def test_import_is_cheap_and_needs_no_triton():
         "assert K.triton_unsupported_reason(torch.zeros(1, 2), [torch.zeros(1, 2)]) == 'triton is not installed'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("entry", ["moe_ffn", "moe_ffn_reference", "moe_ffn_torch"])
+def test_every_public_entry_refuses_what_does_not_fit(entry):
+    """The reference and the grouped_mm path are public too: mismatched routing, integer tensors or
+    half a shared expert are refused there as in `moe_ffn`, never computed into a wrong answer."""
+    x, idx, wts, w13, w2 = _inputs()
+    shared = (torch.randn(4, 16), torch.randn(4, 16), torch.randn(16, 4))
+
+    def call(*args, shared_parts=(None, None, None)):
+        if entry == "moe_ffn_torch":
+            return K.moe_ffn_torch(*args, None if shared_parts[0] is None else shared_parts)
+        return getattr(K, entry)(*args, *shared_parts)
+
+    with pytest.raises(ValueError, match=r"must both be \[T, K\] with T = 3"):
+        call(x, idx[:2], wts[:2], w13, w2)  # routing of 2 tokens for 3
+    with pytest.raises(ValueError, match=r"must both be \[T, K\]"):
+        call(x, idx, torch.rand(3, 3), w13, w2)  # a weight more than picks
+    with pytest.raises(ValueError, match="must be floating point, got .*torch.int32"):
+        call((x * 4).int(), idx, wts, w13, w2)
+    with pytest.raises(ValueError, match="must be floating point"):
+        call(x, idx, wts, (w13 * 10).int(), (w2 * 10).int())
+    if entry != "moe_ffn_torch":  # its shared expert is one argument: all three or None
+        with pytest.raises(ValueError, match="all three shared expert weights"):
+            call(x, idx, wts, w13, w2, shared_parts=(shared[0], None, shared[2]))
+    with pytest.raises(ValueError, match=r"expert ids must lie in \[0, 3\]"):
+        call(x, torch.tensor([[0, 1], [1, 4], [2, 0]]), wts, w13, w2)  # on a CPU ids are checked
+    torch.testing.assert_close(call(x, idx, wts, w13, w2, shared_parts=shared),
+                               K.moe_ffn(x, idx, wts, w13, w2, *shared, path="reference"))  # fmt: skip

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ._env import triton_available, triton_interpreting, warn_once
 from .ops.configs import DecodeConfig, DenseConfig, GroupedConfig
-from .ops.reference import moe_ffn_reference, shared_hidden
+from .ops.reference import check_expert_ids, check_moe_inputs, moe_ffn_reference, shared_hidden
 from .tuning import tuned_choice
 
 Path = Literal["auto", "decode", "grouped", "dense", "torch", "reference"]
@@ -46,48 +46,6 @@ DECODE_MAX_TOKENS = 64
 DENSE_HIT_FRACTION = 0.85
 DECODE_MAX_HIT_EXPERTS = 16
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
-
-
-def _check_shapes(x, idx, wts, w13, w2, shared) -> None:
-    if x.dim() != 2:
-        raise ValueError(f"hidden_states must be [T, H], got shape {tuple(x.shape)}")
-    if w13.dim() != 3 or w2.dim() != 3:
-        raise ValueError(
-            f"gate_up_proj must be [E, 2I, H] and down_proj [E, H, I], got {tuple(w13.shape)}, {tuple(w2.shape)}"
-        )
-    E, two_i, H = w13.shape
-    if E < 1:
-        raise ValueError(f"gate_up_proj holds no expert: shape {tuple(w13.shape)}")
-    if two_i % 2 or tuple(w2.shape) != (E, H, two_i // 2) or x.shape[1] != H:
-        raise ValueError(
-            f"shape mismatch: hidden_states {tuple(x.shape)}, gate_up_proj {tuple(w13.shape)} "
-            f"(expected [E, 2I, H]), down_proj {tuple(w2.shape)} (expected [E, H, I])"
-        )
-    if idx.dim() != 2 or idx.shape != wts.shape or idx.shape[0] != x.shape[0]:
-        raise ValueError(
-            f"topk_indices {tuple(idx.shape)} and topk_weights {tuple(wts.shape)} must both be [T, K] "
-            f"with T = {x.shape[0]}"
-        )
-    if idx.shape[1] == 0:
-        raise ValueError(f"topk_indices {tuple(idx.shape)} holds no pick: every token needs K >= 1 experts")
-    if idx.dtype.is_floating_point or idx.dtype == torch.bool or not wts.dtype.is_floating_point:
-        raise ValueError(
-            f"topk_indices must be integer and topk_weights floating, got {idx.dtype}, {wts.dtype}"
-        )
-    if idx.device != x.device or wts.device != x.device:
-        raise ValueError(
-            f"topk_indices ({idx.device}) and topk_weights ({wts.device}) must be on hidden_states' "
-            f"device ({x.device})"
-        )
-    if shared is None:
-        return
-    sg, su, sd = shared
-    si = sg.shape[0]
-    if sg.shape != (si, H) or su.shape != (si, H) or sd.shape != (H, si):
-        raise ValueError(
-            f"shared expert weights must be gate [SI, H], up [SI, H], down [H, SI] with H = {H}, got "
-            f"{tuple(sg.shape)}, {tuple(su.shape)}, {tuple(sd.shape)}"
-        )
 
 
 def triton_unsupported_reason(
@@ -163,22 +121,7 @@ def _check_call(path, hidden_states, topk_indices, topk_weights, gate_up_proj, d
     """Validate a call before any work (also the opaque op's shape check at trace time); returns the shared weights or None."""
     if path not in get_args(Path):
         raise ValueError(f"unknown path {path!r}; one of {', '.join(get_args(Path))}")
-    if any(p is None for p in shared_parts) and any(p is not None for p in shared_parts):
-        raise ValueError("pass all three shared expert weights (gate, up, down) or none")
-    shared = None if shared_parts[0] is None else shared_parts
-    _check_shapes(hidden_states, topk_indices, topk_weights, gate_up_proj, down_proj, shared)
-    return shared
-
-
-def _check_expert_ids(topk_indices: torch.Tensor, experts: int) -> None:
-    """Ids in [0, E]: E is transformers' expert-parallel sentinel (no expert); below 0 or above E is
-    routing of another model, which transformers' experts refuse too (and the kernels would drop)."""
-    bad = topk_indices[(topk_indices < 0) | (topk_indices > experts)]
-    if bad.numel():
-        raise ValueError(
-            f"expert ids must lie in [0, {experts}] ({experts} meaning no expert) for {experts} experts; "
-            f"got {bad[0].item()} (routing of another model?)"
-        )
+    return check_moe_inputs(hidden_states, topk_indices, topk_weights, gate_up_proj, down_proj, shared_parts)
 
 
 def _check_tiles(path, decode_config, grouped_config, dense_config) -> None:
@@ -207,7 +150,7 @@ def _moe_ffn(
     )
     _check_tiles(path, decode_config, grouped_config, dense_config)
     if topk_indices.device.type == "cpu":  # on a GPU the check would need a host sync (see docs)
-        _check_expert_ids(topk_indices, gate_up_proj.shape[0])
+        check_expert_ids(topk_indices, gate_up_proj.shape[0])
     args = (hidden_states, topk_indices, topk_weights, gate_up_proj, down_proj)
     if path == "reference" or (path == "torch" and hidden_states.shape[0] == 0):
         return moe_ffn_reference(*args, *shared_parts)
@@ -306,6 +249,7 @@ def moe_ffn_torch(
     shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
 ) -> torch.Tensor:
     """PyTorch grouped_mm over expert-sorted tokens (no Triton); the reference where grouped_mm is missing."""
+    check_moe_inputs(x, topk_indices, topk_weights, gate_up_proj, down_proj, shared or (None,) * 3)
     grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
     if grouped_mm is None or x.device.type != "cuda" or x.dtype != torch.bfloat16:
         warn_once(

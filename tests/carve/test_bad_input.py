@@ -161,6 +161,24 @@ def test_calibration_too_short(tiny_models, tmp_path, monkeypatch):
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.tmp-*"))
 
 
+@pytest.mark.parametrize("character", ["a", "\0"])
+def test_calibration_of_one_token_repeated(tiny_models, tmp_path, monkeypatch, character):
+    """Every FFN input is then the same vector: refused by name before any weight is read (it
+    failed in the router's Cholesky factor, with a traceback, after the first layer's weights)."""
+    from moecarve.carve import pipeline
+
+    def read(*args, **kwargs):
+        raise AssertionError("a weight was read before the calibration text was checked")
+
+    monkeypatch.setattr(pipeline.TensorSource, "get", read)
+    monkeypatch.setattr(pipeline.TensorSource, "load_into", read)
+    same = tmp_path / "same.txt"
+    same.write_text(character * 20000)
+    with pytest.raises(CalibrationError, match=r"one token repeated \(.*same.txt\).*give varied text"):
+        carve(tiny_models["llama"], CarveConfig(**TINY), same, tmp_path / "o")
+    assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.tmp-*"))
+
+
 class WordTokenizer:
     """One token per word."""
 

@@ -201,6 +201,11 @@ def calibration(
             )
         length = stream.numel() // sequences  # a few tokens short: shorter sequences, the text whole
     ids = stream[: sequences * length].reshape(sequences, length).clone()  # not a view of the stream
+    if ids.unique().numel() < 2:  # then attention averages equal values: one FFN input in every layer
+        raise CalibrationError(
+            f"calibration text is one token repeated ({description}): every FFN input is then the same "
+            "vector, with nothing to cluster neurons or fit a router on; give varied text"
+        )
     return Calibration(input_ids=ids, source=description, sha256=text_sha256(text))
 
 

@@ -287,6 +287,24 @@ def test_missing_tensor_is_found_before_work(tmp_path, calib_file):
         carve(src, CarveConfig(**TINY), calib_file, tmp_path / "o")
 
 
+@pytest.mark.parametrize("name", ["model.embed_tokens.weight", "model.layers.1.mlp.down_proj.weight"])
+def test_nan_weights_are_named(tmp_path, calib_file, name):
+    """A damaged source: nan embeddings were copied into the carve silently, and a nan FFN weight
+    failed in the clustering with an error that named no tensor."""
+    from safetensors.torch import load_file, save_file
+
+    from tests.conftest import make_model
+
+    src = make_model(tmp_path / "src", "llama")
+    state = load_file(src / "model.safetensors")
+    state[name][3, :5] = float("nan")
+    save_file(state, str(src / "model.safetensors"))
+    before = (src / "model.safetensors").read_bytes()
+    with pytest.raises(SourceError, match=rf"tensor {name} in .*model.safetensors holds nan or inf"):
+        carve(src, CarveConfig(**TINY), calib_file, tmp_path / "o")
+    assert not (tmp_path / "o").exists() and (src / "model.safetensors").read_bytes() == before
+
+
 def test_cli_prints_one_line_and_exits_nonzero(tiny_models, tmp_path):
     cmd = [sys.executable, "-m", "moecarve.cli", str(tiny_models["llama"]), "--experts", "8", "--active", "8"]
     result = subprocess.run(cmd, capture_output=True, text=True)

@@ -259,7 +259,13 @@ class TensorSource:
         if name not in self.file_of:
             raise SourceError(f"tensor {name} not found in {self.directory}")
         with safe_open(str(self.directory / self.file_of[name]), framework="pt") as handle:
-            return handle.get_tensor(name)
+            tensor = handle.get_tensor(name)
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():  # carved on, or copied out
+            raise SourceError(
+                f"tensor {name} in {self.directory / self.file_of[name]} holds nan or inf values: the "
+                "source's weights are damaged; download or convert it again"
+            )
+        return tensor
 
     def shape(self, name: str) -> list[int]:
         """A tensor's shape, read from the shard header without loading the tensor."""

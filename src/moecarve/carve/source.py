@@ -214,6 +214,7 @@ class TensorSource:
 
     def __init__(self, directory: Path):
         self.directory = Path(directory)
+        self.finite: set[str] = set()  # tensors found free of nan and inf (a layer is read twice)
         index = self.directory / "model.safetensors.index.json"
         if (self.directory / "model.safetensors").exists():  # first, as transformers reads it: an index
             weight_map = None  # left beside it from an earlier sharded save is not read
@@ -260,11 +261,13 @@ class TensorSource:
             raise SourceError(f"tensor {name} not found in {self.directory}")
         with safe_open(str(self.directory / self.file_of[name]), framework="pt") as handle:
             tensor = handle.get_tensor(name)
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():  # carved on, or copied out
-            raise SourceError(
-                f"tensor {name} in {self.directory / self.file_of[name]} holds nan or inf values: the "
-                "source's weights are damaged; download or convert it again"
-            )
+        if name not in self.finite and tensor.is_floating_point():  # carved on, or copied out
+            if not torch.isfinite(tensor).all():
+                raise SourceError(
+                    f"tensor {name} in {self.directory / self.file_of[name]} holds nan or inf values: the "
+                    "source's weights are damaged; download or convert it again"
+                )
+            self.finite.add(name)
         return tensor
 
     def shape(self, name: str) -> list[int]:

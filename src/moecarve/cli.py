@@ -150,8 +150,11 @@ def parse_setting(item: str) -> tuple[str, object]:
 
 def _build_config(options: dict, extra: tuple[str, ...]) -> CarveConfig:
     """Options left unset fall to the preset's value, then the field's default."""
-    options = {key: value for key, value in options.items() if value is not None}
-    options.update(parse_setting(item) for item in extra)
+    settings = dict(parse_setting(item) for item in extra)
+    if named := sorted(set(settings) & set(options)):  # else one of the two would win without a word
+        flag = "--" + named[0].replace("_", "-")
+        raise click.BadParameter(f"{named[0]} has its own option: give {flag} instead", param_hint="--set")
+    options = {key: value for key, value in options.items() if value is not None} | settings
     if unknown := sorted(set(options) - set(CarveConfig.model_fields)):
         raise click.BadParameter(
             f"{unknown[0]}: unknown carve setting; the settings are {', '.join(CarveConfig.model_fields)}",

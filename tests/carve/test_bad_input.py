@@ -323,6 +323,14 @@ def test_cli_prints_one_line_and_exits_nonzero(tiny_models, tmp_path):
     assert line.startswith(
         "error: Invalid value for --set: colour: unknown carve setting; the settings are preset"
     )
+    # a field with its own option: -e 4 was silently overridden by --set experts=16
+    result = subprocess.run([*cmd[:4], "-e", "4", "--set", "experts=16"], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith(
+        "error: Invalid value for --set: experts has its own option: give --experts"
+    )
+    result = subprocess.run([*cmd[:4], "--set", "calib-length=64"], capture_output=True, text=True)
+    assert "calib_length has its own option: give --calib-length instead" in result.stderr
 
 
 def _no_tokenizer(src, tmp_path):

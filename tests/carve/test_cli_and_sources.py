@@ -121,7 +121,7 @@ def test_cli_options_left_unset_fall_to_the_preset_then_the_default():
     unset = {"experts": 8, "active": 2, "calib_tokens": None, "calib_length": None}
     fast = _build_config({**unset, "preset": "fast"}, ())
     assert (fast.calib_tokens, fast.calib_length, fast.cluster_iters) == (2048, 256, 1)
-    quality = _build_config({**unset, "preset": "quality"}, ("calib_length=128",))
+    quality = _build_config({**unset, "preset": "quality", "calib_length": 128}, ())
     assert (quality.calib_tokens, quality.calib_length, quality.cluster_iters) == (16384, 128, 2)
 
 

@@ -10,6 +10,7 @@ import json
 import sys
 
 import click
+from pydantic import ValidationError
 from safetensors import SafetensorError
 
 from moecarve.carve.config import PRESETS, CarveConfig
@@ -154,13 +155,21 @@ def _build_config(options: dict, extra: tuple[str, ...]) -> CarveConfig:
     if named := sorted(set(settings) & set(options)):  # else one of the two would win without a word
         flag = "--" + named[0].replace("_", "-")
         raise click.BadParameter(f"{named[0]} has its own option: give {flag} instead", param_hint="--set")
-    options = {key: value for key, value in options.items() if value is not None} | settings
-    if unknown := sorted(set(options) - set(CarveConfig.model_fields)):
+    given = {key: value for key, value in options.items() if value is not None} | settings
+    if unknown := sorted(set(given) - set(CarveConfig.model_fields)):
         raise click.BadParameter(
             f"{unknown[0]}: unknown carve setting; the settings are {', '.join(CarveConfig.model_fields)}",
             param_hint="--set",
         )
-    return CarveConfig(**options)
+    try:
+        return CarveConfig(**given)
+    except ValidationError as err:  # named as the user gave it: --calib-tokens, or --set refine_iters
+        first = err.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else None
+        if field is None:
+            raise
+        where = "--" + field.replace("_", "-") if field in options else f"--set {field}"
+        raise ValueError(f"{where}: {first['msg'].removeprefix('Value error, ')}") from None
 
 
 # The other stages live beside their library code and are imported only when used, so that

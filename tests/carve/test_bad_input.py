@@ -257,6 +257,16 @@ def test_output_not_empty_or_inside_source(tiny_models, calib_file, tmp_path):
     assert (out / "text.txt").is_file()
 
 
+def test_the_default_output_inside_the_model_says_no_out_was_given(tiny_models, calib_file, monkeypatch):
+    """`carve .` inside the model: the error named an --out the user never gave."""
+    monkeypatch.chdir(tiny_models["llama"])
+    with pytest.raises(
+        OutputError, match=r"^the default output \(no --out given\) .*llama-S1A2E8 is inside model"
+    ):
+        carve(".", CarveConfig(**TINY), calib_file)
+    assert not list(tiny_models["llama"].glob("*S1A2E8*"))
+
+
 def test_failure_mid_carve_leaves_nothing_and_source_untouched(
     tiny_models, calib_file, tmp_path, monkeypatch
 ):
@@ -331,6 +341,33 @@ def test_cli_prints_one_line_and_exits_nonzero(tiny_models, tmp_path):
     )
     result = subprocess.run([*cmd[:4], "--set", "calib-length=64"], capture_output=True, text=True)
     assert "calib_length has its own option: give --calib-length instead" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args,line",
+    [
+        (["--calib-tokens", "0"], "error: --calib-tokens: Input should be greater than or equal to 1"),
+        (["--dense-layers", "-1"], "error: --dense-layers: Input should be greater than or equal to 0"),
+        (
+            ["--set", "refine_iters=-1"],
+            "error: --set refine_iters: Input should be greater than or equal to 0",
+        ),
+        # 2^64 failed after the configuration was announced, as "Overflow when unpacking long long"
+        (["--seed", str(2**64)], "error: --seed: Input should be less than or equal to 4294967295"),
+    ],
+)
+def test_a_setting_out_of_range_is_named_as_given(tiny_models, tmp_path, args, line):
+    cmd = [
+        sys.executable,
+        "-m",
+        "moecarve.cli",
+        str(tiny_models["llama"]),
+        *args,
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 2 and result.stdout == "" and result.stderr.strip().splitlines() == [line]
 
 
 def _no_tokenizer(src, tmp_path):
@@ -453,6 +490,10 @@ def test_settings_refuse_a_flag_for_a_number_and_a_word_for_a_flag():
         (lambda: EsftConfig(max_grad_norm=-1), "max_grad_norm\n  Input should be greater than or equal to 0"),
     ):
         with pytest.raises(ValidationError, match=message):
+            make()
+    # seeds in numpy's range, which transformers' set_seed needs: refused before any model loads
+    for make in (lambda: RecoverConfig(steps=2, seed=2**32), lambda: EsftConfig(seed=-1)):
+        with pytest.raises(ValidationError, match="seed\n  Input should be"):
             make()
     assert CarveConfig(active=2, balance="0.5").balance == 0.5  # numbers as strings, as the CLI gives them
 

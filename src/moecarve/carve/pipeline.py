@@ -126,12 +126,13 @@ def plan(model, config: CarveConfig, out: Path | None, overwrite: bool, calib=No
     directory (a GGUF conversion, a download), last otherwise. Returns (source dir, its config,
     family, out, text)."""
     local = Path(str(model)).expanduser()
+    label = "--out"
     if out is None:  # NAME-S1A2E8 in the current directory; a dotted name (Qwen2.5-0.5B) kept whole
         name = (local.resolve().name if local.exists() else local.name).removesuffix(".gguf")
-        out = Path(f"{name}-{config.name}")
+        out, label = Path(f"{name}-{config.name}"), "the default output (no --out given)"
     out = Path(out).expanduser()
     # also refuses `--out .`, the current directory; a --calib file inside --out would go with it
-    check_apart({"--out": out}, {"model": local, "--calib": calib or None})
+    check_apart({label: out}, {"model": local, "--calib": calib or None})
     check_output(out, local if local.exists() else None, overwrite)  # before any download or conversion
     check_source(model)
     text = None if local.is_dir() else calibration_text(calib, config.calib_tokens, config.calib_length)

@@ -73,7 +73,7 @@ class EsftConfig(Settings):
     gradient_checkpointing: bool = Field(
         False, description="recompute activations in the backward pass: less memory, more time"
     )
-    seed: int = Field(0, description="seeds the order of the training sequences")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="seeds the order of the training sequences")
 
     @model_validator(mode="after")
     def _mix_needs_both(self):

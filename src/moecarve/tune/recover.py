@@ -99,7 +99,12 @@ class RecoverConfig(Settings):
     gradient_checkpointing: bool = Field(
         False, description="recompute activations in the backward pass: less memory, more time"
     )
-    seed: int = Field(0, description="seeds LoRA's initialisation and the order of the training sequences")
+    seed: int = Field(
+        0,
+        ge=0,
+        le=2**32 - 1,
+        description="seeds LoRA's initialisation and the order of the training sequences",
+    )
 
     @field_validator("train", mode="before")
     @classmethod

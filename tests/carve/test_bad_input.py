@@ -353,7 +353,7 @@ def test_cli_prints_one_line_and_exits_nonzero(tiny_models, tmp_path):
             "error: --set refine_iters: Input should be greater than or equal to 0",
         ),
         # 2^64 failed after the configuration was announced, as "Overflow when unpacking long long"
-        (["--seed", str(2**64)], "error: --seed: Input should be less than or equal to 4294967295"),
+        (["--seed", str(2**64)], "error: --seed: Input should be less than or equal to 18446744073709551615"),
     ],
 )
 def test_a_setting_out_of_range_is_named_as_given(tiny_models, tmp_path, args, line):

@@ -96,7 +96,7 @@ class CarveConfig(Settings):
         "but calibrate on early positions only (on SmolLM2-135M 512 measured as good as 2,048, "
         "docs/carve.md)",
     )
-    seed: int = Field(0, ge=0, le=2**32 - 1)  # numpy's and transformers' set_seed's range
+    seed: int = Field(0, ge=-(2**63), le=2**64 - 1)  # what torch.manual_seed takes
     # Statistics and partition: measured choices, see docs/carve.md.
     shared_score: Literal["rate", "energy"] = Field(
         "energy",

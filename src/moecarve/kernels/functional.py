@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from ._env import triton_available, triton_interpreting, warn_once
 from .ops.configs import DecodeConfig, DenseConfig, GroupedConfig
-from .ops.reference import check_expert_ids, check_moe_inputs, moe_ffn_reference, shared_hidden
+from .ops.reference import check_expert_ids, check_moe_inputs, moe_ffn_reference_unchecked, shared_hidden
 from .tuning import tuned_choice
 
 Path = Literal["auto", "decode", "grouped", "dense", "torch", "reference"]
@@ -153,20 +153,20 @@ def _moe_ffn(
         check_expert_ids(topk_indices, gate_up_proj.shape[0])
     args = (hidden_states, topk_indices, topk_weights, gate_up_proj, down_proj)
     if path == "reference" or (path == "torch" and hidden_states.shape[0] == 0):
-        return moe_ffn_reference(*args, *shared_parts)
+        return moe_ffn_reference_unchecked(*args, *shared_parts)
     weights = [gate_up_proj, down_proj, *(shared or ())]
     reason = triton_unsupported_reason(hidden_states, weights, topk_weights)
     if path == "torch":
-        return moe_ffn_torch(*args, shared)
+        return moe_ffn_torch_unchecked(*args, shared)
     if reason is not None and path != "auto":
         raise RuntimeError(
             f"moecarve.kernels path {path!r} cannot run: {reason}; use path='auto' or 'reference'"
         )
     if hidden_states.shape[0] == 0:
-        return moe_ffn_reference(*args, *shared_parts)
+        return moe_ffn_reference_unchecked(*args, *shared_parts)
     if reason is not None:
         warn_once(reason, f"moecarve.kernels: {reason}; falling back to the PyTorch reference path (slower)")
-        return moe_ffn_reference(*args, *shared_parts)
+        return moe_ffn_reference_unchecked(*args, *shared_parts)
     from .ops import moe_ffn as ops  # imports triton: only here, on first use
 
     x = hidden_states.contiguous()
@@ -250,12 +250,19 @@ def moe_ffn_torch(
 ) -> torch.Tensor:
     """PyTorch grouped_mm over expert-sorted tokens (no Triton); the reference where grouped_mm is missing."""
     check_moe_inputs(x, topk_indices, topk_weights, gate_up_proj, down_proj, shared or (None,) * 3)
+    if topk_indices.device.type == "cpu":  # where it falls back to the reference, as that checks them
+        check_expert_ids(topk_indices, gate_up_proj.shape[0])
+    return moe_ffn_torch_unchecked(x, topk_indices, topk_weights, gate_up_proj, down_proj, shared)
+
+
+def moe_ffn_torch_unchecked(x, topk_indices, topk_weights, gate_up_proj, down_proj, shared) -> torch.Tensor:
+    """`moe_ffn_torch` on inputs `moe_ffn(path="torch")` has already checked (not checked twice)."""
     grouped_mm = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
     if grouped_mm is None or x.device.type != "cuda" or x.dtype != torch.bfloat16:
         warn_once(
             "torch-path", "moecarve.kernels: torch grouped_mm needs bf16 on CUDA; using the reference path"
         )
-        return moe_ffn_reference(
+        return moe_ffn_reference_unchecked(
             x, topk_indices, topk_weights, gate_up_proj, down_proj, *(shared or (None,) * 3)
         )
     T, K = topk_indices.shape

@@ -99,6 +99,16 @@ def moe_ffn_reference(
     check_moe_inputs(hidden_states, topk_indices, topk_weights, gate_up_proj, down_proj, shared_parts)
     if topk_indices.device.type == "cpu":  # on a GPU the check would need a host sync
         check_expert_ids(topk_indices, gate_up_proj.shape[0])
+    return moe_ffn_reference_unchecked(
+        hidden_states, topk_indices, topk_weights, gate_up_proj, down_proj, *shared_parts
+    )
+
+
+def moe_ffn_reference_unchecked(
+    hidden_states, topk_indices, topk_weights, gate_up_proj, down_proj,
+    shared_gate_proj=None, shared_up_proj=None, shared_down_proj=None,
+) -> torch.Tensor:  # fmt: skip
+    """`moe_ffn_reference` on inputs `moe_ffn` has already checked (its fallback: not checked twice)."""
     x = hidden_states.float()
     num_experts, two_i, _ = gate_up_proj.shape
     inter = two_i // 2

@@ -164,6 +164,25 @@ def test_bad_models_fail_before_work(tiny_models, tmp_path):
         evaluate_ppl([untokenized], windows=1, length=16)
 
 
+def test_a_checkpoint_lacking_a_weight_is_refused(tiny_models, calib_file, tmp_path):
+    """transformers initialises a missing weight at random and notes it among the progress output:
+    the PPL came out a little worse, with nothing in the record to say why."""
+    from safetensors.torch import load_file, save_file
+
+    from moecarve.carve.source import SourceError
+
+    lacking = shutil.copytree(tiny_models["llama"], tmp_path / "lacking")
+    state = load_file(lacking / "model.safetensors")
+    del state["model.layers.1.mlp.down_proj.weight"]
+    save_file(state, str(lacking / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "ppl.json"
+    with pytest.raises(
+        SourceError, match=r"lacking lacks 1 weight\(s\) .*model.layers.1.mlp.down_proj.weight"
+    ):
+        evaluate_ppl([lacking], calib_file, windows=1, length=16, out=out)
+    assert not out.exists()
+
+
 def test_bad_outputs_and_devices_fail_before_loading(tiny_models, calib_file, tmp_path, monkeypatch):
     """The data file is never replaced by the record, and an output or device that cannot be used
     is refused before the model loads."""

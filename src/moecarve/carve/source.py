@@ -35,6 +35,22 @@ def damaged_weights_named(path: str | Path) -> Iterator[None]:
         raise SourceError(f"{path}: a weights file is damaged ({err})") from None
 
 
+def load_causal_lm(path: str | Path, **kwargs):
+    """`AutoModelForCausalLM.from_pretrained(path, **kwargs)` that refuses a checkpoint lacking a
+    weight its config needs: transformers would initialise it at random, with a note among the
+    progress output, and every figure made with it would be wrong."""
+    from transformers import AutoModelForCausalLM
+
+    with damaged_weights_named(path):
+        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
+    if missing := sorted(info["missing_keys"]):
+        raise SourceError(
+            f"{path} lacks {len(missing)} weight(s) its config.json needs, e.g. {missing[0]}: the "
+            "checkpoint is incomplete; save, carve or download it again"
+        )
+    return model
+
+
 def check_source(model: str | Path) -> None:
     """Refuse a MODEL argument that names no model, without converting or downloading anything."""
     from moecarve import resources

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from moecarve.carve.calib import read_json
-from moecarve.carve.source import damaged_weights_named
+from moecarve.carve.source import damaged_weights_named, load_causal_lm
 from moecarve.carve.target import write_rotary_at_top_level
 from moecarve.carve.writer import atomic_directory, check_apart, check_output
 from moecarve.esft.select import validate_experts
@@ -122,7 +122,7 @@ def apply_adapter(plan: list) -> None:
 
 def merge(model_dir: str | Path, adapter: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
     """Write base + adapter as a full checkpoint that stock transformers loads."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     if out is None:
         raise ValueError("an output directory is needed for the merged model (--out)")
@@ -136,8 +136,7 @@ def merge(model_dir: str | Path, adapter: str | Path, out: str | Path, *, overwr
     record, tensors = read_adapter(adapter)
     shape.check(record, f"adapter {adapter}")
     validate_experts(record, shape.num_experts, shape.moe_layers, f"adapter {adapter}")
-    with damaged_weights_named(base):
-        model = AutoModelForCausalLM.from_pretrained(base, dtype="auto")
+    model = load_causal_lm(base, dtype="auto")
     plan = copy_plan(model, record, tensors)
     check_base(model, record, adapter, base)
     apply_adapter(plan)

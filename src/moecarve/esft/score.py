@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from moecarve import MoecarveWarning, moe
 from moecarve.carve.calib import read_json
-from moecarve.carve.source import damaged_weights_named
+from moecarve.carve.source import load_causal_lm
 from moecarve.carve.writer import atomic_file, check_apart, check_output_file, write_atomically
 from moecarve.esft.data import file_sha256, load_examples
 from moecarve.esft.shape import model_shape
@@ -83,7 +83,7 @@ def score(
     """Score every routed expert on the task data; writes `out` (JSON) and a heatmap beside it.
     `device`: cpu, cuda or cuda:N (None: CUDA where present); `seed` draws the examples scored
     where the data hold more than `tokens`."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     from moecarve.devices import resolve_device
 
@@ -104,10 +104,7 @@ def score(
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     examples, data_sha256 = load_examples(data, tokenizer, max_length), file_sha256(data)
     chosen = sample_examples(examples, tokens, seed)
-    with damaged_weights_named(model_dir):
-        model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype="auto", **moe.experts_loading(model_dir, "auto")
-        )
+    model = load_causal_lm(model_dir, dtype="auto", **moe.experts_loading(model_dir, "auto"))
     model = model.eval().to(device)
     sums = {
         kind: {index: torch.zeros(shape.num_experts, dtype=torch.float64) for index in shape.moe_layers}

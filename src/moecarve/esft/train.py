@@ -254,9 +254,9 @@ def train(
 ) -> dict:
     """ESFT: train the selected experts of MODEL on the task data, save the adapter to `out`.
     `device`: cpu, cuda or cuda:N (None: transformers' choice, CUDA where present)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from moecarve.carve.source import damaged_weights_named
+    from moecarve.carve.source import load_causal_lm
     from moecarve.carve.writer import atomic_directory, check_apart, check_output
     from moecarve.tune.trainer import training_device
 
@@ -293,8 +293,7 @@ def train(
 
     with released_accelerate_state(), kept_random_state():  # given back as the caller had them
         torch.manual_seed(config.seed)
-        with damaged_weights_named(model_dir):
-            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        model = load_causal_lm(model_dir, dtype=torch.float32)
         model.config.use_cache = False
         groups, stats, digest = train_experts(
             model,

@@ -118,15 +118,13 @@ def _active_fraction(carve: dict, resolved: dict, config: dict) -> float | None:
 
 def load_model(path: Path, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """(model, tokenizer) with stock transformers, in eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
-    from moecarve.carve.source import damaged_weights_named
+    from moecarve.carve.source import load_causal_lm
     from moecarve.moe import experts_loading
 
     tokenizer = AutoTokenizer.from_pretrained(path)
-    with damaged_weights_named(path):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **experts_loading(path, dtype))
-        model = model.to(device).eval()
+    model = load_causal_lm(path, dtype=dtype, **experts_loading(path, dtype)).to(device).eval()
     return model, tokenizer
 
 

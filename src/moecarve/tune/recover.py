@@ -22,12 +22,12 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import extract_model_from_parallel
 from pydantic import ConfigDict, Field, field_validator, model_validator
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback, set_seed
+from transformers import AutoTokenizer, TrainerCallback, set_seed
 
 from moecarve import MoecarveWarning
 from moecarve.carve.calib import read_json, text_identity
 from moecarve.carve.config import Settings, settings_of
-from moecarve.carve.source import damaged_weights_named, model_identity
+from moecarve.carve.source import load_causal_lm, model_identity
 from moecarve.carve.target import write_rotary_at_top_level
 from moecarve.carve.writer import atomic_directory, check_apart, check_output
 from moecarve.eval.common import versions
@@ -239,8 +239,7 @@ def recover(
             if teacher_dir is not None:
                 _check_teacher_tokenizer(teacher_dir, tokenizer, text.blocks[0], src)
 
-            with damaged_weights_named(src):
-                base = AutoModelForCausalLM.from_pretrained(src.resolve(), dtype=torch.float32)
+            base = load_causal_lm(src.resolve(), dtype=torch.float32)
             set_seed(config.seed)  # LoRA's initialisation: a resumed run rebuilds the same adapter
             save_dtype = declared_dtype(src) or torch.float32
             model_ = trainable_model(base, config)
@@ -358,8 +357,7 @@ def _check_teacher_tokenizer(teacher_dir: Path, tokenizer, block: torch.Tensor, 
 
 
 def _load_teacher(path: Path):
-    with damaged_weights_named(path):
-        teacher = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    teacher = load_causal_lm(path, dtype=torch.float32).eval()
     teacher.requires_grad_(False)
     return teacher
 

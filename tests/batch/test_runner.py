@@ -101,6 +101,41 @@ def test_cli_exit_status_and_dry_run(make_recipe, reference, tmp_path):
     assert result.exit_code == 0 and "would fail" not in result.output, result.output
 
 
+def test_dry_run_checks_what_the_carve_refuses_first(
+    make_recipe, reference, tiny_models, calib_file, tmp_path
+):
+    """A calibration text that is not UTF-8, and a source the carve cannot take (one carved
+    already), passed the dry run and failed every job once it ran; an output under a file passed
+    it and was refused by the run."""
+    recipe = make_recipe(tmp_path)
+    base = recipe.read_text()
+
+    def failing_jobs() -> list[str]:
+        result = CliRunner().invoke(batch_command, [str(recipe), "--dry-run"])
+        assert result.exit_code == 1, result.output
+        prefix = "would fail before its carve: "
+        return [line.removeprefix(prefix) for line in result.output.splitlines() if line.startswith(prefix)]
+
+    binary = tmp_path / "calib.bin"
+    binary.write_bytes(bytes(range(256)) * 64)
+    recipe.write_text(base.replace(f"calib: {calib_file}", f"calib: {binary}"))
+    failing = failing_jobs()
+    assert [line.split(": ")[0] for line in failing] == JOBS[1:]  # the dense job carves nothing
+    assert all("not UTF-8" in line for line in failing)
+
+    carved = reference / "jobs" / "llama-S1A2E8" / "model"
+    recipe.write_text(base.replace(f"path: {tiny_models['llama']}", f"path: {carved}"))
+    failing = failing_jobs()
+    assert [line.split(": ")[0] for line in failing] == JOBS[1:]
+    assert all("glm4_moe" in line for line in failing)
+
+    (tmp_path / "a-file").write_text("")
+    recipe.write_text(base.replace("output: out", "output: a-file/out"))
+    with pytest.raises(ValueError, match="a-file is a file, not a directory"):
+        CliRunner().invoke(batch_command, [str(recipe), "--dry-run"], catch_exceptions=False)
+    assert (tmp_path / "a-file").is_file()
+
+
 def test_only_runs_one_job_by_name_or_index(make_recipe, reference, tmp_path):
     recipe = make_recipe(tmp_path)
     result = CliRunner().invoke(batch_command, [str(recipe), "--only", "1", "--no-progress"])

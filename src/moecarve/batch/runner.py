@@ -276,7 +276,8 @@ def plan_text(batch: Batch, jobs: list[Job]) -> str:
 def dry_run_failures(batch: Batch, jobs: list[Job]) -> list[str]:
     """What `--dry-run` can tell without a download or a conversion: for each job still to run whose
     model and texts are on disk, the checks a run makes before its carve (positions, text long
-    enough, task data), as "JOB: error" lines."""
+    enough, task data), as "JOB: error" lines. An output that cannot be made is refused, as by a run."""
+    check_can_make(batch.output / OWNER_FILE)  # under a file, or unwritable
     failures, seen = [], {}
     for job in jobs:
         source = _local_model(batch, job)
@@ -467,11 +468,26 @@ def check_texts(source: Path, job: Job, root: Path) -> None:
 
     if job.carve is not None:  # the carve's own sequences, as the stages' after it
         check_positions(source, job.carve.calib_length, "carve.calib_length")
+        _check_carve_inputs(source, job, root)
     checks = [(name, check) for name, check in TEXT_CHECKS.items() if name in job.stages]
     if checks:
         tokenizer = AutoTokenizer.from_pretrained(source)
         for name, check in checks:
             check(source, tokenizer, job.options[name], root)
+
+
+def _check_carve_inputs(source: Path, job: Job, root: Path) -> None:
+    """What the carve's own plan refuses first: a source of an architecture it cannot carve (an
+    MoE carved already, say), and a calibration text it cannot read or that is surely too short."""
+    from transformers import AutoConfig
+
+    from moecarve.carve.calib import calibration_text
+    from moecarve.carve.families import family_for
+
+    family_for(AutoConfig.from_pretrained(source))
+    calib = stage_registry.recipe_path(root, job.calib)
+    if calib is None or is_protocol_text(calib) or Path(calib).exists():  # a hub dataset: not fetched
+        calibration_text(calib, job.carve.calib_tokens, job.carve.calib_length)
 
 
 def check_recover_text(source: Path, tokenizer, options: dict, root: Path) -> None:

@@ -181,6 +181,15 @@ def test_a_checkpoint_lacking_a_weight_is_refused(tiny_models, calib_file, tmp_p
     ):
         evaluate_ppl([lacking], calib_file, windows=1, length=16, out=out)
     assert not out.exists()
+    # an edited config.json whose shapes the weights do not have: one line, not transformers' traceback
+    edited = shutil.copytree(tiny_models["llama"], tmp_path / "edited")
+    config = json.loads((edited / "config.json").read_text())
+    (edited / "config.json").write_text(
+        json.dumps({**config, "intermediate_size": 2 * config["intermediate_size"]})
+    )
+    with pytest.raises(SourceError, match="edited: its weights' shapes do not match its config.json"):
+        evaluate_ppl([edited], calib_file, windows=1, length=16, out=out)
+    assert not out.exists()
 
 
 def test_bad_outputs_and_devices_fail_before_loading(tiny_models, calib_file, tmp_path, monkeypatch):

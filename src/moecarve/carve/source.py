@@ -37,12 +37,21 @@ def damaged_weights_named(path: str | Path) -> Iterator[None]:
 
 def load_causal_lm(path: str | Path, **kwargs):
     """`AutoModelForCausalLM.from_pretrained(path, **kwargs)` that refuses a checkpoint lacking a
-    weight its config needs: transformers would initialise it at random, with a note among the
-    progress output, and every figure made with it would be wrong."""
+    weight its config needs (transformers would initialise it at random, with a note among the
+    progress output, and every figure made with it would be wrong), and names a config.json that
+    does not match the weights in one line instead of a traceback."""
     from transformers import AutoModelForCausalLM
 
-    with damaged_weights_named(path):
-        model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
+    try:
+        with damaged_weights_named(path):
+            model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, **kwargs)
+    except RuntimeError as err:
+        if "ignore_mismatched_sizes" not in str(err):
+            raise
+        raise SourceError(  # an edited config.json, say n_routed_experts
+            f"{path}: its weights' shapes do not match its config.json (transformers' load report above "
+            "names them); restore the config the checkpoint was saved with"
+        ) from None
     if missing := sorted(info["missing_keys"]):
         raise SourceError(
             f"{path} lacks {len(missing)} weight(s) its config.json needs, e.g. {missing[0]}: the "

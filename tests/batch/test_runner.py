@@ -122,6 +122,9 @@ def test_dry_run_checks_what_the_carve_refuses_first(
     failing = failing_jobs()
     assert [line.split(": ")[0] for line in failing] == JOBS[1:]  # the dense job carves nothing
     assert all("not UTF-8" in line for line in failing)
+    # one configuration's own text: that job alone (the configurations share checks only on one text)
+    recipe.write_text(base.replace("{experts: 8, active: 7}", f"{{experts: 8, active: 7, calib: {binary}}}"))
+    assert [line.split(": ")[0] for line in failing_jobs()] == ["llama-S1A7E8"]
 
     carved = reference / "jobs" / "llama-S1A2E8" / "model"
     recipe.write_text(base.replace(f"path: {tiny_models['llama']}", f"path: {carved}"))

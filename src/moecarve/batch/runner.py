@@ -284,7 +284,8 @@ def dry_run_failures(batch: Batch, jobs: list[Job]) -> list[str]:
         if source is None or batch.status(job) == "ok" or not _texts_on_disk(batch, job):
             continue
         checked = {stage: job.options[stage] for stage in TEXT_CHECKS if stage in job.stages}
-        checked["calib_length"] = job.carve.calib_length if job.carve is not None else None
+        if job.carve is not None:  # what _check_carve_inputs reads
+            checked["carve"] = [job.calib, job.carve.calib_tokens, job.carve.calib_length]
         key = (source, json.dumps(checked, sort_keys=True, default=str))
         if key not in seen:  # configurations of one model share its checks where they take the same
             try:
